@@ -1,0 +1,197 @@
+//! Proof that an agent holds its environment's join secret, without sending the secret.
+//!
+//! The agent signs each request frame with HMAC-SHA256 (truncated to [`MAC_LEN`] bytes) under
+//! a key derived with HKDF from the join secret, salted with `AGENT_SECRET` when one is set.
+//! A signed frame is `[version][bincode payload][mac]`; the MAC covers the version byte and the
+//! payload exactly as received. Freshness (the timestamp inside the payload) and replay checks
+//! are the server's job; [`check_freshness`] holds the shared rule.
+
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use crate::codec::{self, CodecError, PROTOCOL_VERSION};
+use crate::token::JoinSecret;
+
+/// Bytes of MAC appended to a signed frame.
+pub const MAC_LEN: usize = 16;
+/// A request whose timestamp differs from the server clock by more than this is refused
+/// (and the answer tells the agent the server time so it can correct its offset).
+pub const FRESHNESS_WINDOW_MS: u64 = 60_000;
+
+const KEY_INFO: &[u8] = b"edgeplane/v1 request proof";
+const MAC_DOMAIN: &[u8] = b"edgeplane/v1 signed frame\0";
+
+/// The HMAC key of one environment (and `AGENT_SECRET`). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProofKey([u8; 32]);
+
+impl std::fmt::Debug for ProofKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProofKey(<redacted>)")
+    }
+}
+
+impl ProofKey {
+    pub fn derive(secret: &JoinSecret, agent_secret: Option<&str>) -> Self {
+        let salt = agent_secret.map(str::as_bytes);
+        let hk = Hkdf::<Sha256>::new(salt, secret.as_bytes());
+        let mut key = [0u8; 32];
+        // 32 bytes is far below HKDF-SHA256's output limit: expand cannot fail.
+        hk.expand(KEY_INFO, &mut key)
+            .unwrap_or_else(|_| unreachable!("32-byte HKDF output"));
+        Self(key)
+    }
+
+    fn mac(&self, signed: &[u8]) -> [u8; MAC_LEN] {
+        // HMAC accepts keys of any length: new_from_slice cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(MAC_DOMAIN);
+        mac.update(signed);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&full[..MAC_LEN]);
+        out
+    }
+}
+
+/// Encodes and signs `msg`: `[version][payload][mac]`.
+pub fn sign<T: Serialize>(msg: &T, key: &ProofKey) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(PROTOCOL_VERSION);
+    codec::encode_into(msg, &mut out)?;
+    let mac = key.mac(&out);
+    out.extend_from_slice(&mac);
+    Ok(out)
+}
+
+/// A received signed frame whose payload decoded but whose MAC is not checked yet (the key
+/// depends on the environment named inside the payload).
+#[derive(Debug)]
+pub struct Unverified<'a> {
+    signed: &'a [u8],
+    mac: [u8; MAC_LEN],
+}
+
+impl Unverified<'_> {
+    /// Constant-time check of the MAC under `key`.
+    pub fn verify(&self, key: &ProofKey) -> bool {
+        key.mac(self.signed).ct_eq(&self.mac).into()
+    }
+
+    /// A short fingerprint of this frame for replay detection.
+    pub fn replay_tag(&self) -> u64 {
+        u64::from_le_bytes([
+            self.mac[0], self.mac[1], self.mac[2], self.mac[3], self.mac[4], self.mac[5],
+            self.mac[6], self.mac[7],
+        ])
+    }
+}
+
+/// Splits and decodes a signed frame of at most `limit` bytes. The caller must then
+/// [`Unverified::verify`] it before trusting anything in it.
+pub fn open<T: DeserializeOwned>(frame: &[u8], limit: usize) -> Result<(T, Unverified<'_>), CodecError> {
+    if frame.len() > limit {
+        return Err(CodecError::TooLarge {
+            len: frame.len(),
+            limit,
+        });
+    }
+    if frame.len() <= MAC_LEN {
+        return Err(if frame.is_empty() {
+            CodecError::Empty
+        } else {
+            CodecError::Malformed(format!("signed frame of {} bytes is shorter than its MAC", frame.len()))
+        });
+    }
+    let (signed, mac_bytes) = frame.split_at(frame.len() - MAC_LEN);
+    let payload = codec::check_frame(signed, limit)?;
+    let msg = codec::decode_payload(payload)?;
+    let mut mac = [0u8; MAC_LEN];
+    mac.copy_from_slice(mac_bytes);
+    Ok((msg, Unverified { signed, mac }))
+}
+
+/// How far a request timestamp is from the server clock, when it is too far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skew {
+    /// Request time minus server time, in milliseconds.
+    pub offset_ms: i64,
+}
+
+/// The freshness rule: `|request - now| <= FRESHNESS_WINDOW_MS`.
+pub fn check_freshness(request_ms: u64, now_ms: u64) -> Result<(), Skew> {
+    let offset_ms = request_ms as i128 - now_ms as i128;
+    if offset_ms.unsigned_abs() <= u128::from(FRESHNESS_WINDOW_MS) {
+        Ok(())
+    } else {
+        Err(Skew {
+            offset_ms: offset_ms.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::CheckinRequest;
+    use uuid::Uuid;
+
+    fn req() -> CheckinRequest {
+        CheckinRequest {
+            endpoint_id: 3,
+            edge_id: Uuid::new_v4(),
+            timestamp_ms: 1_000,
+            agent: None,
+        }
+    }
+
+    #[test]
+    fn sign_open_verify() {
+        let secret = JoinSecret::generate();
+        let key = ProofKey::derive(&secret, None);
+        let frame = sign(&req(), &key).unwrap();
+        let (decoded, unverified) = open::<CheckinRequest>(&frame, 1024).unwrap();
+        assert_eq!(decoded.endpoint_id, 3);
+        assert!(unverified.verify(&key));
+        assert!(!unverified.verify(&ProofKey::derive(&JoinSecret::generate(), None)));
+        assert!(!unverified.verify(&ProofKey::derive(&secret, Some("agent-secret"))));
+    }
+
+    #[test]
+    fn any_flipped_bit_fails() {
+        let key = ProofKey::derive(&JoinSecret::generate(), Some("s"));
+        let frame = sign(&req(), &key).unwrap();
+        for i in 0..frame.len() {
+            for bit in 0..8 {
+                let mut f = frame.clone();
+                f[i] ^= 1 << bit;
+                if let Ok((_, u)) = open::<CheckinRequest>(&f, 1024) {
+                    assert!(!u.verify(&key), "flip at byte {i} bit {bit} verified");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_frames_are_refused() {
+        assert_eq!(open::<CheckinRequest>(&[], 100).unwrap_err(), CodecError::Empty);
+        assert!(matches!(open::<CheckinRequest>(&[1; 10], 100), Err(CodecError::Malformed(_))));
+        assert!(matches!(open::<CheckinRequest>(&[1; 200], 100), Err(CodecError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn freshness() {
+        assert!(check_freshness(100_000, 100_000).is_ok());
+        assert!(check_freshness(100_000 + FRESHNESS_WINDOW_MS, 100_000).is_ok());
+        assert_eq!(
+            check_freshness(100_000, 100_000 + FRESHNESS_WINDOW_MS + 1),
+            Err(Skew { offset_ms: -(FRESHNESS_WINDOW_MS as i64) - 1 })
+        );
+        assert!(check_freshness(u64::MAX, 0).is_err());
+    }
+}
