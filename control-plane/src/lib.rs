@@ -1,1 +1,3 @@
+//! edgeplane control plane. See `docs/ARCHITECTURE.md` for the code map.
 
+pub mod store;

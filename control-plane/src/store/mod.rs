@@ -1,0 +1,220 @@
+//! Shared state behind one interface, with two backends that pass one conformance suite
+//! (`tests/store_conformance.rs`):
+//!
+//! * [`embedded::EmbeddedStore`]: redb in the data dir, for a single node (the default);
+//!   survives restarts; change notifications are an in-process broadcast.
+//! * [`redis::RedisStore`]: Redis through deadpool-redis, for several replicas and gateways;
+//!   change notifications travel over Redis pub/sub.
+//!
+//! Only this module knows key names, table names and serialised layouts. Nothing on the agent
+//! poll path calls the store in the steady state: the environment actors read it once when
+//! they start and write heartbeats behind, in batches.
+
+pub mod embedded;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+pub type EnvId = u64;
+
+/// How an environment's agent talks to us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EdgeMode {
+    #[default]
+    Standard,
+    Async,
+}
+
+/// A durable environment record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Environment {
+    pub id: EnvId,
+    pub name: String,
+    pub mode: EdgeMode,
+    /// Per-environment overrides in seconds; `None` follows the settings' defaults.
+    pub checkin_interval: Option<u32>,
+    pub ping_interval: Option<u32>,
+    pub snapshot_interval: Option<u32>,
+    pub command_interval: Option<u32>,
+    pub group_id: Option<u64>,
+    pub tag_ids: Vec<u64>,
+    /// Host variable names passed through to the agent by install commands.
+    pub env_vars: Vec<String>,
+    pub allow_self_signed: bool,
+    /// The join secret, base64url (see `proto::token::JoinSecret`). It has to be kept, not
+    /// hashed: the server verifies HMAC proofs with it and install commands re-issue the key.
+    pub join_secret: String,
+    /// The bound Edge ID. Only [`Store::bind_edge_id`] and [`Store::reset_association`] (and a
+    /// pre-assigned ID at creation) change it; [`Store::update_environment`] leaves it alone.
+    pub edge_id: Option<Uuid>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// An environment to create; the store assigns the id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEnvironment {
+    pub name: String,
+    pub mode: EdgeMode,
+    pub checkin_interval: Option<u32>,
+    pub ping_interval: Option<u32>,
+    pub snapshot_interval: Option<u32>,
+    pub command_interval: Option<u32>,
+    pub group_id: Option<u64>,
+    pub tag_ids: Vec<u64>,
+    pub env_vars: Vec<String>,
+    pub allow_self_signed: bool,
+    pub join_secret: String,
+    pub edge_id: Option<Uuid>,
+    pub created_at_ms: u64,
+}
+
+impl NewEnvironment {
+    pub fn into_environment(self, id: EnvId) -> Environment {
+        Environment {
+            id,
+            name: self.name,
+            mode: self.mode,
+            checkin_interval: self.checkin_interval,
+            ping_interval: self.ping_interval,
+            snapshot_interval: self.snapshot_interval,
+            command_interval: self.command_interval,
+            group_id: self.group_id,
+            tag_ids: self.tag_ids,
+            env_vars: self.env_vars,
+            allow_self_signed: self.allow_self_signed,
+            join_secret: self.join_secret,
+            edge_id: self.edge_id,
+            created_at_ms: self.created_at_ms,
+        }
+    }
+}
+
+/// Outcome of binding an Edge ID to an environment (atomic compare-and-set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindOutcome {
+    /// The environment was unbound and is now bound to the given ID.
+    Bound,
+    /// The environment is already bound to this very ID.
+    AlreadyBound,
+    /// The environment is bound to another ID, which is returned; nothing changed.
+    BoundToOther(Uuid),
+    NotFound,
+}
+
+/// Groups and tags are both named collections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Collection {
+    Groups,
+    Tags,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Named {
+    pub id: u64,
+    pub name: String,
+}
+
+/// Default intervals, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    pub checkin_interval: u32,
+    pub ping_interval: u32,
+    pub snapshot_interval: u32,
+    pub command_interval: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            checkin_interval: 5,
+            ping_interval: 60,
+            snapshot_interval: 60,
+            command_interval: 60,
+        }
+    }
+}
+
+/// What changed, broadcast to every replica (including the one that published it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Created, updated, or its association reset: reload it.
+    Environment(EnvId),
+    EnvironmentDeleted(EnvId),
+    Settings,
+    AdminKeys,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or failed; a retry may help.
+    #[error("store backend unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back; a retry will not help.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    /// A uniqueness rule was broken (e.g. a second group with the same name).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Capacity of the local change broadcast; a subscriber that lags further reloads everything.
+pub const CHANGE_CHANNEL_CAPACITY: usize = 1024;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs and metrics: "embedded" or "redis".
+    fn backend(&self) -> &'static str;
+
+    /// Creates environments with fresh, increasing ids, in order, in one batch.
+    async fn create_environments(&self, new: Vec<NewEnvironment>) -> Result<Vec<Environment>, StoreError>;
+    async fn get_environment(&self, id: EnvId) -> Result<Option<Environment>, StoreError>;
+    /// Every environment, ordered by id.
+    async fn list_environments(&self) -> Result<Vec<Environment>, StoreError>;
+    /// Replaces every field but `id`, `edge_id` and `created_at_ms`. `false` if absent.
+    async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError>;
+    /// Deletes the environment, its binding and its heartbeat. `false` if absent.
+    async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError>;
+    /// Binds `edge_id` if the environment is unbound (atomic across replicas).
+    async fn bind_edge_id(&self, id: EnvId, edge_id: Uuid) -> Result<BindOutcome, StoreError>;
+    /// Forgets the binding and stores a new join secret. Returns the updated record.
+    async fn reset_association(&self, id: EnvId, new_secret: String) -> Result<Option<Environment>, StoreError>;
+
+    /// Records last check-in times (ms since epoch) in one batch; a time never moves backwards.
+    /// Heartbeats of unknown environments are dropped.
+    async fn record_heartbeats(&self, beats: &[(EnvId, u64)]) -> Result<(), StoreError>;
+    /// Last check-in times, in the order of `ids`.
+    async fn heartbeats(&self, ids: &[EnvId]) -> Result<Vec<Option<u64>>, StoreError>;
+
+    async fn create_named(&self, coll: Collection, name: &str) -> Result<Named, StoreError>;
+    async fn list_named(&self, coll: Collection) -> Result<Vec<Named>, StoreError>;
+    async fn rename_named(&self, coll: Collection, id: u64, name: &str) -> Result<Option<Named>, StoreError>;
+    async fn delete_named(&self, coll: Collection, id: u64) -> Result<bool, StoreError>;
+
+    /// Settings, or the defaults when none were stored.
+    async fn settings(&self) -> Result<Settings, StoreError>;
+    async fn put_settings(&self, settings: &Settings) -> Result<(), StoreError>;
+
+    /// SHA-256 hashes of the admin API keys.
+    async fn admin_key_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Adds a hash (idempotent).
+    async fn add_admin_key_hash(&self, hash: [u8; 32]) -> Result<(), StoreError>;
+
+    /// Sends a change to every subscriber of every replica sharing this store.
+    async fn publish(&self, change: Change) -> Result<(), StoreError>;
+    /// Receives changes published from now on (by anyone, this replica included).
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
+
+    /// Cheap liveness probe for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
