@@ -1,3 +1,283 @@
 //! edgeplane control plane. See `docs/ARCHITECTURE.md` for the code map.
+//!
+//! [`prepare`] opens the store, loads TLS material and bootstraps the admin key;
+//! [`Prepared::serve`] runs the HTTPS API and the plain-HTTP metrics listener until the
+//! shutdown future resolves. `main.rs` only parses flags and calls these two.
 
+pub mod api;
+pub mod bootstrap;
+pub mod config;
+pub mod fleet;
+pub mod metrics;
 pub mod store;
+pub mod tls;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use serde::Deserialize;
+
+use crate::api::{AppState, PublicInfo};
+use crate::bootstrap::AdminKeySource;
+use crate::config::{Config, TlsSource};
+use crate::fleet::{now_ms, Fleet};
+use crate::metrics::Metrics;
+use crate::store::{Change, SharedStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("{0}")]
+    Bootstrap(#[from] bootstrap::BootstrapError),
+    #[error("cannot listen: {0}")]
+    Listen(std::io::Error),
+    #[error("server failed: {0}")]
+    Server(std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// The sockets to serve on (bound by the caller, so tests can use port 0).
+pub struct Listeners {
+    pub api: TcpListener,
+    pub metrics: TcpListener,
+}
+
+/// Everything ready to serve.
+pub struct Prepared {
+    pub config: Config,
+    pub store: SharedStore,
+    pub public: PublicInfo,
+    pub admin_key_source: AdminKeySource,
+    pub cert_path: std::path::PathBuf,
+    admin: api::AdminKeys,
+    tls: Arc<rustls::ServerConfig>,
+    listeners: Listeners,
+}
+
+pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, RunError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| RunError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let store: SharedStore = match &config.redis_url {
+        Some(url) => Arc::new(store::redis::RedisStore::connect(url, &config.redis_prefix).await?),
+        None => Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir)?),
+    };
+    let api_addr = listeners.api.local_addr().map_err(RunError::Listen)?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| bootstrap::default_public_url(api_addr))
+        .trim_end_matches('/')
+        .to_owned();
+    let public_host = bootstrap::url_host(&public_url)
+        .ok_or_else(|| RunError::Config(format!("--public-url {public_url:?} has no host")))?;
+    let tunnel_addr = match &config.tunnel_public_addr {
+        Some(a) => a.clone(),
+        None if public_host.contains(':') => format!("[{public_host}]:{}", config.tunnel_addr.port()),
+        None => format!("{public_host}:{}", config.tunnel_addr.port()),
+    };
+    let tls = tls::load(&config.tls, &config.data_dir, std::slice::from_ref(&public_host))?;
+    if matches!(config.tls, TlsSource::Files { .. }) {
+        tracing::info!("using the given api certificate");
+    }
+    let (admin, admin_key_source) =
+        bootstrap::admin_key(&store, config.admin_api_key.as_deref(), &config.data_dir).await?;
+    let public = PublicInfo {
+        api_url: public_url,
+        tunnel_addr,
+        tunnel_fingerprint: tls.fingerprint,
+    };
+    // Join tokens must parse at the agent: check the parts once, here, with the agent's parser.
+    proto::JoinToken::parse(
+        &proto::JoinToken {
+            api_url: public.api_url.clone(),
+            tunnel_addr: public.tunnel_addr.clone(),
+            tunnel_fingerprint: public.tunnel_fingerprint,
+            endpoint_id: 1,
+            secret: proto::token::JoinSecret::generate(),
+        }
+        .encode(),
+    )
+    .map_err(|e| RunError::Config(format!("public addresses do not make a valid join token: {e}")))?;
+    Ok(Prepared {
+        config,
+        store,
+        public,
+        admin_key_source,
+        cert_path: tls.cert_path,
+        admin,
+        tls: tls.server_config,
+        listeners,
+    })
+}
+
+impl Prepared {
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listeners.metrics.local_addr().ok()
+    }
+
+    /// The join token of an environment, if its stored secret is readable.
+    pub fn join_token(&self, env: &store::Environment) -> Option<String> {
+        let secret = proto::token::JoinSecret::from_text(&env.join_secret).ok()?;
+        Some(
+            proto::JoinToken {
+                api_url: self.public.api_url.clone(),
+                tunnel_addr: self.public.tunnel_addr.clone(),
+                tunnel_fingerprint: self.public.tunnel_fingerprint,
+                endpoint_id: env.id,
+                secret,
+            }
+            .encode(),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct ShardQuery {
+    shard: Option<u64>,
+    shards: Option<u64>,
+}
+
+impl Prepared {
+    /// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests
+    /// and writes the last heartbeats.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let Prepared {
+            config,
+            store,
+            public,
+            admin,
+            tls,
+            listeners,
+            ..
+        } = self;
+        let metrics = Arc::new(Metrics::new());
+        let settings = store.settings().await?;
+        let limits = config.limits.clone();
+        let fleet = Fleet::new(
+            Arc::clone(&store),
+            &settings,
+            config.agent_secret.clone(),
+            Arc::clone(&metrics),
+            limits.clone(),
+        );
+        let state = web::Data::new(AppState {
+            store: Arc::clone(&store),
+            fleet: Arc::clone(&fleet),
+            metrics: Arc::clone(&metrics),
+            admin: admin.clone(),
+            public,
+            agent_secret: config.agent_secret.clone(),
+            agent_image: config.agent_image.clone(),
+            limits: limits.clone(),
+        });
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let background = actix_rt::spawn(Arc::clone(&fleet).run_background(stop_rx.clone()));
+        let keys_task = actix_rt::spawn(watch_admin_keys(Arc::clone(&store), admin, stop_rx));
+
+        let api_state = state.clone();
+        let api = HttpServer::new(move || {
+            App::new()
+                .app_data(api_state.clone())
+                .wrap(from_fn(api::count_requests))
+                .configure(api::configure)
+        })
+        .workers(limits.workers)
+        .keep_alive(limits.keep_alive)
+        .max_connections(limits.max_connections_per_worker)
+        .backlog(4096)
+        .disable_signals()
+        .listen_rustls_0_23(listeners.api, (*tls).clone())
+        .map_err(RunError::Listen)?
+        .run();
+
+        let m_state = state.clone();
+        let metrics_server = HttpServer::new(move || {
+            App::new()
+                .app_data(m_state.clone())
+                .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok\n") }))
+                .route("/readyz", web::get().to(readyz))
+                .route("/metrics", web::get().to(metrics_all))
+                .route("/metrics/agents", web::get().to(metrics_agents))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listeners.metrics)
+        .map_err(RunError::Listen)?
+        .run();
+
+        let api_handle = api.handle();
+        let metrics_handle = metrics_server.handle();
+        let api_task = actix_rt::spawn(api);
+        let metrics_task = actix_rt::spawn(metrics_server);
+        tracing::info!(backend = store.backend(), "control plane serving");
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        api_handle.stop(true).await;
+        metrics_handle.stop(true).await;
+        let _ = stop_tx.send(true);
+        let _ = background.await;
+        let _ = keys_task.await;
+        for t in [api_task, metrics_task] {
+            if let Ok(Err(e)) = t.await {
+                return Err(RunError::Server(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn watch_admin_keys(store: SharedStore, keys: api::AdminKeys, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut changes = store.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            c = changes.recv() => match c {
+                Ok(Change::AdminKeys) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    match store.admin_key_hashes().await {
+                        Ok(h) => keys.replace(h),
+                        Err(e) => tracing::warn!(error = %e, "cannot reload admin keys"),
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.store.ping().await {
+        Ok(()) => HttpResponse::Ok().body("ready\n"),
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("store not ready: {e}\n")),
+    }
+}
+
+async fn metrics_all(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(&state.fleet.stats, now_ms()))
+}
+
+async fn metrics_agents(state: web::Data<AppState>, q: web::Query<ShardQuery>) -> HttpResponse {
+    let shards = q.shards.unwrap_or(1).max(1);
+    let shard = q.shard.unwrap_or(0);
+    if shard >= shards {
+        return HttpResponse::BadRequest().body(format!("shard must be < shards ({shards})\n"));
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics::render_agents(&state.fleet.stats, shard, shards))
+}

@@ -1,1 +1,179 @@
-fn main() {}
+//! `control-plane`: parses flags and environment, then hands over to the library.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use control_plane::bootstrap::AdminKeySource;
+use control_plane::config::{Config, TlsSource};
+use control_plane::{prepare, Listeners, Prepared};
+
+/// edgeplane control plane: admin REST API and agent check-ins over HTTPS.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Embedded store, generated TLS material and the admin key live here.
+    #[arg(long, env = "EDGEPLANE_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// HTTPS listener: admin REST API and agent API.
+    #[arg(long, env = "EDGEPLANE_API_ADDR", default_value = "0.0.0.0:9443")]
+    api_addr: SocketAddr,
+    /// The URL agents are told to call (goes into join keys). Default: https://<hostname>:<api port>.
+    #[arg(long, env = "EDGEPLANE_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Listener of the embedded tunnel gateway (single-node mode).
+    #[arg(long, env = "EDGEPLANE_TUNNEL_ADDR", default_value = "0.0.0.0:8000")]
+    tunnel_addr: SocketAddr,
+    /// Tunnel address put into join keys. Default: host of --public-url, port of --tunnel-addr.
+    #[arg(long, env = "EDGEPLANE_TUNNEL_PUBLIC_ADDR")]
+    tunnel_public_addr: Option<String>,
+    /// Run no tunnel listener: separate tunnel-gateway processes serve tunnels.
+    #[arg(long, env = "EDGEPLANE_NO_EMBEDDED_GATEWAY")]
+    no_embedded_gateway: bool,
+    /// Keep all shared state in Redis (cluster mode); without it the embedded store serves.
+    #[arg(long, env = "EDGEPLANE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "EDGEPLANE_REDIS_PREFIX", default_value = "edgeplane:")]
+    redis_prefix: String,
+    /// API certificate (PEM); without it a self-signed one is generated into the data dir.
+    #[arg(long, env = "EDGEPLANE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "EDGEPLANE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Plain-HTTP listener for /metrics, /metrics/agents, /healthz, /readyz.
+    #[arg(long, env = "EDGEPLANE_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    metrics_addr: SocketAddr,
+    /// Shared secret agents must also hold (AGENT_SECRET is read too).
+    #[arg(long, env = "EDGEPLANE_AGENT_SECRET", hide_env_values = true)]
+    agent_secret: Option<String>,
+    /// Agent image named in install commands.
+    #[arg(long, env = "EDGEPLANE_AGENT_IMAGE")]
+    agent_image: Option<String>,
+    /// HTTP keep-alive for agent connections, seconds (must exceed check-in intervals).
+    #[arg(long, env = "EDGEPLANE_KEEP_ALIVE", default_value_t = 120)]
+    keep_alive: u64,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "EDGEPLANE_WORKERS")]
+    workers: Option<usize>,
+}
+
+impl Cli {
+    fn into_config(self) -> Config {
+        let mut c = Config::new(self.data_dir);
+        c.public_url = self.public_url;
+        c.tunnel_addr = self.tunnel_addr;
+        c.tunnel_public_addr = self.tunnel_public_addr;
+        c.embedded_gateway = !self.no_embedded_gateway;
+        c.redis_url = self.redis_url;
+        c.redis_prefix = self.redis_prefix;
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            c.tls = TlsSource::Files { cert, key };
+        }
+        c.admin_api_key = std::env::var("EDGEPLANE_ADMIN_API_KEY").ok().filter(|k| !k.is_empty());
+        // Portainer's servers read AGENT_SECRET; accept it too so deployments carry over.
+        c.agent_secret = self
+            .agent_secret
+            .or_else(|| std::env::var("AGENT_SECRET").ok())
+            .filter(|s| !s.is_empty());
+        if let Some(image) = self.agent_image {
+            c.agent_image = image;
+        }
+        c.limits.keep_alive = std::time::Duration::from_secs(self.keep_alive.max(1));
+        if let Some(w) = self.workers {
+            c.limits.workers = w.max(1);
+        }
+        c
+    }
+}
+
+fn banner(p: &Prepared, api: SocketAddr) {
+    let url = &p.public.api_url;
+    let local = format!("https://127.0.0.1:{}", api.port());
+    let key_file = p.config.data_dir.join(control_plane::bootstrap::ADMIN_KEY_FILE);
+    let key_expr = match &p.admin_key_source {
+        AdminKeySource::Generated { key, path } => {
+            println!("\nadmin API key (shown once, also saved to {}):\n\n    {key}\n", path.display());
+            format!("$(cat {})", path.display())
+        }
+        AdminKeySource::File(path) => format!("$(cat {})", path.display()),
+        AdminKeySource::Environment => "$EDGEPLANE_ADMIN_API_KEY".to_owned(),
+        AdminKeySource::Shared => {
+            println!(
+                "\nadmin keys already exist in the shared store (made by another replica); {} is not on this node",
+                key_file.display()
+            );
+            "<admin key>".to_owned()
+        }
+    };
+    println!(
+        "edgeplane control plane {version}\n\
+         \x20 API (HTTPS): {local}   agents are told: {url}\n\
+         \x20 certificate: {cert} (self-signed unless --tls-cert; agents pin its fingerprint from their key)\n\
+         \x20 metrics:     http://{metrics}/metrics\n\n\
+         next steps:\n\
+         \x20 1. create an environment:\n\
+         \x20      curl -sk -H \"X-API-Key: {key_expr}\" -d '{{\"name\":\"kiosk-1\"}}' {local}/api/endpoints\n\
+         \x20 2. get the agent command for it (docker, swarm, kubernetes or nomad):\n\
+         \x20      curl -sk -H \"X-API-Key: {key_expr}\" -H 'Accept: text/plain' '{local}/api/endpoints/1/install?platform=docker'\n\
+         \x20    or run the agent binary from this build on any machine that reaches {url}:\n\
+         \x20      EDGE_KEY=<edgeKey from step 1> EDGE_DATA_DIR=./agent-data cargo run --release --bin edge-agent\n",
+        version = env!("CARGO_PKG_VERSION"),
+        cert = p.cert_path.display(),
+        metrics = p.metrics_addr().map_or_else(|| "?".into(), |a| a.to_string()),
+    );
+}
+
+async fn ready_agent_commands(p: &Prepared) {
+    // Once environments exist, show a ready-to-paste agent command for the first few.
+    let Ok(envs) = p.store.list_environments().await else { return };
+    for env in envs.iter().filter(|e| e.edge_id.is_none()).take(3) {
+        if let Some(token) = p.join_token(env) {
+            println!(
+                "environment {} ({:?}) waits for its agent:\n    EDGE_KEY={token} EDGE_DATA_DIR=./agent-{} cargo run --release --bin edge-agent\n",
+                env.id, env.name, env.id
+            );
+        }
+    }
+}
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let api_addr = cli.api_addr;
+    let metrics_addr = cli.metrics_addr;
+    let config = cli.into_config();
+    let listeners = Listeners {
+        api: TcpListener::bind(api_addr).with_context(|| format!("cannot listen on --api-addr {api_addr}"))?,
+        metrics: TcpListener::bind(metrics_addr)
+            .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?,
+    };
+    let prepared = prepare(config, listeners).await?;
+    banner(&prepared, api_addr);
+    ready_agent_commands(&prepared).await;
+    prepared.serve(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only ctrl-c stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

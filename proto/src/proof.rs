@@ -82,14 +82,6 @@ impl Unverified<'_> {
     pub fn verify(&self, key: &ProofKey) -> bool {
         key.mac(self.signed).ct_eq(&self.mac).into()
     }
-
-    /// A short fingerprint of this frame for replay detection.
-    pub fn replay_tag(&self) -> u64 {
-        u64::from_le_bytes([
-            self.mac[0], self.mac[1], self.mac[2], self.mac[3], self.mac[4], self.mac[5],
-            self.mac[6], self.mac[7],
-        ])
-    }
 }
 
 /// Splits and decodes a signed frame of at most `limit` bytes. The caller must then
@@ -114,6 +106,25 @@ pub fn open<T: DeserializeOwned>(frame: &[u8], limit: usize) -> Result<(T, Unver
     let mut mac = [0u8; MAC_LEN];
     mac.copy_from_slice(mac_bytes);
     Ok((msg, Unverified { signed, mac }))
+}
+
+/// Verifies the MAC at the end of a signed `frame` under `key`, in constant time.
+pub fn verify(frame: &[u8], key: &ProofKey) -> bool {
+    if frame.len() <= MAC_LEN {
+        return false;
+    }
+    let (signed, mac) = frame.split_at(frame.len() - MAC_LEN);
+    key.mac(signed).ct_eq(mac).into()
+}
+
+/// A short fingerprint of a signed frame (the first MAC bytes) for replay detection.
+pub fn replay_tag(frame: &[u8]) -> u64 {
+    let start = frame.len().saturating_sub(MAC_LEN);
+    let mut tag = [0u8; 8];
+    for (dst, src) in tag.iter_mut().zip(&frame[start..]) {
+        *dst = *src;
+    }
+    u64::from_le_bytes(tag)
 }
 
 /// How far a request timestamp is from the server clock, when it is too far.

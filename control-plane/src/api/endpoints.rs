@@ -1,0 +1,533 @@
+//! `/api/endpoints`: environments.
+
+use std::collections::HashSet;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use proto::token::{JoinSecret, JoinToken};
+use serde::{Deserialize, Deserializer, Serialize};
+use uuid::Uuid;
+
+use super::{json, ApiError, AppState};
+use crate::fleet::{liveness, now_ms, Liveness};
+use crate::store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings};
+
+const MAX_NAME: usize = 255;
+const MAX_CHECKIN_INTERVAL: u32 = 3600;
+const MAX_ASYNC_INTERVAL: u32 = 86_400;
+const MAX_ENV_VARS: usize = 64;
+
+/// The environment as the API shows it.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvView {
+    pub id: u64,
+    pub name: String,
+    pub mode: EdgeMode,
+    pub edge_id: Option<Uuid>,
+    pub edge_key: String,
+    pub status: Liveness,
+    pub last_check_in: Option<String>,
+    /// Effective intervals (override or default), seconds.
+    pub checkin_interval: u32,
+    pub ping_interval: u32,
+    pub snapshot_interval: u32,
+    pub command_interval: u32,
+    pub group_id: Option<u64>,
+    pub tag_ids: Vec<u64>,
+    pub env_vars: Vec<String>,
+    pub allow_self_signed: bool,
+    pub created_at: String,
+    pub tunnel: TunnelView,
+}
+
+#[derive(Serialize, Debug)]
+pub struct TunnelView {
+    pub state: &'static str,
+    pub gateway: Option<String>,
+}
+
+fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// Effective intervals of an environment given the settings.
+struct Intervals {
+    checkin: u32,
+    ping: u32,
+    snapshot: u32,
+    command: u32,
+}
+
+impl Intervals {
+    fn of(env: &Environment, s: &Settings) -> Self {
+        Self {
+            checkin: env.checkin_interval.unwrap_or(s.checkin_interval),
+            ping: env.ping_interval.unwrap_or(s.ping_interval),
+            snapshot: env.snapshot_interval.unwrap_or(s.snapshot_interval),
+            command: env.command_interval.unwrap_or(s.command_interval),
+        }
+    }
+
+    /// The interval that decides liveness: the check-in interval, or in async mode the
+    /// smallest enabled one.
+    fn liveness(&self, mode: EdgeMode) -> u32 {
+        match mode {
+            EdgeMode::Standard => self.checkin,
+            EdgeMode::Async => [self.ping, self.snapshot, self.command]
+                .into_iter()
+                .filter(|&i| i > 0)
+                .min()
+                .unwrap_or(self.ping),
+        }
+    }
+}
+
+impl AppState {
+    pub(crate) fn join_token(&self, env: &Environment) -> Result<String, ApiError> {
+        let secret = JoinSecret::from_text(&env.join_secret)
+            .map_err(|e| ApiError::Internal(format!("environment {}: {e}", env.id)))?;
+        Ok(JoinToken {
+            api_url: self.public.api_url.clone(),
+            tunnel_addr: self.public.tunnel_addr.clone(),
+            tunnel_fingerprint: self.public.tunnel_fingerprint,
+            endpoint_id: env.id,
+            secret,
+        }
+        .encode())
+    }
+
+    fn view(&self, env: &Environment, settings: &Settings, heartbeat: Option<u64>, now: u64) -> Result<EnvView, ApiError> {
+        let iv = Intervals::of(env, settings);
+        let last = match (heartbeat, self.fleet.stats.last_checkin_ms(env.id)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(EnvView {
+            id: env.id,
+            name: env.name.clone(),
+            mode: env.mode,
+            edge_id: env.edge_id,
+            edge_key: self.join_token(env)?,
+            status: liveness(last, iv.liveness(env.mode), now),
+            last_check_in: last.map(rfc3339),
+            checkin_interval: iv.checkin,
+            ping_interval: iv.ping,
+            snapshot_interval: iv.snapshot,
+            command_interval: iv.command,
+            group_id: env.group_id,
+            tag_ids: env.tag_ids.clone(),
+            env_vars: env.env_vars.clone(),
+            allow_self_signed: env.allow_self_signed,
+            created_at: rfc3339(env.created_at_ms),
+            tunnel: TunnelView {
+                state: "closed",
+                gateway: None,
+            },
+        })
+    }
+
+    pub(crate) async fn load(&self, id: u64) -> Result<Environment, ApiError> {
+        self.store
+            .get_environment(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("environment {id} does not exist")))
+    }
+
+    async fn view_one(&self, env: &Environment) -> Result<EnvView, ApiError> {
+        let settings = self.store.settings().await?;
+        let hb = self.store.heartbeats(&[env.id]).await?;
+        self.view(env, &settings, hb.first().copied().flatten(), now_ms())
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateBody {
+    name: String,
+    #[serde(default)]
+    mode: EdgeMode,
+    checkin_interval: Option<u32>,
+    ping_interval: Option<u32>,
+    snapshot_interval: Option<u32>,
+    command_interval: Option<u32>,
+    group_id: Option<u64>,
+    #[serde(default)]
+    tag_ids: Vec<u64>,
+    edge_id: Option<Uuid>,
+    #[serde(default)]
+    env_vars: Vec<String>,
+    #[serde(default)]
+    allow_self_signed: bool,
+}
+
+/// `Some(None)` for an explicit `null`, `None` when absent.
+fn double<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PatchBody {
+    name: Option<String>,
+    mode: Option<EdgeMode>,
+    #[serde(default, deserialize_with = "double")]
+    checkin_interval: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "double")]
+    ping_interval: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "double")]
+    snapshot_interval: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "double")]
+    command_interval: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "double")]
+    group_id: Option<Option<u64>>,
+    tag_ids: Option<Vec<u64>>,
+    env_vars: Option<Vec<String>>,
+    allow_self_signed: Option<bool>,
+}
+
+/// Existing group and tag ids, loaded once per request.
+struct Known {
+    groups: HashSet<u64>,
+    tags: HashSet<u64>,
+}
+
+impl Known {
+    async fn load(state: &AppState) -> Result<Self, ApiError> {
+        let ids = |v: Vec<crate::store::Named>| v.into_iter().map(|n| n.id).collect();
+        Ok(Self {
+            groups: ids(state.store.list_named(Collection::Groups).await?),
+            tags: ids(state.store.list_named(Collection::Tags).await?),
+        })
+    }
+}
+
+fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::BadRequest(m));
+    let name = env.name.trim();
+    if name.is_empty() {
+        return bad("name must not be empty".into());
+    }
+    if env.name.len() > MAX_NAME {
+        return bad(format!("name is longer than {MAX_NAME} bytes"));
+    }
+    if let Some(i) = env.checkin_interval {
+        if !(1..=MAX_CHECKIN_INTERVAL).contains(&i) {
+            return bad(format!("checkinInterval must be 1..={MAX_CHECKIN_INTERVAL} seconds, got {i}"));
+        }
+    }
+    for (field, v) in [
+        ("pingInterval", env.ping_interval),
+        ("snapshotInterval", env.snapshot_interval),
+        ("commandInterval", env.command_interval),
+    ] {
+        if let Some(i) = v {
+            if i > MAX_ASYNC_INTERVAL {
+                return bad(format!("{field} must be 0..={MAX_ASYNC_INTERVAL} seconds (0 turns it off), got {i}"));
+            }
+        }
+    }
+    if let Some(g) = env.group_id {
+        if !known.groups.contains(&g) {
+            return bad(format!("groupId {g} does not exist"));
+        }
+    }
+    for t in &env.tag_ids {
+        if !known.tags.contains(t) {
+            return bad(format!("tagId {t} does not exist"));
+        }
+    }
+    if env.env_vars.len() > MAX_ENV_VARS {
+        return bad(format!("at most {MAX_ENV_VARS} envVars"));
+    }
+    for v in &env.env_vars {
+        let ok = !v.is_empty()
+            && v.len() <= 128
+            && v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return bad(format!("envVars entry {v:?} is not a valid variable name"));
+        }
+    }
+    Ok(())
+}
+
+fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiError> {
+    let mut tag_ids = b.tag_ids;
+    tag_ids.sort_unstable();
+    tag_ids.dedup();
+    let new = NewEnvironment {
+        name: b.name.trim().to_owned(),
+        mode: b.mode,
+        checkin_interval: b.checkin_interval,
+        ping_interval: b.ping_interval,
+        snapshot_interval: b.snapshot_interval,
+        command_interval: b.command_interval,
+        group_id: b.group_id,
+        tag_ids,
+        env_vars: b.env_vars,
+        allow_self_signed: b.allow_self_signed,
+        join_secret: JoinSecret::generate().to_text(),
+        edge_id: b.edge_id,
+        created_at_ms: now_ms(),
+    };
+    validate(&new.clone().into_environment(0), known)?;
+    Ok(new)
+}
+
+pub async fn create(state: web::Data<AppState>, body: web::Json<CreateBody>) -> Result<HttpResponse, ApiError> {
+    let known = Known::load(&state).await?;
+    let new = new_environment(body.into_inner(), &known)?;
+    let created = state.store.create_environments(vec![new]).await?;
+    let env = created
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Internal("store created nothing".into()))?;
+    state.store.publish(Change::Environment(env.id)).await?;
+    tracing::info!(env = env.id, name = %env.name, "environment created");
+    let settings = state.store.settings().await?;
+    Ok(json(StatusCode::CREATED, &state.view(&env, &settings, None, now_ms())?))
+}
+
+pub async fn create_bulk(state: web::Data<AppState>, body: web::Json<Vec<CreateBody>>) -> Result<HttpResponse, ApiError> {
+    let bodies = body.into_inner();
+    if bodies.is_empty() {
+        return Err(ApiError::BadRequest("bulk body is an empty list".into()));
+    }
+    if bodies.len() > state.limits.max_bulk {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "bulk body has {} environments, at most {} per call",
+            bodies.len(),
+            state.limits.max_bulk
+        )));
+    }
+    let known = Known::load(&state).await?;
+    let news = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| new_environment(b, &known).map_err(|e| ApiError::BadRequest(format!("item {i}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let created = state.store.create_environments(news).await?;
+    for env in &created {
+        state.store.publish(Change::Environment(env.id)).await?;
+    }
+    tracing::info!(count = created.len(), "environments created in bulk");
+    let settings = state.store.settings().await?;
+    let now = now_ms();
+    let views = created
+        .iter()
+        .map(|e| state.view(e, &settings, None, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(json(StatusCode::CREATED, &views))
+}
+
+pub async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    let env = state.load(*id).await?;
+    Ok(json(StatusCode::OK, &state.view_one(&env).await?))
+}
+
+pub async fn patch(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    body: web::Json<PatchBody>,
+) -> Result<HttpResponse, ApiError> {
+    let mut env = state.load(*id).await?;
+    let p = body.into_inner();
+    if let Some(v) = p.name {
+        env.name = v.trim().to_owned();
+    }
+    if let Some(v) = p.mode {
+        env.mode = v;
+    }
+    if let Some(v) = p.checkin_interval {
+        env.checkin_interval = v;
+    }
+    if let Some(v) = p.ping_interval {
+        env.ping_interval = v;
+    }
+    if let Some(v) = p.snapshot_interval {
+        env.snapshot_interval = v;
+    }
+    if let Some(v) = p.command_interval {
+        env.command_interval = v;
+    }
+    if let Some(v) = p.group_id {
+        env.group_id = v;
+    }
+    if let Some(mut v) = p.tag_ids {
+        v.sort_unstable();
+        v.dedup();
+        env.tag_ids = v;
+    }
+    if let Some(v) = p.env_vars {
+        env.env_vars = v;
+    }
+    if let Some(v) = p.allow_self_signed {
+        env.allow_self_signed = v;
+    }
+    validate(&env, &Known::load(&state).await?)?;
+    if !state.store.update_environment(&env).await? {
+        return Err(ApiError::NotFound(format!("environment {} does not exist", env.id)));
+    }
+    state.store.publish(Change::Environment(env.id)).await?;
+    let env = state.load(env.id).await?;
+    Ok(json(StatusCode::OK, &state.view_one(&env).await?))
+}
+
+pub async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    let id = *id;
+    if !state.store.delete_environment(id).await? {
+        return Err(ApiError::NotFound(format!("environment {id} does not exist")));
+    }
+    state.store.publish(Change::EnvironmentDeleted(id)).await?;
+    tracing::info!(env = id, "environment deleted");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub async fn reset_association(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    let id = *id;
+    let env = state
+        .store
+        .reset_association(id, JoinSecret::generate().to_text())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("environment {id} does not exist")))?;
+    state.store.publish(Change::Environment(id)).await?;
+    tracing::info!(env = id, "association reset; new join token issued");
+    Ok(json(StatusCode::OK, &state.view_one(&env).await?))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListQuery {
+    start: Option<String>,
+    limit: Option<String>,
+    search: Option<String>,
+    status: Option<String>,
+    mode: Option<String>,
+    group_id: Option<String>,
+    tag_ids: Option<String>,
+}
+
+fn parse_num(field: &str, v: &str) -> Result<u64, ApiError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("query parameter {field}={v:?} is not a non-negative integer")))
+}
+
+struct Filter {
+    start: usize,
+    limit: usize,
+    search: Option<String>,
+    status: Option<Vec<Liveness>>,
+    mode: Option<EdgeMode>,
+    group_id: Option<u64>,
+    tag_ids: Vec<u64>,
+}
+
+impl Filter {
+    fn parse(q: ListQuery, max_page: usize) -> Result<Self, ApiError> {
+        let start = q.start.as_deref().map(|v| parse_num("start", v)).transpose()?.unwrap_or(0) as usize;
+        let limit = q.limit.as_deref().map(|v| parse_num("limit", v)).transpose()?.unwrap_or(100) as usize;
+        if limit == 0 || limit > max_page {
+            return Err(ApiError::BadRequest(format!("query parameter limit must be 1..={max_page}, got {limit}")));
+        }
+        let status = q
+            .status
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .map(|v| match v.trim() {
+                        "up" => Ok(Liveness::Up),
+                        "down" => Ok(Liveness::Down),
+                        "never" => Ok(Liveness::Never),
+                        other => Err(ApiError::BadRequest(format!(
+                            "query parameter status={other:?} must be up, down or never"
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let mode = match q.mode.as_deref().map(str::trim) {
+            None => None,
+            Some("standard") => Some(EdgeMode::Standard),
+            Some("async") => Some(EdgeMode::Async),
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "query parameter mode={other:?} must be standard or async"
+                )))
+            }
+        };
+        let group_id = q.group_id.as_deref().map(|v| parse_num("groupId", v)).transpose()?;
+        let tag_ids = match q.tag_ids.as_deref() {
+            None | Some("") => vec![],
+            Some(list) => list
+                .split(',')
+                .map(|v| parse_num("tagIds", v))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let search = q.search.map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty());
+        Ok(Self {
+            start,
+            limit,
+            search,
+            status,
+            mode,
+            group_id,
+            tag_ids,
+        })
+    }
+
+    fn matches_static(&self, e: &Environment) -> bool {
+        self.mode.is_none_or(|m| m == e.mode)
+            && self.group_id.is_none_or(|g| e.group_id == Some(g))
+            && self.tag_ids.iter().all(|t| e.tag_ids.contains(t))
+            && self.search.as_deref().is_none_or(|s| {
+                e.name.to_lowercase().contains(s)
+                    || e.edge_id.is_some_and(|u| u.to_string().contains(s))
+                    || e.id.to_string() == s
+            })
+    }
+}
+
+pub async fn list(state: web::Data<AppState>, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    let filter = Filter::parse(q.into_inner(), state.limits.max_page)?;
+    let settings = state.store.settings().await?;
+    let mut envs: Vec<Environment> = state
+        .store
+        .list_environments()
+        .await?
+        .into_iter()
+        .filter(|e| filter.matches_static(e))
+        .collect();
+    let beats = state
+        .store
+        .heartbeats(&envs.iter().map(|e| e.id).collect::<Vec<_>>())
+        .await?;
+    let now = now_ms();
+    let mut views = Vec::new();
+    let mut total = 0usize;
+    // Status depends on heartbeats, so it is filtered after they are read; only the page
+    // is turned into views.
+    for (env, hb) in envs.drain(..).zip(beats) {
+        let last = match (hb, state.fleet.stats.last_checkin_ms(env.id)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(want) = &filter.status {
+            let st = liveness(last, Intervals::of(&env, &settings).liveness(env.mode), now);
+            if !want.contains(&st) {
+                continue;
+            }
+        }
+        if total >= filter.start && views.len() < filter.limit {
+            views.push(state.view(&env, &settings, last, now)?);
+        }
+        total += 1;
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(views))
+}

@@ -1,0 +1,150 @@
+//! The HTTPS API: the agent check-in route and the admin REST API (every admin route behind
+//! `X-API-Key`). Routes are declared once in [`ROUTES`], which also feeds the OpenAPI document
+//! and the test that proves every admin route checks authentication.
+
+mod agent;
+mod auth;
+mod endpoints;
+mod error;
+mod install;
+mod catalog;
+mod openapi;
+
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpResponse};
+
+pub use auth::AdminKeys;
+pub use error::ApiError;
+
+use crate::config::Limits;
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::store::SharedStore;
+
+/// What agents are told: where to call and what to pin.
+#[derive(Clone, Debug)]
+pub struct PublicInfo {
+    pub api_url: String,
+    pub tunnel_addr: String,
+    pub tunnel_fingerprint: [u8; 32],
+}
+
+pub struct AppState {
+    pub store: SharedStore,
+    pub fleet: Arc<Fleet>,
+    pub metrics: Arc<Metrics>,
+    pub admin: AdminKeys,
+    pub public: PublicInfo,
+    pub agent_secret: Option<String>,
+    pub agent_image: String,
+    pub limits: Limits,
+}
+
+/// One admin route: method, path (OpenAPI style), summary.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+}
+
+pub const ROUTES: &[Route] = &[
+    Route { method: "GET", path: "/api/endpoints", summary: "List environments (paged, filtered); X-Total-Count holds the total" },
+    Route { method: "POST", path: "/api/endpoints", summary: "Create an edge environment" },
+    Route { method: "POST", path: "/api/endpoints/bulk", summary: "Create up to 1000 environments at once" },
+    Route { method: "GET", path: "/api/endpoints/{id}", summary: "Get one environment" },
+    Route { method: "PATCH", path: "/api/endpoints/{id}", summary: "Change an environment" },
+    Route { method: "DELETE", path: "/api/endpoints/{id}", summary: "Delete an environment" },
+    Route { method: "POST", path: "/api/endpoints/{id}/association", summary: "Forget the bound Edge ID and issue a new join token" },
+    Route { method: "GET", path: "/api/endpoints/{id}/install", summary: "Install command or manifest for docker, swarm, kubernetes or nomad" },
+    Route { method: "GET", path: "/api/groups", summary: "List groups" },
+    Route { method: "POST", path: "/api/groups", summary: "Create a group" },
+    Route { method: "PATCH", path: "/api/groups/{id}", summary: "Rename a group" },
+    Route { method: "DELETE", path: "/api/groups/{id}", summary: "Delete an unused group" },
+    Route { method: "GET", path: "/api/tags", summary: "List tags" },
+    Route { method: "POST", path: "/api/tags", summary: "Create a tag" },
+    Route { method: "PATCH", path: "/api/tags/{id}", summary: "Rename a tag" },
+    Route { method: "DELETE", path: "/api/tags/{id}", summary: "Delete an unused tag" },
+    Route { method: "GET", path: "/api/settings", summary: "Default intervals" },
+    Route { method: "PATCH", path: "/api/settings", summary: "Change default intervals" },
+    Route { method: "GET", path: "/api/openapi.json", summary: "This document" },
+];
+
+/// Registers every route on an actix app.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(4 * 1024 * 1024)
+            .error_handler(|e, _| ApiError::BadRequest(format!("invalid JSON body: {e}")).into()),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|e, _| ApiError::BadRequest(format!("invalid query: {e}")).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::NotFound(format!("invalid path parameter: {e}")).into()),
+    )
+    .service(
+        web::resource(proto::wire::CHECKIN_PATH)
+            .app_data(web::PayloadConfig::new(proto::codec::MAX_CONTROL_FRAME))
+            .route(web::post().to(agent::checkin)),
+    )
+    .service(
+        web::scope("/api")
+            .wrap(from_fn(auth::require_admin_key))
+            .service(
+                web::resource("/endpoints")
+                    .route(web::get().to(endpoints::list))
+                    .route(web::post().to(endpoints::create)),
+            )
+            .route("/endpoints/bulk", web::post().to(endpoints::create_bulk))
+            .service(
+                web::resource("/endpoints/{id}")
+                    .route(web::get().to(endpoints::get))
+                    .route(web::patch().to(endpoints::patch))
+                    .route(web::delete().to(endpoints::delete)),
+            )
+            .route("/endpoints/{id}/association", web::post().to(endpoints::reset_association))
+            .route("/endpoints/{id}/install", web::get().to(install::install))
+            .configure(catalog::configure)
+            .route("/openapi.json", web::get().to(openapi::document))
+            .default_service(web::to(not_found)),
+    )
+    .default_service(web::to(not_found));
+}
+
+async fn not_found(req: actix_web::HttpRequest) -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Counts admin requests by status class (for the aggregate metrics).
+pub async fn count_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let metrics = req.app_data::<web::Data<AppState>>().map(|s| Arc::clone(&s.metrics));
+    let res = next.call(req).await?;
+    if let Some(m) = metrics {
+        let class = match res.status().as_u16() {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "other",
+        };
+        m.admin_requests.with_label_values(&[class]).inc();
+    }
+    Ok(res)
+}
+
+/// JSON helper with the right status.
+pub(crate) fn json<T: serde::Serialize>(status: actix_web::http::StatusCode, body: &T) -> HttpResponse {
+    HttpResponse::build(status).json(body)
+}

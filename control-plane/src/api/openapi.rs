@@ -1,0 +1,111 @@
+//! `GET /api/openapi.json`, generated from [`super::ROUTES`] so it cannot drift from the
+//! route table.
+
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Map, Value};
+
+use super::{AppState, ROUTES};
+
+fn schemas() -> Value {
+    let interval = json!({"type": "integer", "minimum": 0});
+    json!({
+        "Error": {"type": "object", "required": ["message"], "properties": {
+            "message": {"type": "string"}, "code": {"type": "string"}}},
+        "Environment": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"},
+            "mode": {"type": "string", "enum": ["standard", "async"]},
+            "edgeId": {"type": ["string", "null"], "format": "uuid"},
+            "edgeKey": {"type": "string", "description": "join token (EDGE_KEY)"},
+            "status": {"type": "string", "enum": ["up", "down", "never"]},
+            "lastCheckIn": {"type": ["string", "null"], "format": "date-time"},
+            "checkinInterval": interval, "pingInterval": interval,
+            "snapshotInterval": interval, "commandInterval": interval,
+            "groupId": {"type": ["integer", "null"]},
+            "tagIds": {"type": "array", "items": {"type": "integer"}},
+            "envVars": {"type": "array", "items": {"type": "string"}},
+            "allowSelfSigned": {"type": "boolean"},
+            "createdAt": {"type": "string", "format": "date-time"},
+            "tunnel": {"type": "object", "properties": {
+                "state": {"type": "string", "enum": ["closed", "requested", "open"]},
+                "gateway": {"type": ["string", "null"]}}}}},
+        "CreateEnvironment": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
+            "name": {"type": "string"}, "mode": {"type": "string", "enum": ["standard", "async"]},
+            "checkinInterval": {"type": "integer", "minimum": 1, "maximum": 3600},
+            "pingInterval": interval, "snapshotInterval": interval, "commandInterval": interval,
+            "groupId": {"type": "integer"}, "tagIds": {"type": "array", "items": {"type": "integer"}},
+            "edgeId": {"type": "string", "format": "uuid"},
+            "envVars": {"type": "array", "items": {"type": "string"}},
+            "allowSelfSigned": {"type": "boolean"}}},
+        "Named": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"}}},
+        "Settings": {"type": "object", "properties": {
+            "checkinInterval": interval, "pingInterval": interval,
+            "snapshotInterval": interval, "commandInterval": interval}}
+    })
+}
+
+fn parameters(path: &str, method: &str) -> Vec<Value> {
+    let mut ps = Vec::new();
+    if path.contains("{id}") {
+        ps.push(json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}));
+    }
+    if path == "/api/endpoints" && method == "GET" {
+        for (name, desc) in [
+            ("start", "offset of the first item (default 0)"),
+            ("limit", "page size, 1..=1000 (default 100)"),
+            ("search", "case-insensitive substring of the name or Edge ID"),
+            ("status", "comma-separated: up, down, never"),
+            ("mode", "standard or async"),
+            ("groupId", "group id"),
+            ("tagIds", "comma-separated tag ids; all must be present"),
+        ] {
+            ps.push(json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}}));
+        }
+    }
+    if path.ends_with("/install") {
+        ps.push(json!({"name": "platform", "in": "query", "schema": {"type": "string", "enum": ["docker", "swarm", "kubernetes", "nomad"]}}));
+    }
+    ps
+}
+
+pub fn build() -> Value {
+    let mut paths = Map::new();
+    for r in ROUTES {
+        let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
+        let body_ref = match (r.path, r.method) {
+            ("/api/endpoints", "POST") => Some(json!({"$ref": "#/components/schemas/CreateEnvironment"})),
+            ("/api/endpoints/bulk", "POST") => Some(json!({"type": "array", "items": {"$ref": "#/components/schemas/CreateEnvironment"}})),
+            ("/api/endpoints/{id}", "PATCH") => Some(json!({"type": "object"})),
+            ("/api/settings", "PATCH") => Some(json!({"$ref": "#/components/schemas/Settings"})),
+            (p, "POST" | "PATCH") if p.starts_with("/api/groups") || p.starts_with("/api/tags") => {
+                Some(json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}))
+            }
+            _ => None,
+        };
+        let mut op = json!({
+            "summary": r.summary,
+            "parameters": parameters(r.path, r.method),
+            "responses": {
+                "2XX": {"description": "success"},
+                "4XX": {"description": "refused", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            }
+        });
+        if let Some(schema) = body_ref {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+        }
+        entry[r.method.to_lowercase()] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "edgeplane control plane", "version": env!("CARGO_PKG_VERSION")},
+        "security": [{"apiKey": []}],
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "schemas": schemas()
+        },
+        "paths": paths
+    })
+}
+
+pub async fn document(_state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(build())
+}

@@ -1,0 +1,103 @@
+//! First-start duties: the admin API key and the public addresses agents are told.
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use rand::RngCore as _;
+
+use crate::api::AdminKeys;
+use crate::store::{Change, SharedStore, StoreError};
+use crate::tls;
+
+/// Where the admin key came from, for the banner. The key itself is only ever shown when it
+/// was generated just now.
+#[derive(Debug)]
+pub enum AdminKeySource {
+    /// `EDGEPLANE_ADMIN_API_KEY`.
+    Environment,
+    /// Read from `<data-dir>/admin-api-key`.
+    File(PathBuf),
+    /// Generated now and written to the file; shown once.
+    Generated { key: String, path: PathBuf },
+    /// Another replica created the keys in the shared store; this one has no file.
+    Shared,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("admin key: {0}")]
+    Store(#[from] StoreError),
+    #[error("admin key file: {0}")]
+    File(#[from] tls::TlsError),
+    #[error("cannot read admin key file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("admin key file {0} is empty")]
+    Empty(PathBuf),
+}
+
+pub const ADMIN_KEY_FILE: &str = "admin-api-key";
+
+pub async fn admin_key(
+    store: &SharedStore,
+    given: Option<&str>,
+    data_dir: &Path,
+) -> Result<(AdminKeys, AdminKeySource), BootstrapError> {
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    let source = if let Some(key) = given.filter(|k| !k.is_empty()) {
+        store.add_admin_key_hash(AdminKeys::hash(key)).await?;
+        AdminKeySource::Environment
+    } else if path.exists() {
+        let key = std::fs::read_to_string(&path).map_err(|source| BootstrapError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(BootstrapError::Empty(path));
+        }
+        store.add_admin_key_hash(AdminKeys::hash(key)).await?;
+        AdminKeySource::File(path)
+    } else if !store.admin_key_hashes().await?.is_empty() {
+        AdminKeySource::Shared
+    } else {
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let key = format!("ep_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+        tls::write_private(&path, format!("{key}\n").as_bytes())?;
+        store.add_admin_key_hash(AdminKeys::hash(&key)).await?;
+        AdminKeySource::Generated { key, path }
+    };
+    store.publish(Change::AdminKeys).await?;
+    let keys = AdminKeys::default();
+    keys.replace(store.admin_key_hashes().await?);
+    Ok((keys, source))
+}
+
+/// `https://<host>:<port>` where host is this machine's name if it resolves, else the
+/// listener's IP, else 127.0.0.1.
+pub fn default_public_url(api_addr: SocketAddr) -> String {
+    let port = api_addr.port();
+    let host = hostname()
+        .filter(|h| (h.as_str(), port).to_socket_addrs().is_ok_and(|mut a| a.next().is_some()))
+        .unwrap_or_else(|| {
+            if api_addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                api_addr.ip().to_string()
+            }
+        });
+    format!("https://{host}:{port}")
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+/// Host part of a URL (without brackets for IPv6).
+pub fn url_host(url: &str) -> Option<String> {
+    url::Url::parse(url).ok()?.host_str().map(|h| h.trim_matches(['[', ']']).to_owned())
+}

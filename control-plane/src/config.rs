@@ -1,0 +1,92 @@
+//! Control-plane configuration as a plain struct, built by `main.rs` from flags and
+//! `EDGEPLANE_*` variables, or by tests directly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// The URL agents are told to call (goes into join keys). `None`: derived at start.
+    pub public_url: Option<String>,
+    /// Tunnel address put into join keys. `None`: host of the public URL, port of `tunnel_addr`.
+    pub tunnel_public_addr: Option<String>,
+    pub tunnel_addr: SocketAddr,
+    pub embedded_gateway: bool,
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    pub redis_prefix: String,
+    pub tls: TlsSource,
+    /// Admin key given by automation (`EDGEPLANE_ADMIN_API_KEY`); never stored in clear.
+    pub admin_api_key: Option<String>,
+    /// `AGENT_SECRET`: when set, agents must prove it too.
+    pub agent_secret: Option<String>,
+    /// Image named in install commands.
+    pub agent_image: String,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug)]
+pub enum TlsSource {
+    /// Generate a self-signed certificate into the data dir on first start, reuse it after.
+    SelfSigned,
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// Bounds and timings with sane defaults; every one is a knob, not a constant in the code.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// How often heartbeats are written behind to the store.
+    pub heartbeat_flush: Duration,
+    /// Mailbox capacity of one environment actor; a full mailbox answers 503.
+    pub actor_mailbox: usize,
+    /// An environment actor with no message for this long stops (its state is in the store).
+    pub actor_idle: Duration,
+    /// Unknown environment ids remembered to refuse repeated probes without a store read.
+    pub negative_cache: usize,
+    /// HTTP keep-alive; must exceed the longest check-in interval in use.
+    pub keep_alive: Duration,
+    pub max_connections_per_worker: usize,
+    pub workers: usize,
+    /// Largest page of `GET /api/endpoints`.
+    pub max_page: usize,
+    /// Largest batch of `POST /api/endpoints/bulk`.
+    pub max_bulk: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            heartbeat_flush: Duration::from_secs(1),
+            actor_mailbox: 64,
+            actor_idle: Duration::from_secs(600),
+            negative_cache: 10_000,
+            keep_alive: Duration::from_secs(120),
+            max_connections_per_worker: 100_000,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_page: 1000,
+            max_bulk: 1000,
+        }
+    }
+}
+
+impl Config {
+    /// A configuration with every default, for tests and `main`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            public_url: None,
+            tunnel_public_addr: None,
+            tunnel_addr: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            embedded_gateway: true,
+            redis_url: None,
+            redis_prefix: "edgeplane:".into(),
+            tls: TlsSource::SelfSigned,
+            admin_api_key: None,
+            agent_secret: None,
+            agent_image: format!("edgeplane/edge-agent:{}", env!("CARGO_PKG_VERSION")),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The fleet: one actix actor per environment, created lazily on first check-in, stopped
+//! when idle, rebuilt from the store; plus per-agent statistics and the heartbeat
+//! write-behind. The check-in path touches only memory in the steady state.
+
+mod actor;
+pub mod state;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use dashmap::DashMap;
+use proto::wire::CheckinRequest;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::config::Limits;
+use crate::metrics::Metrics;
+use crate::store::{Change, EnvId, Settings, SharedStore, StoreError};
+use actor::{CheckinMsg, EnvActor, Reload, Shutdown};
+pub use state::{liveness, Answer, Liveness, Refusal};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckinError {
+    #[error("check-in refused: {0:?}")]
+    Refused(Refusal),
+    #[error("unknown environment {0}")]
+    UnknownEnvironment(EnvId),
+    #[error("environment {0} is busy, retry later")]
+    Busy(EnvId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("environment {id} cannot be served: {reason}")]
+    Broken { id: EnvId, reason: String },
+}
+
+/// Default intervals from the settings, readable without locks on the hot path.
+#[derive(Debug)]
+pub struct Defaults {
+    pub checkin_interval: AtomicU32,
+}
+
+impl Defaults {
+    fn new(s: &Settings) -> Self {
+        Self {
+            checkin_interval: AtomicU32::new(s.checkin_interval),
+        }
+    }
+
+    pub fn set(&self, s: &Settings) {
+        self.checkin_interval.store(s.checkin_interval, Ordering::Relaxed);
+    }
+
+    pub fn checkin(&self) -> u32 {
+        self.checkin_interval.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-environment counters seen at this replica.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentStat {
+    pub last_checkin_ms: u64,
+    /// Last heartbeat written to the store.
+    pub flushed_ms: u64,
+    pub checkins: u64,
+    pub refused: u64,
+}
+
+#[derive(Default)]
+pub struct AgentStats {
+    map: DashMap<EnvId, AgentStat>,
+}
+
+impl AgentStats {
+    fn answered(&self, id: EnvId, now_ms: u64) {
+        let mut s = self.map.entry(id).or_default();
+        s.last_checkin_ms = s.last_checkin_ms.max(now_ms);
+        s.checkins += 1;
+    }
+
+    fn refused(&self, id: EnvId) {
+        self.map.entry(id).or_default().refused += 1;
+    }
+
+    pub fn last_checkin_ms(&self, id: EnvId) -> Option<u64> {
+        self.map.get(&id).map(|s| s.last_checkin_ms).filter(|&t| t > 0)
+    }
+
+    pub fn forget(&self, id: EnvId) {
+        self.map.remove(&id);
+    }
+
+    /// (environments seen, environments seen within `window_ms`).
+    pub fn counts(&self, now_ms: u64, window_ms: u64) -> (usize, usize) {
+        let recent = self
+            .map
+            .iter()
+            .filter(|s| s.last_checkin_ms + window_ms >= now_ms)
+            .count();
+        (self.map.len(), recent)
+    }
+
+    pub fn shard(&self, shard: u64, shards: u64) -> Vec<(EnvId, AgentStat)> {
+        self.map
+            .iter()
+            .filter(|e| e.key() % shards.max(1) == shard)
+            .map(|e| (*e.key(), *e.value()))
+            .collect()
+    }
+
+    /// Heartbeats not yet written, marking them written. Restored by [`Self::unflush`]
+    /// if the write fails.
+    fn take_dirty(&self) -> Vec<(EnvId, u64)> {
+        let mut out = Vec::new();
+        for mut e in self.map.iter_mut() {
+            if e.last_checkin_ms > e.flushed_ms {
+                e.flushed_ms = e.last_checkin_ms;
+                out.push((*e.key(), e.last_checkin_ms));
+            }
+        }
+        out
+    }
+
+    fn unflush(&self, beats: &[(EnvId, u64)]) {
+        for (id, _) in beats {
+            if let Some(mut s) = self.map.get_mut(id) {
+                s.flushed_ms = 0;
+            }
+        }
+    }
+}
+
+pub struct Fleet {
+    store: SharedStore,
+    actors: DashMap<EnvId, Addr<EnvActor>>,
+    /// Unknown ids and when to forget them, to refuse probes without a store read each time.
+    unknown: DashMap<EnvId, u64>,
+    pub stats: AgentStats,
+    pub defaults: Defaults,
+    agent_secret: Option<Arc<str>>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+const UNKNOWN_TTL_MS: u64 = 30_000;
+
+impl Fleet {
+    pub fn new(
+        store: SharedStore,
+        settings: &Settings,
+        agent_secret: Option<String>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            actors: DashMap::new(),
+            unknown: DashMap::new(),
+            stats: AgentStats::default(),
+            defaults: Defaults::new(settings),
+            agent_secret: agent_secret.map(Arc::from),
+            metrics,
+            limits,
+        })
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// Handles one verified-later check-in: routes it to the environment's actor.
+    pub async fn checkin(self: &Arc<Self>, req: CheckinRequest, frame: Bytes) -> Result<Answer, CheckinError> {
+        let id = req.endpoint_id;
+        let addr = self.actor(id).await?;
+        let (tx, rx) = oneshot::channel();
+        let msg = CheckinMsg {
+            req,
+            frame,
+            now_ms: now_ms(),
+            reply: tx,
+        };
+        match addr.try_send(msg) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => return Err(CheckinError::Busy(id)),
+            Err(SendError::Closed(_)) => {
+                // The actor stopped between lookup and send (idle sweep): forget it; the
+                // agent retries and a fresh one is started.
+                self.actors.remove_if(&id, |_, a| !a.connected());
+                return Err(CheckinError::Busy(id));
+            }
+        }
+        let result = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(result)) => result,
+            _ => Err(CheckinError::Busy(id)),
+        };
+        match &result {
+            Ok(_) => self.stats.answered(id, now_ms()),
+            Err(CheckinError::Refused(_)) => self.stats.refused(id),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn actor(self: &Arc<Self>, id: EnvId) -> Result<Addr<EnvActor>, CheckinError> {
+        if let Some(a) = self.actors.get(&id) {
+            if a.connected() {
+                return Ok(a.clone());
+            }
+        }
+        let now = now_ms();
+        if let Some(until) = self.unknown.get(&id).map(|u| *u) {
+            if until > now {
+                return Err(CheckinError::UnknownEnvironment(id));
+            }
+            self.unknown.remove(&id);
+        }
+        let env = match self.store.get_environment(id).await {
+            Ok(Some(env)) => env,
+            Ok(None) => {
+                if self.unknown.len() < self.limits.negative_cache {
+                    self.unknown.insert(id, now + UNKNOWN_TTL_MS);
+                }
+                return Err(CheckinError::UnknownEnvironment(id));
+            }
+            Err(e) => {
+                self.metrics.store_errors.with_label_values(&["get_environment"]).inc();
+                return Err(e.into());
+            }
+        };
+        let state = state::EnvState::new(&env, self.agent_secret.as_deref()).map_err(|e| CheckinError::Broken {
+            id,
+            reason: e.to_string(),
+        })?;
+        let entry = self.actors.entry(id).or_insert_with(|| {
+            self.metrics.actor_starts.inc();
+            self.metrics.actors.inc();
+            EnvActor::new(state, Arc::clone(self)).start()
+        });
+        Ok(entry.clone())
+    }
+
+    /// Required flag, set by the tunnel machinery (next issue) and by tests.
+    pub async fn set_required(self: &Arc<Self>, id: EnvId, required: bool) -> Result<(), CheckinError> {
+        let addr = self.actor(id).await?;
+        addr.send(actor::SetRequired(required))
+            .await
+            .map_err(|_| CheckinError::Busy(id))
+    }
+
+    /// Applies one change notification from the store.
+    pub async fn apply(self: &Arc<Self>, change: &Change) {
+        match change {
+            Change::Environment(id) => {
+                self.unknown.remove(id);
+                self.reload(*id).await;
+            }
+            Change::EnvironmentDeleted(id) => {
+                self.stats.forget(*id);
+                if let Some((_, addr)) = self.actors.remove(id) {
+                    let _ = addr.send(Shutdown).await;
+                }
+            }
+            Change::Settings => match self.store.settings().await {
+                Ok(s) => self.defaults.set(&s),
+                Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
+            },
+            Change::AdminKeys => {}
+        }
+    }
+
+    async fn reload(self: &Arc<Self>, id: EnvId) {
+        let Some(addr) = self.actors.get(&id).map(|a| a.clone()) else {
+            return;
+        };
+        match self.store.get_environment(id).await {
+            Ok(Some(env)) => {
+                let _ = addr.send(Reload(Box::new(env))).await;
+            }
+            Ok(None) => {
+                self.actors.remove(&id);
+                let _ = addr.send(Shutdown).await;
+            }
+            Err(e) => {
+                // Without the new record the actor could keep an old secret: stop it, so the
+                // next check-in rebuilds it from the store.
+                tracing::warn!(env = id, error = %e, "cannot reload environment; dropping its actor");
+                self.actors.remove(&id);
+                let _ = addr.send(Shutdown).await;
+            }
+        }
+    }
+
+    /// After a lagged notification stream: every actor reloads.
+    pub async fn reload_all(self: &Arc<Self>) {
+        let ids: Vec<EnvId> = self.actors.iter().map(|e| *e.key()).collect();
+        for id in ids {
+            self.reload(id).await;
+        }
+        self.unknown.clear();
+    }
+
+    /// Stops actors that saw no check-in for the idle limit; their state is in the store.
+    pub fn sweep_idle(&self, now: u64) {
+        let idle_ms = self.limits.actor_idle.as_millis() as u64;
+        let stale: Vec<EnvId> = self
+            .actors
+            .iter()
+            .filter(|e| {
+                // Actors that never saw a check-in here (no stats yet) are left alone.
+                self.stats
+                    .map
+                    .get(e.key())
+                    .is_some_and(|s| s.last_checkin_ms + idle_ms < now)
+            })
+            .map(|e| *e.key())
+            .collect();
+        for id in stale {
+            if let Some((_, addr)) = self.actors.remove(&id) {
+                let _ = addr.try_send(Shutdown);
+            }
+        }
+        self.unknown.retain(|_, until| *until > now);
+    }
+
+    fn actor_stopped(&self, id: EnvId, addr: &Addr<EnvActor>) {
+        self.actors.remove_if(&id, |_, a| a == addr);
+        self.metrics.actors.dec();
+    }
+
+    /// Writes pending heartbeats in one batch (chunked). Called every flush period and at
+    /// shutdown.
+    pub async fn flush_heartbeats(&self) {
+        let beats = self.stats.take_dirty();
+        if beats.is_empty() {
+            return;
+        }
+        for chunk in beats.chunks(10_000) {
+            let timer = self.metrics.heartbeat_flush_seconds.start_timer();
+            self.metrics.heartbeat_batch.observe(chunk.len() as f64);
+            if let Err(e) = self.store.record_heartbeats(chunk).await {
+                self.metrics.store_errors.with_label_values(&["record_heartbeats"]).inc();
+                tracing::warn!(error = %e, beats = chunk.len(), "heartbeat write failed; will retry");
+                self.stats.unflush(chunk);
+            }
+            timer.observe_duration();
+        }
+    }
+
+    /// Background duties: change notifications, heartbeat flushes, idle sweeps. Runs until
+    /// `shutdown` resolves, then flushes once more.
+    pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut changes = self.store.subscribe();
+        let mut flush = tokio::time::interval(self.limits.heartbeat_flush);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval((self.limits.actor_idle / 4).max(Duration::from_secs(1)));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = flush.tick() => self.flush_heartbeats().await,
+                _ = sweep.tick() => self.sweep_idle(now_ms()),
+                change = changes.recv() => match change {
+                    Ok(change) => self.apply(&change).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "change notifications lagged; reloading all environments");
+                        self.reload_all().await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        tracing::error!("change notification stream closed");
+                        break;
+                    }
+                },
+            }
+        }
+        self.flush_heartbeats().await;
+    }
+}

@@ -1,0 +1,410 @@
+//! The per-environment state machine: binding, proof and replay checks, the required flag and
+//! the answer. Plain data and a clock passed in; the actor in `actor.rs` is a thin shell.
+
+use std::collections::VecDeque;
+
+use proto::proof::{self, ProofKey, FRESHNESS_WINDOW_MS};
+use proto::token::JoinSecret;
+use proto::wire::{CheckinRequest, EdgeStatus};
+use uuid::Uuid;
+
+use crate::store::{EdgeMode, EnvId, Environment};
+
+/// Accepted request tags remembered per environment to refuse exact replays inside the
+/// freshness window. One agent at 5 s keeps ~24; the cap only bites for abusive senders.
+const MAX_RECENT: usize = 64;
+/// Include the server clock in an answer when the agent is off by more than this.
+const REPORT_SKEW_MS: u64 = 1_000;
+
+/// Why a check-in was refused. Each maps to one status code and one message in `api`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// MAC does not verify under the join secret (and `AGENT_SECRET`, if set).
+    BadProof,
+    /// MAC verifies with the join secret alone: the agent lacks the right `AGENT_SECRET`.
+    AgentSecretMismatch,
+    /// Timestamp outside the freshness window; carries the server clock.
+    ClockSkew { server_time_ms: u64 },
+    /// This exact request was accepted before.
+    Replay,
+    /// Environment bound to another Edge ID.
+    EdgeIdMismatch,
+    /// An async environment cannot use the standard check-in.
+    WrongMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: EdgeStatus,
+    pub interval_secs: u32,
+    pub server_time_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Answer(Answer),
+    /// Proof and freshness are good but the environment is unbound: bind this Edge ID in the
+    /// store (atomically), feed the outcome to [`EnvState::set_binding`], then ask again.
+    Bind(Uuid),
+    Refuse(Refusal),
+}
+
+struct Keys {
+    proof: ProofKey,
+    /// The key without `AGENT_SECRET`, only to tell a wrong agent secret from a wrong key.
+    without_agent_secret: Option<ProofKey>,
+}
+
+impl Keys {
+    fn derive(secret: &JoinSecret, agent_secret: Option<&str>) -> Self {
+        Self {
+            proof: ProofKey::derive(secret, agent_secret),
+            without_agent_secret: agent_secret.map(|_| ProofKey::derive(secret, None)),
+        }
+    }
+}
+
+pub struct EnvState {
+    id: EnvId,
+    mode: EdgeMode,
+    interval_override: Option<u32>,
+    keys: Keys,
+    edge_id: Option<Uuid>,
+    last_checkin_ms: Option<u64>,
+    recent: VecDeque<(u64, u64)>,
+    required: bool,
+}
+
+/// A stored secret that does not decode is a broken record, not a client error.
+#[derive(Debug, thiserror::Error)]
+#[error("environment {id} has an unreadable join secret: {source}")]
+pub struct BadRecord {
+    pub id: EnvId,
+    source: proto::TokenError,
+}
+
+impl EnvState {
+    pub fn new(env: &Environment, agent_secret: Option<&str>) -> Result<Self, BadRecord> {
+        let secret = JoinSecret::from_text(&env.join_secret).map_err(|source| BadRecord { id: env.id, source })?;
+        Ok(Self {
+            id: env.id,
+            mode: env.mode,
+            interval_override: env.checkin_interval,
+            keys: Keys::derive(&secret, agent_secret),
+            edge_id: env.edge_id,
+            last_checkin_ms: None,
+            recent: VecDeque::new(),
+            required: false,
+        })
+    }
+
+    /// Applies a reloaded record (after a PATCH or an association reset on any replica).
+    pub fn reload(&mut self, env: &Environment, agent_secret: Option<&str>) -> Result<(), BadRecord> {
+        let fresh = Self::new(env, agent_secret)?;
+        if fresh.edge_id != self.edge_id {
+            // A new binding generation: requests accepted under the old one are irrelevant.
+            self.recent.clear();
+        }
+        self.mode = fresh.mode;
+        self.interval_override = fresh.interval_override;
+        self.keys = fresh.keys;
+        self.edge_id = fresh.edge_id;
+        Ok(())
+    }
+
+    pub fn id(&self) -> EnvId {
+        self.id
+    }
+
+    pub fn edge_id(&self) -> Option<Uuid> {
+        self.edge_id
+    }
+
+    pub fn last_checkin_ms(&self) -> Option<u64> {
+        self.last_checkin_ms
+    }
+
+    pub fn set_binding(&mut self, edge_id: Uuid) {
+        self.edge_id = Some(edge_id);
+    }
+
+    pub fn set_required(&mut self, required: bool) {
+        self.required = required;
+    }
+
+    pub fn interval_secs(&self, default_interval: u32) -> u32 {
+        self.interval_override.unwrap_or(default_interval).max(1)
+    }
+
+    /// Decides on one check-in. `frame` is the signed request exactly as received.
+    pub fn checkin(&mut self, req: &CheckinRequest, frame: &[u8], now_ms: u64, default_interval: u32) -> Verdict {
+        if !proof::verify(frame, &self.keys.proof) {
+            let lacks_agent_secret = self
+                .keys
+                .without_agent_secret
+                .as_ref()
+                .is_some_and(|k| proof::verify(frame, k));
+            return Verdict::Refuse(if lacks_agent_secret {
+                Refusal::AgentSecretMismatch
+            } else {
+                Refusal::BadProof
+            });
+        }
+        if proof::check_freshness(req.timestamp_ms, now_ms).is_err() {
+            return Verdict::Refuse(Refusal::ClockSkew { server_time_ms: now_ms });
+        }
+        if self.mode != EdgeMode::Standard {
+            return Verdict::Refuse(Refusal::WrongMode);
+        }
+        let tag = proof::replay_tag(frame);
+        if self.recent.iter().any(|&(_, t)| t == tag) {
+            return Verdict::Refuse(Refusal::Replay);
+        }
+        match self.edge_id {
+            None => return Verdict::Bind(req.edge_id),
+            Some(bound) if bound != req.edge_id => return Verdict::Refuse(Refusal::EdgeIdMismatch),
+            Some(_) => {}
+        }
+        self.remember(req.timestamp_ms, tag, now_ms);
+        self.last_checkin_ms = Some(self.last_checkin_ms.map_or(now_ms, |t| t.max(now_ms)));
+        Verdict::Answer(Answer {
+            status: if self.required { EdgeStatus::Required } else { EdgeStatus::Idle },
+            interval_secs: self.interval_secs(default_interval),
+            server_time_ms: (req.timestamp_ms.abs_diff(now_ms) > REPORT_SKEW_MS).then_some(now_ms),
+        })
+    }
+
+    fn remember(&mut self, ts: u64, tag: u64, now_ms: u64) {
+        // Anything older than the window fails the freshness check anyway.
+        let horizon = now_ms.saturating_sub(FRESHNESS_WINDOW_MS);
+        self.recent.retain(|&(t, _)| t >= horizon);
+        if self.recent.len() >= MAX_RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((ts, tag));
+    }
+}
+
+/// The status an operator sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    Up,
+    Down,
+    Never,
+}
+
+/// `up` while `now - last <= 2 * interval + 20 s`.
+pub fn liveness(last_checkin_ms: Option<u64>, interval_secs: u32, now_ms: u64) -> Liveness {
+    match last_checkin_ms {
+        None => Liveness::Never,
+        Some(last) => {
+            let grace_ms = (2 * u64::from(interval_secs) + 20) * 1000;
+            if now_ms.saturating_sub(last) <= grace_ms {
+                Liveness::Up
+            } else {
+                Liveness::Down
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn env(edge_id: Option<Uuid>) -> (Environment, JoinSecret) {
+        let secret = JoinSecret::generate();
+        let env = Environment {
+            id: 7,
+            name: "kiosk".into(),
+            mode: EdgeMode::Standard,
+            checkin_interval: None,
+            ping_interval: None,
+            snapshot_interval: None,
+            command_interval: None,
+            group_id: None,
+            tag_ids: vec![],
+            env_vars: vec![],
+            allow_self_signed: false,
+            join_secret: secret.to_text(),
+            edge_id,
+            created_at_ms: 0,
+        };
+        (env, secret)
+    }
+
+    fn signed(secret: &JoinSecret, agent_secret: Option<&str>, edge_id: Uuid, ts: u64) -> (CheckinRequest, Vec<u8>) {
+        let req = CheckinRequest {
+            endpoint_id: 7,
+            edge_id,
+            timestamp_ms: ts,
+            agent: None,
+        };
+        let frame = proof::sign(&req, &ProofKey::derive(secret, agent_secret)).unwrap();
+        (req, frame)
+    }
+
+    fn idle(interval: u32) -> Verdict {
+        Verdict::Answer(Answer {
+            status: EdgeStatus::Idle,
+            interval_secs: interval,
+            server_time_ms: None,
+        })
+    }
+
+    #[test]
+    fn first_checkin_binds_then_answers() {
+        let (e, secret) = env(None);
+        let mut s = EnvState::new(&e, None).unwrap();
+        let id = Uuid::new_v4();
+        let (req, frame) = signed(&secret, None, id, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Bind(id));
+        assert_eq!(s.last_checkin_ms(), None, "nothing recorded before the binding holds");
+        s.set_binding(id);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
+        assert_eq!(s.last_checkin_ms(), Some(NOW));
+        assert_eq!(s.edge_id(), Some(id));
+    }
+
+    #[test]
+    fn other_edge_id_is_refused_and_changes_nothing() {
+        let bound = Uuid::new_v4();
+        let (e, secret) = env(Some(bound));
+        let mut s = EnvState::new(&e, None).unwrap();
+        let (req, frame) = signed(&secret, None, Uuid::new_v4(), NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::EdgeIdMismatch));
+        assert_eq!(s.edge_id(), Some(bound));
+        assert_eq!(s.last_checkin_ms(), None);
+    }
+
+    #[test]
+    fn wrong_secret_and_agent_secret() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, Some("shh")).unwrap();
+        let (req, frame) = signed(&JoinSecret::generate(), Some("shh"), id, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::BadProof));
+        let (req, frame) = signed(&secret, None, id, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::AgentSecretMismatch));
+        let (req, frame) = signed(&secret, Some("other"), id, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::BadProof));
+        let (req, frame) = signed(&secret, Some("shh"), id, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
+    }
+
+    #[test]
+    fn replay_and_skew() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        let (req, frame) = signed(&secret, None, id, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
+        assert_eq!(s.checkin(&req, &frame, NOW + 10, 5), Verdict::Refuse(Refusal::Replay));
+        // Outside the window a replay is a skew refusal, which tells the server time.
+        let late = NOW + FRESHNESS_WINDOW_MS + 1;
+        assert_eq!(
+            s.checkin(&req, &frame, late, 5),
+            Verdict::Refuse(Refusal::ClockSkew { server_time_ms: late })
+        );
+        // A skew within the window is accepted but reported.
+        let (req, frame) = signed(&secret, None, id, NOW + 5_000);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Answer(Answer {
+                status: EdgeStatus::Idle,
+                interval_secs: 5,
+                server_time_ms: Some(NOW)
+            })
+        );
+    }
+
+    #[test]
+    fn recent_set_is_bounded_and_pruned() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        for i in 0..200 {
+            let (req, frame) = signed(&secret, None, id, NOW + i);
+            assert_eq!(s.checkin(&req, &frame, NOW + i, 5), idle(5));
+        }
+        assert!(s.recent.len() <= MAX_RECENT);
+        let later = NOW + 2 * FRESHNESS_WINDOW_MS;
+        let (req, frame) = signed(&secret, None, id, later);
+        s.checkin(&req, &frame, later, 5);
+        assert_eq!(s.recent.len(), 1);
+    }
+
+    #[test]
+    fn required_interval_mode_and_reload() {
+        let id = Uuid::new_v4();
+        let (mut e, secret) = env(Some(id));
+        e.checkin_interval = Some(30);
+        let mut s = EnvState::new(&e, None).unwrap();
+        s.set_required(true);
+        let (req, frame) = signed(&secret, None, id, NOW);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Answer(Answer {
+                status: EdgeStatus::Required,
+                interval_secs: 30,
+                server_time_ms: None
+            })
+        );
+        // Association reset: new secret, no binding. Old key is refused; new agent binds.
+        let new_secret = JoinSecret::generate();
+        e.join_secret = new_secret.to_text();
+        e.edge_id = None;
+        e.mode = EdgeMode::Async;
+        s.reload(&e, None).unwrap();
+        let (req, frame) = signed(&secret, None, id, NOW + 1);
+        assert_eq!(s.checkin(&req, &frame, NOW + 1, 5), Verdict::Refuse(Refusal::BadProof));
+        let (req, frame) = signed(&new_secret, None, id, NOW + 2);
+        assert_eq!(s.checkin(&req, &frame, NOW + 2, 5), Verdict::Refuse(Refusal::WrongMode));
+    }
+
+    #[test]
+    fn liveness_rule() {
+        assert_eq!(liveness(None, 5, NOW), Liveness::Never);
+        assert_eq!(liveness(Some(NOW - 30_000), 5, NOW), Liveness::Up);
+        assert_eq!(liveness(Some(NOW - 30_001), 5, NOW), Liveness::Down);
+        assert_eq!(liveness(Some(NOW + 1_000), 5, NOW), Liveness::Up);
+    }
+
+    proptest::proptest! {
+        /// Whatever sequence of agents and clocks, an environment bound to one Edge ID never
+        /// accepts another, and nothing but a verified, fresh, bound request is answered.
+        #[test]
+        fn only_bound_fresh_verified_requests_are_answered(
+            steps in proptest::collection::vec((0u8..3, 0u8..3, -90_000i64..90_000), 1..40)
+        ) {
+            let ids = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+            let (e, secret) = env(None);
+            let wrong = JoinSecret::generate();
+            let mut s = EnvState::new(&e, None).unwrap();
+            let mut bound: Option<Uuid> = None;
+            for (i, (who, key, skew)) in steps.into_iter().enumerate() {
+                let now = NOW + i as u64 * 5_000;
+                let ts = (now as i64 + skew) as u64;
+                let k = if key == 0 { &wrong } else { &secret };
+                let (req, frame) = signed(k, None, ids[who as usize], ts);
+                match s.checkin(&req, &frame, now, 5) {
+                    Verdict::Bind(id) => {
+                        proptest::prop_assert!(bound.is_none());
+                        bound = Some(id);
+                        s.set_binding(id);
+                    }
+                    Verdict::Answer(_) => {
+                        proptest::prop_assert!(key != 0);
+                        proptest::prop_assert!(skew.unsigned_abs() <= FRESHNESS_WINDOW_MS);
+                        proptest::prop_assert_eq!(Some(ids[who as usize]), bound);
+                    }
+                    Verdict::Refuse(_) => {}
+                }
+                proptest::prop_assert_eq!(s.edge_id(), bound);
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Aggregate Prometheus series (few label values) and the sharded per-agent exposition.
+//!
+//! `/metrics` stays small at any fleet size; per-agent series live on `/metrics/agents`,
+//! which Prometheus scrapes in shards (`?shard=i&shards=n`, agent `id % n == i`).
+
+use std::fmt::Write as _;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::fleet::AgentStats;
+
+pub struct Metrics {
+    registry: Registry,
+    pub checkins: IntCounterVec,
+    pub checkin_seconds: Histogram,
+    pub actors: IntGauge,
+    pub actor_starts: IntCounter,
+    pub heartbeat_batch: Histogram,
+    pub heartbeat_flush_seconds: Histogram,
+    pub store_errors: IntCounterVec,
+    pub admin_requests: IntCounterVec,
+}
+
+fn must<T>(r: Result<T, prometheus::Error>) -> T {
+    // Metric definitions are static; a failure here is a programming error caught by tests.
+    r.unwrap_or_else(|e| panic!("invalid metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let checkins = must(IntCounterVec::new(
+            Opts::new("edgeplane_checkin_requests_total", "Agent check-ins by result"),
+            &["result"],
+        ));
+        let checkin_seconds = must(Histogram::with_opts(
+            HistogramOpts::new("edgeplane_checkin_duration_seconds", "Server time to answer a check-in")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+        ));
+        let actors = must(IntGauge::new("edgeplane_fleet_actors", "Environment actors alive"));
+        let actor_starts = must(IntCounter::new(
+            "edgeplane_fleet_actor_starts_total",
+            "Environment actors started (loaded from the store)",
+        ));
+        let heartbeat_batch = must(Histogram::with_opts(
+            HistogramOpts::new("edgeplane_store_heartbeat_batch_size", "Heartbeats per write-behind batch")
+                .buckets(vec![1.0, 10.0, 100.0, 1000.0, 5000.0, 20000.0, 100000.0]),
+        ));
+        let heartbeat_flush_seconds = must(Histogram::with_opts(HistogramOpts::new(
+            "edgeplane_store_heartbeat_flush_duration_seconds",
+            "Time to write one heartbeat batch",
+        )));
+        let store_errors = must(IntCounterVec::new(
+            Opts::new("edgeplane_store_errors_total", "Store operations that failed"),
+            &["op"],
+        ));
+        let admin_requests = must(IntCounterVec::new(
+            Opts::new("edgeplane_api_requests_total", "Admin API requests by status class"),
+            &["class"],
+        ));
+        for c in [
+            Box::new(checkins.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(checkin_seconds.clone()),
+            Box::new(actors.clone()),
+            Box::new(actor_starts.clone()),
+            Box::new(heartbeat_batch.clone()),
+            Box::new(heartbeat_flush_seconds.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(admin_requests.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        Self {
+            registry,
+            checkins,
+            checkin_seconds,
+            actors,
+            actor_starts,
+            heartbeat_batch,
+            heartbeat_flush_seconds,
+            store_errors,
+            admin_requests,
+        }
+    }
+
+    /// The aggregate exposition, plus fleet-wide gauges computed at scrape time.
+    pub fn render(&self, stats: &AgentStats, now_ms: u64) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        let (seen, recent) = stats.counts(now_ms, 60_000);
+        let _ = writeln!(
+            text,
+            "# HELP edgeplane_fleet_agents_seen Environments that checked in at this replica since it started\n\
+             # TYPE edgeplane_fleet_agents_seen gauge\nedgeplane_fleet_agents_seen {seen}\n\
+             # HELP edgeplane_fleet_agents_recent Environments that checked in here within the last minute\n\
+             # TYPE edgeplane_fleet_agents_recent gauge\nedgeplane_fleet_agents_recent {recent}"
+        );
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Per-agent series of one shard, in the Prometheus text format.
+pub fn render_agents(stats: &AgentStats, shard: u64, shards: u64) -> String {
+    let mut rows = stats.shard(shard, shards);
+    rows.sort_unstable_by_key(|(id, _)| *id);
+    let mut text = String::with_capacity(64 + rows.len() * 200);
+    let families: [(&str, &str, &str); 3] = [
+        ("edgeplane_agent_checkins_total", "counter", "Check-ins answered, per environment"),
+        ("edgeplane_agent_refused_total", "counter", "Check-ins refused, per environment"),
+        (
+            "edgeplane_agent_last_checkin_timestamp_seconds",
+            "gauge",
+            "Unix time of the last answered check-in, per environment",
+        ),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, s) in &rows {
+            let value = match i {
+                0 => s.checkins as f64,
+                1 => s.refused as f64,
+                _ => s.last_checkin_ms as f64 / 1000.0,
+            };
+            let _ = writeln!(text, "{name}{{endpoint=\"{id}\"}} {value}");
+        }
+    }
+    text
+}
