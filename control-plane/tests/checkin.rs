@@ -1,0 +1,211 @@
+//! Agent check-ins against an in-process control plane, with the agent crate's own client.
+
+#[path = "support/cp.rs"]
+mod cp;
+
+use std::time::Duration;
+
+use cp::{http, TestCp, ADMIN_KEY};
+use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
+use proto::proof::{self, ProofKey};
+use proto::token::JoinSecret;
+use proto::wire::{CheckinRequest, EdgeStatus};
+use proto::JoinToken;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn create(cp: &TestCp, body: Value) -> (u64, JoinToken) {
+    let r = http()
+        .post(cp.api("/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().await.unwrap();
+    (v["id"].as_u64().unwrap(), JoinToken::parse(v["edgeKey"].as_str().unwrap()).unwrap())
+}
+
+async fn env(cp: &TestCp, id: u64) -> Value {
+    http()
+        .get(cp.api(&format!("/api/endpoints/{id}")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn client(token: &JoinToken, edge: Uuid, agent_secret: Option<&str>) -> PollClient {
+    let mut o = PollOptions::new(edge);
+    o.agent_secret = agent_secret.map(str::to_owned);
+    PollClient::new(token, o).unwrap()
+}
+
+fn refusal(r: Result<edge_agent::CheckinOutcome, CheckinError>) -> (u16, RefusalCode) {
+    match r {
+        Err(CheckinError::Refused { status, code, .. }) => (status, code),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[actix_web::test]
+async fn first_checkin_binds_and_another_edge_id_is_refused() {
+    let cp = TestCp::start().await;
+    let (id, token) = create(&cp, json!({"name": "kiosk", "checkinInterval": 3})).await;
+    let first = Uuid::new_v4();
+    let mut a = client(&token, first, None);
+    let out = a.checkin().await.unwrap();
+    assert_eq!(out.status, EdgeStatus::Idle);
+    assert_eq!(out.interval, Duration::from_secs(3));
+    let e = env(&cp, id).await;
+    assert_eq!(e["edgeId"], first.to_string());
+    assert_eq!(e["status"], "up");
+    assert!(e["lastCheckIn"].is_string());
+
+    // Same key, another Edge ID: 403, counted, binding unchanged.
+    let mut b = client(&token, Uuid::new_v4(), None);
+    assert_eq!(refusal(b.checkin().await), (403, RefusalCode::EdgeIdMismatch));
+    assert_eq!(refusal(b.checkin().await), (403, RefusalCode::EdgeIdMismatch));
+    assert_eq!(env(&cp, id).await["edgeId"], first.to_string());
+    assert_eq!(cp.metric("edgeplane_checkin_requests_total{result=\"edge_id_mismatch\"}").await, 2.0);
+    let agents = http()
+        .get(format!("{}/metrics/agents", cp.metrics_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(agents.contains(&format!("edgeplane_agent_refused_total{{endpoint=\"{id}\"}} 2")), "{agents}");
+    // The bound agent keeps working on its kept-alive connection.
+    a.checkin().await.unwrap();
+    a.checkin().await.unwrap();
+    assert_eq!(a.connects(), 1);
+
+    // Association reset: a new key; the old one no longer proves anything; a new agent binds.
+    let r = http()
+        .post(cp.api(&format!("/api/endpoints/{id}/association")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["edgeId"], Value::Null);
+    let new_token = JoinToken::parse(v["edgeKey"].as_str().unwrap()).unwrap();
+    assert_ne!(new_token.secret, token.secret);
+    assert_eq!(refusal(a.checkin().await), (401, RefusalCode::BadProof));
+    let second = Uuid::new_v4();
+    client(&new_token, second, None).checkin().await.unwrap();
+    assert_eq!(env(&cp, id).await["edgeId"], second.to_string());
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn agent_secret_is_enforced() {
+    let cp = TestCp::start_with(|c| c.agent_secret = Some("fleet-secret".into())).await;
+    let (_, token) = create(&cp, json!({"name": "k"})).await;
+    let edge = Uuid::new_v4();
+    assert_eq!(refusal(client(&token, edge, None).checkin().await), (401, RefusalCode::AgentSecretMismatch));
+    assert_eq!(refusal(client(&token, edge, Some("guess")).checkin().await), (401, RefusalCode::BadProof));
+    client(&token, edge, Some("fleet-secret")).checkin().await.unwrap();
+    cp.stop().await;
+}
+
+async fn raw(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
+    let r = http().post(cp.api("/edge/checkin")).body(body).send().await.unwrap();
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn frame(token: &JoinToken, secret: &JoinSecret, edge: Uuid, ts: u64) -> Vec<u8> {
+    let req = CheckinRequest {
+        endpoint_id: token.endpoint_id,
+        edge_id: edge,
+        timestamp_ms: ts,
+        agent: None,
+    };
+    proof::sign(&req, &ProofKey::derive(secret, None)).unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[actix_web::test]
+async fn bad_checkins_get_precise_refusals_and_change_nothing() {
+    let cp = TestCp::start().await;
+    let (id, token) = create(&cp, json!({"name": "k"})).await;
+    let edge = Uuid::new_v4();
+
+    let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
+        (vec![], StatusCode::BAD_REQUEST, "bad_request"),
+        (b"GET / HTTP/1.1 garbage garbage".to_vec(), StatusCode::BAD_REQUEST, "bad_request"),
+        (vec![0xff; 64], StatusCode::BAD_REQUEST, "bad_request"),
+        // A wrong secret: the proof fails.
+        (frame(&token, &JoinSecret::generate(), edge, now_ms()), StatusCode::UNAUTHORIZED, "bad_proof"),
+        // Clock far off: refused with the server time.
+        (frame(&token, &token.secret, edge, now_ms() - 3_600_000), StatusCode::UNAUTHORIZED, "clock_skew"),
+    ];
+    for (body, status, code) in cases {
+        let (s, v) = raw(&cp, body.clone()).await;
+        assert_eq!(s, status, "{v}");
+        assert_eq!(v["code"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if code == "clock_skew" {
+            assert!(v["serverTimeMs"].as_u64().unwrap() > 0);
+        }
+    }
+    // Oversized body: 413 before decoding.
+    let r = http().post(cp.api("/edge/checkin")).body(vec![1u8; 17 * 1024]).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Unknown environment.
+    let mut ghost = token.clone();
+    ghost.endpoint_id = 4242;
+    let (s, v) = raw(&cp, frame(&ghost, &token.secret, edge, now_ms())).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_environment")));
+    // None of that bound anything.
+    assert_eq!(env(&cp, id).await["edgeId"], Value::Null);
+    assert_eq!(env(&cp, id).await["status"], "never");
+
+    // A good request binds; the very same bytes again are a replay.
+    let good = frame(&token, &token.secret, edge, now_ms());
+    let (s, _) = raw(&cp, good.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = raw(&cp, good).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replay")));
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // A flush period far longer than the test: nothing may reach the store per check-in.
+    let slow = |c: &mut control_plane::config::Config| c.limits.heartbeat_flush = Duration::from_secs(3600);
+    let cp = TestCp::start_in(dir.path(), slow).await;
+    let (id, token) = create(&cp, json!({"name": "k", "checkinInterval": 60})).await;
+    let mut a = client(&token, Uuid::new_v4(), None);
+    for _ in 0..20 {
+        a.checkin().await.unwrap();
+    }
+    assert_eq!(cp.metric("edgeplane_checkin_requests_total{result=\"idle\"}").await, 20.0);
+    // The first tick of the interval fires at start (empty); no batch carried a heartbeat yet.
+    assert_eq!(cp.metric("edgeplane_store_heartbeat_batch_size_count").await, 0.0);
+    // Status is served from memory meanwhile.
+    assert_eq!(env(&cp, id).await["status"], "up");
+    cp.stop().await; // graceful stop writes the pending batch
+
+    let cp = TestCp::start_in(dir.path(), slow).await;
+    let e = env(&cp, id).await;
+    assert_eq!(e["status"], "up", "{e}");
+    assert!(e["lastCheckIn"].is_string());
+    cp.stop().await;
+}
