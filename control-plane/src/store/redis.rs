@@ -1,0 +1,956 @@
+//! The multi-replica backend: Redis through a deadpool-redis pool, change notifications over
+//! Redis pub/sub.
+//!
+//! Every key name is built in [`Keys::new`]; nothing else in the crate knows them. With the
+//! default prefix `edgeplane:` they are:
+//!
+//! | key                         | type    | content                                          |
+//! | --------------------------- | ------- | ------------------------------------------------ |
+//! | `edgeplane:env`             | hash    | env id -> JSON of the record *without* `edge_id` |
+//! | `edgeplane:binding`         | hash    | env id -> bound Edge ID (UUID text)              |
+//! | `edgeplane:heartbeat`       | hash    | env id -> last check-in, ms since the epoch      |
+//! | `edgeplane:seq:env`         | string  | last environment id handed out (INCRBY)          |
+//! | `edgeplane:groups`          | hash    | group id -> name                                 |
+//! | `edgeplane:groups:names`    | hash    | group name -> id (uniqueness index)              |
+//! | `edgeplane:seq:groups`      | string  | last group id handed out                         |
+//! | `edgeplane:tags`            | hash    | tag id -> name                                   |
+//! | `edgeplane:tags:names`      | hash    | tag name -> id (uniqueness index)                |
+//! | `edgeplane:seq:tags`        | string  | last tag id handed out                           |
+//! | `edgeplane:settings`        | string  | JSON of [`Settings`]                             |
+//! | `edgeplane:admin_keys`      | set     | raw 32-byte SHA-256 hashes of admin API keys     |
+//! | `edgeplane:changes`         | channel | pub/sub channel of JSON-encoded [`Change`]s      |
+//!
+//! The binding lives apart from the record so that binding is a single HSETNX and a
+//! concurrent [`Store::update_environment`] (which rewrites the whole record) can never undo
+//! it. Multi-key rules (bind only existing environments, heartbeats only for existing ones and
+//! never backwards, unique names) are small Lua scripts, which Redis runs atomically.
+//!
+//! The scripts touch several keys, so this backend needs a single Redis (or a primary with
+//! replicas), not Redis Cluster.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{
+    self, aio::PubSubSink, aio::PubSubStream, AsyncConnectionConfig, Script, Value,
+};
+use deadpool_redis::{Manager, Pool, Runtime};
+use futures_util::StreamExt;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::{
+    BindOutcome, Change, Collection, EdgeMode, EnvId, Environment, Named, NewEnvironment, Settings,
+    Store, StoreError, CHANGE_CHANNEL_CAPACITY,
+};
+
+/// TCP connect (and handshake) budget for a new connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Budget for one command or pipeline. Generous: `list_environments` on a large fleet moves
+/// megabytes, and a timeout here only turns a slow answer into an error.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller waits for a pooled connection before giving up.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pub/sub connection is pinged this often, so a half-open TCP connection (Redis gone
+/// without a FIN) is noticed instead of silently delivering nothing forever.
+const PUBSUB_KEEPALIVE: Duration = Duration::from_secs(15);
+const PUBSUB_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect backoff of the pub/sub task: doubles from the minimum up to the maximum.
+const RECONNECT_MIN_BACKOFF: Duration = Duration::from_millis(100);
+const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Heartbeats per script call: big enough that a normal batch is one EVALSHA, small enough
+/// that a huge batch does not block Redis (which runs scripts one at a time) for long.
+const HEARTBEAT_CHUNK: usize = 10_000;
+/// Optimistic retries of `reset_association` against concurrent writers of the same record.
+const RESET_RETRIES: usize = 16;
+
+/// Every key name, derived from the prefix in one place.
+#[derive(Clone, Debug)]
+struct Keys {
+    env: String,
+    binding: String,
+    heartbeat: String,
+    env_seq: String,
+    groups: String,
+    group_names: String,
+    group_seq: String,
+    tags: String,
+    tag_names: String,
+    tag_seq: String,
+    settings: String,
+    admin_keys: String,
+    changes: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            env: format!("{prefix}env"),
+            binding: format!("{prefix}binding"),
+            heartbeat: format!("{prefix}heartbeat"),
+            env_seq: format!("{prefix}seq:env"),
+            groups: format!("{prefix}groups"),
+            group_names: format!("{prefix}groups:names"),
+            group_seq: format!("{prefix}seq:groups"),
+            tags: format!("{prefix}tags"),
+            tag_names: format!("{prefix}tags:names"),
+            tag_seq: format!("{prefix}seq:tags"),
+            settings: format!("{prefix}settings"),
+            admin_keys: format!("{prefix}admin_keys"),
+            changes: format!("{prefix}changes"),
+        }
+    }
+
+    /// (id -> name hash, name -> id hash, id counter) of a named collection.
+    fn named(&self, coll: Collection) -> (&str, &str, &str) {
+        match coll {
+            Collection::Groups => (&self.groups, &self.group_names, &self.group_seq),
+            Collection::Tags => (&self.tags, &self.tag_names, &self.tag_seq),
+        }
+    }
+}
+
+/// Binds only an existing environment, and only if it is unbound.
+/// KEYS: env, binding. ARGV: id, edge id.
+/// Returns 0 (no such environment), 1 (bound now) or the Edge ID already bound.
+const BIND_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then return 1 end
+return redis.call('HGET', KEYS[2], ARGV[1])
+";
+
+/// Replaces a record only if it still exists (a concurrent delete wins).
+/// KEYS: env. ARGV: id, JSON. Returns 1 if replaced, 0 if absent.
+const UPDATE_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
+
+/// Compare-and-set of a record that also drops its binding.
+/// KEYS: env, binding. ARGV: id, expected JSON, new JSON.
+/// Returns 1 if done, 0 if absent, -1 if the record changed meanwhile (retry).
+const RESET_LUA: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+if cur ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+";
+
+/// Records heartbeats of existing environments, never moving one backwards.
+/// KEYS: env, heartbeat. ARGV: id1, ms1, id2, ms2, ...  Returns how many were written.
+/// Times are compared as decimal strings (longer is larger, then lexicographic) because Lua
+/// numbers are doubles and would round large u64 values.
+const HEARTBEATS_LUA: &str = r"
+local written = 0
+for i = 1, #ARGV, 2 do
+  local id, at = ARGV[i], ARGV[i + 1]
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    local cur = redis.call('HGET', KEYS[2], id)
+    if (not cur) or #at > #cur or (#at == #cur and at > cur) then
+      redis.call('HSET', KEYS[2], id, at)
+      written = written + 1
+    end
+  end
+end
+return written
+";
+
+/// KEYS: ids hash, names hash, counter. ARGV: name. Returns the new id, or 0 if the name is taken.
+const CREATE_NAMED_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local id = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], id, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], id)
+return id
+";
+
+/// KEYS: ids hash, names hash. ARGV: id, new name.
+/// Returns 1 if renamed (or already so named), 0 if absent, -1 if the name is taken.
+const RENAME_NAMED_LUA: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+if old == ARGV[2] then return 1 end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return -1 end
+redis.call('HDEL', KEYS[2], old)
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
+
+/// KEYS: ids hash, names hash. ARGV: id. Returns 1 if deleted, 0 if absent.
+const DELETE_NAMED_LUA: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], old)
+return 1
+";
+
+struct Scripts {
+    bind: Script,
+    update: Script,
+    reset: Script,
+    heartbeats: Script,
+    create_named: Script,
+    rename_named: Script,
+    delete_named: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        // `Script` sends EVALSHA and falls back to loading the script on NOSCRIPT (a restarted
+        // or flushed Redis), so callers need not care whether it is cached.
+        Self {
+            bind: Script::new(BIND_LUA),
+            update: Script::new(UPDATE_LUA),
+            reset: Script::new(RESET_LUA),
+            heartbeats: Script::new(HEARTBEATS_LUA),
+            create_named: Script::new(CREATE_NAMED_LUA),
+            rename_named: Script::new(RENAME_NAMED_LUA),
+            delete_named: Script::new(DELETE_NAMED_LUA),
+        }
+    }
+}
+
+/// The stored form of an environment: everything but the id (the hash field) and the binding
+/// (its own hash). Spelled out rather than derived from [`Environment`] so that adding a field
+/// there fails to compile here until the layout is decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvRecord {
+    name: String,
+    mode: EdgeMode,
+    checkin_interval: Option<u32>,
+    ping_interval: Option<u32>,
+    snapshot_interval: Option<u32>,
+    command_interval: Option<u32>,
+    group_id: Option<u64>,
+    tag_ids: Vec<u64>,
+    env_vars: Vec<String>,
+    allow_self_signed: bool,
+    join_secret: String,
+    created_at_ms: u64,
+}
+
+impl EnvRecord {
+    fn from_env(env: &Environment) -> Self {
+        let Environment {
+            id: _,
+            name,
+            mode,
+            checkin_interval,
+            ping_interval,
+            snapshot_interval,
+            command_interval,
+            group_id,
+            tag_ids,
+            env_vars,
+            allow_self_signed,
+            join_secret,
+            edge_id: _,
+            created_at_ms,
+        } = env.clone();
+        Self {
+            name,
+            mode,
+            checkin_interval,
+            ping_interval,
+            snapshot_interval,
+            command_interval,
+            group_id,
+            tag_ids,
+            env_vars,
+            allow_self_signed,
+            join_secret,
+            created_at_ms,
+        }
+    }
+
+    fn into_env(self, id: EnvId, edge_id: Option<Uuid>) -> Environment {
+        Environment {
+            id,
+            name: self.name,
+            mode: self.mode,
+            checkin_interval: self.checkin_interval,
+            ping_interval: self.ping_interval,
+            snapshot_interval: self.snapshot_interval,
+            command_interval: self.command_interval,
+            group_id: self.group_id,
+            tag_ids: self.tag_ids,
+            env_vars: self.env_vars,
+            allow_self_signed: self.allow_self_signed,
+            join_secret: self.join_secret,
+            edge_id,
+            created_at_ms: self.created_at_ms,
+        }
+    }
+
+    fn encode(&self) -> Result<String, StoreError> {
+        serde_json::to_string(self)
+            .map_err(|e| StoreError::Corrupt(format!("encoding environment: {e}")))
+    }
+
+    fn decode(id: EnvId, json: &str) -> Result<Self, StoreError> {
+        serde_json::from_str(json)
+            .map_err(|e| StoreError::Corrupt(format!("environment {id}: {e}")))
+    }
+}
+
+fn decode_edge_id(id: EnvId, text: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("binding of environment {id}: {e}")))
+}
+
+fn parse_id(what: &str, field: &str) -> Result<u64, StoreError> {
+    field
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("{what}: field {field:?} is not an id")))
+}
+
+/// A reply that does not have the type we stored is corruption (someone else wrote under our
+/// prefix, or a bug); everything else is the backend failing and may pass.
+fn redis_err(e: redis::RedisError) -> StoreError {
+    if e.kind() == redis::ErrorKind::UnexpectedReturnType || e.code() == Some("WRONGTYPE") {
+        StoreError::Corrupt(e.to_string())
+    } else {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn unexpected(what: &str, v: &Value) -> StoreError {
+    StoreError::Corrupt(format!("{what}: unexpected script reply {v:?}"))
+}
+
+/// Aborts the pub/sub task when the store goes away, so a dropped store stops reconnecting.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    keys: Keys,
+    scripts: Scripts,
+    changes: broadcast::Sender<Change>,
+    _pubsub_task: AbortOnDrop,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379/0`) with every key under `prefix`.
+    ///
+    /// Returns only once Redis answered a PING and the change subscription is confirmed, so a
+    /// change published after this returns reaches this store's [`Store::subscribe`] receivers.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let keys = Keys::new(prefix);
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("redis url: {e}")))?;
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let manager = Manager::new_with_config(url, conn_config).map_err(redis_err)?;
+        let pool = Pool::builder(manager)
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("redis pool: {e}")))?;
+
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let (sink, stream) = subscribe_changes(&client, &keys.changes).await?;
+        let task = tokio::spawn(forward_changes(
+            client,
+            keys.changes.clone(),
+            changes.clone(),
+            sink,
+            stream,
+        ));
+        let store = Self {
+            pool,
+            keys,
+            scripts: Scripts::new(),
+            changes,
+            _pubsub_task: AbortOnDrop(task),
+        };
+        // Fail fast on a wrong address or password rather than at the first request (dropping
+        // the store on error also stops the pub/sub task).
+        store.ping().await?;
+        tracing::info!(prefix, "connected to redis store");
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("redis pool: {e}")))
+    }
+}
+
+/// Opens a dedicated pub/sub connection and waits for the SUBSCRIBE confirmation.
+async fn subscribe_changes(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<(PubSubSink, PubSubStream), StoreError> {
+    let attempt = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        // `subscribe` resolves on the server's confirmation, not merely on sending.
+        pubsub.subscribe(channel).await?;
+        Ok::<_, redis::RedisError>(pubsub.split())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, attempt).await {
+        Ok(result) => result.map_err(|e| StoreError::Unavailable(format!("redis subscribe: {e}"))),
+        Err(_) => Err(StoreError::Unavailable(
+            "redis subscribe: timed out".to_owned(),
+        )),
+    }
+}
+
+/// Forwards changes from Redis to the local broadcast for as long as the store lives,
+/// re-subscribing with backoff whenever the connection is lost.
+async fn forward_changes(
+    client: redis::Client,
+    channel: String,
+    changes: broadcast::Sender<Change>,
+    mut sink: PubSubSink,
+    mut stream: PubSubStream,
+) {
+    loop {
+        let reason = pump(&mut sink, &mut stream, &changes).await;
+        // Changes published while we are away are lost for this replica; its consumers catch
+        // up on their own next reload.
+        tracing::warn!(%channel, %reason, "change subscription lost, reconnecting");
+        let mut delay = RECONNECT_MIN_BACKOFF;
+        let mut attempts: u32 = 0;
+        (sink, stream) = loop {
+            attempts += 1;
+            match subscribe_changes(&client, &channel).await {
+                Ok(subscribed) => {
+                    tracing::info!(%channel, attempts, "change subscription restored");
+                    break subscribed;
+                }
+                Err(e) => {
+                    // Jitter so that replicas do not all hammer a restarting Redis in step.
+                    let jitter = rand::thread_rng().gen_range(0..=delay.as_millis() as u64 / 2);
+                    let wait = delay + Duration::from_millis(jitter);
+                    tracing::warn!(
+                        %channel,
+                        error = %e,
+                        attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "change subscription reconnect failed"
+                    );
+                    tokio::time::sleep(wait).await;
+                    delay = (delay * 2).min(RECONNECT_MAX_BACKOFF);
+                }
+            }
+        };
+    }
+}
+
+/// Delivers messages until the connection is lost; returns why.
+async fn pump(
+    sink: &mut PubSubSink,
+    stream: &mut PubSubStream,
+    changes: &broadcast::Sender<Change>,
+) -> String {
+    let mut keepalive = tokio::time::interval(PUBSUB_KEEPALIVE);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick completes at once; the connection was just proven alive.
+    keepalive.tick().await;
+    loop {
+        tokio::select! {
+            msg = stream.next() => {
+                let Some(msg) = msg else {
+                    return "connection closed".to_owned();
+                };
+                match serde_json::from_slice::<Change>(msg.get_payload_bytes()) {
+                    // No local subscriber is fine: nobody needed to hear it.
+                    Ok(change) => {
+                        let _ = changes.send(change);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring undecodable change message"),
+                }
+            }
+            _ = keepalive.tick() => {
+                match tokio::time::timeout(PUBSUB_PING_TIMEOUT, sink.ping::<Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("keepalive ping failed: {e}"),
+                    Err(_) => return "keepalive ping timed out".to_owned(),
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn create_environments(
+        &self,
+        new: Vec<NewEnvironment>,
+    ) -> Result<Vec<Environment>, StoreError> {
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let n = new.len() as u64;
+        let last: u64 = redis::cmd("INCRBY")
+            .arg(&self.keys.env_seq)
+            .arg(n)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        // INCRBY hands out a block of ids no other replica can get, even if the writes below
+        // fail (the ids are then skipped, never reused).
+        let first = last
+            .checked_sub(n - 1)
+            .filter(|first| *first > 0)
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "{}: counter {last} below batch size {n}",
+                    self.keys.env_seq
+                ))
+            })?;
+
+        let created: Vec<Environment> = (first..)
+            .zip(new)
+            .map(|(id, n)| n.into_environment(id))
+            .collect();
+        let mut records = Vec::with_capacity(created.len());
+        let mut bindings = Vec::new();
+        for env in &created {
+            records.push((env.id, EnvRecord::from_env(env).encode()?));
+            if let Some(edge_id) = env.edge_id {
+                bindings.push((env.id, edge_id.to_string()));
+            }
+        }
+        // MULTI/EXEC so that no reader sees a pre-assigned environment without its binding.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HSET")
+            .arg(&self.keys.env)
+            .arg(&records)
+            .ignore();
+        if !bindings.is_empty() {
+            pipe.cmd("HSET")
+                .arg(&self.keys.binding)
+                .arg(&bindings)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_err)?;
+        Ok(created)
+    }
+
+    async fn get_environment(&self, id: EnvId) -> Result<Option<Environment>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (record, binding): (Option<String>, Option<String>) = redis::pipe()
+            .atomic()
+            .cmd("HGET")
+            .arg(&self.keys.env)
+            .arg(id)
+            .cmd("HGET")
+            .arg(&self.keys.binding)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let edge_id = binding.map(|b| decode_edge_id(id, &b)).transpose()?;
+        Ok(Some(EnvRecord::decode(id, &record)?.into_env(id, edge_id)))
+    }
+
+    async fn list_environments(&self) -> Result<Vec<Environment>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (records, bindings): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+            .atomic()
+            .cmd("HGETALL")
+            .arg(&self.keys.env)
+            .cmd("HGETALL")
+            .arg(&self.keys.binding)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let mut out = Vec::with_capacity(records.len());
+        for (field, record) in &records {
+            let id = parse_id(&self.keys.env, field)?;
+            let edge_id = bindings
+                .get(field)
+                .map(|b| decode_edge_id(id, b))
+                .transpose()?;
+            out.push(EnvRecord::decode(id, record)?.into_env(id, edge_id));
+        }
+        out.sort_unstable_by_key(|env| env.id);
+        Ok(out)
+    }
+
+    async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        // `created_at_ms` is kept from the stored record. It never changes after creation, so
+        // reading it outside the script cannot race; the script itself only guards against a
+        // concurrent delete.
+        let current: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys.env)
+            .arg(env.id)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let Some(current) = current else {
+            return Ok(false);
+        };
+        let mut record = EnvRecord::from_env(env);
+        record.created_at_ms = EnvRecord::decode(env.id, &current)?.created_at_ms;
+        let replaced: i64 = self
+            .scripts
+            .update
+            .key(&self.keys.env)
+            .arg(env.id)
+            .arg(record.encode()?)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(replaced == 1)
+    }
+
+    async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let (removed, _, _): (i64, i64, i64) = redis::pipe()
+            .atomic()
+            .cmd("HDEL")
+            .arg(&self.keys.env)
+            .arg(id)
+            .cmd("HDEL")
+            .arg(&self.keys.binding)
+            .arg(id)
+            .cmd("HDEL")
+            .arg(&self.keys.heartbeat)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(removed == 1)
+    }
+
+    async fn bind_edge_id(&self, id: EnvId, edge_id: Uuid) -> Result<BindOutcome, StoreError> {
+        let mut conn = self.conn().await?;
+        let reply: Value = self
+            .scripts
+            .bind
+            .key(&self.keys.env)
+            .key(&self.keys.binding)
+            .arg(id)
+            .arg(edge_id.to_string())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        match reply {
+            Value::Int(0) => Ok(BindOutcome::NotFound),
+            Value::Int(1) => Ok(BindOutcome::Bound),
+            Value::BulkString(ref bytes) => {
+                let text = std::str::from_utf8(bytes).map_err(|_| unexpected("bind", &reply))?;
+                let bound = decode_edge_id(id, text)?;
+                Ok(if bound == edge_id {
+                    BindOutcome::AlreadyBound
+                } else {
+                    BindOutcome::BoundToOther(bound)
+                })
+            }
+            other => Err(unexpected("bind", &other)),
+        }
+    }
+
+    async fn reset_association(
+        &self,
+        id: EnvId,
+        new_secret: String,
+    ) -> Result<Option<Environment>, StoreError> {
+        let mut conn = self.conn().await?;
+        // Read, modify, compare-and-set: Lua has no exact JSON for u64s, so the record is
+        // rewritten here and the script only checks nobody rewrote it in between.
+        for _ in 0..RESET_RETRIES {
+            let current: Option<String> = redis::cmd("HGET")
+                .arg(&self.keys.env)
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            let Some(current) = current else {
+                return Ok(None);
+            };
+            let mut record = EnvRecord::decode(id, &current)?;
+            record.join_secret.clone_from(&new_secret);
+            let outcome: i64 = self
+                .scripts
+                .reset
+                .key(&self.keys.env)
+                .key(&self.keys.binding)
+                .arg(id)
+                .arg(&current)
+                .arg(record.encode()?)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            match outcome {
+                1 => return Ok(Some(record.into_env(id, None))),
+                0 => return Ok(None),
+                _ => tracing::debug!(env_id = id, "environment changed during reset, retrying"),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "environment {id} kept changing during reset, gave up after {RESET_RETRIES} attempts"
+        )))
+    }
+
+    async fn record_heartbeats(&self, beats: &[(EnvId, u64)]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        for chunk in beats.chunks(HEARTBEAT_CHUNK) {
+            let mut call = self.scripts.heartbeats.prepare_invoke();
+            call.key(&self.keys.env).key(&self.keys.heartbeat);
+            for (id, at) in chunk {
+                call.arg(id).arg(at);
+            }
+            call.invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok(())
+    }
+
+    async fn heartbeats(&self, ids: &[EnvId]) -> Result<Vec<Option<u64>>, StoreError> {
+        if ids.is_empty() {
+            // HMGET needs at least one field.
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let values: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&self.keys.heartbeat)
+            .arg(ids)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if values.len() != ids.len() {
+            return Err(StoreError::Corrupt(format!(
+                "HMGET returned {} values for {} fields",
+                values.len(),
+                ids.len()
+            )));
+        }
+        ids.iter()
+            .zip(values)
+            .map(|(id, v)| {
+                v.map(|v| {
+                    v.parse().map_err(|_| {
+                        StoreError::Corrupt(format!("heartbeat of environment {id}: {v:?}"))
+                    })
+                })
+                .transpose()
+            })
+            .collect()
+    }
+
+    async fn create_named(&self, coll: Collection, name: &str) -> Result<Named, StoreError> {
+        let (ids, names, seq) = self.keys.named(coll);
+        let mut conn = self.conn().await?;
+        let id: u64 = self
+            .scripts
+            .create_named
+            .key(ids)
+            .key(names)
+            .key(seq)
+            .arg(name)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if id == 0 {
+            return Err(StoreError::Conflict(format!(
+                "a {} named {name:?} already exists",
+                coll_name(coll)
+            )));
+        }
+        Ok(Named {
+            id,
+            name: name.to_owned(),
+        })
+    }
+
+    async fn list_named(&self, coll: Collection) -> Result<Vec<Named>, StoreError> {
+        let (ids, _, _) = self.keys.named(coll);
+        let mut conn = self.conn().await?;
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(ids)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let mut out = all
+            .into_iter()
+            .map(|(id, name)| {
+                Ok(Named {
+                    id: parse_id(ids, &id)?,
+                    name,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_unstable_by_key(|n| n.id);
+        Ok(out)
+    }
+
+    async fn rename_named(
+        &self,
+        coll: Collection,
+        id: u64,
+        name: &str,
+    ) -> Result<Option<Named>, StoreError> {
+        let (ids, names, _) = self.keys.named(coll);
+        let mut conn = self.conn().await?;
+        let outcome: i64 = self
+            .scripts
+            .rename_named
+            .key(ids)
+            .key(names)
+            .arg(id)
+            .arg(name)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        match outcome {
+            1 => Ok(Some(Named {
+                id,
+                name: name.to_owned(),
+            })),
+            0 => Ok(None),
+            _ => Err(StoreError::Conflict(format!(
+                "a {} named {name:?} already exists",
+                coll_name(coll)
+            ))),
+        }
+    }
+
+    async fn delete_named(&self, coll: Collection, id: u64) -> Result<bool, StoreError> {
+        let (ids, names, _) = self.keys.named(coll);
+        let mut conn = self.conn().await?;
+        let deleted: i64 = self
+            .scripts
+            .delete_named
+            .key(ids)
+            .key(names)
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(deleted == 1)
+    }
+
+    async fn settings(&self) -> Result<Settings, StoreError> {
+        let mut conn = self.conn().await?;
+        let json: Option<String> = redis::cmd("GET")
+            .arg(&self.keys.settings)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        match json {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("settings: {e}"))),
+            None => Ok(Settings::default()),
+        }
+    }
+
+    async fn put_settings(&self, settings: &Settings) -> Result<(), StoreError> {
+        let json = serde_json::to_string(settings)
+            .map_err(|e| StoreError::Corrupt(format!("settings: {e}")))?;
+        let mut conn = self.conn().await?;
+        redis::cmd("SET")
+            .arg(&self.keys.settings)
+            .arg(json)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn admin_key_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        let mut conn = self.conn().await?;
+        let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+            .arg(&self.keys.admin_keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let mut out = members
+            .into_iter()
+            .map(|m| {
+                <[u8; 32]>::try_from(m.as_slice()).map_err(|_| {
+                    StoreError::Corrupt(format!("admin key hash of {} bytes", m.len()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Sets are unordered; sort so both backends answer alike.
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn add_admin_key_hash(&self, hash: [u8; 32]) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("SADD")
+            .arg(&self.keys.admin_keys)
+            .arg(hash.as_slice())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn publish(&self, change: Change) -> Result<(), StoreError> {
+        let json = serde_json::to_string(&change)
+            .map_err(|e| StoreError::Corrupt(format!("change: {e}")))?;
+        let mut conn = self.conn().await?;
+        // Not delivered locally: our own subscription brings it back, exactly once.
+        redis::cmd("PUBLISH")
+            .arg(&self.keys.changes)
+            .arg(json)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+}
+
+fn coll_name(coll: Collection) -> &'static str {
+    match coll {
+        Collection::Groups => "group",
+        Collection::Tags => "tag",
+    }
+}

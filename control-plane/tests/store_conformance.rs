@@ -1,0 +1,1106 @@
+//! One conformance suite for every `Store` backend.
+//!
+//! Each check is a generic async function over a [`Backend`] (which opens `Arc<dyn Store>`s on
+//! the same data); the `conformance!` macro instantiates every check once per backend:
+//! `on_embedded::<check>` on a temp dir and `on_redis::<check>` on a fresh `redis-server` per test.
+//! A few backend-specific checks (reopen, key names, reconnect, error mapping) follow.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use control_plane::store::embedded::EmbeddedStore;
+use control_plane::store::redis::RedisStore;
+use control_plane::store::{
+    BindOutcome, Change, Collection, EdgeMode, Environment, NewEnvironment, Settings, Store,
+    StoreError,
+};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use support::RedisServer;
+
+/// Upper bound for anything we wait on (a change to arrive, a reconnect); never a sleep.
+const WAIT: Duration = Duration::from_secs(10);
+const PREFIX: &str = "edgeplane:";
+
+#[async_trait]
+trait Backend: Send + Sync {
+    /// The name `Store::backend` must report.
+    fn name(&self) -> &'static str;
+    /// Opens a store on this backend's data; every call sees the same data.
+    async fn open(&self) -> Arc<dyn Store>;
+    /// Whether several stores may be open on the same data at once (replicas).
+    fn has_replicas(&self) -> bool;
+}
+
+struct Embedded {
+    dir: tempfile::TempDir,
+}
+
+impl Embedded {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Embedded {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(EmbeddedStore::open(self.dir.path()).expect("open embedded store"))
+    }
+    fn has_replicas(&self) -> bool {
+        false
+    }
+}
+
+struct Redis {
+    server: RedisServer,
+}
+
+impl Redis {
+    fn new() -> Self {
+        Self {
+            server: RedisServer::start(),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Redis {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(
+            RedisStore::connect(&self.server.url(), PREFIX)
+                .await
+                .expect("connect redis store"),
+        )
+    }
+    fn has_replicas(&self) -> bool {
+        true
+    }
+}
+
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod on_embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    super::$check(&super::Embedded::new()).await;
+                }
+            )*
+        }
+        mod on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    super::$check(&super::Redis::new()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    reports_backend_name,
+    ping_succeeds,
+    create_assigns_increasing_ids_in_order,
+    get_and_list_environments,
+    update_replaces_fields_but_not_identity,
+    update_never_clobbers_a_concurrent_bind,
+    delete_removes_binding_and_heartbeat,
+    bind_outcomes,
+    preassigned_edge_id_at_creation,
+    concurrent_binds_have_exactly_one_winner,
+    reset_association_clears_binding_and_changes_secret,
+    heartbeats_keep_the_max_and_drop_unknown_environments,
+    named_collections,
+    settings_default_then_put,
+    admin_key_hashes_are_idempotent,
+    publish_reaches_every_subscriber_exactly_once,
+    data_survives_reopen,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn new_env(name: &str) -> NewEnvironment {
+    NewEnvironment {
+        name: name.to_owned(),
+        mode: EdgeMode::Standard,
+        checkin_interval: None,
+        ping_interval: Some(30),
+        snapshot_interval: None,
+        command_interval: None,
+        group_id: Some(7),
+        tag_ids: vec![1, 2],
+        env_vars: vec!["HTTP_PROXY".to_owned()],
+        allow_self_signed: false,
+        join_secret: format!("secret-{name}"),
+        edge_id: None,
+        // Above 2^53 on purpose: a backend that goes through doubles would round it.
+        created_at_ms: 1_700_000_000_000 + (1 << 53),
+    }
+}
+
+async fn create_one(store: &dyn Store, name: &str) -> Environment {
+    let mut created = store
+        .create_environments(vec![new_env(name)])
+        .await
+        .expect("create");
+    assert_eq!(created.len(), 1);
+    created.remove(0)
+}
+
+async fn next_change(rx: &mut broadcast::Receiver<Change>) -> Change {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("timed out waiting for a change")
+        .expect("change channel failed")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic checks
+
+async fn reports_backend_name(b: &dyn Backend) {
+    let store = b.open().await;
+    assert_eq!(store.backend(), b.name());
+}
+
+async fn ping_succeeds(b: &dyn Backend) {
+    let store = b.open().await;
+    store.ping().await.expect("ping");
+}
+
+async fn create_assigns_increasing_ids_in_order(b: &dyn Backend) {
+    let store = b.open().await;
+    assert!(store
+        .create_environments(Vec::new())
+        .await
+        .expect("empty batch")
+        .is_empty());
+
+    let batch: Vec<_> = (0..5).map(|i| new_env(&format!("env-{i}"))).collect();
+    let created = store
+        .create_environments(batch.clone())
+        .await
+        .expect("create");
+    assert_eq!(created.len(), 5);
+    for (i, (env, new)) in created.iter().zip(batch).enumerate() {
+        assert_eq!(
+            *env,
+            new.into_environment(env.id),
+            "record {i} is the input plus its id"
+        );
+        if i > 0 {
+            assert!(
+                env.id > created[i - 1].id,
+                "ids increase in input order: {created:?}"
+            );
+        }
+    }
+
+    let second = store
+        .create_environments(vec![new_env("a"), new_env("b")])
+        .await
+        .expect("create");
+    let max_first = created.iter().map(|e| e.id).max().expect("non-empty");
+    assert!(second[0].id > max_first, "a later batch gets later ids");
+    assert!(second[1].id > second[0].id);
+
+    // Ids are never reused, even after a delete.
+    assert!(store
+        .delete_environment(second[1].id)
+        .await
+        .expect("delete"));
+    let third = create_one(&*store, "c").await;
+    assert!(third.id > second[1].id);
+}
+
+async fn get_and_list_environments(b: &dyn Backend) {
+    let store = b.open().await;
+    assert!(store.list_environments().await.expect("list").is_empty());
+    assert_eq!(store.get_environment(1).await.expect("get"), None);
+
+    // More than 10, so that ids ordered as text ("10" < "2") would show.
+    let created = store
+        .create_environments((0..12).map(|i| new_env(&format!("env-{i}"))).collect())
+        .await
+        .expect("create");
+    for env in &created {
+        assert_eq!(
+            store.get_environment(env.id).await.expect("get").as_ref(),
+            Some(env)
+        );
+    }
+    assert_eq!(store.list_environments().await.expect("list"), created);
+    let max = created.iter().map(|e| e.id).max().expect("non-empty");
+    assert_eq!(store.get_environment(max + 1).await.expect("get"), None);
+}
+
+async fn update_replaces_fields_but_not_identity(b: &dyn Backend) {
+    let store = b.open().await;
+    let env = create_one(&*store, "before").await;
+    let other = create_one(&*store, "other").await;
+    let edge = Uuid::new_v4();
+    assert_eq!(
+        store.bind_edge_id(env.id, edge).await.expect("bind"),
+        BindOutcome::Bound
+    );
+
+    let mut changed = env.clone();
+    changed.name = "after".to_owned();
+    changed.mode = EdgeMode::Async;
+    changed.checkin_interval = Some(9);
+    changed.ping_interval = None;
+    changed.snapshot_interval = Some(120);
+    changed.command_interval = Some(15);
+    changed.group_id = None;
+    changed.tag_ids = vec![3];
+    changed.env_vars = vec![];
+    changed.allow_self_signed = true;
+    changed.join_secret = "rotated".to_owned();
+    // These three are not the caller's to change.
+    changed.edge_id = Some(Uuid::new_v4());
+    changed.created_at_ms = 1;
+    assert!(store.update_environment(&changed).await.expect("update"));
+
+    let stored = store
+        .get_environment(env.id)
+        .await
+        .expect("get")
+        .expect("present");
+    let expected = Environment {
+        edge_id: Some(edge),
+        created_at_ms: env.created_at_ms,
+        ..changed.clone()
+    };
+    assert_eq!(stored, expected);
+    assert_eq!(
+        store.get_environment(other.id).await.expect("get"),
+        Some(other),
+        "other records untouched"
+    );
+
+    // Absent: false, and nothing is created.
+    let mut ghost = changed;
+    ghost.id = 10_000;
+    assert!(!store.update_environment(&ghost).await.expect("update"));
+    assert_eq!(store.get_environment(10_000).await.expect("get"), None);
+}
+
+async fn update_never_clobbers_a_concurrent_bind(b: &dyn Backend) {
+    let store = b.open().await;
+    let env = create_one(&*store, "racy").await;
+    // A stale copy, read before the bind: it says "unbound".
+    let stale = env.clone();
+    let edge = Uuid::new_v4();
+
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = Arc::clone(&store);
+        let mut stale = stale.clone();
+        tasks.push(tokio::spawn(async move {
+            stale.name = format!("renamed-{i}");
+            assert!(store.update_environment(&stale).await.expect("update"));
+        }));
+    }
+    let binder = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.bind_edge_id(env.id, edge).await.expect("bind") })
+    };
+    for t in tasks {
+        t.await.expect("update task");
+    }
+    assert_eq!(binder.await.expect("bind task"), BindOutcome::Bound);
+    let stored = store
+        .get_environment(env.id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.edge_id, Some(edge));
+    assert!(stored.name.starts_with("renamed-"));
+}
+
+async fn delete_removes_binding_and_heartbeat(b: &dyn Backend) {
+    let store = b.open().await;
+    let env = create_one(&*store, "doomed").await;
+    let keep = create_one(&*store, "kept").await;
+    let edge = Uuid::new_v4();
+    assert_eq!(
+        store.bind_edge_id(env.id, edge).await.expect("bind"),
+        BindOutcome::Bound
+    );
+    assert_eq!(
+        store
+            .bind_edge_id(keep.id, Uuid::new_v4())
+            .await
+            .expect("bind"),
+        BindOutcome::Bound
+    );
+    store
+        .record_heartbeats(&[(env.id, 1_000), (keep.id, 2_000)])
+        .await
+        .expect("heartbeats");
+
+    assert!(store.delete_environment(env.id).await.expect("delete"));
+    assert_eq!(store.get_environment(env.id).await.expect("get"), None);
+    assert_eq!(
+        store.heartbeats(&[env.id, keep.id]).await.expect("hb"),
+        vec![None, Some(2_000)]
+    );
+    assert!(!store
+        .delete_environment(env.id)
+        .await
+        .expect("delete again"));
+
+    // The binding is gone with it: binding the deleted id finds nothing...
+    assert_eq!(
+        store.bind_edge_id(env.id, edge).await.expect("bind"),
+        BindOutcome::NotFound
+    );
+    // ...and heartbeats for it are dropped from now on.
+    store
+        .record_heartbeats(&[(env.id, 5_000)])
+        .await
+        .expect("heartbeats");
+    assert_eq!(store.heartbeats(&[env.id]).await.expect("hb"), vec![None]);
+
+    let listed = store.list_environments().await.expect("list");
+    assert_eq!(
+        listed.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![keep.id]
+    );
+    assert!(
+        listed[0].edge_id.is_some(),
+        "the other binding is untouched"
+    );
+}
+
+async fn bind_outcomes(b: &dyn Backend) {
+    let store = b.open().await;
+    let env = create_one(&*store, "bindable").await;
+    let first = Uuid::new_v4();
+    let second = Uuid::new_v4();
+
+    assert_eq!(
+        store.bind_edge_id(env.id, first).await.expect("bind"),
+        BindOutcome::Bound
+    );
+    assert_eq!(
+        store.bind_edge_id(env.id, first).await.expect("bind"),
+        BindOutcome::AlreadyBound
+    );
+    assert_eq!(
+        store.bind_edge_id(env.id, second).await.expect("bind"),
+        BindOutcome::BoundToOther(first)
+    );
+    let stored = store
+        .get_environment(env.id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(
+        stored.edge_id,
+        Some(first),
+        "a refused bind changes nothing"
+    );
+    assert_eq!(
+        stored,
+        Environment {
+            edge_id: Some(first),
+            ..env.clone()
+        }
+    );
+
+    assert_eq!(
+        store
+            .bind_edge_id(env.id + 1_000, first)
+            .await
+            .expect("bind"),
+        BindOutcome::NotFound
+    );
+    assert_eq!(
+        store.get_environment(env.id + 1_000).await.expect("get"),
+        None,
+        "no record appears"
+    );
+}
+
+async fn preassigned_edge_id_at_creation(b: &dyn Backend) {
+    let store = b.open().await;
+    let edge = Uuid::new_v4();
+    let mut pre = new_env("preassigned");
+    pre.edge_id = Some(edge);
+    let created = store
+        .create_environments(vec![new_env("plain"), pre])
+        .await
+        .expect("create");
+    assert_eq!(created[0].edge_id, None);
+    assert_eq!(created[1].edge_id, Some(edge));
+
+    let stored = store
+        .get_environment(created[1].id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.edge_id, Some(edge));
+    assert_eq!(store.list_environments().await.expect("list"), created);
+    assert_eq!(
+        store.bind_edge_id(created[1].id, edge).await.expect("bind"),
+        BindOutcome::AlreadyBound
+    );
+    assert_eq!(
+        store
+            .bind_edge_id(created[1].id, Uuid::new_v4())
+            .await
+            .expect("bind"),
+        BindOutcome::BoundToOther(edge)
+    );
+}
+
+async fn concurrent_binds_have_exactly_one_winner(b: &dyn Backend) {
+    // Where the backend has replicas, the contenders are spread over two of them.
+    let stores: Vec<Arc<dyn Store>> = if b.has_replicas() {
+        vec![b.open().await, b.open().await]
+    } else {
+        vec![b.open().await]
+    };
+    let envs = stores[0]
+        .create_environments(vec![new_env("contested"), new_env("same-id")])
+        .await
+        .expect("create");
+
+    // Many different IDs race for one environment.
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let store = Arc::clone(&stores[i % stores.len()]);
+        let id = envs[0].id;
+        tasks.push(tokio::spawn(async move {
+            let edge = Uuid::new_v4();
+            (edge, store.bind_edge_id(id, edge).await.expect("bind"))
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("bind task"));
+    }
+    let winners: Vec<Uuid> = results
+        .iter()
+        .filter(|(_, o)| *o == BindOutcome::Bound)
+        .map(|(e, _)| *e)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one winner: {results:?}");
+    let winner = winners[0];
+    for (edge, outcome) in &results {
+        if *edge != winner {
+            assert_eq!(*outcome, BindOutcome::BoundToOther(winner));
+        }
+    }
+    let stored = stores[0]
+        .get_environment(envs[0].id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.edge_id, Some(winner));
+
+    // The same ID from many places at once (an agent retrying): one Bound, the rest AlreadyBound.
+    let edge = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = Arc::clone(&stores[i % stores.len()]);
+        let id = envs[1].id;
+        tasks.push(tokio::spawn(async move {
+            store.bind_edge_id(id, edge).await.expect("bind")
+        }));
+    }
+    let mut bound = 0;
+    for t in tasks {
+        match t.await.expect("bind task") {
+            BindOutcome::Bound => bound += 1,
+            BindOutcome::AlreadyBound => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(bound, 1);
+}
+
+async fn reset_association_clears_binding_and_changes_secret(b: &dyn Backend) {
+    let store = b.open().await;
+    let env = create_one(&*store, "reset-me").await;
+    let old_edge = Uuid::new_v4();
+    assert_eq!(
+        store.bind_edge_id(env.id, old_edge).await.expect("bind"),
+        BindOutcome::Bound
+    );
+
+    let reset = store
+        .reset_association(env.id, "new-secret".to_owned())
+        .await
+        .expect("reset")
+        .expect("present");
+    let expected = Environment {
+        edge_id: None,
+        join_secret: "new-secret".to_owned(),
+        ..env.clone()
+    };
+    assert_eq!(reset, expected);
+    assert_eq!(
+        store.get_environment(env.id).await.expect("get"),
+        Some(expected)
+    );
+
+    // Free again: a new agent can bind.
+    let new_edge = Uuid::new_v4();
+    assert_eq!(
+        store.bind_edge_id(env.id, new_edge).await.expect("bind"),
+        BindOutcome::Bound
+    );
+    // Resetting an unbound environment only changes the secret.
+    let again = store
+        .reset_association(env.id, "newer".to_owned())
+        .await
+        .expect("reset")
+        .expect("present");
+    assert_eq!(again.edge_id, None);
+    assert_eq!(again.join_secret, "newer");
+
+    assert_eq!(
+        store
+            .reset_association(env.id + 1_000, "x".to_owned())
+            .await
+            .expect("reset"),
+        None
+    );
+    assert_eq!(
+        store.get_environment(env.id + 1_000).await.expect("get"),
+        None
+    );
+}
+
+async fn heartbeats_keep_the_max_and_drop_unknown_environments(b: &dyn Backend) {
+    let store = b.open().await;
+    let created = store
+        .create_environments(vec![
+            new_env("a"),
+            new_env("b"),
+            new_env("c"),
+            new_env("silent"),
+        ])
+        .await
+        .expect("create");
+    let (a, bb, c, silent) = (created[0].id, created[1].id, created[2].id, created[3].id);
+    let unknown = silent + 1_000;
+
+    store.record_heartbeats(&[]).await.expect("empty batch");
+    assert!(store.heartbeats(&[]).await.expect("no ids").is_empty());
+
+    store
+        .record_heartbeats(&[(a, 100), (bb, 200), (unknown, 300), (c, 9)])
+        .await
+        .expect("heartbeats");
+    assert_eq!(
+        store
+            .heartbeats(&[a, bb, unknown, silent, c])
+            .await
+            .expect("hb"),
+        vec![Some(100), Some(200), None, None, Some(9)]
+    );
+
+    // Within one batch and across batches the largest time wins, whatever the order.
+    store
+        .record_heartbeats(&[(a, 50), (bb, 250), (a, 150), (a, 120), (c, 10)])
+        .await
+        .expect("heartbeats");
+    // Results follow the order of the ids asked, duplicates included.
+    assert_eq!(
+        store.heartbeats(&[bb, a, bb, c]).await.expect("hb"),
+        vec![Some(250), Some(150), Some(250), Some(10)]
+    );
+
+    // The whole u64 range compares exactly: these differ by less than a double can tell.
+    store
+        .record_heartbeats(&[(a, u64::MAX - 2)])
+        .await
+        .expect("heartbeats");
+    store
+        .record_heartbeats(&[(a, u64::MAX - 3), (a, u64::MAX - 1)])
+        .await
+        .expect("heartbeats");
+    assert_eq!(
+        store.heartbeats(&[a]).await.expect("hb"),
+        vec![Some(u64::MAX - 1)]
+    );
+    store
+        .record_heartbeats(&[(a, u64::MAX - 2)])
+        .await
+        .expect("heartbeats");
+    assert_eq!(
+        store.heartbeats(&[a]).await.expect("hb"),
+        vec![Some(u64::MAX - 1)]
+    );
+    assert_eq!(store.heartbeats(&[unknown]).await.expect("hb"), vec![None]);
+}
+
+async fn named_collections(b: &dyn Backend) {
+    let store = b.open().await;
+    for coll in [Collection::Groups, Collection::Tags] {
+        assert!(store.list_named(coll).await.expect("list").is_empty());
+        let prod = store.create_named(coll, "prod").await.expect("create");
+        let staging = store.create_named(coll, "staging").await.expect("create");
+        assert_eq!(prod.name, "prod");
+        assert!(staging.id > prod.id);
+
+        let dup = store.create_named(coll, "prod").await;
+        assert!(
+            matches!(dup, Err(StoreError::Conflict(_))),
+            "{coll:?}: {dup:?}"
+        );
+        assert_eq!(
+            store.list_named(coll).await.expect("list"),
+            vec![prod.clone(), staging.clone()]
+        );
+
+        let renamed = store
+            .rename_named(coll, staging.id, "stage")
+            .await
+            .expect("rename")
+            .expect("present");
+        assert_eq!(renamed.id, staging.id);
+        assert_eq!(renamed.name, "stage");
+        let clash = store.rename_named(coll, staging.id, "prod").await;
+        assert!(
+            matches!(clash, Err(StoreError::Conflict(_))),
+            "{coll:?}: {clash:?}"
+        );
+        // Renaming to its own name is fine.
+        assert_eq!(
+            store
+                .rename_named(coll, prod.id, "prod")
+                .await
+                .expect("rename"),
+            Some(prod.clone())
+        );
+        assert_eq!(
+            store
+                .rename_named(coll, 9_999, "ghost")
+                .await
+                .expect("rename"),
+            None
+        );
+        // The old name is free again after the rename.
+        let staging2 = store
+            .create_named(coll, "staging")
+            .await
+            .expect("reuse freed name");
+
+        assert_eq!(
+            store.list_named(coll).await.expect("list"),
+            vec![prod.clone(), renamed.clone(), staging2.clone()]
+        );
+
+        assert!(store.delete_named(coll, prod.id).await.expect("delete"));
+        assert!(!store
+            .delete_named(coll, prod.id)
+            .await
+            .expect("delete again"));
+        assert_eq!(
+            store.list_named(coll).await.expect("list"),
+            vec![renamed.clone(), staging2.clone()]
+        );
+        // A deleted name can be taken again, under a new id.
+        let prod2 = store.create_named(coll, "prod").await.expect("recreate");
+        assert!(prod2.id > staging2.id, "ids are not reused");
+    }
+    // Groups and tags are separate namespaces: both now have "prod" and "stage".
+    let groups: HashSet<String> = store
+        .list_named(Collection::Groups)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert!(groups.contains("prod") && groups.contains("stage"));
+}
+
+async fn settings_default_then_put(b: &dyn Backend) {
+    let store = b.open().await;
+    assert_eq!(
+        store.settings().await.expect("settings"),
+        Settings::default()
+    );
+    let custom = Settings {
+        checkin_interval: 2,
+        ping_interval: 30,
+        snapshot_interval: 300,
+        command_interval: 10,
+    };
+    store.put_settings(&custom).await.expect("put");
+    assert_eq!(store.settings().await.expect("settings"), custom);
+    let again = Settings {
+        checkin_interval: 3,
+        ..custom
+    };
+    store.put_settings(&again).await.expect("put");
+    assert_eq!(store.settings().await.expect("settings"), again);
+}
+
+async fn admin_key_hashes_are_idempotent(b: &dyn Backend) {
+    let store = b.open().await;
+    assert!(store.admin_key_hashes().await.expect("hashes").is_empty());
+    let h1 = [0xAB; 32];
+    let mut h2 = [0u8; 32];
+    // Bytes that are not valid UTF-8 and include a zero, to catch text-only storage.
+    h2[0] = 0xFF;
+    h2[31] = 0x01;
+    store.add_admin_key_hash(h1).await.expect("add");
+    store.add_admin_key_hash(h2).await.expect("add");
+    store.add_admin_key_hash(h1).await.expect("add again");
+    let mut got = store.admin_key_hashes().await.expect("hashes");
+    got.sort_unstable();
+    let mut want = vec![h1, h2];
+    want.sort_unstable();
+    assert_eq!(got, want);
+}
+
+async fn publish_reaches_every_subscriber_exactly_once(b: &dyn Backend) {
+    let first = b.open().await;
+    // On a backend with replicas, a second store on the same data stands for another replica.
+    let second = if b.has_replicas() {
+        Some(b.open().await)
+    } else {
+        None
+    };
+    let mut stores = vec![Arc::clone(&first)];
+    stores.extend(second.clone());
+
+    let mut subs: Vec<_> = stores.iter().map(|s| s.subscribe()).collect();
+    // Two subscribers on one store both get everything.
+    subs.push(first.subscribe());
+
+    // Each publisher sends a change and then a sentinel: receiving exactly [change, sentinel]
+    // proves the change came once (a duplicate would arrive before the sentinel), without
+    // waiting for "nothing more" with a sleep.
+    for (i, publisher) in stores.iter().enumerate() {
+        let change = Change::Environment(100 + i as u64);
+        let sentinel = Change::EnvironmentDeleted(200 + i as u64);
+        publisher.publish(change.clone()).await.expect("publish");
+        publisher.publish(sentinel.clone()).await.expect("publish");
+        for (n, rx) in subs.iter_mut().enumerate() {
+            assert_eq!(
+                next_change(rx).await,
+                change,
+                "subscriber {n}, publisher {i}"
+            );
+            assert_eq!(
+                next_change(rx).await,
+                sentinel,
+                "subscriber {n}, publisher {i}"
+            );
+        }
+    }
+
+    // Every variant survives the trip.
+    for change in [Change::Settings, Change::AdminKeys] {
+        first.publish(change.clone()).await.expect("publish");
+        for rx in &mut subs {
+            assert_eq!(next_change(rx).await, change);
+        }
+    }
+
+    // A subscription only sees what is published after it was made.
+    let mut late = first.subscribe();
+    let last = Change::Environment(999);
+    stores[stores.len() - 1]
+        .publish(last.clone())
+        .await
+        .expect("publish");
+    assert_eq!(next_change(&mut late).await, last);
+    for rx in &mut subs {
+        assert_eq!(next_change(rx).await, last);
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
+    }
+}
+
+async fn data_survives_reopen(b: &dyn Backend) {
+    let store = b.open().await;
+    let created = store
+        .create_environments(vec![new_env("persist-1"), new_env("persist-2")])
+        .await
+        .expect("create");
+    let edge = Uuid::new_v4();
+    assert_eq!(
+        store.bind_edge_id(created[0].id, edge).await.expect("bind"),
+        BindOutcome::Bound
+    );
+    store
+        .record_heartbeats(&[(created[1].id, 42)])
+        .await
+        .expect("heartbeats");
+    let group = store
+        .create_named(Collection::Groups, "g")
+        .await
+        .expect("group");
+    let tag = store
+        .create_named(Collection::Tags, "t")
+        .await
+        .expect("tag");
+    let settings = Settings {
+        checkin_interval: 11,
+        ..Settings::default()
+    };
+    store.put_settings(&settings).await.expect("settings");
+    store.add_admin_key_hash([7; 32]).await.expect("admin key");
+    let envs = store.list_environments().await.expect("list");
+    drop(store);
+
+    let store = b.open().await;
+    assert_eq!(store.list_environments().await.expect("list"), envs);
+    assert_eq!(envs[0].edge_id, Some(edge));
+    assert_eq!(
+        store
+            .heartbeats(&[created[0].id, created[1].id])
+            .await
+            .expect("hb"),
+        vec![None, Some(42)]
+    );
+    assert_eq!(
+        store.list_named(Collection::Groups).await.expect("groups"),
+        vec![group.clone()]
+    );
+    assert_eq!(
+        store.list_named(Collection::Tags).await.expect("tags"),
+        vec![tag]
+    );
+    assert_eq!(store.settings().await.expect("settings"), settings);
+    assert_eq!(store.admin_key_hashes().await.expect("keys"), vec![[7; 32]]);
+    // Counters survive too: nothing is handed out twice.
+    let next = create_one(&*store, "after-reopen").await;
+    assert!(next.id > created[1].id);
+    let g2 = store
+        .create_named(Collection::Groups, "g2")
+        .await
+        .expect("group");
+    assert!(g2.id > group.id);
+    assert!(matches!(
+        store.create_named(Collection::Groups, "g").await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend-specific checks
+
+#[tokio::test]
+async fn embedded_file_lives_in_the_data_dir_and_is_exclusive() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("nested").join("data");
+    let store = EmbeddedStore::open(&data).expect("open creates the dir");
+    assert!(data.join("edgeplane.redb").is_file());
+    // redb locks the file: a second open while the first is alive fails cleanly, no panic.
+    let second = EmbeddedStore::open(&data);
+    assert!(
+        matches!(second, Err(StoreError::Unavailable(_))),
+        "{second:?}"
+    );
+    drop(store);
+    EmbeddedStore::open(&data).expect("reopen after drop");
+}
+
+/// A raw connection for poking at the server behind the store's back.
+async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_all_carry_the_prefix() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), "ep-test:")
+        .await
+        .expect("connect");
+    let mut pre = new_env("x");
+    pre.edge_id = Some(Uuid::new_v4());
+    let created = store
+        .create_environments(vec![pre, new_env("y")])
+        .await
+        .expect("create");
+    store
+        .record_heartbeats(&[(created[0].id, 1)])
+        .await
+        .expect("hb");
+    store
+        .create_named(Collection::Groups, "g")
+        .await
+        .expect("group");
+    store
+        .create_named(Collection::Tags, "t")
+        .await
+        .expect("tag");
+    store
+        .put_settings(&Settings::default())
+        .await
+        .expect("settings");
+    store.add_admin_key_hash([1; 32]).await.expect("key");
+
+    let mut conn = raw(&server).await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "ep-test:admin_keys",
+            "ep-test:binding",
+            "ep-test:env",
+            "ep-test:groups",
+            "ep-test:groups:names",
+            "ep-test:heartbeat",
+            "ep-test:seq:env",
+            "ep-test:seq:groups",
+            "ep-test:seq:tags",
+            "ep-test:settings",
+            "ep-test:tags",
+            "ep-test:tags:names",
+        ]
+    );
+    // The record itself does not carry the binding: it lives only in the binding hash.
+    let json: String = redis::cmd("HGET")
+        .arg("ep-test:env")
+        .arg(created[0].id)
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert!(!json.contains("edgeId"), "{json}");
+
+    // Another prefix on the same server is another, empty, store.
+    let other = RedisStore::connect(&server.url(), "other:")
+        .await
+        .expect("connect");
+    assert!(other.list_environments().await.expect("list").is_empty());
+    let mut rx = store.subscribe();
+    other.publish(Change::Settings).await.expect("publish");
+    store.publish(Change::AdminKeys).await.expect("publish");
+    assert_eq!(
+        next_change(&mut rx).await,
+        Change::AdminKeys,
+        "other prefixes' changes are not ours"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_resubscribes_after_losing_the_pubsub_connection() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    let mut rx = store.subscribe();
+
+    let mut conn = raw(&server).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1, "the store holds exactly one pub/sub connection");
+
+    // Changes published while the task is reconnecting are lost, so keep publishing until one
+    // arrives (bounded overall) rather than guessing how long the reconnect takes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        store.publish(Change::Settings).await.expect("publish");
+        match tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            Ok(got) => {
+                assert_eq!(got.expect("channel"), Change::Settings);
+                break;
+            }
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "never resubscribed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_errors_are_mapped() {
+    // Nobody listens on a port that was just free.
+    let port = support::free_port();
+    let refused = RedisStore::connect(&format!("redis://127.0.0.1:{port}/"), PREFIX).await;
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{:?}",
+        refused.err()
+    );
+
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    let created = store
+        .create_environments(vec![new_env("bad-record"), new_env("bad-binding")])
+        .await
+        .expect("create");
+    let mut conn = raw(&server).await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{PREFIX}env"))
+        .arg(created[0].id)
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{PREFIX}binding"))
+        .arg(created[1].id)
+        .arg("not-a-uuid")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    for id in [created[0].id, created[1].id] {
+        let corrupt = store.get_environment(id).await;
+        assert!(
+            matches!(corrupt, Err(StoreError::Corrupt(_))),
+            "{corrupt:?}"
+        );
+    }
+    let corrupt = store.list_environments().await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}heartbeat"))
+        .arg("wrong type")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let corrupt = store.heartbeats(&[created[0].id]).await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+
+    // The server going away is "unavailable", not a panic or a hang.
+    drop(server);
+    let gone = store.ping().await;
+    assert!(matches!(gone, Err(StoreError::Unavailable(_))), "{gone:?}");
+}

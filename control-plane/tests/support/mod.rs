@@ -1,0 +1,142 @@
+//! Support shared by the integration tests. Each `tests/*.rs` file includes it with
+//! `mod support;` and uses only part of it, hence the `dead_code` allowances.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a fresh `redis-server` may take to answer PING.
+#[allow(dead_code)]
+const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Fresh ports tried before giving up (another process may grab the port we picked between
+/// probing it and redis-server binding it).
+#[allow(dead_code)]
+const REDIS_START_ATTEMPTS: usize = 5;
+
+/// A throwaway `redis-server` on a free port of 127.0.0.1, without persistence, killed on
+/// drop. One per test keeps tests independent and lets them run in parallel.
+#[allow(dead_code)]
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    // Working dir of the server (and its log); removed on drop, after the process is gone.
+    dir: tempfile::TempDir,
+}
+
+#[allow(dead_code)]
+impl RedisServer {
+    /// Starts the server and returns once it answers PING.
+    ///
+    /// Panics if `redis-server` is not installed or does not come up.
+    pub fn start() -> RedisServer {
+        let mut last_failure = String::new();
+        for _ in 0..REDIS_START_ATTEMPTS {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("create a temp dir for redis-server");
+            let log = dir.path().join("redis.log");
+            let spawned = Command::new("redis-server")
+                .arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--logfile")
+                .arg(&log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "`redis-server` is not installed (not found on PATH); the Redis store tests need \
+                     a real server: run `apt-get install -y redis-server`"
+                ),
+                Err(e) => panic!("cannot spawn redis-server: {e}"),
+            };
+            let mut server = RedisServer { child, port, dir };
+            match server.wait_until_ready() {
+                Ok(()) => return server,
+                // Dropping `server` kills the process; try another port.
+                Err(why) => last_failure = format!("{why}; log:\n{}", server.log()),
+            }
+        }
+        panic!("redis-server did not start after {REDIS_START_ATTEMPTS} attempts: {last_failure}");
+    }
+
+    /// `redis://127.0.0.1:<port>/`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Polls PING with a bounded total time; fails early if the process exits (port taken).
+    fn wait_until_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + REDIS_READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("redis-server exited with {status}"));
+            }
+            if ping(self.port).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no PONG within {REDIS_READY_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago: bind port 0 and let the OS choose.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// One raw RESP PING, so that readiness does not depend on the client library under test.
+#[allow(dead_code)]
+fn ping(port: u16) -> std::io::Result<()> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply)?;
+    if &reply == b"+PONG\r\n" {
+        Ok(())
+    } else {
+        // e.g. "-LOADING" while the server is still starting.
+        Err(std::io::Error::other(format!(
+            "unexpected reply {:?}",
+            String::from_utf8_lossy(&reply)
+        )))
+    }
+}
