@@ -31,7 +31,10 @@ pub enum BootstrapError {
     #[error("admin key file: {0}")]
     File(#[from] tls::TlsError),
     #[error("cannot read admin key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("admin key file {0} is empty")]
     Empty(PathBuf),
 }
@@ -63,7 +66,10 @@ pub async fn admin_key(
     } else {
         let mut bytes = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
-        let key = format!("ep_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+        let key = format!(
+            "ep_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        );
         tls::write_private(&path, format!("{key}\n").as_bytes())?;
         store.add_admin_key_hash(AdminKeys::hash(&key)).await?;
         AdminKeySource::Generated { key, path }
@@ -79,7 +85,11 @@ pub async fn admin_key(
 pub fn default_public_url(api_addr: SocketAddr) -> String {
     let port = api_addr.port();
     let host = hostname()
-        .filter(|h| (h.as_str(), port).to_socket_addrs().is_ok_and(|mut a| a.next().is_some()))
+        .filter(|h| {
+            (h.as_str(), port)
+                .to_socket_addrs()
+                .is_ok_and(|mut a| a.next().is_some())
+        })
         .unwrap_or_else(|| {
             if api_addr.ip().is_unspecified() {
                 "127.0.0.1".to_owned()
@@ -99,5 +109,8 @@ fn hostname() -> Option<String> {
 
 /// Host part of a URL (without brackets for IPv6).
 pub fn url_host(url: &str) -> Option<String> {
-    url::Url::parse(url).ok()?.host_str().map(|h| h.trim_matches(['[', ']']).to_owned())
+    url::Url::parse(url)
+        .ok()?
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_owned())
 }

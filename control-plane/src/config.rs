@@ -31,7 +31,10 @@ pub struct Config {
 pub enum TlsSource {
     /// Generate a self-signed certificate into the data dir on first start, reuse it after.
     SelfSigned,
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
 /// Bounds and timings with sane defaults; every one is a knob, not a constant in the code.

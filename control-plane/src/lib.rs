@@ -30,7 +30,10 @@ use crate::store::{Change, SharedStore};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot create data dir {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Store(#[from] store::StoreError),
     #[error("tls: {0}")]
@@ -83,10 +86,16 @@ pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, R
         .ok_or_else(|| RunError::Config(format!("--public-url {public_url:?} has no host")))?;
     let tunnel_addr = match &config.tunnel_public_addr {
         Some(a) => a.clone(),
-        None if public_host.contains(':') => format!("[{public_host}]:{}", config.tunnel_addr.port()),
+        None if public_host.contains(':') => {
+            format!("[{public_host}]:{}", config.tunnel_addr.port())
+        }
         None => format!("{public_host}:{}", config.tunnel_addr.port()),
     };
-    let tls = tls::load(&config.tls, &config.data_dir, std::slice::from_ref(&public_host))?;
+    let tls = tls::load(
+        &config.tls,
+        &config.data_dir,
+        std::slice::from_ref(&public_host),
+    )?;
     if matches!(config.tls, TlsSource::Files { .. }) {
         tracing::info!("using the given api certificate");
     }
@@ -108,7 +117,11 @@ pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, R
         }
         .encode(),
     )
-    .map_err(|e| RunError::Config(format!("public addresses do not make a valid join token: {e}")))?;
+    .map_err(|e| {
+        RunError::Config(format!(
+            "public addresses do not make a valid join token: {e}"
+        ))
+    })?;
     Ok(Prepared {
         config,
         store,
@@ -206,7 +219,10 @@ impl Prepared {
         let metrics_server = HttpServer::new(move || {
             App::new()
                 .app_data(m_state.clone())
-                .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok\n") }))
+                .route(
+                    "/healthz",
+                    web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+                )
                 .route("/readyz", web::get().to(readyz))
                 .route("/metrics", web::get().to(metrics_all))
                 .route("/metrics/agents", web::get().to(metrics_agents))
@@ -239,7 +255,11 @@ impl Prepared {
     }
 }
 
-async fn watch_admin_keys(store: SharedStore, keys: api::AdminKeys, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn watch_admin_keys(
+    store: SharedStore,
+    keys: api::AdminKeys,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut changes = store.subscribe();
     loop {
         tokio::select! {

@@ -72,7 +72,9 @@ impl Cli {
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             c.tls = TlsSource::Files { cert, key };
         }
-        c.admin_api_key = std::env::var("EDGEPLANE_ADMIN_API_KEY").ok().filter(|k| !k.is_empty());
+        c.admin_api_key = std::env::var("EDGEPLANE_ADMIN_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
         // Portainer's servers read AGENT_SECRET; accept it too so deployments carry over.
         c.agent_secret = self
             .agent_secret
@@ -92,10 +94,16 @@ impl Cli {
 fn banner(p: &Prepared, api: SocketAddr) {
     let url = &p.public.api_url;
     let local = format!("https://127.0.0.1:{}", api.port());
-    let key_file = p.config.data_dir.join(control_plane::bootstrap::ADMIN_KEY_FILE);
+    let key_file = p
+        .config
+        .data_dir
+        .join(control_plane::bootstrap::ADMIN_KEY_FILE);
     let key_expr = match &p.admin_key_source {
         AdminKeySource::Generated { key, path } => {
-            println!("\nadmin API key (shown once, also saved to {}):\n\n    {key}\n", path.display());
+            println!(
+                "\nadmin API key (shown once, also saved to {}):\n\n    {key}\n",
+                path.display()
+            );
             format!("$(cat {})", path.display())
         }
         AdminKeySource::File(path) => format!("$(cat {})", path.display()),
@@ -128,7 +136,9 @@ fn banner(p: &Prepared, api: SocketAddr) {
 
 async fn ready_agent_commands(p: &Prepared) {
     // Once environments exist, show a ready-to-paste agent command for the first few.
-    let Ok(envs) = p.store.list_environments().await else { return };
+    let Ok(envs) = p.store.list_environments().await else {
+        return;
+    };
     for env in envs.iter().filter(|e| e.edge_id.is_none()).take(3) {
         if let Some(token) = p.join_token(env) {
             println!(
@@ -152,7 +162,8 @@ async fn main() -> anyhow::Result<()> {
     let metrics_addr = cli.metrics_addr;
     let config = cli.into_config();
     let listeners = Listeners {
-        api: TcpListener::bind(api_addr).with_context(|| format!("cannot listen on --api-addr {api_addr}"))?,
+        api: TcpListener::bind(api_addr)
+            .with_context(|| format!("cannot listen on --api-addr {api_addr}"))?,
         metrics: TcpListener::bind(metrics_addr)
             .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?,
     };

@@ -6,7 +6,8 @@
 use std::fmt::Write as _;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::fleet::AgentStats;
@@ -32,32 +33,52 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let checkins = must(IntCounterVec::new(
-            Opts::new("edgeplane_checkin_requests_total", "Agent check-ins by result"),
+            Opts::new(
+                "edgeplane_checkin_requests_total",
+                "Agent check-ins by result",
+            ),
             &["result"],
         ));
         let checkin_seconds = must(Histogram::with_opts(
-            HistogramOpts::new("edgeplane_checkin_duration_seconds", "Server time to answer a check-in")
-                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+            HistogramOpts::new(
+                "edgeplane_checkin_duration_seconds",
+                "Server time to answer a check-in",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+            ]),
         ));
-        let actors = must(IntGauge::new("edgeplane_fleet_actors", "Environment actors alive"));
+        let actors = must(IntGauge::new(
+            "edgeplane_fleet_actors",
+            "Environment actors alive",
+        ));
         let actor_starts = must(IntCounter::new(
             "edgeplane_fleet_actor_starts_total",
             "Environment actors started (loaded from the store)",
         ));
         let heartbeat_batch = must(Histogram::with_opts(
-            HistogramOpts::new("edgeplane_store_heartbeat_batch_size", "Heartbeats per write-behind batch")
-                .buckets(vec![1.0, 10.0, 100.0, 1000.0, 5000.0, 20000.0, 100000.0]),
+            HistogramOpts::new(
+                "edgeplane_store_heartbeat_batch_size",
+                "Heartbeats per write-behind batch",
+            )
+            .buckets(vec![1.0, 10.0, 100.0, 1000.0, 5000.0, 20000.0, 100000.0]),
         ));
         let heartbeat_flush_seconds = must(Histogram::with_opts(HistogramOpts::new(
             "edgeplane_store_heartbeat_flush_duration_seconds",
             "Time to write one heartbeat batch",
         )));
         let store_errors = must(IntCounterVec::new(
-            Opts::new("edgeplane_store_errors_total", "Store operations that failed"),
+            Opts::new(
+                "edgeplane_store_errors_total",
+                "Store operations that failed",
+            ),
             &["op"],
         ));
         let admin_requests = must(IntCounterVec::new(
-            Opts::new("edgeplane_api_requests_total", "Admin API requests by status class"),
+            Opts::new(
+                "edgeplane_api_requests_total",
+                "Admin API requests by status class",
+            ),
             &["class"],
         ));
         for c in [
@@ -116,8 +137,16 @@ pub fn render_agents(stats: &AgentStats, shard: u64, shards: u64) -> String {
     rows.sort_unstable_by_key(|(id, _)| *id);
     let mut text = String::with_capacity(64 + rows.len() * 200);
     let families: [(&str, &str, &str); 3] = [
-        ("edgeplane_agent_checkins_total", "counter", "Check-ins answered, per environment"),
-        ("edgeplane_agent_refused_total", "counter", "Check-ins refused, per environment"),
+        (
+            "edgeplane_agent_checkins_total",
+            "counter",
+            "Check-ins answered, per environment",
+        ),
+        (
+            "edgeplane_agent_refused_total",
+            "counter",
+            "Check-ins refused, per environment",
+        ),
         (
             "edgeplane_agent_last_checkin_timestamp_seconds",
             "gauge",

@@ -14,9 +14,15 @@ use crate::config::TlsSource;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} holds no PEM certificate")]
     NoCert { path: PathBuf },
     #[error("{path} holds no PEM private key")]
@@ -36,7 +42,11 @@ pub struct TlsMaterial {
     pub cert_path: PathBuf,
 }
 
-pub fn load(source: &TlsSource, data_dir: &Path, names: &[String]) -> Result<TlsMaterial, TlsError> {
+pub fn load(
+    source: &TlsSource,
+    data_dir: &Path,
+    names: &[String],
+) -> Result<TlsMaterial, TlsError> {
     let (cert_path, key_path) = match source {
         TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
         TlsSource::SelfSigned => {
@@ -80,7 +90,8 @@ fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), T
         }
     }
     // rcgen's default key is ECDSA P-256: small certificates, cheap handshakes.
-    let certified = rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let certified =
+        rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
     write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
     fs::write(cert_path, certified.cert.pem()).map_err(|source| TlsError::Write {
         path: cert_path.to_owned(),
@@ -120,7 +131,9 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
             source,
         })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCert { path: path.to_owned() });
+        return Err(TlsError::NoCert {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -135,5 +148,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
             path: path.to_owned(),
             source,
         })?
-        .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
+        .ok_or_else(|| TlsError::NoKey {
+            path: path.to_owned(),
+        })
 }

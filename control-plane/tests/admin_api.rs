@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The admin REST API against an in-process control plane on the embedded store.
 
 #[path = "support/cp.rs"]
@@ -20,7 +21,12 @@ async fn post(cp: &TestCp, path: &str, body: Value) -> (StatusCode, Value) {
 }
 
 async fn get(cp: &TestCp, path: &str) -> (StatusCode, Value, Option<String>) {
-    let r = http().get(cp.api(path)).header("X-API-Key", ADMIN_KEY).send().await.unwrap();
+    let r = http()
+        .get(cp.api(path))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
     let status = r.status();
     let total = r
         .headers()
@@ -30,7 +36,9 @@ async fn get(cp: &TestCp, path: &str) -> (StatusCode, Value, Option<String>) {
 }
 
 fn message(v: &Value) -> &str {
-    v["message"].as_str().unwrap_or_else(|| panic!("no message in {v}"))
+    v["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {v}"))
 }
 
 #[actix_web::test]
@@ -47,7 +55,13 @@ async fn every_admin_route_requires_the_key() {
                 req = req.header("X-API-Key", k);
             }
             let r = req.send().await.unwrap();
-            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{} {} with key {key:?}", route.method, route.path);
+            assert_eq!(
+                r.status(),
+                StatusCode::UNAUTHORIZED,
+                "{} {} with key {key:?}",
+                route.method,
+                route.path
+            );
             let body: Value = r.json().await.unwrap();
             assert!(message(&body).contains("API key") || message(&body).contains("X-API-Key"));
         }
@@ -58,7 +72,12 @@ async fn every_admin_route_requires_the_key() {
     // The OpenAPI document lists exactly the route table.
     let (status, doc, _) = get(&cp, "/api/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
-    let n: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
+    let n: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p.as_object().unwrap().len())
+        .sum();
     assert_eq!(n, control_plane::api::ROUTES.len());
     cp.stop().await;
 }
@@ -66,7 +85,12 @@ async fn every_admin_route_requires_the_key() {
 #[actix_web::test]
 async fn create_get_patch_delete() {
     let cp = TestCp::start().await;
-    let (status, env) = post(&cp, "/api/endpoints", json!({"name": "kiosk-1", "checkinInterval": 7})).await;
+    let (status, env) = post(
+        &cp,
+        "/api/endpoints",
+        json!({"name": "kiosk-1", "checkinInterval": 7}),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{env}");
     let id = env["id"].as_u64().unwrap();
     assert_eq!(env["name"], "kiosk-1");
@@ -94,11 +118,19 @@ async fn create_get_patch_delete() {
     assert_eq!(r.status(), StatusCode::OK);
     let patched: Value = r.json().await.unwrap();
     assert_eq!(patched["name"], "kiosk-one");
-    assert_eq!(patched["checkinInterval"], 5, "null falls back to the default");
+    assert_eq!(
+        patched["checkinInterval"], 5,
+        "null falls back to the default"
+    );
 
     // A pre-assigned Edge ID is bound from the start.
     let edge = uuid::Uuid::new_v4();
-    let (status, pre) = post(&cp, "/api/endpoints", json!({"name": "pre", "edgeId": edge})).await;
+    let (status, pre) = post(
+        &cp,
+        "/api/endpoints",
+        json!({"name": "pre", "edgeId": edge}),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(pre["edgeId"], edge.to_string());
 
@@ -120,46 +152,207 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let cp = TestCp::start().await;
     let client = http();
     let cases: Vec<(&str, &str, Option<&str>, StatusCode, &str)> = vec![
-        ("POST", "/api/endpoints", Some("{not json"), StatusCode::BAD_REQUEST, "invalid JSON"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "bogus": 1}"#), StatusCode::BAD_REQUEST, "bogus"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "  "}"#), StatusCode::BAD_REQUEST, "name"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "checkinInterval": 0}"#), StatusCode::BAD_REQUEST, "checkinInterval"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "groupId": 99}"#), StatusCode::BAD_REQUEST, "groupId 99"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "tagIds": [5]}"#), StatusCode::BAD_REQUEST, "tagId 5"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "edgeId": "not-a-uuid"}"#), StatusCode::BAD_REQUEST, "invalid JSON"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "mode": "turbo"}"#), StatusCode::BAD_REQUEST, "invalid JSON"),
-        ("POST", "/api/endpoints", Some(r#"{"name": "x", "envVars": ["A B"]}"#), StatusCode::BAD_REQUEST, "envVars"),
-        ("POST", "/api/endpoints/bulk", Some("[]"), StatusCode::BAD_REQUEST, "empty"),
-        ("GET", "/api/endpoints/999", None, StatusCode::NOT_FOUND, "999"),
-        ("GET", "/api/endpoints/abc", None, StatusCode::NOT_FOUND, "path"),
-        ("PATCH", "/api/endpoints/999", Some(r#"{"name": "y"}"#), StatusCode::NOT_FOUND, "999"),
-        ("DELETE", "/api/endpoints/999", None, StatusCode::NOT_FOUND, "999"),
-        ("POST", "/api/endpoints/999/association", None, StatusCode::NOT_FOUND, "999"),
-        ("GET", "/api/endpoints?limit=0", None, StatusCode::BAD_REQUEST, "limit"),
-        ("GET", "/api/endpoints?limit=abc", None, StatusCode::BAD_REQUEST, "limit"),
-        ("GET", "/api/endpoints?start=-1", None, StatusCode::BAD_REQUEST, "start"),
-        ("GET", "/api/endpoints?status=sideways", None, StatusCode::BAD_REQUEST, "status"),
-        ("GET", "/api/endpoints?mode=x", None, StatusCode::BAD_REQUEST, "mode"),
-        ("GET", "/api/endpoints?tagIds=1,x", None, StatusCode::BAD_REQUEST, "tagIds"),
-        ("GET", "/api/endpoints?frobnicate=1", None, StatusCode::BAD_REQUEST, "frobnicate"),
-        ("GET", "/api/endpoints/1/install?platform=docker", None, StatusCode::NOT_FOUND, "environment 1"),
-        ("PATCH", "/api/settings", Some(r#"{"checkinInterval": 0}"#), StatusCode::BAD_REQUEST, "checkinInterval"),
-        ("POST", "/api/groups", Some(r#"{"name": ""}"#), StatusCode::BAD_REQUEST, "name"),
+        (
+            "POST",
+            "/api/endpoints",
+            Some("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "bogus": 1}"#),
+            StatusCode::BAD_REQUEST,
+            "bogus",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "  "}"#),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "checkinInterval": 0}"#),
+            StatusCode::BAD_REQUEST,
+            "checkinInterval",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "groupId": 99}"#),
+            StatusCode::BAD_REQUEST,
+            "groupId 99",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "tagIds": [5]}"#),
+            StatusCode::BAD_REQUEST,
+            "tagId 5",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "edgeId": "not-a-uuid"}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "mode": "turbo"}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid JSON",
+        ),
+        (
+            "POST",
+            "/api/endpoints",
+            Some(r#"{"name": "x", "envVars": ["A B"]}"#),
+            StatusCode::BAD_REQUEST,
+            "envVars",
+        ),
+        (
+            "POST",
+            "/api/endpoints/bulk",
+            Some("[]"),
+            StatusCode::BAD_REQUEST,
+            "empty",
+        ),
+        (
+            "GET",
+            "/api/endpoints/999",
+            None,
+            StatusCode::NOT_FOUND,
+            "999",
+        ),
+        (
+            "GET",
+            "/api/endpoints/abc",
+            None,
+            StatusCode::NOT_FOUND,
+            "path",
+        ),
+        (
+            "PATCH",
+            "/api/endpoints/999",
+            Some(r#"{"name": "y"}"#),
+            StatusCode::NOT_FOUND,
+            "999",
+        ),
+        (
+            "DELETE",
+            "/api/endpoints/999",
+            None,
+            StatusCode::NOT_FOUND,
+            "999",
+        ),
+        (
+            "POST",
+            "/api/endpoints/999/association",
+            None,
+            StatusCode::NOT_FOUND,
+            "999",
+        ),
+        (
+            "GET",
+            "/api/endpoints?limit=0",
+            None,
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "GET",
+            "/api/endpoints?limit=abc",
+            None,
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "GET",
+            "/api/endpoints?start=-1",
+            None,
+            StatusCode::BAD_REQUEST,
+            "start",
+        ),
+        (
+            "GET",
+            "/api/endpoints?status=sideways",
+            None,
+            StatusCode::BAD_REQUEST,
+            "status",
+        ),
+        (
+            "GET",
+            "/api/endpoints?mode=x",
+            None,
+            StatusCode::BAD_REQUEST,
+            "mode",
+        ),
+        (
+            "GET",
+            "/api/endpoints?tagIds=1,x",
+            None,
+            StatusCode::BAD_REQUEST,
+            "tagIds",
+        ),
+        (
+            "GET",
+            "/api/endpoints?frobnicate=1",
+            None,
+            StatusCode::BAD_REQUEST,
+            "frobnicate",
+        ),
+        (
+            "GET",
+            "/api/endpoints/1/install?platform=docker",
+            None,
+            StatusCode::NOT_FOUND,
+            "environment 1",
+        ),
+        (
+            "PATCH",
+            "/api/settings",
+            Some(r#"{"checkinInterval": 0}"#),
+            StatusCode::BAD_REQUEST,
+            "checkinInterval",
+        ),
+        (
+            "POST",
+            "/api/groups",
+            Some(r#"{"name": ""}"#),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
     ];
     for (method, path, body, want, needle) in cases {
         let mut req = client
-            .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), cp.api(path))
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                cp.api(path),
+            )
             .header("X-API-Key", ADMIN_KEY);
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_owned());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), want, "{method} {path} {body:?}");
         let v: Value = r.json().await.unwrap();
-        assert!(message(&v).contains(needle), "{method} {path}: message {:?} lacks {needle:?}", message(&v));
+        assert!(
+            message(&v).contains(needle),
+            "{method} {path}: message {:?} lacks {needle:?}",
+            message(&v)
+        );
     }
     // Oversized bulk.
-    let many: Vec<Value> = (0..1001).map(|i| json!({"name": format!("e{i}")})).collect();
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({"name": format!("e{i}")}))
+        .collect();
     let (status, body) = post(&cp, "/api/endpoints/bulk", Value::Array(many)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     // Nothing was created by any of it.
@@ -208,7 +401,11 @@ async fn paging_filters_and_total_count() {
     assert_eq!(total.as_deref(), Some("5"));
     let (_, page, total) = get(&cp, "/api/endpoints?mode=async&limit=100").await;
     assert_eq!(total.as_deref(), Some("10"));
-    assert!(page.as_array().unwrap().iter().all(|e| e["mode"] == "async"));
+    assert!(page
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["mode"] == "async"));
     let (_, _, total) = get(&cp, "/api/endpoints?status=never").await;
     assert_eq!(total.as_deref(), Some("25"));
     let (_, _, total) = get(&cp, "/api/endpoints?status=up,down").await;
@@ -247,12 +444,19 @@ async fn install_commands_carry_the_key_and_options() {
     let id = env["id"].as_u64().unwrap();
     let key = env["edgeKey"].as_str().unwrap();
     for platform in ["docker", "swarm", "kubernetes", "nomad"] {
-        let (status, v, _) = get(&cp, &format!("/api/endpoints/{id}/install?platform={platform}")).await;
+        let (status, v, _) = get(
+            &cp,
+            &format!("/api/endpoints/{id}/install?platform={platform}"),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         let cmd = v["command"].as_str().unwrap();
         assert!(cmd.contains(key), "{platform}: key missing");
         assert!(cmd.contains("EDGE_INSECURE_POLL"), "{platform}");
-        assert!(cmd.contains("AGENT_SECRET") && cmd.contains("s3cret"), "{platform}");
+        assert!(
+            cmd.contains("AGENT_SECRET") && cmd.contains("s3cret"),
+            "{platform}"
+        );
         assert!(cmd.contains("SITE_ID"), "{platform}");
     }
     let r = http()
@@ -265,7 +469,11 @@ async fn install_commands_carry_the_key_and_options() {
     let text = r.text().await.unwrap();
     assert!(text.starts_with("docker run -d"), "{text}");
     assert!(text.contains(&format!("-e EDGE_KEY='{key}'")));
-    let (status, v, _) = get(&cp, &format!("/api/endpoints/{id}/install?platform=windows")).await;
+    let (status, v, _) = get(
+        &cp,
+        &format!("/api/endpoints/{id}/install?platform=windows"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(message(&v).contains("windows"));
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Agent check-ins against an in-process control plane, with the agent crate's own client.
 
 #[path = "support/cp.rs"]
@@ -25,7 +26,10 @@ async fn create(cp: &TestCp, body: Value) -> (u64, JoinToken) {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let v: Value = r.json().await.unwrap();
-    (v["id"].as_u64().unwrap(), JoinToken::parse(v["edgeKey"].as_str().unwrap()).unwrap())
+    (
+        v["id"].as_u64().unwrap(),
+        JoinToken::parse(v["edgeKey"].as_str().unwrap()).unwrap(),
+    )
 }
 
 async fn env(cp: &TestCp, id: u64) -> Value {
@@ -69,10 +73,20 @@ async fn first_checkin_binds_and_another_edge_id_is_refused() {
 
     // Same key, another Edge ID: 403, counted, binding unchanged.
     let mut b = client(&token, Uuid::new_v4(), None);
-    assert_eq!(refusal(b.checkin().await), (403, RefusalCode::EdgeIdMismatch));
-    assert_eq!(refusal(b.checkin().await), (403, RefusalCode::EdgeIdMismatch));
+    assert_eq!(
+        refusal(b.checkin().await),
+        (403, RefusalCode::EdgeIdMismatch)
+    );
+    assert_eq!(
+        refusal(b.checkin().await),
+        (403, RefusalCode::EdgeIdMismatch)
+    );
     assert_eq!(env(&cp, id).await["edgeId"], first.to_string());
-    assert_eq!(cp.metric("edgeplane_checkin_requests_total{result=\"edge_id_mismatch\"}").await, 2.0);
+    assert_eq!(
+        cp.metric("edgeplane_checkin_requests_total{result=\"edge_id_mismatch\"}")
+            .await,
+        2.0
+    );
     let agents = http()
         .get(format!("{}/metrics/agents", cp.metrics_url))
         .send()
@@ -81,7 +95,12 @@ async fn first_checkin_binds_and_another_edge_id_is_refused() {
         .text()
         .await
         .unwrap();
-    assert!(agents.contains(&format!("edgeplane_agent_refused_total{{endpoint=\"{id}\"}} 2")), "{agents}");
+    assert!(
+        agents.contains(&format!(
+            "edgeplane_agent_refused_total{{endpoint=\"{id}\"}} 2"
+        )),
+        "{agents}"
+    );
     // The bound agent keeps working on its kept-alive connection.
     a.checkin().await.unwrap();
     a.checkin().await.unwrap();
@@ -111,14 +130,28 @@ async fn agent_secret_is_enforced() {
     let cp = TestCp::start_with(|c| c.agent_secret = Some("fleet-secret".into())).await;
     let (_, token) = create(&cp, json!({"name": "k"})).await;
     let edge = Uuid::new_v4();
-    assert_eq!(refusal(client(&token, edge, None).checkin().await), (401, RefusalCode::AgentSecretMismatch));
-    assert_eq!(refusal(client(&token, edge, Some("guess")).checkin().await), (401, RefusalCode::BadProof));
-    client(&token, edge, Some("fleet-secret")).checkin().await.unwrap();
+    assert_eq!(
+        refusal(client(&token, edge, None).checkin().await),
+        (401, RefusalCode::AgentSecretMismatch)
+    );
+    assert_eq!(
+        refusal(client(&token, edge, Some("guess")).checkin().await),
+        (401, RefusalCode::BadProof)
+    );
+    client(&token, edge, Some("fleet-secret"))
+        .checkin()
+        .await
+        .unwrap();
     cp.stop().await;
 }
 
 async fn raw(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
-    let r = http().post(cp.api("/edge/checkin")).body(body).send().await.unwrap();
+    let r = http()
+        .post(cp.api("/edge/checkin"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     let s = r.status();
     (s, r.json().await.unwrap_or(Value::Null))
 }
@@ -148,12 +181,24 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
 
     let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
         (vec![], StatusCode::BAD_REQUEST, "bad_request"),
-        (b"GET / HTTP/1.1 garbage garbage".to_vec(), StatusCode::BAD_REQUEST, "bad_request"),
+        (
+            b"GET / HTTP/1.1 garbage garbage".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (vec![0xff; 64], StatusCode::BAD_REQUEST, "bad_request"),
         // A wrong secret: the proof fails.
-        (frame(&token, &JoinSecret::generate(), edge, now_ms()), StatusCode::UNAUTHORIZED, "bad_proof"),
+        (
+            frame(&token, &JoinSecret::generate(), edge, now_ms()),
+            StatusCode::UNAUTHORIZED,
+            "bad_proof",
+        ),
         // Clock far off: refused with the server time.
-        (frame(&token, &token.secret, edge, now_ms() - 3_600_000), StatusCode::UNAUTHORIZED, "clock_skew"),
+        (
+            frame(&token, &token.secret, edge, now_ms() - 3_600_000),
+            StatusCode::UNAUTHORIZED,
+            "clock_skew",
+        ),
     ];
     for (body, status, code) in cases {
         let (s, v) = raw(&cp, body.clone()).await;
@@ -165,13 +210,21 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
         }
     }
     // Oversized body: 413 before decoding.
-    let r = http().post(cp.api("/edge/checkin")).body(vec![1u8; 17 * 1024]).send().await.unwrap();
+    let r = http()
+        .post(cp.api("/edge/checkin"))
+        .body(vec![1u8; 17 * 1024])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     // Unknown environment.
     let mut ghost = token.clone();
     ghost.endpoint_id = 4242;
     let (s, v) = raw(&cp, frame(&ghost, &token.secret, edge, now_ms())).await;
-    assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_environment")));
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("unknown_environment"))
+    );
     // None of that bound anything.
     assert_eq!(env(&cp, id).await["edgeId"], Value::Null);
     assert_eq!(env(&cp, id).await["status"], "never");
@@ -181,7 +234,10 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
     let (s, _) = raw(&cp, good.clone()).await;
     assert_eq!(s, StatusCode::OK);
     let (s, v) = raw(&cp, good).await;
-    assert_eq!((s, v["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replay")));
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("replay"))
+    );
     cp.stop().await;
 }
 
@@ -189,16 +245,26 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
 async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     // A flush period far longer than the test: nothing may reach the store per check-in.
-    let slow = |c: &mut control_plane::config::Config| c.limits.heartbeat_flush = Duration::from_secs(3600);
+    let slow = |c: &mut control_plane::config::Config| {
+        c.limits.heartbeat_flush = Duration::from_secs(3600)
+    };
     let cp = TestCp::start_in(dir.path(), slow).await;
     let (id, token) = create(&cp, json!({"name": "k", "checkinInterval": 60})).await;
     let mut a = client(&token, Uuid::new_v4(), None);
     for _ in 0..20 {
         a.checkin().await.unwrap();
     }
-    assert_eq!(cp.metric("edgeplane_checkin_requests_total{result=\"idle\"}").await, 20.0);
+    assert_eq!(
+        cp.metric("edgeplane_checkin_requests_total{result=\"idle\"}")
+            .await,
+        20.0
+    );
     // The first tick of the interval fires at start (empty); no batch carried a heartbeat yet.
-    assert_eq!(cp.metric("edgeplane_store_heartbeat_batch_size_count").await, 0.0);
+    assert_eq!(
+        cp.metric("edgeplane_store_heartbeat_batch_size_count")
+            .await,
+        0.0
+    );
     // Status is served from memory meanwhile.
     assert_eq!(env(&cp, id).await["status"], "up");
     cp.stop().await; // graceful stop writes the pending batch

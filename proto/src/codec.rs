@@ -97,8 +97,15 @@ mod tests {
             agent: None,
         };
         let bytes = encode(&req).unwrap();
-        assert!(bytes.len() <= 32, "check-in request is {} bytes", bytes.len());
-        assert_eq!(decode::<CheckinRequest>(&bytes, MAX_CONTROL_FRAME).unwrap(), req);
+        assert!(
+            bytes.len() <= 32,
+            "check-in request is {} bytes",
+            bytes.len()
+        );
+        assert_eq!(
+            decode::<CheckinRequest>(&bytes, MAX_CONTROL_FRAME).unwrap(),
+            req
+        );
 
         let ans = CheckinAnswer {
             status: EdgeStatus::Idle,
@@ -108,7 +115,10 @@ mod tests {
         };
         let bytes = encode(&ans).unwrap();
         assert!(bytes.len() <= 6, "idle answer is {} bytes", bytes.len());
-        assert_eq!(decode::<CheckinAnswer>(&bytes, MAX_CONTROL_FRAME).unwrap(), ans);
+        assert_eq!(
+            decode::<CheckinAnswer>(&bytes, MAX_CONTROL_FRAME).unwrap(),
+            ans
+        );
     }
 
     #[test]
@@ -123,7 +133,10 @@ mod tests {
         assert_eq!(decode::<CheckinAnswer>(&[], 100), Err(CodecError::Empty));
         assert_eq!(
             decode::<CheckinAnswer>(&good, 2),
-            Err(CodecError::TooLarge { len: good.len(), limit: 2 })
+            Err(CodecError::TooLarge {
+                len: good.len(),
+                limit: 2
+            })
         );
         let mut bad_version = good.clone();
         bad_version[0] = 99;
@@ -133,7 +146,10 @@ mod tests {
         );
         let mut trailing = good.clone();
         trailing.push(0);
-        assert_eq!(decode::<CheckinAnswer>(&trailing, 100), Err(CodecError::Trailing(1)));
+        assert_eq!(
+            decode::<CheckinAnswer>(&trailing, 100),
+            Err(CodecError::Trailing(1))
+        );
         assert!(matches!(
             decode::<CheckinAnswer>(&good[..good.len() - 1], 100),
             Err(CodecError::Malformed(_))
@@ -143,7 +159,22 @@ mod tests {
     #[test]
     fn huge_claimed_lengths_do_not_allocate() {
         // version, then a Vec length prefix claiming u64::MAX elements.
-        let frame = [PROTOCOL_VERSION, 0, 5, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        let frame = [
+            PROTOCOL_VERSION,
+            0,
+            5,
+            0,
+            1,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+        ];
         assert!(decode::<CheckinAnswer>(&frame, 100).is_err());
     }
 

@@ -86,7 +86,10 @@ impl Unverified<'_> {
 
 /// Splits and decodes a signed frame of at most `limit` bytes. The caller must then
 /// [`Unverified::verify`] it before trusting anything in it.
-pub fn open<T: DeserializeOwned>(frame: &[u8], limit: usize) -> Result<(T, Unverified<'_>), CodecError> {
+pub fn open<T: DeserializeOwned>(
+    frame: &[u8],
+    limit: usize,
+) -> Result<(T, Unverified<'_>), CodecError> {
     if frame.len() > limit {
         return Err(CodecError::TooLarge {
             len: frame.len(),
@@ -97,7 +100,10 @@ pub fn open<T: DeserializeOwned>(frame: &[u8], limit: usize) -> Result<(T, Unver
         return Err(if frame.is_empty() {
             CodecError::Empty
         } else {
-            CodecError::Malformed(format!("signed frame of {} bytes is shorter than its MAC", frame.len()))
+            CodecError::Malformed(format!(
+                "signed frame of {} bytes is shorter than its MAC",
+                frame.len()
+            ))
         });
     }
     let (signed, mac_bytes) = frame.split_at(frame.len() - MAC_LEN);
@@ -190,9 +196,18 @@ mod tests {
 
     #[test]
     fn short_frames_are_refused() {
-        assert_eq!(open::<CheckinRequest>(&[], 100).unwrap_err(), CodecError::Empty);
-        assert!(matches!(open::<CheckinRequest>(&[1; 10], 100), Err(CodecError::Malformed(_))));
-        assert!(matches!(open::<CheckinRequest>(&[1; 200], 100), Err(CodecError::TooLarge { .. })));
+        assert_eq!(
+            open::<CheckinRequest>(&[], 100).unwrap_err(),
+            CodecError::Empty
+        );
+        assert!(matches!(
+            open::<CheckinRequest>(&[1; 10], 100),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            open::<CheckinRequest>(&[1; 200], 100),
+            Err(CodecError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -201,7 +216,9 @@ mod tests {
         assert!(check_freshness(100_000 + FRESHNESS_WINDOW_MS, 100_000).is_ok());
         assert_eq!(
             check_freshness(100_000, 100_000 + FRESHNESS_WINDOW_MS + 1),
-            Err(Skew { offset_ms: -(FRESHNESS_WINDOW_MS as i64) - 1 })
+            Err(Skew {
+                offset_ms: -(FRESHNESS_WINDOW_MS as i64) - 1
+            })
         );
         assert!(check_freshness(u64::MAX, 0).is_err());
     }

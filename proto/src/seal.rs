@@ -99,7 +99,10 @@ mod tests {
             expires_ms: 42,
         };
         let sealed = SealKey::derive(&secret, &edge).seal(&creds).unwrap();
-        assert_eq!(SealKey::derive(&secret, &edge).open(&sealed).unwrap(), creds);
+        assert_eq!(
+            SealKey::derive(&secret, &edge).open(&sealed).unwrap(),
+            creds
+        );
         // Another Edge ID or another secret cannot open it.
         assert_eq!(
             SealKey::derive(&secret, &Uuid::new_v4()).open(&sealed),
@@ -111,6 +114,9 @@ mod tests {
         );
         let mut tampered = sealed.clone();
         tampered.ciphertext[0] ^= 1;
-        assert_eq!(SealKey::derive(&secret, &edge).open(&tampered), Err(SealError::Open));
+        assert_eq!(
+            SealKey::derive(&secret, &edge).open(&tampered),
+            Err(SealError::Open)
+        );
     }
 }

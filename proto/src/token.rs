@@ -161,8 +161,8 @@ fn parse_api_url(raw: &str) -> Result<String, TokenError> {
 fn parse_tunnel_addr(raw: &str) -> Result<String, TokenError> {
     let err = || TokenError::TunnelAddr(raw.to_owned());
     let (host, port) = raw.rsplit_once(':').ok_or_else(err)?;
-    let host_ok = !host.is_empty()
-        && !host.contains(|c: char| c.is_whitespace() || c == '/' || c == '|');
+    let host_ok =
+        !host.is_empty() && !host.contains(|c: char| c.is_whitespace() || c == '/' || c == '|');
     match port.parse::<u16>() {
         Ok(p) if p > 0 && host_ok => Ok(raw.to_owned()),
         _ => Err(err()),

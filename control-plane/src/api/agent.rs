@@ -10,10 +10,15 @@ use super::AppState;
 
 pub async fn checkin(state: web::Data<AppState>, body: Bytes) -> Result<HttpResponse, ApiError> {
     let timer = state.metrics.checkin_seconds.start_timer();
-    let (req, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME).map_err(|e| {
-        state.metrics.checkins.with_label_values(&["bad_request"]).inc();
-        ApiError::BadRequest(format!("check-in body: {e}"))
-    })?;
+    let (req, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME)
+        .map_err(|e| {
+            state
+                .metrics
+                .checkins
+                .with_label_values(&["bad_request"])
+                .inc();
+            ApiError::BadRequest(format!("check-in body: {e}"))
+        })?;
     let answer = state.fleet.checkin(req, body).await?;
     let bytes = codec::encode(&CheckinAnswer {
         status: answer.status,

@@ -32,7 +32,8 @@ impl AdminKeys {
     pub fn accepts(&self, key: &str) -> bool {
         let h = Self::hash(key);
         let Ok(g) = self.0.read() else { return false };
-        g.iter().fold(false, |ok, stored| ok | bool::from(stored.ct_eq(&h)))
+        g.iter()
+            .fold(false, |ok, stored| ok | bool::from(stored.ct_eq(&h)))
     }
 }
 

@@ -51,7 +51,10 @@ fn clean_name(n: &str) -> Result<String, ApiError> {
     Ok(n.to_owned())
 }
 
-async fn list(state: web::Data<AppState>, coll: web::Data<Collection>) -> Result<HttpResponse, ApiError> {
+async fn list(
+    state: web::Data<AppState>,
+    coll: web::Data<Collection>,
+) -> Result<HttpResponse, ApiError> {
     Ok(json(StatusCode::OK, &state.store.list_named(**coll).await?))
 }
 
@@ -60,7 +63,10 @@ async fn create(
     coll: web::Data<Collection>,
     body: web::Json<NameBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let named = state.store.create_named(**coll, &clean_name(&body.name)?).await?;
+    let named = state
+        .store
+        .create_named(**coll, &clean_name(&body.name)?)
+        .await?;
     Ok(json(StatusCode::CREATED, &named))
 }
 
@@ -101,7 +107,10 @@ async fn delete(
         )));
     }
     if !state.store.delete_named(**coll, id).await? {
-        return Err(ApiError::NotFound(format!("{} {id} does not exist", noun(**coll))));
+        return Err(ApiError::NotFound(format!(
+            "{} {id} does not exist",
+            noun(**coll)
+        )));
     }
     Ok(HttpResponse::NoContent().finish())
 }
@@ -119,18 +128,31 @@ pub struct SettingsPatch {
     command_interval: Option<u32>,
 }
 
-async fn patch_settings(state: web::Data<AppState>, body: web::Json<SettingsPatch>) -> Result<HttpResponse, ApiError> {
+async fn patch_settings(
+    state: web::Data<AppState>,
+    body: web::Json<SettingsPatch>,
+) -> Result<HttpResponse, ApiError> {
     let mut s = state.store.settings().await?;
     if let Some(v) = body.checkin_interval {
         if !(1..=3600).contains(&v) {
-            return Err(ApiError::BadRequest(format!("checkinInterval must be 1..=3600 seconds, got {v}")));
+            return Err(ApiError::BadRequest(format!(
+                "checkinInterval must be 1..=3600 seconds, got {v}"
+            )));
         }
         s.checkin_interval = v;
     }
     for (field, v, slot) in [
         ("pingInterval", body.ping_interval, &mut s.ping_interval),
-        ("snapshotInterval", body.snapshot_interval, &mut s.snapshot_interval),
-        ("commandInterval", body.command_interval, &mut s.command_interval),
+        (
+            "snapshotInterval",
+            body.snapshot_interval,
+            &mut s.snapshot_interval,
+        ),
+        (
+            "commandInterval",
+            body.command_interval,
+            &mut s.command_interval,
+        ),
     ] {
         if let Some(v) = v {
             if v > 86_400 {

@@ -50,7 +50,10 @@ pub struct TunnelView {
 fn rfc3339(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -100,7 +103,13 @@ impl AppState {
         .encode())
     }
 
-    fn view(&self, env: &Environment, settings: &Settings, heartbeat: Option<u64>, now: u64) -> Result<EnvView, ApiError> {
+    fn view(
+        &self,
+        env: &Environment,
+        settings: &Settings,
+        heartbeat: Option<u64>,
+        now: u64,
+    ) -> Result<EnvView, ApiError> {
         let iv = Intervals::of(env, settings);
         let last = match (heartbeat, self.fleet.stats.last_checkin_ms(env.id)) {
             (Some(a), Some(b)) => Some(a.max(b)),
@@ -165,7 +174,9 @@ pub struct CreateBody {
 }
 
 /// `Some(None)` for an explicit `null`, `None` when absent.
-fn double<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+fn double<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -216,7 +227,9 @@ fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
     }
     if let Some(i) = env.checkin_interval {
         if !(1..=MAX_CHECKIN_INTERVAL).contains(&i) {
-            return bad(format!("checkinInterval must be 1..={MAX_CHECKIN_INTERVAL} seconds, got {i}"));
+            return bad(format!(
+                "checkinInterval must be 1..={MAX_CHECKIN_INTERVAL} seconds, got {i}"
+            ));
         }
     }
     for (field, v) in [
@@ -226,7 +239,9 @@ fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
     ] {
         if let Some(i) = v {
             if i > MAX_ASYNC_INTERVAL {
-                return bad(format!("{field} must be 0..={MAX_ASYNC_INTERVAL} seconds (0 turns it off), got {i}"));
+                return bad(format!(
+                    "{field} must be 0..={MAX_ASYNC_INTERVAL} seconds (0 turns it off), got {i}"
+                ));
             }
         }
     }
@@ -246,7 +261,9 @@ fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
     for v in &env.env_vars {
         let ok = !v.is_empty()
             && v.len() <= 128
-            && v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && v.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
             return bad(format!("envVars entry {v:?} is not a valid variable name"));
@@ -278,7 +295,10 @@ fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiEr
     Ok(new)
 }
 
-pub async fn create(state: web::Data<AppState>, body: web::Json<CreateBody>) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: web::Data<AppState>,
+    body: web::Json<CreateBody>,
+) -> Result<HttpResponse, ApiError> {
     let known = Known::load(&state).await?;
     let new = new_environment(body.into_inner(), &known)?;
     let created = state.store.create_environments(vec![new]).await?;
@@ -289,10 +309,16 @@ pub async fn create(state: web::Data<AppState>, body: web::Json<CreateBody>) -> 
     state.store.publish(Change::Environment(env.id)).await?;
     tracing::info!(env = env.id, name = %env.name, "environment created");
     let settings = state.store.settings().await?;
-    Ok(json(StatusCode::CREATED, &state.view(&env, &settings, None, now_ms())?))
+    Ok(json(
+        StatusCode::CREATED,
+        &state.view(&env, &settings, None, now_ms())?,
+    ))
 }
 
-pub async fn create_bulk(state: web::Data<AppState>, body: web::Json<Vec<CreateBody>>) -> Result<HttpResponse, ApiError> {
+pub async fn create_bulk(
+    state: web::Data<AppState>,
+    body: web::Json<Vec<CreateBody>>,
+) -> Result<HttpResponse, ApiError> {
     let bodies = body.into_inner();
     if bodies.is_empty() {
         return Err(ApiError::BadRequest("bulk body is an empty list".into()));
@@ -308,7 +334,9 @@ pub async fn create_bulk(state: web::Data<AppState>, body: web::Json<Vec<CreateB
     let news = bodies
         .into_iter()
         .enumerate()
-        .map(|(i, b)| new_environment(b, &known).map_err(|e| ApiError::BadRequest(format!("item {i}: {e}"))))
+        .map(|(i, b)| {
+            new_environment(b, &known).map_err(|e| ApiError::BadRequest(format!("item {i}: {e}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let created = state.store.create_environments(news).await?;
     for env in &created {
@@ -370,24 +398,35 @@ pub async fn patch(
     }
     validate(&env, &Known::load(&state).await?)?;
     if !state.store.update_environment(&env).await? {
-        return Err(ApiError::NotFound(format!("environment {} does not exist", env.id)));
+        return Err(ApiError::NotFound(format!(
+            "environment {} does not exist",
+            env.id
+        )));
     }
     state.store.publish(Change::Environment(env.id)).await?;
     let env = state.load(env.id).await?;
     Ok(json(StatusCode::OK, &state.view_one(&env).await?))
 }
 
-pub async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+) -> Result<HttpResponse, ApiError> {
     let id = *id;
     if !state.store.delete_environment(id).await? {
-        return Err(ApiError::NotFound(format!("environment {id} does not exist")));
+        return Err(ApiError::NotFound(format!(
+            "environment {id} does not exist"
+        )));
     }
     state.store.publish(Change::EnvironmentDeleted(id)).await?;
     tracing::info!(env = id, "environment deleted");
     Ok(HttpResponse::NoContent().finish())
 }
 
-pub async fn reset_association(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+pub async fn reset_association(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+) -> Result<HttpResponse, ApiError> {
     let id = *id;
     let env = state
         .store
@@ -412,9 +451,11 @@ pub struct ListQuery {
 }
 
 fn parse_num(field: &str, v: &str) -> Result<u64, ApiError> {
-    v.trim()
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("query parameter {field}={v:?} is not a non-negative integer")))
+    v.trim().parse().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "query parameter {field}={v:?} is not a non-negative integer"
+        ))
+    })
 }
 
 struct Filter {
@@ -429,10 +470,22 @@ struct Filter {
 
 impl Filter {
     fn parse(q: ListQuery, max_page: usize) -> Result<Self, ApiError> {
-        let start = q.start.as_deref().map(|v| parse_num("start", v)).transpose()?.unwrap_or(0) as usize;
-        let limit = q.limit.as_deref().map(|v| parse_num("limit", v)).transpose()?.unwrap_or(100) as usize;
+        let start = q
+            .start
+            .as_deref()
+            .map(|v| parse_num("start", v))
+            .transpose()?
+            .unwrap_or(0) as usize;
+        let limit = q
+            .limit
+            .as_deref()
+            .map(|v| parse_num("limit", v))
+            .transpose()?
+            .unwrap_or(100) as usize;
         if limit == 0 || limit > max_page {
-            return Err(ApiError::BadRequest(format!("query parameter limit must be 1..={max_page}, got {limit}")));
+            return Err(ApiError::BadRequest(format!(
+                "query parameter limit must be 1..={max_page}, got {limit}"
+            )));
         }
         let status = q
             .status
@@ -460,7 +513,11 @@ impl Filter {
                 )))
             }
         };
-        let group_id = q.group_id.as_deref().map(|v| parse_num("groupId", v)).transpose()?;
+        let group_id = q
+            .group_id
+            .as_deref()
+            .map(|v| parse_num("groupId", v))
+            .transpose()?;
         let tag_ids = match q.tag_ids.as_deref() {
             None | Some("") => vec![],
             Some(list) => list
@@ -468,7 +525,10 @@ impl Filter {
                 .map(|v| parse_num("tagIds", v))
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        let search = q.search.map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty());
+        let search = q
+            .search
+            .map(|s| s.trim().to_lowercase())
+            .filter(|s| !s.is_empty());
         Ok(Self {
             start,
             limit,
@@ -492,7 +552,10 @@ impl Filter {
     }
 }
 
-pub async fn list(state: web::Data<AppState>, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
     let filter = Filter::parse(q.into_inner(), state.limits.max_page)?;
     let settings = state.store.settings().await?;
     let mut envs: Vec<Environment> = state

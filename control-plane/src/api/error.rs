@@ -99,7 +99,9 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let server_time_ms = match self {
-            ApiError::Agent(AgentRefusal::Refused(Refusal::ClockSkew { server_time_ms })) => Some(*server_time_ms),
+            ApiError::Agent(AgentRefusal::Refused(Refusal::ClockSkew { server_time_ms })) => {
+                Some(*server_time_ms)
+            }
             _ => None,
         };
         let mut res = HttpResponse::build(self.status_code());
@@ -134,8 +136,12 @@ impl From<CheckinError> for ApiError {
     fn from(e: CheckinError) -> Self {
         match e {
             CheckinError::Refused(r) => ApiError::Agent(AgentRefusal::Refused(r)),
-            CheckinError::UnknownEnvironment(id) => ApiError::Agent(AgentRefusal::UnknownEnvironment(id)),
-            CheckinError::Busy(id) => ApiError::Unavailable(format!("environment {id} is busy, retry later")),
+            CheckinError::UnknownEnvironment(id) => {
+                ApiError::Agent(AgentRefusal::UnknownEnvironment(id))
+            }
+            CheckinError::Busy(id) => {
+                ApiError::Unavailable(format!("environment {id} is busy, retry later"))
+            }
             CheckinError::Store(e) => e.into(),
             CheckinError::Broken { .. } => {
                 tracing::error!(error = %e, "environment cannot be served");

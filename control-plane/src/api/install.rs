@@ -28,7 +28,8 @@ struct Parts<'a> {
 }
 
 fn parts<'a>(state: &'a AppState, env: &Environment) -> Result<Parts<'a>, ApiError> {
-    let mut vars: Vec<(String, Option<String>)> = vec![("EDGE_KEY".into(), Some(state.join_token(env)?))];
+    let mut vars: Vec<(String, Option<String>)> =
+        vec![("EDGE_KEY".into(), Some(state.join_token(env)?))];
     if env.mode == crate::store::EdgeMode::Async {
         vars.push(("EDGE_ASYNC".into(), Some("1".into())));
     }
@@ -86,7 +87,9 @@ fn kubernetes(p: &Parts<'_>) -> String {
             // Host variables cannot be read from a manifest: the operator fills them in.
             None => format!("\"${{{k}}}\""),
         };
-        env.push_str(&format!("            - name: {k}\n              value: {value}\n"));
+        env.push_str(&format!(
+            "            - name: {k}\n              value: {value}\n"
+        ));
     }
     format!(
         "# kubectl apply -f - <<'EOF'\n\
@@ -149,7 +152,9 @@ pub async fn install(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/plain"));
     Ok(if wants_text {
-        HttpResponse::Ok().content_type("text/plain; charset=utf-8").body(command + "\n")
+        HttpResponse::Ok()
+            .content_type("text/plain; charset=utf-8")
+            .body(command + "\n")
     } else {
         HttpResponse::Ok().json(InstallView { platform, command })
     })

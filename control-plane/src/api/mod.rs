@@ -4,10 +4,10 @@
 
 mod agent;
 mod auth;
+mod catalog;
 mod endpoints;
 mod error;
 mod install;
-mod catalog;
 mod openapi;
 
 use std::sync::Arc;
@@ -52,25 +52,101 @@ pub struct Route {
 }
 
 pub const ROUTES: &[Route] = &[
-    Route { method: "GET", path: "/api/endpoints", summary: "List environments (paged, filtered); X-Total-Count holds the total" },
-    Route { method: "POST", path: "/api/endpoints", summary: "Create an edge environment" },
-    Route { method: "POST", path: "/api/endpoints/bulk", summary: "Create up to 1000 environments at once" },
-    Route { method: "GET", path: "/api/endpoints/{id}", summary: "Get one environment" },
-    Route { method: "PATCH", path: "/api/endpoints/{id}", summary: "Change an environment" },
-    Route { method: "DELETE", path: "/api/endpoints/{id}", summary: "Delete an environment" },
-    Route { method: "POST", path: "/api/endpoints/{id}/association", summary: "Forget the bound Edge ID and issue a new join token" },
-    Route { method: "GET", path: "/api/endpoints/{id}/install", summary: "Install command or manifest for docker, swarm, kubernetes or nomad" },
-    Route { method: "GET", path: "/api/groups", summary: "List groups" },
-    Route { method: "POST", path: "/api/groups", summary: "Create a group" },
-    Route { method: "PATCH", path: "/api/groups/{id}", summary: "Rename a group" },
-    Route { method: "DELETE", path: "/api/groups/{id}", summary: "Delete an unused group" },
-    Route { method: "GET", path: "/api/tags", summary: "List tags" },
-    Route { method: "POST", path: "/api/tags", summary: "Create a tag" },
-    Route { method: "PATCH", path: "/api/tags/{id}", summary: "Rename a tag" },
-    Route { method: "DELETE", path: "/api/tags/{id}", summary: "Delete an unused tag" },
-    Route { method: "GET", path: "/api/settings", summary: "Default intervals" },
-    Route { method: "PATCH", path: "/api/settings", summary: "Change default intervals" },
-    Route { method: "GET", path: "/api/openapi.json", summary: "This document" },
+    Route {
+        method: "GET",
+        path: "/api/endpoints",
+        summary: "List environments (paged, filtered); X-Total-Count holds the total",
+    },
+    Route {
+        method: "POST",
+        path: "/api/endpoints",
+        summary: "Create an edge environment",
+    },
+    Route {
+        method: "POST",
+        path: "/api/endpoints/bulk",
+        summary: "Create up to 1000 environments at once",
+    },
+    Route {
+        method: "GET",
+        path: "/api/endpoints/{id}",
+        summary: "Get one environment",
+    },
+    Route {
+        method: "PATCH",
+        path: "/api/endpoints/{id}",
+        summary: "Change an environment",
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/endpoints/{id}",
+        summary: "Delete an environment",
+    },
+    Route {
+        method: "POST",
+        path: "/api/endpoints/{id}/association",
+        summary: "Forget the bound Edge ID and issue a new join token",
+    },
+    Route {
+        method: "GET",
+        path: "/api/endpoints/{id}/install",
+        summary: "Install command or manifest for docker, swarm, kubernetes or nomad",
+    },
+    Route {
+        method: "GET",
+        path: "/api/groups",
+        summary: "List groups",
+    },
+    Route {
+        method: "POST",
+        path: "/api/groups",
+        summary: "Create a group",
+    },
+    Route {
+        method: "PATCH",
+        path: "/api/groups/{id}",
+        summary: "Rename a group",
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/groups/{id}",
+        summary: "Delete an unused group",
+    },
+    Route {
+        method: "GET",
+        path: "/api/tags",
+        summary: "List tags",
+    },
+    Route {
+        method: "POST",
+        path: "/api/tags",
+        summary: "Create a tag",
+    },
+    Route {
+        method: "PATCH",
+        path: "/api/tags/{id}",
+        summary: "Rename a tag",
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/tags/{id}",
+        summary: "Delete an unused tag",
+    },
+    Route {
+        method: "GET",
+        path: "/api/settings",
+        summary: "Default intervals",
+    },
+    Route {
+        method: "PATCH",
+        path: "/api/settings",
+        summary: "Change default intervals",
+    },
+    Route {
+        method: "GET",
+        path: "/api/openapi.json",
+        summary: "This document",
+    },
 ];
 
 /// Registers every route on an actix app.
@@ -85,8 +161,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .error_handler(|e, _| ApiError::BadRequest(format!("invalid query: {e}")).into()),
     )
     .app_data(
-        web::PathConfig::default()
-            .error_handler(|e, _| ApiError::NotFound(format!("invalid path parameter: {e}")).into()),
+        web::PathConfig::default().error_handler(|e, _| {
+            ApiError::NotFound(format!("invalid path parameter: {e}")).into()
+        }),
     )
     .service(
         web::resource(proto::wire::CHECKIN_PATH)
@@ -108,7 +185,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::patch().to(endpoints::patch))
                     .route(web::delete().to(endpoints::delete)),
             )
-            .route("/endpoints/{id}/association", web::post().to(endpoints::reset_association))
+            .route(
+                "/endpoints/{id}/association",
+                web::post().to(endpoints::reset_association),
+            )
             .route("/endpoints/{id}/install", web::get().to(install::install))
             .configure(catalog::configure)
             .route("/openapi.json", web::get().to(openapi::document))
@@ -130,7 +210,9 @@ pub async fn count_requests(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let metrics = req.app_data::<web::Data<AppState>>().map(|s| Arc::clone(&s.metrics));
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| Arc::clone(&s.metrics));
     let res = next.call(req).await?;
     if let Some(m) = metrics {
         let class = match res.status().as_u16() {
@@ -145,6 +227,9 @@ pub async fn count_requests(
 }
 
 /// JSON helper with the right status.
-pub(crate) fn json<T: serde::Serialize>(status: actix_web::http::StatusCode, body: &T) -> HttpResponse {
+pub(crate) fn json<T: serde::Serialize>(
+    status: actix_web::http::StatusCode,
+    body: &T,
+) -> HttpResponse {
     HttpResponse::build(status).json(body)
 }

@@ -46,13 +46,18 @@ fn schemas() -> Value {
 fn parameters(path: &str, method: &str) -> Vec<Value> {
     let mut ps = Vec::new();
     if path.contains("{id}") {
-        ps.push(json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}));
+        ps.push(
+            json!({"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}),
+        );
     }
     if path == "/api/endpoints" && method == "GET" {
         for (name, desc) in [
             ("start", "offset of the first item (default 0)"),
             ("limit", "page size, 1..=1000 (default 100)"),
-            ("search", "case-insensitive substring of the name or Edge ID"),
+            (
+                "search",
+                "case-insensitive substring of the name or Edge ID",
+            ),
             ("status", "comma-separated: up, down, never"),
             ("mode", "standard or async"),
             ("groupId", "group id"),
@@ -72,12 +77,18 @@ pub fn build() -> Value {
     for r in ROUTES {
         let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
         let body_ref = match (r.path, r.method) {
-            ("/api/endpoints", "POST") => Some(json!({"$ref": "#/components/schemas/CreateEnvironment"})),
-            ("/api/endpoints/bulk", "POST") => Some(json!({"type": "array", "items": {"$ref": "#/components/schemas/CreateEnvironment"}})),
+            ("/api/endpoints", "POST") => {
+                Some(json!({"$ref": "#/components/schemas/CreateEnvironment"}))
+            }
+            ("/api/endpoints/bulk", "POST") => Some(
+                json!({"type": "array", "items": {"$ref": "#/components/schemas/CreateEnvironment"}}),
+            ),
             ("/api/endpoints/{id}", "PATCH") => Some(json!({"type": "object"})),
             ("/api/settings", "PATCH") => Some(json!({"$ref": "#/components/schemas/Settings"})),
             (p, "POST" | "PATCH") if p.starts_with("/api/groups") || p.starts_with("/api/tags") => {
-                Some(json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}))
+                Some(
+                    json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),
+                )
             }
             _ => None,
         };
@@ -90,7 +101,8 @@ pub fn build() -> Value {
             }
         });
         if let Some(schema) = body_ref {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+            op["requestBody"] =
+                json!({"required": true, "content": {"application/json": {"schema": schema}}});
         }
         entry[r.method.to_lowercase()] = op;
     }

@@ -66,7 +66,10 @@ impl Handler<CheckinMsg> for EnvActor {
 
     fn handle(&mut self, msg: CheckinMsg, _ctx: &mut Self::Context) -> Self::Result {
         let default_interval = self.fleet.defaults.checkin();
-        match self.state.checkin(&msg.req, &msg.frame, msg.now_ms, default_interval) {
+        match self
+            .state
+            .checkin(&msg.req, &msg.frame, msg.now_ms, default_interval)
+        {
             Verdict::Answer(a) => {
                 self.finish(msg.reply, Ok(a));
                 Box::pin(actix::fut::ready(()))
@@ -107,7 +110,13 @@ impl Handler<CheckinMsg> for EnvActor {
 }
 
 impl EnvActor {
-    fn retry(&mut self, req: &CheckinRequest, frame: &[u8], now_ms: u64, default_interval: u32) -> Result<Answer, CheckinError> {
+    fn retry(
+        &mut self,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+        default_interval: u32,
+    ) -> Result<Answer, CheckinError> {
         match self.state.checkin(req, frame, now_ms, default_interval) {
             Verdict::Answer(a) => Ok(a),
             Verdict::Refuse(r) => Err(CheckinError::Refused(r)),
@@ -118,8 +127,16 @@ impl EnvActor {
         }
     }
 
-    fn finish(&self, reply: oneshot::Sender<Result<Answer, CheckinError>>, result: Result<Answer, CheckinError>) {
-        self.fleet.metrics.checkins.with_label_values(&[Self::result_name(&result)]).inc();
+    fn finish(
+        &self,
+        reply: oneshot::Sender<Result<Answer, CheckinError>>,
+        result: Result<Answer, CheckinError>,
+    ) {
+        self.fleet
+            .metrics
+            .checkins
+            .with_label_values(&[Self::result_name(&result)])
+            .inc();
         if let Err(CheckinError::Refused(super::Refusal::EdgeIdMismatch)) = &result {
             tracing::warn!(
                 env = self.state.id(),
@@ -139,7 +156,10 @@ impl Handler<Reload> for EnvActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) {
-        if let Err(e) = self.state.reload(&msg.0, self.fleet.agent_secret.as_deref()) {
+        if let Err(e) = self
+            .state
+            .reload(&msg.0, self.fleet.agent_secret.as_deref())
+        {
             tracing::error!(error = %e, "cannot apply reloaded environment; stopping its actor");
             ctx.stop();
         }

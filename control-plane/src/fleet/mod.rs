@@ -55,7 +55,8 @@ impl Defaults {
     }
 
     pub fn set(&self, s: &Settings) {
-        self.checkin_interval.store(s.checkin_interval, Ordering::Relaxed);
+        self.checkin_interval
+            .store(s.checkin_interval, Ordering::Relaxed);
     }
 
     pub fn checkin(&self) -> u32 {
@@ -90,7 +91,10 @@ impl AgentStats {
     }
 
     pub fn last_checkin_ms(&self, id: EnvId) -> Option<u64> {
-        self.map.get(&id).map(|s| s.last_checkin_ms).filter(|&t| t > 0)
+        self.map
+            .get(&id)
+            .map(|s| s.last_checkin_ms)
+            .filter(|&t| t > 0)
     }
 
     pub fn forget(&self, id: EnvId) {
@@ -176,7 +180,11 @@ impl Fleet {
     }
 
     /// Handles one verified-later check-in: routes it to the environment's actor.
-    pub async fn checkin(self: &Arc<Self>, req: CheckinRequest, frame: Bytes) -> Result<Answer, CheckinError> {
+    pub async fn checkin(
+        self: &Arc<Self>,
+        req: CheckinRequest,
+        frame: Bytes,
+    ) -> Result<Answer, CheckinError> {
         let id = req.endpoint_id;
         let addr = self.actor(id).await?;
         let (tx, rx) = oneshot::channel();
@@ -230,13 +238,18 @@ impl Fleet {
                 return Err(CheckinError::UnknownEnvironment(id));
             }
             Err(e) => {
-                self.metrics.store_errors.with_label_values(&["get_environment"]).inc();
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["get_environment"])
+                    .inc();
                 return Err(e.into());
             }
         };
-        let state = state::EnvState::new(&env, self.agent_secret.as_deref()).map_err(|e| CheckinError::Broken {
-            id,
-            reason: e.to_string(),
+        let state = state::EnvState::new(&env, self.agent_secret.as_deref()).map_err(|e| {
+            CheckinError::Broken {
+                id,
+                reason: e.to_string(),
+            }
         })?;
         let entry = self.actors.entry(id).or_insert_with(|| {
             self.metrics.actor_starts.inc();
@@ -247,7 +260,11 @@ impl Fleet {
     }
 
     /// Required flag, set by the tunnel machinery (next issue) and by tests.
-    pub async fn set_required(self: &Arc<Self>, id: EnvId, required: bool) -> Result<(), CheckinError> {
+    pub async fn set_required(
+        self: &Arc<Self>,
+        id: EnvId,
+        required: bool,
+    ) -> Result<(), CheckinError> {
         let addr = self.actor(id).await?;
         addr.send(actor::SetRequired(required))
             .await
@@ -345,7 +362,10 @@ impl Fleet {
             let timer = self.metrics.heartbeat_flush_seconds.start_timer();
             self.metrics.heartbeat_batch.observe(chunk.len() as f64);
             if let Err(e) = self.store.record_heartbeats(chunk).await {
-                self.metrics.store_errors.with_label_values(&["record_heartbeats"]).inc();
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["record_heartbeats"])
+                    .inc();
                 tracing::warn!(error = %e, beats = chunk.len(), "heartbeat write failed; will retry");
                 self.stats.unflush(chunk);
             }
@@ -359,7 +379,8 @@ impl Fleet {
         let mut changes = self.store.subscribe();
         let mut flush = tokio::time::interval(self.limits.heartbeat_flush);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweep = tokio::time::interval((self.limits.actor_idle / 4).max(Duration::from_secs(1)));
+        let mut sweep =
+            tokio::time::interval((self.limits.actor_idle / 4).max(Duration::from_secs(1)));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,

@@ -85,7 +85,8 @@ pub struct BadRecord {
 
 impl EnvState {
     pub fn new(env: &Environment, agent_secret: Option<&str>) -> Result<Self, BadRecord> {
-        let secret = JoinSecret::from_text(&env.join_secret).map_err(|source| BadRecord { id: env.id, source })?;
+        let secret = JoinSecret::from_text(&env.join_secret)
+            .map_err(|source| BadRecord { id: env.id, source })?;
         Ok(Self {
             id: env.id,
             mode: env.mode,
@@ -99,7 +100,11 @@ impl EnvState {
     }
 
     /// Applies a reloaded record (after a PATCH or an association reset on any replica).
-    pub fn reload(&mut self, env: &Environment, agent_secret: Option<&str>) -> Result<(), BadRecord> {
+    pub fn reload(
+        &mut self,
+        env: &Environment,
+        agent_secret: Option<&str>,
+    ) -> Result<(), BadRecord> {
         let fresh = Self::new(env, agent_secret)?;
         if fresh.edge_id != self.edge_id {
             // A new binding generation: requests accepted under the old one are irrelevant.
@@ -137,7 +142,13 @@ impl EnvState {
     }
 
     /// Decides on one check-in. `frame` is the signed request exactly as received.
-    pub fn checkin(&mut self, req: &CheckinRequest, frame: &[u8], now_ms: u64, default_interval: u32) -> Verdict {
+    pub fn checkin(
+        &mut self,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+        default_interval: u32,
+    ) -> Verdict {
         if !proof::verify(frame, &self.keys.proof) {
             let lacks_agent_secret = self
                 .keys
@@ -151,7 +162,9 @@ impl EnvState {
             });
         }
         if proof::check_freshness(req.timestamp_ms, now_ms).is_err() {
-            return Verdict::Refuse(Refusal::ClockSkew { server_time_ms: now_ms });
+            return Verdict::Refuse(Refusal::ClockSkew {
+                server_time_ms: now_ms,
+            });
         }
         if self.mode != EdgeMode::Standard {
             return Verdict::Refuse(Refusal::WrongMode);
@@ -168,7 +181,11 @@ impl EnvState {
         self.remember(req.timestamp_ms, tag, now_ms);
         self.last_checkin_ms = Some(self.last_checkin_ms.map_or(now_ms, |t| t.max(now_ms)));
         Verdict::Answer(Answer {
-            status: if self.required { EdgeStatus::Required } else { EdgeStatus::Idle },
+            status: if self.required {
+                EdgeStatus::Required
+            } else {
+                EdgeStatus::Idle
+            },
             interval_secs: self.interval_secs(default_interval),
             server_time_ms: (req.timestamp_ms.abs_diff(now_ms) > REPORT_SKEW_MS).then_some(now_ms),
         })
@@ -236,7 +253,12 @@ mod tests {
         (env, secret)
     }
 
-    fn signed(secret: &JoinSecret, agent_secret: Option<&str>, edge_id: Uuid, ts: u64) -> (CheckinRequest, Vec<u8>) {
+    fn signed(
+        secret: &JoinSecret,
+        agent_secret: Option<&str>,
+        edge_id: Uuid,
+        ts: u64,
+    ) -> (CheckinRequest, Vec<u8>) {
         let req = CheckinRequest {
             endpoint_id: 7,
             edge_id,
@@ -262,7 +284,11 @@ mod tests {
         let id = Uuid::new_v4();
         let (req, frame) = signed(&secret, None, id, NOW);
         assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Bind(id));
-        assert_eq!(s.last_checkin_ms(), None, "nothing recorded before the binding holds");
+        assert_eq!(
+            s.last_checkin_ms(),
+            None,
+            "nothing recorded before the binding holds"
+        );
         s.set_binding(id);
         assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
         assert_eq!(s.last_checkin_ms(), Some(NOW));
@@ -275,7 +301,10 @@ mod tests {
         let (e, secret) = env(Some(bound));
         let mut s = EnvState::new(&e, None).unwrap();
         let (req, frame) = signed(&secret, None, Uuid::new_v4(), NOW);
-        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::EdgeIdMismatch));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Refuse(Refusal::EdgeIdMismatch)
+        );
         assert_eq!(s.edge_id(), Some(bound));
         assert_eq!(s.last_checkin_ms(), None);
     }
@@ -286,11 +315,20 @@ mod tests {
         let (e, secret) = env(Some(id));
         let mut s = EnvState::new(&e, Some("shh")).unwrap();
         let (req, frame) = signed(&JoinSecret::generate(), Some("shh"), id, NOW);
-        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::BadProof));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Refuse(Refusal::BadProof)
+        );
         let (req, frame) = signed(&secret, None, id, NOW);
-        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::AgentSecretMismatch));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Refuse(Refusal::AgentSecretMismatch)
+        );
         let (req, frame) = signed(&secret, Some("other"), id, NOW);
-        assert_eq!(s.checkin(&req, &frame, NOW, 5), Verdict::Refuse(Refusal::BadProof));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Refuse(Refusal::BadProof)
+        );
         let (req, frame) = signed(&secret, Some("shh"), id, NOW);
         assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
     }
@@ -302,12 +340,17 @@ mod tests {
         let mut s = EnvState::new(&e, None).unwrap();
         let (req, frame) = signed(&secret, None, id, NOW);
         assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
-        assert_eq!(s.checkin(&req, &frame, NOW + 10, 5), Verdict::Refuse(Refusal::Replay));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW + 10, 5),
+            Verdict::Refuse(Refusal::Replay)
+        );
         // Outside the window a replay is a skew refusal, which tells the server time.
         let late = NOW + FRESHNESS_WINDOW_MS + 1;
         assert_eq!(
             s.checkin(&req, &frame, late, 5),
-            Verdict::Refuse(Refusal::ClockSkew { server_time_ms: late })
+            Verdict::Refuse(Refusal::ClockSkew {
+                server_time_ms: late
+            })
         );
         // A skew within the window is accepted but reported.
         let (req, frame) = signed(&secret, None, id, NOW + 5_000);
@@ -360,9 +403,15 @@ mod tests {
         e.mode = EdgeMode::Async;
         s.reload(&e, None).unwrap();
         let (req, frame) = signed(&secret, None, id, NOW + 1);
-        assert_eq!(s.checkin(&req, &frame, NOW + 1, 5), Verdict::Refuse(Refusal::BadProof));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW + 1, 5),
+            Verdict::Refuse(Refusal::BadProof)
+        );
         let (req, frame) = signed(&new_secret, None, id, NOW + 2);
-        assert_eq!(s.checkin(&req, &frame, NOW + 2, 5), Verdict::Refuse(Refusal::WrongMode));
+        assert_eq!(
+            s.checkin(&req, &frame, NOW + 2, 5),
+            Verdict::Refuse(Refusal::WrongMode)
+        );
     }
 
     #[test]

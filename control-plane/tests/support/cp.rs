@@ -1,5 +1,6 @@
 //! Starting real control planes for tests: in-process ([`TestCp`]) or as the real binary
 //! ([`CpProcess`]).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -60,7 +61,9 @@ impl TestCp {
         config.admin_api_key = Some(ADMIN_KEY.into());
         config.limits.workers = 1;
         tweak(&mut config);
-        let prepared = prepare(config, Listeners { api, metrics }).await.expect("prepare");
+        let prepared = prepare(config, Listeners { api, metrics })
+            .await
+            .expect("prepare");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = actix_rt::spawn(async move {
             prepared
@@ -164,7 +167,10 @@ pub struct CpProcess {
 
 impl CpProcess {
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
-        let api_port = free_port();
+        Self::spawn_at(data_dir, free_port(), extra).await
+    }
+
+    pub async fn spawn_at(data_dir: &Path, api_port: u16, extra: &[&str]) -> Self {
         let metrics_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
             .args(["--data-dir", &data_dir.display().to_string()])
@@ -186,9 +192,20 @@ impl CpProcess {
         p
     }
 
+    /// Restarts on the api port in `token` (agents keep calling the same URL).
+    pub async fn spawn_on_same_ports(data_dir: &Path, token: &proto::JoinToken) -> Self {
+        let api_port = url::Url::parse(&token.api_url)
+            .ok()
+            .and_then(|u| u.port())
+            .expect("api port in token");
+        Self::spawn_at(data_dir, api_port, &[]).await
+    }
+
     /// SIGTERM, then wait for the exit (graceful: final heartbeat flush).
     pub fn stop(mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 

@@ -1,0 +1,134 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The whole standard-mode story with the real `control-plane` binary and the real agent loop:
+//! enrol, bind, refuse an impostor, restart the control plane, stop the agent, see it go down.
+
+#[path = "support/cp.rs"]
+mod cp;
+
+use std::time::Duration;
+
+use cp::{eventually, http, CpProcess, ADMIN_KEY};
+use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
+use proto::JoinToken;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn env(url: &str, id: u64) -> Value {
+    http()
+        .get(format!("{url}/api/endpoints/{id}"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn impostor_refused(token: &JoinToken) {
+    let mut c = PollClient::new(token, PollOptions::new(Uuid::new_v4())).unwrap();
+    match c.checkin().await {
+        Err(CheckinError::Refused {
+            status: 403,
+            code: RefusalCode::EdgeIdMismatch,
+            ..
+        }) => {}
+        other => panic!("impostor not refused: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrol_bind_restart_and_go_down() {
+    cp::install_crypto();
+    let data = tempfile::tempdir().unwrap();
+    let agent_dir = tempfile::tempdir().unwrap();
+    let cp = CpProcess::spawn(data.path(), &[]).await;
+
+    // Without the key: refused.
+    let r = http().get(cp.api("/api/endpoints")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let interval = 1u64;
+    let r = http()
+        .post(cp.api("/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&json!({"name": "kiosk-7", "checkinInterval": interval}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_u64().unwrap();
+    let key = created["edgeKey"].as_str().unwrap().to_owned();
+
+    // The real agent loop, with an Edge ID it generates and persists itself.
+    let config = edge_agent::Config::from_args(edge_agent::Args {
+        edge_key: Some(key.clone()),
+        data_dir: Some(agent_dir.path().to_owned()),
+        ..Default::default()
+    })
+    .unwrap();
+    let (stop_agent, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(edge_agent::run(config, async {
+        let _ = stopped.await;
+    }));
+    let edge_id = eventually(
+        Duration::from_secs(2 * interval + 5),
+        "agent up",
+        || async {
+            let e = env(&cp.url, id).await;
+            (e["status"] == "up").then(|| e["edgeId"].as_str().unwrap().to_owned())
+        },
+    )
+    .await;
+    let persisted = std::fs::read_to_string(agent_dir.path().join("edge_id")).unwrap();
+    assert_eq!(
+        persisted.trim(),
+        edge_id,
+        "the agent's persisted ID is the bound one"
+    );
+
+    let token = JoinToken::parse(&key).unwrap();
+    impostor_refused(&token).await;
+
+    // Restart the control plane on the same data dir: environment, binding and refusal hold,
+    // and the agent (which kept retrying meanwhile) is up again.
+    cp.stop();
+    let cp = CpProcess::spawn_on_same_ports(data.path(), &token).await;
+    let e = env(&cp.url, id).await;
+    assert_eq!(e["name"], "kiosk-7");
+    assert_eq!(e["edgeId"], edge_id.as_str());
+    assert_eq!(
+        e["edgeKey"],
+        key.as_str(),
+        "the join token is stable across restarts"
+    );
+    impostor_refused(&token).await;
+    eventually(
+        Duration::from_secs(10),
+        "agent checks in after the restart",
+        || async {
+            let e = env(&cp.url, id).await;
+            let fresh = e["lastCheckIn"].as_str().is_some_and(|t| {
+                let t =
+                    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                        .unwrap();
+                time::OffsetDateTime::now_utc() - t < time::Duration::seconds(3)
+            });
+            fresh.then_some(())
+        },
+    )
+    .await;
+
+    // Stop the agent: down after 2 * interval + 20 s.
+    let _ = stop_agent.send(());
+    agent.await.unwrap().unwrap();
+    eventually(
+        Duration::from_secs(2 * interval + 20 + 10),
+        "environment down",
+        || async { (env(&cp.url, id).await["status"] == "down").then_some(()) },
+    )
+    .await;
+    cp.stop();
+}
