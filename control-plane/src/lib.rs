@@ -265,7 +265,8 @@ async fn watch_admin_keys(
         tokio::select! {
             _ = stop.changed() => return,
             c = changes.recv() => match c {
-                Ok(Change::AdminKeys) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Resync and Lagged: notifications may have been missed, so reload regardless.
+                Ok(Change::AdminKeys | Change::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     match store.admin_key_hashes().await {
                         Ok(h) => keys.replace(h),
                         Err(e) => tracing::warn!(error = %e, "cannot reload admin keys"),

@@ -289,6 +289,15 @@ impl Fleet {
                 Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
             },
             Change::AdminKeys => {}
+            Change::Resync => {
+                // Notifications may have been missed (e.g. the store's pub/sub reconnected):
+                // the settings and every live actor may be stale.
+                match self.store.settings().await {
+                    Ok(s) => self.defaults.set(&s),
+                    Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
+                }
+                self.reload_all().await;
+            }
         }
     }
 

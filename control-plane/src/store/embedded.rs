@@ -13,7 +13,8 @@
 //! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
 //!
 //! redb serialises write transactions, so every read-check-write below (binding, name
-//! uniqueness, max-heartbeat) is atomic simply by happening inside one write transaction.
+//! uniqueness, max-heartbeat, the fields an update keeps) is atomic simply by happening inside
+//! one write transaction.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -275,8 +276,11 @@ impl Store for EmbeddedStore {
                 Some(v) => decode_env(env.id, v.value())?,
                 None => return Ok((false, false)),
             };
-            // The binding and the creation time are not the caller's to change.
+            // The binding, the join secret and the creation time are not the caller's to
+            // change. Taking them from the record read in this same write transaction is what
+            // keeps a stale copy from undoing a concurrent bind or secret rotation.
             env.edge_id = current.edge_id;
+            env.join_secret = current.join_secret;
             env.created_at_ms = current.created_at_ms;
             table
                 .insert(env.id, encode_env(&env)?.as_slice())

@@ -50,6 +50,8 @@ pub struct Environment {
     pub allow_self_signed: bool,
     /// The join secret, base64url (see `proto::token::JoinSecret`). It has to be kept, not
     /// hashed: the server verifies HMAC proofs with it and install commands re-issue the key.
+    /// Only creation and [`Store::reset_association`] set it; [`Store::update_environment`]
+    /// leaves it alone, so a stale copy can never bring back a rotated secret.
     pub join_secret: String,
     /// The bound Edge ID. Only [`Store::bind_edge_id`] and [`Store::reset_association`] (and a
     /// pre-assigned ID at creation) change it; [`Store::update_environment`] leaves it alone.
@@ -151,6 +153,9 @@ pub enum Change {
     EnvironmentDeleted(EnvId),
     Settings,
     AdminKeys,
+    /// Notifications may have been missed: reload everything. Sent by the store itself to its
+    /// local subscribers, e.g. by the Redis backend after re-subscribing to a lost channel.
+    Resync,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,18 +180,28 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
 
     /// Creates environments with fresh, increasing ids, in order, in one batch.
-    async fn create_environments(&self, new: Vec<NewEnvironment>) -> Result<Vec<Environment>, StoreError>;
+    async fn create_environments(
+        &self,
+        new: Vec<NewEnvironment>,
+    ) -> Result<Vec<Environment>, StoreError>;
     async fn get_environment(&self, id: EnvId) -> Result<Option<Environment>, StoreError>;
     /// Every environment, ordered by id.
     async fn list_environments(&self) -> Result<Vec<Environment>, StoreError>;
-    /// Replaces every field but `id`, `edge_id` and `created_at_ms`. `false` if absent.
+    /// Replaces every field but `id`, `edge_id`, `join_secret` and `created_at_ms`, keeping
+    /// the stored values of those atomically with the write: a record read before a
+    /// concurrent [`Store::bind_edge_id`] or [`Store::reset_association`] can neither undo the
+    /// binding nor bring back the old secret. `false` if absent.
     async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError>;
     /// Deletes the environment, its binding and its heartbeat. `false` if absent.
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError>;
     /// Binds `edge_id` if the environment is unbound (atomic across replicas).
     async fn bind_edge_id(&self, id: EnvId, edge_id: Uuid) -> Result<BindOutcome, StoreError>;
     /// Forgets the binding and stores a new join secret. Returns the updated record.
-    async fn reset_association(&self, id: EnvId, new_secret: String) -> Result<Option<Environment>, StoreError>;
+    async fn reset_association(
+        &self,
+        id: EnvId,
+        new_secret: String,
+    ) -> Result<Option<Environment>, StoreError>;
 
     /// Records last check-in times (ms since epoch) in one batch; a time never moves backwards.
     /// Heartbeats of unknown environments are dropped.
@@ -196,7 +211,16 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_named(&self, coll: Collection, name: &str) -> Result<Named, StoreError>;
     async fn list_named(&self, coll: Collection) -> Result<Vec<Named>, StoreError>;
-    async fn rename_named(&self, coll: Collection, id: u64, name: &str) -> Result<Option<Named>, StoreError>;
+    async fn rename_named(
+        &self,
+        coll: Collection,
+        id: u64,
+        name: &str,
+    ) -> Result<Option<Named>, StoreError>;
+    /// Deletes a group or tag; `false` if absent. Environments referring to it are not touched
+    /// (their `group_id` / `tag_ids` would keep a dangling id): the admin API refuses to
+    /// delete a group or tag still in use, and callers must check that first. That check is
+    /// not atomic with the delete, so readers must still tolerate unknown ids.
     async fn delete_named(&self, coll: Collection, id: u64) -> Result<bool, StoreError>;
 
     /// Settings, or the defaults when none were stored.

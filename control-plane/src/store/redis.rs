@@ -21,9 +21,13 @@
 //! | `edgeplane:changes`         | channel | pub/sub channel of JSON-encoded [`Change`]s      |
 //!
 //! The binding lives apart from the record so that binding is a single HSETNX and a
-//! concurrent [`Store::update_environment`] (which rewrites the whole record) can never undo
-//! it. Multi-key rules (bind only existing environments, heartbeats only for existing ones and
-//! never backwards, unique names) are small Lua scripts, which Redis runs atomically.
+//! concurrent [`Store::update_environment`] (which rewrites the record) can never undo it.
+//! Read-check-write rules (bind only existing environments, updates keep the stored join
+//! secret, heartbeats only for existing ones and never backwards, unique names) are small Lua
+//! scripts, which Redis runs atomically.
+//!
+//! After the pub/sub connection is lost and restored, changes published in between are gone;
+//! the store then sends [`Change::Resync`] to its local subscribers so that they reload.
 //!
 //! The scripts touch several keys, so this backend needs a single Redis (or a primary with
 //! replicas), not Redis Cluster.
@@ -67,6 +71,8 @@ const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 const HEARTBEAT_CHUNK: usize = 10_000;
 /// Optimistic retries of `reset_association` against concurrent writers of the same record.
 const RESET_RETRIES: usize = 16;
+/// The stored name of [`EnvRecord::join_secret`], which [`UPDATE_LUA`] also spells out.
+const JOIN_SECRET_FIELD: &str = "joinSecret";
 
 /// Every key name, derived from the prefix in one place.
 #[derive(Clone, Debug)]
@@ -123,13 +129,24 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then return 1 end
 return redis.call('HGET', KEYS[2], ARGV[1])
 ";
 
-/// Replaces a record only if it still exists (a concurrent delete wins).
-/// KEYS: env. ARGV: id, JSON. Returns 1 if replaced, 0 if absent.
-const UPDATE_LUA: &str = r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+/// Replaces a record only if it still exists (a concurrent delete wins), keeping its stored
+/// join secret: only `reset_association` rotates it, and an update computed from a copy read
+/// before a rotation must not bring the old secret back.
+/// KEYS: env. ARGV: id, JSON object of the new record *without* `joinSecret` (and with at
+/// least one other field, which every record has).
+/// Returns 1 if replaced, 0 if absent, -1 if the stored record has no readable join secret.
+/// The stored secret is spliced into the new JSON as text rather than re-encoding the whole
+/// record with cjson, which would round u64s (`createdAtMs`) through doubles; encoding one
+/// string with cjson is exact.
+const UPDATE_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local ok, rec = pcall(cjson.decode, cur)
+if not ok or type(rec) ~= 'table' or type(rec.joinSecret) ~= 'string' then return -1 end
+local secret = '{"joinSecret":' .. cjson.encode(rec.joinSecret) .. ','
+redis.call('HSET', KEYS[1], ARGV[1], secret .. string.sub(ARGV[2], 2))
 return 1
-";
+"#;
 
 /// Compare-and-set of a record that also drops its binding.
 /// KEYS: env, binding. ARGV: id, expected JSON, new JSON.
@@ -297,6 +314,25 @@ impl EnvRecord {
             .map_err(|e| StoreError::Corrupt(format!("encoding environment: {e}")))
     }
 
+    /// The JSON of the record minus `joinSecret`, for [`UPDATE_LUA`] to add the stored one.
+    /// Goes through a `serde_json::Value`, which keeps u64s exact.
+    fn encode_without_secret(&self) -> Result<String, StoreError> {
+        let mut value = serde_json::to_value(self)
+            .map_err(|e| StoreError::Corrupt(format!("encoding environment: {e}")))?;
+        // Fails loudly if the field is ever renamed: the script would otherwise write the
+        // key twice, and the record would no longer decode.
+        value
+            .as_object_mut()
+            .and_then(|fields| fields.remove(JOIN_SECRET_FIELD))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "encoding environment: no {JOIN_SECRET_FIELD:?} field to leave out"
+                ))
+            })?;
+        serde_json::to_string(&value)
+            .map_err(|e| StoreError::Corrupt(format!("encoding environment: {e}")))
+    }
+
     fn decode(id: EnvId, json: &str) -> Result<Self, StoreError> {
         serde_json::from_str(json)
             .map_err(|e| StoreError::Corrupt(format!("environment {id}: {e}")))
@@ -435,8 +471,8 @@ async fn forward_changes(
 ) {
     loop {
         let reason = pump(&mut sink, &mut stream, &changes).await;
-        // Changes published while we are away are lost for this replica; its consumers catch
-        // up on their own next reload.
+        // Changes published while we are away are lost for this replica; the `Resync` sent
+        // once we are back tells its consumers to catch up.
         tracing::warn!(%channel, %reason, "change subscription lost, reconnecting");
         let mut delay = RECONNECT_MIN_BACKOFF;
         let mut attempts: u32 = 0;
@@ -445,6 +481,10 @@ async fn forward_changes(
             match subscribe_changes(&client, &channel).await {
                 Ok(subscribed) => {
                     tracing::info!(%channel, attempts, "change subscription restored");
+                    // Only now, with the subscription confirmed: every change published from
+                    // here on is delivered after the `Resync`, so a consumer that reloads on
+                    // it leaves no gap. No local subscriber is fine: nobody needed to hear it.
+                    let _ = changes.send(Change::Resync);
                     break subscribed;
                 }
                 Err(e) => {
@@ -609,9 +649,10 @@ impl Store for RedisStore {
 
     async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        // `created_at_ms` is kept from the stored record. It never changes after creation, so
-        // reading it outside the script cannot race; the script itself only guards against a
-        // concurrent delete.
+        // `created_at_ms` is kept from the stored record. It never changes after creation (and
+        // ids are never reused), so reading it outside the script cannot race. The join secret
+        // can change under us (`reset_association`), so the script keeps the stored one itself,
+        // atomically with the write; it also guards against a concurrent delete.
         let current: Option<String> = redis::cmd("HGET")
             .arg(&self.keys.env)
             .arg(env.id)
@@ -623,16 +664,23 @@ impl Store for RedisStore {
         };
         let mut record = EnvRecord::from_env(env);
         record.created_at_ms = EnvRecord::decode(env.id, &current)?.created_at_ms;
-        let replaced: i64 = self
+        let outcome: i64 = self
             .scripts
             .update
             .key(&self.keys.env)
             .arg(env.id)
-            .arg(record.encode()?)
+            .arg(record.encode_without_secret()?)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
-        Ok(replaced == 1)
+        match outcome {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(StoreError::Corrupt(format!(
+                "environment {}: stored record has no readable join secret",
+                env.id
+            ))),
+        }
     }
 
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError> {
