@@ -96,8 +96,14 @@ pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, R
         &config.data_dir,
         std::slice::from_ref(&public_host),
     )?;
-    if matches!(config.tls, TlsSource::Files { .. }) {
-        tracing::info!("using the given api certificate");
+    match (&config.tls, &config.redis_url) {
+        (TlsSource::Files { .. }, _) => tracing::info!("using the given api certificate"),
+        (TlsSource::SelfSigned, Some(_)) => tracing::warn!(
+            cert = %tls.cert_path.display(),
+            "cluster mode with a generated certificate: every replica must serve the same \
+             certificate (its fingerprint is in join keys); pass the same --tls-cert/--tls-key to all"
+        ),
+        (TlsSource::SelfSigned, None) => {}
     }
     let (admin, admin_key_source) =
         bootstrap::admin_key(&store, config.admin_api_key.as_deref(), &config.data_dir).await?;

@@ -398,8 +398,8 @@ impl Fleet {
                 change = changes.recv() => match change {
                     Ok(change) => self.apply(&change).await,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "change notifications lagged; reloading all environments");
-                        self.reload_all().await;
+                        tracing::warn!(missed = n, "change notifications lagged; reloading everything");
+                        self.apply(&Change::Resync).await;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         tracing::error!("change notification stream closed");
