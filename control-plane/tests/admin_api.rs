@@ -349,6 +349,16 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
             message(&v)
         );
     }
+    // curl -d sends a form content type; the body is read as JSON anyway (README, banner).
+    let r = client
+        .post(cp.api("/api/groups"))
+        .header("X-API-Key", ADMIN_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"name": "from-curl"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
     // Oversized bulk.
     let many: Vec<Value> = (0..1001)
         .map(|i| json!({"name": format!("e{i}")}))

@@ -154,6 +154,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::JsonConfig::default()
             .limit(4 * 1024 * 1024)
+            // `curl -d '{...}'` sends a form content type: the body is JSON all the same.
+            .content_type_required(false)
             .error_handler(|e, _| ApiError::BadRequest(format!("invalid JSON body: {e}")).into()),
     )
     .app_data(
