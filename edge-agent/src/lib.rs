@@ -1,1 +1,28 @@
+//! The edgeplane edge agent: calls home to the control plane, never opens a port.
+//!
+//! * [`config`]: flags and environment variables in, a validated [`Config`] out.
+//! * [`edge_id`]: the agent's identity, given or generated once and persisted.
+//! * [`client`]: one check-in over a kept-alive TLS connection ([`PollClient`]), shared with
+//!   the load test.
+//! * [`tls`]: which API certificates are accepted (pinned by the join token, publicly trusted,
+//!   or anything with `EDGE_INSECURE_POLL=1`).
+//! * [`clock`], [`retry`]: timestamps, backoff and log throttling, as pure logic.
+//! * [`agent`]: the loop that ties them together ([`run`]).
 
+pub mod agent;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod edge_id;
+pub mod retry;
+pub mod tls;
+
+pub use agent::{init_tracing, run, shutdown_signal, AgentError};
+pub use client::{
+    ByteCount, ByteCounters, CheckinError, CheckinOutcome, PollClient, PollOptions, RefusalCode,
+    RetryClass, SetupError,
+};
+pub use config::{Args, Config, ConfigError};
+
+#[cfg(feature = "test-support")]
+pub mod testing;

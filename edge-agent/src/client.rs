@@ -1,0 +1,938 @@
+//! The check-in client: one persistent HTTP/1.1 connection (TLS over TCP) to the control
+//! plane, and one call, [`PollClient::checkin`], used by the agent loop and by the load test.
+//!
+//! Bytes matter on metered links, so a check-in sends only `host` and `content-length` headers
+//! and a signed binary body of a few dozen bytes, over a kept-alive connection with
+//! TCP_NODELAY (without it every request would stall ~40 ms behind delayed ACKs).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, HOST, RETRY_AFTER};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use proto::codec::{self, CodecError, MAX_CONTROL_FRAME};
+use proto::proof::{self, ProofKey};
+use proto::wire::{
+    AgentInfo, CheckinAnswer, CheckinRequest, EdgeStatus, Platform, SealedCredentials, CHECKIN_PATH,
+};
+use proto::JoinToken;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use uuid::Uuid;
+
+use crate::clock::{unix_now_ms, CheckinClock};
+use crate::tls::{self, TlsSetupError};
+
+/// Interval assumed before the server has told us one (the control plane's default).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// Slack on top of the interval before a check-in counts as timed out (the server may hold a
+/// check-in open for up to one interval).
+pub const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
+/// Largest error body read (they are small JSON objects).
+const MAX_ERROR_BODY: usize = 4 * 1024;
+/// Longest server message kept for errors and logs.
+const MAX_MESSAGE_CHARS: usize = 200;
+
+/// Bytes read from and written to the TCP socket(s) of a client: TLS records, i.e. the TCP
+/// payload, not the HTTP bytes inside. Share one between clients to get a total.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+/// A snapshot of [`ByteCounters`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCount {
+    pub read: u64,
+    pub written: u64,
+}
+
+impl ByteCount {
+    pub fn total(self) -> u64 {
+        self.read + self.written
+    }
+}
+
+impl ByteCounters {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    pub fn snapshot(&self) -> ByteCount {
+        ByteCount {
+            read: self.read.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// An I/O stream that adds every byte it moves to shared [`ByteCounters`].
+#[derive(Debug)]
+pub struct CountingStream<S> {
+    inner: S,
+    counters: Arc<ByteCounters>,
+}
+
+impl<S> CountingStream<S> {
+    pub fn new(inner: S, counters: Arc<ByteCounters>) -> Self {
+        Self { inner, counters }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountingStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let n = buf.filled().len().saturating_sub(before);
+            this.counters.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            this.counters.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res {
+            this.counters.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Why a check-in refusal happened, from the `code` of the server's JSON error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// 401: our timestamp is too far from the server clock.
+    ClockSkew,
+    /// 401: the request proof does not verify (wrong join secret).
+    BadProof,
+    /// 401: `AGENT_SECRET` differs from the control plane's.
+    AgentSecretMismatch,
+    /// 401: the same request was seen before.
+    Replay,
+    /// 403: the environment is bound to another Edge ID.
+    EdgeIdMismatch,
+    /// 404: no such environment (deleted, or the key belongs elsewhere).
+    UnknownEnvironment,
+    /// 400: the server could not read the request (version mismatch?).
+    BadRequest,
+    /// Any other code (or none).
+    Other(String),
+}
+
+impl RefusalCode {
+    pub fn parse(code: &str) -> Self {
+        match code {
+            "clock_skew" => Self::ClockSkew,
+            "bad_proof" => Self::BadProof,
+            "agent_secret_mismatch" => Self::AgentSecretMismatch,
+            "replay" => Self::Replay,
+            "edge_id_mismatch" => Self::EdgeIdMismatch,
+            "unknown_environment" => Self::UnknownEnvironment,
+            "bad_request" => Self::BadRequest,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// A fixed label (metrics, error counts); unknown codes share one.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ClockSkew => "clock_skew",
+            Self::BadProof => "bad_proof",
+            Self::AgentSecretMismatch => "agent_secret_mismatch",
+            Self::Replay => "replay",
+            Self::EdgeIdMismatch => "edge_id_mismatch",
+            Self::UnknownEnvironment => "unknown_environment",
+            Self::BadRequest => "bad_request",
+            Self::Other(_) => "refused_other",
+        }
+    }
+
+    /// What an operator can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Self::ClockSkew => "the clock is off and could not be corrected",
+            Self::BadProof => "the EDGE_KEY does not match the environment's current key; reinstall with the key shown by the control plane",
+            Self::AgentSecretMismatch => "AGENT_SECRET differs from the control plane's",
+            Self::Replay => "a check-in was repeated; this clears by itself",
+            Self::EdgeIdMismatch => "the environment is bound to another Edge ID; reset its association in the control plane, or set EDGE_ID to the bound one",
+            Self::UnknownEnvironment => "the environment does not exist (deleted?); reinstall with a new key",
+            Self::BadRequest => "the control plane could not read the check-in; check that agent and server versions match",
+            Self::Other(_) => "see the server message",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Other(code) if !code.is_empty() => f.write_str(code),
+            other => f.write_str(other.kind()),
+        }
+    }
+}
+
+/// How a failed check-in should be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// The network or the server is in trouble: jittered exponential backoff.
+    Backoff,
+    /// The server refused us: retry calmly, an admin may fix it.
+    Refused,
+    /// The server is overloaded and may say when to come back.
+    Busy(Option<Duration>),
+}
+
+/// A failed check-in. Each variant says where it failed; [`CheckinError::retry_class`] says
+/// how (and whether soon) a retry can help.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckinError {
+    /// DNS: the API host name did not resolve. Retry helps when DNS or the network recovers.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    /// TCP: connection refused, unreachable, out of ports. Retry helps when the server is back.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    /// TLS: handshake failed or the certificate was rejected. A rejected certificate needs an
+    /// operator (a certificate matching the join token, or a publicly trusted one).
+    #[error("tls handshake with {host} failed: {source}")]
+    Tls { host: String, source: io::Error },
+    /// HTTP: the connection broke or the server spoke bad HTTP. Retry on a new connection.
+    #[error("http exchange failed: {0}")]
+    Http(#[source] hyper::Error),
+    /// No complete answer in time. Retry on a new connection.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The server refused this agent (401/403/404/400). Retrying helps only after an admin acts.
+    #[error("check-in refused ({status} {code}): {message}; {hint}", hint = code.hint())]
+    Refused {
+        status: u16,
+        code: RefusalCode,
+        message: String,
+        /// Server clock from a `clock_skew` refusal.
+        server_time_ms: Option<u64>,
+    },
+    /// 503 / 429: the server sheds load. Retry later.
+    #[error("server busy")]
+    Busy { retry_after: Option<Duration> },
+    /// Other 5xx. Retry later.
+    #[error("server error {status}: {message}")]
+    Server { status: u16, message: String },
+    /// The answer did not make sense (wrong status, undecodable body). Likely a version mismatch.
+    #[error("unexpected answer (status {status}): {detail}")]
+    Protocol { status: u16, detail: String },
+    /// The request could not be encoded: a bug on our side.
+    #[error("cannot encode the check-in: {0}")]
+    Encode(#[source] CodecError),
+}
+
+impl CheckinError {
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            Self::Refused { .. } => RetryClass::Refused,
+            Self::Busy { retry_after } => RetryClass::Busy(*retry_after),
+            _ => RetryClass::Backoff,
+        }
+    }
+
+    /// A fixed label for counting errors by kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Resolve { .. } => "resolve",
+            Self::Connect { .. } => "connect",
+            Self::Tls { .. } => "tls",
+            Self::Http(_) => "http",
+            Self::Timeout(_) => "timeout",
+            Self::Refused { code, .. } => code.kind(),
+            Self::Busy { .. } => "busy",
+            Self::Server { .. } => "server_error",
+            Self::Protocol { .. } => "protocol",
+            Self::Encode(_) => "encode",
+        }
+    }
+
+    /// Whether the connection can no longer be trusted and must be re-established.
+    fn breaks_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Resolve { .. }
+                | Self::Connect { .. }
+                | Self::Tls { .. }
+                | Self::Http(_)
+                | Self::Timeout(_)
+                | Self::Protocol { .. }
+        )
+    }
+}
+
+/// Why a [`PollClient`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("api url {0:?} is not usable: {1}")]
+    ApiUrl(String, &'static str),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
+/// The result of a successful check-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckinOutcome {
+    pub status: EdgeStatus,
+    /// When to check in next.
+    pub interval: Duration,
+    /// Sealed one-time tunnel credentials, with `EdgeStatus::Required`.
+    pub tunnel: Option<SealedCredentials>,
+    /// Set when this check-in opened a new connection.
+    pub connection: Option<NewConnection>,
+    /// The server corrected our clock during this check-in.
+    pub clock_corrected: bool,
+}
+
+/// Facts about a freshly opened connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewConnection {
+    /// TCP payload bytes (both directions) of the TLS handshake.
+    pub handshake_bytes: u64,
+}
+
+/// How to build a [`PollClient`]; start from [`PollOptions::new`].
+#[derive(Debug, Clone)]
+pub struct PollOptions {
+    pub edge_id: Uuid,
+    pub agent_secret: Option<String>,
+    /// Accept any server certificate (`EDGE_INSECURE_POLL=1`).
+    pub insecure: bool,
+    /// Local address to bind before connecting (load tests spread agents over 127.0.0.0/8).
+    pub local_addr: Option<IpAddr>,
+    /// Where socket bytes are counted.
+    pub counters: Arc<ByteCounters>,
+    /// Sent on the first check-in and after errors.
+    pub agent_info: AgentInfo,
+    /// A TLS configuration to share between clients; `None` builds one from the token.
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
+    /// Interval assumed until the server answers.
+    pub initial_interval: Duration,
+}
+
+impl PollOptions {
+    pub fn new(edge_id: Uuid) -> Self {
+        Self {
+            edge_id,
+            agent_secret: None,
+            insecure: false,
+            local_addr: None,
+            counters: ByteCounters::new(),
+            agent_info: agent_info(hostname()),
+            tls_config: None,
+            initial_interval: DEFAULT_INTERVAL,
+        }
+    }
+}
+
+/// This build's [`AgentInfo`] for a Docker host named `hostname`.
+pub fn agent_info(hostname: String) -> AgentInfo {
+    AgentInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        platform: Platform::Docker,
+        hostname,
+    }
+}
+
+/// The kernel's host name, or `unknown`.
+pub fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .find(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Where and how to connect, worked out once from the join token.
+#[derive(Debug, Clone)]
+struct Target {
+    host: url::Host<String>,
+    port: u16,
+    /// `host[:port]` as the `host` header carries it.
+    authority: HeaderValue,
+    path: Uri,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl Target {
+    fn new(
+        api_url: &str,
+        tls_config: impl FnOnce() -> Result<Arc<rustls::ClientConfig>, TlsSetupError>,
+    ) -> Result<Self, SetupError> {
+        let bad = |why| SetupError::ApiUrl(api_url.to_owned(), why);
+        let url = url::Url::parse(api_url).map_err(|_| bad("not a URL"))?;
+        let host = url.host().ok_or_else(|| bad("no host"))?.to_owned();
+        let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        let host_str = url.host_str().ok_or_else(|| bad("no host"))?;
+        let authority = match url.port() {
+            Some(p) => format!("{host_str}:{p}"),
+            None => host_str.to_owned(),
+        };
+        let authority = HeaderValue::from_str(&authority).map_err(|_| bad("bad host"))?;
+        let path = format!("{}{}", url.path().trim_end_matches('/'), CHECKIN_PATH);
+        let path = Uri::try_from(path).map_err(|_| bad("bad path"))?;
+        let tls = match url.scheme() {
+            "https" => {
+                let name = match &host {
+                    url::Host::Domain(d) => ServerName::try_from(d.clone())
+                        .map_err(|_| bad("host is not a valid TLS server name"))?,
+                    url::Host::Ipv4(ip) => ServerName::IpAddress(IpAddr::V4(*ip).into()),
+                    url::Host::Ipv6(ip) => ServerName::IpAddress(IpAddr::V6(*ip).into()),
+                };
+                Some((tls_config()?, name))
+            }
+            "http" => None,
+            _ => return Err(bad("scheme is neither https nor http")),
+        };
+        Ok(Self {
+            host,
+            port,
+            authority,
+            path,
+            tls,
+        })
+    }
+}
+
+type Sender = SendRequest<Full<Bytes>>;
+
+/// A check-in client for one agent: one kept-alive connection, re-established on error.
+#[derive(Debug)]
+pub struct PollClient {
+    endpoint_id: u64,
+    edge_id: Uuid,
+    key: ProofKey,
+    target: Target,
+    local_addr: Option<IpAddr>,
+    counters: Arc<ByteCounters>,
+    agent_info: AgentInfo,
+    conn: Option<Sender>,
+    clock: CheckinClock,
+    send_agent_info: bool,
+    interval: Duration,
+    connects: u64,
+}
+
+/// A failed attempt, and whether it failed on a reused connection before any answer (the
+/// server may have closed an idle keep-alive connection just as we used it).
+struct AttemptError {
+    error: CheckinError,
+    stale_reuse: bool,
+}
+
+impl From<CheckinError> for AttemptError {
+    fn from(error: CheckinError) -> Self {
+        Self {
+            error,
+            stale_reuse: false,
+        }
+    }
+}
+
+impl PollClient {
+    pub fn new(token: &JoinToken, options: PollOptions) -> Result<Self, SetupError> {
+        let PollOptions {
+            edge_id,
+            agent_secret,
+            insecure,
+            local_addr,
+            counters,
+            agent_info,
+            tls_config,
+            initial_interval,
+        } = options;
+        let target = Target::new(&token.api_url, || match tls_config {
+            Some(c) => Ok(c),
+            None => tls::client_config(token.tunnel_fingerprint, insecure),
+        })?;
+        Ok(Self {
+            endpoint_id: token.endpoint_id,
+            edge_id,
+            key: ProofKey::derive(&token.secret, agent_secret.as_deref()),
+            target,
+            local_addr,
+            counters,
+            agent_info,
+            conn: None,
+            clock: CheckinClock::new(),
+            send_agent_info: true,
+            interval: initial_interval.max(Duration::from_secs(1)),
+            connects: 0,
+        })
+    }
+
+    pub fn edge_id(&self) -> Uuid {
+        self.edge_id
+    }
+
+    /// The interval the server asked for last (or the initial one).
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    pub fn counters(&self) -> &Arc<ByteCounters> {
+        &self.counters
+    }
+
+    /// How many connections this client has opened.
+    pub fn connects(&self) -> u64 {
+        self.connects
+    }
+
+    pub fn clock_offset_ms(&self) -> i64 {
+        self.clock.offset_ms()
+    }
+
+    /// Closes the connection; the next check-in opens a new one.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// One check-in: connect if needed, send, read the answer. A `clock_skew` refusal is fixed
+    /// and retried at once (once); a kept-alive connection found dead before answering is
+    /// replaced at once (once). Times out after the interval plus [`TIMEOUT_SLACK`].
+    pub async fn checkin(&mut self) -> Result<CheckinOutcome, CheckinError> {
+        let timeout = self.interval + TIMEOUT_SLACK;
+        let mut skew_fixed = false;
+        let mut stale_replaced = false;
+        loop {
+            let result = match tokio::time::timeout(timeout, self.attempt()).await {
+                Ok(result) => result,
+                Err(_) => Err(CheckinError::Timeout(timeout).into()),
+            };
+            let AttemptError { error, stale_reuse } = match result {
+                Ok(mut outcome) => {
+                    self.send_agent_info = false;
+                    outcome.clock_corrected |= skew_fixed;
+                    return Ok(outcome);
+                }
+                Err(e) => e,
+            };
+            // "The first check-in after any error" carries the agent info again.
+            self.send_agent_info = true;
+            if error.breaks_connection() {
+                self.conn = None;
+            }
+            if stale_reuse && !stale_replaced {
+                stale_replaced = true;
+                continue;
+            }
+            if let CheckinError::Refused {
+                code: RefusalCode::ClockSkew,
+                server_time_ms: Some(server_ms),
+                ..
+            } = &error
+            {
+                if !skew_fixed {
+                    skew_fixed = true;
+                    self.clock.learn(*server_ms, unix_now_ms());
+                    tracing::info!(
+                        offset_ms = self.clock.offset_ms(),
+                        "clock corrected from the server's clock_skew answer"
+                    );
+                    continue;
+                }
+            }
+            return Err(error);
+        }
+    }
+
+    async fn attempt(&mut self) -> Result<CheckinOutcome, AttemptError> {
+        // Take the connection out: if this future is dropped (timeout, shutdown) midway, the
+        // half-used connection goes with it.
+        let mut reusable = self.conn.take();
+        if let Some(sender) = reusable.as_mut() {
+            if sender.ready().await.is_err() {
+                reusable = None;
+            }
+        }
+        let (mut sender, connection) = match reusable {
+            Some(sender) => (sender, None),
+            None => {
+                let (sender, info) = self.connect().await?;
+                (sender, Some(info))
+            }
+        };
+        let reused = connection.is_none();
+
+        let request = CheckinRequest {
+            endpoint_id: self.endpoint_id,
+            edge_id: self.edge_id,
+            timestamp_ms: self.clock.next_timestamp(unix_now_ms()),
+            agent: self.send_agent_info.then(|| self.agent_info.clone()),
+        };
+        let body = proof::sign(&request, &self.key).map_err(CheckinError::Encode)?;
+        let body_len = body.len();
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.target.path.clone();
+        let headers = req.headers_mut();
+        headers.insert(HOST, self.target.authority.clone());
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+
+        let response = sender.send_request(req).await.map_err(|e| {
+            let stale = reused && is_dead_connection(&e);
+            AttemptError {
+                error: CheckinError::Http(e),
+                stale_reuse: stale,
+            }
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let limit = if status == StatusCode::OK {
+            MAX_CONTROL_FRAME
+        } else {
+            MAX_ERROR_BODY
+        };
+        let body = match Limited::new(response.into_body(), limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return Err(match e.downcast::<hyper::Error>() {
+                    Ok(e) => CheckinError::Http(*e),
+                    Err(_) => CheckinError::Protocol {
+                        status: status.as_u16(),
+                        detail: format!("answer body larger than {limit} bytes"),
+                    },
+                }
+                .into())
+            }
+        };
+        // The exchange is complete: the connection can serve the next check-in.
+        self.conn = Some(sender);
+
+        if status == StatusCode::OK {
+            let answer: CheckinAnswer =
+                codec::decode(&body, MAX_CONTROL_FRAME).map_err(|e| CheckinError::Protocol {
+                    status: 200,
+                    detail: format!("undecodable answer: {e}"),
+                })?;
+            let mut clock_corrected = false;
+            if let Some(server_ms) = answer.server_time_ms {
+                self.clock.learn(server_ms, unix_now_ms());
+                clock_corrected = true;
+            }
+            self.interval = Duration::from_secs(u64::from(answer.interval_secs.max(1)));
+            return Ok(CheckinOutcome {
+                status: answer.status,
+                interval: self.interval,
+                tunnel: answer.tunnel,
+                connection,
+                clock_corrected,
+            });
+        }
+        Err(error_from_answer(status, retry_after, &body).into())
+    }
+
+    async fn connect(&mut self) -> Result<(Sender, NewConnection), CheckinError> {
+        let tcp = self.connect_tcp().await?;
+        self.connects += 1;
+        // Bytes of this connection only: the counters may be shared with other clients.
+        let stream_counters = ByteCounters::new();
+        let stream = CountingStream::new(tcp, stream_counters.clone());
+        let tee = CountingStream::new(stream, self.counters.clone());
+        let sender = match &self.target.tls {
+            Some((config, name)) => {
+                let tls = TlsConnector::from(config.clone())
+                    .connect(name.clone(), tee)
+                    .await
+                    .map_err(|source| CheckinError::Tls {
+                        host: self.target.host.to_string(),
+                        source,
+                    })?;
+                http_handshake(tls).await?
+            }
+            None => http_handshake(tee).await?,
+        };
+        Ok((
+            sender,
+            NewConnection {
+                handshake_bytes: stream_counters.snapshot().total(),
+            },
+        ))
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, CheckinError> {
+        let addrs: Vec<SocketAddr> = match &self.target.host {
+            url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(*ip), self.target.port)],
+            url::Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(*ip), self.target.port)],
+            url::Host::Domain(name) => tokio::net::lookup_host((name.as_str(), self.target.port))
+                .await
+                .map_err(|source| CheckinError::Resolve {
+                    host: name.clone(),
+                    source,
+                })?
+                .collect(),
+        };
+        let mut last_err = None;
+        for addr in addrs {
+            match self.connect_addr(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(source) => last_err = Some((addr, source)),
+            }
+        }
+        let (addr, source) = last_err.unwrap_or_else(|| {
+            (
+                SocketAddr::new(IpAddr::from([0, 0, 0, 0]), self.target.port),
+                io::Error::new(io::ErrorKind::NotFound, "no address found"),
+            )
+        });
+        Err(CheckinError::Connect {
+            addr: addr.to_string(),
+            source,
+        })
+    }
+
+    async fn connect_addr(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(local) = self.local_addr.filter(|l| l.is_ipv4() == addr.is_ipv4()) {
+            socket.bind(SocketAddr::new(local, 0))?;
+        }
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// Whether a send failed because the peer had already closed the kept-alive connection (idle
+/// timeout, restart): then a fresh connection can carry the same check-in at once.
+fn is_dead_connection(e: &hyper::Error) -> bool {
+    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = err.source();
+    }
+    false
+}
+
+async fn http_handshake<T>(io: T) -> Result<Sender, CheckinError>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(CheckinError::Http)?;
+    // The connection task ends when the sender is dropped or the peer goes away.
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "check-in connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// The JSON error body of the control plane.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    code: String,
+    #[serde(default, rename = "serverTimeMs")]
+    server_time_ms: Option<u64>,
+}
+
+/// Maps a non-200 answer to an error. Public for tests of the mapping.
+pub fn error_from_answer(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> CheckinError {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let message = match &parsed {
+        Some(b) => clean_message(&b.message),
+        None => clean_message(&String::from_utf8_lossy(body)),
+    };
+    let code = parsed.as_ref().map(|b| b.code.as_str()).unwrap_or("");
+    let server_time_ms = parsed.as_ref().and_then(|b| b.server_time_ms);
+    match status.as_u16() {
+        503 | 429 => CheckinError::Busy { retry_after },
+        s @ 500..=599 => CheckinError::Server { status: s, message },
+        s @ 400..=499 => CheckinError::Refused {
+            status: s,
+            code: RefusalCode::parse(code),
+            message,
+            server_time_ms,
+        },
+        s => CheckinError::Protocol {
+            status: s,
+            detail: format!("unexpected status: {message}"),
+        },
+    }
+}
+
+/// Server text goes into logs: keep it short and on one line.
+fn clean_message(raw: &str) -> String {
+    raw.chars()
+        .take(MAX_MESSAGE_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_mapping() {
+        let e = error_from_answer(
+            StatusCode::UNAUTHORIZED,
+            None,
+            br#"{"message":"clock off","code":"clock_skew","serverTimeMs":1234}"#,
+        );
+        assert!(matches!(
+            &e,
+            CheckinError::Refused { status: 401, code: RefusalCode::ClockSkew, server_time_ms: Some(1234), message } if message == "clock off"
+        ));
+        assert_eq!(e.kind(), "clock_skew");
+        assert_eq!(e.retry_class(), RetryClass::Refused);
+
+        let e = error_from_answer(
+            StatusCode::FORBIDDEN,
+            None,
+            br#"{"message":"bound to another","code":"edge_id_mismatch"}"#,
+        );
+        assert_eq!(e.kind(), "edge_id_mismatch");
+        assert!(e.to_string().contains("reset its association"));
+
+        for (code, kind) in [
+            ("bad_proof", "bad_proof"),
+            ("agent_secret_mismatch", "agent_secret_mismatch"),
+            ("replay", "replay"),
+            ("unknown_environment", "unknown_environment"),
+            ("bad_request", "bad_request"),
+            ("whatever", "refused_other"),
+        ] {
+            let body = format!(r#"{{"message":"m","code":"{code}"}}"#);
+            let e = error_from_answer(StatusCode::NOT_FOUND, None, body.as_bytes());
+            assert_eq!(e.kind(), kind);
+        }
+
+        let e = error_from_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(3)),
+            b"{}",
+        );
+        assert_eq!(
+            e.retry_class(),
+            RetryClass::Busy(Some(Duration::from_secs(3)))
+        );
+        let e = error_from_answer(StatusCode::BAD_GATEWAY, None, b"<html>\nbad\n</html>");
+        assert!(
+            matches!(&e, CheckinError::Server { status: 502, message } if !message.contains('\n'))
+        );
+        assert_eq!(e.retry_class(), RetryClass::Backoff);
+        let e = error_from_answer(StatusCode::FOUND, None, b"");
+        assert_eq!(e.kind(), "protocol");
+    }
+
+    #[test]
+    fn server_messages_are_bounded_and_single_line() {
+        let long = "x\r\n".repeat(1000);
+        let m = clean_message(&long);
+        assert!(m.chars().count() <= MAX_MESSAGE_CHARS);
+        assert!(!m.contains('\n'));
+    }
+
+    #[test]
+    fn target_from_urls() {
+        let cfg = || tls::client_config([0; 32], false);
+        let t = Target::new("https://cp.example.com:9443", cfg).unwrap();
+        assert_eq!(t.authority, "cp.example.com:9443");
+        assert_eq!(t.port, 9443);
+        assert_eq!(t.path, "/edge/checkin");
+        assert!(t.tls.is_some());
+
+        let t = Target::new("https://cp.example.com/prefix/", cfg).unwrap();
+        assert_eq!(t.authority, "cp.example.com");
+        assert_eq!(t.port, 443);
+        assert_eq!(t.path, "/prefix/edge/checkin");
+
+        let t = Target::new("https://[::1]:9443", cfg).unwrap();
+        assert_eq!(t.authority, "[::1]:9443");
+        assert!(matches!(t.tls, Some((_, ServerName::IpAddress(_)))));
+
+        let t = Target::new("http://127.0.0.1:8080", cfg).unwrap();
+        assert!(t.tls.is_none());
+        assert!(Target::new("ftp://x", cfg).is_err());
+    }
+}
