@@ -1,1 +1,279 @@
+//! The edgeplane load test: creates environments through the admin API, simulates one agent
+//! per environment with the agent's own check-in client, and reports scale figures.
+//!
+//! * [`cli`]: flags, validated into a [`cli::Plan`].
+//! * [`admin`]: bulk creation and deletion of environments.
+//! * [`sim`]: the simulated agents.
+//! * [`worker`]: child processes for runs above one process's socket limit.
+//! * [`server`]: the server under test (spawned, and read from `/proc`).
+//! * [`report`]: measurements, merging and the JSON report.
 
+pub mod admin;
+pub mod cli;
+pub mod report;
+pub mod server;
+pub mod sim;
+pub mod worker;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as StdInstant};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use proto::JoinToken;
+use tokio::time::Instant;
+
+use crate::admin::AdminClient;
+use crate::cli::{Args, Plan};
+use crate::report::{Report, RunFacts, ServerFacts};
+use crate::server::SpawnedServer;
+use crate::sim::{Live, Progress, SimPlan, Timeline};
+use crate::worker::WorkerSpec;
+
+/// How long a spawned control plane may take to become ready.
+const SPAWN_READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// Runs a whole load test as described by `args` (not a worker).
+pub async fn run(args: Args) -> anyhow::Result<Report> {
+    let plan = args.plan()?;
+    // reqwest is built without a default crypto provider; the agents pass theirs explicitly.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let spawned = match &args.spawn_server {
+        Some(path) => {
+            let path = match path {
+                Some(path) => path.clone(),
+                None => server::default_server_path()?,
+            };
+            eprintln!("starting {}", path.display());
+            let s = SpawnedServer::start(&path, SPAWN_READY_WITHIN).await?;
+            eprintln!(
+                "control plane ready at {} (pid {}, log {})",
+                s.target,
+                s.pid,
+                s.log_path.display()
+            );
+            Some(s)
+        }
+        None => None,
+    };
+    let result = run_against(&args, &plan, spawned.as_ref()).await;
+    if let Some(s) = spawned {
+        if result.is_err() {
+            eprintln!("control plane log tail:\n{}", s.log_tail());
+        }
+        s.stop().await;
+    }
+    result
+}
+
+async fn run_against(
+    args: &Args,
+    plan: &Plan,
+    spawned: Option<&SpawnedServer>,
+) -> anyhow::Result<Report> {
+    let (target, api_key, insecure, pid) = match spawned {
+        Some(s) => (s.target.clone(), s.api_key.clone(), true, Some(s.pid)),
+        None => (
+            args.target.clone().context("--target is required")?,
+            args.api_key.clone().context("--api-key is required")?,
+            args.insecure,
+            args.server_pid,
+        ),
+    };
+    let target_url = url::Url::parse(&target).with_context(|| format!("--target {target:?}"))?;
+    let admin = AdminClient::new(&target, &api_key, insecure)?;
+
+    // Create the environments.
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let names: Vec<String> = (0..plan.agents)
+        .map(|i| format!("lt-{run_id}-{i}"))
+        .collect();
+    let bar = ProgressBar::new(plan.agents).with_style(
+        ProgressStyle::with_template("creating environments {bar:30} {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let created_at = StdInstant::now();
+    let created = admin
+        .create(&names, plan.interval.as_secs(), |n| {
+            bar.set_position(n as u64)
+        })
+        .await;
+    bar.finish_and_clear();
+    let created = created.context("cannot create the environments")?;
+    let create_secs = created_at.elapsed().as_secs_f64();
+    eprintln!(
+        "created {} environments in {create_secs:.2} s",
+        created.len()
+    );
+
+    let outcome = measure(plan, &created, &target_url, args.sources, pid).await;
+
+    if args.keep {
+        eprintln!("keeping {} environments (--keep)", created.len());
+    } else {
+        let ids: Vec<u64> = created.iter().map(|e| e.id).collect();
+        let at = StdInstant::now();
+        let failed = admin.delete(&ids).await;
+        eprintln!(
+            "deleted {} environments in {:.2} s{}",
+            ids.len() - failed,
+            at.elapsed().as_secs_f64(),
+            if failed > 0 {
+                format!(" ({failed} failed)")
+            } else {
+                String::new()
+            }
+        );
+    }
+
+    let (sim, server) = outcome?;
+    let facts = RunFacts {
+        mode: "standard".to_owned(),
+        interval_secs: plan.interval.as_secs(),
+        ramp_secs: plan.ramp.as_secs_f64(),
+        create_secs,
+        workers: plan.workers,
+        server,
+        target,
+    };
+    Ok(Report::build(&sim, &facts))
+}
+
+/// Connects the agents, measures the steady window, and samples the server around it.
+async fn measure(
+    plan: &Plan,
+    created: &[admin::CreatedEnvironment],
+    target: &url::Url,
+    sources: u8,
+    pid: Option<u32>,
+) -> anyhow::Result<(report::SimResult, ServerFacts)> {
+    let keys: Vec<String> = created.iter().map(|e| e.edge_key.clone()).collect();
+    let sources = sim::loopback_sources(target.host_str().unwrap_or(""), sources);
+    let rss_before = pid.and_then(server::rss_bytes);
+
+    // Workers need a moment to start and build their clients before the ramp begins.
+    let lead = if plan.workers > 1 {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_millis(200)
+    };
+    let start_unix_ms = edge_agent::clock::unix_now_ms() + lead.as_millis() as u64;
+    let start = worker::instant_of_unix_ms(start_unix_ms);
+    let timeline = Timeline::new(start, plan.ramp, plan.duration);
+
+    let sampler = tokio::spawn(sample_server(pid, timeline));
+    let progress_slots = Arc::new(Mutex::new(vec![Progress::default(); plan.workers as usize]));
+    let live = Arc::new(Live::default());
+    let display = tokio::spawn(show_progress(
+        plan.agents,
+        timeline,
+        live.clone(),
+        progress_slots.clone(),
+        plan.workers > 1,
+    ));
+
+    let sim = if plan.workers > 1 {
+        let base = WorkerSpec {
+            edge_keys: Vec::new(),
+            interval_ms: plan.interval.as_millis() as u64,
+            start_unix_ms,
+            ramp_ms: plan.ramp.as_millis() as u64,
+            duration_ms: plan.duration.as_millis() as u64,
+            sources,
+            first_index: 0,
+        };
+        worker::run_workers(worker::split(&keys, plan.workers, &base), progress_slots).await
+    } else {
+        let tokens = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                JoinToken::parse(k).with_context(|| {
+                    format!("environment {} has an invalid edgeKey", created[i].id)
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        sim::simulate(
+            SimPlan {
+                tokens,
+                interval: plan.interval,
+                timeline,
+                sources,
+                first_index: 0,
+            },
+            live,
+        )
+        .await
+    };
+    display.abort();
+    let (cpu_seconds, rss_after) = sampler.await.unwrap_or((None, None));
+    Ok((
+        sim?,
+        ServerFacts {
+            rss_before,
+            rss_after,
+            cpu_seconds,
+        },
+    ))
+}
+
+/// CPU used by the server inside the steady window, and its memory at the window's end.
+async fn sample_server(pid: Option<u32>, timeline: Timeline) -> (Option<f64>, Option<u64>) {
+    let Some(pid) = pid else {
+        return (None, None);
+    };
+    tokio::time::sleep_until(timeline.ramp_end).await;
+    let cpu_start = server::cpu_seconds(pid);
+    tokio::time::sleep_until(timeline.end).await;
+    let cpu_end = server::cpu_seconds(pid);
+    let rss = server::rss_bytes(pid);
+    let cpu = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some((b - a).max(0.0)),
+        _ => None,
+    };
+    (cpu, rss)
+}
+
+async fn show_progress(
+    agents: u64,
+    timeline: Timeline,
+    live: Arc<Live>,
+    slots: Arc<Mutex<Vec<Progress>>>,
+    from_workers: bool,
+) {
+    let total = timeline
+        .end
+        .saturating_duration_since(timeline.start)
+        .as_secs();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {bar:25} {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut last_polls = 0u64;
+    let mut last_at = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let p = if from_workers {
+            Progress::sum(slots.lock().unwrap_or_else(|p| p.into_inner()).iter())
+        } else {
+            live.progress()
+        };
+        let now = Instant::now();
+        let rate = (p.polls_total.saturating_sub(last_polls)) as f64
+            / now.duration_since(last_at).as_secs_f64().max(0.001);
+        last_polls = p.polls_total;
+        last_at = now;
+        let phase = if now < timeline.ramp_end {
+            "ramp"
+        } else {
+            "steady"
+        };
+        bar.set_position(now.saturating_duration_since(timeline.start).as_secs());
+        bar.set_message(format!(
+            "{phase} connected {}/{agents} polls/s {rate:.0} errors {} p99 {:.1} ms",
+            p.connected, p.errors, p.p99_ms
+        ));
+    }
+}

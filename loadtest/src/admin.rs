@@ -1,0 +1,132 @@
+//! The admin REST API calls the load test needs: bulk-create environments, delete them.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use futures_util::stream::{self, StreamExt as _};
+use serde::{Deserialize, Serialize};
+
+/// The control plane accepts at most this many environments per bulk call.
+pub const BULK_LIMIT: usize = 1000;
+/// Deletions in flight at once.
+pub const DELETE_CONCURRENCY: usize = 32;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NewEnvironment<'a> {
+    name: &'a str,
+    checkin_interval: u64,
+}
+
+/// The fields of a created environment the load test uses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedEnvironment {
+    pub id: u64,
+    pub edge_key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    target: String,
+    api_key: String,
+}
+
+impl AdminClient {
+    /// `insecure`: accept any certificate (a self-signed control plane); otherwise the
+    /// certificate must be publicly trusted.
+    pub fn new(target: &str, api_key: &str, insecure: bool) -> anyhow::Result<Self> {
+        // Reuse the agent's verifier: insecure accepts anything, otherwise webpki roots.
+        let tls = edge_agent::tls::client_config([0; 32], insecure)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .timeout(Duration::from_secs(120))
+            .build()
+            .context("cannot build the admin HTTP client")?;
+        Ok(Self {
+            http,
+            target: target.trim_end_matches('/').to_owned(),
+            api_key: api_key.to_owned(),
+        })
+    }
+
+    /// Creates `names.len()` environments, [`BULK_LIMIT`] per call, in order.
+    pub async fn create(
+        &self,
+        names: &[String],
+        interval_secs: u64,
+        mut progress: impl FnMut(usize),
+    ) -> anyhow::Result<Vec<CreatedEnvironment>> {
+        let mut out = Vec::with_capacity(names.len());
+        for chunk in names.chunks(BULK_LIMIT) {
+            let body: Vec<NewEnvironment<'_>> = chunk
+                .iter()
+                .map(|name| NewEnvironment {
+                    name,
+                    checkin_interval: interval_secs,
+                })
+                .collect();
+            let url = format!("{}/api/endpoints/bulk", self.target);
+            let resp = self
+                .http
+                .post(&url)
+                .header("X-API-Key", &self.api_key)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("POST {url}"))?;
+            let status = resp.status();
+            if status.as_u16() != 201 && !status.is_success() {
+                let text = resp.text().await.unwrap_or_default();
+                bail!("POST {url} answered {status}: {}", short(&text));
+            }
+            let created: Vec<CreatedEnvironment> = resp.json().await.with_context(|| {
+                format!("POST {url}: answer is not a JSON array of environments")
+            })?;
+            if created.len() != chunk.len() {
+                bail!(
+                    "POST {url} created {} environments, asked for {}",
+                    created.len(),
+                    chunk.len()
+                );
+            }
+            out.extend(created);
+            progress(out.len());
+        }
+        Ok(out)
+    }
+
+    /// Deletes environments, [`DELETE_CONCURRENCY`] at a time. Returns how many failed.
+    pub async fn delete(&self, ids: &[u64]) -> usize {
+        stream::iter(ids.iter().copied())
+            .map(|id| async move {
+                let url = format!("{}/api/endpoints/{id}", self.target);
+                match self
+                    .http
+                    .delete(&url)
+                    .header("X-API-Key", &self.api_key)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => true,
+                    Ok(r) => {
+                        tracing::warn!(id, status = %r.status(), "cannot delete environment");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "cannot delete environment");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(DELETE_CONCURRENCY)
+            .filter(|ok| std::future::ready(!ok))
+            .count()
+            .await
+    }
+}
+
+fn short(text: &str) -> String {
+    text.chars().take(300).collect()
+}

@@ -1,0 +1,515 @@
+//! What a run measured ([`SimResult`], mergeable across worker processes) and the JSON report
+//! built from it ([`Report`]). Pure arithmetic, tested without any network.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Highest latency recorded, in microseconds (one hour); larger values saturate.
+const LATENCY_MAX_US: u64 = 3_600_000_000;
+
+/// A latency histogram in microseconds, 3 significant digits.
+pub fn new_latency_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts; fall back to an auto-resizing one
+    // rather than panic if that ever changes.
+    Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).unwrap_or_else(|_| {
+        let mut h = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sigfig is valid"));
+        h.auto(true);
+        h
+    })
+}
+
+/// Serializes a histogram as base64 of the HdrHistogram V2 encoding (what workers send).
+pub fn histogram_to_base64(h: &Histogram<u64>) -> Result<String, String> {
+    let mut buf = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut buf)
+        .map_err(|e| format!("cannot serialize histogram: {e:?}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(buf))
+}
+
+pub fn histogram_from_base64(text: &str) -> Result<Histogram<u64>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| format!("histogram is not base64: {e}"))?;
+    let mut h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("cannot decode histogram: {e:?}"))?;
+    h.auto(true);
+    Ok(h)
+}
+
+/// The raw measurements of one simulation (one process, or several merged).
+#[derive(Debug, Clone)]
+pub struct SimResult {
+    pub agents: u64,
+    /// Agents whose last check-in succeeded, at the end.
+    pub connected: u64,
+    /// Successful check-ins inside the steady window.
+    pub polls: u64,
+    /// Successful check-ins over the whole run (ramp included).
+    pub polls_total: u64,
+    /// Failed check-ins over the whole run.
+    pub errors: u64,
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Latency of steady-window check-ins, microseconds.
+    pub latency_us: Histogram<u64>,
+    /// TCP payload bytes of all agents inside the steady window.
+    pub steady_bytes_read: u64,
+    pub steady_bytes_written: u64,
+    /// Sum and count of the handshake bytes of each agent's first connection.
+    pub handshake_bytes_sum: u64,
+    pub handshakes: u64,
+    /// Connections opened after the first one, inside the steady window.
+    pub steady_reconnects: u64,
+    /// Length of the steady window actually measured, seconds.
+    pub steady_secs: f64,
+}
+
+impl SimResult {
+    pub fn empty(agents: u64) -> Self {
+        Self {
+            agents,
+            connected: 0,
+            polls: 0,
+            polls_total: 0,
+            errors: 0,
+            errors_by_kind: BTreeMap::new(),
+            latency_us: new_latency_histogram(),
+            steady_bytes_read: 0,
+            steady_bytes_written: 0,
+            handshake_bytes_sum: 0,
+            handshakes: 0,
+            steady_reconnects: 0,
+            steady_secs: 0.0,
+        }
+    }
+
+    /// Adds another process's result (same run, another slice of agents).
+    pub fn merge(&mut self, other: &SimResult) -> Result<(), String> {
+        self.agents += other.agents;
+        self.connected += other.connected;
+        self.polls += other.polls;
+        self.polls_total += other.polls_total;
+        self.errors += other.errors;
+        for (kind, n) in &other.errors_by_kind {
+            *self.errors_by_kind.entry(kind.clone()).or_default() += n;
+        }
+        self.latency_us.auto(true);
+        self.latency_us
+            .add(&other.latency_us)
+            .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
+        self.steady_bytes_read += other.steady_bytes_read;
+        self.steady_bytes_written += other.steady_bytes_written;
+        self.handshake_bytes_sum += other.handshake_bytes_sum;
+        self.handshakes += other.handshakes;
+        self.steady_reconnects += other.steady_reconnects;
+        // Workers measure the same window; keep the longest so rates are not overstated.
+        self.steady_secs = self.steady_secs.max(other.steady_secs);
+        Ok(())
+    }
+
+    pub fn to_wire(&self) -> Result<SimResultWire, String> {
+        Ok(SimResultWire {
+            agents: self.agents,
+            connected: self.connected,
+            polls: self.polls,
+            polls_total: self.polls_total,
+            errors: self.errors,
+            errors_by_kind: self.errors_by_kind.clone(),
+            latency_us_hdr_v2_base64: histogram_to_base64(&self.latency_us)?,
+            steady_bytes_read: self.steady_bytes_read,
+            steady_bytes_written: self.steady_bytes_written,
+            handshake_bytes_sum: self.handshake_bytes_sum,
+            handshakes: self.handshakes,
+            steady_reconnects: self.steady_reconnects,
+            steady_secs: self.steady_secs,
+        })
+    }
+}
+
+/// [`SimResult`] as a worker process prints it (JSON, histogram in base64 V2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimResultWire {
+    pub agents: u64,
+    pub connected: u64,
+    pub polls: u64,
+    pub polls_total: u64,
+    pub errors: u64,
+    pub errors_by_kind: BTreeMap<String, u64>,
+    pub latency_us_hdr_v2_base64: String,
+    pub steady_bytes_read: u64,
+    pub steady_bytes_written: u64,
+    pub handshake_bytes_sum: u64,
+    pub handshakes: u64,
+    pub steady_reconnects: u64,
+    pub steady_secs: f64,
+}
+
+impl SimResultWire {
+    pub fn into_result(self) -> Result<SimResult, String> {
+        Ok(SimResult {
+            agents: self.agents,
+            connected: self.connected,
+            polls: self.polls,
+            polls_total: self.polls_total,
+            errors: self.errors,
+            errors_by_kind: self.errors_by_kind,
+            latency_us: histogram_from_base64(&self.latency_us_hdr_v2_base64)?,
+            steady_bytes_read: self.steady_bytes_read,
+            steady_bytes_written: self.steady_bytes_written,
+            handshake_bytes_sum: self.handshake_bytes_sum,
+            handshakes: self.handshakes,
+            steady_reconnects: self.steady_reconnects,
+            steady_secs: self.steady_secs,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl LatencyMs {
+    pub fn from_histogram(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self {
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+                mean: 0.0,
+            };
+        }
+        let ms = |us: u64| round3(us as f64 / 1000.0);
+        Self {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: round3(h.mean() / 1000.0),
+        }
+    }
+}
+
+/// Figures about the server process, when its pid is known.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServerFacts {
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+    /// CPU seconds (user + system) spent inside the steady window.
+    pub cpu_seconds: Option<f64>,
+}
+
+/// Facts about the run that the simulation does not know.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunFacts {
+    pub mode: String,
+    pub interval_secs: u64,
+    pub ramp_secs: f64,
+    pub create_secs: f64,
+    pub workers: u32,
+    pub server: ServerFacts,
+    pub target: String,
+}
+
+/// The JSON report (`--report FILE`). Field names are part of the load-test contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub target: String,
+    pub mode: String,
+    pub agents: u64,
+    /// Agents whose last check-in succeeded at the end of the run.
+    pub connected_agents: u64,
+    /// Successful check-ins inside the steady window.
+    pub polls: u64,
+    /// Failed check-ins over the whole run (ramp included).
+    pub errors: u64,
+    pub errors_by_kind: BTreeMap<String, u64>,
+    pub polls_per_sec: f64,
+    pub poll_latency_ms: LatencyMs,
+    /// TCP payload, both directions, steady window, per agent.
+    pub bytes_per_agent_per_sec: f64,
+    pub bytes_read_per_agent_per_sec: f64,
+    pub bytes_written_per_agent_per_sec: f64,
+    /// TCP payload of the TLS handshake of an agent's first connection.
+    pub handshake_bytes_per_agent: f64,
+    pub steady_reconnects: u64,
+    pub server_rss_bytes: Option<u64>,
+    pub server_rss_bytes_before: Option<u64>,
+    pub server_rss_per_agent_bytes: Option<f64>,
+    pub server_cpu_seconds: Option<f64>,
+    pub polls_per_server_cpu_second: Option<f64>,
+    /// Length of the steady window (after the ramp), seconds.
+    pub duration_secs: f64,
+    pub ramp_secs: f64,
+    pub interval_secs: u64,
+    /// Time to create the environments through the admin API, seconds.
+    pub create_secs: f64,
+    pub workers: u32,
+    pub notes: Vec<String>,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn ratio(num: f64, den: f64) -> f64 {
+    if den > 0.0 {
+        round3(num / den)
+    } else {
+        0.0
+    }
+}
+
+impl Report {
+    pub fn build(sim: &SimResult, facts: &RunFacts) -> Self {
+        let agents = sim.agents as f64;
+        let secs = sim.steady_secs;
+        let per_agent_sec = |bytes: u64| ratio(bytes as f64, agents * secs);
+        let server = facts.server;
+        let rss_per_agent = match (server.rss_before, server.rss_after) {
+            (Some(before), Some(after)) if sim.agents > 0 => {
+                Some(round3((after as f64 - before as f64) / agents))
+            }
+            _ => None,
+        };
+        let polls_per_cpu = server
+            .cpu_seconds
+            .filter(|cpu| *cpu > 0.0)
+            .map(|cpu| ratio(sim.polls as f64, cpu));
+        Self {
+            target: facts.target.clone(),
+            mode: facts.mode.clone(),
+            agents: sim.agents,
+            connected_agents: sim.connected,
+            polls: sim.polls,
+            errors: sim.errors,
+            errors_by_kind: sim.errors_by_kind.clone(),
+            polls_per_sec: ratio(sim.polls as f64, secs),
+            poll_latency_ms: LatencyMs::from_histogram(&sim.latency_us),
+            bytes_per_agent_per_sec: per_agent_sec(
+                sim.steady_bytes_read + sim.steady_bytes_written,
+            ),
+            bytes_read_per_agent_per_sec: per_agent_sec(sim.steady_bytes_read),
+            bytes_written_per_agent_per_sec: per_agent_sec(sim.steady_bytes_written),
+            handshake_bytes_per_agent: ratio(sim.handshake_bytes_sum as f64, sim.handshakes as f64),
+            steady_reconnects: sim.steady_reconnects,
+            server_rss_bytes: server.rss_after,
+            server_rss_bytes_before: server.rss_before,
+            server_rss_per_agent_bytes: rss_per_agent,
+            server_cpu_seconds: server.cpu_seconds.map(round3),
+            polls_per_server_cpu_second: polls_per_cpu,
+            duration_secs: round3(secs),
+            ramp_secs: round3(facts.ramp_secs),
+            interval_secs: facts.interval_secs,
+            create_secs: round3(facts.create_secs),
+            workers: facts.workers,
+            notes: vec![
+                "polls, polls_per_sec, poll_latency_ms and bytes count only the steady window after the ramp; errors count the whole run".to_owned(),
+                "bytes are TCP payload (TLS records) in both directions, without TCP/IP headers; handshake_bytes_per_agent is the TLS handshake of each agent's first connection".to_owned(),
+            ],
+        }
+    }
+
+    /// A few lines for people.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "agents {} (connected {}), interval {} s, steady window {} s after a {} s ramp, {} worker(s)",
+            self.agents, self.connected_agents, self.interval_secs, self.duration_secs, self.ramp_secs, self.workers
+        );
+        let _ = writeln!(
+            s,
+            "polls {} ({} /s), errors {}{}",
+            self.polls,
+            self.polls_per_sec,
+            self.errors,
+            if self.errors_by_kind.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", self.errors_by_kind)
+            }
+        );
+        let l = &self.poll_latency_ms;
+        let _ = writeln!(s, "latency ms p50 {} p99 {} max {}", l.p50, l.p99, l.max);
+        let _ = writeln!(
+            s,
+            "bytes/agent/s {} (read {}, written {}), handshake bytes/agent {}, reconnects {}",
+            self.bytes_per_agent_per_sec,
+            self.bytes_read_per_agent_per_sec,
+            self.bytes_written_per_agent_per_sec,
+            self.handshake_bytes_per_agent,
+            self.steady_reconnects
+        );
+        if let Some(rss) = self.server_rss_bytes {
+            let _ = writeln!(
+                s,
+                "server rss {} MiB (before {} MiB, {} B/agent), cpu {} s, polls per cpu-second {}",
+                rss / (1 << 20),
+                self.server_rss_bytes_before.map_or(0, |b| b / (1 << 20)),
+                self.server_rss_per_agent_bytes.unwrap_or(0.0),
+                self.server_cpu_seconds.unwrap_or(0.0),
+                self.polls_per_server_cpu_second.unwrap_or(0.0)
+            );
+        }
+        let _ = write!(s, "environments created in {} s", self.create_secs);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim_with(latencies_ms: &[u64]) -> SimResult {
+        let mut s = SimResult::empty(10);
+        for ms in latencies_ms {
+            s.latency_us.record(ms * 1000).unwrap();
+        }
+        s.polls = latencies_ms.len() as u64;
+        s
+    }
+
+    #[test]
+    fn percentiles() {
+        let sim = sim_with(&(1..=100).collect::<Vec<_>>());
+        let l = LatencyMs::from_histogram(&sim.latency_us);
+        assert!((l.p50 - 50.0).abs() < 0.1, "{l:?}");
+        assert!((l.p99 - 99.0).abs() < 0.1, "{l:?}");
+        assert!((l.max - 100.0).abs() < 0.1, "{l:?}");
+        assert!((l.mean - 50.5).abs() < 0.1, "{l:?}");
+    }
+
+    #[test]
+    fn empty_histogram_reports_zeros() {
+        let l = LatencyMs::from_histogram(&new_latency_histogram());
+        assert_eq!(l.p99, 0.0);
+        assert_eq!(l.max, 0.0);
+    }
+
+    #[test]
+    fn merge_adds_counts_and_histograms() {
+        let mut a = sim_with(&[1, 2, 3]);
+        a.errors = 2;
+        a.errors_by_kind.insert("timeout".into(), 2);
+        a.steady_bytes_read = 100;
+        a.handshake_bytes_sum = 3000;
+        a.handshakes = 10;
+        a.steady_secs = 10.0;
+        let mut b = sim_with(&[100]);
+        b.errors = 1;
+        b.errors_by_kind.insert("timeout".into(), 1);
+        b.errors_by_kind.insert("busy".into(), 1);
+        b.steady_bytes_written = 50;
+        b.handshake_bytes_sum = 3300;
+        b.handshakes = 10;
+        b.steady_secs = 10.5;
+        a.merge(&b).unwrap();
+        assert_eq!(a.agents, 20);
+        assert_eq!(a.polls, 4);
+        assert_eq!(a.errors, 3);
+        assert_eq!(a.errors_by_kind["timeout"], 3);
+        assert_eq!(a.errors_by_kind["busy"], 1);
+        assert_eq!(a.latency_us.len(), 4);
+        assert!((a.latency_us.max() as f64 - 100_000.0).abs() < 100.0);
+        assert_eq!(a.steady_bytes_read + a.steady_bytes_written, 150);
+        assert_eq!(a.steady_secs, 10.5);
+        let r = Report::build(&a, &RunFacts::default());
+        assert_eq!(r.handshake_bytes_per_agent, 315.0);
+    }
+
+    #[test]
+    fn histogram_survives_the_wire() {
+        let mut s = sim_with(&[5, 7, 250, 4000]);
+        s.errors_by_kind.insert("connect".into(), 4);
+        let json = serde_json::to_string(&s.to_wire().unwrap()).unwrap();
+        let back: SimResultWire = serde_json::from_str(&json).unwrap();
+        let back = back.into_result().unwrap();
+        assert_eq!(back.latency_us.len(), 4);
+        assert_eq!(
+            back.latency_us.value_at_quantile(0.5),
+            s.latency_us.value_at_quantile(0.5)
+        );
+        assert_eq!(back.latency_us.max(), s.latency_us.max());
+        assert_eq!(back.errors_by_kind, s.errors_by_kind);
+        assert!(histogram_from_base64("not base64!").is_err());
+        assert!(histogram_from_base64("AAAA").is_err());
+    }
+
+    #[test]
+    fn per_agent_figures() {
+        let mut sim = sim_with(&[1; 200]);
+        sim.agents = 100;
+        sim.polls = 200;
+        sim.steady_secs = 10.0;
+        sim.steady_bytes_read = 40_000;
+        sim.steady_bytes_written = 60_000;
+        let facts = RunFacts {
+            server: ServerFacts {
+                rss_before: Some(10_000_000),
+                rss_after: Some(12_000_000),
+                cpu_seconds: Some(0.5),
+            },
+            interval_secs: 5,
+            ..RunFacts::default()
+        };
+        let r = Report::build(&sim, &facts);
+        assert_eq!(r.polls_per_sec, 20.0);
+        assert_eq!(r.bytes_per_agent_per_sec, 100.0);
+        assert_eq!(r.bytes_read_per_agent_per_sec, 40.0);
+        assert_eq!(r.bytes_written_per_agent_per_sec, 60.0);
+        assert_eq!(r.server_rss_per_agent_bytes, Some(20_000.0));
+        assert_eq!(r.polls_per_server_cpu_second, Some(400.0));
+        assert_eq!(r.server_rss_bytes, Some(12_000_000));
+
+        // Unknown server: no server figures, and no division by zero anywhere.
+        let r = Report::build(&SimResult::empty(0), &RunFacts::default());
+        assert_eq!(r.server_rss_per_agent_bytes, None);
+        assert_eq!(r.polls_per_server_cpu_second, None);
+        assert_eq!(r.bytes_per_agent_per_sec, 0.0);
+        assert_eq!(r.polls_per_sec, 0.0);
+    }
+
+    #[test]
+    fn json_has_the_contract_fields() {
+        let r = Report::build(&sim_with(&[1, 2]), &RunFacts::default());
+        let v = serde_json::to_value(&r).unwrap();
+        for field in [
+            "agents",
+            "polls",
+            "errors",
+            "errors_by_kind",
+            "polls_per_sec",
+            "bytes_per_agent_per_sec",
+            "handshake_bytes_per_agent",
+            "server_rss_bytes",
+            "server_rss_bytes_before",
+            "server_rss_per_agent_bytes",
+            "server_cpu_seconds",
+            "polls_per_server_cpu_second",
+            "duration_secs",
+            "interval_secs",
+            "create_secs",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field}");
+        }
+        for q in ["p50", "p99", "max"] {
+            assert!(v["poll_latency_ms"].get(q).is_some(), "missing {q}");
+        }
+        assert!(!r.human().is_empty());
+    }
+}

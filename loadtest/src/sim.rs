@@ -1,0 +1,347 @@
+//! The simulated agents: one tokio task and one kept-alive connection each, built on the
+//! agent's own [`PollClient`], so the load test measures the real client.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use edge_agent::client::agent_info;
+use edge_agent::retry::{retry_delay, Backoff};
+use edge_agent::{ByteCounters, PollClient, PollOptions};
+use hdrhistogram::Histogram;
+use proto::JoinToken;
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::report::{new_latency_histogram, SimResult};
+
+/// When things happen, shared by every agent (and every worker process).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeline {
+    /// First check-ins are spread over `[start, ramp_end)`.
+    pub start: Instant,
+    /// The steady window is `[ramp_end, end]`.
+    pub ramp_end: Instant,
+    pub end: Instant,
+}
+
+impl Timeline {
+    pub fn new(start: Instant, ramp: Duration, duration: Duration) -> Self {
+        Self {
+            start,
+            ramp_end: start + ramp,
+            end: start + ramp + duration,
+        }
+    }
+}
+
+/// A slice of agents to simulate in this process.
+#[derive(Debug, Clone)]
+pub struct SimPlan {
+    pub tokens: Vec<JoinToken>,
+    pub interval: Duration,
+    pub timeline: Timeline,
+    /// Local addresses to spread the agents over; empty: let the OS choose.
+    pub sources: Vec<IpAddr>,
+    /// Index of this slice's first agent in the whole run (keeps the spread even across workers).
+    pub first_index: usize,
+}
+
+/// Counters the agents update while running; read by the progress display.
+#[derive(Debug)]
+pub struct Live {
+    connected: AtomicI64,
+    polls_total: AtomicU64,
+    steady_polls: AtomicU64,
+    errors: AtomicU64,
+    handshake_bytes_sum: AtomicU64,
+    handshakes: AtomicU64,
+    steady_reconnects: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+    errors_by_kind: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            connected: AtomicI64::new(0),
+            polls_total: AtomicU64::new(0),
+            steady_polls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            handshake_bytes_sum: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            steady_reconnects: AtomicU64::new(0),
+            latency_us: Mutex::new(new_latency_histogram()),
+            errors_by_kind: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+/// What the progress bar shows (also sent by workers to their parent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub connected: i64,
+    pub polls_total: u64,
+    pub errors: u64,
+    pub p99_ms: f64,
+}
+
+impl Progress {
+    /// Sums workers' progress; p99 is approximated by the worst worker's.
+    pub fn sum<'a>(items: impl IntoIterator<Item = &'a Progress>) -> Progress {
+        items
+            .into_iter()
+            .fold(Progress::default(), |acc, p| Progress {
+                connected: acc.connected + p.connected,
+                polls_total: acc.polls_total + p.polls_total,
+                errors: acc.errors + p.errors,
+                p99_ms: acc.p99_ms.max(p.p99_ms),
+            })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Counters stay meaningful even if some agent task panicked while holding the lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Live {
+    pub fn progress(&self) -> Progress {
+        let h = lock(&self.latency_us);
+        Progress {
+            connected: self.connected.load(Ordering::Relaxed),
+            polls_total: self.polls_total.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            p99_ms: if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(0.99) as f64 / 1000.0
+            },
+        }
+    }
+
+    fn error(&self, kind: &'static str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.errors_by_kind).entry(kind).or_default() += 1;
+    }
+}
+
+/// The local address of agent `index` (across the whole run).
+pub fn source_for(sources: &[IpAddr], index: usize) -> Option<IpAddr> {
+    if sources.is_empty() {
+        None
+    } else {
+        Some(sources[index % sources.len()])
+    }
+}
+
+/// `127.0.0.1 ..= 127.0.0.k` when `target_host` is IPv4 loopback (or `localhost`), else none.
+pub fn loopback_sources(target_host: &str, k: u8) -> Vec<IpAddr> {
+    let loopback = target_host == "localhost"
+        || target_host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Vec::new();
+    }
+    (1..=k).map(|i| IpAddr::from([127, 0, 0, i])).collect()
+}
+
+/// Runs the agents of `plan` until the end of its timeline.
+pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResult> {
+    let agents = plan.tokens.len();
+    // One TLS configuration per server certificate: shares parsed roots and resumption cache.
+    let mut tls: HashMap<[u8; 32], Arc<rustls::ClientConfig>> = HashMap::new();
+    let mut counters = Vec::with_capacity(agents);
+    let mut tasks = Vec::with_capacity(agents);
+    let ramp = plan
+        .timeline
+        .ramp_end
+        .saturating_duration_since(plan.timeline.start);
+    for (i, token) in plan.tokens.iter().enumerate() {
+        let index = plan.first_index + i;
+        let config = match tls.get(&token.tunnel_fingerprint) {
+            Some(c) => c.clone(),
+            None => {
+                let c = edge_agent::tls::client_config(token.tunnel_fingerprint, false)?;
+                tls.insert(token.tunnel_fingerprint, c.clone());
+                c
+            }
+        };
+        let mut options = PollOptions::new(uuid::Uuid::new_v4());
+        options.local_addr = source_for(&plan.sources, index);
+        options.tls_config = Some(config);
+        options.initial_interval = plan.interval;
+        options.agent_info = agent_info(format!("lt-agent-{index}"));
+        counters.push(options.counters.clone());
+        let client = PollClient::new(token, options)
+            .with_context(|| format!("agent {index}: cannot build its client"))?;
+        let offset_ms = u64::try_from(ramp.as_millis()).unwrap_or(u64::MAX);
+        let first = plan.timeline.start
+            + Duration::from_millis(rand::thread_rng().gen_range(0..offset_ms.max(1)));
+        tasks.push(tokio::spawn(agent_loop(
+            client,
+            first,
+            plan.timeline,
+            live.clone(),
+        )));
+    }
+
+    tokio::time::sleep_until(plan.timeline.ramp_end).await;
+    let window_start = Instant::now();
+    let before = sum_bytes(&counters);
+    tokio::time::sleep_until(plan.timeline.end).await;
+    let after = sum_bytes(&counters);
+    let steady_secs = window_start.elapsed().as_secs_f64();
+
+    for task in tasks {
+        // A panicked agent task is a bug worth seeing, but not worth losing the run for.
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "agent task failed");
+        }
+    }
+
+    let mut result = SimResult::empty(agents as u64);
+    result.connected = u64::try_from(live.connected.load(Ordering::Relaxed)).unwrap_or(0);
+    result.polls = live.steady_polls.load(Ordering::Relaxed);
+    result.polls_total = live.polls_total.load(Ordering::Relaxed);
+    result.errors = live.errors.load(Ordering::Relaxed);
+    result.errors_by_kind = lock(&live.errors_by_kind)
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
+    result.latency_us = lock(&live.latency_us).clone();
+    result.steady_bytes_read = after.0.saturating_sub(before.0);
+    result.steady_bytes_written = after.1.saturating_sub(before.1);
+    result.handshake_bytes_sum = live.handshake_bytes_sum.load(Ordering::Relaxed);
+    result.handshakes = live.handshakes.load(Ordering::Relaxed);
+    result.steady_reconnects = live.steady_reconnects.load(Ordering::Relaxed);
+    result.steady_secs = steady_secs;
+    Ok(result)
+}
+
+fn sum_bytes(counters: &[Arc<ByteCounters>]) -> (u64, u64) {
+    counters.iter().fold((0, 0), |(r, w), c| {
+        let s = c.snapshot();
+        (r + s.read, w + s.written)
+    })
+}
+
+/// One agent: first check-in at `first`, then every interval the server asks for, with the
+/// agent's own retry policy on errors, until the end of the timeline.
+async fn agent_loop(mut client: PollClient, first: Instant, timeline: Timeline, live: Arc<Live>) {
+    let mut backoff = Backoff::default();
+    let mut next = first;
+    let mut up = false;
+    let mut connected_once = false;
+    while next < timeline.end {
+        tokio::time::sleep_until(next).await;
+        let started = Instant::now();
+        let result = tokio::select! {
+            result = client.checkin() => result,
+            () = tokio::time::sleep_until(timeline.end) => break,
+        };
+        let done = Instant::now();
+        let steady = started >= timeline.ramp_end && done <= timeline.end;
+        match result {
+            Ok(outcome) => {
+                if let Some(conn) = outcome.connection {
+                    if !connected_once {
+                        live.handshake_bytes_sum
+                            .fetch_add(conn.handshake_bytes, Ordering::Relaxed);
+                        live.handshakes.fetch_add(1, Ordering::Relaxed);
+                    } else if started >= timeline.ramp_end {
+                        live.steady_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected_once = true;
+                }
+                if !up {
+                    up = true;
+                    live.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                live.polls_total.fetch_add(1, Ordering::Relaxed);
+                if steady {
+                    live.steady_polls.fetch_add(1, Ordering::Relaxed);
+                    let us = u64::try_from((done - started).as_micros()).unwrap_or(u64::MAX);
+                    lock(&live.latency_us).saturating_record(us.max(1));
+                }
+                backoff.reset();
+                // Fixed rate, like a real agent's timer; a slow answer does not shift the
+                // schedule, but a very slow one does not cause a burst either.
+                next = (next + outcome.interval).max(done);
+            }
+            Err(err) => {
+                if up {
+                    up = false;
+                    live.connected.fetch_sub(1, Ordering::Relaxed);
+                }
+                live.error(err.kind());
+                let delay = retry_delay(
+                    &err,
+                    client.interval(),
+                    &mut backoff,
+                    &mut rand::thread_rng(),
+                );
+                next = done + delay;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_targets_get_sources() {
+        let s = loopback_sources("127.0.0.1", 4);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s[0], IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(s[3], IpAddr::from([127, 0, 0, 4]));
+        assert_eq!(loopback_sources("localhost", 2).len(), 2);
+        assert!(loopback_sources("10.0.0.1", 4).is_empty());
+        assert!(loopback_sources("cp.example.com", 4).is_empty());
+    }
+
+    #[test]
+    fn sources_rotate_by_global_index() {
+        let s = loopback_sources("127.0.0.1", 3);
+        let picked: Vec<_> = (0..6).map(|i| source_for(&s, i)).collect();
+        assert_eq!(picked[0], picked[3]);
+        assert_ne!(picked[0], picked[1]);
+        assert_eq!(source_for(&[], 5), None);
+    }
+
+    #[test]
+    fn progress_sums() {
+        let a = Progress {
+            connected: 3,
+            polls_total: 10,
+            errors: 1,
+            p99_ms: 2.0,
+        };
+        let b = Progress {
+            connected: 4,
+            polls_total: 5,
+            errors: 0,
+            p99_ms: 7.5,
+        };
+        let s = Progress::sum([&a, &b]);
+        assert_eq!(s.connected, 7);
+        assert_eq!(s.polls_total, 15);
+        assert_eq!(s.errors, 1);
+        assert_eq!(s.p99_ms, 7.5);
+    }
+
+    #[test]
+    fn timeline() {
+        let t0 = Instant::now();
+        let t = Timeline::new(t0, Duration::from_secs(5), Duration::from_secs(30));
+        assert_eq!(t.ramp_end - t.start, Duration::from_secs(5));
+        assert_eq!(t.end - t.start, Duration::from_secs(35));
+    }
+}
