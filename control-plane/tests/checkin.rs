@@ -147,7 +147,7 @@ async fn agent_secret_is_enforced() {
 
 async fn raw(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
     let r = http()
-        .post(cp.api("/edge/checkin"))
+        .post(cp.api(proto::wire::CHECKIN_PATH))
         .body(body)
         .send()
         .await
@@ -159,11 +159,12 @@ async fn raw(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
 fn frame(token: &JoinToken, secret: &JoinSecret, edge: Uuid, ts: u64) -> Vec<u8> {
     let req = CheckinRequest {
         endpoint_id: token.endpoint_id,
-        edge_id: edge,
-        timestamp_ms: ts,
+        edge_id: Some(edge),
+        timestamp_lo: proto::wire::timestamp_lo(ts),
+        interval_secs: 5,
         agent: None,
     };
-    proof::sign(&req, &ProofKey::derive(secret, None)).unwrap()
+    proof::sign(&req, &ProofKey::derive(secret, None), &edge).unwrap()
 }
 
 fn now_ms() -> u64 {
@@ -211,7 +212,7 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
     }
     // Oversized body: 413 before decoding.
     let r = http()
-        .post(cp.api("/edge/checkin"))
+        .post(cp.api(proto::wire::CHECKIN_PATH))
         .body(vec![1u8; 17 * 1024])
         .send()
         .await
@@ -232,7 +233,11 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
     // A good request binds; the very same bytes again are a replay.
     let good = frame(&token, &token.secret, edge, now_ms());
     let (s, _) = raw(&cp, good.clone()).await;
-    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        s,
+        StatusCode::NO_CONTENT,
+        "bound; it already knows its interval"
+    );
     let (s, v) = raw(&cp, good).await;
     assert_eq!(
         (s, v["code"].as_str()),

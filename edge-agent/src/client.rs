@@ -167,6 +167,8 @@ pub enum RefusalCode {
     EdgeIdMismatch,
     /// 404: no such environment (deleted, or the key belongs elsewhere).
     UnknownEnvironment,
+    /// 400: the environment is unbound and the check-in did not carry the Edge ID.
+    EdgeIdRequired,
     /// 400: the server could not read the request (version mismatch?).
     BadRequest,
     /// Any other code (or none).
@@ -183,6 +185,7 @@ impl RefusalCode {
             "edge_id_mismatch" => Self::EdgeIdMismatch,
             "unknown_environment" => Self::UnknownEnvironment,
             "bad_request" => Self::BadRequest,
+            "edge_id_required" => Self::EdgeIdRequired,
             other => Self::Other(other.to_owned()),
         }
     }
@@ -197,6 +200,7 @@ impl RefusalCode {
             Self::EdgeIdMismatch => "edge_id_mismatch",
             Self::UnknownEnvironment => "unknown_environment",
             Self::BadRequest => "bad_request",
+            Self::EdgeIdRequired => "edge_id_required",
             Self::Other(_) => "refused_other",
         }
     }
@@ -211,6 +215,7 @@ impl RefusalCode {
             Self::EdgeIdMismatch => "the environment is bound to another Edge ID; reset its association in the control plane, or set EDGE_ID to the bound one",
             Self::UnknownEnvironment => "the environment does not exist (deleted?); reinstall with a new key",
             Self::BadRequest => "the control plane could not read the check-in; check that agent and server versions match",
+            Self::EdgeIdRequired => "the next check-in carries the Edge ID",
             Self::Other(_) => "see the server message",
         }
     }
@@ -553,6 +558,7 @@ impl PollClient {
         let timeout = self.interval + TIMEOUT_SLACK;
         let mut skew_fixed = false;
         let mut stale_replaced = false;
+        let mut id_resent = false;
         loop {
             let result = match tokio::time::timeout(timeout, self.attempt()).await {
                 Ok(result) => result,
@@ -574,6 +580,18 @@ impl PollClient {
             if stale_reuse && !stale_replaced {
                 stale_replaced = true;
                 continue;
+            }
+            // The server lost our binding (e.g. restored store) while we omitted the Edge ID:
+            // the retry carries it (send_agent_info is set above).
+            if let CheckinError::Refused {
+                code: RefusalCode::EdgeIdRequired,
+                ..
+            } = &error
+            {
+                if !id_resent {
+                    id_resent = true;
+                    continue;
+                }
             }
             if let CheckinError::Refused {
                 code: RefusalCode::ClockSkew,
@@ -613,13 +631,16 @@ impl PollClient {
         };
         let reused = connection.is_none();
 
+        // The Edge ID travels with the first check-in and after errors, like the agent info;
+        // in the steady state the MAC covers it and the server supplies the bound one.
         let request = CheckinRequest {
             endpoint_id: self.endpoint_id,
-            edge_id: self.edge_id,
-            timestamp_ms: self.clock.next_timestamp(unix_now_ms()),
+            edge_id: self.send_agent_info.then_some(self.edge_id),
+            timestamp_lo: proto::wire::timestamp_lo(self.clock.next_timestamp(unix_now_ms())),
+            interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
             agent: self.send_agent_info.then(|| self.agent_info.clone()),
         };
-        let body = proof::sign(&request, &self.key).map_err(CheckinError::Encode)?;
+        let body = proof::sign(&request, &self.key, &self.edge_id).map_err(CheckinError::Encode)?;
         let body_len = body.len();
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
@@ -663,6 +684,16 @@ impl PollClient {
         // The exchange is complete: the connection can serve the next check-in.
         self.conn = Some(sender);
 
+        if status == StatusCode::NO_CONTENT {
+            // Nothing new: idle, our interval is current, our clock is fine.
+            return Ok(CheckinOutcome {
+                status: EdgeStatus::Idle,
+                interval: self.interval,
+                tunnel: None,
+                connection,
+                clock_corrected: false,
+            });
+        }
         if status == StatusCode::OK {
             let answer: CheckinAnswer =
                 codec::decode(&body, MAX_CONTROL_FRAME).map_err(|e| CheckinError::Protocol {
@@ -919,13 +950,16 @@ mod tests {
         let t = Target::new("https://cp.example.com:9443", cfg).unwrap();
         assert_eq!(t.authority, "cp.example.com:9443");
         assert_eq!(t.port, 9443);
-        assert_eq!(t.path, "/edge/checkin");
+        assert_eq!(t.path, proto::wire::CHECKIN_PATH);
         assert!(t.tls.is_some());
 
         let t = Target::new("https://cp.example.com/prefix/", cfg).unwrap();
         assert_eq!(t.authority, "cp.example.com");
         assert_eq!(t.port, 443);
-        assert_eq!(t.path, "/prefix/edge/checkin");
+        assert_eq!(
+            t.path,
+            format!("/prefix{}", proto::wire::CHECKIN_PATH).as_str()
+        );
 
         let t = Target::new("https://[::1]:9443", cfg).unwrap();
         assert_eq!(t.authority, "[::1]:9443");

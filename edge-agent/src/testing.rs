@@ -1,6 +1,6 @@
 //! A fake control plane for tests of the agent and the load test (feature `test-support`).
 //!
-//! It speaks just enough of the real contract: `POST /edge/checkin` with the real proof,
+//! It speaks just enough of the real contract: `POST /edge/c` with the real proof,
 //! freshness, replay and Edge ID binding rules and the JSON error codes, and the admin routes
 //! the load test uses (`POST /api/endpoints/bulk`, `DELETE /api/endpoints/{id}`), over TLS with
 //! a self-signed certificate whose fingerprint goes into the join tokens it issues. The HTTP
@@ -492,10 +492,18 @@ fn checkin_answer(
     let Some(env) = st.envs.get_mut(&request.endpoint_id) else {
         return json_error(404, "unknown_environment", "no such environment");
     };
-    if !unverified.verify(&ProofKey::derive(&env.secret, agent_secret.as_deref())) {
+    // Steady requests omit the Edge ID; the MAC covers the bound one.
+    let Some(claimed) = request.edge_id.or(env.edge_id) else {
+        return json_error(400, "edge_id_required", "send the Edge ID");
+    };
+    if !unverified.verify(
+        &ProofKey::derive(&env.secret, agent_secret.as_deref()),
+        &claimed,
+    ) {
         return json_error(401, "bad_proof", "request proof does not verify");
     }
-    if proof::check_freshness(request.timestamp_ms, server_now).is_err() {
+    let timestamp_ms = proto::wire::unwrap_timestamp(request.timestamp_lo, server_now);
+    if proof::check_freshness(timestamp_ms, server_now).is_err() {
         let body = serde_json::json!({
             "message": "timestamp too far from server time",
             "code": "clock_skew",
@@ -504,20 +512,27 @@ fn checkin_answer(
         return (401, "application/json", body.to_string().into_bytes());
     }
     // Binding before replay: a second agent must hear "another Edge ID", whatever its clock.
-    if env.edge_id.is_some_and(|bound| bound != request.edge_id) {
+    if env.edge_id.is_some_and(|bound| bound != claimed) {
         return json_error(
             403,
             "edge_id_mismatch",
             "environment is bound to another Edge ID",
         );
     }
-    if request.timestamp_ms <= env.last_timestamp_ms {
+    if timestamp_ms <= env.last_timestamp_ms {
         return json_error(401, "replay", "timestamp not newer than the last one");
     }
-    env.edge_id = Some(request.edge_id);
-    env.last_timestamp_ms = request.timestamp_ms;
+    env.edge_id = Some(claimed);
+    env.last_timestamp_ms = timestamp_ms;
     env.checkins += 1;
-    let skew = i128::from(request.timestamp_ms) - i128::from(server_now);
+    let skew = i128::from(timestamp_ms) - i128::from(server_now);
+    if !env.required
+        && skew.abs() <= 1000
+        && env.interval_secs == request.interval_secs
+        && request.agent.is_none()
+    {
+        return (204, "application/octet-stream", Vec::new());
+    }
     let answer = CheckinAnswer {
         status: if env.required {
             EdgeStatus::Required

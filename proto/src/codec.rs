@@ -92,19 +92,28 @@ mod tests {
     fn round_trip_and_size() {
         let req = CheckinRequest {
             endpoint_id: 12345,
-            edge_id: Uuid::new_v4(),
-            timestamp_ms: 1_790_000_000_000,
+            edge_id: None,
+            timestamp_lo: crate::wire::timestamp_lo(1_790_000_000_000),
+            interval_secs: 5,
             agent: None,
         };
         let bytes = encode(&req).unwrap();
         assert!(
-            bytes.len() <= 32,
-            "check-in request is {} bytes",
+            bytes.len() <= 16,
+            "steady check-in request is {} bytes",
             bytes.len()
         );
         assert_eq!(
             decode::<CheckinRequest>(&bytes, MAX_CONTROL_FRAME).unwrap(),
             req
+        );
+        let first = CheckinRequest {
+            edge_id: Some(Uuid::new_v4()),
+            ..req.clone()
+        };
+        assert_eq!(
+            decode::<CheckinRequest>(&encode(&first).unwrap(), MAX_CONTROL_FRAME).unwrap(),
+            first
         );
 
         let ans = CheckinAnswer {

@@ -20,6 +20,11 @@ pub async fn checkin(state: web::Data<AppState>, body: Bytes) -> Result<HttpResp
             ApiError::BadRequest(format!("check-in body: {e}"))
         })?;
     let answer = state.fleet.checkin(req, body).await?;
+    if answer.unchanged {
+        // Nothing new: no body, no content-length (204 has none). Saves ~16 bytes per poll.
+        timer.observe_duration();
+        return Ok(HttpResponse::NoContent().reason("").finish());
+    }
     let bytes = codec::encode(&CheckinAnswer {
         status: answer.status,
         interval_secs: answer.interval_secs,
@@ -28,6 +33,7 @@ pub async fn checkin(state: web::Data<AppState>, body: Bytes) -> Result<HttpResp
     })
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     timer.observe_duration();
-    // No content-type: the agent knows what it asked for, and every byte is metered.
-    Ok(HttpResponse::Ok().body(bytes))
+    // No content-type and an empty reason phrase (RFC 9112 allows it; clients ignore it): the
+    // agent knows what it asked for, and every byte is metered.
+    Ok(HttpResponse::Ok().reason("").body(bytes))
 }

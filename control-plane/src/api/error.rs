@@ -45,6 +45,7 @@ fn agent_message(r: &AgentRefusal) -> String {
             Refusal::Replay => "this request was already seen (replay)".into(),
             Refusal::EdgeIdMismatch => "environment is bound to another Edge ID; an admin can reset its association".into(),
             Refusal::WrongMode => "environment is in async mode; the standard check-in is refused".into(),
+            Refusal::EdgeIdRequired => "environment is not bound yet: send the Edge ID with this check-in".into(),
         },
     }
 }
@@ -70,6 +71,7 @@ impl ApiError {
                 Refusal::Replay => "replay",
                 Refusal::EdgeIdMismatch => "edge_id_mismatch",
                 Refusal::WrongMode => "wrong_mode",
+                Refusal::EdgeIdRequired => "edge_id_required",
             }),
             ApiError::BadRequest(_) => Some("bad_request"),
             ApiError::Unavailable(_) => Some("busy"),
@@ -92,6 +94,7 @@ impl ResponseError for ApiError {
             ApiError::Agent(AgentRefusal::Refused(r)) => match r {
                 Refusal::EdgeIdMismatch => StatusCode::FORBIDDEN,
                 Refusal::WrongMode => StatusCode::CONFLICT,
+                Refusal::EdgeIdRequired => StatusCode::BAD_REQUEST,
                 _ => StatusCode::UNAUTHORIZED,
             },
         }

@@ -32,6 +32,7 @@ impl EnvActor {
                 super::Refusal::Replay => "replay",
                 super::Refusal::EdgeIdMismatch => "edge_id_mismatch",
                 super::Refusal::WrongMode => "wrong_mode",
+                super::Refusal::EdgeIdRequired => "edge_id_required",
             },
             Err(_) => "error",
         }

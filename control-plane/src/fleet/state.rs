@@ -14,7 +14,7 @@ use crate::store::{EdgeMode, EnvId, Environment};
 /// freshness window. One agent at 5 s keeps ~24; the cap only bites for abusive senders.
 const MAX_RECENT: usize = 64;
 /// Include the server clock in an answer when the agent is off by more than this.
-const REPORT_SKEW_MS: u64 = 1_000;
+const REPORT_SKEW_MS: u64 = 2_000;
 
 /// Why a check-in was refused. Each maps to one status code and one message in `api`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub enum Refusal {
     EdgeIdMismatch,
     /// An async environment cannot use the standard check-in.
     WrongMode,
+    /// The environment is unbound and the request did not carry its Edge ID.
+    EdgeIdRequired,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +40,9 @@ pub struct Answer {
     pub status: EdgeStatus,
     pub interval_secs: u32,
     pub server_time_ms: Option<u64>,
+    /// Nothing the agent does not already know: idle, its interval is current, its clock is
+    /// fine and it is not a new process. Answered as `204 No Content`.
+    pub unchanged: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,19 +154,24 @@ impl EnvState {
         now_ms: u64,
         default_interval: u32,
     ) -> Verdict {
-        if !proof::verify(frame, &self.keys.proof) {
+        // Steady-state requests omit the Edge ID; the MAC covers the bound one.
+        let Some(claimed) = req.edge_id.or(self.edge_id) else {
+            return Verdict::Refuse(Refusal::EdgeIdRequired);
+        };
+        if !proof::verify(frame, &self.keys.proof, &claimed) {
             let lacks_agent_secret = self
                 .keys
                 .without_agent_secret
                 .as_ref()
-                .is_some_and(|k| proof::verify(frame, k));
+                .is_some_and(|k| proof::verify(frame, k, &claimed));
             return Verdict::Refuse(if lacks_agent_secret {
                 Refusal::AgentSecretMismatch
             } else {
                 Refusal::BadProof
             });
         }
-        if proof::check_freshness(req.timestamp_ms, now_ms).is_err() {
+        let timestamp_ms = proto::wire::unwrap_timestamp(req.timestamp_lo, now_ms);
+        if proof::check_freshness(timestamp_ms, now_ms).is_err() {
             return Verdict::Refuse(Refusal::ClockSkew {
                 server_time_ms: now_ms,
             });
@@ -174,20 +184,27 @@ impl EnvState {
             return Verdict::Refuse(Refusal::Replay);
         }
         match self.edge_id {
-            None => return Verdict::Bind(req.edge_id),
-            Some(bound) if bound != req.edge_id => return Verdict::Refuse(Refusal::EdgeIdMismatch),
+            None => return Verdict::Bind(claimed),
+            Some(bound) if bound != claimed => return Verdict::Refuse(Refusal::EdgeIdMismatch),
             Some(_) => {}
         }
-        self.remember(req.timestamp_ms, tag, now_ms);
+        self.remember(timestamp_ms, tag, now_ms);
         self.last_checkin_ms = Some(self.last_checkin_ms.map_or(now_ms, |t| t.max(now_ms)));
+        let status = if self.required {
+            EdgeStatus::Required
+        } else {
+            EdgeStatus::Idle
+        };
+        let interval_secs = self.interval_secs(default_interval);
+        let server_time_ms = (timestamp_ms.abs_diff(now_ms) > REPORT_SKEW_MS).then_some(now_ms);
         Verdict::Answer(Answer {
-            status: if self.required {
-                EdgeStatus::Required
-            } else {
-                EdgeStatus::Idle
-            },
-            interval_secs: self.interval_secs(default_interval),
-            server_time_ms: (req.timestamp_ms.abs_diff(now_ms) > REPORT_SKEW_MS).then_some(now_ms),
+            status,
+            interval_secs,
+            server_time_ms,
+            unchanged: status == EdgeStatus::Idle
+                && server_time_ms.is_none()
+                && interval_secs == req.interval_secs
+                && req.agent.is_none(),
         })
     }
 
@@ -253,19 +270,31 @@ mod tests {
         (env, secret)
     }
 
+    /// A first-of-process style request: carries the Edge ID, asks with interval 5.
     fn signed(
         secret: &JoinSecret,
         agent_secret: Option<&str>,
         edge_id: Uuid,
         ts: u64,
     ) -> (CheckinRequest, Vec<u8>) {
+        signed_as(secret, agent_secret, edge_id, Some(edge_id), ts)
+    }
+
+    fn signed_as(
+        secret: &JoinSecret,
+        agent_secret: Option<&str>,
+        signer: Uuid,
+        sent: Option<Uuid>,
+        ts: u64,
+    ) -> (CheckinRequest, Vec<u8>) {
         let req = CheckinRequest {
             endpoint_id: 7,
-            edge_id,
-            timestamp_ms: ts,
+            edge_id: sent,
+            timestamp_lo: proto::wire::timestamp_lo(ts),
+            interval_secs: 5,
             agent: None,
         };
-        let frame = proof::sign(&req, &ProofKey::derive(secret, agent_secret)).unwrap();
+        let frame = proof::sign(&req, &ProofKey::derive(secret, agent_secret), &signer).unwrap();
         (req, frame)
     }
 
@@ -274,6 +303,7 @@ mod tests {
             status: EdgeStatus::Idle,
             interval_secs: interval,
             server_time_ms: None,
+            unchanged: interval == 5,
         })
     }
 
@@ -359,7 +389,8 @@ mod tests {
             Verdict::Answer(Answer {
                 status: EdgeStatus::Idle,
                 interval_secs: 5,
-                server_time_ms: Some(NOW)
+                server_time_ms: Some(NOW),
+                unchanged: false,
             })
         );
     }
@@ -393,7 +424,8 @@ mod tests {
             Verdict::Answer(Answer {
                 status: EdgeStatus::Required,
                 interval_secs: 30,
-                server_time_ms: None
+                server_time_ms: None,
+                unchanged: false,
             })
         );
         // Association reset: new secret, no binding. Old key is refused; new agent binds.
@@ -412,6 +444,79 @@ mod tests {
             s.checkin(&req, &frame, NOW + 2, 5),
             Verdict::Refuse(Refusal::WrongMode)
         );
+    }
+
+    #[test]
+    fn steady_requests_omit_the_edge_id_which_the_mac_still_covers() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(None);
+        let mut s = EnvState::new(&e, None).unwrap();
+        // Unbound and no Edge ID sent: nothing to bind to.
+        let (req, frame) = signed_as(&secret, None, id, None, NOW);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Refuse(Refusal::EdgeIdRequired)
+        );
+        s.set_binding(id);
+        // Bound: the steady request without the ID verifies against the bound one.
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
+        // An impostor omitting its ID fails the proof (its MAC covers its own ID) ...
+        let other = Uuid::new_v4();
+        let (req, frame) = signed_as(&secret, None, other, None, NOW + 1);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW + 1, 5),
+            Verdict::Refuse(Refusal::BadProof)
+        );
+        // ... and sending it is refused as a mismatch.
+        let (req, frame) = signed_as(&secret, None, other, Some(other), NOW + 2);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW + 2, 5),
+            Verdict::Refuse(Refusal::EdgeIdMismatch)
+        );
+        // Claiming the bound ID without the matching signer fails too.
+        let (req, frame) = signed_as(&secret, None, other, Some(id), NOW + 3);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW + 3, 5),
+            Verdict::Refuse(Refusal::BadProof)
+        );
+    }
+
+    #[test]
+    fn unchanged_only_when_the_agent_knows_everything() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        let mut ts = NOW;
+        let mut ask = |s: &mut EnvState, interval: u32, info: bool, default: u32| {
+            ts += 1;
+            let mut req = CheckinRequest {
+                endpoint_id: 7,
+                edge_id: None,
+                timestamp_lo: proto::wire::timestamp_lo(ts),
+                interval_secs: interval,
+                agent: None,
+            };
+            if info {
+                req.agent = Some(proto::wire::AgentInfo {
+                    version: "t".into(),
+                    platform: proto::wire::Platform::Docker,
+                    hostname: "h".into(),
+                });
+            }
+            let frame = proof::sign(&req, &ProofKey::derive(&secret, None), &id).unwrap();
+            match s.checkin(&req, &frame, ts, default) {
+                Verdict::Answer(a) => a.unchanged,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(ask(&mut s, 5, false, 5));
+        assert!(
+            !ask(&mut s, 5, true, 5),
+            "a new process gets the full answer"
+        );
+        assert!(!ask(&mut s, 5, false, 9), "a new interval is sent");
+        s.set_required(true);
+        assert!(!ask(&mut s, 5, false, 5), "required is sent");
     }
 
     #[test]

@@ -5,12 +5,13 @@ use libfuzzer_sys::fuzz_target;
 use proto::proof::{open, verify, replay_tag, ProofKey};
 use proto::token::JoinSecret;
 use proto::wire::CheckinRequest;
+use uuid::Uuid;
 
 fuzz_target!(|data: &[u8]| {
     let key = ProofKey::derive(&JoinSecret::from_bytes([7; 32]), Some("fuzz"));
     if let Ok((_, unverified)) = open::<CheckinRequest>(data, 16 * 1024) {
-        assert!(!unverified.verify(&key));
+        assert!(!unverified.verify(&key, &Uuid::nil()));
     }
-    assert!(!verify(data, &key));
+    assert!(!verify(data, &key, &Uuid::nil()));
     let _ = replay_tag(data);
 });
