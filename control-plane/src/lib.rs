@@ -214,6 +214,9 @@ impl Prepared {
         })
         .workers(limits.workers)
         .keep_alive(limits.keep_alive)
+        // actix leaves Nagle on by default: a response written in more than one segment then
+        // waits for the agent's delayed ACK (~40 ms). Small answers must leave at once.
+        .tcp_nodelay(true)
         .max_connections(limits.max_connections_per_worker)
         .backlog(4096)
         .disable_signals()
