@@ -359,6 +359,19 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    // A JSON body over the admin limit: 413 with a message.
+    let huge = format!(r#"{{"name": "{}"}}"#, "x".repeat(5 * 1024 * 1024));
+    let r = client
+        .post(cp.api("/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = r.json().await.unwrap();
+    assert!(message(&v).contains("larger than"), "{v}");
     // Oversized bulk.
     let many: Vec<Value> = (0..1001)
         .map(|i| json!({"name": format!("e{i}")}))

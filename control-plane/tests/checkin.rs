@@ -218,6 +218,11 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains("larger than"),
+        "{v}"
+    );
     // Unknown environment.
     let mut ghost = token.clone();
     ghost.endpoint_id = 4242;

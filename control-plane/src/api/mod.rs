@@ -156,7 +156,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .limit(4 * 1024 * 1024)
             // `curl -d '{...}'` sends a form content type: the body is JSON all the same.
             .content_type_required(false)
-            .error_handler(|e, _| ApiError::BadRequest(format!("invalid JSON body: {e}")).into()),
+            .error_handler(|e, _| {
+                use actix_web::error::JsonPayloadError as E;
+                match e {
+                    E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => {
+                        ApiError::PayloadTooLarge(format!("JSON body larger than {limit} bytes"))
+                    }
+                    e => ApiError::BadRequest(format!("invalid JSON body: {e}")),
+                }
+                .into()
+            }),
     )
     .app_data(
         web::QueryConfig::default()
@@ -167,11 +176,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             ApiError::NotFound(format!("invalid path parameter: {e}")).into()
         }),
     )
-    .service(
-        web::resource(proto::wire::CHECKIN_PATH)
-            .app_data(web::PayloadConfig::new(proto::codec::MAX_CONTROL_FRAME))
-            .route(web::post().to(agent::checkin)),
-    )
+    .service(web::resource(proto::wire::CHECKIN_PATH).route(web::post().to(agent::checkin)))
     .service(
         web::scope("/api")
             .wrap(from_fn(auth::require_admin_key))
