@@ -33,15 +33,7 @@ async fn create(cp: &TestCp, body: Value) -> (u64, JoinToken) {
 }
 
 async fn env(cp: &TestCp, id: u64) -> Value {
-    http()
-        .get(cp.api(&format!("/api/endpoints/{id}")))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    cp::get_env(&cp.url, id).await
 }
 
 fn client(token: &JoinToken, edge: Uuid, agent_secret: Option<&str>) -> PollClient {

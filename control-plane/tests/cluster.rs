@@ -34,15 +34,7 @@ async fn replica(redis: &RedisServer, tls: Option<&TestCp>) -> TestCp {
 }
 
 async fn env(cp: &TestCp, id: u64) -> Value {
-    http()
-        .get(cp.api(&format!("/api/endpoints/{id}")))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    cp::get_env(&cp.url, id).await
 }
 
 /// The agent's token, pointed at replica `cp` (replicas sit behind one URL in production).

@@ -15,15 +15,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 async fn env(url: &str, id: u64) -> Value {
-    http()
-        .get(format!("{url}/api/endpoints/{id}"))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    cp::get_env(url, id).await
 }
 
 async fn impostor_refused(token: &JoinToken) {

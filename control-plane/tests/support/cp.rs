@@ -104,6 +104,19 @@ impl TestCp {
     }
 }
 
+/// `GET /api/endpoints/{id}` on the control plane at `base_url`, as JSON.
+pub async fn get_env(base_url: &str, id: u64) -> serde_json::Value {
+    http()
+        .get(format!("{base_url}/api/endpoints/{id}"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("get environment")
+        .json()
+        .await
+        .expect("environment JSON")
+}
+
 /// Sum of a metric's samples whose line starts with `name` (labels included in `name` match).
 pub async fn metric(metrics_url: &str, name: &str) -> f64 {
     let text = http()
