@@ -43,10 +43,11 @@ fn checkin(c: &mut Criterion) {
                 endpoint_id: 7,
                 edge_id: None,
                 timestamp_lo: timestamp_lo(ts),
+                timestamp_hi: None,
                 interval_secs: 5,
                 agent: None,
             };
-            let frame = proof::sign(&req, &key, &edge).expect("sign");
+            let frame = proof::sign(&req, &key, &edge, ts).expect("sign");
             let (decoded, _) =
                 proof::open::<CheckinRequest>(black_box(&frame), 16 * 1024).expect("open");
             black_box(state.checkin(&decoded, &frame, ts, 5))
@@ -56,12 +57,13 @@ fn checkin(c: &mut Criterion) {
         endpoint_id: 7,
         edge_id: None,
         timestamp_lo: timestamp_lo(now),
+        timestamp_hi: None,
         interval_secs: 5,
         agent: None,
     };
-    let frame = proof::sign(&req, &key, &edge).expect("sign");
+    let frame = proof::sign(&req, &key, &edge, now).expect("sign");
     c.bench_function("proof: verify one frame", |b| {
-        b.iter(|| black_box(proof::verify(black_box(&frame), &key, &edge)))
+        b.iter(|| black_box(proof::verify(black_box(&frame), &key, &edge, now)))
     });
 }
 

@@ -153,10 +153,11 @@ fn frame(token: &JoinToken, secret: &JoinSecret, edge: Uuid, ts: u64) -> Vec<u8>
         endpoint_id: token.endpoint_id,
         edge_id: Some(edge),
         timestamp_lo: proto::wire::timestamp_lo(ts),
+        timestamp_hi: Some((ts >> 32) as u32),
         interval_secs: 5,
         agent: None,
     };
-    proof::sign(&req, &ProofKey::derive(secret, None), &edge).unwrap()
+    proof::sign(&req, &ProofKey::derive(secret, None), &edge, ts).unwrap()
 }
 
 fn now_ms() -> u64 {

@@ -633,14 +633,18 @@ impl PollClient {
 
         // The Edge ID travels with the first check-in and after errors, like the agent info;
         // in the steady state the MAC covers it and the server supplies the bound one.
+        let timestamp_ms = self.clock.next_timestamp(unix_now_ms());
         let request = CheckinRequest {
             endpoint_id: self.endpoint_id,
             edge_id: self.send_agent_info.then_some(self.edge_id),
-            timestamp_lo: proto::wire::timestamp_lo(self.clock.next_timestamp(unix_now_ms())),
+            timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
+            // The high bits go with the Edge ID, so a far-off clock is reported as skewed.
+            timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
             interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
             agent: self.send_agent_info.then(|| self.agent_info.clone()),
         };
-        let body = proof::sign(&request, &self.key, &self.edge_id).map_err(CheckinError::Encode)?;
+        let body = proof::sign(&request, &self.key, &self.edge_id, timestamp_ms)
+            .map_err(CheckinError::Encode)?;
         let body_len = body.len();
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;

@@ -496,13 +496,15 @@ fn checkin_answer(
     let Some(claimed) = request.edge_id.or(env.edge_id) else {
         return json_error(400, "edge_id_required", "send the Edge ID");
     };
+    let timestamp_ms =
+        proto::wire::request_timestamp(request.timestamp_lo, request.timestamp_hi, server_now);
     if !unverified.verify(
         &ProofKey::derive(&env.secret, agent_secret.as_deref()),
         &claimed,
+        timestamp_ms,
     ) {
         return json_error(401, "bad_proof", "request proof does not verify");
     }
-    let timestamp_ms = proto::wire::unwrap_timestamp(request.timestamp_lo, server_now);
     if proof::check_freshness(timestamp_ms, server_now).is_err() {
         let body = serde_json::json!({
             "message": "timestamp too far from server time",

@@ -94,6 +94,7 @@ mod tests {
             endpoint_id: 12345,
             edge_id: None,
             timestamp_lo: crate::wire::timestamp_lo(1_790_000_000_000),
+            timestamp_hi: None,
             interval_secs: 5,
             agent: None,
         };

@@ -49,12 +49,13 @@ impl ProofKey {
         Self(key)
     }
 
-    fn mac(&self, edge_id: &Uuid, signed: &[u8]) -> [u8; MAC_LEN] {
+    fn mac(&self, edge_id: &Uuid, timestamp_ms: u64, signed: &[u8]) -> [u8; MAC_LEN] {
         // HMAC accepts keys of any length: new_from_slice cannot fail.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         mac.update(MAC_DOMAIN);
         mac.update(edge_id.as_bytes());
+        mac.update(&timestamp_ms.to_be_bytes());
         mac.update(signed);
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; MAC_LEN];
@@ -63,12 +64,18 @@ impl ProofKey {
     }
 }
 
-/// Encodes and signs `msg` as the agent `edge_id`: `[version][payload][mac]`.
-pub fn sign<T: Serialize>(msg: &T, key: &ProofKey, edge_id: &Uuid) -> Result<Vec<u8>, CodecError> {
+/// Encodes and signs `msg` as the agent `edge_id` at `timestamp_ms` (the full clock value,
+/// of which the message may carry only part): `[version][payload][mac]`.
+pub fn sign<T: Serialize>(
+    msg: &T,
+    key: &ProofKey,
+    edge_id: &Uuid,
+    timestamp_ms: u64,
+) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(64);
     out.push(PROTOCOL_VERSION);
     codec::encode_into(msg, &mut out)?;
-    let mac = key.mac(edge_id, &out);
+    let mac = key.mac(edge_id, timestamp_ms, &out);
     out.extend_from_slice(&mac);
     Ok(out)
 }
@@ -82,9 +89,11 @@ pub struct Unverified<'a> {
 }
 
 impl Unverified<'_> {
-    /// Constant-time check of the MAC under `key` for the agent `edge_id`.
-    pub fn verify(&self, key: &ProofKey, edge_id: &Uuid) -> bool {
-        key.mac(edge_id, self.signed).ct_eq(&self.mac).into()
+    /// Constant-time check of the MAC under `key` for the agent `edge_id` at `timestamp_ms`.
+    pub fn verify(&self, key: &ProofKey, edge_id: &Uuid, timestamp_ms: u64) -> bool {
+        key.mac(edge_id, timestamp_ms, self.signed)
+            .ct_eq(&self.mac)
+            .into()
     }
 }
 
@@ -120,12 +129,12 @@ pub fn open<T: DeserializeOwned>(
 
 /// Verifies the MAC at the end of a signed `frame` under `key` for the agent `edge_id`, in
 /// constant time.
-pub fn verify(frame: &[u8], key: &ProofKey, edge_id: &Uuid) -> bool {
+pub fn verify(frame: &[u8], key: &ProofKey, edge_id: &Uuid, timestamp_ms: u64) -> bool {
     if frame.len() <= MAC_LEN {
         return false;
     }
     let (signed, mac) = frame.split_at(frame.len() - MAC_LEN);
-    key.mac(edge_id, signed).ct_eq(mac).into()
+    key.mac(edge_id, timestamp_ms, signed).ct_eq(mac).into()
 }
 
 /// A short fingerprint of a signed frame (the first MAC bytes) for replay detection.
@@ -170,6 +179,7 @@ mod tests {
             endpoint_id: 3,
             edge_id: None,
             timestamp_lo: 1_000,
+            timestamp_hi: None,
             interval_secs: 5,
             agent: None,
         }
@@ -179,30 +189,42 @@ mod tests {
     fn sign_open_verify() {
         let secret = JoinSecret::generate();
         let key = ProofKey::derive(&secret, None);
-        let frame = sign(&req(), &key, &EDGE).unwrap();
+        let frame = sign(&req(), &key, &EDGE, 1_000).unwrap();
         let (decoded, unverified) = open::<CheckinRequest>(&frame, 1024).unwrap();
         assert_eq!(decoded.endpoint_id, 3);
-        assert!(unverified.verify(&key, &EDGE));
-        assert!(verify(&frame, &key, &EDGE));
+        assert!(unverified.verify(&key, &EDGE, 1_000));
+        assert!(verify(&frame, &key, &EDGE, 1_000));
         assert!(
-            !unverified.verify(&key, &Uuid::from_u128(0x1235)),
+            !verify(&frame, &key, &EDGE, 1_000 + (1 << 32)),
+            "the same low bits one wrap later fail"
+        );
+        assert!(
+            !unverified.verify(&key, &Uuid::from_u128(0x1235), 1_000),
             "another Edge ID fails"
         );
-        assert!(!unverified.verify(&ProofKey::derive(&JoinSecret::generate(), None), &EDGE));
-        assert!(!unverified.verify(&ProofKey::derive(&secret, Some("agent-secret")), &EDGE));
+        assert!(!unverified.verify(
+            &ProofKey::derive(&JoinSecret::generate(), None),
+            &EDGE,
+            1_000
+        ));
+        assert!(!unverified.verify(
+            &ProofKey::derive(&secret, Some("agent-secret")),
+            &EDGE,
+            1_000
+        ));
     }
 
     #[test]
     fn any_flipped_bit_fails() {
         let key = ProofKey::derive(&JoinSecret::generate(), Some("s"));
-        let frame = sign(&req(), &key, &EDGE).unwrap();
+        let frame = sign(&req(), &key, &EDGE, 1_000).unwrap();
         for i in 0..frame.len() {
             for bit in 0..8 {
                 let mut f = frame.clone();
                 f[i] ^= 1 << bit;
                 if let Ok((_, u)) = open::<CheckinRequest>(&f, 1024) {
                     assert!(
-                        !u.verify(&key, &EDGE),
+                        !u.verify(&key, &EDGE, 1_000),
                         "flip at byte {i} bit {bit} verified"
                     );
                 }

@@ -23,6 +23,10 @@ pub struct CheckinRequest {
     /// on the wire instead of 9, and unambiguous since the wrap period (49.7 days) dwarfs the
     /// freshness window.
     pub timestamp_lo: u32,
+    /// The high 32 bits of that clock, sent with the Edge ID (first check-in of a process and
+    /// after errors) so a clock that is far off is still recognised as skewed. The MAC always
+    /// covers the full 64-bit timestamp, so a frame replayed one wrap (49.7 days) later fails.
+    pub timestamp_hi: Option<u32>,
     /// The interval the agent runs at now; when it is current and nothing else changed, the
     /// server answers `204 No Content` instead of a body.
     pub interval_secs: u32,
@@ -33,6 +37,15 @@ pub struct CheckinRequest {
 /// The wire form of a millisecond timestamp (its low 32 bits).
 pub fn timestamp_lo(ms: u64) -> u32 {
     ms as u32
+}
+
+/// The full timestamp of a request: exact when the high bits were sent, otherwise the instant
+/// with these low bits nearest `now_ms`.
+pub fn request_timestamp(lo: u32, hi: Option<u32>, now_ms: u64) -> u64 {
+    match hi {
+        Some(hi) => (u64::from(hi) << 32) | u64::from(lo),
+        None => unwrap_timestamp(lo, now_ms),
+    }
 }
 
 /// The full millisecond timestamp whose low 32 bits are `lo` and which is nearest `now_ms`.

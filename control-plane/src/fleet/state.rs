@@ -12,7 +12,7 @@ use crate::store::{EdgeMode, EnvId, Environment};
 
 /// Accepted request tags remembered per environment to refuse exact replays inside the
 /// freshness window. One agent at 5 s keeps ~24; the cap only bites for abusive senders.
-const MAX_RECENT: usize = 64;
+const MAX_RECENT: usize = 256;
 /// Include the server clock in an answer when the agent is off by more than this.
 const REPORT_SKEW_MS: u64 = 2_000;
 
@@ -158,19 +158,20 @@ impl EnvState {
         let Some(claimed) = req.edge_id.or(self.edge_id) else {
             return Verdict::Refuse(Refusal::EdgeIdRequired);
         };
-        if !proof::verify(frame, &self.keys.proof, &claimed) {
+        let timestamp_ms =
+            proto::wire::request_timestamp(req.timestamp_lo, req.timestamp_hi, now_ms);
+        if !proof::verify(frame, &self.keys.proof, &claimed, timestamp_ms) {
             let lacks_agent_secret = self
                 .keys
                 .without_agent_secret
                 .as_ref()
-                .is_some_and(|k| proof::verify(frame, k, &claimed));
+                .is_some_and(|k| proof::verify(frame, k, &claimed, timestamp_ms));
             return Verdict::Refuse(if lacks_agent_secret {
                 Refusal::AgentSecretMismatch
             } else {
                 Refusal::BadProof
             });
         }
-        let timestamp_ms = proto::wire::unwrap_timestamp(req.timestamp_lo, now_ms);
         if proof::check_freshness(timestamp_ms, now_ms).is_err() {
             return Verdict::Refuse(Refusal::ClockSkew {
                 server_time_ms: now_ms,
@@ -291,10 +292,12 @@ mod tests {
             endpoint_id: 7,
             edge_id: sent,
             timestamp_lo: proto::wire::timestamp_lo(ts),
+            timestamp_hi: sent.map(|_| (ts >> 32) as u32),
             interval_secs: 5,
             agent: None,
         };
-        let frame = proof::sign(&req, &ProofKey::derive(secret, agent_secret), &signer).unwrap();
+        let frame =
+            proof::sign(&req, &ProofKey::derive(secret, agent_secret), &signer, ts).unwrap();
         (req, frame)
     }
 
@@ -391,6 +394,37 @@ mod tests {
                 interval_secs: 5,
                 server_time_ms: Some(NOW),
                 unchanged: false,
+            })
+        );
+    }
+
+    #[test]
+    fn a_frame_replayed_one_timestamp_wrap_later_fails_the_proof() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        // A steady frame (no high bits, no Edge ID) accepted now ...
+        let (req, frame) = signed_as(&secret, None, id, None, NOW);
+        assert_eq!(s.checkin(&req, &frame, NOW, 5), idle(5));
+        // ... replayed when the low 32 bits come round again: same bytes, other instant.
+        let later = NOW + (1 << 32);
+        assert_eq!(
+            s.checkin(&req, &frame, later, 5),
+            Verdict::Refuse(Refusal::BadProof)
+        );
+    }
+
+    #[test]
+    fn a_far_off_clock_is_told_the_time_not_refused_as_bad_proof() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        // A device that booted in 1970: its first request carries the high bits.
+        let (req, frame) = signed(&secret, None, id, 5_000);
+        assert_eq!(
+            s.checkin(&req, &frame, NOW, 5),
+            Verdict::Refuse(Refusal::ClockSkew {
+                server_time_ms: NOW
             })
         );
     }
@@ -493,6 +527,7 @@ mod tests {
                 endpoint_id: 7,
                 edge_id: None,
                 timestamp_lo: proto::wire::timestamp_lo(ts),
+                timestamp_hi: None,
                 interval_secs: interval,
                 agent: None,
             };
@@ -503,7 +538,7 @@ mod tests {
                     hostname: "h".into(),
                 });
             }
-            let frame = proof::sign(&req, &ProofKey::derive(&secret, None), &id).unwrap();
+            let frame = proof::sign(&req, &ProofKey::derive(&secret, None), &id, ts).unwrap();
             match s.checkin(&req, &frame, ts, default) {
                 Verdict::Answer(a) => a.unchanged,
                 other => panic!("{other:?}"),

@@ -10,8 +10,8 @@ use uuid::Uuid;
 fuzz_target!(|data: &[u8]| {
     let key = ProofKey::derive(&JoinSecret::from_bytes([7; 32]), Some("fuzz"));
     if let Ok((_, unverified)) = open::<CheckinRequest>(data, 16 * 1024) {
-        assert!(!unverified.verify(&key, &Uuid::nil()));
+        assert!(!unverified.verify(&key, &Uuid::nil(), 0));
     }
-    assert!(!verify(data, &key, &Uuid::nil()));
+    assert!(!verify(data, &key, &Uuid::nil(), 0));
     let _ = replay_tag(data);
 });
