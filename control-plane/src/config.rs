@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Clone, Debug)]
+/// `Debug` is written by hand: the admin key, `AGENT_SECRET` and a Redis URL with a password
+/// must never reach a log line.
+#[derive(Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
     /// The URL agents are told to call (goes into join keys). `None`: derived at start.
@@ -74,6 +76,34 @@ impl Default for Limits {
     }
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |o: &Option<String>| o.as_ref().map(|_| "<redacted>");
+        let redis = self.redis_url.as_deref().map(|u| match url::Url::parse(u) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("redacted"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) => "<unparsable>".to_owned(),
+        });
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("public_url", &self.public_url)
+            .field("tunnel_public_addr", &self.tunnel_public_addr)
+            .field("tunnel_addr", &self.tunnel_addr)
+            .field("embedded_gateway", &self.embedded_gateway)
+            .field("redis_url", &redis)
+            .field("redis_prefix", &self.redis_prefix)
+            .field("tls", &self.tls)
+            .field("admin_api_key", &redacted(&self.admin_api_key))
+            .field("agent_secret", &redacted(&self.agent_secret))
+            .field("agent_image", &self.agent_image)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
 impl Config {
     /// A configuration with every default, for tests and `main`.
     pub fn new(data_dir: PathBuf) -> Self {
@@ -91,5 +121,23 @@ impl Config {
             agent_image: format!("edgeplane/edge-agent:{}", env!("CARGO_PKG_VERSION")),
             limits: Limits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut c = Config::new("/tmp/x".into());
+        c.admin_api_key = Some("admin-key-123".into());
+        c.agent_secret = Some("agent-secret-456".into());
+        c.redis_url = Some("redis://user:hunter2@redis:6379/0".into());
+        let text = format!("{c:?}");
+        for secret in ["admin-key-123", "agent-secret-456", "hunter2"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("redis:6379"));
     }
 }

@@ -16,7 +16,6 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 
@@ -144,21 +143,6 @@ impl Prepared {
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.listeners.metrics.local_addr().ok()
     }
-
-    /// The join token of an environment, if its stored secret is readable.
-    pub fn join_token(&self, env: &store::Environment) -> Option<String> {
-        let secret = proto::token::JoinSecret::from_text(&env.join_secret).ok()?;
-        Some(
-            proto::JoinToken {
-                api_url: self.public.api_url.clone(),
-                tunnel_addr: self.public.tunnel_addr.clone(),
-                tunnel_fingerprint: self.public.tunnel_fingerprint,
-                endpoint_id: env.id,
-                secret,
-            }
-            .encode(),
-        )
-    }
 }
 
 #[derive(Deserialize)]
@@ -209,7 +193,11 @@ impl Prepared {
         let api = HttpServer::new(move || {
             App::new()
                 .app_data(api_state.clone())
-                .wrap(from_fn(api::count_requests))
+                .wrap(
+                    actix_web::middleware::ErrorHandlers::new()
+                        .default_handler_client(api::json_errors)
+                        .default_handler_server(api::json_errors),
+                )
                 .configure(api::configure)
         })
         .workers(limits.workers)

@@ -96,7 +96,8 @@ impl Cli {
     }
 }
 
-fn banner(p: &Prepared, api: SocketAddr) {
+/// Prints the start banner; returns how to spell the admin key in shell commands.
+fn banner(p: &Prepared, api: SocketAddr) -> String {
     let url = &p.public.api_url;
     let local = format!("https://127.0.0.1:{}", api.port());
     let key_file = p
@@ -137,20 +138,33 @@ fn banner(p: &Prepared, api: SocketAddr) {
         cert = p.cert_path.display(),
         metrics = p.metrics_addr().map_or_else(|| "?".into(), |a| a.to_string()),
     );
+    key_expr
 }
 
-async fn ready_agent_commands(p: &Prepared) {
-    // Once environments exist, show a ready-to-paste agent command for the first few.
+/// Once environments exist, says how to get a ready-to-paste agent command for those still
+/// waiting for their agent. Never prints join tokens: stdout ends up in `docker logs` and
+/// journald, and a token lets whoever reads it bind an unbound environment.
+async fn ready_agent_commands(p: &Prepared, api: SocketAddr, key_expr: &str) {
     let Ok(envs) = p.store.list_environments().await else {
         return;
     };
-    for env in envs.iter().filter(|e| e.edge_id.is_none()).take(3) {
-        if let Some(token) = p.join_token(env) {
-            println!(
-                "environment {} ({:?}) waits for its agent:\n    EDGE_KEY={token} EDGE_DATA_DIR=./agent-{} cargo run --release --bin edge-agent\n",
-                env.id, env.name, env.id
-            );
-        }
+    let waiting: Vec<_> = envs.iter().filter(|e| e.edge_id.is_none()).collect();
+    for env in waiting.iter().take(3) {
+        println!(
+            "environment {} ({:?}) waits for its agent; its install command:\n    \
+             curl -sk -H \"X-API-Key: {key_expr}\" -H 'Accept: text/plain' \
+             'https://127.0.0.1:{}/api/endpoints/{}/install?platform=docker'\n",
+            env.id,
+            env.name,
+            api.port(),
+            env.id
+        );
+    }
+    if waiting.len() > 3 {
+        println!(
+            "({} more environments wait for their agent: GET /api/endpoints?status=never)\n",
+            waiting.len() - 3
+        );
     }
 }
 
@@ -173,8 +187,8 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?,
     };
     let prepared = prepare(config, listeners).await?;
-    banner(&prepared, api_addr);
-    ready_agent_commands(&prepared).await;
+    let key_expr = banner(&prepared, api_addr);
+    ready_agent_commands(&prepared, api_addr, &key_expr).await;
     prepared.serve(shutdown_signal()).await?;
     Ok(())
 }

@@ -245,6 +245,31 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
 }
 
 #[actix_web::test]
+async fn a_full_environment_answers_busy_at_once() {
+    // No room at all: every check-in is refused with 503 and a retry-after, none queue.
+    let cp = TestCp::start_with(|c| c.limits.actor_mailbox = 0).await;
+    let (_, token) = create(&cp, json!({"name": "k"})).await;
+    let edge = Uuid::new_v4();
+    let r = http()
+        .post(cp.api(proto::wire::CHECKIN_PATH))
+        .body(frame(&token, &token.secret, edge, now_ms()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "busy");
+    match client(&token, edge, None).checkin().await {
+        Err(CheckinError::Busy { retry_after }) => {
+            assert_eq!(retry_after, Some(Duration::from_secs(1)))
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    cp.stop().await;
+}
+
+#[actix_web::test]
 async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     // A flush period far longer than the test: nothing may reach the store per check-in.

@@ -39,6 +39,9 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// Slack on top of the interval before a check-in counts as timed out (the server may hold a
 /// check-in open for up to one interval).
 pub const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
+/// The longest the server may hold a check-in (the tunnel milestone's held check-in); with
+/// long intervals (up to an hour) a silently dead connection must not hang the agent as long.
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
 /// Largest error body read (they are small JSON objects).
 const MAX_ERROR_BODY: usize = 4 * 1024;
 /// Longest server message kept for errors and logs.
@@ -553,9 +556,10 @@ impl PollClient {
 
     /// One check-in: connect if needed, send, read the answer. A `clock_skew` refusal is fixed
     /// and retried at once (once); a kept-alive connection found dead before answering is
-    /// replaced at once (once). Times out after the interval plus [`TIMEOUT_SLACK`].
+    /// replaced at once (once). Times out after the interval (at most [`MAX_HOLD`]) plus
+    /// [`TIMEOUT_SLACK`].
     pub async fn checkin(&mut self) -> Result<CheckinOutcome, CheckinError> {
-        let timeout = self.interval + TIMEOUT_SLACK;
+        let timeout = self.interval.min(MAX_HOLD) + TIMEOUT_SLACK;
         let mut skew_fixed = false;
         let mut stale_replaced = false;
         let mut id_resent = false;

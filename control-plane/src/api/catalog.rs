@@ -164,6 +164,6 @@ async fn patch_settings(
         }
     }
     state.store.put_settings(&s).await?;
-    state.store.publish(Change::Settings).await?;
+    state.publish(Change::Settings).await?;
     Ok(json(StatusCode::OK, &s))
 }

@@ -90,6 +90,27 @@ impl Intervals {
 }
 
 impl AppState {
+    /// Tells every replica about a change that is already stored. Retried, because a lost
+    /// notification leaves other replicas on the old record (an old key keeps working there)
+    /// until their next resync; if it still fails the admin is told so.
+    pub(crate) async fn publish(&self, change: Change) -> Result<(), ApiError> {
+        let mut last = None;
+        for attempt in 0..3u32 {
+            match self.store.publish(change.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "cannot publish a change notification");
+                    last = Some(e);
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "the change was saved, but other replicas could not be notified ({}); they pick it up at their next resync",
+            last.map_or_else(String::new, |e| e.to_string())
+        )))
+    }
+
     pub(crate) fn join_token(&self, env: &Environment) -> Result<String, ApiError> {
         let secret = JoinSecret::from_text(&env.join_secret)
             .map_err(|e| ApiError::Internal(format!("environment {}: {e}", env.id)))?;
@@ -306,7 +327,7 @@ pub async fn create(
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::Internal("store created nothing".into()))?;
-    state.store.publish(Change::Environment(env.id)).await?;
+    state.publish(Change::Environment(env.id)).await?;
     tracing::info!(env = env.id, name = %env.name, "environment created");
     let settings = state.store.settings().await?;
     Ok(json(
@@ -340,7 +361,7 @@ pub async fn create_bulk(
         .collect::<Result<Vec<_>, _>>()?;
     let created = state.store.create_environments(news).await?;
     for env in &created {
-        state.store.publish(Change::Environment(env.id)).await?;
+        state.publish(Change::Environment(env.id)).await?;
     }
     tracing::info!(count = created.len(), "environments created in bulk");
     let settings = state.store.settings().await?;
@@ -403,7 +424,7 @@ pub async fn patch(
             env.id
         )));
     }
-    state.store.publish(Change::Environment(env.id)).await?;
+    state.publish(Change::Environment(env.id)).await?;
     let env = state.load(env.id).await?;
     Ok(json(StatusCode::OK, &state.view_one(&env).await?))
 }
@@ -418,7 +439,7 @@ pub async fn delete(
             "environment {id} does not exist"
         )));
     }
-    state.store.publish(Change::EnvironmentDeleted(id)).await?;
+    state.publish(Change::EnvironmentDeleted(id)).await?;
     tracing::info!(env = id, "environment deleted");
     Ok(HttpResponse::NoContent().finish())
 }
@@ -433,13 +454,15 @@ pub async fn reset_association(
         .reset_association(id, JoinSecret::generate().to_text())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("environment {id} does not exist")))?;
-    state.store.publish(Change::Environment(id)).await?;
+    state.publish(Change::Environment(id)).await?;
     tracing::info!(env = id, "association reset; new join token issued");
     Ok(json(StatusCode::OK, &state.view_one(&env).await?))
 }
 
+/// Unknown parameters are ignored: clients written for Portainer send `sort`, `order` and
+/// others we do not implement.
 #[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ListQuery {
     start: Option<String>,
     limit: Option<String>,

@@ -145,7 +145,13 @@ impl From<CheckinError> for ApiError {
             CheckinError::Busy(id) => {
                 ApiError::Unavailable(format!("environment {id} is busy, retry later"))
             }
-            CheckinError::Store(e) => e.into(),
+            // Agents are not told the store's internals; the log has them.
+            CheckinError::Store(e) => {
+                tracing::warn!(error = %e, "check-in failed on the store");
+                ApiError::Unavailable(
+                    "the control plane cannot reach its store; retry later".into(),
+                )
+            }
             CheckinError::Broken { .. } => {
                 tracing::error!(error = %e, "environment cannot be served");
                 ApiError::Internal(e.to_string())

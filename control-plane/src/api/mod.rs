@@ -180,6 +180,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/api")
             .wrap(from_fn(auth::require_admin_key))
+            // Outermost: counts refusals by the key check too, and only admin requests.
+            .wrap(from_fn(count_requests))
             .service(
                 web::resource("/endpoints")
                     .route(web::get().to(endpoints::list))
@@ -231,6 +233,36 @@ pub async fn count_requests(
         m.admin_requests.with_label_values(&[class]).inc();
     }
     Ok(res)
+}
+
+/// Gives bodiless error answers produced by the framework itself (405 for a known path with
+/// another method, for instance) the `{"message"}` body every error has.
+pub fn json_errors<B: MessageBody + 'static>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    use actix_web::middleware::ErrorHandlerResponse;
+    let status = res.status();
+    let has_body = res
+        .headers()
+        .contains_key(actix_web::http::header::CONTENT_TYPE);
+    if has_body {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let message = match status {
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED => {
+            format!(
+                "method {} is not allowed on {}",
+                res.request().method(),
+                res.request().path()
+            )
+        }
+        other => other.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let (req, _) = res.into_parts();
+    let body = HttpResponse::build(status).json(serde_json::json!({ "message": message }));
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, body).map_into_right_body(),
+    ))
 }
 
 /// JSON helper with the right status.

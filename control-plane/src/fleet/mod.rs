@@ -5,7 +5,7 @@
 mod actor;
 pub mod state;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -141,9 +141,29 @@ impl AgentStats {
     }
 }
 
+/// A live actor and the number of check-ins queued for it. actix's `try_send` on a fresh
+/// `Addr` clone never reports a full mailbox, so the bound is enforced here.
+#[derive(Clone)]
+struct Handle {
+    addr: Addr<EnvActor>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Decrements an in-flight count when the check-in ends, however it ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct Fleet {
     store: SharedStore,
-    actors: DashMap<EnvId, Addr<EnvActor>>,
+    actors: DashMap<EnvId, Handle>,
+    /// Bumped for every environment change notification, so an actor that was being built
+    /// while a change arrived reloads once it is registered.
+    epoch: AtomicU64,
     /// Unknown ids and when to forget them, to refuse probes without a store read each time.
     unknown: DashMap<EnvId, u64>,
     pub stats: AgentStats,
@@ -166,6 +186,7 @@ impl Fleet {
         Arc::new(Self {
             store,
             actors: DashMap::new(),
+            epoch: AtomicU64::new(0),
             unknown: DashMap::new(),
             stats: AgentStats::default(),
             defaults: Defaults::new(settings),
@@ -186,7 +207,13 @@ impl Fleet {
         frame: Bytes,
     ) -> Result<Answer, CheckinError> {
         let id = req.endpoint_id;
-        let addr = self.actor(id).await?;
+        let handle = self.actor(id).await?;
+        if handle.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limits.actor_mailbox {
+            handle.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(CheckinError::Busy(id));
+        }
+        let _in_flight = InFlight(Arc::clone(&handle.in_flight));
+        let addr = handle.addr;
         let (tx, rx) = oneshot::channel();
         let msg = CheckinMsg {
             req,
@@ -200,7 +227,7 @@ impl Fleet {
             Err(SendError::Closed(_)) => {
                 // The actor stopped between lookup and send (idle sweep): forget it; the
                 // agent retries and a fresh one is started.
-                self.actors.remove_if(&id, |_, a| !a.connected());
+                self.actors.remove_if(&id, |_, h| !h.addr.connected());
                 return Err(CheckinError::Busy(id));
             }
         }
@@ -209,17 +236,19 @@ impl Fleet {
             _ => Err(CheckinError::Busy(id)),
         };
         match &result {
-            Ok(_) => self.stats.answered(id, now_ms()),
+            // Not for an environment deleted while this check-in was in flight.
+            Ok(_) if self.actors.contains_key(&id) => self.stats.answered(id, now_ms()),
+            Ok(_) => {}
             Err(CheckinError::Refused(_)) => self.stats.refused(id),
             Err(_) => {}
         }
         result
     }
 
-    async fn actor(self: &Arc<Self>, id: EnvId) -> Result<Addr<EnvActor>, CheckinError> {
-        if let Some(a) = self.actors.get(&id) {
-            if a.connected() {
-                return Ok(a.clone());
+    async fn actor(self: &Arc<Self>, id: EnvId) -> Result<Handle, CheckinError> {
+        if let Some(h) = self.actors.get(&id) {
+            if h.addr.connected() {
+                return Ok(h.clone());
             }
         }
         let now = now_ms();
@@ -229,12 +258,11 @@ impl Fleet {
             }
             self.unknown.remove(&id);
         }
+        let epoch = self.epoch.load(Ordering::Acquire);
         let env = match self.store.get_environment(id).await {
             Ok(Some(env)) => env,
             Ok(None) => {
-                if self.unknown.len() < self.limits.negative_cache {
-                    self.unknown.insert(id, now + UNKNOWN_TTL_MS);
-                }
+                self.remember_unknown(id, now);
                 return Err(CheckinError::UnknownEnvironment(id));
             }
             Err(e) => {
@@ -251,12 +279,38 @@ impl Fleet {
                 reason: e.to_string(),
             }
         })?;
-        let entry = self.actors.entry(id).or_insert_with(|| {
-            self.metrics.actor_starts.inc();
-            self.metrics.actors.inc();
-            EnvActor::new(state, Arc::clone(self)).start()
-        });
-        Ok(entry.clone())
+        let mut started = false;
+        let handle = self
+            .actors
+            .entry(id)
+            .or_insert_with(|| {
+                started = true;
+                self.metrics.actor_starts.inc();
+                self.metrics.actors.inc();
+                Handle {
+                    addr: EnvActor::new(state, Arc::clone(self)).start(),
+                    in_flight: Arc::new(AtomicUsize::new(0)),
+                }
+            })
+            .clone();
+        if started && self.epoch.load(Ordering::Acquire) != epoch {
+            // A change arrived between our store read and the registration; it found no
+            // actor to reload, so this one may hold an old record (e.g. a revoked secret).
+            self.reload(id).await;
+        }
+        Ok(handle)
+    }
+
+    /// Remembers an unknown id; when the cache is full, expired entries go first, then all
+    /// (a flood of distinct ids must not push every probe through to the store).
+    fn remember_unknown(&self, id: EnvId, now: u64) {
+        if self.unknown.len() >= self.limits.negative_cache {
+            self.unknown.retain(|_, until| *until > now);
+            if self.unknown.len() >= self.limits.negative_cache {
+                self.unknown.clear();
+            }
+        }
+        self.unknown.insert(id, now + UNKNOWN_TTL_MS);
     }
 
     /// Required flag, set by the tunnel machinery (next issue) and by tests.
@@ -265,8 +319,10 @@ impl Fleet {
         id: EnvId,
         required: bool,
     ) -> Result<(), CheckinError> {
-        let addr = self.actor(id).await?;
-        addr.send(actor::SetRequired(required))
+        let handle = self.actor(id).await?;
+        handle
+            .addr
+            .send(actor::SetRequired(required))
             .await
             .map_err(|_| CheckinError::Busy(id))
     }
@@ -275,13 +331,15 @@ impl Fleet {
     pub async fn apply(self: &Arc<Self>, change: &Change) {
         match change {
             Change::Environment(id) => {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.unknown.remove(id);
                 self.reload(*id).await;
             }
             Change::EnvironmentDeleted(id) => {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.stats.forget(*id);
-                if let Some((_, addr)) = self.actors.remove(id) {
-                    let _ = addr.send(Shutdown).await;
+                if let Some((_, h)) = self.actors.remove(id) {
+                    let _ = h.addr.send(Shutdown).await;
                 }
             }
             Change::Settings => match self.store.settings().await {
@@ -292,6 +350,7 @@ impl Fleet {
             Change::Resync => {
                 // Notifications may have been missed (e.g. the store's pub/sub reconnected):
                 // the settings and every live actor may be stale.
+                self.epoch.fetch_add(1, Ordering::AcqRel);
                 match self.store.settings().await {
                     Ok(s) => self.defaults.set(&s),
                     Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
@@ -302,7 +361,7 @@ impl Fleet {
     }
 
     async fn reload(self: &Arc<Self>, id: EnvId) {
-        let Some(addr) = self.actors.get(&id).map(|a| a.clone()) else {
+        let Some(addr) = self.actors.get(&id).map(|h| h.addr.clone()) else {
             return;
         };
         match self.store.get_environment(id).await {
@@ -311,6 +370,7 @@ impl Fleet {
             }
             Ok(None) => {
                 self.actors.remove(&id);
+                self.stats.forget(id);
                 let _ = addr.send(Shutdown).await;
             }
             Err(e) => {
@@ -348,15 +408,15 @@ impl Fleet {
             .map(|e| *e.key())
             .collect();
         for id in stale {
-            if let Some((_, addr)) = self.actors.remove(&id) {
-                let _ = addr.try_send(Shutdown);
+            if let Some((_, h)) = self.actors.remove(&id) {
+                let _ = h.addr.try_send(Shutdown);
             }
         }
         self.unknown.retain(|_, until| *until > now);
     }
 
     fn actor_stopped(&self, id: EnvId, addr: &Addr<EnvActor>) {
-        self.actors.remove_if(&id, |_, a| a == addr);
+        self.actors.remove_if(&id, |_, h| &h.addr == addr);
         self.metrics.actors.dec();
     }
 
