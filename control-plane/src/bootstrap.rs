@@ -41,6 +41,16 @@ pub enum BootstrapError {
 
 pub const ADMIN_KEY_FILE: &str = "admin-api-key";
 
+/// Settles the admin API key at start-up and returns the keys the API accepts.
+///
+/// The key comes from `EDGEPLANE_ADMIN_API_KEY` (`given`), else from `<data-dir>/admin-api-key`,
+/// else it is generated now and written to that file. Whichever it is REPLACES the stored set
+/// of key hashes: the node's configured key is the only valid one after it starts, so changing
+/// the key and restarting revokes the old one (a leaked key does not stay valid forever). In
+/// cluster mode give every replica the same `EDGEPLANE_ADMIN_API_KEY`: each replica that starts
+/// with its own key revokes the others'. Only when there is no key given, no file and the store
+/// already holds keys (another replica created them) is the stored set left alone
+/// ([`AdminKeySource::Shared`]).
 pub async fn admin_key(
     store: &SharedStore,
     given: Option<&str>,
@@ -48,7 +58,9 @@ pub async fn admin_key(
 ) -> Result<(AdminKeys, AdminKeySource), BootstrapError> {
     let path = data_dir.join(ADMIN_KEY_FILE);
     let source = if let Some(key) = given.filter(|k| !k.is_empty()) {
-        store.add_admin_key_hash(AdminKeys::hash(key)).await?;
+        store
+            .replace_admin_key_hashes(&[AdminKeys::hash(key)])
+            .await?;
         AdminKeySource::Environment
     } else if path.exists() {
         let key = std::fs::read_to_string(&path).map_err(|source| BootstrapError::Read {
@@ -59,7 +71,9 @@ pub async fn admin_key(
         if key.is_empty() {
             return Err(BootstrapError::Empty(path));
         }
-        store.add_admin_key_hash(AdminKeys::hash(key)).await?;
+        store
+            .replace_admin_key_hashes(&[AdminKeys::hash(key)])
+            .await?;
         AdminKeySource::File(path)
     } else if !store.admin_key_hashes().await?.is_empty() {
         AdminKeySource::Shared
@@ -71,7 +85,9 @@ pub async fn admin_key(
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         );
         tls::write_private(&path, format!("{key}\n").as_bytes())?;
-        store.add_admin_key_hash(AdminKeys::hash(&key)).await?;
+        store
+            .replace_admin_key_hashes(&[AdminKeys::hash(&key)])
+            .await?;
         AdminKeySource::Generated { key, path }
     };
     store.publish(Change::AdminKeys).await?;
@@ -113,4 +129,67 @@ pub fn url_host(url: &str) -> Option<String> {
         .ok()?
         .host_str()
         .map(|h| h.trim_matches(['[', ']']).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn store(dir: &Path) -> SharedStore {
+        Arc::new(EmbeddedStore::open(&dir.join("store")).expect("open store"))
+    }
+
+    #[tokio::test]
+    async fn the_configured_key_revokes_earlier_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store(dir.path());
+
+        let (keys, source) = admin_key(&store, Some("a"), dir.path())
+            .await
+            .expect("key a");
+        assert!(matches!(source, AdminKeySource::Environment));
+        assert!(keys.accepts("a"));
+
+        // The operator rotates a leaked key and restarts: only the new one is valid.
+        let (keys, _) = admin_key(&store, Some("b"), dir.path())
+            .await
+            .expect("key b");
+        assert!(keys.accepts("b"));
+        assert!(!keys.accepts("a"), "the old key must be revoked");
+        assert_eq!(
+            store.admin_key_hashes().await.expect("hashes"),
+            vec![AdminKeys::hash("b")]
+        );
+
+        // No key given, no file, keys in the store (another replica's): left alone.
+        let (keys, source) = admin_key(&store, None, dir.path()).await.expect("shared");
+        assert!(matches!(source, AdminKeySource::Shared));
+        assert!(keys.accepts("b"));
+
+        // A key file replaces the set too.
+        std::fs::write(dir.path().join(ADMIN_KEY_FILE), "from-file\n").expect("write key file");
+        let (keys, source) = admin_key(&store, None, dir.path()).await.expect("file");
+        assert!(matches!(source, AdminKeySource::File(_)));
+        assert!(keys.accepts("from-file"));
+        assert!(!keys.accepts("b"));
+    }
+
+    #[tokio::test]
+    async fn a_generated_key_is_the_only_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = store(dir.path());
+        let (keys, source) = admin_key(&store, None, dir.path()).await.expect("generate");
+        let AdminKeySource::Generated { key, path } = source else {
+            panic!("expected a generated key, got {source:?}");
+        };
+        assert!(keys.accepts(&key));
+        assert_eq!(std::fs::read_to_string(path).expect("key file").trim(), key);
+        assert_eq!(
+            store.admin_key_hashes().await.expect("hashes"),
+            vec![AdminKeys::hash(&key)]
+        );
+    }
 }

@@ -125,10 +125,13 @@ conformance!(
     preassigned_edge_id_at_creation,
     concurrent_binds_have_exactly_one_winner,
     reset_association_clears_binding_and_changes_secret,
+    bind_with_a_stale_secret_changes_nothing,
+    binds_with_the_old_secret_never_outlive_a_concurrent_reset,
     heartbeats_keep_the_max_and_drop_unknown_environments,
     named_collections,
     settings_default_then_put,
-    admin_key_hashes_are_idempotent,
+    admin_key_hashes_are_replaced_as_a_whole,
+    admin_key_replacement_is_never_seen_half_done,
     publish_reaches_every_subscriber_exactly_once,
     data_survives_reopen,
 );
@@ -256,7 +259,10 @@ async fn update_replaces_fields_but_not_identity(b: &dyn Backend) {
     let other = create_one(&*store, "other").await;
     let edge = Uuid::new_v4();
     assert_eq!(
-        store.bind_edge_id(env.id, edge).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, edge, &env.join_secret)
+            .await
+            .expect("bind"),
         BindOutcome::Bound
     );
 
@@ -320,7 +326,8 @@ async fn update_never_clobbers_a_concurrent_bind(b: &dyn Backend) {
     }
     let binder = {
         let store = Arc::clone(&store);
-        tokio::spawn(async move { store.bind_edge_id(env.id, edge).await.expect("bind") })
+        let (id, secret) = (env.id, env.join_secret.clone());
+        tokio::spawn(async move { store.bind_edge_id(id, edge, &secret).await.expect("bind") })
     };
     for t in tasks {
         t.await.expect("update task");
@@ -346,7 +353,7 @@ async fn update_never_restores_a_rotated_secret(b: &dyn Backend) {
     let env = create_one(&*store, "rotate-me").await;
     assert_eq!(
         store
-            .bind_edge_id(env.id, Uuid::new_v4())
+            .bind_edge_id(env.id, Uuid::new_v4(), &env.join_secret)
             .await
             .expect("bind"),
         BindOutcome::Bound
@@ -422,12 +429,15 @@ async fn delete_removes_binding_and_heartbeat(b: &dyn Backend) {
     let keep = create_one(&*store, "kept").await;
     let edge = Uuid::new_v4();
     assert_eq!(
-        store.bind_edge_id(env.id, edge).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, edge, &env.join_secret)
+            .await
+            .expect("bind"),
         BindOutcome::Bound
     );
     assert_eq!(
         store
-            .bind_edge_id(keep.id, Uuid::new_v4())
+            .bind_edge_id(keep.id, Uuid::new_v4(), &keep.join_secret)
             .await
             .expect("bind"),
         BindOutcome::Bound
@@ -450,7 +460,10 @@ async fn delete_removes_binding_and_heartbeat(b: &dyn Backend) {
 
     // The binding is gone with it: binding the deleted id finds nothing...
     assert_eq!(
-        store.bind_edge_id(env.id, edge).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, edge, &env.join_secret)
+            .await
+            .expect("bind"),
         BindOutcome::NotFound
     );
     // ...and heartbeats for it are dropped from now on.
@@ -477,16 +490,27 @@ async fn bind_outcomes(b: &dyn Backend) {
     let first = Uuid::new_v4();
     let second = Uuid::new_v4();
 
+    let secret = env.join_secret.as_str();
+
     assert_eq!(
-        store.bind_edge_id(env.id, first).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, first, secret)
+            .await
+            .expect("bind"),
         BindOutcome::Bound
     );
     assert_eq!(
-        store.bind_edge_id(env.id, first).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, first, secret)
+            .await
+            .expect("bind"),
         BindOutcome::AlreadyBound
     );
     assert_eq!(
-        store.bind_edge_id(env.id, second).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, second, secret)
+            .await
+            .expect("bind"),
         BindOutcome::BoundToOther(first)
     );
     let stored = store
@@ -509,7 +533,7 @@ async fn bind_outcomes(b: &dyn Backend) {
 
     assert_eq!(
         store
-            .bind_edge_id(env.id + 1_000, first)
+            .bind_edge_id(env.id + 1_000, first, secret)
             .await
             .expect("bind"),
         BindOutcome::NotFound
@@ -540,13 +564,17 @@ async fn preassigned_edge_id_at_creation(b: &dyn Backend) {
         .expect("present");
     assert_eq!(stored.edge_id, Some(edge));
     assert_eq!(store.list_environments().await.expect("list"), created);
+    let secret = created[1].join_secret.as_str();
     assert_eq!(
-        store.bind_edge_id(created[1].id, edge).await.expect("bind"),
+        store
+            .bind_edge_id(created[1].id, edge, secret)
+            .await
+            .expect("bind"),
         BindOutcome::AlreadyBound
     );
     assert_eq!(
         store
-            .bind_edge_id(created[1].id, Uuid::new_v4())
+            .bind_edge_id(created[1].id, Uuid::new_v4(), secret)
             .await
             .expect("bind"),
         BindOutcome::BoundToOther(edge)
@@ -569,10 +597,13 @@ async fn concurrent_binds_have_exactly_one_winner(b: &dyn Backend) {
     let mut tasks = Vec::new();
     for i in 0..32 {
         let store = Arc::clone(&stores[i % stores.len()]);
-        let id = envs[0].id;
+        let (id, secret) = (envs[0].id, envs[0].join_secret.clone());
         tasks.push(tokio::spawn(async move {
             let edge = Uuid::new_v4();
-            (edge, store.bind_edge_id(id, edge).await.expect("bind"))
+            (
+                edge,
+                store.bind_edge_id(id, edge, &secret).await.expect("bind"),
+            )
         }));
     }
     let mut results = Vec::new();
@@ -603,9 +634,9 @@ async fn concurrent_binds_have_exactly_one_winner(b: &dyn Backend) {
     let mut tasks = Vec::new();
     for i in 0..16 {
         let store = Arc::clone(&stores[i % stores.len()]);
-        let id = envs[1].id;
+        let (id, secret) = (envs[1].id, envs[1].join_secret.clone());
         tasks.push(tokio::spawn(async move {
-            store.bind_edge_id(id, edge).await.expect("bind")
+            store.bind_edge_id(id, edge, &secret).await.expect("bind")
         }));
     }
     let mut bound = 0;
@@ -624,7 +655,10 @@ async fn reset_association_clears_binding_and_changes_secret(b: &dyn Backend) {
     let env = create_one(&*store, "reset-me").await;
     let old_edge = Uuid::new_v4();
     assert_eq!(
-        store.bind_edge_id(env.id, old_edge).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, old_edge, &env.join_secret)
+            .await
+            .expect("bind"),
         BindOutcome::Bound
     );
 
@@ -644,10 +678,13 @@ async fn reset_association_clears_binding_and_changes_secret(b: &dyn Backend) {
         Some(expected)
     );
 
-    // Free again: a new agent can bind.
+    // Free again: a new agent, holding the new secret, can bind.
     let new_edge = Uuid::new_v4();
     assert_eq!(
-        store.bind_edge_id(env.id, new_edge).await.expect("bind"),
+        store
+            .bind_edge_id(env.id, new_edge, "new-secret")
+            .await
+            .expect("bind"),
         BindOutcome::Bound
     );
     // Resetting an unbound environment only changes the secret.
@@ -670,6 +707,159 @@ async fn reset_association_clears_binding_and_changes_secret(b: &dyn Backend) {
         store.get_environment(env.id + 1_000).await.expect("get"),
         None
     );
+}
+
+async fn bind_with_a_stale_secret_changes_nothing(b: &dyn Backend) {
+    // Where the backend has replicas, the reset and the binds go through different ones.
+    let store = b.open().await;
+    let other = if b.has_replicas() {
+        b.open().await
+    } else {
+        Arc::clone(&store)
+    };
+    let env = create_one(&*store, "regenerated").await;
+    let old_secret = env.join_secret.clone();
+
+    // The old agent's first check-in was verified with the old secret; the admin resets the
+    // association before its bind lands. Characters JSON escapes, so that a backend comparing
+    // re-encoded text instead of the secret itself shows.
+    let rotated = "new/secret \"quoted\" \\ é\u{1}";
+    other
+        .reset_association(env.id, rotated.to_owned())
+        .await
+        .expect("reset")
+        .expect("present");
+    let old_agent = Uuid::new_v4();
+    assert_eq!(
+        store
+            .bind_edge_id(env.id, old_agent, &old_secret)
+            .await
+            .expect("bind"),
+        BindOutcome::SecretChanged
+    );
+    let unbound = Environment {
+        join_secret: rotated.to_owned(),
+        edge_id: None,
+        ..env.clone()
+    };
+    assert_eq!(
+        store.get_environment(env.id).await.expect("get"),
+        Some(unbound.clone()),
+        "still unbound, still the new secret"
+    );
+    // Only the exact secret is the secret: not a prefix, an extension, another case or nothing.
+    let near_misses = [
+        rotated[..rotated.len() - 1].to_owned(),
+        format!("{rotated} "),
+        rotated.to_uppercase(),
+        String::new(),
+    ];
+    for near in &near_misses {
+        assert_eq!(
+            store
+                .bind_edge_id(env.id, old_agent, near)
+                .await
+                .expect("bind"),
+            BindOutcome::SecretChanged,
+            "{near:?}"
+        );
+    }
+    assert_eq!(
+        other.get_environment(env.id).await.expect("get"),
+        Some(unbound)
+    );
+
+    // The real new agent, with the new secret, is not refused.
+    let new_agent = Uuid::new_v4();
+    assert_eq!(
+        store
+            .bind_edge_id(env.id, new_agent, rotated)
+            .await
+            .expect("bind"),
+        BindOutcome::Bound
+    );
+    // A stale secret learns nothing of the new generation's binding (neither AlreadyBound nor
+    // BoundToOther) and changes nothing.
+    for edge in [old_agent, new_agent] {
+        assert_eq!(
+            other
+                .bind_edge_id(env.id, edge, &old_secret)
+                .await
+                .expect("bind"),
+            BindOutcome::SecretChanged
+        );
+    }
+    assert_eq!(
+        store
+            .get_environment(env.id)
+            .await
+            .expect("get")
+            .expect("present")
+            .edge_id,
+        Some(new_agent)
+    );
+    // An absent environment has no secret to compare: NotFound, as before.
+    assert_eq!(
+        store
+            .bind_edge_id(env.id + 1_000, old_agent, &old_secret)
+            .await
+            .expect("bind"),
+        BindOutcome::NotFound
+    );
+}
+
+async fn binds_with_the_old_secret_never_outlive_a_concurrent_reset(b: &dyn Backend) {
+    // Binds verified with the old secret race one reset. A bind that lands before the reset is
+    // undone by it; one that lands after must fail. Either way the environment ends unbound
+    // under the new secret, whatever the interleaving.
+    let stores: Vec<Arc<dyn Store>> = if b.has_replicas() {
+        vec![b.open().await, b.open().await]
+    } else {
+        vec![b.open().await]
+    };
+    for round in 0..8 {
+        let env = create_one(&*stores[0], &format!("raced-{round}")).await;
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let store = Arc::clone(&stores[i % stores.len()]);
+            let (id, secret) = (env.id, env.join_secret.clone());
+            tasks.push(tokio::spawn(async move {
+                store
+                    .bind_edge_id(id, Uuid::new_v4(), &secret)
+                    .await
+                    .expect("bind")
+            }));
+        }
+        let resetter = {
+            let store = Arc::clone(&stores[stores.len() - 1]);
+            tokio::spawn(async move {
+                store
+                    .reset_association(env.id, "fresh".to_owned())
+                    .await
+                    .expect("reset")
+            })
+        };
+        let mut bound = 0;
+        for t in tasks {
+            match t.await.expect("bind task") {
+                BindOutcome::Bound => bound += 1,
+                BindOutcome::BoundToOther(_) | BindOutcome::SecretChanged => {}
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+        assert!(bound <= 1, "at most one winner, got {bound}");
+        assert!(resetter.await.expect("reset task").is_some());
+        let stored = stores[0]
+            .get_environment(env.id)
+            .await
+            .expect("get")
+            .expect("present");
+        assert_eq!(stored.join_secret, "fresh");
+        assert_eq!(
+            stored.edge_id, None,
+            "round {round}: an old-secret bind survived"
+        );
+    }
 }
 
 async fn heartbeats_keep_the_max_and_drop_unknown_environments(b: &dyn Backend) {
@@ -839,22 +1029,108 @@ async fn settings_default_then_put(b: &dyn Backend) {
     assert_eq!(store.settings().await.expect("settings"), again);
 }
 
-async fn admin_key_hashes_are_idempotent(b: &dyn Backend) {
+async fn admin_key_hashes_are_replaced_as_a_whole(b: &dyn Backend) {
     let store = b.open().await;
+    let other = if b.has_replicas() {
+        b.open().await
+    } else {
+        Arc::clone(&store)
+    };
     assert!(store.admin_key_hashes().await.expect("hashes").is_empty());
     let h1 = [0xAB; 32];
     let mut h2 = [0u8; 32];
     // Bytes that are not valid UTF-8 and include a zero, to catch text-only storage.
     h2[0] = 0xFF;
     h2[31] = 0x01;
-    store.add_admin_key_hash(h1).await.expect("add");
-    store.add_admin_key_hash(h2).await.expect("add");
-    store.add_admin_key_hash(h1).await.expect("add again");
-    let mut got = store.admin_key_hashes().await.expect("hashes");
-    got.sort_unstable();
+    let h3 = [0x00; 32];
+
+    // Duplicates collapse.
+    store
+        .replace_admin_key_hashes(&[h1, h2, h1])
+        .await
+        .expect("replace");
     let mut want = vec![h1, h2];
     want.sort_unstable();
+    let mut got = store.admin_key_hashes().await.expect("hashes");
+    got.sort_unstable();
     assert_eq!(got, want);
+    // The same set again is a no-op.
+    store
+        .replace_admin_key_hashes(&[h2, h1])
+        .await
+        .expect("replace again");
+    let mut got = other.admin_key_hashes().await.expect("hashes");
+    got.sort_unstable();
+    assert_eq!(got, want);
+
+    // A replacement revokes everything left out, whichever replica reads it.
+    other
+        .replace_admin_key_hashes(&[h3])
+        .await
+        .expect("replace");
+    assert_eq!(store.admin_key_hashes().await.expect("hashes"), vec![h3]);
+    assert_eq!(other.admin_key_hashes().await.expect("hashes"), vec![h3]);
+
+    // Overlapping sets keep what stays and drop what goes.
+    store
+        .replace_admin_key_hashes(&[h3, h1])
+        .await
+        .expect("replace");
+    store
+        .replace_admin_key_hashes(&[h1])
+        .await
+        .expect("replace");
+    assert_eq!(other.admin_key_hashes().await.expect("hashes"), vec![h1]);
+
+    // An empty set is allowed (and leaves no key at all).
+    store.replace_admin_key_hashes(&[]).await.expect("replace");
+    assert!(other.admin_key_hashes().await.expect("hashes").is_empty());
+}
+
+async fn admin_key_replacement_is_never_seen_half_done(b: &dyn Backend) {
+    // A reader racing replacements between two disjoint sets must only ever see one of them:
+    // never an empty set (every admin locked out) nor a mix (a revoked key still valid).
+    let writer = b.open().await;
+    let reader = if b.has_replicas() {
+        b.open().await
+    } else {
+        Arc::clone(&writer)
+    };
+    let a = vec![[1; 32], [2; 32]];
+    let bb = vec![[3; 32], [4; 32]];
+    writer.replace_admin_key_hashes(&a).await.expect("replace");
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The writer starts only once the reader is reading, so that the two really overlap.
+    let (reading_tx, reading_rx) = tokio::sync::oneshot::channel();
+    let watcher = {
+        let done = Arc::clone(&done);
+        let (a, bb) = (a.clone(), bb.clone());
+        tokio::spawn(async move {
+            let mut reading_tx = Some(reading_tx);
+            let mut reads = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let mut got = reader.admin_key_hashes().await.expect("hashes");
+                got.sort_unstable();
+                assert!(got == a || got == bb, "half-done replacement seen: {got:?}");
+                reads += 1;
+                if let Some(tx) = reading_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+            reads
+        })
+    };
+    reading_rx.await.expect("reader started");
+    for i in 0..200 {
+        let next = if i % 2 == 0 { &bb } else { &a };
+        writer
+            .replace_admin_key_hashes(next)
+            .await
+            .expect("replace");
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    assert!(watcher.await.expect("watcher") > 0);
 }
 
 async fn publish_reaches_every_subscriber_exactly_once(b: &dyn Backend) {
@@ -927,7 +1203,10 @@ async fn data_survives_reopen(b: &dyn Backend) {
         .expect("create");
     let edge = Uuid::new_v4();
     assert_eq!(
-        store.bind_edge_id(created[0].id, edge).await.expect("bind"),
+        store
+            .bind_edge_id(created[0].id, edge, &created[0].join_secret)
+            .await
+            .expect("bind"),
         BindOutcome::Bound
     );
     store
@@ -947,7 +1226,10 @@ async fn data_survives_reopen(b: &dyn Backend) {
         ..Settings::default()
     };
     store.put_settings(&settings).await.expect("settings");
-    store.add_admin_key_hash([7; 32]).await.expect("admin key");
+    store
+        .replace_admin_key_hashes(&[[7; 32]])
+        .await
+        .expect("admin key");
     let envs = store.list_environments().await.expect("list");
     drop(store);
 
@@ -1041,7 +1323,10 @@ async fn redis_keys_all_carry_the_prefix() {
         .put_settings(&Settings::default())
         .await
         .expect("settings");
-    store.add_admin_key_hash([1; 32]).await.expect("key");
+    store
+        .replace_admin_key_hashes(&[[1; 32]])
+        .await
+        .expect("key");
 
     let mut conn = raw(&server).await;
     let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -1177,6 +1462,15 @@ async fn redis_errors_are_mapped() {
         );
     }
     let corrupt = store.list_environments().await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+    // The bind script cannot read the secret of an undecodable record: corrupt, not a
+    // refusal and not a bind.
+    let corrupt = store
+        .bind_edge_id(created[0].id, Uuid::new_v4(), &created[0].join_secret)
+        .await;
     assert!(
         matches!(corrupt, Err(StoreError::Corrupt(_))),
         "{corrupt:?}"

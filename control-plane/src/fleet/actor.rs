@@ -63,7 +63,11 @@ pub(super) struct CheckinMsg {
 }
 
 impl Handler<CheckinMsg> for EnvActor {
-    type Result = ResponseActFuture<Self, ()>;
+    // `AtomicResponse`, not `ResponseActFuture`: actix runs the latter with `ctx.spawn`, which
+    // lets the next message in while the bind is in flight (a second first check-in would bind
+    // again, a `Reload` of a reset could be overwritten by a stale outcome). `AtomicResponse`
+    // runs it with `ctx.wait`, so nothing else is handled until the outcome is applied.
+    type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: CheckinMsg, _ctx: &mut Self::Context) -> Self::Result {
         let default_interval = self.fleet.defaults.checkin();
@@ -73,44 +77,70 @@ impl Handler<CheckinMsg> for EnvActor {
         {
             Verdict::Answer(a) => {
                 self.finish(msg.reply, Ok(a));
-                Box::pin(actix::fut::ready(()))
+                Self::done()
             }
             Verdict::Refuse(r) => {
                 self.finish(msg.reply, Err(CheckinError::Refused(r)));
-                Box::pin(actix::fut::ready(()))
+                Self::done()
             }
             Verdict::Bind(edge_id) => {
                 // First check-in: bind atomically in the store (another replica may race us),
-                // holding this actor's mailbox until the outcome is known.
+                // holding this actor's mailbox until the outcome is applied. The proof was
+                // verified with this state's join secret, so the store binds only if it still
+                // holds that secret: a reset landing meanwhile must not be bound by the old key.
                 let store = Arc::clone(self.fleet.store());
                 let id = self.state.id();
-                let fut = async move { store.bind_edge_id(id, edge_id).await };
-                Box::pin(fut.into_actor(self).map(move |outcome, act, _ctx| {
-                    let result = match outcome {
-                        Ok(BindOutcome::Bound) => {
-                            tracing::info!(env = id, %edge_id, "edge id bound on first check-in");
-                            act.state.set_binding(edge_id);
-                            act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
-                        }
-                        Ok(BindOutcome::AlreadyBound) => {
-                            act.state.set_binding(edge_id);
-                            act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
-                        }
-                        Ok(BindOutcome::BoundToOther(other)) => {
-                            act.state.set_binding(other);
-                            act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
-                        }
-                        Ok(BindOutcome::NotFound) => Err(CheckinError::UnknownEnvironment(id)),
-                        Err(e) => Err(CheckinError::Store(e)),
-                    };
-                    act.finish(msg.reply, result);
-                }))
+                let join_secret = self.state.join_secret().to_owned();
+                let fut = async move { store.bind_edge_id(id, edge_id, &join_secret).await };
+                AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+                    move |outcome, act, _ctx| {
+                        let result = match outcome {
+                            Ok(BindOutcome::Bound) => {
+                                tracing::info!(
+                                    env = id,
+                                    %edge_id,
+                                    "edge id bound on first check-in"
+                                );
+                                act.state.set_binding(edge_id);
+                                act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
+                            }
+                            Ok(BindOutcome::AlreadyBound) => {
+                                act.state.set_binding(edge_id);
+                                act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
+                            }
+                            Ok(BindOutcome::BoundToOther(other)) => {
+                                act.state.set_binding(other);
+                                act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
+                            }
+                            Ok(BindOutcome::SecretChanged) => {
+                                // The association was reset since this state was loaded; the
+                                // `Reload` for it is on its way. Nothing is known about the
+                                // new generation here, so the agent is told to retry rather
+                                // than refused: by then the reloaded keys decide.
+                                tracing::info!(
+                                    env = id,
+                                    %edge_id,
+                                    "join secret changed during first check-in; not bound"
+                                );
+                                Err(CheckinError::Busy(id))
+                            }
+                            Ok(BindOutcome::NotFound) => Err(CheckinError::UnknownEnvironment(id)),
+                            Err(e) => Err(CheckinError::Store(e)),
+                        };
+                        act.finish(msg.reply, result);
+                    },
+                )))
             }
         }
     }
 }
 
 impl EnvActor {
+    /// The response of a check-in answered synchronously.
+    fn done() -> AtomicResponse<Self, ()> {
+        AtomicResponse::new(Box::pin(actix::fut::ready(())))
+    }
+
     fn retry(
         &mut self,
         req: &CheckinRequest,

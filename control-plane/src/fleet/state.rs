@@ -74,6 +74,9 @@ pub struct EnvState {
     mode: EdgeMode,
     interval_override: Option<u32>,
     keys: Keys,
+    /// The join secret text `keys` were derived from: a bind is only valid while the store
+    /// still holds this very secret (see `Store::bind_edge_id`).
+    join_secret: String,
     edge_id: Option<Uuid>,
     last_checkin_ms: Option<u64>,
     recent: VecDeque<(u64, u64)>,
@@ -97,6 +100,7 @@ impl EnvState {
             mode: env.mode,
             interval_override: env.checkin_interval,
             keys: Keys::derive(&secret, agent_secret),
+            join_secret: env.join_secret.clone(),
             edge_id: env.edge_id,
             last_checkin_ms: None,
             recent: VecDeque::new(),
@@ -118,12 +122,18 @@ impl EnvState {
         self.mode = fresh.mode;
         self.interval_override = fresh.interval_override;
         self.keys = fresh.keys;
+        self.join_secret = fresh.join_secret;
         self.edge_id = fresh.edge_id;
         Ok(())
     }
 
     pub fn id(&self) -> EnvId {
         self.id
+    }
+
+    /// The join secret this state verifies proofs with, as stored.
+    pub fn join_secret(&self) -> &str {
+        &self.join_secret
     }
 
     pub fn edge_id(&self) -> Option<Uuid> {

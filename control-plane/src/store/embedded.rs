@@ -12,10 +12,11 @@
 //! | `admin_key_hashes` | SHA-256 (`[u8; 32]`)| `()`                                         |
 //! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
 //!
-//! redb serialises write transactions, so every read-check-write below (binding, name
-//! uniqueness, max-heartbeat, the fields an update keeps) is atomic simply by happening inside
-//! one write transaction.
+//! redb serialises write transactions, so every read-check-write below (binding and its join
+//! secret check, name uniqueness, max-heartbeat, the fields an update keeps, replacing the
+//! admin key set) is atomic simply by happening inside one write transaction.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -311,13 +312,23 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn bind_edge_id(&self, id: EnvId, edge_id: Uuid) -> Result<BindOutcome, StoreError> {
+    async fn bind_edge_id(
+        &self,
+        id: EnvId,
+        edge_id: Uuid,
+        join_secret: &str,
+    ) -> Result<BindOutcome, StoreError> {
+        let join_secret = join_secret.to_owned();
         self.write(Durability::Immediate, move |tx| {
             let mut table = tx.open_table(ENVIRONMENTS).map_err(db_err)?;
             let mut env = match table.get(id).map_err(db_err)? {
                 Some(v) => decode_env(id, v.value())?,
                 None => return Ok((BindOutcome::NotFound, false)),
             };
+            // Checked in the same transaction as the write, so a reset cannot slip in between.
+            if env.join_secret != join_secret {
+                return Ok((BindOutcome::SecretChanged, false));
+            }
             match env.edge_id {
                 Some(bound) if bound == edge_id => Ok((BindOutcome::AlreadyBound, false)),
                 Some(other) => Ok((BindOutcome::BoundToOther(other), false)),
@@ -513,15 +524,26 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn add_admin_key_hash(&self, hash: [u8; 32]) -> Result<(), StoreError> {
+    async fn replace_admin_key_hashes(&self, hashes: &[[u8; 32]]) -> Result<(), StoreError> {
+        let wanted: BTreeSet<[u8; 32]> = hashes.iter().copied().collect();
         self.write(Durability::Immediate, move |tx| {
-            let previous = tx
-                .open_table(ADMIN_KEY_HASHES)
-                .map_err(db_err)?
-                .insert(&hash, ())
-                .map_err(db_err)?
-                .is_some();
-            Ok(((), !previous))
+            let mut table = tx.open_table(ADMIN_KEY_HASHES).map_err(db_err)?;
+            // Drop what is not wanted, add what is missing; `changed` stays false when the set
+            // is already right (every restart with the same key), which skips the commit.
+            let mut changed = false;
+            table
+                .retain(|hash, ()| {
+                    let keep = wanted.contains(hash);
+                    changed |= !keep;
+                    keep
+                })
+                .map_err(db_err)?;
+            for hash in &wanted {
+                if table.insert(hash, ()).map_err(db_err)?.is_none() {
+                    changed = true;
+                }
+            }
+            Ok(((), changed))
         })
         .await
     }

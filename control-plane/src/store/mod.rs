@@ -31,8 +31,9 @@ pub enum EdgeMode {
     Async,
 }
 
-/// A durable environment record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A durable environment record. `Debug` is written by hand (below) so that the join secret
+/// never reaches a log line through `{:?}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     pub id: EnvId,
@@ -60,8 +61,9 @@ pub struct Environment {
     pub created_at_ms: u64,
 }
 
-/// An environment to create; the store assigns the id.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An environment to create; the store assigns the id. `Debug` hides the join secret, as for
+/// [`Environment`].
+#[derive(Clone, PartialEq, Eq)]
 pub struct NewEnvironment {
     pub name: String,
     pub mode: EdgeMode,
@@ -99,6 +101,83 @@ impl NewEnvironment {
     }
 }
 
+/// What `Debug` shows instead of a join secret.
+const REDACTED: &str = "<redacted>";
+
+// Both impls destructure `self` so that a field added to the struct fails to compile here
+// until someone decides whether it may be printed.
+impl std::fmt::Debug for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            id,
+            name,
+            mode,
+            checkin_interval,
+            ping_interval,
+            snapshot_interval,
+            command_interval,
+            group_id,
+            tag_ids,
+            env_vars,
+            allow_self_signed,
+            join_secret: _,
+            edge_id,
+            created_at_ms,
+        } = self;
+        f.debug_struct("Environment")
+            .field("id", id)
+            .field("name", name)
+            .field("mode", mode)
+            .field("checkin_interval", checkin_interval)
+            .field("ping_interval", ping_interval)
+            .field("snapshot_interval", snapshot_interval)
+            .field("command_interval", command_interval)
+            .field("group_id", group_id)
+            .field("tag_ids", tag_ids)
+            .field("env_vars", env_vars)
+            .field("allow_self_signed", allow_self_signed)
+            .field("join_secret", &format_args!("{REDACTED}"))
+            .field("edge_id", edge_id)
+            .field("created_at_ms", created_at_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for NewEnvironment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            name,
+            mode,
+            checkin_interval,
+            ping_interval,
+            snapshot_interval,
+            command_interval,
+            group_id,
+            tag_ids,
+            env_vars,
+            allow_self_signed,
+            join_secret: _,
+            edge_id,
+            created_at_ms,
+        } = self;
+        f.debug_struct("NewEnvironment")
+            .field("name", name)
+            .field("mode", mode)
+            .field("checkin_interval", checkin_interval)
+            .field("ping_interval", ping_interval)
+            .field("snapshot_interval", snapshot_interval)
+            .field("command_interval", command_interval)
+            .field("group_id", group_id)
+            .field("tag_ids", tag_ids)
+            .field("env_vars", env_vars)
+            .field("allow_self_signed", allow_self_signed)
+            .field("join_secret", &format_args!("{REDACTED}"))
+            .field("edge_id", edge_id)
+            .field("created_at_ms", created_at_ms)
+            .finish()
+    }
+}
+
 /// Outcome of binding an Edge ID to an environment (atomic compare-and-set).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BindOutcome {
@@ -108,6 +187,10 @@ pub enum BindOutcome {
     AlreadyBound,
     /// The environment is bound to another ID, which is returned; nothing changed.
     BoundToOther(Uuid),
+    /// The join secret is no longer the given one (association reset meanwhile): nothing
+    /// changed. Takes precedence over the three above: the caller's view of the environment
+    /// is a past generation, and the binding of the current one is none of its business.
+    SecretChanged,
     NotFound,
 }
 
@@ -194,8 +277,17 @@ pub trait Store: Send + Sync + 'static {
     async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError>;
     /// Deletes the environment, its binding and its heartbeat. `false` if absent.
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError>;
-    /// Binds `edge_id` if the environment is unbound (atomic across replicas).
-    async fn bind_edge_id(&self, id: EnvId, edge_id: Uuid) -> Result<BindOutcome, StoreError>;
+    /// Binds `edge_id` if the environment is unbound and its join secret is still
+    /// `join_secret` (the one the caller verified the agent's proof with), all in one atomic
+    /// step across replicas. Without the secret check, a bind verified against the old secret
+    /// but landing just after a [`Store::reset_association`] would hand the new generation to
+    /// the old agent, and the real new agent would be refused.
+    async fn bind_edge_id(
+        &self,
+        id: EnvId,
+        edge_id: Uuid,
+        join_secret: &str,
+    ) -> Result<BindOutcome, StoreError>;
     /// Forgets the binding and stores a new join secret. Returns the updated record.
     async fn reset_association(
         &self,
@@ -229,8 +321,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// SHA-256 hashes of the admin API keys.
     async fn admin_key_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError>;
-    /// Adds a hash (idempotent).
-    async fn add_admin_key_hash(&self, hash: [u8; 32]) -> Result<(), StoreError>;
+    /// Replaces the whole set with `hashes` (duplicates collapse), atomically: a key left out
+    /// is revoked. Readers see either the old set or the new one, never a mix or an empty
+    /// set in between.
+    async fn replace_admin_key_hashes(&self, hashes: &[[u8; 32]]) -> Result<(), StoreError>;
 
     /// Sends a change to every subscriber of every replica sharing this store.
     async fn publish(&self, change: Change) -> Result<(), StoreError>;
@@ -242,3 +336,43 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "c2VjcmV0LXRoYXQtbXVzdC1ub3QtbGVhaw";
+
+    fn new_env() -> NewEnvironment {
+        NewEnvironment {
+            name: "visible-name".to_owned(),
+            mode: EdgeMode::Standard,
+            checkin_interval: Some(5),
+            ping_interval: None,
+            snapshot_interval: None,
+            command_interval: None,
+            group_id: Some(3),
+            tag_ids: vec![4],
+            env_vars: vec!["HTTP_PROXY".to_owned()],
+            allow_self_signed: false,
+            join_secret: SECRET.to_owned(),
+            edge_id: Some(Uuid::nil()),
+            created_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn debug_redacts_the_join_secret() {
+        let new = new_env();
+        let env = new.clone().into_environment(42);
+        for text in [format!("{new:?}"), format!("{env:?}"), format!("{env:#?}")] {
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(text.contains("join_secret: <redacted>"), "{text}");
+            // The other fields are all still there.
+            assert!(text.contains("visible-name"), "{text}");
+            assert!(text.contains("HTTP_PROXY"), "{text}");
+            assert!(text.contains("1700000000000"), "{text}");
+        }
+        assert!(format!("{env:?}").contains("id: 42"));
+    }
+}

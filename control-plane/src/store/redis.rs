@@ -20,11 +20,12 @@
 //! | `edgeplane:admin_keys`      | set     | raw 32-byte SHA-256 hashes of admin API keys     |
 //! | `edgeplane:changes`         | channel | pub/sub channel of JSON-encoded [`Change`]s      |
 //!
-//! The binding lives apart from the record so that binding is a single HSETNX and a
+//! The binding lives apart from the record so that binding ends in a single HSETNX and a
 //! concurrent [`Store::update_environment`] (which rewrites the record) can never undo it.
-//! Read-check-write rules (bind only existing environments, updates keep the stored join
-//! secret, heartbeats only for existing ones and never backwards, unique names) are small Lua
-//! scripts, which Redis runs atomically.
+//! Read-check-write rules (bind only existing environments whose join secret is still the one
+//! the proof was verified with, updates keep the stored join secret, heartbeats only for
+//! existing ones and never backwards, unique names) are small Lua scripts, which Redis runs
+//! atomically.
 //!
 //! After the pub/sub connection is lost and restored, changes published in between are gone;
 //! the store then sends [`Change::Resync`] to its local subscribers so that they reload.
@@ -71,7 +72,8 @@ const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 const HEARTBEAT_CHUNK: usize = 10_000;
 /// Optimistic retries of `reset_association` against concurrent writers of the same record.
 const RESET_RETRIES: usize = 16;
-/// The stored name of [`EnvRecord::join_secret`], which [`UPDATE_LUA`] also spells out.
+/// The stored name of [`EnvRecord::join_secret`], which [`BIND_LUA`] and [`UPDATE_LUA`] also
+/// spell out.
 const JOIN_SECRET_FIELD: &str = "joinSecret";
 
 /// Every key name, derived from the prefix in one place.
@@ -120,11 +122,21 @@ impl Keys {
     }
 }
 
-/// Binds only an existing environment, and only if it is unbound.
-/// KEYS: env, binding. ARGV: id, edge id.
-/// Returns 0 (no such environment), 1 (bound now) or the Edge ID already bound.
+/// Binds only an existing environment whose stored join secret is exactly the given one, and
+/// only if it is unbound. The secret is checked here, atomically with the HSETNX, so that a
+/// `reset_association` (which rewrites the record and drops the binding in one script) is
+/// either wholly before the check or wholly after the bind.
+/// KEYS: env, binding. ARGV: id, edge id, join secret.
+/// Returns 0 (no such environment), 1 (bound now), 2 (the join secret is another one),
+/// -1 (the stored record has no readable join secret) or the Edge ID already bound.
+/// Lua compares strings byte for byte, and cjson decodes a JSON string exactly, so the
+/// comparison is exact.
 const BIND_LUA: &str = r"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local ok, rec = pcall(cjson.decode, cur)
+if not ok or type(rec) ~= 'table' or type(rec.joinSecret) ~= 'string' then return -1 end
+if rec.joinSecret ~= ARGV[3] then return 2 end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then return 1 end
 return redis.call('HGET', KEYS[2], ARGV[1])
 ";
@@ -702,7 +714,12 @@ impl Store for RedisStore {
         Ok(removed == 1)
     }
 
-    async fn bind_edge_id(&self, id: EnvId, edge_id: Uuid) -> Result<BindOutcome, StoreError> {
+    async fn bind_edge_id(
+        &self,
+        id: EnvId,
+        edge_id: Uuid,
+        join_secret: &str,
+    ) -> Result<BindOutcome, StoreError> {
         let mut conn = self.conn().await?;
         let reply: Value = self
             .scripts
@@ -711,12 +728,17 @@ impl Store for RedisStore {
             .key(&self.keys.binding)
             .arg(id)
             .arg(edge_id.to_string())
+            .arg(join_secret)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
         match reply {
             Value::Int(0) => Ok(BindOutcome::NotFound),
             Value::Int(1) => Ok(BindOutcome::Bound),
+            Value::Int(2) => Ok(BindOutcome::SecretChanged),
+            Value::Int(-1) => Err(StoreError::Corrupt(format!(
+                "environment {id}: stored record has no readable join secret"
+            ))),
             Value::BulkString(ref bytes) => {
                 let text = std::str::from_utf8(bytes).map_err(|_| unexpected("bind", &reply))?;
                 let bound = decode_edge_id(id, text)?;
@@ -960,14 +982,21 @@ impl Store for RedisStore {
         Ok(out)
     }
 
-    async fn add_admin_key_hash(&self, hash: [u8; 32]) -> Result<(), StoreError> {
+    async fn replace_admin_key_hashes(&self, hashes: &[[u8; 32]]) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        redis::cmd("SADD")
-            .arg(&self.keys.admin_keys)
-            .arg(hash.as_slice())
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)
+        // MULTI/EXEC: no reader ever sees the set empty (or half filled) in between, which
+        // would lock every admin out (or let a revoked key through) for a moment.
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(&self.keys.admin_keys).ignore();
+        // SADD needs at least one member; an empty set is simply no key.
+        if !hashes.is_empty() {
+            let members: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
+            pipe.cmd("SADD")
+                .arg(&self.keys.admin_keys)
+                .arg(members)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
     }
 
     async fn publish(&self, change: Change) -> Result<(), StoreError> {
