@@ -90,10 +90,14 @@ impl Intervals {
 }
 
 impl AppState {
-    /// Tells every replica about a change that is already stored. Retried, because a lost
+    /// Applies a stored change here, then tells every replica about it. Retried, because a lost
     /// notification leaves other replicas on the old record (an old key keeps working there)
     /// until their next resync; if it still fails the admin is told so.
     pub(crate) async fn publish(&self, change: Change) -> Result<(), ApiError> {
+        // Read-your-writes on this replica: when the admin gets the answer, the old key no
+        // longer works here. Other replicas follow on the notification (the echo reloads
+        // this replica once more, which is harmless).
+        self.fleet.apply(&change).await;
         let mut last = None;
         for attempt in 0..3u32 {
             match self.store.publish(change.clone()).await {
