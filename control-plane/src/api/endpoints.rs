@@ -128,18 +128,24 @@ impl AppState {
         .encode())
     }
 
+    /// Last check-in: the newer of the stored heartbeat (any replica, written behind) and
+    /// what this replica saw itself (not yet written).
+    fn last_seen(&self, id: u64, stored: Option<u64>) -> Option<u64> {
+        match (stored, self.fleet.stats.last_checkin_ms(id)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `last` is the merged last check-in ([`Self::last_seen`]).
     fn view(
         &self,
         env: &Environment,
         settings: &Settings,
-        heartbeat: Option<u64>,
+        last: Option<u64>,
         now: u64,
     ) -> Result<EnvView, ApiError> {
         let iv = Intervals::of(env, settings);
-        let last = match (heartbeat, self.fleet.stats.last_checkin_ms(env.id)) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
         Ok(EnvView {
             id: env.id,
             name: env.name.clone(),
@@ -174,7 +180,8 @@ impl AppState {
     async fn view_one(&self, env: &Environment) -> Result<EnvView, ApiError> {
         let settings = self.store.settings().await?;
         let hb = self.store.heartbeats(&[env.id]).await?;
-        self.view(env, &settings, hb.first().copied().flatten(), now_ms())
+        let last = self.last_seen(env.id, hb.first().copied().flatten());
+        self.view(env, &settings, last, now_ms())
     }
 }
 
@@ -602,10 +609,7 @@ pub async fn list(
     // Status depends on heartbeats, so it is filtered after they are read; only the page
     // is turned into views.
     for (env, hb) in envs.drain(..).zip(beats) {
-        let last = match (hb, state.fleet.stats.last_checkin_ms(env.id)) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        let last = state.last_seen(env.id, hb);
         if let Some(want) = &filter.status {
             let st = liveness(last, Intervals::of(&env, &settings).liveness(env.mode), now);
             if !want.contains(&st) {

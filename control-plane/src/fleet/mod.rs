@@ -215,10 +215,11 @@ impl Fleet {
         let _in_flight = InFlight(Arc::clone(&handle.in_flight));
         let addr = handle.addr;
         let (tx, rx) = oneshot::channel();
+        let now = now_ms();
         let msg = CheckinMsg {
             req,
             frame,
-            now_ms: now_ms(),
+            now_ms: now,
             reply: tx,
         };
         match addr.try_send(msg) {
@@ -237,7 +238,7 @@ impl Fleet {
         };
         match &result {
             // Not for an environment deleted while this check-in was in flight.
-            Ok(_) if self.actors.contains_key(&id) => self.stats.answered(id, now_ms()),
+            Ok(_) if self.actors.contains_key(&id) => self.stats.answered(id, now),
             Ok(_) => {}
             Err(CheckinError::Refused(_)) => self.stats.refused(id),
             Err(_) => {}
