@@ -6,13 +6,21 @@
 //!   with a protocol version byte and a decode size limit.
 //! * [`proof`]: how an agent proves it holds the join secret without sending it.
 //! * [`seal`]: the AEAD that protects one-time tunnel credentials for one agent.
+//! * [`snapshot`]: snapshots of an agent's engine and their compressed upload.
+//! * [`tunnel`]: the reverse tunnel's handshake, stream status and control messages.
+//! * [`mux`] (feature `mux`): yamux sessions driven by one task, tunnel frame I/O and the
+//!   control stream's liveness check.
 //!
 //! Nothing outside this crate may depend on the byte layout of a message.
 
 pub mod codec;
+#[cfg(feature = "mux")]
+pub mod mux;
 pub mod proof;
 pub mod seal;
+pub mod snapshot;
 pub mod token;
+pub mod tunnel;
 pub mod wire;
 
 pub use codec::{CodecError, PROTOCOL_VERSION};

@@ -97,6 +97,7 @@ mod tests {
         let creds = TunnelCredentials {
             token: [9; 32],
             expires_ms: 42,
+            gateways: vec!["gw-1:8000".into()],
         };
         let sealed = SealKey::derive(&secret, &edge).seal(&creds).unwrap();
         assert_eq!(

@@ -10,6 +10,10 @@ use uuid::Uuid;
 /// poll on metered links).
 pub const CHECKIN_PATH: &str = "/edge/c";
 
+/// The same check-in, but the server may hold an idle answer for up to the interval and
+/// answers it the moment a tunnel is wanted (fast wake-up at the same number of bytes).
+pub const HELD_CHECKIN_PATH: &str = "/edge/h";
+
 /// Sent by a standard-mode agent at every check-in, inside a signed frame (see [`crate::proof`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckinRequest {
@@ -114,6 +118,8 @@ pub struct TunnelCredentials {
     pub token: [u8; 32],
     /// After this instant (ms since the Unix epoch, server clock) the token is dead.
     pub expires_ms: u64,
+    /// Gateways to try, in order (`host:port`); empty: the tunnel address of the join token.
+    pub gateways: Vec<String>,
 }
 
 #[cfg(test)]

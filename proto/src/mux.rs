@@ -1,0 +1,557 @@
+//! Tunnel sessions: yamux over one connection, driven by one task, with bounded queues; tunnel
+//! frames read and written with size limits; and the control stream's liveness check.
+//!
+//! Used alike by the agent (yamux server: it accepts the Docker streams), the gateways and the
+//! embedded gateway of the control plane (yamux client: they open them), and the control
+//! plane's dial sessions to separate gateways.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+pub use yamux::Mode;
+
+use crate::tunnel::{
+    decode_body, encode_frame, frame_len, CloseReason, Control, FrameError, DEAD_AFTER,
+    PING_INTERVAL,
+};
+
+/// One multiplexed stream, as a tokio byte pipe. yamux announces a new stream with its first
+/// frame, so **the side that opens a stream must write first**; the peer does not see it
+/// before.
+///
+/// It also ends when its session ends: yamux 0.14 does not wake a stream's pending reader or
+/// writer when the connection is closed locally (`Connection::poll_close` drops the stream
+/// table without marking the streams closed), so a stream of a session this process closed
+/// would wait forever. Once the session is over and the stream has nothing more to give,
+/// reads see EOF and writes a broken pipe.
+pub struct MuxStream {
+    inner: Compat<yamux::Stream>,
+    session_end: Pin<Box<WaitForCancellationFutureOwned>>,
+    session_ended: bool,
+}
+
+impl MuxStream {
+    fn new(stream: yamux::Stream, done: &CancellationToken) -> Self {
+        Self {
+            inner: stream.compat(),
+            session_end: Box::pin(done.clone().cancelled_owned()),
+            session_ended: false,
+        }
+    }
+
+    fn session_ended(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.session_ended && self.session_end.as_mut().poll(cx).is_ready() {
+            self.session_ended = true;
+        }
+        self.session_ended
+    }
+}
+
+impl std::fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxStream")
+            .field("session_ended", &self.session_ended)
+            .finish_non_exhaustive()
+    }
+}
+
+fn session_closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the tunnel session closed")
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending if this.session_ended(cx) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending if this.session_ended(cx) => Poll::Ready(Err(session_closed())),
+            other => other,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Pending if this.session_ended(cx) => Poll::Ready(Err(session_closed())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Pending if this.session_ended(cx) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+}
+
+/// Streams one session may carry at once (each may buffer up to a 256 KiB window, grown by
+/// yamux's auto-tuning within the connection-wide limit below).
+pub const MAX_STREAMS: usize = 256;
+/// Upper bound of all receive windows of one session together.
+const MAX_CONNECTION_WINDOW: usize = 256 * 1024 * MAX_STREAMS;
+/// Accepted streams waiting for the application; more are refused (reset) at once.
+const INBOUND_QUEUE: usize = 64;
+/// Open requests waiting for the driver.
+const OPEN_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MuxError {
+    #[error("tunnel session is closed")]
+    Closed,
+    #[error("tunnel session is busy (too many pending stream opens)")]
+    Busy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    #[error("connection closed")]
+    Eof,
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Reads one tunnel frame: the 2-byte length is checked against the limit before the body is
+/// read or allocated.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<T, ReadFrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut prefix = [0u8; 2];
+    r.read_exact(&mut prefix).await.map_err(eof)?;
+    let len = frame_len(prefix)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(eof)?;
+    Ok(decode_body(&body)?)
+}
+
+fn eof(e: io::Error) -> ReadFrameError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ReadFrameError::Eof
+    } else {
+        ReadFrameError::Io(e)
+    }
+}
+
+/// Writes one tunnel frame and flushes it.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode_frame(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    w.write_all(&frame).await?;
+    w.flush().await
+}
+
+type OpenRequest = oneshot::Sender<Result<MuxStream, MuxError>>;
+
+/// Opens streams on a session; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Opener {
+    requests: mpsc::Sender<OpenRequest>,
+    close: CancellationToken,
+    done: CancellationToken,
+}
+
+impl Opener {
+    /// Opens a new outbound stream.
+    pub async fn open(&self) -> Result<MuxStream, MuxError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.try_send(tx).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => MuxError::Busy,
+            mpsc::error::TrySendError::Closed(_) => MuxError::Closed,
+        })?;
+        rx.await.map_err(|_| MuxError::Closed)?
+    }
+
+    /// Asks the driver to close the session (a yamux GoAway, then the connection).
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Completes once the session has ended, for whatever reason.
+    pub async fn closed(&self) {
+        self.done.cancelled().await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.done.is_cancelled()
+    }
+}
+
+/// A running session: open streams through [`Session::opener`], accept the peer's streams
+/// from [`Session::inbound`].
+pub struct Session {
+    pub opener: Opener,
+    pub inbound: mpsc::Receiver<MuxStream>,
+}
+
+/// Starts a yamux session over `io` on a new tokio task. The session ends when the peer closes
+/// or fails, or on [`Opener::close`]; then every stream fails and [`Opener::closed`] completes.
+pub fn spawn<T>(io: T, mode: Mode) -> Session
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut config = yamux::Config::default();
+    // In this order: each setter asserts window >= streams * 256 KiB.
+    config.set_max_num_streams(MAX_STREAMS);
+    config.set_max_connection_receive_window(Some(MAX_CONNECTION_WINDOW));
+    let conn = yamux::Connection::new(io.compat(), config, mode);
+    let (req_tx, req_rx) = mpsc::channel(OPEN_QUEUE);
+    let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
+    let close = CancellationToken::new();
+    let done = CancellationToken::new();
+    tokio::spawn(drive(conn, req_rx, in_tx, close.clone(), done.clone()));
+    Session {
+        opener: Opener {
+            requests: req_tx,
+            close,
+            done,
+        },
+        inbound: in_rx,
+    }
+}
+
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut requests: mpsc::Receiver<OpenRequest>,
+    inbound: mpsc::Sender<MuxStream>,
+    close: CancellationToken,
+    done: CancellationToken,
+) where
+    T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
+{
+    let mut pending: Option<OpenRequest> = None;
+    let mut closing = false;
+    let cancelled = close.cancelled();
+    tokio::pin!(cancelled);
+    let result = poll_fn(|cx| {
+        if !closing && cancelled.as_mut().poll(cx).is_ready() {
+            closing = true;
+        }
+        if closing {
+            return conn.poll_close(cx);
+        }
+        // Outbound: serve open requests one at a time (yamux may hold one back while too
+        // many of our new streams are unacknowledged).
+        loop {
+            let req = match pending.take() {
+                Some(req) => req,
+                None => match requests.poll_recv(cx) {
+                    Poll::Ready(Some(req)) => req,
+                    Poll::Ready(None) | Poll::Pending => break,
+                },
+            };
+            if req.is_closed() {
+                continue;
+            }
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    let _ = req.send(Ok(MuxStream::new(stream, &done)));
+                }
+                Poll::Ready(Err(e)) => {
+                    let _ = req.send(Err(MuxError::Closed));
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    pending = Some(req);
+                    break;
+                }
+            }
+        }
+        // Inbound: this is also what drives the connection's I/O.
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    // A full queue (or nobody accepting) refuses the stream: dropping it
+                    // resets it, and the peer sees an error instead of a hang.
+                    let _ = inbound.try_send(MuxStream::new(stream, &done));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tunnel session ended with an error");
+    }
+    // Pending and queued open requests fail when their senders drop with `requests`.
+    done.cancel();
+}
+
+/// How a control stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlEnd {
+    /// The peer said it closes on purpose.
+    PeerClosing(CloseReason),
+    /// The stream ended or failed (peer gone, session closed).
+    Ended,
+    /// Nothing heard for [`DEAD_AFTER`].
+    Silent,
+    /// This side asked to close (and told the peer).
+    Local,
+}
+
+/// The serving side of a control stream: pings every [`PING_INTERVAL`]; ends when the peer is
+/// silent for [`DEAD_AFTER`], leaves, or when `stop` fires.
+pub async fn control_pinger<S>(stream: S, stop: CancellationToken) -> ControlEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    control_loop(stream, stop, Some(PING_INTERVAL), None).await
+}
+
+/// The agent's side of a control stream (which the agent opens): announces the stream with a
+/// `Pong(0)`, answers pings; ends when the serving side is silent for [`DEAD_AFTER`] or
+/// leaves. When `stop` fires it sends `Closing(reason)` first.
+pub async fn control_responder<S>(
+    stream: S,
+    stop: CancellationToken,
+    reason: CloseReason,
+) -> ControlEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    control_loop(stream, stop, None, Some(reason)).await
+}
+
+async fn control_loop<S>(
+    stream: S,
+    stop: CancellationToken,
+    ping_every: Option<Duration>,
+    closing_reason: Option<CloseReason>,
+) -> ControlEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    if closing_reason.is_some() && write_frame(&mut wr, &Control::Pong(0)).await.is_err() {
+        return ControlEnd::Ended;
+    }
+    let (msg_tx, mut msg_rx) = mpsc::channel::<Result<Control, ReadFrameError>>(4);
+    // Reads happen in their own future so a half-read frame never gets cancelled by a tick.
+    let reader = async move {
+        loop {
+            let msg = read_frame::<_, Control>(&mut rd).await;
+            let end = msg.is_err();
+            if msg_tx.send(msg).await.is_err() || end {
+                break;
+            }
+        }
+    };
+    let writer = async {
+        let mut seq = 0u64;
+        let mut ticker = ping_every.map(|every| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        let deadline = tokio::time::sleep(DEAD_AFTER);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    if let Some(reason) = closing_reason {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            write_frame(&mut wr, &Control::Closing(reason)),
+                        )
+                        .await;
+                    }
+                    let _ = wr.shutdown().await;
+                    return ControlEnd::Local;
+                }
+                () = &mut deadline => return ControlEnd::Silent,
+                _ = async {
+                    match ticker.as_mut() {
+                        Some(t) => t.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    seq += 1;
+                    if write_frame(&mut wr, &Control::Ping(seq)).await.is_err() {
+                        return ControlEnd::Ended;
+                    }
+                }
+                msg = msg_rx.recv() => match msg {
+                    Some(Ok(Control::Ping(n))) => {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + DEAD_AFTER);
+                        if write_frame(&mut wr, &Control::Pong(n)).await.is_err() {
+                            return ControlEnd::Ended;
+                        }
+                    }
+                    Some(Ok(Control::Pong(_))) => {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + DEAD_AFTER);
+                    }
+                    Some(Ok(Control::Closing(reason))) => return ControlEnd::PeerClosing(reason),
+                    Some(Err(_)) | None => return ControlEnd::Ended,
+                },
+            }
+        }
+    };
+    // The reader reports its end through the channel, so the writer sees every frame first.
+    let reader = async move {
+        reader.await;
+        std::future::pending::<ControlEnd>().await
+    };
+    tokio::select! {
+        end = writer => end,
+        end = reader => end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::tunnel::StreamOpen;
+
+    #[tokio::test]
+    async fn streams_flow_both_ways_and_close_is_seen() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = spawn(a, Mode::Client);
+        let mut server = spawn(b, Mode::Server);
+        let echo = tokio::spawn(async move {
+            while let Some(mut s) = server.inbound.recv().await {
+                tokio::spawn(async move {
+                    let hello: Control = read_frame(&mut s).await.unwrap();
+                    assert_eq!(hello, Control::Ping(1));
+                    write_frame(&mut s, &StreamOpen::Ok).await.unwrap();
+                    let (mut r, mut w) = tokio::io::split(s);
+                    tokio::io::copy(&mut r, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+            }
+        });
+        for _ in 0..3 {
+            let mut s = client.opener.open().await.unwrap();
+            // The opener writes first: that is what announces the stream.
+            write_frame(&mut s, &Control::Ping(1)).await.unwrap();
+            let open: StreamOpen = read_frame(&mut s).await.unwrap();
+            assert_eq!(open, StreamOpen::Ok);
+            // More than one window each way, written and read at once.
+            let payload = vec![7u8; 600_000];
+            let (mut r, mut w) = tokio::io::split(s);
+            let sent = payload.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await.unwrap();
+                w.shutdown().await.unwrap();
+            });
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            writer.await.unwrap();
+            assert_eq!(back, payload);
+        }
+        client.opener.close();
+        client.opener.closed().await;
+        echo.await.unwrap();
+        assert!(matches!(client.opener.open().await, Err(MuxError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_garbage_frames_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+        assert!(matches!(
+            read_frame::<_, Control>(&mut b).await,
+            Err(ReadFrameError::Frame(FrameError::TooLarge { .. }))
+        ));
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&[0, 3, 1, 200, 200]).await.unwrap();
+        assert!(matches!(
+            read_frame::<_, Control>(&mut b).await,
+            Err(ReadFrameError::Frame(_))
+        ));
+        drop(a);
+        assert!(matches!(
+            read_frame::<_, Control>(&mut b).await,
+            Err(ReadFrameError::Eof)
+        ));
+    }
+
+    #[tokio::test]
+    async fn streams_end_when_their_session_is_closed_here() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = spawn(a, Mode::Client);
+        let mut server = spawn(b, Mode::Server);
+        let mut s = client.opener.open().await.unwrap();
+        write_frame(&mut s, &Control::Ping(1)).await.unwrap();
+        let mut accepted = server.inbound.recv().await.unwrap();
+        let _: Control = read_frame(&mut accepted).await.unwrap();
+        // A reader waiting on the client's stream when the client closes its own session.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            s.read(&mut buf).await
+        });
+        tokio::task::yield_now().await;
+        client.opener.close();
+        let n = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the reader is woken")
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_noticed() {
+        let (a, _b) = tokio::io::duplex(1024);
+        let end = control_pinger(a, CancellationToken::new()).await;
+        assert_eq!(end, ControlEnd::Silent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_keep_both_sides_alive_until_the_agent_closes() {
+        let (a, b) = tokio::io::duplex(1024);
+        let stop_gateway = CancellationToken::new();
+        let stop_agent = CancellationToken::new();
+        let gateway = tokio::spawn(control_pinger(a, stop_gateway.clone()));
+        let agent = tokio::spawn(control_responder(
+            b,
+            stop_agent.clone(),
+            CloseReason::Inactive,
+        ));
+        tokio::time::sleep(DEAD_AFTER * 5).await;
+        assert!(!gateway.is_finished() && !agent.is_finished());
+        stop_agent.cancel();
+        assert_eq!(agent.await.unwrap(), ControlEnd::Local);
+        assert_eq!(
+            gateway.await.unwrap(),
+            ControlEnd::PeerClosing(CloseReason::Inactive)
+        );
+    }
+}
