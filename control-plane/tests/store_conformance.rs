@@ -3,7 +3,8 @@
 //! Each check is a generic async function over a [`Backend`] (which opens `Arc<dyn Store>`s on
 //! the same data); the `conformance!` macro instantiates every check once per backend:
 //! `on_embedded::<check>` on a temp dir and `on_redis::<check>` on a fresh `redis-server` per test.
-//! A few backend-specific checks (reopen, key names, reconnect, error mapping) follow.
+//! A few backend-specific checks (reopen, key names and TTLs, reconnect, error mapping, gateway
+//! set pruning, large epochs) follow.
 
 mod support;
 
@@ -15,8 +16,8 @@ use async_trait::async_trait;
 use control_plane::store::embedded::EmbeddedStore;
 use control_plane::store::redis::RedisStore;
 use control_plane::store::{
-    BindOutcome, Change, Collection, EdgeMode, Environment, NewEnvironment, Settings, Store,
-    StoreError,
+    BindOutcome, Change, Collection, EdgeMode, Environment, GatewayInfo, NewEnvironment, Settings,
+    Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
 };
 use tokio::sync::broadcast;
 use uuid::Uuid;
@@ -134,6 +135,17 @@ conformance!(
     admin_key_replacement_is_never_seen_half_done,
     publish_reaches_every_subscriber_exactly_once,
     data_survives_reopen,
+    tunnel_grants_are_taken_exactly_once,
+    tunnel_grants_expire,
+    claims_hand_out_increasing_epochs_and_replace_the_location,
+    renew_keeps_its_own_and_reports_lost_tunnels,
+    release_is_compare_and_delete,
+    tunnel_locations_follow_the_ids_and_expire,
+    gateways_register_list_expire_unregister,
+    cluster_secret_is_created_once,
+    snapshots_keep_the_latest_taken,
+    delete_removes_the_snapshot,
+    tunnel_changes_round_trip,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1268,6 +1280,687 @@ async fn data_survives_reopen(b: &dyn Backend) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tunnels, gateways, the cluster secret and snapshots
+
+/// A lease or TTL that never runs out during a test.
+const LONG: Duration = Duration::from_secs(60);
+/// A lease or TTL short enough to wait out; only for what a test wants to see expire.
+const SHORT: Duration = Duration::from_millis(100);
+/// Above 2^53 on purpose, like `created_at_ms`: a backend going through doubles would round.
+const BIG_MS: u64 = 1_700_000_000_000 + (1 << 53);
+
+/// One store, or two on the same data where the backend has replicas.
+async fn replicas(b: &dyn Backend) -> Vec<Arc<dyn Store>> {
+    if b.has_replicas() {
+        vec![b.open().await, b.open().await]
+    } else {
+        vec![b.open().await]
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; fails after [`WAIT`].
+async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Lets a [`SHORT`] lease taken before the call run out (not a synchronisation: what follows
+/// only needs the lease to be over).
+async fn outlive_short_lease() {
+    tokio::time::sleep(SHORT + Duration::from_millis(50)).await;
+}
+
+fn grant(env: u64) -> TunnelGrant {
+    TunnelGrant {
+        env,
+        edge_id: Uuid::new_v4(),
+        expires_ms: BIG_MS,
+    }
+}
+
+fn gateway(id: &str, tunnels: u64) -> GatewayInfo {
+    GatewayInfo {
+        id: id.to_owned(),
+        public_addr: format!("{id}.example.com:443"),
+        dial_addr: format!("{id}.internal:7000"),
+        tunnels,
+    }
+}
+
+async fn location(store: &dyn Store, env: u64) -> Option<TunnelLocation> {
+    let mut found = store.tunnel_locations(&[env]).await.expect("locations");
+    assert_eq!(found.len(), 1);
+    found.remove(0)
+}
+
+async fn live_gateway_ids(store: &dyn Store) -> Vec<String> {
+    store
+        .live_gateways()
+        .await
+        .expect("gateways")
+        .into_iter()
+        .map(|g| g.id)
+        .collect()
+}
+
+async fn tunnel_grants_are_taken_exactly_once(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    let g = grant(1);
+    stores[0]
+        .put_tunnel_grant(&[1; 32], &g, LONG)
+        .await
+        .expect("put");
+    assert_eq!(
+        stores[0].take_tunnel_grant(&[9; 32]).await.expect("take"),
+        None,
+        "unknown token"
+    );
+    assert_eq!(
+        stores[last]
+            .take_tunnel_grant(&[1; 32])
+            .await
+            .expect("take"),
+        Some(g)
+    );
+    for store in &stores {
+        assert_eq!(
+            store.take_tunnel_grant(&[1; 32]).await.expect("take"),
+            None,
+            "a grant is taken only once"
+        );
+    }
+
+    // Grants under different tokens are independent.
+    let (g2, g3) = (grant(2), grant(3));
+    stores[0]
+        .put_tunnel_grant(&[2; 32], &g2, LONG)
+        .await
+        .expect("put");
+    stores[last]
+        .put_tunnel_grant(&[3; 32], &g3, LONG)
+        .await
+        .expect("put");
+    assert_eq!(
+        stores[0].take_tunnel_grant(&[3; 32]).await.expect("take"),
+        Some(g3)
+    );
+    assert_eq!(
+        stores[last]
+            .take_tunnel_grant(&[2; 32])
+            .await
+            .expect("take"),
+        Some(g2)
+    );
+
+    // Many takers at once, spread over the replicas: exactly one gets it, every time.
+    for round in 0..8u8 {
+        let hash = [100 + round; 32];
+        let g = grant(u64::from(round));
+        stores[usize::from(round) % stores.len()]
+            .put_tunnel_grant(&hash, &g, LONG)
+            .await
+            .expect("put");
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let store = Arc::clone(&stores[i % stores.len()]);
+            tasks.push(tokio::spawn(async move {
+                store.take_tunnel_grant(&hash).await.expect("take")
+            }));
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            winners.extend(t.await.expect("take task"));
+        }
+        assert_eq!(winners, vec![g], "round {round}");
+    }
+}
+
+async fn tunnel_grants_expire(b: &dyn Backend) {
+    let store = b.open().await;
+    let (short, long) = (grant(1), grant(2));
+    store
+        .put_tunnel_grant(&[1; 32], &short, SHORT)
+        .await
+        .expect("put");
+    store
+        .put_tunnel_grant(&[2; 32], &long, LONG)
+        .await
+        .expect("put");
+    // A zero TTL is accepted (Redis refuses `PX 0`) and expires at once, or nearly.
+    store
+        .put_tunnel_grant(&[3; 32], &grant(3), Duration::ZERO)
+        .await
+        .expect("put with a zero TTL");
+    outlive_short_lease().await;
+    assert_eq!(store.take_tunnel_grant(&[1; 32]).await.expect("take"), None);
+    assert_eq!(store.take_tunnel_grant(&[3; 32]).await.expect("take"), None);
+    assert_eq!(
+        store.take_tunnel_grant(&[2; 32]).await.expect("take"),
+        Some(long)
+    );
+}
+
+async fn claims_hand_out_increasing_epochs_and_replace_the_location(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    let (a, other) = (11, 12);
+    assert_eq!(location(&*stores[0], a).await, None);
+
+    let first = stores[0]
+        .claim_tunnel(a, "gw-1", "gw-1.internal:7000", BIG_MS, LONG)
+        .await
+        .expect("claim");
+    assert_eq!(
+        first,
+        TunnelLocation {
+            env: a,
+            gateway_id: "gw-1".to_owned(),
+            dial_addr: "gw-1.internal:7000".to_owned(),
+            epoch: first.epoch,
+            since_ms: BIG_MS,
+        }
+    );
+    for store in &stores {
+        assert_eq!(location(&**store, a).await.as_ref(), Some(&first));
+    }
+
+    // Another claim (from another gateway, through another replica) gets a higher epoch and
+    // replaces the location.
+    let second = stores[last]
+        .claim_tunnel(a, "gw-2", "gw-2.internal:7000", BIG_MS + 1, LONG)
+        .await
+        .expect("claim");
+    assert!(second.epoch > first.epoch, "{second:?} after {first:?}");
+    assert_eq!(second.gateway_id, "gw-2");
+    for store in &stores {
+        assert_eq!(location(&**store, a).await.as_ref(), Some(&second));
+    }
+    // Other environments are untouched, and get their own increasing epochs.
+    assert_eq!(location(&*stores[0], other).await, None);
+    let o1 = stores[0]
+        .claim_tunnel(other, "gw-1", "gw-1.internal:7000", 5, LONG)
+        .await
+        .expect("claim");
+    let o2 = stores[0]
+        .claim_tunnel(other, "gw-1", "gw-1.internal:7000", 6, LONG)
+        .await
+        .expect("claim");
+    assert!(o2.epoch > o1.epoch);
+    assert_eq!(location(&*stores[0], a).await, Some(second.clone()));
+
+    // Concurrent claims: every epoch is distinct, and the location left is the last claim's,
+    // which has the highest epoch.
+    let contested = 13;
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let store = Arc::clone(&stores[i % stores.len()]);
+        tasks.push(tokio::spawn(async move {
+            store
+                .claim_tunnel(contested, &format!("gw-{i}"), "x:1", i as u64, LONG)
+                .await
+                .expect("claim")
+        }));
+    }
+    let mut claims = Vec::new();
+    for t in tasks {
+        claims.push(t.await.expect("claim task"));
+    }
+    let epochs: HashSet<u64> = claims.iter().map(|c| c.epoch).collect();
+    assert_eq!(epochs.len(), claims.len(), "distinct epochs: {claims:?}");
+    let newest = claims
+        .iter()
+        .max_by_key(|c| c.epoch)
+        .expect("non-empty")
+        .clone();
+    assert_eq!(location(&*stores[0], contested).await, Some(newest.clone()));
+
+    // Epochs keep growing across a restart (Redis keeps the counter; the embedded store, which
+    // forgets its tunnels, starts above the clock).
+    let highest = claims
+        .iter()
+        .map(|c| c.epoch)
+        .chain([second.epoch, o2.epoch])
+        .max()
+        .expect("non-empty");
+    drop(stores);
+    let store = b.open().await;
+    let after = store
+        .claim_tunnel(a, "gw-3", "gw-3.internal:7000", 7, LONG)
+        .await
+        .expect("claim");
+    assert!(after.epoch > highest, "{} after {highest}", after.epoch);
+}
+
+async fn renew_keeps_its_own_and_reports_lost_tunnels(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    let gw = "gw-1";
+    let mut held = Vec::new();
+    for env in 1..=5 {
+        let loc = stores[0]
+            .claim_tunnel(env, gw, "gw-1.internal:7000", 1, LONG)
+            .await
+            .expect("claim");
+        held.push((env, loc.epoch));
+    }
+    assert!(stores[last]
+        .renew_tunnels(gw, &[], LONG)
+        .await
+        .expect("renew nothing")
+        .is_empty());
+    assert!(
+        stores[last]
+            .renew_tunnels(gw, &held, LONG)
+            .await
+            .expect("renew")
+            .is_empty(),
+        "everything is still held"
+    );
+
+    // Lost: claimed since by another gateway (2), released (3), expired (4), never claimed (9).
+    stores[last]
+        .claim_tunnel(2, "gw-2", "gw-2.internal:7000", 2, LONG)
+        .await
+        .expect("claim");
+    assert!(stores[0]
+        .release_tunnel(3, held[2].1)
+        .await
+        .expect("release"));
+    let short = stores[0]
+        .claim_tunnel(4, gw, "gw-1.internal:7000", 3, SHORT)
+        .await
+        .expect("claim");
+    held[3].1 = short.epoch;
+    wait_for("the short lease to expire", || async {
+        location(&*stores[last], 4).await.is_none()
+    })
+    .await;
+    held.push((9, 12345));
+
+    let mut lost = stores[last]
+        .renew_tunnels(gw, &held, LONG)
+        .await
+        .expect("renew");
+    lost.sort_unstable();
+    assert_eq!(lost, vec![2, 3, 4, 9]);
+    // What was lost stays lost (renewing does not bring anything back) ...
+    assert_eq!(location(&*stores[0], 3).await, None);
+    assert_eq!(location(&*stores[0], 4).await, None);
+    assert_eq!(
+        location(&*stores[0], 2)
+            .await
+            .map(|l| l.gateway_id)
+            .as_deref(),
+        Some("gw-2")
+    );
+    // ... and what is held stays held.
+    for env in [1, 5] {
+        assert_eq!(
+            location(&*stores[0], env).await.map(|l| l.gateway_id),
+            Some(gw.to_owned())
+        );
+    }
+
+    // Another gateway cannot renew gw-1's tunnels, even with the right epoch.
+    assert_eq!(
+        stores[0]
+            .renew_tunnels("gw-2", &[held[0]], LONG)
+            .await
+            .expect("renew"),
+        vec![1]
+    );
+
+    // A renewal extends the lease past its first end.
+    let loc = stores[0]
+        .claim_tunnel(6, gw, "gw-1.internal:7000", 4, Duration::from_millis(500))
+        .await
+        .expect("claim");
+    assert!(stores[last]
+        .renew_tunnels(gw, &[(6, loc.epoch)], LONG)
+        .await
+        .expect("renew")
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(location(&*stores[0], 6).await, Some(loc));
+}
+
+async fn release_is_compare_and_delete(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    let env = 21;
+    assert!(!stores[0].release_tunnel(env, 1).await.expect("release"));
+
+    let old = stores[0]
+        .claim_tunnel(env, "gw-1", "gw-1.internal:7000", 1, LONG)
+        .await
+        .expect("claim");
+    let new = stores[last]
+        .claim_tunnel(env, "gw-2", "gw-2.internal:7000", 2, LONG)
+        .await
+        .expect("claim");
+    // The old holder's release does nothing to the new holder's tunnel.
+    assert!(!stores[0]
+        .release_tunnel(env, old.epoch)
+        .await
+        .expect("release"));
+    assert_eq!(location(&*stores[0], env).await.as_ref(), Some(&new));
+    assert!(stores[0]
+        .release_tunnel(env, new.epoch)
+        .await
+        .expect("release"));
+    assert_eq!(location(&*stores[last], env).await, None);
+    assert!(!stores[last]
+        .release_tunnel(env, new.epoch)
+        .await
+        .expect("release again"));
+
+    // A claim after a release still gets a higher epoch.
+    let again = stores[0]
+        .claim_tunnel(env, "gw-1", "gw-1.internal:7000", 3, SHORT)
+        .await
+        .expect("claim");
+    assert!(again.epoch > new.epoch);
+    // An expired location is not there to release.
+    wait_for("the short lease to expire", || async {
+        location(&*stores[0], env).await.is_none()
+    })
+    .await;
+    assert!(!stores[0]
+        .release_tunnel(env, again.epoch)
+        .await
+        .expect("release"));
+}
+
+async fn tunnel_locations_follow_the_ids_and_expire(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    assert!(stores[0]
+        .tunnel_locations(&[])
+        .await
+        .expect("nothing")
+        .is_empty());
+    let (e1, e2, e3) = (31, 32, 33);
+    let l1 = stores[0]
+        .claim_tunnel(e1, "gw-1", "gw-1.internal:7000", 1, LONG)
+        .await
+        .expect("claim");
+    let l2 = stores[last]
+        .claim_tunnel(e2, "gw-2", "gw-2.internal:7000", 2, LONG)
+        .await
+        .expect("claim");
+    for store in &stores {
+        assert_eq!(
+            store
+                .tunnel_locations(&[e3, e2, e1, e2])
+                .await
+                .expect("locations"),
+            vec![None, Some(l2.clone()), Some(l1.clone()), Some(l2.clone())]
+        );
+    }
+
+    // A claim with a short lease replaces e2's and then expires: e2 has no location.
+    stores[0]
+        .claim_tunnel(e2, "gw-3", "gw-3.internal:7000", 3, SHORT)
+        .await
+        .expect("claim");
+    wait_for("the short lease to expire", || async {
+        location(&*stores[last], e2).await.is_none()
+    })
+    .await;
+    for store in &stores {
+        assert_eq!(
+            store
+                .tunnel_locations(&[e1, e2, e3])
+                .await
+                .expect("locations"),
+            vec![Some(l1.clone()), None, None]
+        );
+    }
+}
+
+async fn gateways_register_list_expire_unregister(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    assert!(stores[0].live_gateways().await.expect("list").is_empty());
+    stores[0].unregister_gateway("nobody").await.expect("no-op");
+
+    for id in ["gw-b", "gw-a", "gw-c"] {
+        stores[0]
+            .register_gateway(&gateway(id, 0), LONG)
+            .await
+            .expect("register");
+    }
+    for store in &stores {
+        assert_eq!(
+            store.live_gateways().await.expect("list"),
+            vec![gateway("gw-a", 0), gateway("gw-b", 0), gateway("gw-c", 0)],
+            "sorted by id"
+        );
+    }
+
+    // Registering again refreshes what is known about it.
+    stores[last]
+        .register_gateway(&gateway("gw-b", 5), LONG)
+        .await
+        .expect("refresh");
+    assert_eq!(
+        stores[0].live_gateways().await.expect("list"),
+        vec![gateway("gw-a", 0), gateway("gw-b", 5), gateway("gw-c", 0)]
+    );
+
+    stores[last]
+        .unregister_gateway("gw-c")
+        .await
+        .expect("unregister");
+    assert_eq!(live_gateway_ids(&*stores[0]).await, ["gw-a", "gw-b"]);
+
+    // A registration that is not renewed expires ...
+    stores[0]
+        .register_gateway(&gateway("gw-a", 1), SHORT)
+        .await
+        .expect("register");
+    wait_for("gw-a's registration to expire", || async {
+        live_gateway_ids(&*stores[last]).await == ["gw-b"]
+    })
+    .await;
+    for store in &stores {
+        assert_eq!(live_gateway_ids(&**store).await, ["gw-b"]);
+    }
+    // ... and a gateway that comes back is listed again.
+    stores[last]
+        .register_gateway(&gateway("gw-a", 2), LONG)
+        .await
+        .expect("register");
+    for store in &stores {
+        assert_eq!(
+            store.live_gateways().await.expect("list"),
+            vec![gateway("gw-a", 2), gateway("gw-b", 5)]
+        );
+    }
+}
+
+async fn cluster_secret_is_created_once(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    // Many first callers at once, over every replica: they all get the same secret.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = Arc::clone(&stores[i % stores.len()]);
+        tasks.push(tokio::spawn(async move {
+            store.cluster_secret().await.expect("secret")
+        }));
+    }
+    let mut secrets = HashSet::new();
+    for t in tasks {
+        secrets.insert(t.await.expect("secret task"));
+    }
+    assert_eq!(secrets.len(), 1, "{secrets:?}");
+    let secret = secrets.into_iter().next().expect("one secret");
+    assert_ne!(secret, [0; 32], "random, not zeroes");
+    for store in &stores {
+        assert_eq!(store.cluster_secret().await.expect("secret"), secret);
+    }
+
+    drop(stores);
+    let store = b.open().await;
+    assert_eq!(
+        store.cluster_secret().await.expect("secret"),
+        secret,
+        "the secret survives a restart"
+    );
+}
+
+fn snapshot_taken(taken_ms: u64, body: &[u8]) -> StoredSnapshot {
+    StoredSnapshot {
+        taken_ms,
+        received_ms: taken_ms + 7,
+        body: body.to_vec(),
+    }
+}
+
+async fn snapshots_keep_the_latest_taken(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let last = stores.len() - 1;
+    let env = create_one(&*stores[0], "snapped").await;
+    let other = create_one(&*stores[0], "other").await;
+    assert_eq!(stores[0].snapshot(env.id).await.expect("get"), None);
+
+    // Bodies are arbitrary bytes: NULs, invalid UTF-8, every byte value.
+    let binary: Vec<u8> = (0..=255u8).chain([0, 0, 0xff, 0xfe]).collect();
+    let first = snapshot_taken(BIG_MS + 1, &binary);
+    assert!(stores[0].put_snapshot(env.id, &first).await.expect("put"));
+    for store in &stores {
+        assert_eq!(
+            store.snapshot(env.id).await.expect("get").as_ref(),
+            Some(&first)
+        );
+    }
+
+    // An older one (a late delivery) is accepted but does not replace it.
+    assert!(stores[last]
+        .put_snapshot(env.id, &snapshot_taken(BIG_MS, b"older"))
+        .await
+        .expect("put"));
+    assert_eq!(
+        stores[0].snapshot(env.id).await.expect("get").as_ref(),
+        Some(&first)
+    );
+    // A newer one does.
+    let second = snapshot_taken(BIG_MS + 2, &vec![0xab; 1 << 20]);
+    assert!(stores[last]
+        .put_snapshot(env.id, &second)
+        .await
+        .expect("put"));
+    assert_eq!(
+        stores[0].snapshot(env.id).await.expect("get").as_ref(),
+        Some(&second)
+    );
+
+    // Times are compared as numbers, not as text ("9999" > "10000").
+    assert!(stores[0]
+        .put_snapshot(other.id, &snapshot_taken(10_000, b""))
+        .await
+        .expect("put"));
+    assert!(stores[0]
+        .put_snapshot(other.id, &snapshot_taken(9_999, b"older"))
+        .await
+        .expect("put"));
+    let empty = snapshot_taken(10_000, b"");
+    assert_eq!(
+        stores[0].snapshot(other.id).await.expect("get"),
+        Some(empty.clone()),
+        "an empty body is a body"
+    );
+    assert_eq!(
+        stores[0].snapshot(env.id).await.expect("get").as_ref(),
+        Some(&second),
+        "environments have their own snapshots"
+    );
+
+    // An unknown environment stores nothing.
+    let unknown = other.id + 1000;
+    assert!(!stores[0].put_snapshot(unknown, &first).await.expect("put"));
+    assert_eq!(stores[last].snapshot(unknown).await.expect("get"), None);
+
+    // Snapshots are durable.
+    drop(stores);
+    let store = b.open().await;
+    assert_eq!(store.snapshot(env.id).await.expect("get"), Some(second));
+    assert_eq!(store.snapshot(other.id).await.expect("get"), Some(empty));
+}
+
+async fn delete_removes_the_snapshot(b: &dyn Backend) {
+    let store = b.open().await;
+    let env = create_one(&*store, "doomed").await;
+    let keep = create_one(&*store, "kept").await;
+    let snap = snapshot_taken(1_000, b"engine state");
+    for id in [env.id, keep.id] {
+        assert!(store.put_snapshot(id, &snap).await.expect("put"));
+    }
+    assert!(store.delete_environment(env.id).await.expect("delete"));
+    assert_eq!(store.snapshot(env.id).await.expect("get"), None);
+    assert_eq!(store.snapshot(keep.id).await.expect("get"), Some(snap));
+    // And none comes back for the deleted environment.
+    assert!(!store
+        .put_snapshot(env.id, &snapshot_taken(2_000, b"late"))
+        .await
+        .expect("put"));
+    assert_eq!(store.snapshot(env.id).await.expect("get"), None);
+}
+
+async fn tunnel_changes_round_trip(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let mut subs: Vec<_> = stores.iter().map(|s| s.subscribe()).collect();
+    let changes = [
+        Change::TunnelWanted {
+            env: 1,
+            until_ms: BIG_MS,
+        },
+        Change::TunnelOpened(TunnelLocation {
+            env: 2,
+            gateway_id: "gw-ü \"quoted\"".to_owned(),
+            dial_addr: "[::1]:7000".to_owned(),
+            epoch: BIG_MS + 1,
+            since_ms: BIG_MS + 2,
+        }),
+        Change::TunnelClosed {
+            env: 3,
+            epoch: u64::MAX,
+        },
+    ];
+    for (i, publisher) in stores.iter().enumerate() {
+        for change in &changes {
+            publisher.publish(change.clone()).await.expect("publish");
+        }
+        for (n, rx) in subs.iter_mut().enumerate() {
+            for change in &changes {
+                assert_eq!(
+                    &next_change(rx).await,
+                    change,
+                    "subscriber {n}, publisher {i}"
+                );
+            }
+        }
+    }
+    for rx in &mut subs {
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backend-specific checks
 
 #[tokio::test]
@@ -1327,6 +2020,23 @@ async fn redis_keys_all_carry_the_prefix() {
         .replace_admin_key_hashes(&[[1; 32]])
         .await
         .expect("key");
+    store
+        .put_tunnel_grant(&[0xab; 32], &grant(created[0].id), LONG)
+        .await
+        .expect("grant");
+    store
+        .claim_tunnel(created[0].id, "gw-1", "gw-1.internal:7000", 1, LONG)
+        .await
+        .expect("claim");
+    store
+        .register_gateway(&gateway("gw-1", 1), LONG)
+        .await
+        .expect("gateway");
+    store.cluster_secret().await.expect("secret");
+    assert!(store
+        .put_snapshot(created[1].id, &snapshot_taken(1, b"body"))
+        .await
+        .expect("snapshot"));
 
     let mut conn = raw(&server).await;
     let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -1335,23 +2045,46 @@ async fn redis_keys_all_carry_the_prefix() {
         .await
         .expect("KEYS");
     keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "ep-test:admin_keys",
-            "ep-test:binding",
-            "ep-test:env",
-            "ep-test:groups",
-            "ep-test:groups:names",
-            "ep-test:heartbeat",
-            "ep-test:seq:env",
-            "ep-test:seq:groups",
-            "ep-test:seq:tags",
-            "ep-test:settings",
-            "ep-test:tags",
-            "ep-test:tags:names",
-        ]
-    );
+    let grant_key = format!("ep-test:grant:{}", "ab".repeat(32));
+    let tunnel_key = format!("ep-test:tunnel:{}", created[0].id);
+    let snapshot_key = format!("ep-test:snapshot:{}", created[1].id);
+    let mut expected = vec![
+        "ep-test:admin_keys",
+        "ep-test:binding",
+        "ep-test:cluster_secret",
+        "ep-test:env",
+        "ep-test:gateway:gw-1",
+        "ep-test:gateways",
+        &grant_key,
+        "ep-test:groups",
+        "ep-test:groups:names",
+        "ep-test:heartbeat",
+        "ep-test:seq:env",
+        "ep-test:seq:groups",
+        "ep-test:seq:tags",
+        "ep-test:seq:tunnel",
+        "ep-test:settings",
+        &snapshot_key,
+        "ep-test:tags",
+        "ep-test:tags:names",
+        &tunnel_key,
+    ];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    // What lives as long as a lease has a TTL; the rest, epoch counter included, does not.
+    for key in &keys {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        let leased = [&grant_key, &tunnel_key, "ep-test:gateway:gw-1"].contains(&key.as_str());
+        if leased {
+            assert!(pttl > 0 && pttl <= 60_000, "{key}: {pttl}");
+        } else {
+            assert_eq!(pttl, -1, "{key}");
+        }
+    }
     // The record itself does not carry the binding: it lives only in the binding hash.
     let json: String = redis::cmd("HGET")
         .arg("ep-test:env")
@@ -1374,6 +2107,86 @@ async fn redis_keys_all_carry_the_prefix() {
         Change::AdminKeys,
         "other prefixes' changes are not ours"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_prunes_expired_gateways_from_the_set() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    store
+        .register_gateway(&gateway("gw-long", 0), LONG)
+        .await
+        .expect("register");
+    store
+        .register_gateway(&gateway("gw-short", 0), SHORT)
+        .await
+        .expect("register");
+    let mut conn = raw(&server).await;
+    let members = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{PREFIX}gateways"))
+            .query_async(&mut conn)
+            .await
+            .expect("SMEMBERS");
+        ids.sort();
+        ids
+    };
+    assert_eq!(members(conn.clone()).await, ["gw-long", "gw-short"]);
+    wait_for("gw-short's registration to expire", || async {
+        live_gateway_ids(&store).await == ["gw-long"]
+    })
+    .await;
+    // The listing that found its key gone dropped it from the set.
+    assert_eq!(members(conn.clone()).await, ["gw-long"]);
+    // Unregistering removes both the key and the set member.
+    store
+        .unregister_gateway("gw-long")
+        .await
+        .expect("unregister");
+    assert!(members(conn.clone()).await.is_empty());
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(format!("{PREFIX}gateway:gw-long"))
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_large_epochs_stay_exact() {
+    // The scripts see epochs as Lua doubles: exact (and printed without an exponent) up to
+    // 2^53, which INCR would take centuries to reach.
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    let mut conn = raw(&server).await;
+    let start: u64 = (1 << 53) - 10;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}seq:tunnel"))
+        .arg(start)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let loc = store
+        .claim_tunnel(7, "gw-1", "gw-1.internal:7000", BIG_MS, LONG)
+        .await
+        .expect("claim");
+    assert_eq!(loc.epoch, start + 1);
+    assert_eq!(location(&store, 7).await.as_ref(), Some(&loc));
+    assert!(store
+        .renew_tunnels("gw-1", &[(7, loc.epoch)], LONG)
+        .await
+        .expect("renew")
+        .is_empty());
+    // A neighbouring epoch is another epoch.
+    assert!(!store
+        .release_tunnel(7, loc.epoch - 1)
+        .await
+        .expect("release"));
+    assert!(store.release_tunnel(7, loc.epoch).await.expect("release"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1482,6 +2295,77 @@ async fn redis_errors_are_mapped() {
         .await
         .expect("SET");
     let corrupt = store.heartbeats(&[created[0].id]).await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+
+    // Unreadable tunnel locations, cluster secrets and snapshots.
+    let env = created[0].id;
+    let loc = store
+        .claim_tunnel(env, "gw-1", "gw-1.internal:7000", 1, LONG)
+        .await
+        .expect("claim");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}tunnel:{env}"))
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let corrupt = store.tunnel_locations(&[env]).await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+    let corrupt = store.release_tunnel(env, loc.epoch).await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+    // Renewing does not fail the whole batch: nobody holds an unreadable location.
+    assert_eq!(
+        store
+            .renew_tunnels("gw-1", &[(env, loc.epoch)], LONG)
+            .await
+            .expect("renew"),
+        vec![env]
+    );
+    // A location stored under another environment's key is corrupt too.
+    let other = store
+        .claim_tunnel(env + 1, "gw-1", "gw-1.internal:7000", 1, LONG)
+        .await
+        .expect("claim");
+    let json = serde_json::to_string(&other).expect("json");
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}tunnel:{env}"))
+        .arg(json)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let corrupt = store.tunnel_locations(&[env]).await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}cluster_secret"))
+        .arg("short")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let corrupt = store.cluster_secret().await;
+    assert!(
+        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        "{corrupt:?}"
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{PREFIX}snapshot:{env}"))
+        .arg("body")
+        .arg("no times")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let corrupt = store.snapshot(env).await;
     assert!(
         matches!(corrupt, Err(StoreError::Corrupt(_))),
         "{corrupt:?}"

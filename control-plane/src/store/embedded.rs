@@ -11,23 +11,40 @@
 //! | `groups`, `tags`   | id (`u64`)          | name (`&str`)                                |
 //! | `admin_key_hashes` | SHA-256 (`[u8; 32]`)| `()`                                         |
 //! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
+//! | `snapshots`        | id (`u64`)          | `taken_ms`, `received_ms` (`u64` little-endian each), then the body |
+//!
+//! The `meta` table also holds `cluster_secret`: the 32 random bytes of
+//! [`Store::cluster_secret`], created by the first caller.
 //!
 //! redb serialises write transactions, so every read-check-write below (binding and its join
 //! secret check, name uniqueness, max-heartbeat, the fields an update keeps, replacing the
-//! admin key set) is atomic simply by happening inside one write transaction.
+//! admin key set, keeping the newest snapshot of an existing environment) is atomic simply by
+//! happening inside one write transaction.
+//!
+//! What only lives as long as a lease (tunnel grants, tunnel locations, gateway
+//! registrations) is not written to disk at all: it sits in memory behind a mutex, each entry
+//! with an [`Instant`] deadline that every read checks, and expired entries are purged now and
+//! then so that nothing grows without bound. A restart forgets all of it, which is right: the
+//! tunnels and gateways of a single node die with it. Tunnel epochs come from one counter for
+//! all environments, seeded from the clock in microseconds when the store opens and moved at
+//! least one past the clock on every claim, so they keep growing across restarts too (unless
+//! the clock goes back, or claims outran it by more than the restart took).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use rand::RngCore;
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use super::{
-    BindOutcome, Change, Collection, EnvId, Environment, Named, NewEnvironment, Settings, Store,
-    StoreError, CHANGE_CHANNEL_CAPACITY,
+    BindOutcome, Change, Collection, EnvId, Environment, GatewayInfo, Named, NewEnvironment,
+    Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
+    CHANGE_CHANNEL_CAPACITY,
 };
 
 /// File name inside the data dir.
@@ -40,17 +57,84 @@ const TAGS: TableDefinition<'_, u64, &str> = TableDefinition::new("tags");
 const ADMIN_KEY_HASHES: TableDefinition<'_, &[u8; 32], ()> =
     TableDefinition::new("admin_key_hashes");
 const HEARTBEATS: TableDefinition<'_, u64, u64> = TableDefinition::new("heartbeats");
+const SNAPSHOTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("snapshots");
 
 // Keys of the `meta` table.
 const META_NEXT_ENV_ID: &str = "next_id:environments";
 const META_NEXT_GROUP_ID: &str = "next_id:groups";
 const META_NEXT_TAG_ID: &str = "next_id:tags";
 const META_SETTINGS: &str = "settings";
+const META_CLUSTER_SECRET: &str = "cluster_secret";
+
+/// Bytes before the body in a `snapshots` value: `taken_ms` and `received_ms`.
+const SNAPSHOT_HEADER: usize = 16;
+/// How often (at most) the lease maps are swept for expired entries.
+const PURGE_INTERVAL: Duration = Duration::from_secs(10);
+/// What a lease too long for [`Instant`] is cut down to: "forever", in practice.
+const LONGEST_LEASE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     changes: broadcast::Sender<Change>,
+    leases: Mutex<Leases>,
+}
+
+/// Everything that lives only as long as a lease; see the module doc.
+struct Leases {
+    grants: HashMap<[u8; 32], (TunnelGrant, Instant)>,
+    tunnels: HashMap<EnvId, (TunnelLocation, Instant)>,
+    gateways: HashMap<String, (GatewayInfo, Instant)>,
+    /// The last tunnel epoch handed out (for any environment).
+    last_epoch: u64,
+    next_purge: Instant,
+}
+
+impl Leases {
+    fn new() -> Self {
+        Self {
+            grants: HashMap::new(),
+            tunnels: HashMap::new(),
+            gateways: HashMap::new(),
+            last_epoch: clock_epoch(),
+            next_purge: Instant::now() + PURGE_INTERVAL,
+        }
+    }
+
+    /// Drops every expired entry, at most once per [`PURGE_INTERVAL`]: reads check deadlines
+    /// themselves, this only keeps abandoned entries from piling up.
+    fn purge(&mut self, now: Instant) {
+        if now < self.next_purge {
+            return;
+        }
+        self.grants.retain(|_, (_, deadline)| *deadline > now);
+        self.tunnels.retain(|_, (_, deadline)| *deadline > now);
+        self.gateways.retain(|_, (_, deadline)| *deadline > now);
+        self.next_purge = now + PURGE_INTERVAL;
+    }
+
+    /// The live location of `env`, if any.
+    fn live_tunnel(&self, env: EnvId, now: Instant) -> Option<&TunnelLocation> {
+        self.tunnels
+            .get(&env)
+            .filter(|(_, deadline)| *deadline > now)
+            .map(|(loc, _)| loc)
+    }
+}
+
+/// The clock in microseconds since the Unix epoch (0 if it is set before 1970): the floor of
+/// every tunnel epoch, so epochs keep growing across restarts. Microseconds leave room for a
+/// million claims a second before the counter runs ahead of the clock, and stay below 2^53
+/// (exact in a double, e.g. in JavaScript) until the 23rd century.
+fn clock_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// When a lease of `ttl` taken at `now` ends.
+fn deadline(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl.min(LONGEST_LEASE)).unwrap_or(now)
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -80,6 +164,7 @@ impl EmbeddedStore {
         tx.open_table(TAGS).map_err(db_err)?;
         tx.open_table(ADMIN_KEY_HASHES).map_err(db_err)?;
         tx.open_table(HEARTBEATS).map_err(db_err)?;
+        tx.open_table(SNAPSHOTS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
 
         tracing::info!(path = %path.display(), "opened embedded store");
@@ -88,7 +173,14 @@ impl EmbeddedStore {
             db: Arc::new(db),
             path,
             changes,
+            leases: Mutex::new(Leases::new()),
         })
+    }
+
+    /// The lease maps. Nothing panics while holding the lock, and every update leaves the maps
+    /// consistent, so a poisoned lock is still usable.
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs blocking redb work off the async threads.
@@ -182,6 +274,45 @@ fn reserve_ids(tx: &WriteTransaction, key: &str, n: u64) -> Result<u64, StoreErr
     meta.insert(key, next.to_le_bytes().as_slice())
         .map_err(db_err)?;
     Ok(first)
+}
+
+fn encode_snapshot(snap: &StoredSnapshot) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER + snap.body.len());
+    bytes.extend_from_slice(&snap.taken_ms.to_le_bytes());
+    bytes.extend_from_slice(&snap.received_ms.to_le_bytes());
+    bytes.extend_from_slice(&snap.body);
+    bytes
+}
+
+/// `taken_ms` of a stored snapshot, without copying its body.
+fn snapshot_taken_ms(env: EnvId, bytes: &[u8]) -> Result<u64, StoreError> {
+    bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| snapshot_too_short(env, bytes))
+}
+
+fn decode_snapshot(env: EnvId, bytes: &[u8]) -> Result<StoredSnapshot, StoreError> {
+    let (Some(taken), Some(received), Some(body)) = (
+        bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        bytes.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        bytes.get(SNAPSHOT_HEADER..),
+    ) else {
+        return Err(snapshot_too_short(env, bytes));
+    };
+    Ok(StoredSnapshot {
+        taken_ms: u64::from_le_bytes(taken),
+        received_ms: u64::from_le_bytes(received),
+        body: body.to_vec(),
+    })
+}
+
+fn snapshot_too_short(env: EnvId, bytes: &[u8]) -> StoreError {
+    StoreError::Corrupt(format!(
+        "snapshot of environment {env}: {} bytes, shorter than its {SNAPSHOT_HEADER}-byte header",
+        bytes.len()
+    ))
 }
 
 fn named_table(coll: Collection) -> (TableDefinition<'static, u64, &'static str>, &'static str) {
@@ -304,6 +435,10 @@ impl Store for EmbeddedStore {
                 return Ok((false, false));
             }
             tx.open_table(HEARTBEATS)
+                .map_err(db_err)?
+                .remove(id)
+                .map_err(db_err)?;
+            tx.open_table(SNAPSHOTS)
                 .map_err(db_err)?
                 .remove(id)
                 .map_err(db_err)?;
@@ -548,6 +683,234 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn put_tunnel_grant(
+        &self,
+        token_hash: &[u8; 32],
+        grant: &TunnelGrant,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        leases
+            .grants
+            .insert(*token_hash, (grant.clone(), deadline(now, ttl)));
+        Ok(())
+    }
+
+    async fn take_tunnel_grant(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<TunnelGrant>, StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        // Removed either way: an expired grant is of no use to anyone.
+        Ok(leases
+            .grants
+            .remove(token_hash)
+            .filter(|(_, deadline)| *deadline > now)
+            .map(|(grant, _)| grant))
+    }
+
+    async fn claim_tunnel(
+        &self,
+        env: EnvId,
+        gateway_id: &str,
+        dial_addr: &str,
+        since_ms: u64,
+        lease: Duration,
+    ) -> Result<TunnelLocation, StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        let epoch = leases
+            .last_epoch
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("tunnel epochs exhausted".to_owned()))?
+            .max(clock_epoch());
+        leases.last_epoch = epoch;
+        let location = TunnelLocation {
+            env,
+            gateway_id: gateway_id.to_owned(),
+            dial_addr: dial_addr.to_owned(),
+            epoch,
+            since_ms,
+        };
+        leases
+            .tunnels
+            .insert(env, (location.clone(), deadline(now, lease)));
+        Ok(location)
+    }
+
+    async fn renew_tunnels(
+        &self,
+        gateway_id: &str,
+        held: &[(EnvId, u64)],
+        lease: Duration,
+    ) -> Result<Vec<EnvId>, StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        let until = deadline(now, lease);
+        let mut lost = Vec::new();
+        for &(env, epoch) in held {
+            match leases.tunnels.get_mut(&env) {
+                Some((loc, deadline))
+                    if *deadline > now && loc.epoch == epoch && loc.gateway_id == gateway_id =>
+                {
+                    *deadline = until;
+                }
+                _ => lost.push(env),
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn release_tunnel(&self, env: EnvId, epoch: u64) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        if leases
+            .live_tunnel(env, now)
+            .is_some_and(|loc| loc.epoch == epoch)
+        {
+            leases.tunnels.remove(&env);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn tunnel_locations(
+        &self,
+        ids: &[EnvId],
+    ) -> Result<Vec<Option<TunnelLocation>>, StoreError> {
+        let now = Instant::now();
+        let leases = self.leases();
+        Ok(ids
+            .iter()
+            .map(|&env| leases.live_tunnel(env, now).cloned())
+            .collect())
+    }
+
+    async fn register_gateway(
+        &self,
+        info: &GatewayInfo,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        leases
+            .gateways
+            .insert(info.id.clone(), (info.clone(), deadline(now, lease)));
+        Ok(())
+    }
+
+    async fn unregister_gateway(&self, id: &str) -> Result<(), StoreError> {
+        self.leases().gateways.remove(id);
+        Ok(())
+    }
+
+    async fn live_gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
+        let now = Instant::now();
+        let mut leases = self.leases();
+        leases.purge(now);
+        let mut live: Vec<GatewayInfo> = leases
+            .gateways
+            .values()
+            .filter(|(_, deadline)| *deadline > now)
+            .map(|(info, _)| info.clone())
+            .collect();
+        drop(leases);
+        live.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
+    }
+
+    async fn cluster_secret(&self) -> Result<[u8; 32], StoreError> {
+        fn decode(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+            <[u8; 32]>::try_from(bytes).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "meta {META_CLUSTER_SECRET}: expected 32 bytes, found {}",
+                    bytes.len()
+                ))
+            })
+        }
+
+        let stored = self
+            .blocking(|db| {
+                let tx = db.begin_read().map_err(db_err)?;
+                let meta = tx.open_table(META).map_err(db_err)?;
+                let value = meta.get(META_CLUSTER_SECRET).map_err(db_err)?;
+                value.map(|v| decode(v.value())).transpose()
+            })
+            .await?;
+        if let Some(secret) = stored {
+            return Ok(secret);
+        }
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut fresh)
+            .map_err(|e| StoreError::Unavailable(format!("no randomness for the secret: {e}")))?;
+        // Checked again inside the write transaction: of two first callers, the second one
+        // gets the secret the first one stored.
+        self.write(Durability::Immediate, move |tx| {
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            let existing = meta
+                .get(META_CLUSTER_SECRET)
+                .map_err(db_err)?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if let Some(secret) = existing {
+                return Ok((secret, false));
+            }
+            meta.insert(META_CLUSTER_SECRET, fresh.as_slice())
+                .map_err(db_err)?;
+            Ok((fresh, true))
+        })
+        .await
+    }
+
+    async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError> {
+        let bytes = encode_snapshot(snap);
+        let taken_ms = snap.taken_ms;
+        // Like heartbeats, snapshots are replaced by the next one soon: losing the last ones
+        // to a power cut only shows an older snapshot for a while, so skip the fsync.
+        self.write(Durability::Eventual, move |tx| {
+            if tx
+                .open_table(ENVIRONMENTS)
+                .map_err(db_err)?
+                .get(env)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Ok((false, false));
+            }
+            let mut table = tx.open_table(SNAPSHOTS).map_err(db_err)?;
+            let stored_taken = table
+                .get(env)
+                .map_err(db_err)?
+                .map(|v| snapshot_taken_ms(env, v.value()))
+                .transpose()?;
+            if stored_taken.is_some_and(|stored| stored > taken_ms) {
+                return Ok((true, false));
+            }
+            table.insert(env, bytes.as_slice()).map_err(db_err)?;
+            Ok((true, true))
+        })
+        .await
+    }
+
+    async fn snapshot(&self, env: EnvId) -> Result<Option<StoredSnapshot>, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(SNAPSHOTS).map_err(db_err)?;
+            let value = table.get(env).map_err(db_err)?;
+            value.map(|v| decode_snapshot(env, v.value())).transpose()
+        })
+        .await
+    }
+
     async fn publish(&self, change: Change) -> Result<(), StoreError> {
         // No subscriber is not an error: nobody needed to hear it.
         let _ = self.changes.send(change);
@@ -566,5 +929,82 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn location(env: EnvId) -> TunnelLocation {
+        TunnelLocation {
+            env,
+            gateway_id: "gw".to_owned(),
+            dial_addr: "gw:1".to_owned(),
+            epoch: 1,
+            since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn purge_drops_expired_leases_but_not_too_often() {
+        let mut leases = Leases::new();
+        let now = Instant::now();
+        let (past, future) = (now, now + Duration::from_secs(60));
+        let grant = TunnelGrant {
+            env: 1,
+            edge_id: Uuid::nil(),
+            expires_ms: 0,
+        };
+        leases.grants.insert([1; 32], (grant.clone(), past));
+        leases.grants.insert([2; 32], (grant, future));
+        leases.tunnels.insert(1, (location(1), past));
+        leases.tunnels.insert(2, (location(2), future));
+        let gw = GatewayInfo {
+            id: "gw".to_owned(),
+            public_addr: "gw:443".to_owned(),
+            dial_addr: "gw:1".to_owned(),
+            tunnels: 0,
+        };
+        leases.gateways.insert("old".to_owned(), (gw.clone(), past));
+        leases.gateways.insert("new".to_owned(), (gw, future));
+
+        // Not yet time for a sweep: nothing is touched.
+        leases.purge(now);
+        assert_eq!(
+            (
+                leases.grants.len(),
+                leases.tunnels.len(),
+                leases.gateways.len()
+            ),
+            (2, 2, 2)
+        );
+
+        let later = now + PURGE_INTERVAL;
+        leases.purge(later);
+        assert!(leases.grants.contains_key(&[2; 32]) && leases.grants.len() == 1);
+        assert!(leases.tunnels.contains_key(&2) && leases.tunnels.len() == 1);
+        assert!(leases.gateways.contains_key("new") && leases.gateways.len() == 1);
+        assert_eq!(leases.next_purge, later + PURGE_INTERVAL);
+        assert!(leases.live_tunnel(2, later).is_some());
+        assert!(
+            leases.live_tunnel(2, future).is_none(),
+            "a deadline is exclusive"
+        );
+    }
+
+    #[test]
+    fn epochs_start_from_the_clock() {
+        let before = clock_epoch();
+        let leases = Leases::new();
+        assert!(leases.last_epoch >= before);
+        assert!(before > 1_600_000_000_000_000, "microseconds: {before}");
+    }
+
+    #[test]
+    fn huge_leases_do_not_overflow() {
+        let now = Instant::now();
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(deadline(now, Duration::ZERO), now);
     }
 }

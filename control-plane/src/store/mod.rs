@@ -14,6 +14,7 @@ pub mod embedded;
 pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -228,6 +229,56 @@ impl Default for Settings {
     }
 }
 
+/// One-time tunnel credentials as stored: kept under the SHA-256 of the token (the token
+/// itself only exists in the agent's sealed answer), consumed by the gateway on use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelGrant {
+    pub env: EnvId,
+    pub edge_id: Uuid,
+    /// ms since the Unix epoch (issuer's clock); the store also expires it by its TTL.
+    pub expires_ms: u64,
+}
+
+/// Where an environment's tunnel is: kept alive by the holding gateway's lease; `epoch` grows
+/// with every claim of the environment, so a stale holder can neither renew nor release it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelLocation {
+    pub env: EnvId,
+    pub gateway_id: String,
+    /// Where control-plane replicas open dial sessions to that gateway (`host:port`).
+    pub dial_addr: String,
+    pub epoch: u64,
+    /// When the tunnel opened, ms since the Unix epoch.
+    pub since_ms: u64,
+}
+
+/// A live tunnel gateway, registered with a lease it keeps renewing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayInfo {
+    pub id: String,
+    /// What agents connect to (`host:port`).
+    pub public_addr: String,
+    /// What control-plane replicas connect to (`host:port`).
+    pub dial_addr: String,
+    /// Tunnels open on it when it last renewed.
+    pub tunnels: u64,
+}
+
+/// The latest snapshot of an environment's engine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredSnapshot {
+    /// When the agent took it (ms since the Unix epoch).
+    pub taken_ms: u64,
+    /// When the server stored it.
+    pub received_ms: u64,
+    /// `proto::snapshot::compress`ed bytes.
+    pub body: Vec<u8>,
+}
+
 /// What changed, broadcast to every replica (including the one that published it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
@@ -239,6 +290,19 @@ pub enum Change {
     /// Notifications may have been missed: reload everything. Sent by the store itself to its
     /// local subscribers, e.g. by the Redis backend after re-subscribing to a lost channel.
     Resync,
+    /// An operator needs the environment's tunnel until `until_ms`: the replica holding the
+    /// agent's check-in answers it with credentials.
+    TunnelWanted {
+        env: EnvId,
+        until_ms: u64,
+    },
+    /// A tunnel opened (published by the gateway that holds it).
+    TunnelOpened(TunnelLocation),
+    /// The tunnel with this epoch closed (or its gateway lost it).
+    TunnelClosed {
+        env: EnvId,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +339,7 @@ pub trait Store: Send + Sync + 'static {
     /// concurrent [`Store::bind_edge_id`] or [`Store::reset_association`] can neither undo the
     /// binding nor bring back the old secret. `false` if absent.
     async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError>;
-    /// Deletes the environment, its binding and its heartbeat. `false` if absent.
+    /// Deletes the environment, its binding, its heartbeat and its snapshot. `false` if absent.
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError>;
     /// Binds `edge_id` if the environment is unbound and its join secret is still
     /// `join_secret` (the one the caller verified the agent's proof with), all in one atomic
@@ -325,6 +389,65 @@ pub trait Store: Send + Sync + 'static {
     /// is revoked. Readers see either the old set or the new one, never a mix or an empty
     /// set in between.
     async fn replace_admin_key_hashes(&self, hashes: &[[u8; 32]]) -> Result<(), StoreError>;
+
+    /// Stores one-time credentials under the SHA-256 of their token, for `ttl`.
+    async fn put_tunnel_grant(
+        &self,
+        token_hash: &[u8; 32],
+        grant: &TunnelGrant,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Removes and returns the grant in one atomic step across replicas and gateways: of two
+    /// concurrent takes of one token, exactly one gets it. `None` when unknown, already taken
+    /// or expired.
+    async fn take_tunnel_grant(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<TunnelGrant>, StoreError>;
+
+    /// Records that `env`'s tunnel is now held by `gateway_id` for `lease`, with an epoch
+    /// strictly greater than every epoch this store handed out for `env` before; replaces any
+    /// previous location (the old holder's renewals and releases then fail).
+    async fn claim_tunnel(
+        &self,
+        env: EnvId,
+        gateway_id: &str,
+        dial_addr: &str,
+        since_ms: u64,
+        lease: Duration,
+    ) -> Result<TunnelLocation, StoreError>;
+    /// Extends by `lease` the locations `(env, epoch)` that `gateway_id` still holds with that
+    /// epoch, in one batch; returns the environments it no longer holds (record expired,
+    /// released, or claimed since by another epoch): their tunnels must close.
+    async fn renew_tunnels(
+        &self,
+        gateway_id: &str,
+        held: &[(EnvId, u64)],
+        lease: Duration,
+    ) -> Result<Vec<EnvId>, StoreError>;
+    /// Deletes `env`'s location if it still has `epoch`; `true` if it did.
+    async fn release_tunnel(&self, env: EnvId, epoch: u64) -> Result<bool, StoreError>;
+    /// The locations of `ids` whose lease has not expired, in the order of `ids`.
+    async fn tunnel_locations(
+        &self,
+        ids: &[EnvId],
+    ) -> Result<Vec<Option<TunnelLocation>>, StoreError>;
+
+    /// Registers or refreshes a gateway for `lease`.
+    async fn register_gateway(&self, info: &GatewayInfo, lease: Duration)
+        -> Result<(), StoreError>;
+    /// Removes a gateway's registration (graceful stop).
+    async fn unregister_gateway(&self, id: &str) -> Result<(), StoreError>;
+    /// Gateways whose registration has not expired, sorted by id.
+    async fn live_gateways(&self) -> Result<Vec<GatewayInfo>, StoreError>;
+    /// The random secret control-plane replicas prove to gateways when they open dial
+    /// sessions: created by the first caller, then the same for everyone sharing the store.
+    async fn cluster_secret(&self) -> Result<[u8; 32], StoreError>;
+
+    /// Keeps `snap` as `env`'s latest snapshot unless the stored one was taken later.
+    /// `false` when the environment does not exist (nothing stored).
+    async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError>;
+    async fn snapshot(&self, env: EnvId) -> Result<Option<StoredSnapshot>, StoreError>;
 
     /// Sends a change to every subscriber of every replica sharing this store.
     async fn publish(&self, change: Change) -> Result<(), StoreError>;

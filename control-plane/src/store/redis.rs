@@ -18,14 +18,27 @@
 //! | `edgeplane:seq:tags`        | string  | last tag id handed out                           |
 //! | `edgeplane:settings`        | string  | JSON of [`Settings`]                             |
 //! | `edgeplane:admin_keys`      | set     | raw 32-byte SHA-256 hashes of admin API keys     |
+//! | `edgeplane:snapshot:{id}`   | hash    | `taken_ms`, `received_ms` (decimal), `body` (raw bytes) |
+//! | `edgeplane:cluster_secret`  | string  | the 32 raw random bytes of [`Store::cluster_secret`] |
+//! | `edgeplane:grant:{hash}`    | string  | JSON of a [`TunnelGrant`], PX TTL; key ends in the hex SHA-256 of its token |
+//! | `edgeplane:tunnel:{id}`     | string  | JSON of a [`TunnelLocation`], PX TTL (the holder's lease) |
+//! | `edgeplane:seq:tunnel`      | string  | last tunnel epoch handed out, for all environments (INCR, no TTL) |
+//! | `edgeplane:gateway:{id}`    | string  | JSON of a [`GatewayInfo`], PX TTL (its lease)    |
+//! | `edgeplane:gateways`        | set     | ids of registered gateways (pruned when their key has expired) |
 //! | `edgeplane:changes`         | channel | pub/sub channel of JSON-encoded [`Change`]s      |
 //!
 //! The binding lives apart from the record so that binding ends in a single HSETNX and a
 //! concurrent [`Store::update_environment`] (which rewrites the record) can never undo it.
 //! Read-check-write rules (bind only existing environments whose join secret is still the one
 //! the proof was verified with, updates keep the stored join secret, heartbeats only for
-//! existing ones and never backwards, unique names) are small Lua scripts, which Redis runs
-//! atomically.
+//! existing ones and never backwards, unique names, snapshots only for existing environments
+//! and never older ones, tunnel claims with their fresh epoch, renewals and releases only by
+//! the current epoch) are small Lua scripts, which Redis runs atomically.
+//!
+//! Everything that lives as long as a lease has a relative TTL (`PX`), so the clocks of the
+//! hosts involved never matter. Grants are taken with GETDEL (Redis 6.2 or later). Tunnel
+//! epochs come from one counter shared by all environments: strictly increasing per
+//! environment, never repeated, and no counter key left behind per environment.
 //!
 //! After the pub/sub connection is lost and restored, changes published in between are gone;
 //! the store then sends [`Change::Resync`] to its local subscribers so that they reload.
@@ -42,15 +55,16 @@ use deadpool_redis::redis::{
 };
 use deadpool_redis::{Manager, Pool, Runtime};
 use futures_util::StreamExt;
-use rand::Rng;
+use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{
-    BindOutcome, Change, Collection, EdgeMode, EnvId, Environment, Named, NewEnvironment, Settings,
-    Store, StoreError, CHANGE_CHANNEL_CAPACITY,
+    BindOutcome, Change, Collection, EdgeMode, EnvId, Environment, GatewayInfo, Named,
+    NewEnvironment, Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
+    CHANGE_CHANNEL_CAPACITY,
 };
 
 /// TCP connect (and handshake) budget for a new connection.
@@ -75,6 +89,13 @@ const RESET_RETRIES: usize = 16;
 /// The stored name of [`EnvRecord::join_secret`], which [`BIND_LUA`] and [`UPDATE_LUA`] also
 /// spell out.
 const JOIN_SECRET_FIELD: &str = "joinSecret";
+/// The stored name of [`TunnelLocation::epoch`], which [`CLAIM_LUA`] adds.
+const EPOCH_FIELD: &str = "epoch";
+/// Tunnels per renewal script call, for the same reason as [`HEARTBEAT_CHUNK`].
+const RENEW_CHUNK: usize = 10_000;
+/// The longest TTL sent to Redis (which refuses one that overflows its clock): 100 years,
+/// "forever" in practice.
+const LONGEST_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// Every key name, derived from the prefix in one place.
 #[derive(Clone, Debug)]
@@ -91,6 +112,13 @@ struct Keys {
     tag_seq: String,
     settings: String,
     admin_keys: String,
+    snapshot: String,
+    cluster_secret: String,
+    grant: String,
+    tunnel: String,
+    tunnel_seq: String,
+    gateway: String,
+    gateways: String,
     changes: String,
 }
 
@@ -109,8 +137,32 @@ impl Keys {
             tag_seq: format!("{prefix}seq:tags"),
             settings: format!("{prefix}settings"),
             admin_keys: format!("{prefix}admin_keys"),
+            // Per-item keys: these are the prefixes the item's name is appended to.
+            snapshot: format!("{prefix}snapshot:"),
+            cluster_secret: format!("{prefix}cluster_secret"),
+            grant: format!("{prefix}grant:"),
+            tunnel: format!("{prefix}tunnel:"),
+            tunnel_seq: format!("{prefix}seq:tunnel"),
+            gateway: format!("{prefix}gateway:"),
+            gateways: format!("{prefix}gateways"),
             changes: format!("{prefix}changes"),
         }
+    }
+
+    fn snapshot(&self, env: EnvId) -> String {
+        format!("{}{env}", self.snapshot)
+    }
+
+    fn grant(&self, token_hash: &[u8; 32]) -> String {
+        format!("{}{}", self.grant, hex::encode(token_hash))
+    }
+
+    fn tunnel(&self, env: EnvId) -> String {
+        format!("{}{env}", self.tunnel)
+    }
+
+    fn gateway(&self, id: &str) -> String {
+        format!("{}{id}", self.gateway)
     }
 
     /// (id -> name hash, name -> id hash, id counter) of a named collection.
@@ -222,7 +274,85 @@ redis.call('HDEL', KEYS[2], old)
 return 1
 ";
 
+/// Stores a snapshot of an existing environment unless the stored one was taken later.
+/// KEYS: env, snapshot. ARGV: id, taken ms, received ms, body.
+/// Returns 1 if the environment exists (whether or not the snapshot replaced the stored one),
+/// 0 if not. Times are compared as decimal strings, as in [`HEARTBEATS_LUA`].
+const PUT_SNAPSHOT_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[2], 'taken_ms')
+local new = ARGV[2]
+if cur and (#cur > #new or (#cur == #new and cur > new)) then return 1 end
+redis.call('HSET', KEYS[2], 'taken_ms', new, 'received_ms', ARGV[3], 'body', ARGV[4])
+return 1
+";
+
+/// Hands out the next epoch and stores the location with it, in one step: of two concurrent
+/// claims, the one with the higher epoch is the one left stored.
+/// KEYS: location, epoch counter. ARGV: JSON object of the location *without* `epoch` (and
+/// with other fields), lease ms. Returns the epoch.
+/// The epoch is spliced into the JSON as text, as in [`UPDATE_LUA`]; `%d` prints it exactly
+/// (Lua numbers are doubles, exact up to 2^53 claims).
+const CLAIM_LUA: &str = r#"
+local epoch = redis.call('INCR', KEYS[2])
+local json = '{"epoch":' .. string.format('%d', epoch) .. ',' .. string.sub(ARGV[1], 2)
+redis.call('SET', KEYS[1], json, 'PX', ARGV[2])
+return epoch
+"#;
+
+/// Extends the locations still held by the given gateway with the given epochs.
+/// KEYS: locations. ARGV: gateway id, lease ms, epoch of KEYS[1], epoch of KEYS[2], ...
+/// Returns the (1-based) positions of the locations no longer held: gone, claimed since with
+/// another epoch, or unreadable (which the next claim overwrites; until then nobody holds it).
+const RENEW_LUA: &str = r"
+local lost = {}
+for i = 1, #KEYS do
+  local held = false
+  local cur = redis.call('GET', KEYS[i])
+  if cur then
+    local ok, rec = pcall(cjson.decode, cur)
+    held = ok and type(rec) == 'table' and rec.gatewayId == ARGV[1]
+      and rec.epoch == tonumber(ARGV[i + 2])
+  end
+  if held then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+";
+
+/// Compare-and-delete of a location on its epoch.
+/// KEYS: location. ARGV: epoch. Returns 1 if deleted, 0 if absent or of another epoch, -1 if
+/// the stored location is unreadable.
+const RELEASE_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, rec = pcall(cjson.decode, cur)
+if not ok or type(rec) ~= 'table' then return -1 end
+if rec.epoch ~= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+";
+
+/// Forgets registered gateways whose key expired, unless they registered again meanwhile.
+/// KEYS: gateway set, then the gateways' keys. ARGV: the gateways' ids, in the same order.
+const PRUNE_GATEWAYS_LUA: &str = r"
+for i = 1, #ARGV do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    redis.call('SREM', KEYS[1], ARGV[i])
+  end
+end
+return 0
+";
+
 struct Scripts {
+    put_snapshot: Script,
+    claim: Script,
+    renew: Script,
+    release: Script,
+    prune_gateways: Script,
     bind: Script,
     update: Script,
     reset: Script,
@@ -237,6 +367,11 @@ impl Scripts {
         // `Script` sends EVALSHA and falls back to loading the script on NOSCRIPT (a restarted
         // or flushed Redis), so callers need not care whether it is cached.
         Self {
+            put_snapshot: Script::new(PUT_SNAPSHOT_LUA),
+            claim: Script::new(CLAIM_LUA),
+            renew: Script::new(RENEW_LUA),
+            release: Script::new(RELEASE_LUA),
+            prune_gateways: Script::new(PRUNE_GATEWAYS_LUA),
             bind: Script::new(BIND_LUA),
             update: Script::new(UPDATE_LUA),
             reset: Script::new(RESET_LUA),
@@ -370,6 +505,54 @@ fn redis_err(e: redis::RedisError) -> StoreError {
     } else {
         StoreError::Unavailable(e.to_string())
     }
+}
+
+/// A TTL for `PX`: at least 1 ms (Redis refuses 0), at most [`LONGEST_TTL_MS`].
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, LONGEST_TTL_MS)
+}
+
+/// The JSON of a location without its epoch, for [`CLAIM_LUA`] to add it.
+fn encode_location_without_epoch(loc: &TunnelLocation) -> Result<String, StoreError> {
+    let mut value = serde_json::to_value(loc)
+        .map_err(|e| StoreError::Corrupt(format!("encoding tunnel location: {e}")))?;
+    // Fails loudly if the field is ever renamed: the script would otherwise write it twice.
+    value
+        .as_object_mut()
+        .and_then(|fields| fields.remove(EPOCH_FIELD))
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "encoding tunnel location: no {EPOCH_FIELD:?} field to leave out"
+            ))
+        })?;
+    serde_json::to_string(&value)
+        .map_err(|e| StoreError::Corrupt(format!("encoding tunnel location: {e}")))
+}
+
+fn decode_location(env: EnvId, json: &str) -> Result<TunnelLocation, StoreError> {
+    let loc: TunnelLocation = serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("tunnel location of environment {env}: {e}")))?;
+    if loc.env != env {
+        return Err(StoreError::Corrupt(format!(
+            "tunnel location of environment {env} is stored for environment {}",
+            loc.env
+        )));
+    }
+    Ok(loc)
+}
+
+fn decode_u64(what: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{what}: {:?} is not a number",
+                String::from_utf8_lossy(bytes)
+            ))
+        })
 }
 
 fn unexpected(what: &str, v: &Value) -> StoreError {
@@ -697,7 +880,9 @@ impl Store for RedisStore {
 
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        let (removed, _, _): (i64, i64, i64) = redis::pipe()
+        // MULTI/EXEC: `PUT_SNAPSHOT_LUA` checks that the environment exists, so a snapshot
+        // stored concurrently is either deleted here or refused.
+        let (removed, _, _, _): (i64, i64, i64, i64) = redis::pipe()
             .atomic()
             .cmd("HDEL")
             .arg(&self.keys.env)
@@ -708,6 +893,8 @@ impl Store for RedisStore {
             .cmd("HDEL")
             .arg(&self.keys.heartbeat)
             .arg(id)
+            .cmd("DEL")
+            .arg(self.keys.snapshot(id))
             .query_async(&mut conn)
             .await
             .map_err(redis_err)?;
@@ -997,6 +1184,315 @@ impl Store for RedisStore {
                 .ignore();
         }
         pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
+    }
+
+    async fn put_tunnel_grant(
+        &self,
+        token_hash: &[u8; 32],
+        grant: &TunnelGrant,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(grant)
+            .map_err(|e| StoreError::Corrupt(format!("encoding tunnel grant: {e}")))?;
+        let mut conn = self.conn().await?;
+        redis::cmd("SET")
+            .arg(self.keys.grant(token_hash))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn take_tunnel_grant(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<TunnelGrant>, StoreError> {
+        let mut conn = self.conn().await?;
+        // GETDEL is atomic: of two concurrent takes, one gets the value and the other nil.
+        let json: Option<String> = redis::cmd("GETDEL")
+            .arg(self.keys.grant(token_hash))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        json.map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("tunnel grant: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn claim_tunnel(
+        &self,
+        env: EnvId,
+        gateway_id: &str,
+        dial_addr: &str,
+        since_ms: u64,
+        lease: Duration,
+    ) -> Result<TunnelLocation, StoreError> {
+        let mut location = TunnelLocation {
+            env,
+            gateway_id: gateway_id.to_owned(),
+            dial_addr: dial_addr.to_owned(),
+            epoch: 0,
+            since_ms,
+        };
+        let json = encode_location_without_epoch(&location)?;
+        let mut conn = self.conn().await?;
+        location.epoch = self
+            .scripts
+            .claim
+            .key(self.keys.tunnel(env))
+            .key(&self.keys.tunnel_seq)
+            .arg(json)
+            .arg(ttl_ms(lease))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(location)
+    }
+
+    async fn renew_tunnels(
+        &self,
+        gateway_id: &str,
+        held: &[(EnvId, u64)],
+        lease: Duration,
+    ) -> Result<Vec<EnvId>, StoreError> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease = ttl_ms(lease);
+        let mut conn = self.conn().await?;
+        let mut lost = Vec::new();
+        for chunk in held.chunks(RENEW_CHUNK) {
+            let mut call = self.scripts.renew.prepare_invoke();
+            call.arg(gateway_id).arg(lease);
+            for (env, epoch) in chunk {
+                call.key(self.keys.tunnel(*env)).arg(epoch);
+            }
+            let positions: Vec<usize> = call.invoke_async(&mut conn).await.map_err(redis_err)?;
+            for pos in positions {
+                let (env, _) = pos
+                    .checked_sub(1)
+                    .and_then(|i| chunk.get(i))
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("renew: script returned position {pos}"))
+                    })?;
+                lost.push(*env);
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn release_tunnel(&self, env: EnvId, epoch: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let outcome: i64 = self
+            .scripts
+            .release
+            .key(self.keys.tunnel(env))
+            .arg(epoch)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        match outcome {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(StoreError::Corrupt(format!(
+                "tunnel location of environment {env} is unreadable"
+            ))),
+        }
+    }
+
+    async fn tunnel_locations(
+        &self,
+        ids: &[EnvId],
+    ) -> Result<Vec<Option<TunnelLocation>>, StoreError> {
+        if ids.is_empty() {
+            // MGET needs at least one key.
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.tunnel(*id)).collect();
+        let mut conn = self.conn().await?;
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if values.len() != ids.len() {
+            return Err(StoreError::Corrupt(format!(
+                "MGET returned {} values for {} keys",
+                values.len(),
+                ids.len()
+            )));
+        }
+        ids.iter()
+            .zip(values)
+            .map(|(id, v)| v.map(|json| decode_location(*id, &json)).transpose())
+            .collect()
+    }
+
+    async fn register_gateway(
+        &self,
+        info: &GatewayInfo,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(info)
+            .map_err(|e| StoreError::Corrupt(format!("encoding gateway: {e}")))?;
+        let mut conn = self.conn().await?;
+        // MULTI/EXEC: listed in the set whenever its key exists.
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.keys.gateway(&info.id))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl_ms(lease))
+            .ignore()
+            .cmd("SADD")
+            .arg(&self.keys.gateways)
+            .arg(&info.id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn unregister_gateway(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .atomic()
+            .cmd("DEL")
+            .arg(self.keys.gateway(id))
+            .ignore()
+            .cmd("SREM")
+            .arg(&self.keys.gateways)
+            .arg(id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn live_gateways(&self) -> Result<Vec<GatewayInfo>, StoreError> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.keys.gateways)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.gateway(id)).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if values.len() != ids.len() {
+            return Err(StoreError::Corrupt(format!(
+                "MGET returned {} values for {} keys",
+                values.len(),
+                ids.len()
+            )));
+        }
+        let mut live = Vec::with_capacity(ids.len());
+        let mut expired = Vec::new();
+        for ((id, key), value) in ids.iter().zip(&keys).zip(values) {
+            match value {
+                Some(json) => {
+                    let info: GatewayInfo = serde_json::from_str(&json)
+                        .map_err(|e| StoreError::Corrupt(format!("gateway {id:?}: {e}")))?;
+                    live.push(info);
+                }
+                None => expired.push((id, key)),
+            }
+        }
+        if !expired.is_empty() {
+            // The script re-checks each key, so a gateway registering again right now stays.
+            let mut call = self.scripts.prune_gateways.prepare_invoke();
+            call.key(&self.keys.gateways);
+            for (id, key) in expired {
+                call.key(key).arg(id);
+            }
+            call.invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(redis_err)?;
+        }
+        live.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
+    }
+
+    async fn cluster_secret(&self) -> Result<[u8; 32], StoreError> {
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut fresh)
+            .map_err(|e| StoreError::Unavailable(format!("no randomness for the secret: {e}")))?;
+        let mut conn = self.conn().await?;
+        // SET NX: the first caller's secret stays, and everybody reads that one back.
+        let (stored,): (Option<Vec<u8>>,) = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(&self.keys.cluster_secret)
+            .arg(fresh.as_slice())
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&self.keys.cluster_secret)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let stored = stored.ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "{} vanished right after SET",
+                self.keys.cluster_secret
+            ))
+        })?;
+        <[u8; 32]>::try_from(stored.as_slice()).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "{}: expected 32 bytes, found {}",
+                self.keys.cluster_secret,
+                stored.len()
+            ))
+        })
+    }
+
+    async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let stored: i64 = self
+            .scripts
+            .put_snapshot
+            .key(&self.keys.env)
+            .key(self.keys.snapshot(env))
+            .arg(env)
+            .arg(snap.taken_ms)
+            .arg(snap.received_ms)
+            .arg(snap.body.as_slice())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(stored == 1)
+    }
+
+    async fn snapshot(&self, env: EnvId) -> Result<Option<StoredSnapshot>, StoreError> {
+        let key = self.keys.snapshot(env);
+        let mut conn = self.conn().await?;
+        let fields: (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["taken_ms", "received_ms", "body"])
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        match fields {
+            (None, None, None) => Ok(None),
+            (Some(taken), Some(received), Some(body)) => Ok(Some(StoredSnapshot {
+                taken_ms: decode_u64(&key, &taken)?,
+                received_ms: decode_u64(&key, &received)?,
+                body,
+            })),
+            _ => Err(StoreError::Corrupt(format!("{key}: fields missing"))),
+        }
     }
 
     async fn publish(&self, change: Change) -> Result<(), StoreError> {
