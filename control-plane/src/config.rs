@@ -58,6 +58,10 @@ pub struct Limits {
     pub max_page: usize,
     /// Largest batch of `POST /api/endpoints/bulk`.
     pub max_bulk: usize,
+    /// How long a Docker API request waits for the agent to open its tunnel (then 504).
+    pub tunnel_wait: Duration,
+    /// Lease of the embedded gateway's tunnel locations and registration.
+    pub gateway_lease: Duration,
 }
 
 impl Default for Limits {
@@ -72,6 +76,8 @@ impl Default for Limits {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_page: 1000,
             max_bulk: 1000,
+            tunnel_wait: Duration::from_secs(15),
+            gateway_lease: Duration::from_secs(15),
         }
     }
 }

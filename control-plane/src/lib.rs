@@ -7,7 +7,10 @@
 pub mod api;
 pub mod bootstrap;
 pub mod config;
+pub mod docker_proxy;
 pub mod fleet;
+pub mod front;
+pub mod gateway;
 pub mod metrics;
 pub mod store;
 pub mod tls;
@@ -18,11 +21,14 @@ use std::sync::Arc;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, PublicInfo};
 use crate::bootstrap::AdminKeySource;
 use crate::config::{Config, TlsSource};
+use crate::docker_proxy::DockerProxy;
 use crate::fleet::{now_ms, Fleet};
+use crate::gateway::{Dialer, Gateway, GatewayConfig};
 use crate::metrics::Metrics;
 use crate::store::{Change, SharedStore};
 
@@ -45,12 +51,17 @@ pub enum RunError {
     Server(std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("embedded tunnel gateway: {0}")]
+    Gateway(#[from] gateway::GatewayError),
 }
 
 /// The sockets to serve on (bound by the caller, so tests can use port 0).
 pub struct Listeners {
     pub api: TcpListener,
     pub metrics: TcpListener,
+    /// The embedded gateway's listener; `None` binds `--tunnel-addr` (when the embedded
+    /// gateway runs at all).
+    pub tunnel: Option<TcpListener>,
 }
 
 /// Everything ready to serve.
@@ -83,12 +94,14 @@ pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, R
         .to_owned();
     let public_host = bootstrap::url_host(&public_url)
         .ok_or_else(|| RunError::Config(format!("--public-url {public_url:?} has no host")))?;
+    let tunnel_port = match &listeners.tunnel {
+        Some(l) => l.local_addr().map_err(RunError::Listen)?.port(),
+        None => config.tunnel_addr.port(),
+    };
     let tunnel_addr = match &config.tunnel_public_addr {
         Some(a) => a.clone(),
-        None if public_host.contains(':') => {
-            format!("[{public_host}]:{}", config.tunnel_addr.port())
-        }
-        None => format!("{public_host}:{}", config.tunnel_addr.port()),
+        None if public_host.contains(':') => format!("[{public_host}]:{tunnel_port}"),
+        None => format!("{public_host}:{tunnel_port}"),
     };
     let tls = tls::load(
         &config.tls,
@@ -189,28 +202,61 @@ impl Prepared {
         let background = actix_rt::spawn(Arc::clone(&fleet).run_background(stop_rx.clone()));
         let keys_task = actix_rt::spawn(watch_admin_keys(Arc::clone(&store), admin, stop_rx));
 
+        // The embedded tunnel gateway (single node), on the certificate agents pin.
+        let gateway_stop = CancellationToken::new();
+        let gateway = if config.embedded_gateway {
+            let listener = match listeners.tunnel {
+                Some(l) => l,
+                None => TcpListener::bind(config.tunnel_addr).map_err(RunError::Listen)?,
+            };
+            let gw = GatewayConfig::new(
+                format!("embedded-{}", gateway::random_suffix()),
+                listener.local_addr().map_err(RunError::Listen)?,
+                state.public.tunnel_addr.clone(),
+                state.public.tunnel_addr.clone(),
+                Arc::clone(&tls),
+            )
+            .with_lease(limits.gateway_lease);
+            Some(Gateway::bind_std(gw, listener, Arc::clone(&store), metrics.registry()).await?)
+        } else {
+            None
+        };
+        let gateway_task = gateway
+            .clone()
+            .map(|g| actix_rt::spawn(g.run(gateway_stop.clone())));
+        let mut dialer = Dialer::new(state.public.tunnel_fingerprint, Arc::clone(&store));
+        if let Some(g) = &gateway {
+            dialer = dialer.with_local(Arc::clone(g));
+        }
+        let proxy = Arc::new(DockerProxy {
+            fleet: Arc::clone(&fleet),
+            store: Arc::clone(&store),
+            admin: state.admin.clone(),
+            metrics: Arc::clone(&metrics),
+            dialer: Arc::new(dialer),
+            wait: limits.tunnel_wait,
+        });
+
         let api_state = state.clone();
-        let api = HttpServer::new(move || {
-            App::new()
-                .app_data(api_state.clone())
-                .wrap(
-                    actix_web::middleware::ErrorHandlers::new()
-                        .default_handler_client(api::json_errors)
-                        .default_handler_server(api::json_errors),
-                )
-                .configure(api::configure)
-        })
-        .workers(limits.workers)
-        .keep_alive(limits.keep_alive)
-        // actix leaves Nagle on by default: a response written in more than one segment then
-        // waits for the agent's delayed ACK (~40 ms). Small answers must leave at once.
-        .tcp_nodelay(true)
-        .max_connections(limits.max_connections_per_worker)
-        .backlog(4096)
-        .disable_signals()
-        .listen_rustls_0_23(listeners.api, (*tls).clone())
-        .map_err(RunError::Listen)?
-        .run();
+        let proxy_data = web::Data::from(Arc::clone(&proxy));
+        let api = front::api_server(
+            move || {
+                App::new()
+                    .app_data(api_state.clone())
+                    .app_data(proxy_data.clone())
+                    .wrap(
+                        actix_web::middleware::ErrorHandlers::new()
+                            .default_handler_client(api::json_errors)
+                            .default_handler_server(api::json_errors),
+                    )
+                    .configure(api::configure)
+            },
+            listeners.api,
+            Arc::clone(&tls),
+            &limits,
+            proxy,
+        )
+        .map_err(RunError::Listen)?;
 
         let m_state = state.clone();
         let metrics_server = HttpServer::new(move || {
@@ -240,6 +286,10 @@ impl Prepared {
         tracing::info!("shutting down");
         api_handle.stop(true).await;
         metrics_handle.stop(true).await;
+        gateway_stop.cancel();
+        if let Some(t) = gateway_task {
+            let _ = t.await;
+        }
         let _ = stop_tx.send(true);
         let _ = background.await;
         let _ = keys_task.await;

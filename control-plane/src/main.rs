@@ -63,6 +63,9 @@ struct Cli {
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "EDGEPLANE_WORKERS")]
     workers: Option<usize>,
+    /// How long a Docker API request waits for the agent's tunnel before answering 504.
+    #[arg(long, env = "EDGEPLANE_TUNNEL_WAIT", default_value = "15s", value_parser = humantime::parse_duration)]
+    tunnel_wait: std::time::Duration,
 }
 
 impl Cli {
@@ -92,6 +95,7 @@ impl Cli {
         if let Some(w) = self.workers {
             c.limits.workers = w.max(1);
         }
+        c.limits.tunnel_wait = self.tunnel_wait;
         c
     }
 }
@@ -180,11 +184,21 @@ async fn main() -> anyhow::Result<()> {
     let api_addr = cli.api_addr;
     let metrics_addr = cli.metrics_addr;
     let config = cli.into_config();
+    let tunnel = if config.embedded_gateway {
+        let addr = config.tunnel_addr;
+        Some(
+            TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on --tunnel-addr {addr}"))?,
+        )
+    } else {
+        None
+    };
     let listeners = Listeners {
         api: TcpListener::bind(api_addr)
             .with_context(|| format!("cannot listen on --api-addr {api_addr}"))?,
         metrics: TcpListener::bind(metrics_addr)
             .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?,
+        tunnel,
     };
     let prepared = prepare(config, listeners).await?;
     let key_expr = banner(&prepared, api_addr);

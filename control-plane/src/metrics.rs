@@ -22,6 +22,8 @@ pub struct Metrics {
     pub heartbeat_flush_seconds: Histogram,
     pub store_errors: IntCounterVec,
     pub admin_requests: IntCounterVec,
+    pub docker_requests: IntCounterVec,
+    pub tunnel_wait_seconds: Histogram,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -81,8 +83,26 @@ impl Metrics {
             ),
             &["class"],
         ));
+        let docker_requests = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_docker_proxy_requests_total",
+                "Docker API requests through tunnels, by status class",
+            ),
+            &["class"],
+        ));
+        let tunnel_wait_seconds = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "edgeplane_tunnel_wait_seconds",
+                "Time a Docker API request waited for a usable tunnel (0 when one was open)",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        ));
         for c in [
             Box::new(checkins.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(docker_requests.clone()),
+            Box::new(tunnel_wait_seconds.clone()),
             Box::new(checkin_seconds.clone()),
             Box::new(actors.clone()),
             Box::new(actor_starts.clone()),
@@ -103,7 +123,14 @@ impl Metrics {
             heartbeat_flush_seconds,
             store_errors,
             admin_requests,
+            docker_requests,
+            tunnel_wait_seconds,
         }
+    }
+
+    /// The registry, for parts that register their own series (the embedded gateway).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The aggregate exposition, plus fleet-wide gauges computed at scrape time.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use super::{json, ApiError, AppState};
-use crate::fleet::{liveness, now_ms, Liveness};
+use crate::fleet::{liveness, now_ms, Liveness, TunnelState};
 use crate::store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings};
 
 const MAX_NAME: usize = 255;
@@ -42,9 +42,14 @@ pub struct EnvView {
 }
 
 #[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelView {
-    pub state: &'static str,
+    pub state: TunnelState,
+    /// The gateway holding the open tunnel.
     pub gateway: Option<String>,
+    pub epoch: Option<u64>,
+    /// When it opened (RFC 3339).
+    pub since: Option<String>,
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -163,9 +168,14 @@ impl AppState {
             env_vars: env.env_vars.clone(),
             allow_self_signed: env.allow_self_signed,
             created_at: rfc3339(env.created_at_ms),
-            tunnel: TunnelView {
-                state: "closed",
-                gateway: None,
+            tunnel: {
+                let (state, loc) = self.fleet.tunnel_state(env.id, now);
+                TunnelView {
+                    state,
+                    gateway: loc.as_ref().map(|l| l.gateway_id.clone()),
+                    epoch: loc.as_ref().map(|l| l.epoch),
+                    since: loc.as_ref().map(|l| rfc3339(l.since_ms)),
+                }
             },
         })
     }
@@ -182,6 +192,18 @@ impl AppState {
         let hb = self.store.heartbeats(&[env.id]).await?;
         let last = self.last_seen(env.id, hb.first().copied().flatten());
         self.view(env, &settings, last, now_ms())
+    }
+
+    /// The view of `id` read in an order that keeps it consistent: check-ins first, then the
+    /// environment. A first check-in is recorded only after its binding is stored, so a view
+    /// that says `up` also shows the Edge ID (read the other way round, a binding landing
+    /// between the two reads showed `up` with no Edge ID).
+    async fn view_by_id(&self, id: u64) -> Result<EnvView, ApiError> {
+        let settings = self.store.settings().await?;
+        let hb = self.store.heartbeats(&[id]).await?;
+        let last = self.last_seen(id, hb.first().copied().flatten());
+        let env = self.load(id).await?;
+        self.view(&env, &settings, last, now_ms())
     }
 }
 
@@ -385,8 +407,58 @@ pub async fn create_bulk(
 }
 
 pub async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
-    let env = state.load(*id).await?;
-    Ok(json(StatusCode::OK, &state.view_one(&env).await?))
+    Ok(json(StatusCode::OK, &state.view_by_id(*id).await?))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotQuery {
+    section: Option<String>,
+}
+
+/// `GET /api/endpoints/{id}/snapshot[?section=...]`: the latest snapshot as JSON, with when
+/// the agent took it and when it arrived.
+pub async fn snapshot(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    q: web::Query<SnapshotQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = *id;
+    state.load(id).await?;
+    let stored = state.store.snapshot(id).await?.ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "environment {id} has no snapshot yet (its agent sends one when it first connects)"
+        ))
+    })?;
+    let snap = proto::snapshot::decompress(&stored.body)
+        .map_err(|e| ApiError::Internal(format!("stored snapshot of environment {id}: {e}")))?;
+    let mut body = serde_json::to_value(&snap).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(section) = &q.section {
+        const SECTIONS: [&str; 6] = [
+            "engine",
+            "containers",
+            "images",
+            "volumes",
+            "networks",
+            "stacks",
+        ];
+        if !SECTIONS.contains(&section.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown section {section:?}; one of {}",
+                SECTIONS.join(", ")
+            )));
+        }
+        body = serde_json::json!({ section.as_str(): body[section.as_str()].take() });
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "environmentId": id,
+            "takenAt": rfc3339(stored.taken_ms),
+            "receivedAt": rfc3339(stored.received_ms),
+            "snapshot": body,
+        }),
+    ))
 }
 
 pub async fn patch(
@@ -436,8 +508,7 @@ pub async fn patch(
         )));
     }
     state.publish(Change::Environment(env.id)).await?;
-    let env = state.load(env.id).await?;
-    Ok(json(StatusCode::OK, &state.view_one(&env).await?))
+    Ok(json(StatusCode::OK, &state.view_by_id(env.id).await?))
 }
 
 pub async fn delete(

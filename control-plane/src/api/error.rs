@@ -26,6 +26,16 @@ pub enum ApiError {
     Internal(String),
     #[error("{}", agent_message(.0))]
     Agent(AgentRefusal),
+    /// A request on the wrong kind of connection (see `front`).
+    #[error("{0}")]
+    Misdirected(String),
+    /// The Docker proxy's own errors keep their status and code.
+    #[error("{message}")]
+    Proxy {
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
 }
 
 /// Agent-facing refusals with their wire code.
@@ -75,6 +85,8 @@ impl ApiError {
             }),
             ApiError::BadRequest(_) => Some("bad_request"),
             ApiError::Unavailable(_) => Some("busy"),
+            ApiError::Misdirected(_) => Some("misdirected"),
+            ApiError::Proxy { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -90,6 +102,10 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            ApiError::Proxy { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
             ApiError::Agent(AgentRefusal::UnknownEnvironment(_)) => StatusCode::NOT_FOUND,
             ApiError::Agent(AgentRefusal::Refused(r)) => match r {
                 Refusal::EdgeIdMismatch => StatusCode::FORBIDDEN,

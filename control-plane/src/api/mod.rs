@@ -5,6 +5,7 @@
 mod agent;
 mod auth;
 mod catalog;
+mod docker;
 mod endpoints;
 mod error;
 mod install;
@@ -94,6 +95,21 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/api/endpoints/{id}/snapshot",
+        summary: "The latest snapshot of the environment's engine (?section=containers|images|volumes|networks|stacks|engine)",
+    },
+    Route {
+        method: "GET",
+        path: "/api/endpoints/{id}/docker/{path}",
+        summary: "Docker Engine API of the environment through its tunnel (any method; opened on demand; streaming and hijacked connections)",
+    },
+    Route {
+        method: "POST",
+        path: "/api/endpoints/{id}/docker/{path}",
+        summary: "Docker Engine API of the environment through its tunnel (any method)",
+    },
+    Route {
+        method: "GET",
         path: "/api/groups",
         summary: "List groups",
     },
@@ -176,7 +192,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             ApiError::NotFound(format!("invalid path parameter: {e}")).into()
         }),
     )
-    .service(web::resource(proto::wire::CHECKIN_PATH).route(web::post().to(agent::checkin)))
+    .configure(agent::configure)
     .service(
         web::scope("/api")
             .wrap(from_fn(auth::require_admin_key))
@@ -199,6 +215,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::post().to(endpoints::reset_association),
             )
             .route("/endpoints/{id}/install", web::get().to(install::install))
+            .route(
+                "/endpoints/{id}/snapshot",
+                web::get().to(endpoints::snapshot),
+            )
+            .route(
+                "/endpoints/{id}/docker{tail:(/.*)?}",
+                web::route().to(docker::proxy),
+            )
             .configure(catalog::configure)
             .route("/openapi.json", web::get().to(openapi::document))
             .default_service(web::to(not_found)),

@@ -1,29 +1,216 @@
 //! The thin actix shell around [`EnvState`]: one per environment, bounded mailbox.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use proto::wire::CheckinRequest;
+use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials, TunnelCredentials};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use super::state::{EnvState, Verdict};
-use super::{Answer, CheckinError, Fleet};
-use crate::store::{BindOutcome, Environment};
+use super::state::{CheckinKind, EnvState, Verdict, GRANT_WINDOW_MS};
+use super::{now_ms, Answer, CheckinError, Fleet};
+use crate::store::{BindOutcome, Environment, TunnelGrant};
+
+/// How long one-time tunnel credentials live (the agent connects within milliseconds).
+pub const CREDENTIALS_TTL: Duration = Duration::from_secs(30);
+
+/// The answer to a check-in, and for a held one, where a later answer may come from.
+pub(super) struct Reply {
+    pub answer: Answer,
+    /// Set when the answer may be held: a tunnel grant arrives here, or the holder gives up
+    /// and sends `answer`.
+    pub held: Option<oneshot::Receiver<Answer>>,
+}
+
+/// A held check-in.
+struct Waiter {
+    tx: oneshot::Sender<Answer>,
+    interval_secs: u32,
+}
 
 pub(super) struct EnvActor {
     state: EnvState,
     fleet: Arc<Fleet>,
+    waiters: VecDeque<Waiter>,
 }
 
 impl EnvActor {
     pub(super) fn new(state: EnvState, fleet: Arc<Fleet>) -> Self {
-        Self { state, fleet }
+        Self {
+            state,
+            fleet,
+            waiters: VecDeque::new(),
+        }
     }
 
-    fn result_name(r: &Result<Answer, CheckinError>) -> &'static str {
+    /// Makes one-time credentials for the bound agent: the sealed form for the answer, and
+    /// the future that stores the grant (by the token's hash) before the answer may leave.
+    fn issue(
+        &self,
+        now: u64,
+    ) -> Result<
+        (
+            SealedCredentials,
+            impl Future<Output = Result<(), CheckinError>> + 'static,
+        ),
+        CheckinError,
+    > {
+        let id = self.state.id();
+        let broken = |reason: &str| CheckinError::Broken {
+            id,
+            reason: reason.to_owned(),
+        };
+        let key = self
+            .state
+            .seal_key()
+            .ok_or_else(|| broken("tunnel credentials need a bound edge id"))?;
+        let edge_id = self
+            .state
+            .edge_id()
+            .ok_or_else(|| broken("tunnel credentials need a bound edge id"))?;
+        let mut token = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut token);
+        let expires_ms = now + CREDENTIALS_TTL.as_millis() as u64;
+        let sealed = key
+            .seal(&TunnelCredentials {
+                token,
+                expires_ms,
+                gateways: self.fleet.gateway_addrs(),
+            })
+            .map_err(|e| broken(&e.to_string()))?;
+        let hash: [u8; 32] = Sha256::digest(token).into();
+        let grant = TunnelGrant {
+            env: id,
+            edge_id,
+            expires_ms,
+        };
+        let store = Arc::clone(self.fleet.store());
+        let metrics = Arc::clone(&self.fleet.metrics);
+        let put = async move {
+            store
+                .put_tunnel_grant(&hash, &grant, CREDENTIALS_TTL)
+                .await
+                .map_err(|e| {
+                    metrics
+                        .store_errors
+                        .with_label_values(&["put_tunnel_grant"])
+                        .inc();
+                    CheckinError::Store(e)
+                })
+        };
+        Ok((sealed, put))
+    }
+
+    /// Answers the first live held check-in with credentials when the tunnel is wanted and
+    /// nobody holds a grant; if that agent never connects, the next one gets a turn.
+    fn wake_one(&mut self, ctx: &mut Context<Self>) {
+        self.waiters.retain(|w| !w.tx.is_closed());
+        if self.waiters.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        if !self.state.take_grant(now) {
+            return;
+        }
+        let Some(waiter) = self.waiters.pop_front() else {
+            return;
+        };
+        let (sealed, put) = match self.issue(now) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(env = self.state.id(), error = %e, "cannot issue tunnel credentials");
+                self.state.release_grant();
+                return;
+            }
+        };
+        ctx.wait(put.into_actor(self).map(move |result, act, ctx| {
+            let answer = Answer {
+                status: EdgeStatus::Required,
+                interval_secs: waiter.interval_secs,
+                server_time_ms: None,
+                unchanged: false,
+                tunnel: Some(sealed),
+            };
+            let delivered = result.is_ok() && waiter.tx.send(answer).is_ok();
+            if delivered {
+                act.fleet
+                    .metrics
+                    .checkins
+                    .with_label_values(&["required"])
+                    .inc();
+                // If this agent never opens the tunnel, give the next one a turn.
+                ctx.run_later(Duration::from_millis(GRANT_WINDOW_MS + 50), |act, ctx| {
+                    act.wake_one(ctx)
+                });
+            } else {
+                act.state.release_grant();
+                act.wake_one(ctx);
+            }
+        }));
+    }
+
+    /// Sends a decided answer: issues credentials first when it says `Required`, or parks a
+    /// held check-in.
+    fn respond(
+        &mut self,
+        kind: CheckinKind,
+        answer: Answer,
+        reply: oneshot::Sender<Result<Reply, CheckinError>>,
+        now: u64,
+    ) -> ResponseActFuture<Self, ()> {
+        if answer.status == EdgeStatus::Required {
+            let (sealed, put) = match self.issue(now) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.state.release_grant();
+                    self.finish(reply, Err(e));
+                    return Self::done();
+                }
+            };
+            return Box::pin(
+                put.into_actor(self)
+                    .map(move |result, act, _ctx| match result {
+                        Ok(()) => act.finish(
+                            reply,
+                            Ok(Reply {
+                                answer: Answer {
+                                    tunnel: Some(sealed),
+                                    ..answer
+                                },
+                                held: None,
+                            }),
+                        ),
+                        Err(e) => {
+                            act.state.release_grant();
+                            act.finish(reply, Err(e));
+                        }
+                    }),
+            );
+        }
+        let held = (kind == CheckinKind::Held
+            && answer.unchanged
+            && self.waiters.len() < self.fleet.limits.actor_mailbox)
+            .then(|| {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.push_back(Waiter {
+                    tx,
+                    interval_secs: answer.interval_secs,
+                });
+                rx
+            });
+        self.finish(reply, Ok(Reply { answer, held }));
+        Self::done()
+    }
+
+    fn result_name(r: &Result<Reply, CheckinError>) -> &'static str {
         match r {
-            Ok(a) if a.status == proto::wire::EdgeStatus::Required => "required",
+            Ok(r) if r.answer.status == EdgeStatus::Required => "required",
+            Ok(r) if r.held.is_some() => "held",
             Ok(_) => "idle",
             Err(CheckinError::Refused(r)) => match r {
                 super::Refusal::BadProof => "bad_proof",
@@ -56,10 +243,11 @@ impl Actor for EnvActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(super) struct CheckinMsg {
+    pub kind: CheckinKind,
     pub req: CheckinRequest,
     pub frame: Bytes,
     pub now_ms: u64,
-    pub reply: oneshot::Sender<Result<Answer, CheckinError>>,
+    pub reply: oneshot::Sender<Result<Reply, CheckinError>>,
 }
 
 impl Handler<CheckinMsg> for EnvActor {
@@ -71,17 +259,15 @@ impl Handler<CheckinMsg> for EnvActor {
 
     fn handle(&mut self, msg: CheckinMsg, _ctx: &mut Self::Context) -> Self::Result {
         let default_interval = self.fleet.defaults.checkin();
+        let kind = msg.kind;
         match self
             .state
-            .checkin(&msg.req, &msg.frame, msg.now_ms, default_interval)
+            .checkin_as(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
         {
-            Verdict::Answer(a) => {
-                self.finish(msg.reply, Ok(a));
-                Self::done()
-            }
+            Verdict::Answer(a) => AtomicResponse::new(self.respond(kind, a, msg.reply, msg.now_ms)),
             Verdict::Refuse(r) => {
                 self.finish(msg.reply, Err(CheckinError::Refused(r)));
-                Self::done()
+                AtomicResponse::new(Self::done())
             }
             Verdict::Bind(edge_id) => {
                 // First check-in: bind atomically in the store (another replica may race us),
@@ -92,7 +278,7 @@ impl Handler<CheckinMsg> for EnvActor {
                 let id = self.state.id();
                 let join_secret = self.state.join_secret().to_owned();
                 let fut = async move { store.bind_edge_id(id, edge_id, &join_secret).await };
-                AtomicResponse::new(Box::pin(fut.into_actor(self).map(
+                AtomicResponse::new(Box::pin(fut.into_actor(self).then(
                     move |outcome, act, _ctx| {
                         let result = match outcome {
                             Ok(BindOutcome::Bound) => {
@@ -102,15 +288,15 @@ impl Handler<CheckinMsg> for EnvActor {
                                     "edge id bound on first check-in"
                                 );
                                 act.state.set_binding(edge_id);
-                                act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
+                                act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
                             Ok(BindOutcome::AlreadyBound) => {
                                 act.state.set_binding(edge_id);
-                                act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
+                                act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
                             Ok(BindOutcome::BoundToOther(other)) => {
                                 act.state.set_binding(other);
-                                act.retry(&msg.req, &msg.frame, msg.now_ms, default_interval)
+                                act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
                             Ok(BindOutcome::SecretChanged) => {
                                 // The association was reset since this state was loaded; the
@@ -127,7 +313,13 @@ impl Handler<CheckinMsg> for EnvActor {
                             Ok(BindOutcome::NotFound) => Err(CheckinError::UnknownEnvironment(id)),
                             Err(e) => Err(CheckinError::Store(e)),
                         };
-                        act.finish(msg.reply, result);
+                        match result {
+                            Ok(a) => act.respond(kind, a, msg.reply, msg.now_ms),
+                            Err(e) => {
+                                act.finish(msg.reply, Err(e));
+                                Self::done()
+                            }
+                        }
                     },
                 )))
             }
@@ -137,18 +329,22 @@ impl Handler<CheckinMsg> for EnvActor {
 
 impl EnvActor {
     /// The response of a check-in answered synchronously.
-    fn done() -> AtomicResponse<Self, ()> {
-        AtomicResponse::new(Box::pin(actix::fut::ready(())))
+    fn done() -> ResponseActFuture<Self, ()> {
+        Box::pin(actix::fut::ready(()))
     }
 
     fn retry(
         &mut self,
+        kind: CheckinKind,
         req: &CheckinRequest,
         frame: &[u8],
         now_ms: u64,
         default_interval: u32,
     ) -> Result<Answer, CheckinError> {
-        match self.state.checkin(req, frame, now_ms, default_interval) {
+        match self
+            .state
+            .checkin_as(kind, req, frame, now_ms, default_interval)
+        {
             Verdict::Answer(a) => Ok(a),
             Verdict::Refuse(r) => Err(CheckinError::Refused(r)),
             Verdict::Bind(_) => Err(CheckinError::Broken {
@@ -160,8 +356,8 @@ impl EnvActor {
 
     fn finish(
         &self,
-        reply: oneshot::Sender<Result<Answer, CheckinError>>,
-        result: Result<Answer, CheckinError>,
+        reply: oneshot::Sender<Result<Reply, CheckinError>>,
+        result: Result<Reply, CheckinError>,
     ) {
         self.fleet
             .metrics
@@ -204,8 +400,65 @@ pub(super) struct SetRequired(pub bool);
 impl Handler<SetRequired> for EnvActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SetRequired, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: SetRequired, ctx: &mut Self::Context) {
         self.state.set_required(msg.0);
+        self.wake_one(ctx);
+    }
+}
+
+/// Verifies a signed upload against this environment's keys and binding.
+#[derive(Message)]
+#[rtype(result = "Result<(), super::Refusal>")]
+pub(super) struct VerifyUpload {
+    pub frame: Bytes,
+    pub edge_id: uuid::Uuid,
+    pub timestamp_ms: u64,
+}
+
+impl Handler<VerifyUpload> for EnvActor {
+    type Result = Result<(), super::Refusal>;
+
+    fn handle(&mut self, msg: VerifyUpload, _ctx: &mut Self::Context) -> Self::Result {
+        self.state
+            .verify_upload(&msg.frame, msg.edge_id, msg.timestamp_ms, now_ms())
+    }
+}
+
+/// An operator needs the tunnel until then (ms since epoch).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct WantTunnel(pub u64);
+
+impl Handler<WantTunnel> for EnvActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WantTunnel, ctx: &mut Self::Context) {
+        self.state.want_tunnel(msg.0);
+        self.wake_one(ctx);
+    }
+}
+
+/// The tunnel opened with this epoch (`Some`), or the one with this epoch closed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) enum TunnelEvent {
+    Opened(u64),
+    Closed(u64),
+}
+
+impl Handler<TunnelEvent> for EnvActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TunnelEvent, ctx: &mut Self::Context) {
+        match msg {
+            TunnelEvent::Opened(epoch) => self.state.set_open(Some(epoch)),
+            TunnelEvent::Closed(epoch) => {
+                if self.state.open_epoch() == Some(epoch) {
+                    self.state.set_open(None);
+                    self.wake_one(ctx);
+                }
+            }
+        }
     }
 }
 

@@ -6,20 +6,45 @@ mod actor;
 pub mod state;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use bytes::Bytes;
 use dashmap::DashMap;
 use proto::wire::CheckinRequest;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, Notify};
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
-use crate::store::{Change, EnvId, Settings, SharedStore, StoreError};
-use actor::{CheckinMsg, EnvActor, Reload, Shutdown};
-pub use state::{liveness, Answer, Liveness, Refusal};
+use crate::store::{Change, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
+pub use actor::CREDENTIALS_TTL;
+use actor::{CheckinMsg, EnvActor, Reload, Shutdown, TunnelEvent, WantTunnel};
+pub use state::{liveness, Answer, CheckinKind, Liveness, Refusal};
+
+/// Held check-ins are answered this long before the agent's interval ends, so the agent's
+/// next check-in (at send time + interval) never waits for a late answer.
+const HOLD_MARGIN: Duration = Duration::from_millis(250);
+/// How often the list of live gateways handed out with credentials is refreshed.
+const GATEWAY_REFRESH: Duration = Duration::from_secs(2);
+
+/// Why a tunnel could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("the agent did not open its tunnel within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an operator sees of a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelState {
+    Closed,
+    Requested,
+    Open,
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -171,6 +196,14 @@ pub struct Fleet {
     agent_secret: Option<Arc<str>>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    /// Open tunnels as the gateways reported them (notifications; the store is the truth).
+    tunnels: DashMap<EnvId, TunnelLocation>,
+    /// Proxy requests waiting for a tunnel, woken when one opens.
+    tunnel_waiters: DashMap<EnvId, Arc<Notify>>,
+    /// Operators' wishes for tunnels (until when), for the `requested` state.
+    wanted: DashMap<EnvId, u64>,
+    /// Public addresses of the live gateways, handed to agents with their credentials.
+    gateway_addrs: RwLock<Vec<String>>,
 }
 
 const UNKNOWN_TTL_MS: u64 = 30_000;
@@ -193,16 +226,134 @@ impl Fleet {
             agent_secret: agent_secret.map(Arc::from),
             metrics,
             limits,
+            tunnels: DashMap::new(),
+            tunnel_waiters: DashMap::new(),
+            wanted: DashMap::new(),
+            gateway_addrs: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Live gateways' public addresses, shuffled (spreads new tunnels across gateways).
+    pub fn gateway_addrs(&self) -> Vec<String> {
+        use rand::seq::SliceRandom;
+        let mut addrs = self
+            .gateway_addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        addrs.shuffle(&mut rand::thread_rng());
+        addrs
+    }
+
+    async fn refresh_gateways(&self) {
+        match self.store.live_gateways().await {
+            Ok(gws) => {
+                let addrs: Vec<String> = gws.into_iter().map(|g| g.public_addr).collect();
+                if let Ok(mut a) = self.gateway_addrs.write() {
+                    *a = addrs;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list gateways"),
+        }
+    }
+
+    /// The operator-facing tunnel state of `id`, from this replica's view.
+    pub fn tunnel_state(&self, id: EnvId, now: u64) -> (TunnelState, Option<TunnelLocation>) {
+        if let Some(loc) = self.tunnels.get(&id) {
+            return (TunnelState::Open, Some(loc.clone()));
+        }
+        if self.wanted.get(&id).is_some_and(|u| *u > now) {
+            return (TunnelState::Requested, None);
+        }
+        (TunnelState::Closed, None)
+    }
+
+    /// The location of `id`'s tunnel, opening it if needed: tells every replica the tunnel is
+    /// wanted (the one holding the agent's check-in answers it) and waits at most `wait` for a
+    /// gateway to report it open. A location with an epoch `<= stale` is not good enough (the
+    /// caller found it dead).
+    pub async fn ensure_tunnel(
+        self: &Arc<Self>,
+        id: EnvId,
+        wait: Duration,
+        stale: Option<u64>,
+    ) -> Result<TunnelLocation, TunnelError> {
+        let fresh = |loc: &TunnelLocation| stale.is_none_or(|e| loc.epoch > e);
+        if let Some(loc) = self.tunnels.get(&id).map(|l| l.clone()).filter(fresh) {
+            return Ok(loc);
+        }
+        if let Some(loc) = self.stored_tunnel(id).await?.filter(fresh) {
+            return Ok(loc);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let notify = Arc::clone(
+            self.tunnel_waiters
+                .entry(id)
+                .or_insert_with(|| Arc::new(Notify::new()))
+                .value(),
+        );
+        let change = Change::TunnelWanted {
+            env: id,
+            until_ms: now_ms() + wait.as_millis() as u64,
+        };
+        // Here at once (the agent may poll this replica), everywhere else through the store.
+        self.apply(&change).await;
+        if let Err(e) = self.store.publish(change).await {
+            tracing::warn!(env = id, error = %e, "cannot tell other replicas a tunnel is wanted");
+        }
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(loc) = self.tunnels.get(&id).map(|l| l.clone()).filter(fresh) {
+                return Ok(loc);
+            }
+            let slice = tokio::time::Instant::now() + Duration::from_secs(1);
+            if tokio::time::timeout_at(slice.min(deadline), notified)
+                .await
+                .is_err()
+            {
+                // Notifications can be missed (a replica reconnecting to Redis): ask the store.
+                if let Some(loc) = self.stored_tunnel(id).await?.filter(fresh) {
+                    return Ok(loc);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(TunnelError::Timeout(wait));
+                }
+            }
+        }
+    }
+
+    async fn stored_tunnel(&self, id: EnvId) -> Result<Option<TunnelLocation>, StoreError> {
+        let loc = self.store.tunnel_locations(&[id]).await?.pop().flatten();
+        if let Some(loc) = &loc {
+            self.note_open(loc.clone());
+        }
+        Ok(loc)
+    }
+
+    /// Records an open tunnel unless a newer epoch is known; wakes waiting proxy requests.
+    fn note_open(&self, loc: TunnelLocation) {
+        let id = loc.env;
+        let newer = self.tunnels.get(&id).is_none_or(|l| l.epoch <= loc.epoch);
+        if newer {
+            self.tunnels.insert(id, loc);
+            self.wanted.remove(&id);
+        }
+        if let Some(n) = self.tunnel_waiters.get(&id) {
+            n.notify_waiters();
+        }
     }
 
     pub fn store(&self) -> &SharedStore {
         &self.store
     }
 
-    /// Handles one verified-later check-in: routes it to the environment's actor.
+    /// Handles one verified-later check-in: routes it to the environment's actor, and for a
+    /// held check-in waits until its answer is due or a tunnel grant comes.
     pub async fn checkin(
         self: &Arc<Self>,
+        kind: CheckinKind,
         req: CheckinRequest,
         frame: Bytes,
     ) -> Result<Answer, CheckinError> {
@@ -216,7 +367,10 @@ impl Fleet {
         let addr = handle.addr;
         let (tx, rx) = oneshot::channel();
         let now = now_ms();
+        let hold_for =
+            Duration::from_secs(u64::from(req.interval_secs)).saturating_sub(HOLD_MARGIN);
         let msg = CheckinMsg {
+            kind,
             req,
             frame,
             now_ms: now,
@@ -235,6 +389,21 @@ impl Fleet {
         let result = match tokio::time::timeout(Duration::from_secs(10), rx).await {
             Ok(Ok(result)) => result,
             _ => Err(CheckinError::Busy(id)),
+        };
+        let result = match result {
+            Ok(actor::Reply {
+                answer,
+                held: Some(wake),
+            }) => {
+                // Held: an idle answer is due at the end of the interval, unless the tunnel
+                // is wanted first. Dropping `wake` tells the actor we left.
+                match tokio::time::timeout(hold_for, wake).await {
+                    Ok(Ok(grant)) => Ok(grant),
+                    _ => Ok(answer),
+                }
+            }
+            Ok(reply) => Ok(reply.answer),
+            Err(e) => Err(e),
         };
         match &result {
             // Not for an environment deleted while this check-in was in flight.
@@ -314,7 +483,32 @@ impl Fleet {
         self.unknown.insert(id, now + UNKNOWN_TTL_MS);
     }
 
-    /// Required flag, set by the tunnel machinery (next issue) and by tests.
+    /// Verifies a signed upload of `id`'s agent (proof, binding, freshness).
+    pub async fn verify_upload(
+        self: &Arc<Self>,
+        id: EnvId,
+        frame: Bytes,
+        edge_id: uuid::Uuid,
+        timestamp_ms: u64,
+    ) -> Result<(), CheckinError> {
+        let handle = self.actor(id).await?;
+        let result = handle
+            .addr
+            .send(actor::VerifyUpload {
+                frame,
+                edge_id,
+                timestamp_ms,
+            })
+            .await
+            .map_err(|_| CheckinError::Busy(id))?;
+        result.map_err(|r| {
+            self.stats.refused(id);
+            CheckinError::Refused(r)
+        })
+    }
+
+    /// Wanted for good or not at all (tests and tools); operators' requests use
+    /// [`Self::ensure_tunnel`].
     pub async fn set_required(
         self: &Arc<Self>,
         id: EnvId,
@@ -331,6 +525,28 @@ impl Fleet {
     /// Applies one change notification from the store.
     pub async fn apply(self: &Arc<Self>, change: &Change) {
         match change {
+            Change::TunnelWanted { env, until_ms } => {
+                self.wanted
+                    .entry(*env)
+                    .and_modify(|u| *u = (*u).max(*until_ms))
+                    .or_insert(*until_ms);
+                if let Some(addr) = self.actors.get(env).map(|h| h.addr.clone()) {
+                    let _ = addr.send(WantTunnel(*until_ms)).await;
+                }
+            }
+            Change::TunnelOpened(loc) => {
+                let (env, epoch) = (loc.env, loc.epoch);
+                self.note_open(loc.clone());
+                if let Some(addr) = self.actors.get(&env).map(|h| h.addr.clone()) {
+                    let _ = addr.send(TunnelEvent::Opened(epoch)).await;
+                }
+            }
+            Change::TunnelClosed { env, epoch } => {
+                self.tunnels.remove_if(env, |_, l| l.epoch == *epoch);
+                if let Some(addr) = self.actors.get(env).map(|h| h.addr.clone()) {
+                    let _ = addr.send(TunnelEvent::Closed(*epoch)).await;
+                }
+            }
             Change::Environment(id) => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.unknown.remove(id);
@@ -339,6 +555,9 @@ impl Fleet {
             Change::EnvironmentDeleted(id) => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.stats.forget(*id);
+                self.tunnels.remove(id);
+                self.wanted.remove(id);
+                self.tunnel_waiters.remove(id);
                 if let Some((_, h)) = self.actors.remove(id) {
                     let _ = h.addr.send(Shutdown).await;
                 }
@@ -350,8 +569,9 @@ impl Fleet {
             Change::AdminKeys => {}
             Change::Resync => {
                 // Notifications may have been missed (e.g. the store's pub/sub reconnected):
-                // the settings and every live actor may be stale.
+                // the settings, every live actor and the tunnel view may be stale.
                 self.epoch.fetch_add(1, Ordering::AcqRel);
+                self.tunnels.clear();
                 match self.store.settings().await {
                     Ok(s) => self.defaults.set(&s),
                     Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
@@ -414,6 +634,8 @@ impl Fleet {
             }
         }
         self.unknown.retain(|_, until| *until > now);
+        self.wanted.retain(|_, until| *until > now);
+        self.tunnel_waiters.retain(|_, n| Arc::strong_count(n) > 1);
     }
 
     fn actor_stopped(&self, id: EnvId, addr: &Addr<EnvActor>) {
@@ -451,10 +673,13 @@ impl Fleet {
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep =
             tokio::time::interval((self.limits.actor_idle / 4).max(Duration::from_secs(1)));
+        let mut gateways = tokio::time::interval(GATEWAY_REFRESH);
+        gateways.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = flush.tick() => self.flush_heartbeats().await,
+                _ = gateways.tick() => self.refresh_gateways().await,
                 _ = sweep.tick() => self.sweep_idle(now_ms()),
                 change = changes.recv() => match change {
                     Ok(change) => self.apply(&change).await,

@@ -4,8 +4,9 @@
 use std::collections::VecDeque;
 
 use proto::proof::{self, ProofKey, FRESHNESS_WINDOW_MS};
+use proto::seal::SealKey;
 use proto::token::JoinSecret;
-use proto::wire::{CheckinRequest, EdgeStatus};
+use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials};
 use uuid::Uuid;
 
 use crate::store::{EdgeMode, EnvId, Environment};
@@ -15,6 +16,22 @@ use crate::store::{EdgeMode, EnvId, Environment};
 const MAX_RECENT: usize = 256;
 /// Include the server clock in an answer when the agent is off by more than this.
 const REPORT_SKEW_MS: u64 = 2_000;
+/// After credentials went out, no other agent of the environment (a swarm shares one Edge
+/// ID) gets any for this long, unless the tunnel opened or closed meanwhile: exactly one
+/// agent holds the tunnel, and another takes over if that one never connects.
+pub const GRANT_WINDOW_MS: u64 = 10_000;
+
+/// What an agent asked for, told by the route it posted to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckinKind {
+    /// `/edge/c`: answer at once.
+    Poll,
+    /// `/edge/h`: an idle answer may be held for up to the interval, and is answered the
+    /// moment the environment's tunnel is wanted.
+    Held,
+    /// `/edge/t`: the agent lost a tunnel in use and asks for credentials itself.
+    AskTunnel,
+}
 
 /// Why a check-in was refused. Each maps to one status code and one message in `api`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,17 +52,20 @@ pub enum Refusal {
     EdgeIdRequired,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
+    /// `Required` means: issue tunnel credentials with this answer (the actor does, then
+    /// fills `tunnel`).
     pub status: EdgeStatus,
     pub interval_secs: u32,
     pub server_time_ms: Option<u64>,
     /// Nothing the agent does not already know: idle, its interval is current, its clock is
     /// fine and it is not a new process. Answered as `204 No Content`.
     pub unchanged: bool,
+    pub tunnel: Option<SealedCredentials>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Answer(Answer),
     /// Proof and freshness are good but the environment is unbound: bind this Edge ID in the
@@ -80,7 +100,12 @@ pub struct EnvState {
     edge_id: Option<Uuid>,
     last_checkin_ms: Option<u64>,
     recent: VecDeque<(u64, u64)>,
-    required: bool,
+    /// An operator wants the tunnel until then (ms since epoch).
+    wanted_until_ms: Option<u64>,
+    /// Credentials went out; no others until then unless the tunnel opens or closes.
+    grant_until_ms: Option<u64>,
+    /// The epoch of the open tunnel, as the gateways reported it.
+    open_epoch: Option<u64>,
 }
 
 /// A stored secret that does not decode is a broken record, not a client error.
@@ -104,7 +129,9 @@ impl EnvState {
             edge_id: env.edge_id,
             last_checkin_ms: None,
             recent: VecDeque::new(),
-            required: false,
+            wanted_until_ms: None,
+            grant_until_ms: None,
+            open_epoch: None,
         })
     }
 
@@ -148,17 +175,102 @@ impl EnvState {
         self.edge_id = Some(edge_id);
     }
 
+    /// Wanted for good (`true`) or not at all; tests and tools. Operators' requests use
+    /// [`Self::want_tunnel`].
     pub fn set_required(&mut self, required: bool) {
-        self.required = required;
+        self.wanted_until_ms = required.then_some(u64::MAX);
+        self.grant_until_ms = None;
+    }
+
+    /// An operator needs the tunnel until `until_ms`.
+    pub fn want_tunnel(&mut self, until_ms: u64) {
+        self.wanted_until_ms = Some(self.wanted_until_ms.map_or(until_ms, |u| u.max(until_ms)));
+    }
+
+    /// The gateways reported the tunnel open (with this epoch) or closed (`None`). Either way
+    /// the pending grant is settled.
+    pub fn set_open(&mut self, epoch: Option<u64>) {
+        if epoch.is_some() {
+            // Served: a later request wants it again explicitly.
+            self.wanted_until_ms = None;
+        }
+        self.open_epoch = epoch;
+        self.grant_until_ms = None;
+    }
+
+    pub fn open_epoch(&self) -> Option<u64> {
+        self.open_epoch
+    }
+
+    /// Whether credentials should go out now to an agent waiting in a held check-in; if so,
+    /// the grant window starts.
+    pub fn take_grant(&mut self, now_ms: u64) -> bool {
+        let wanted = self.wanted_until_ms.is_some_and(|u| u > now_ms);
+        let pending = self.grant_until_ms.is_some_and(|g| g > now_ms);
+        if wanted && self.open_epoch.is_none() && !pending {
+            self.grant_until_ms = Some(now_ms + GRANT_WINDOW_MS);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The credentials of a grant could not be delivered: let another agent have them.
+    pub fn release_grant(&mut self) {
+        self.grant_until_ms = None;
+    }
+
+    /// The key that seals tunnel credentials for the bound agent.
+    pub fn seal_key(&self) -> Option<SealKey> {
+        let edge_id = self.edge_id?;
+        let secret = JoinSecret::from_text(&self.join_secret).ok()?;
+        Some(SealKey::derive(&secret, &edge_id))
     }
 
     pub fn interval_secs(&self, default_interval: u32) -> u32 {
         self.interval_override.unwrap_or(default_interval).max(1)
     }
 
-    /// Decides on one check-in. `frame` is the signed request exactly as received.
+    /// Checks a signed upload (snapshot) from the bound agent: its proof, its Edge ID and its
+    /// freshness. Uploads are idempotent (the newest snapshot wins), so no replay memory.
+    pub fn verify_upload(
+        &self,
+        frame: &[u8],
+        edge_id: Uuid,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        match self.edge_id {
+            None => return Err(Refusal::EdgeIdRequired),
+            Some(bound) if bound != edge_id => return Err(Refusal::EdgeIdMismatch),
+            Some(_) => {}
+        }
+        if !proof::verify(frame, &self.keys.proof, &edge_id, timestamp_ms) {
+            return Err(Refusal::BadProof);
+        }
+        if proof::check_freshness(timestamp_ms, now_ms).is_err() {
+            return Err(Refusal::ClockSkew {
+                server_time_ms: now_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decides on one plain check-in. `frame` is the signed request exactly as received.
     pub fn checkin(
         &mut self,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+        default_interval: u32,
+    ) -> Verdict {
+        self.checkin_as(CheckinKind::Poll, req, frame, now_ms, default_interval)
+    }
+
+    /// Decides on one check-in of any kind.
+    pub fn checkin_as(
+        &mut self,
+        kind: CheckinKind,
         req: &CheckinRequest,
         frame: &[u8],
         now_ms: u64,
@@ -201,7 +313,15 @@ impl EnvState {
         }
         self.remember(timestamp_ms, tag, now_ms);
         self.last_checkin_ms = Some(self.last_checkin_ms.map_or(now_ms, |t| t.max(now_ms)));
-        let status = if self.required {
+        // An agent that lost its tunnel knows better than our view of it (its gateway may be
+        // dead and unable to say so); otherwise one grant at a time, and none while open.
+        let grant = if kind == CheckinKind::AskTunnel {
+            self.grant_until_ms = Some(now_ms + GRANT_WINDOW_MS);
+            true
+        } else {
+            self.take_grant(now_ms)
+        };
+        let status = if grant {
             EdgeStatus::Required
         } else {
             EdgeStatus::Idle
@@ -216,6 +336,7 @@ impl EnvState {
                 && server_time_ms.is_none()
                 && interval_secs == req.interval_secs
                 && req.agent.is_none(),
+            tunnel: None,
         })
     }
 
@@ -317,6 +438,7 @@ mod tests {
             interval_secs: interval,
             server_time_ms: None,
             unchanged: interval == 5,
+            tunnel: None,
         })
     }
 
@@ -404,6 +526,7 @@ mod tests {
                 interval_secs: 5,
                 server_time_ms: Some(NOW),
                 unchanged: false,
+                tunnel: None,
             })
         );
     }
@@ -470,6 +593,7 @@ mod tests {
                 interval_secs: 30,
                 server_time_ms: None,
                 unchanged: false,
+                tunnel: None,
             })
         );
         // Association reset: new secret, no binding. Old key is refused; new agent binds.
@@ -562,6 +686,72 @@ mod tests {
         assert!(!ask(&mut s, 5, false, 9), "a new interval is sent");
         s.set_required(true);
         assert!(!ask(&mut s, 5, false, 5), "required is sent");
+    }
+
+    fn status_of(v: Verdict) -> EdgeStatus {
+        match v {
+            Verdict::Answer(a) => a.status,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_grant_at_a_time_until_the_window_passes_or_the_tunnel_settles() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        let mut ts = NOW;
+        let mut poll = |s: &mut EnvState, kind: CheckinKind, now: u64| {
+            ts = ts.max(now) + 1;
+            let (req, frame) = signed(&secret, None, id, ts);
+            status_of(s.checkin_as(kind, &req, &frame, ts, 5))
+        };
+        assert_eq!(poll(&mut s, CheckinKind::Held, NOW), EdgeStatus::Idle);
+        s.want_tunnel(NOW + 15_000);
+        // Swarm agents share the Edge ID: the first gets credentials, the others wait.
+        assert_eq!(poll(&mut s, CheckinKind::Held, NOW), EdgeStatus::Required);
+        assert_eq!(poll(&mut s, CheckinKind::Held, NOW), EdgeStatus::Idle);
+        assert!(!s.take_grant(NOW + 10));
+        // The first never connected: after the window another one gets fresh credentials.
+        assert_eq!(
+            poll(&mut s, CheckinKind::Held, NOW + GRANT_WINDOW_MS + 1),
+            EdgeStatus::Required
+        );
+        // Open: nobody gets credentials, and the wish is served.
+        s.set_open(Some(3));
+        assert_eq!(s.open_epoch(), Some(3));
+        assert_eq!(poll(&mut s, CheckinKind::Held, NOW), EdgeStatus::Idle);
+        // Closed later: not wanted any more, so still idle ...
+        s.set_open(None);
+        assert_eq!(poll(&mut s, CheckinKind::Held, NOW), EdgeStatus::Idle);
+        // ... until an operator wants it again.
+        s.want_tunnel(NOW + 30_000);
+        assert!(s.take_grant(NOW + 20));
+        s.release_grant();
+        assert!(
+            s.take_grant(NOW + 21),
+            "an undelivered grant frees the slot"
+        );
+        // A wish that expired is no wish.
+        let mut s = EnvState::new(&e, None).unwrap();
+        s.want_tunnel(NOW);
+        assert!(!s.take_grant(NOW + 1));
+    }
+
+    #[test]
+    fn an_agent_that_lost_its_tunnel_gets_credentials_even_if_it_looks_open() {
+        let id = Uuid::new_v4();
+        let (e, secret) = env(Some(id));
+        let mut s = EnvState::new(&e, None).unwrap();
+        s.set_open(Some(9));
+        let (req, frame) = signed(&secret, None, id, NOW);
+        assert_eq!(
+            status_of(s.checkin_as(CheckinKind::AskTunnel, &req, &frame, NOW, 5)),
+            EdgeStatus::Required
+        );
+        assert!(s.seal_key().is_some());
+        let unbound = EnvState::new(&env(None).0, None).unwrap();
+        assert!(unbound.seal_key().is_none());
     }
 
     #[test]

@@ -61,9 +61,19 @@ impl TestCp {
         config.admin_api_key = Some(ADMIN_KEY.into());
         config.limits.workers = 1;
         tweak(&mut config);
-        let prepared = prepare(config, Listeners { api, metrics })
-            .await
-            .expect("prepare");
+        let tunnel = config
+            .embedded_gateway
+            .then(|| TcpListener::bind("127.0.0.1:0").expect("bind tunnel"));
+        let prepared = prepare(
+            config,
+            Listeners {
+                api,
+                metrics,
+                tunnel,
+            },
+        )
+        .await
+        .expect("prepare");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = actix_rt::spawn(async move {
             prepared

@@ -1,0 +1,85 @@
+//! `/api/endpoints/{id}/docker/{path}` on actix: every Docker call but hijacks (those arrive
+//! on their own connection and are served by [`crate::docker_proxy`] directly). Bodies stream
+//! both ways; nothing is buffered whole.
+
+use actix_web::http::header::{HeaderName as AxName, HeaderValue as AxValue};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http_body_util::{BodyDataStream, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::error::ApiError;
+use crate::docker_proxy::{copy_headers, engine_target, is_upgrade, DockerProxy, ProxyError};
+
+pub async fn proxy(
+    proxy: web::Data<DockerProxy>,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<(u64, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, rest) = path.into_inner();
+    let target = engine_target(&rest, Some(req.query_string()).filter(|q| !q.is_empty()));
+    let mut headers = HeaderMap::with_capacity(req.headers().len());
+    for (name, value) in req.headers() {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if is_upgrade(&headers) {
+        return Err(ApiError::Misdirected(
+            "a Docker hijack (attach, exec start) must be the first request of its connection; \
+             the docker CLI does this by itself"
+                .into(),
+        ));
+    }
+    let method = hyper::Method::from_bytes(req.method().as_str().as_bytes())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let body = StreamBody::new(payload.map(|chunk| {
+        chunk
+            .map(Frame::data)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }));
+    let answer = proxy
+        .exchange(id, method, &target, &headers, body)
+        .await
+        .map_err(proxy_error)?;
+    let (parts, body) = answer.into_parts();
+    let status = actix_web::http::StatusCode::from_u16(parts.status.as_u16())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut res = HttpResponse::build(status);
+    let mut kept = HeaderMap::new();
+    copy_headers(&parts.headers, &mut kept, false);
+    // actix frames the body itself: a length the engine announced is kept as the body's size
+    // (never as a second header next to chunked encoding).
+    let length = kept
+        .remove(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    for (name, value) in &kept {
+        if let (Ok(n), Ok(v)) = (
+            AxName::from_bytes(name.as_str().as_bytes()),
+            AxValue::from_bytes(value.as_bytes()),
+        ) {
+            res.append_header((n, v));
+        }
+    }
+    let stream = BodyDataStream::new(body).map(|r: Result<Bytes, hyper::Error>| {
+        r.map_err(|e| actix_web::error::ErrorBadGateway(e.to_string()))
+    });
+    Ok(match length {
+        Some(n) => res.body(actix_web::body::SizedStream::new(n, stream)),
+        None => res.streaming(stream),
+    })
+}
+
+fn proxy_error(e: ProxyError) -> ApiError {
+    ApiError::Proxy {
+        status: e.status().as_u16(),
+        code: e.code(),
+        message: e.to_string(),
+    }
+}

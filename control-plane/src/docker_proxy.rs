@@ -1,0 +1,595 @@
+//! `/api/endpoints/{id}/docker/{path}`: the Docker Engine API of one environment, through its
+//! tunnel.
+//!
+//! Served by hyper, not actix: Docker's attach and exec hijack the HTTP connection (`Upgrade:
+//! tcp` with a request body, then raw bytes both ways), which actix cannot hand over.
+//! [`crate::front`] routes a TLS connection here when its first request is for a Docker path;
+//! the docker CLI opens a fresh connection for every hijack, and points all its calls at one
+//! base path, so its connections are Docker connections from the first byte.
+//!
+//! Per request: check the admin key; refuse async environments; ensure the tunnel (wanted on
+//! every replica, bounded wait, 504 with the reason when the agent does not come); open a
+//! stream through the local or a remote gateway; send the request with hyper's client over
+//! it, streaming both bodies; on `101` splice the two upgraded connections.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use proto::tunnel::{decode_body, frame_len, StreamOpen, MAX_TUNNEL_FRAME};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::api::AdminKeys;
+use crate::fleet::{liveness, now_ms, Fleet, Liveness, TunnelError};
+use crate::gateway::{Dialer, OpenError, TunnelStream};
+use crate::metrics::Metrics;
+use crate::store::{EdgeMode, EnvId, SharedStore, TunnelLocation};
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+const PREFIX: &str = "/api/endpoints/";
+
+/// `Some((id, rest))` for `/api/endpoints/{id}/docker{rest}` where rest is empty or starts
+/// with `/`.
+pub fn docker_path(path: &str) -> Option<(EnvId, &str)> {
+    let tail = path.strip_prefix(PREFIX)?;
+    let (id, rest) = tail.split_once('/')?;
+    let id: EnvId = id.parse().ok()?;
+    let rest = rest.strip_prefix("docker")?;
+    (rest.is_empty() || rest.starts_with('/')).then_some((id, rest))
+}
+
+/// The engine-side request target: the path after `/docker` (or `/`) and the query.
+pub fn engine_target(rest: &str, query: Option<&str>) -> String {
+    let path = if rest.is_empty() { "/" } else { rest };
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    }
+}
+
+/// Whether a connection's first request head (request line and headers, possibly cut) is a
+/// Docker hijack: a Docker path with `Connection: Upgrade` and an `Upgrade` header. Only
+/// those connections go to hyper; everything else, Docker calls included, is actix's.
+pub fn is_docker_hijack(head: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(head) else {
+        return false;
+    };
+    let mut lines = text.split("\r\n");
+    let Some(line) = lines.next() else {
+        return false;
+    };
+    let mut parts = line.split(' ');
+    let (Some(_method), Some(target)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let path = target.split('?').next().unwrap_or_default();
+    if docker_path(path).is_none() {
+        return false;
+    }
+    let (mut connection_upgrade, mut upgrade) = (false, false);
+    for l in lines {
+        let Some((name, value)) = l.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    connection_upgrade && upgrade
+}
+
+pub struct DockerProxy {
+    pub fleet: Arc<Fleet>,
+    pub store: SharedStore,
+    pub admin: AdminKeys,
+    pub metrics: Arc<Metrics>,
+    /// Streams through this process's gateway (embedded mode) or dial sessions to others.
+    pub dialer: Arc<Dialer>,
+    /// How long a request waits for the agent to open its tunnel.
+    pub wait: Duration,
+}
+
+impl DockerProxy {
+    /// Serves one client connection (HTTP/1.1 with upgrades) until it closes.
+    pub async fn serve_connection<IO>(self: Arc<Self>, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let proxy = Arc::clone(&self);
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "docker proxy connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let res = match self.forward(req).await {
+            Ok(res) => res,
+            Err(e) => e.into_response(),
+        };
+        let class = match res.status().as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.metrics
+            .docker_requests
+            .with_label_values(&[class])
+            .inc();
+        tracing::debug!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "docker proxy request");
+        res
+    }
+
+    /// The hijack-capable path: one hyper request (the first of a connection whose first
+    /// request asked for an upgrade).
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some((id, rest)) = docker_path(req.uri().path()) else {
+            return Err(ProxyError::Misdirected);
+        };
+        let target = engine_target(rest, req.uri().query());
+        let key = req
+            .headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ProxyError::Unauthorized("missing X-API-Key header"))?;
+        if !self.admin.accepts(key) {
+            return Err(ProxyError::Unauthorized("invalid API key"));
+        }
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let mut res = self
+            .exchange(id, parts.method, &target, &parts.headers, body)
+            .await?;
+
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::BadGateway(
+                    "the engine switched protocols on a request that did not ask to".into(),
+                ));
+            };
+            let engine_upgrade = hyper::upgrade::on(&mut res);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, engine_upgrade) {
+                    Ok((client, engine)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut engine = TokioIo::new(engine);
+                        if let Err(e) =
+                            tokio::io::copy_bidirectional(&mut client, &mut engine).await
+                        {
+                            tracing::debug!(error = %e, "hijacked docker connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "docker upgrade failed"),
+                }
+            });
+            let (parts, _) = res.into_parts();
+            let mut back = Response::from_parts(parts, empty());
+            *back.version_mut() = hyper::Version::HTTP_11;
+            return Ok(back);
+        }
+
+        let (parts, body) = res.into_parts();
+        let mut back = Response::builder().status(parts.status);
+        if let Some(h) = back.headers_mut() {
+            copy_headers(&parts.headers, h, false);
+        }
+        back.body(body.boxed())
+            .map_err(|e| ProxyError::BadGateway(e.to_string()))
+    }
+
+    /// Sends one request to the engine of environment `id` through its tunnel (opened on
+    /// demand) and returns the engine's answer, its body still streaming. The caller has
+    /// checked the admin key. With `Connection: Upgrade` in `headers` the answer may be `101`;
+    /// the engine side of the upgrade is then `hyper::upgrade::on(&mut answer)`.
+    pub async fn exchange<B>(
+        &self,
+        id: EnvId,
+        method: hyper::Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: B,
+    ) -> Result<Response<Incoming>, ProxyError>
+    where
+        B: hyper::body::Body + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let env = self
+            .store
+            .get_environment(id)
+            .await?
+            .ok_or(ProxyError::NotFound(id))?;
+        if env.mode == EdgeMode::Async {
+            return Err(ProxyError::Async(id));
+        }
+        let wake = Instant::now();
+        let (loc, stream) = self.connect(id).await?;
+        self.metrics
+            .tunnel_wait_seconds
+            .observe(wake.elapsed().as_secs_f64());
+
+        let upgrade = is_upgrade(headers);
+        let mut out = Request::builder()
+            .method(method)
+            .uri(target)
+            .version(hyper::Version::HTTP_11);
+        if let Some(h) = out.headers_mut() {
+            copy_headers(headers, h, upgrade);
+            h.insert(header::HOST, HeaderValue::from_static("docker"));
+        }
+        let out = out
+            .body(body)
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(Opened::new(stream)))
+                .await
+                .map_err(|e| ProxyError::from_hyper(id, &loc, e))?;
+        // Local: the request body may be actix's (not `Send`); both fronts run on actix
+        // workers.
+        actix_rt::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "tunnel stream to the engine ended with an error");
+            }
+        });
+        sender
+            .send_request(out)
+            .await
+            .map_err(|e| ProxyError::from_hyper(id, &loc, e))
+    }
+
+    /// A stream to the agent of `id`: ensures the tunnel, opens a stream where it is; if
+    /// that gateway turns out dead or no longer holds it, waits for a newer tunnel once.
+    async fn connect(&self, id: EnvId) -> Result<(TunnelLocation, TunnelStream), ProxyError> {
+        let loc = self
+            .fleet
+            .ensure_tunnel(id, self.wait, None)
+            .await
+            .map_err(|e| self.tunnel_error(id, e))?;
+        match self.open(&loc).await {
+            Ok(s) => Ok((loc, s)),
+            Err(e) => {
+                tracing::info!(env = id, gateway = %loc.gateway_id, epoch = loc.epoch, error = %e,
+                    "tunnel location is stale; waiting for a new tunnel");
+                let fresh = self
+                    .fleet
+                    .ensure_tunnel(id, self.wait, Some(loc.epoch))
+                    .await
+                    .map_err(|e| self.tunnel_error(id, e))?;
+                let s = self.open(&fresh).await.map_err(|e| {
+                    ProxyError::BadGateway(format!(
+                        "cannot open a stream to environment {id} through gateway {}: {e}",
+                        fresh.gateway_id
+                    ))
+                })?;
+                Ok((fresh, s))
+            }
+        }
+    }
+
+    async fn open(&self, loc: &TunnelLocation) -> Result<TunnelStream, OpenError> {
+        self.dialer.open_stream(loc).await
+    }
+
+    fn tunnel_error(&self, id: EnvId, e: TunnelError) -> ProxyError {
+        match e {
+            TunnelError::Store(e) => ProxyError::Store(e),
+            TunnelError::Timeout(wait) => {
+                let last = self.fleet.stats.last_checkin_ms(id);
+                let now = now_ms();
+                let seen = match last {
+                    None => "it has not checked in with this replica".to_owned(),
+                    Some(t) => format!(
+                        "its last check-in here was {} s ago ({})",
+                        now.saturating_sub(t) / 1000,
+                        match liveness(Some(t), 5, now) {
+                            Liveness::Up => "up",
+                            _ => "down",
+                        }
+                    ),
+                };
+                ProxyError::Timeout(format!(
+                    "the agent of environment {id} did not open its tunnel within {} s; {seen}",
+                    wait.as_secs()
+                ))
+            }
+        }
+    }
+}
+
+pub fn is_upgrade(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    }) && h.contains_key(header::UPGRADE)
+}
+
+/// Copies end-to-end headers; hop-by-hop ones stay behind (hyper frames bodies itself), and
+/// so does the operator's API key. `Connection: Upgrade` and `Upgrade` pass for hijacks.
+pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, upgrade: bool) {
+    const HOP: [&str; 8] = [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "x-api-key",
+    ];
+    for (name, value) in from {
+        let n = name.as_str();
+        if HOP.contains(&n) || n == "host" {
+            continue;
+        }
+        if (n == "connection" || n == "upgrade") && !upgrade {
+            continue;
+        }
+        to.append(HeaderName::clone(name), value.clone());
+    }
+}
+
+fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("this connection carries the Docker API; open a new connection for other routes")]
+    Misdirected,
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("environment {0} does not exist")]
+    NotFound(EnvId),
+    #[error("environment {0} is in async mode: it has no tunnel; queue commands with POST /api/endpoints/{0}/commands")]
+    Async(EnvId),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    EngineUnreachable(String),
+    #[error("store unavailable: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl ProxyError {
+    fn from_hyper(id: EnvId, loc: &TunnelLocation, e: hyper::Error) -> Self {
+        // The agent's refusal travels as the source of hyper's I/O error.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<io::Error>() {
+                if let Some(r) = io.get_ref().and_then(|r| r.downcast_ref::<Refused>()) {
+                    return Self::EngineUnreachable(format!("environment {id}: {}", r.0));
+                }
+            }
+            source = s.source();
+        }
+        Self::BadGateway(format!(
+            "environment {id}: the tunnel (gateway {}, epoch {}) failed during the request: {e}",
+            loc.gateway_id, loc.epoch
+        ))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Misdirected => StatusCode::MISDIRECTED_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Async(_) => StatusCode::CONFLICT,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BadGateway(_) | Self::EngineUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Misdirected => "misdirected",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::NotFound(_) => "not_found",
+            Self::Async(_) => "async_environment",
+            Self::BadRequest(_) => "bad_request",
+            Self::Timeout(_) => "tunnel_timeout",
+            Self::BadGateway(_) => "tunnel_failed",
+            Self::EngineUnreachable(_) => "engine_unreachable",
+            Self::Store(_) => "store_unavailable",
+        }
+    }
+
+    fn into_response(self) -> Response<ProxyBody> {
+        let body = serde_json::json!({ "message": self.to_string(), "code": self.code() });
+        let mut res = Response::new(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *res.status_mut() = self.status();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(self, Self::Misdirected) {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        res
+    }
+}
+
+/// The agent's refusal of a stream (it could not reach its engine).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+/// A tunnel stream whose first frame is the agent's [`StreamOpen`]: reads consume and check
+/// it before passing the engine's bytes through; writes pass at once (the request is sent
+/// without waiting a round trip for the agent's answer).
+struct Opened<S> {
+    inner: S,
+    head: Vec<u8>,
+    open: bool,
+}
+
+impl<S> Opened<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            head: Vec::with_capacity(16),
+            open: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Opened<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while !this.open {
+            let need = if this.head.len() < 2 {
+                2
+            } else {
+                let len = frame_len([this.head[0], this.head[1]])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                2 + len
+            };
+            if this.head.len() == need && need > 2 {
+                let msg: StreamOpen = decode_body(&this.head[2..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                match msg {
+                    StreamOpen::Ok => {
+                        this.open = true;
+                        this.head = Vec::new();
+                        break;
+                    }
+                    StreamOpen::Refused { message, .. } => {
+                        return Poll::Ready(Err(io::Error::other(Refused(message))));
+                    }
+                }
+            }
+            let mut byte = [0u8; MAX_TUNNEL_FRAME];
+            let want = need - this.head.len();
+            let mut rb = ReadBuf::new(&mut byte[..want]);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the tunnel stream closed before the agent answered",
+                    )))
+                }
+                Poll::Ready(Ok(())) => this.head.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Opened<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn docker_paths() {
+        assert_eq!(docker_path("/api/endpoints/7/docker"), Some((7, "")));
+        assert_eq!(
+            docker_path("/api/endpoints/7/docker/v1.41/containers/json"),
+            Some((7, "/v1.41/containers/json"))
+        );
+        assert_eq!(docker_path("/api/endpoints/7/dockerx"), None);
+        assert_eq!(docker_path("/api/endpoints/x/docker/_ping"), None);
+        assert_eq!(docker_path("/api/endpoints/7"), None);
+        assert_eq!(docker_path("/edge/c"), None);
+        assert!(is_docker_hijack(
+            b"POST /api/endpoints/12/docker/v1.41/exec/abc/start HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+        ));
+        assert!(!is_docker_hijack(
+            b"GET /api/endpoints/12/docker/_ping?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+        ));
+        assert!(!is_docker_hijack(
+            b"POST /edge/c HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+        ));
+        assert!(!is_docker_hijack(b"garbage"));
+        assert!(!is_docker_hijack(b""));
+        assert_eq!(engine_target("", None), "/");
+        assert_eq!(engine_target("/_ping", Some("a=1")), "/_ping?a=1");
+    }
+
+    #[tokio::test]
+    async fn the_stream_status_is_consumed_before_the_engine_bytes() {
+        let (mut agent, cp) = tokio::io::duplex(1024);
+        let mut frame = proto::tunnel::encode_frame(&StreamOpen::Ok).unwrap();
+        frame.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        agent.write_all(&frame).await.unwrap();
+        drop(agent);
+        let mut opened = Opened::new(cp);
+        let mut out = String::new();
+        opened.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "HTTP/1.1 200 OK\r\n");
+
+        let (mut agent, cp) = tokio::io::duplex(1024);
+        let frame = proto::tunnel::encode_frame(&StreamOpen::Refused {
+            code: proto::tunnel::StreamRefusal::EngineUnreachable,
+            message: "cannot connect to DOCKER_HOST".into(),
+        })
+        .unwrap();
+        agent.write_all(&frame).await.unwrap();
+        let err = Opened::new(cp).read_u8().await.unwrap_err();
+        assert!(err.to_string().contains("DOCKER_HOST"), "{err}");
+    }
+}

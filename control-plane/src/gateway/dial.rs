@@ -1,0 +1,357 @@
+//! The control-plane side of dial sessions: TLS (pinned to the gateway certificate's
+//! fingerprint) + `Hello::Dial` + yamux to a separate gateway, one session per `dial_addr`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use proto::mux::{self, Mode, Opener};
+use proto::tunnel::{DialRequest, Hello, HelloAnswer, HANDSHAKE_TIMEOUT};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio::sync::{OnceCell, Semaphore};
+use tokio_rustls::TlsConnector;
+
+use super::server::Gateway;
+use super::{
+    OpenError, TunnelStream, DIAL_CONNECT_TIMEOUT, MAX_STREAMS_PER_SESSION, STORE_TIMEOUT,
+};
+use crate::store::{SharedStore, StoreError, TunnelLocation};
+
+/// Server name sent when a `dial_addr` host is neither an IP nor a valid DNS name; the
+/// fingerprint is what is checked.
+const FALLBACK_SERVER_NAME: &str = "edgeplane-gateway.invalid";
+
+/// Accepts exactly the certificate whose SHA-256 (DER) is the pinned fingerprint, and checks
+/// the handshake signature with it (so the peer holds its private key).
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fingerprint: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        // Not a secret: the fingerprint is in every join key and the certificate is public.
+        if fingerprint == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client configuration (aws-lc-rs, TLS 1.2/1.3, no ALPN) that accepts exactly the
+/// certificate with this SHA-256 (DER) fingerprint. Used for dial sessions; agents (and
+/// tests) can use it for their tunnels too.
+pub fn pinned_client_config(
+    fingerprint: [u8; 32],
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = PinnedCert {
+        fingerprint,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The server name to present for `addr` (`host:port`, `[v6]:port`).
+fn server_name(addr: &str) -> ServerName<'static> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).unwrap_or_else(|_| {
+        ServerName::try_from(FALLBACK_SERVER_NAME)
+            .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
+    })
+}
+
+/// One dial session: its opener and the bound of its concurrent streams.
+#[derive(Clone)]
+struct DialSession {
+    /// Tells sessions apart (a reconnect only replaces the session that failed).
+    id: u64,
+    opener: Opener,
+    streams: Arc<Semaphore>,
+}
+
+/// One slot per `dial_addr`; its async lock is held while (re)connecting, so concurrent
+/// callers share one new session instead of each dialling.
+type Slot = Arc<tokio::sync::Mutex<Option<DialSession>>>;
+
+/// Opens streams to agents whose tunnels other gateways hold (see the module docs).
+pub struct Dialer {
+    store: SharedStore,
+    connector: Result<TlsConnector, String>,
+    secret: OnceCell<[u8; 32]>,
+    sessions: Mutex<HashMap<String, Slot>>,
+    next_id: AtomicU64,
+    local: Option<Arc<Gateway>>,
+}
+
+impl Dialer {
+    /// `fingerprint`: SHA-256 of the gateways' certificate (the one in join keys). The cluster
+    /// secret is read from `store` on first use, then cached.
+    pub fn new(fingerprint: [u8; 32], store: SharedStore) -> Self {
+        let connector = pinned_client_config(fingerprint)
+            .map(TlsConnector::from)
+            .map_err(|e| format!("tls client setup: {e}"));
+        Self {
+            store,
+            connector,
+            secret: OnceCell::new(),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            local: None,
+        }
+    }
+
+    /// Serves locations held by `gateway` (the embedded one) directly, without a dial session.
+    pub fn with_local(mut self, gateway: Arc<Gateway>) -> Self {
+        self.local = Some(gateway);
+        self
+    }
+
+    /// Opens a stream to the agent of `loc` through its gateway (writing the `DialRequest`
+    /// first); see the stream contract in the module docs. A session found dead is reopened
+    /// once.
+    pub async fn open_stream(&self, loc: &TunnelLocation) -> Result<TunnelStream, OpenError> {
+        if let Some(gw) = &self.local {
+            if gw.id() == loc.gateway_id {
+                return gw.open_stream(loc.env, loc.epoch).await;
+            }
+        }
+        let slot = self.slot(&loc.dial_addr);
+        let session = self.session(&slot, &loc.dial_addr, None).await?;
+        match open_on(&session, loc).await {
+            Err(OpenError::Closed) => {
+                let session = self
+                    .session(&slot, &loc.dial_addr, Some(session.id))
+                    .await?;
+                open_on(&session, loc).await
+            }
+            other => other,
+        }
+    }
+
+    /// Drops the session to `dial_addr` (if any), so the next stream dials anew. For callers
+    /// that saw a stream time out: a gateway that vanished without closing its connection is
+    /// otherwise only noticed when TCP gives up.
+    pub fn discard_session(&self, dial_addr: &str) {
+        let slot = match self.sessions.lock() {
+            Ok(m) => m.get(dial_addr).cloned(),
+            Err(_) => None,
+        };
+        let Some(slot) = slot else {
+            return;
+        };
+        // A slot locked right now is being (re)connected: that session is fresh anyway.
+        let Ok(mut session) = slot.try_lock() else {
+            return;
+        };
+        if let Some(s) = session.take() {
+            s.opener.close();
+        }
+    }
+
+    /// Dial sessions currently open (for tests and metrics).
+    pub fn open_sessions(&self) -> usize {
+        let slots: Vec<Slot> = match self.sessions.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        slots
+            .iter()
+            .filter(|s| {
+                s.try_lock()
+                    .is_ok_and(|s| s.as_ref().is_some_and(|s| !s.opener.is_closed()))
+            })
+            .count()
+    }
+
+    fn slot(&self, addr: &str) -> Slot {
+        match self.sessions.lock() {
+            Ok(mut m) => Arc::clone(m.entry(addr.to_owned()).or_default()),
+            // A poisoned map only means another caller panicked; dial without caching.
+            Err(_) => Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The live session in `slot`, or a new one. `failed`: the session that just failed us,
+    /// which is replaced even if it still looks alive (unless another caller replaced it
+    /// meanwhile).
+    async fn session(
+        &self,
+        slot: &Slot,
+        addr: &str,
+        failed: Option<u64>,
+    ) -> Result<DialSession, OpenError> {
+        let mut guard = slot.lock().await;
+        if let Some(s) = guard.take() {
+            if !s.opener.is_closed() && failed != Some(s.id) {
+                *guard = Some(s.clone());
+                return Ok(s);
+            }
+            s.opener.close();
+        }
+        let session = self.connect(addr).await?;
+        *guard = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn secret(&self) -> Result<[u8; 32], OpenError> {
+        let secret = self
+            .secret
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(STORE_TIMEOUT, self.store.cluster_secret()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Unavailable(
+                        "reading the cluster secret timed out".into(),
+                    )),
+                }
+            })
+            .await?;
+        Ok(*secret)
+    }
+
+    async fn connect(&self, addr: &str) -> Result<DialSession, OpenError> {
+        let unreachable = |what: String| OpenError::GatewayUnreachable(format!("{addr}: {what}"));
+        let connector = self
+            .connector
+            .as_ref()
+            .map_err(|e| unreachable(e.clone()))?;
+        let secret = self.secret().await?;
+        let tcp = match tokio::time::timeout(DIAL_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(unreachable(format!("connect: {e}"))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "connect timed out after {} s",
+                    DIAL_CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let handshake = async {
+            let mut tls = connector
+                .connect(server_name(addr), tcp)
+                .await
+                .map_err(|e| unreachable(format!("tls: {e}")))?;
+            mux::write_frame(&mut tls, &Hello::Dial { secret })
+                .await
+                .map_err(|e| unreachable(format!("sending the dial hello: {e}")))?;
+            let answer: HelloAnswer = mux::read_frame(&mut tls)
+                .await
+                .map_err(|e| unreachable(format!("reading the hello answer: {e}")))?;
+            Ok::<_, OpenError>((tls, answer))
+        };
+        let (tls, answer) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                unreachable(format!(
+                    "handshake timed out after {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            })??;
+        match answer {
+            HelloAnswer::Accepted { gateway_id, .. } => {
+                tracing::debug!(addr, gateway = %gateway_id, "dial session open");
+            }
+            HelloAnswer::Refused { code, message } => {
+                return Err(OpenError::Refused(format!("{addr}: {code:?}: {message}")));
+            }
+        }
+        // The gateway never opens streams towards us: its inbound queue is dropped, which
+        // refuses any stream it would open.
+        let session = mux::spawn(tls, Mode::Client);
+        Ok(DialSession {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            opener: session.opener,
+            streams: Arc::new(Semaphore::new(MAX_STREAMS_PER_SESSION)),
+        })
+    }
+}
+
+async fn open_on(session: &DialSession, loc: &TunnelLocation) -> Result<TunnelStream, OpenError> {
+    let permit = Arc::clone(&session.streams)
+        .try_acquire_owned()
+        .map_err(|_| OpenError::Busy)?;
+    let mut stream = session.opener.open().await?;
+    let req = DialRequest {
+        endpoint_id: loc.env,
+        epoch: loc.epoch,
+    };
+    mux::write_frame(&mut stream, &req)
+        .await
+        .map_err(|_| OpenError::Closed)?;
+    Ok(TunnelStream::new(stream, Some(permit), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names() {
+        assert!(matches!(
+            server_name("127.0.0.1:8000"),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(
+            server_name("[::1]:8000"),
+            ServerName::IpAddress(_)
+        ));
+        assert_eq!(
+            server_name("gw-1.example:8000"),
+            ServerName::try_from("gw-1.example").unwrap_or(ServerName::IpAddress(
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            ))
+        );
+        assert_eq!(
+            server_name("not a name:8000"),
+            ServerName::try_from(FALLBACK_SERVER_NAME).unwrap_or(ServerName::IpAddress(
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            ))
+        );
+    }
+}

@@ -1,0 +1,410 @@
+//! The Docker API through the tunnel, end to end, as an operator uses it: the real
+//! `control-plane` binary (embedded gateway), the edge agent, Podman's Docker API service as
+//! the engine (`scripts/podman-engine`) and the real `docker` CLI pointed at
+//! `tcp://<control plane>/api/endpoints/{id}/docker` with `--tlsverify` and the admin key as
+//! an HTTP header in its config.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/cp.rs"]
+mod cp;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use cp::{eventually, get_env, http, CpProcess, ADMIN_KEY};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+const IMAGE: &str = "edgeplane/busybox";
+
+/// Podman's Docker API service on a private socket; stopped on drop.
+struct Engine {
+    dir: tempfile::TempDir,
+}
+
+impl Engine {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
+        let out = Command::new(&script)
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("run scripts/podman-engine");
+        assert!(
+            out.status.success(),
+            "podman engine did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    fn docker_host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
+        let _ = Command::new(script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A docker CLI configured like an operator would: the control plane's certificate as
+/// `ca.pem`, the admin key as a header on every call.
+struct Cli {
+    config: tempfile::TempDir,
+    host: String,
+}
+
+impl Cli {
+    fn new(cp_data: &Path, api_port: u16, env_id: u64) -> Self {
+        let config = tempfile::tempdir().unwrap();
+        std::fs::write(
+            config.path().join("config.json"),
+            json!({ "HttpHeaders": { "X-API-Key": ADMIN_KEY } }).to_string(),
+        )
+        .unwrap();
+        std::fs::copy(cp_data.join("tls-cert.pem"), config.path().join("ca.pem")).unwrap();
+        Self {
+            config,
+            host: format!("tcp://127.0.0.1:{api_port}/api/endpoints/{env_id}/docker"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("docker");
+        c.env("DOCKER_CONFIG", self.config.path())
+            .env("DOCKER_CERT_PATH", self.config.path())
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT")
+            .args(["--tlsverify", "-H", &self.host])
+            .args(args)
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Runs `docker args...` with `stdin`, bounded in time.
+    async fn run_with(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = self.command(args);
+        c.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn docker");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(input).await.unwrap();
+            drop(pipe);
+        }
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("docker {args:?} did not finish in 60 s"))
+            .unwrap()
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, None).await
+    }
+
+    /// Runs and expects success; returns stdout.
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+async fn create_env(cp: &CpProcess, name: &str) -> (u64, String) {
+    let r = http()
+        .post(cp.api("/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&json!({ "name": name, "checkinInterval": 5 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    (
+        v["id"].as_u64().unwrap(),
+        v["edgeKey"].as_str().unwrap().to_owned(),
+    )
+}
+
+struct Agent {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(key: &str, docker_host: &str, inactivity: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = edge_agent::Config::from_args(edge_agent::Args {
+            edge_key: Some(key.to_owned()),
+            data_dir: Some(dir.path().to_owned()),
+            docker_host: Some(docker_host.to_owned()),
+            inactivity_timeout: Some(inactivity.to_owned()),
+            ..Default::default()
+        })
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            edge_agent::run(config, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            stop: Some(tx),
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+fn api_port(cp: &CpProcess) -> u16 {
+    url::Url::parse(&cp.url).unwrap().port().unwrap()
+}
+
+async fn tunnel_state(cp: &CpProcess, id: u64) -> String {
+    get_env(&cp.url, id).await["tunnel"]["state"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[actix_web::test]
+async fn the_docker_cli_works_through_the_tunnel() {
+    let engine = Engine::start();
+    let data = tempfile::tempdir().unwrap();
+    let tunnel_port = free_port();
+    let cp = CpProcess::spawn(
+        data.path(),
+        &[
+            "--tunnel-addr",
+            &format!("127.0.0.1:{tunnel_port}"),
+            "--tunnel-wait",
+            "8s",
+        ],
+    )
+    .await;
+    let port = api_port(&cp);
+    let (id, key) = create_env(&cp, "podman-host").await;
+    let agent = Agent::start(&key, &engine.docker_host(), "4s");
+    eventually(Duration::from_secs(15), "agent up", || async {
+        (get_env(&cp.url, id).await["status"] == "up").then_some(())
+    })
+    .await;
+    let docker = Cli::new(data.path(), port, id);
+
+    // Everyday commands, the first one opening the tunnel.
+    let ps = docker.ok(&["ps"]).await;
+    assert!(ps.contains("CONTAINER ID"), "{ps}");
+    assert_eq!(tunnel_state(&cp, id).await, "open");
+    // Framing: a length the engine announced is kept, never next to chunked encoding (clients
+    // would read the chunked terminator as a stray response).
+    let r = http()
+        .get(cp.api(&format!("/api/endpoints/{id}/docker/version")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        !(r.headers().contains_key("content-length")
+            && r.headers().contains_key("transfer-encoding")),
+        "{:?}",
+        r.headers()
+    );
+    let v: Value = r.json().await.unwrap();
+    assert!(v["Version"].as_str().is_some(), "{v}");
+    let out = docker
+        .ok(&["run", "--rm", IMAGE, "echo", "hello-through-the-tunnel"])
+        .await;
+    assert!(out.contains("hello-through-the-tunnel"), "{out}");
+    let cid = docker
+        .ok(&[
+            "run",
+            "-d",
+            "--name",
+            "ep-web",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo started; sleep 300",
+        ])
+        .await;
+    assert!(!cid.trim().is_empty());
+    let logs = eventually(Duration::from_secs(10), "logs", || async {
+        let l = docker.ok(&["logs", "ep-web"]).await;
+        l.contains("started").then_some(l)
+    })
+    .await;
+    assert!(logs.contains("started"));
+    let out = docker.ok(&["exec", "ep-web", "echo", "from-exec"]).await;
+    assert!(out.contains("from-exec"), "{out}");
+    let out = docker
+        .run_with(&["exec", "-i", "ep-web", "cat"], Some(b"piped stdin\n"))
+        .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("piped stdin"), "{}", text(&out));
+    let ps = docker.ok(&["ps"]).await;
+    assert!(ps.contains("ep-web"), "{ps}");
+
+    // Streaming answers: logs -f follows until the container ends; events stream live.
+    let mut events = docker
+        .command(&[
+            "events",
+            "--filter",
+            "type=container",
+            "--format",
+            "{{.Action}} {{.Actor.Attributes.name}}",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut event_lines = tokio::io::BufReader::new(events.stdout.take().unwrap()).lines();
+    docker
+        .ok(&[
+            "run",
+            "-d",
+            "--name",
+            "ep-follow",
+            IMAGE,
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line$i; sleep 0.3; done",
+        ])
+        .await;
+    let followed = docker.ok(&["logs", "-f", "ep-follow"]).await;
+    assert!(
+        followed.contains("line1") && followed.contains("line3"),
+        "{followed}"
+    );
+    let saw_start = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = event_lines.next_line().await {
+            if line.contains("start") && line.contains("ep-follow") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(saw_start, Ok(true), "docker events streamed the start");
+    let _ = events.kill().await;
+    docker.ok(&["rm", "-f", "ep-follow"]).await;
+
+    docker.ok(&["stop", "-t", "1", "ep-web"]).await;
+    docker.ok(&["rm", "ep-web"]).await;
+    let all = docker.ok(&["ps", "-a"]).await;
+    assert!(!all.contains("ep-web"), "{all}");
+
+    // Idle: the agent sends a snapshot and closes the tunnel after the inactivity timeout ...
+    eventually(
+        Duration::from_secs(30),
+        "tunnel closed after inactivity",
+        || async { (tunnel_state(&cp, id).await == "closed").then_some(()) },
+    )
+    .await;
+    let snap: Value = http()
+        .get(cp.api(&format!("/api/endpoints/{id}/snapshot?section=engine")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        snap["snapshot"]["engine"]["version"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "{snap}"
+    );
+    // ... and the next request opens it again.
+    let ps = docker.ok(&["ps", "-a"]).await;
+    assert!(ps.contains("CONTAINER ID"), "{ps}");
+    assert_eq!(tunnel_state(&cp, id).await, "open");
+
+    // Faults end in a clear error, never a hang.
+    // An unknown environment:
+    let unknown = Cli::new(data.path(), port, 9999);
+    let out = unknown.run(&["ps"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("does not exist"), "{}", text(&out));
+    // An environment whose agent never comes: 504 after --tunnel-wait.
+    let (silent, _) = create_env(&cp, "never-connects").await;
+    let out = Cli::new(data.path(), port, silent).run(&["ps"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("did not open its tunnel"),
+        "{}",
+        text(&out)
+    );
+    // An agent whose Docker socket is missing.
+    let (broken, broken_key) = create_env(&cp, "no-engine").await;
+    let broken_agent = Agent::start(&broken_key, "unix:///nonexistent/docker.sock", "1m");
+    let out = Cli::new(data.path(), port, broken).run(&["ps"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("DOCKER_HOST"), "{}", text(&out));
+    // The async mode has no tunnel.
+    let r = http()
+        .post(cp.api("/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&json!({ "name": "metered", "mode": "async" }))
+        .send()
+        .await
+        .unwrap();
+    let async_id = r.json::<Value>().await.unwrap()["id"].as_u64().unwrap();
+    let r = http()
+        .get(cp.api(&format!("/api/endpoints/{async_id}/docker/_ping")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("async mode"));
+
+    broken_agent.stop().await;
+    agent.stop().await;
+    cp.stop();
+    drop(engine);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
