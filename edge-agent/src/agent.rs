@@ -1,15 +1,37 @@
-//! The agent's main loop: check in, wait, repeat, until shut down.
+//! The agent's main loop: check in, wait, repeat, until shut down; hands tunnel credentials
+//! to the tunnel supervisor ([`crate::tunnel`]) and sends a first snapshot in the background.
+//!
+//! Check-ins use the held route: the server may keep an idle check-in open for up to the
+//! interval and answers it the moment a tunnel is wanted. So the next check-in is due at
+//! *send time* + interval (at once if the answer came later), not answer time + interval; a
+//! server that answers at once still gets one check-in per interval. The first check-in of
+//! the process and the first after an error are plain ones, answered at once: they carry the
+//! agent's identity, learn the interval, and the first one starts the first snapshot; the
+//! held check-in follows at once, so a tunnel can be had quickly from the start.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use proto::seal::SealKey;
 use proto::wire::{EdgeStatus, SealedCredentials};
-use tracing::{info, warn};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
-use crate::client::{CheckinError, CheckinOutcome, PollClient, PollOptions, SetupError};
+use crate::client::{
+    CheckinError, CheckinOutcome, CheckinRoute, PollClient, PollOptions, SetupError,
+};
 use crate::config::Config;
+use crate::docker::{DockerClient, DockerHost, DockerHostError};
 use crate::edge_id::{self, EdgeIdError};
+use crate::home::Home;
 use crate::retry::{self, Backoff, LogDecision, LogThrottle};
+use crate::tls::{self, TlsSetupError};
+use crate::tunnel::{self, CredentialSlot, TunnelSettings};
+
+/// How long shutdown waits for the tunnel to say goodbye.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the agent could not start. Once running, it never gives up on its own.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +40,10 @@ pub enum AgentError {
     EdgeId(#[from] EdgeIdError),
     #[error(transparent)]
     Setup(#[from] SetupError),
+    #[error("invalid DOCKER_HOST: {0}")]
+    DockerHost(#[from] DockerHostError),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -26,12 +52,13 @@ where
     F: Future<Output = ()>,
 {
     let (edge_id, source) = edge_id::resolve(config.edge_id, &config.data_dir)?;
+    let docker = DockerHost::parse(&config.docker_host)?;
     info!(
         %edge_id,
         edge_id_source = source.as_str(),
         endpoint_id = config.token.endpoint_id,
         api_url = %config.token.api_url,
-        docker_host = %config.docker_host,
+        docker_host = %docker,
         inactivity_timeout = %humantime::format_duration(config.inactivity_timeout),
         version = env!("CARGO_PKG_VERSION"),
         "edge agent starting"
@@ -40,40 +67,97 @@ where
     options.agent_secret = config.agent_secret.clone();
     options.insecure = config.insecure_poll;
     let mut client = PollClient::new(&config.token, options)?;
+    let home = Arc::new(Home::new(&client, DockerClient::new(docker.clone())));
+    let settings = TunnelSettings {
+        endpoint_id: config.token.endpoint_id,
+        edge_id,
+        seal: SealKey::derive(&config.token.secret, &edge_id),
+        default_gateway: config.token.tunnel_addr.clone(),
+        tls: tls::tunnel_config(config.token.tunnel_fingerprint)?,
+        docker,
+        inactivity_timeout: config.inactivity_timeout,
+    };
+    let slot = Arc::new(CredentialSlot::default());
+    let stop = CancellationToken::new();
+    let supervisor = tokio::spawn(tunnel::supervise(
+        settings,
+        home.clone(),
+        slot.clone(),
+        stop.clone(),
+    ));
     let mut poller = Poller::default();
 
     tokio::pin!(shutdown);
     loop {
+        let sent_at = Instant::now();
+        let route = poller.route();
         let result = tokio::select! {
             () = &mut shutdown => break,
-            result = client.checkin() => result,
+            result = client.checkin_via(route) => result,
         };
-        let delay = poller.handle(result, client.interval(), Instant::now());
+        home.set_interval(client.interval());
+        let next = poller.handle(result, client.interval(), sent_at, Instant::now());
+        if next.first_success {
+            // In the background: a slow engine must never delay check-ins.
+            let home = home.clone();
+            tokio::spawn(async move { home.send_snapshot_logged("startup").await });
+        }
+        if let Some(sealed) = next.credentials {
+            slot.put(sealed);
+        }
         tokio::select! {
             () = &mut shutdown => break,
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep_until(next.at) => {}
         }
     }
+    stop.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, supervisor).await;
     info!("edge agent stopped");
     Ok(())
 }
 
-/// What the loop remembers between check-ins; decides the next delay and what to log.
+/// What to do after a check-in.
+#[derive(Debug)]
+struct Next {
+    /// When the next check-in is due.
+    at: Instant,
+    /// This was the first successful check-in of the process.
+    first_success: bool,
+    /// Tunnel credentials to hand to the tunnel supervisor.
+    credentials: Option<SealedCredentials>,
+}
+
+/// What the loop remembers between check-ins; decides the next one and what to log.
 #[derive(Debug, Default)]
 struct Poller {
     backoff: Backoff,
     throttle: LogThrottle,
     checked_in: bool,
-    tunnel: TunnelSeam,
+    /// The last check-in failed.
+    failing: bool,
+    /// The server asked for a tunnel without credentials (said once per episode).
+    required_without_credentials: bool,
 }
 
 impl Poller {
+    /// Held check-ins once settled; plain ones at first and after an error.
+    fn route(&self) -> CheckinRoute {
+        if self.checked_in && !self.failing {
+            CheckinRoute::Held
+        } else {
+            CheckinRoute::Plain
+        }
+    }
+
+    /// `sent_at`: when the check-in went out; `now`: when its answer (or error) came.
     fn handle(
         &mut self,
         result: Result<CheckinOutcome, CheckinError>,
         interval: Duration,
+        sent_at: Instant,
         now: Instant,
-    ) -> Duration {
+    ) -> Next {
+        let was_plain = self.route() == CheckinRoute::Plain;
         match result {
             Ok(outcome) => {
                 self.backoff.reset();
@@ -85,15 +169,46 @@ impl Poller {
                         "checked in with the control plane"
                     );
                 }
+                let first_success = !self.checked_in;
                 self.checked_in = true;
-                self.tunnel.on_answer(outcome.status, outcome.tunnel);
-                outcome.interval
+                self.failing = false;
+                let credentials = match (outcome.status, outcome.tunnel) {
+                    (EdgeStatus::Required, Some(sealed)) => {
+                        self.required_without_credentials = false;
+                        debug!("tunnel requested");
+                        Some(sealed)
+                    }
+                    (EdgeStatus::Required, None) => {
+                        if !self.required_without_credentials {
+                            self.required_without_credentials = true;
+                            warn!("the control plane asked for a tunnel but sent no credentials");
+                        }
+                        None
+                    }
+                    (EdgeStatus::Idle, _) => {
+                        self.required_without_credentials = false;
+                        None
+                    }
+                };
+                // Held check-ins: due one interval after the last one went out; after a
+                // plain one, the held one starts at once.
+                let at = if was_plain {
+                    now
+                } else {
+                    (sent_at + outcome.interval).max(now)
+                };
+                Next {
+                    at,
+                    first_success,
+                    credentials,
+                }
             }
             Err(err) => {
+                self.failing = true;
                 let delay =
                     retry::retry_delay(&err, interval, &mut self.backoff, &mut rand::thread_rng());
                 let retry_in = humantime::format_duration(round_ms(delay));
-                match self.throttle.failure(&log_key(&err), now) {
+                match self.throttle.failure(&log_key(&err), now.into_std()) {
                     LogDecision::Changed => warn!(
                         kind = err.kind(),
                         error = %err,
@@ -109,7 +224,11 @@ impl Poller {
                     ),
                     LogDecision::Quiet | LogDecision::Recovered { .. } => {}
                 }
-                delay
+                Next {
+                    at: now + delay,
+                    first_success: false,
+                    credentials: None,
+                }
             }
         }
     }
@@ -126,32 +245,6 @@ fn log_key(err: &CheckinError) -> String {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Where the reverse tunnel plugs in (a later issue). For now it only notices when the server
-/// wants a tunnel and says so once.
-#[derive(Debug, Default)]
-struct TunnelSeam {
-    requested: bool,
-}
-
-impl TunnelSeam {
-    fn on_answer(&mut self, status: EdgeStatus, credentials: Option<SealedCredentials>) {
-        match status {
-            EdgeStatus::Required if !self.requested => {
-                self.requested = true;
-                info!(
-                    credentials = credentials.is_some(),
-                    "tunnel requested (tunnels are not implemented in this build yet)"
-                );
-            }
-            EdgeStatus::Idle if self.requested => {
-                self.requested = false;
-                info!("tunnel no longer requested");
-            }
-            _ => {}
-        }
-    }
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C); if the signal handlers cannot be installed, never.
@@ -195,25 +288,116 @@ mod tests {
     use super::*;
     use crate::client::RefusalCode;
 
-    fn ok(interval: u64) -> Result<CheckinOutcome, CheckinError> {
+    fn ok(status: EdgeStatus, interval: u64) -> Result<CheckinOutcome, CheckinError> {
         Ok(CheckinOutcome {
-            status: EdgeStatus::Idle,
+            status,
             interval: Duration::from_secs(interval),
-            tunnel: None,
+            tunnel: (status == EdgeStatus::Required).then(|| SealedCredentials {
+                nonce: [0; 12],
+                ciphertext: vec![1],
+            }),
             connection: None,
             clock_corrected: false,
         })
     }
 
-    #[test]
-    fn follows_the_server_interval() {
-        let mut p = Poller::default();
-        let d = p.handle(ok(7), Duration::from_secs(5), Instant::now());
-        assert_eq!(d, Duration::from_secs(7));
+    fn idle(interval: u64) -> Result<CheckinOutcome, CheckinError> {
+        ok(EdgeStatus::Idle, interval)
     }
 
-    #[test]
-    fn refusal_then_recovery() {
+    #[tokio::test(start_paused = true)]
+    async fn next_checkin_is_due_one_interval_after_sending() {
+        let mut p = Poller::default();
+        let start = Instant::now();
+        // The first (plain) check-in is followed by a held one at once.
+        let next = p.handle(
+            idle(5),
+            Duration::from_secs(5),
+            start,
+            start + Duration::from_millis(30),
+        );
+        assert_eq!(next.at, start + Duration::from_millis(30));
+        assert!(next.first_success);
+        let sent = next.at;
+        // A held check-in answered near the end of the interval: the next one follows at once
+        // when the interval is over, not one more interval later.
+        let next = p.handle(
+            idle(5),
+            Duration::from_secs(5),
+            sent,
+            sent + Duration::from_millis(4750),
+        );
+        assert_eq!(next.at, sent + Duration::from_secs(5));
+        assert!(!next.first_success);
+        // An old server answers at once: still one check-in per interval.
+        let sent = next.at;
+        let next = p.handle(
+            idle(5),
+            Duration::from_secs(5),
+            sent,
+            sent + Duration::from_millis(20),
+        );
+        assert_eq!(next.at, sent + Duration::from_secs(5));
+        assert!(!next.first_success);
+        // An answer later than the interval: the next check-in goes out at once.
+        let late = sent + Duration::from_secs(9);
+        let next = p.handle(idle(5), Duration::from_secs(5), sent, late);
+        assert_eq!(next.at, late);
+        // The server's interval wins.
+        let next = p.handle(idle(7), Duration::from_secs(5), sent, sent);
+        assert_eq!(next.at, sent + Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn plain_checkins_until_settled_and_after_errors() {
+        let mut p = Poller::default();
+        let now = Instant::now();
+        assert_eq!(p.route(), CheckinRoute::Plain);
+        p.handle(idle(5), Duration::from_secs(5), now, now);
+        assert_eq!(p.route(), CheckinRoute::Held);
+        p.handle(
+            Err(CheckinError::Timeout(Duration::from_secs(15))),
+            Duration::from_secs(5),
+            now,
+            now,
+        );
+        assert_eq!(p.route(), CheckinRoute::Plain);
+        p.handle(idle(5), Duration::from_secs(5), now, now);
+        assert_eq!(p.route(), CheckinRoute::Held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_request_hands_over_the_credentials() {
+        let mut p = Poller::default();
+        let now = Instant::now();
+        let next = p.handle(
+            ok(EdgeStatus::Required, 5),
+            Duration::from_secs(5),
+            now,
+            now,
+        );
+        assert!(next.credentials.is_some());
+        let next = p.handle(
+            ok(EdgeStatus::Required, 5),
+            Duration::from_secs(5),
+            now,
+            now,
+        );
+        assert!(next.credentials.is_some());
+        assert_eq!(next.at, now + Duration::from_secs(5));
+        let mut without = ok(EdgeStatus::Required, 5);
+        if let Ok(o) = without.as_mut() {
+            o.tunnel = None;
+        }
+        let next = p.handle(without, Duration::from_secs(5), now, now);
+        assert!(next.credentials.is_none());
+        assert!(p.required_without_credentials);
+        p.handle(idle(5), Duration::from_secs(5), now, now);
+        assert!(!p.required_without_credentials);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_then_recovery() {
         let mut p = Poller::default();
         let now = Instant::now();
         let refused = || {
@@ -225,40 +409,29 @@ mod tests {
             })
         };
         for _ in 0..3 {
-            assert_eq!(
-                p.handle(refused(), Duration::from_secs(5), now),
-                Duration::from_secs(30)
-            );
+            let next = p.handle(refused(), Duration::from_secs(5), now, now);
+            assert_eq!(next.at, now + Duration::from_secs(30));
+            assert!(!next.first_success);
         }
-        assert_eq!(
-            p.handle(ok(5), Duration::from_secs(5), now),
-            Duration::from_secs(5)
-        );
+        let next = p.handle(idle(5), Duration::from_secs(5), now, now);
+        assert_eq!(next.at, now, "the held check-in follows at once");
+        assert!(next.first_success, "the first success of the process");
     }
 
-    #[test]
-    fn network_errors_back_off_within_cap() {
+    #[tokio::test(start_paused = true)]
+    async fn network_errors_back_off_from_the_answer_within_cap() {
         let mut p = Poller::default();
-        let now = Instant::now();
+        let sent = Instant::now();
+        let now = sent + Duration::from_secs(15);
         for _ in 0..20 {
-            let d = p.handle(
+            let next = p.handle(
                 Err(CheckinError::Timeout(Duration::from_secs(15))),
                 Duration::from_secs(5),
+                sent,
                 now,
             );
-            assert!(d <= Duration::from_secs(60));
+            assert!(next.at >= now && next.at <= now + Duration::from_secs(60));
         }
-    }
-
-    #[test]
-    fn tunnel_seam_tracks_transitions() {
-        let mut t = TunnelSeam::default();
-        t.on_answer(EdgeStatus::Required, None);
-        assert!(t.requested);
-        t.on_answer(EdgeStatus::Required, None);
-        assert!(t.requested);
-        t.on_answer(EdgeStatus::Idle, None);
-        assert!(!t.requested);
     }
 
     #[test]

@@ -21,8 +21,11 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use proto::codec::{self, CodecError, MAX_CONTROL_FRAME};
 use proto::proof::{self, ProofKey};
+use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME, SNAPSHOT_PATH};
+use proto::tunnel::TUNNEL_REQUEST_PATH;
 use proto::wire::{
-    AgentInfo, CheckinAnswer, CheckinRequest, EdgeStatus, Platform, SealedCredentials, CHECKIN_PATH,
+    AgentInfo, CheckinAnswer, CheckinRequest, EdgeStatus, Platform, SealedCredentials,
+    CHECKIN_PATH, HELD_CHECKIN_PATH,
 };
 use proto::JoinToken;
 use rustls::pki_types::ServerName;
@@ -31,7 +34,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use uuid::Uuid;
 
-use crate::clock::{unix_now_ms, CheckinClock};
+use crate::clock::SharedClock;
 use crate::tls::{self, TlsSetupError};
 
 /// Interval assumed before the server has told us one (the control plane's default).
@@ -39,9 +42,13 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// Slack on top of the interval before a check-in counts as timed out (the server may hold a
 /// check-in open for up to one interval).
 pub const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
-/// The longest the server may hold a check-in (the tunnel milestone's held check-in); with
-/// long intervals (up to an hour) a silently dead connection must not hang the agent as long.
+/// Patience for an answer that should come at once (plain check-ins, tunnel requests) grows
+/// with the interval up to this: with long intervals (up to an hour) a silently dead
+/// connection must not hang the agent as long. Held check-ins are held for up to the whole
+/// interval and wait for it plus [`TIMEOUT_SLACK`]: their next one is due then anyway.
 pub const MAX_HOLD: Duration = Duration::from_secs(60);
+/// A snapshot upload gets this long.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest error body read (they are small JSON objects).
 const MAX_ERROR_BODY: usize = 4 * 1024;
 /// Longest server message kept for errors and logs.
@@ -285,6 +292,9 @@ pub enum CheckinError {
     /// The request could not be encoded: a bug on our side.
     #[error("cannot encode the check-in: {0}")]
     Encode(#[source] CodecError),
+    /// The request is larger than the server accepts (a snapshot of a huge engine).
+    #[error("request of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
 }
 
 impl CheckinError {
@@ -309,6 +319,7 @@ impl CheckinError {
             Self::Server { .. } => "server_error",
             Self::Protocol { .. } => "protocol",
             Self::Encode(_) => "encode",
+            Self::TooLarge { .. } => "too_large",
         }
     }
 
@@ -373,6 +384,8 @@ pub struct PollOptions {
     pub tls_config: Option<Arc<rustls::ClientConfig>>,
     /// Interval assumed until the server answers.
     pub initial_interval: Duration,
+    /// Where timestamps come from; share one between the clients of one agent.
+    pub clock: SharedClock,
 }
 
 impl PollOptions {
@@ -386,6 +399,7 @@ impl PollOptions {
             agent_info: agent_info(hostname()),
             tls_config: None,
             initial_interval: DEFAULT_INTERVAL,
+            clock: SharedClock::new(),
         }
     }
 }
@@ -409,6 +423,18 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// Which route a check-in takes. All three carry the same signed [`CheckinRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckinRoute {
+    /// `/edge/c`: the server answers at once.
+    Plain,
+    /// `/edge/h`: the server may hold an idle answer for up to the interval and answers the
+    /// moment a tunnel is wanted. Servers that do not know the route get plain check-ins.
+    Held,
+    /// `/edge/t`: the agent lost a tunnel in use and asks for fresh credentials itself.
+    AskTunnel,
+}
+
 /// Where and how to connect, worked out once from the join token.
 #[derive(Debug, Clone)]
 struct Target {
@@ -416,7 +442,11 @@ struct Target {
     port: u16,
     /// `host[:port]` as the `host` header carries it.
     authority: HeaderValue,
-    path: Uri,
+    /// The agent routes under the API URL's path.
+    checkin: Uri,
+    held: Uri,
+    ask_tunnel: Uri,
+    snapshot: Uri,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
@@ -435,8 +465,9 @@ impl Target {
             None => host_str.to_owned(),
         };
         let authority = HeaderValue::from_str(&authority).map_err(|_| bad("bad host"))?;
-        let path = format!("{}{}", url.path().trim_end_matches('/'), CHECKIN_PATH);
-        let path = Uri::try_from(path).map_err(|_| bad("bad path"))?;
+        let prefix = url.path().trim_end_matches('/');
+        let route =
+            |path: &str| Uri::try_from(format!("{prefix}{path}")).map_err(|_| bad("bad path"));
         let tls = match url.scheme() {
             "https" => {
                 let name = match &host {
@@ -454,9 +485,20 @@ impl Target {
             host,
             port,
             authority,
-            path,
+            checkin: route(CHECKIN_PATH)?,
+            held: route(HELD_CHECKIN_PATH)?,
+            ask_tunnel: route(TUNNEL_REQUEST_PATH)?,
+            snapshot: route(SNAPSHOT_PATH)?,
             tls,
         })
+    }
+
+    fn checkin_uri(&self, route: CheckinRoute) -> &Uri {
+        match route {
+            CheckinRoute::Plain => &self.checkin,
+            CheckinRoute::Held => &self.held,
+            CheckinRoute::AskTunnel => &self.ask_tunnel,
+        }
     }
 }
 
@@ -473,10 +515,12 @@ pub struct PollClient {
     counters: Arc<ByteCounters>,
     agent_info: AgentInfo,
     conn: Option<Sender>,
-    clock: CheckinClock,
+    clock: SharedClock,
     send_agent_info: bool,
     interval: Duration,
     connects: u64,
+    /// Cleared when the server does not know the held check-in route (an older version).
+    held_supported: bool,
 }
 
 /// A failed attempt, and whether it failed on a reused connection before any answer (the
@@ -495,6 +539,20 @@ impl From<CheckinError> for AttemptError {
     }
 }
 
+/// One request to send: where, what, and how large a successful answer may be.
+struct Prepared {
+    uri: Uri,
+    body: Vec<u8>,
+    answer_limit: usize,
+}
+
+/// A successful (2xx) answer.
+struct RawAnswer {
+    status: StatusCode,
+    body: Bytes,
+    connection: Option<NewConnection>,
+}
+
 impl PollClient {
     pub fn new(token: &JoinToken, options: PollOptions) -> Result<Self, SetupError> {
         let PollOptions {
@@ -506,6 +564,7 @@ impl PollClient {
             agent_info,
             tls_config,
             initial_interval,
+            clock,
         } = options;
         let target = Target::new(&token.api_url, || match tls_config {
             Some(c) => Ok(c),
@@ -520,20 +579,52 @@ impl PollClient {
             counters,
             agent_info,
             conn: None,
-            clock: CheckinClock::new(),
+            clock,
             send_agent_info: true,
             interval: initial_interval.max(Duration::from_secs(1)),
             connects: 0,
+            held_supported: true,
         })
+    }
+
+    /// A new client for the same agent, on its own connection (opened on first use): same
+    /// key, TLS configuration, byte counters and interval, and the same clock, so timestamps
+    /// stay strictly increasing across both. For requests that must not wait behind a held
+    /// check-in (tunnel requests, snapshot uploads).
+    pub fn sibling(&self) -> Self {
+        Self {
+            endpoint_id: self.endpoint_id,
+            edge_id: self.edge_id,
+            key: self.key.clone(),
+            target: self.target.clone(),
+            local_addr: self.local_addr,
+            counters: self.counters.clone(),
+            agent_info: self.agent_info.clone(),
+            conn: None,
+            clock: self.clock.clone(),
+            send_agent_info: true,
+            interval: self.interval,
+            connects: 0,
+            held_supported: self.held_supported,
+        }
     }
 
     pub fn edge_id(&self) -> Uuid {
         self.edge_id
     }
 
+    pub fn endpoint_id(&self) -> u64 {
+        self.endpoint_id
+    }
+
     /// The interval the server asked for last (or the initial one).
     pub fn interval(&self) -> Duration {
         self.interval
+    }
+
+    /// Sets the interval this client reports (a sibling follows the main client's).
+    pub fn set_interval(&mut self, interval: Duration) {
+        self.interval = interval.max(Duration::from_secs(1));
     }
 
     pub fn counters(&self) -> &Arc<ByteCounters> {
@@ -549,30 +640,206 @@ impl PollClient {
         self.clock.offset_ms()
     }
 
+    /// The clock this client takes its timestamps from.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Whether held check-ins are still tried (cleared when the server does not know them).
+    pub fn held_supported(&self) -> bool {
+        self.held_supported
+    }
+
     /// Closes the connection; the next check-in opens a new one.
     pub fn disconnect(&mut self) {
         self.conn = None;
     }
 
-    /// One check-in: connect if needed, send, read the answer. A `clock_skew` refusal is fixed
-    /// and retried at once (once); a kept-alive connection found dead before answering is
-    /// replaced at once (once). Times out after the interval (at most [`MAX_HOLD`]) plus
-    /// [`TIMEOUT_SLACK`].
+    /// How long a request may take before it counts as timed out: a held check-in may be held
+    /// for the whole interval; others are answered at once (the interval only adds patience,
+    /// at most [`MAX_HOLD`]).
+    pub fn timeout_for(&self, route: CheckinRoute) -> Duration {
+        match route {
+            CheckinRoute::Held => self.interval + TIMEOUT_SLACK,
+            CheckinRoute::Plain | CheckinRoute::AskTunnel => {
+                self.interval.min(MAX_HOLD) + TIMEOUT_SLACK
+            }
+        }
+    }
+
+    /// One plain check-in (answered at once); see [`PollClient::checkin_via`].
     pub async fn checkin(&mut self) -> Result<CheckinOutcome, CheckinError> {
-        let timeout = self.interval.min(MAX_HOLD) + TIMEOUT_SLACK;
+        self.checkin_via(CheckinRoute::Plain).await
+    }
+
+    /// One check-in on `route`: connect if needed, send, read the answer. A `clock_skew`
+    /// refusal is fixed and retried at once (once); a kept-alive connection found dead before
+    /// answering is replaced at once (once). Times out after [`PollClient::timeout_for`]. A
+    /// server that does not know held check-ins (404 without an agent error code) gets a plain
+    /// check-in at once, and only plain ones from then on.
+    pub async fn checkin_via(
+        &mut self,
+        route: CheckinRoute,
+    ) -> Result<CheckinOutcome, CheckinError> {
+        let route = if route == CheckinRoute::Held && !self.held_supported {
+            CheckinRoute::Plain
+        } else {
+            route
+        };
+        let result = self.call_checkin(route).await;
+        if route == CheckinRoute::Held {
+            if let Err(CheckinError::Refused {
+                status: 404,
+                code: RefusalCode::Other(_),
+                ..
+            }) = &result
+            {
+                self.held_supported = false;
+                tracing::info!(
+                    "the control plane does not hold check-ins (older version); polling instead"
+                );
+                return self.call_checkin(CheckinRoute::Plain).await;
+            }
+        }
+        result
+    }
+
+    async fn call_checkin(&mut self, route: CheckinRoute) -> Result<CheckinOutcome, CheckinError> {
+        let timeout = self.timeout_for(route);
+        let (mut outcome, skew_fixed) = self
+            .call(
+                timeout,
+                |c| c.prepare_checkin(route),
+                |c, raw| c.read_checkin_answer(raw),
+            )
+            .await?;
+        outcome.clock_corrected |= skew_fixed;
+        Ok(outcome)
+    }
+
+    /// Uploads a [`proto::snapshot::compress`]ed snapshot to the snapshot route, signed like a
+    /// check-in. Success is any 2xx (the control plane answers 204).
+    pub async fn upload_snapshot(&mut self, compressed: &[u8]) -> Result<(), CheckinError> {
+        self.call(
+            UPLOAD_TIMEOUT,
+            |c| c.prepare_upload(compressed),
+            |_, _| Ok(()),
+        )
+        .await
+        .map(|((), _)| ())
+    }
+
+    fn prepare_checkin(&mut self, route: CheckinRoute) -> Result<Prepared, CheckinError> {
+        // The Edge ID travels with the first check-in and after errors, like the agent info;
+        // in the steady state the MAC covers it and the server supplies the bound one.
+        let timestamp_ms = self.clock.next_timestamp();
+        let request = CheckinRequest {
+            endpoint_id: self.endpoint_id,
+            edge_id: self.send_agent_info.then_some(self.edge_id),
+            timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
+            // The high bits go with the Edge ID, so a far-off clock is reported as skewed.
+            timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
+            interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
+            agent: self.send_agent_info.then(|| self.agent_info.clone()),
+        };
+        let body = proof::sign(&request, &self.key, &self.edge_id, timestamp_ms)
+            .map_err(CheckinError::Encode)?;
+        Ok(Prepared {
+            uri: self.target.checkin_uri(route).clone(),
+            body,
+            answer_limit: MAX_CONTROL_FRAME,
+        })
+    }
+
+    fn prepare_upload(&mut self, compressed: &[u8]) -> Result<Prepared, CheckinError> {
+        let timestamp_ms = self.clock.next_timestamp();
+        let upload = SnapshotUpload {
+            endpoint_id: self.endpoint_id,
+            edge_id: self.edge_id,
+            timestamp_ms,
+            body: compressed.to_vec(),
+        };
+        let body = proof::sign(&upload, &self.key, &self.edge_id, timestamp_ms)
+            .map_err(CheckinError::Encode)?;
+        if body.len() > MAX_UPLOAD_FRAME {
+            return Err(CheckinError::TooLarge {
+                len: body.len(),
+                limit: MAX_UPLOAD_FRAME,
+            });
+        }
+        Ok(Prepared {
+            uri: self.target.snapshot.clone(),
+            body,
+            answer_limit: MAX_ERROR_BODY,
+        })
+    }
+
+    fn read_checkin_answer(&mut self, raw: RawAnswer) -> Result<CheckinOutcome, CheckinError> {
+        let RawAnswer {
+            status,
+            body,
+            connection,
+        } = raw;
+        if status == StatusCode::NO_CONTENT {
+            // Nothing new: idle, our interval is current, our clock is fine.
+            return Ok(CheckinOutcome {
+                status: EdgeStatus::Idle,
+                interval: self.interval,
+                tunnel: None,
+                connection,
+                clock_corrected: false,
+            });
+        }
+        if status != StatusCode::OK {
+            return Err(CheckinError::Protocol {
+                status: status.as_u16(),
+                detail: "unexpected status".to_owned(),
+            });
+        }
+        let answer: CheckinAnswer =
+            codec::decode(&body, MAX_CONTROL_FRAME).map_err(|e| CheckinError::Protocol {
+                status: 200,
+                detail: format!("undecodable answer: {e}"),
+            })?;
+        let mut clock_corrected = false;
+        if let Some(server_ms) = answer.server_time_ms {
+            self.clock.learn(server_ms);
+            clock_corrected = true;
+        }
+        self.interval = Duration::from_secs(u64::from(answer.interval_secs.max(1)));
+        Ok(CheckinOutcome {
+            status: answer.status,
+            interval: self.interval,
+            tunnel: answer.tunnel,
+            connection,
+            clock_corrected,
+        })
+    }
+
+    /// Sends a request built by `prepare` (again for each retry: a fresh timestamp) and reads
+    /// its answer with `read`, with the retries described at [`PollClient::checkin_via`].
+    /// Returns whether the clock was corrected on the way.
+    async fn call<T>(
+        &mut self,
+        timeout: Duration,
+        mut prepare: impl FnMut(&mut Self) -> Result<Prepared, CheckinError>,
+        mut read: impl FnMut(&mut Self, RawAnswer) -> Result<T, CheckinError>,
+    ) -> Result<(T, bool), CheckinError> {
         let mut skew_fixed = false;
         let mut stale_replaced = false;
         let mut id_resent = false;
         loop {
-            let result = match tokio::time::timeout(timeout, self.attempt()).await {
-                Ok(result) => result,
-                Err(_) => Err(CheckinError::Timeout(timeout).into()),
+            let result = match prepare(self) {
+                Ok(prepared) => match tokio::time::timeout(timeout, self.attempt(prepared)).await {
+                    Ok(result) => result.and_then(|raw| read(self, raw).map_err(Into::into)),
+                    Err(_) => Err(CheckinError::Timeout(timeout).into()),
+                },
+                Err(e) => Err(e.into()),
             };
             let AttemptError { error, stale_reuse } = match result {
-                Ok(mut outcome) => {
+                Ok(value) => {
                     self.send_agent_info = false;
-                    outcome.clock_corrected |= skew_fixed;
-                    return Ok(outcome);
+                    return Ok((value, skew_fixed));
                 }
                 Err(e) => e,
             };
@@ -605,7 +872,7 @@ impl PollClient {
             {
                 if !skew_fixed {
                     skew_fixed = true;
-                    self.clock.learn(*server_ms, unix_now_ms());
+                    self.clock.learn(*server_ms);
                     tracing::info!(
                         offset_ms = self.clock.offset_ms(),
                         "clock corrected from the server's clock_skew answer"
@@ -617,7 +884,7 @@ impl PollClient {
         }
     }
 
-    async fn attempt(&mut self) -> Result<CheckinOutcome, AttemptError> {
+    async fn attempt(&mut self, prepared: Prepared) -> Result<RawAnswer, AttemptError> {
         // Take the connection out: if this future is dropped (timeout, shutdown) midway, the
         // half-used connection goes with it.
         let mut reusable = self.conn.take();
@@ -635,24 +902,15 @@ impl PollClient {
         };
         let reused = connection.is_none();
 
-        // The Edge ID travels with the first check-in and after errors, like the agent info;
-        // in the steady state the MAC covers it and the server supplies the bound one.
-        let timestamp_ms = self.clock.next_timestamp(unix_now_ms());
-        let request = CheckinRequest {
-            endpoint_id: self.endpoint_id,
-            edge_id: self.send_agent_info.then_some(self.edge_id),
-            timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
-            // The high bits go with the Edge ID, so a far-off clock is reported as skewed.
-            timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
-            interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
-            agent: self.send_agent_info.then(|| self.agent_info.clone()),
-        };
-        let body = proof::sign(&request, &self.key, &self.edge_id, timestamp_ms)
-            .map_err(CheckinError::Encode)?;
+        let Prepared {
+            uri,
+            body,
+            answer_limit,
+        } = prepared;
         let body_len = body.len();
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.target.path.clone();
+        *req.uri_mut() = uri;
         let headers = req.headers_mut();
         headers.insert(HOST, self.target.authority.clone());
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
@@ -671,8 +929,8 @@ impl PollClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let limit = if status == StatusCode::OK {
-            MAX_CONTROL_FRAME
+        let limit = if status.is_success() {
+            answer_limit
         } else {
             MAX_ERROR_BODY
         };
@@ -689,40 +947,17 @@ impl PollClient {
                 .into())
             }
         };
-        // The exchange is complete: the connection can serve the next check-in.
+        // The exchange is complete: the connection can serve the next request.
         self.conn = Some(sender);
-
-        if status == StatusCode::NO_CONTENT {
-            // Nothing new: idle, our interval is current, our clock is fine.
-            return Ok(CheckinOutcome {
-                status: EdgeStatus::Idle,
-                interval: self.interval,
-                tunnel: None,
+        if status.is_success() {
+            Ok(RawAnswer {
+                status,
+                body,
                 connection,
-                clock_corrected: false,
-            });
+            })
+        } else {
+            Err(error_from_answer(status, retry_after, &body).into())
         }
-        if status == StatusCode::OK {
-            let answer: CheckinAnswer =
-                codec::decode(&body, MAX_CONTROL_FRAME).map_err(|e| CheckinError::Protocol {
-                    status: 200,
-                    detail: format!("undecodable answer: {e}"),
-                })?;
-            let mut clock_corrected = false;
-            if let Some(server_ms) = answer.server_time_ms {
-                self.clock.learn(server_ms, unix_now_ms());
-                clock_corrected = true;
-            }
-            self.interval = Duration::from_secs(u64::from(answer.interval_secs.max(1)));
-            return Ok(CheckinOutcome {
-                status: answer.status,
-                interval: self.interval,
-                tunnel: answer.tunnel,
-                connection,
-                clock_corrected,
-            });
-        }
-        Err(error_from_answer(status, retry_after, &body).into())
     }
 
     async fn connect(&mut self) -> Result<(Sender, NewConnection), CheckinError> {
@@ -958,16 +1193,20 @@ mod tests {
         let t = Target::new("https://cp.example.com:9443", cfg).unwrap();
         assert_eq!(t.authority, "cp.example.com:9443");
         assert_eq!(t.port, 9443);
-        assert_eq!(t.path, proto::wire::CHECKIN_PATH);
+        assert_eq!(t.checkin, proto::wire::CHECKIN_PATH);
+        assert_eq!(t.checkin_uri(CheckinRoute::Held), HELD_CHECKIN_PATH);
+        assert_eq!(t.checkin_uri(CheckinRoute::AskTunnel), TUNNEL_REQUEST_PATH);
+        assert_eq!(t.snapshot, SNAPSHOT_PATH);
         assert!(t.tls.is_some());
 
         let t = Target::new("https://cp.example.com/prefix/", cfg).unwrap();
         assert_eq!(t.authority, "cp.example.com");
         assert_eq!(t.port, 443);
         assert_eq!(
-            t.path,
+            t.checkin,
             format!("/prefix{}", proto::wire::CHECKIN_PATH).as_str()
         );
+        assert_eq!(t.snapshot, format!("/prefix{SNAPSHOT_PATH}").as_str());
 
         let t = Target::new("https://[::1]:9443", cfg).unwrap();
         assert_eq!(t.authority, "[::1]:9443");

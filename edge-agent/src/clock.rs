@@ -1,6 +1,12 @@
 //! Check-in timestamps: the local clock corrected by what the server taught us, and strictly
 //! increasing within one process (the server refuses a repeated or older timestamp as a replay).
+//!
+//! The agent talks to the control plane over more than one connection (the held check-in, and
+//! short-lived ones for tunnel requests and snapshot uploads), so its clients share one
+//! [`SharedClock`]: every request of the process gets its own, strictly greater timestamp, and
+//! an offset learned by one client serves all.
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch on the local clock (0 if the clock is before 1970).
@@ -42,6 +48,45 @@ impl CheckinClock {
     pub fn learn(&mut self, server_ms: u64, local_now_ms: u64) {
         let offset = i128::from(server_ms) - i128::from(local_now_ms);
         self.offset_ms = offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    }
+
+    /// The corrected time, without handing out a timestamp (e.g. when a snapshot was taken).
+    pub fn corrected(&self, local_now_ms: u64) -> u64 {
+        local_now_ms.saturating_add_signed(self.offset_ms)
+    }
+}
+
+/// One [`CheckinClock`] shared by all the clients of an agent process; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct SharedClock(Arc<Mutex<CheckinClock>>);
+
+impl SharedClock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CheckinClock> {
+        // The critical sections cannot panic half-way; a poisoned clock is still consistent.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next request timestamp on the local clock, see [`CheckinClock::next_timestamp`].
+    pub fn next_timestamp(&self) -> u64 {
+        self.lock().next_timestamp(unix_now_ms())
+    }
+
+    /// Learns the offset from a server time read just now.
+    pub fn learn(&self, server_ms: u64) {
+        self.lock().learn(server_ms, unix_now_ms());
+    }
+
+    pub fn offset_ms(&self) -> i64 {
+        self.lock().offset_ms()
+    }
+
+    /// The corrected time now.
+    pub fn now_ms(&self) -> u64 {
+        self.lock().corrected(unix_now_ms())
     }
 }
 
@@ -86,6 +131,26 @@ mod tests {
         let mut c = CheckinClock::new();
         c.learn(0, u64::MAX);
         assert_eq!(c.next_timestamp(5), 1);
+    }
+
+    #[test]
+    fn shared_clock_hands_out_strictly_increasing_timestamps_to_all_holders() {
+        let a = SharedClock::new();
+        let b = a.clone();
+        let mut last = 0;
+        for i in 0..1000 {
+            let ts = if i % 2 == 0 {
+                a.next_timestamp()
+            } else {
+                b.next_timestamp()
+            };
+            assert!(ts > last, "{ts} after {last}");
+            last = ts;
+        }
+        // An offset learned through one holder applies to the other.
+        a.learn(unix_now_ms() + 3_600_000);
+        assert!((b.offset_ms() - 3_600_000).abs() < 1_000);
+        assert!(b.now_ms() > unix_now_ms() + 3_500_000);
     }
 
     #[test]

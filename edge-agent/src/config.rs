@@ -89,6 +89,8 @@ pub enum ConfigError {
         "invalid EDGE_INACTIVITY_TIMEOUT: {value:?} is not a duration such as \"5m\" or \"90s\""
     )]
     InactivityTimeout { value: String },
+    #[error("invalid DOCKER_HOST: {0}")]
+    DockerHost(#[from] crate::docker::DockerHostError),
     #[error("EDGE_ASYNC=1: async mode is not available yet in this build; unset EDGE_ASYNC to run in standard mode")]
     AsyncUnavailable,
 }
@@ -114,6 +116,9 @@ impl Config {
                 .filter(|d| !d.is_zero())
                 .ok_or(ConfigError::InactivityTimeout { value })?,
         };
+        let docker_host =
+            non_empty(args.docker_host).unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned());
+        crate::docker::DockerHost::parse(&docker_host)?;
         Ok(Self {
             token,
             edge_id,
@@ -123,8 +128,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             insecure_poll,
             agent_secret: non_empty(args.agent_secret),
-            docker_host: non_empty(args.docker_host)
-                .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned()),
+            docker_host: docker_host.trim().to_owned(),
             inactivity_timeout,
         })
     }
@@ -309,6 +313,19 @@ mod tests {
             .unwrap()
             .insecure_poll
         );
+    }
+
+    #[test]
+    fn bad_docker_host() {
+        let err = Config::from_args(Args {
+            docker_host: Some("/var/run/docker.sock".into()),
+            ..args()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::DockerHost(_)));
+        let line = err.to_string();
+        assert!(line.starts_with("invalid DOCKER_HOST: "), "{line}");
+        assert!(line.contains("unix:///path/to/docker.sock"), "{line}");
     }
 
     #[test]

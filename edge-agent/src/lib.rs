@@ -6,21 +6,29 @@
 //!   the load test.
 //! * [`tls`]: which API certificates are accepted (pinned by the join token, publicly trusted,
 //!   or anything with `EDGE_INSECURE_POLL=1`).
-//! * [`clock`], [`retry`]: timestamps, backoff and log throttling, as pure logic.
+//! * [`clock`], [`retry`]: timestamps (shared by all clients of the process), backoff and log
+//!   throttling, as pure logic.
+//! * [`docker`]: `DOCKER_HOST`, connections to the engine, and its snapshots.
+//! * [`home`]: requests home that must not wait behind a held check-in (tunnel requests,
+//!   snapshot uploads), on short-lived sibling clients.
+//! * [`tunnel`]: the reverse tunnel (handshake, streams to the engine, inactivity, recovery).
 //! * [`agent`]: the loop that ties them together ([`run`]).
 
 pub mod agent;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod docker;
 pub mod edge_id;
+pub mod home;
 pub mod retry;
 pub mod tls;
+pub mod tunnel;
 
 pub use agent::{init_tracing, run, shutdown_signal, AgentError};
 pub use client::{
-    ByteCount, ByteCounters, CheckinError, CheckinOutcome, PollClient, PollOptions, RefusalCode,
-    RetryClass, SetupError,
+    ByteCount, ByteCounters, CheckinError, CheckinOutcome, CheckinRoute, PollClient, PollOptions,
+    RefusalCode, RetryClass, SetupError,
 };
 pub use config::{Args, Config, ConfigError};
 

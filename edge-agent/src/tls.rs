@@ -10,6 +10,9 @@
 //!
 //! The handshake signature is always checked with the provider's algorithms, so whoever
 //! answers must hold the certificate's private key.
+//!
+//! Tunnel gateways are held to a stricter rule ([`tunnel_config`]): only the fingerprint in the
+//! join token counts, never public roots and never `EDGE_INSECURE_POLL`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -175,6 +178,86 @@ pub fn client_config_with_roots(
     Ok(Arc::new(config))
 }
 
+/// Accepts exactly the certificate whose SHA-256 is pinned (the tunnel gateways'); anything
+/// else fails with [`rustls::CertificateError::ApplicationVerificationFailure`], which
+/// [`is_certificate_rejection`] recognises.
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    pinned: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedVerifier {
+    pub fn new(pinned: [u8; 32], provider: &CryptoProvider) -> Self {
+        Self {
+            pinned,
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity) == self.pinned {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The client configuration for tunnels: the gateway certificate must be the one pinned in
+/// the join token. No ALPN.
+pub fn tunnel_config(pinned: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    let provider = provider();
+    let verifier = PinnedVerifier::new(pinned, &provider);
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Whether a failed TLS handshake (as tokio-rustls reports it) means our verifier rejected
+/// the peer's certificate.
+pub fn is_certificate_rejection(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)))
+}
+
 /// SHA-256 of a certificate's DER, as join tokens carry it.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
     Sha256::digest(cert.as_ref()).into()
@@ -289,6 +372,23 @@ mod tests {
         assert!(v
             .check(&junk, &[], &name("x.example"), &[], UnixTime::now())
             .is_err());
+    }
+
+    #[test]
+    fn pinned_verifier_accepts_only_the_pinned_certificate() {
+        let cert = self_signed("gw.local");
+        let (_, leaf) = ca_and_leaf("gw.local");
+        let v = PinnedVerifier::new(fingerprint(&cert), &provider());
+        assert!(v
+            .verify_server_cert(&cert, &[], &name("anything"), &[], UnixTime::now())
+            .is_ok());
+        let err = v
+            .verify_server_cert(&leaf, &[], &name("gw.local"), &[], UnixTime::now())
+            .unwrap_err();
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, err);
+        assert!(is_certificate_rejection(&io));
+        assert!(!is_certificate_rejection(&std::io::Error::other("reset")));
+        assert!(tunnel_config([0; 32]).is_ok());
     }
 
     #[test]

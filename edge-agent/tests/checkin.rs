@@ -310,3 +310,46 @@ async fn silent_server_times_out_after_interval_plus_slack() {
     assert!(started.elapsed() >= Duration::from_secs(15));
     hold.abort();
 }
+
+#[tokio::test]
+async fn siblings_share_the_clock_and_upload_snapshots() {
+    let cp = fake().await;
+    let (id, token) = cp.create_env(5);
+    let mut main = client(&token, Uuid::new_v4());
+    main.checkin().await.expect("binds");
+    let mut side = main.sibling();
+    // Interleaved requests over two connections: every timestamp is new, none is a replay.
+    for _ in 0..5 {
+        main.checkin().await.expect("main");
+        side.checkin().await.expect("side");
+    }
+    let asked = side
+        .checkin_via(edge_agent::CheckinRoute::AskTunnel)
+        .await
+        .expect("tunnel request");
+    assert_eq!(asked.status, EdgeStatus::Required);
+    assert!(asked.tunnel.is_some(), "credentials come with it");
+    let stamps: Vec<u32> = cp
+        .seen()
+        .iter()
+        .filter_map(|s| s.request.as_ref().map(|r| r.timestamp_lo))
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{stamps:?}");
+    assert_eq!(cp.connections(), 2);
+
+    let mut snap = proto::snapshot::Snapshot {
+        taken_ms: 42,
+        ..Default::default()
+    };
+    snap.engine.name = "Test Engine".into();
+    snap.normalise();
+    let body = proto::snapshot::compress(&snap).expect("compress");
+    side.upload_snapshot(&body).await.expect("upload");
+    assert_eq!(cp.last_snapshot(id), Some(snap));
+
+    // Another agent's upload is refused.
+    let mut intruder = client(&token, Uuid::new_v4());
+    let err = intruder.upload_snapshot(&body).await.expect_err("refused");
+    assert_eq!(err.kind(), "edge_id_mismatch");
+    assert_eq!(cp.uploads(id).len(), 1);
+}
