@@ -49,6 +49,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Standard)]
     pub mode: Mode,
 
+    /// Held check-ins, as real agents send them: after a first plain check-in, every check-in
+    /// goes to `/edge/h` (the server holds an idle answer for up to the interval minus 250 ms)
+    /// and the next one is due at *send time* + interval (at once when the answer came
+    /// later). Without it agents poll `/edge/c`, answered at once.
+    #[arg(long)]
+    pub held: bool,
+
     /// Write the JSON report here (otherwise it goes to stdout after the summary).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -97,6 +104,8 @@ pub struct Plan {
     pub interval: Duration,
     pub ramp: Duration,
     pub workers: u32,
+    /// Held check-ins (`--held`).
+    pub held: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -160,6 +169,7 @@ impl Args {
             interval: Duration::from_secs(self.interval),
             ramp: Duration::from_secs(ramp),
             workers,
+            held: self.held,
         })
     }
 }
@@ -205,6 +215,7 @@ mod tests {
                 interval: Duration::from_secs(5),
                 ramp: Duration::from_secs(5),
                 workers: 1,
+                held: false,
             }
         );
         let mut full = BASE.to_vec();
@@ -221,12 +232,15 @@ mod tests {
             "--sources",
             "4",
             "--keep",
+            "--held",
         ]);
         let a = parse(&full).unwrap();
         assert_eq!(a.report, Some(PathBuf::from("r.json")));
         assert_eq!(a.server_pid, Some(42));
-        assert!(a.insecure && a.keep);
-        assert_eq!(a.plan().unwrap().ramp, Duration::from_secs(10));
+        assert!(a.insecure && a.keep && a.held);
+        let p = a.plan().unwrap();
+        assert_eq!(p.ramp, Duration::from_secs(10));
+        assert!(p.held);
     }
 
     #[test]

@@ -32,6 +32,8 @@ use crate::worker::WorkerSpec;
 
 /// How long a spawned control plane may take to become ready.
 const SPAWN_READY_WITHIN: Duration = Duration::from_secs(60);
+/// With held check-ins, the server's memory is read this long before the end of the window.
+const HELD_RSS_LEAD: Duration = Duration::from_millis(300);
 
 /// Runs a whole load test as described by `args` (not a worker).
 pub async fn run(args: Args) -> anyhow::Result<Report> {
@@ -130,6 +132,7 @@ async fn run_against(
     let (sim, server) = outcome?;
     let facts = RunFacts {
         mode: "standard".to_owned(),
+        held: plan.held,
         interval_secs: plan.interval.as_secs(),
         ramp_secs: plan.ramp.as_secs_f64(),
         create_secs,
@@ -162,7 +165,17 @@ async fn measure(
     let start = worker::instant_of_unix_ms(start_unix_ms);
     let timeline = Timeline::new(start, plan.ramp, plan.duration);
 
-    let sampler = tokio::spawn(sample_server(pid, timeline));
+    // Held check-ins are pending almost all the time; read the memory before agents leave at
+    // the end (they drop their pending check-ins then), while each still has one open.
+    let rss_at = if plan.held {
+        timeline
+            .end
+            .checked_sub(HELD_RSS_LEAD.min(plan.duration / 2))
+            .unwrap_or(timeline.end)
+    } else {
+        timeline.end
+    };
+    let sampler = tokio::spawn(sample_server(pid, timeline, rss_at));
     let progress_slots = Arc::new(Mutex::new(vec![Progress::default(); plan.workers as usize]));
     let live = Arc::new(Live::default());
     let display = tokio::spawn(show_progress(
@@ -182,6 +195,7 @@ async fn measure(
             duration_ms: plan.duration.as_millis() as u64,
             sources,
             first_index: 0,
+            held: plan.held,
         };
         worker::run_workers(worker::split(&keys, plan.workers, &base), progress_slots).await
     } else {
@@ -201,6 +215,7 @@ async fn measure(
                 timeline,
                 sources,
                 first_index: 0,
+                held: plan.held,
             },
             live,
         )
@@ -218,16 +233,28 @@ async fn measure(
     ))
 }
 
-/// CPU used by the server inside the steady window, and its memory at the window's end.
-async fn sample_server(pid: Option<u32>, timeline: Timeline) -> (Option<f64>, Option<u64>) {
+/// CPU used by the server inside the steady window, and its memory at `rss_at` (the window's
+/// end, or just before it).
+async fn sample_server(
+    pid: Option<u32>,
+    timeline: Timeline,
+    rss_at: Instant,
+) -> (Option<f64>, Option<u64>) {
     let Some(pid) = pid else {
         return (None, None);
     };
     tokio::time::sleep_until(timeline.ramp_end).await;
     let cpu_start = server::cpu_seconds(pid);
+    let mut rss = None;
+    if rss_at < timeline.end {
+        tokio::time::sleep_until(rss_at).await;
+        rss = server::rss_bytes(pid);
+    }
     tokio::time::sleep_until(timeline.end).await;
     let cpu_end = server::cpu_seconds(pid);
-    let rss = server::rss_bytes(pid);
+    if rss_at >= timeline.end {
+        rss = server::rss_bytes(pid);
+    }
     let cpu = match (cpu_start, cpu_end) {
         (Some(a), Some(b)) => Some((b - a).max(0.0)),
         _ => None,

@@ -68,6 +68,11 @@ pub struct SimResult {
     pub steady_reconnects: u64,
     /// Length of the steady window actually measured, seconds.
     pub steady_secs: f64,
+    /// Held check-ins only: steady-window ones answered before their hold was over.
+    pub held_early: u64,
+    /// Held check-ins only: how long after the end of the expected hold (interval − 250 ms)
+    /// each steady-window answer came, microseconds.
+    pub hold_overshoot_us: Histogram<u64>,
 }
 
 impl SimResult {
@@ -86,6 +91,8 @@ impl SimResult {
             handshakes: 0,
             steady_reconnects: 0,
             steady_secs: 0.0,
+            held_early: 0,
+            hold_overshoot_us: new_latency_histogram(),
         }
     }
 
@@ -110,6 +117,11 @@ impl SimResult {
         self.steady_reconnects += other.steady_reconnects;
         // Workers measure the same window; keep the longest so rates are not overstated.
         self.steady_secs = self.steady_secs.max(other.steady_secs);
+        self.held_early += other.held_early;
+        self.hold_overshoot_us.auto(true);
+        self.hold_overshoot_us
+            .add(&other.hold_overshoot_us)
+            .map_err(|e| format!("cannot merge histograms: {e:?}"))?;
         Ok(())
     }
 
@@ -128,6 +140,8 @@ impl SimResult {
             handshakes: self.handshakes,
             steady_reconnects: self.steady_reconnects,
             steady_secs: self.steady_secs,
+            held_early: self.held_early,
+            hold_overshoot_us_hdr_v2_base64: Some(histogram_to_base64(&self.hold_overshoot_us)?),
         })
     }
 }
@@ -148,6 +162,10 @@ pub struct SimResultWire {
     pub handshakes: u64,
     pub steady_reconnects: u64,
     pub steady_secs: f64,
+    #[serde(default)]
+    pub held_early: u64,
+    #[serde(default)]
+    pub hold_overshoot_us_hdr_v2_base64: Option<String>,
 }
 
 impl SimResultWire {
@@ -166,6 +184,11 @@ impl SimResultWire {
             handshakes: self.handshakes,
             steady_reconnects: self.steady_reconnects,
             steady_secs: self.steady_secs,
+            held_early: self.held_early,
+            hold_overshoot_us: match &self.hold_overshoot_us_hdr_v2_base64 {
+                Some(text) => histogram_from_base64(text)?,
+                None => new_latency_histogram(),
+            },
         })
     }
 }
@@ -217,6 +240,8 @@ pub struct ServerFacts {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunFacts {
     pub mode: String,
+    /// Held check-ins (`--held`).
+    pub held: bool,
     pub interval_secs: u64,
     pub ramp_secs: f64,
     pub create_secs: f64,
@@ -260,6 +285,19 @@ pub struct Report {
     pub create_secs: f64,
     pub workers: u32,
     pub notes: Vec<String>,
+    /// Held check-ins (`--held`): agents check in on `/edge/h`, where the server holds an idle
+    /// answer for up to the interval minus 250 ms, so `poll_latency_ms` is the time to each
+    /// answer, hold included; `hold_overshoot_ms` is the server's latency past the hold.
+    #[serde(default)]
+    pub held: bool,
+    /// With `--held`: how long after the end of the expected hold (interval − 250 ms) the
+    /// steady-window answers came.
+    #[serde(default)]
+    pub hold_overshoot_ms: Option<LatencyMs>,
+    /// With `--held`: steady-window held check-ins answered before their hold was over (a
+    /// tunnel was wanted, or the server did not hold them). 0 for an idle fleet.
+    #[serde(default)]
+    pub held_early_answers: Option<u64>,
 }
 
 fn round3(x: f64) -> f64 {
@@ -290,6 +328,13 @@ impl Report {
             .cpu_seconds
             .filter(|cpu| *cpu > 0.0)
             .map(|cpu| ratio(sim.polls as f64, cpu));
+        let mut notes = vec![
+            "polls, polls_per_sec, poll_latency_ms and bytes count only the steady window after the ramp; errors count the whole run".to_owned(),
+            "bytes are TCP payload (TLS records) in both directions, without TCP/IP headers; handshake_bytes_per_agent is the TLS handshake of each agent's first connection".to_owned(),
+        ];
+        if facts.held {
+            notes.push("held: each agent's first check-in (and the first after an error) is plain, then every check-in is held (/edge/h) and the next one goes out one interval after the previous one was sent; poll_latency_ms is the time to the answer, dominated by the server's hold (interval - 250 ms); hold_overshoot_ms is how long after the end of that hold the answer came; held_early_answers counts held check-ins answered before their hold was over; polls (and polls_per_sec, polls_per_server_cpu_second) count check-ins sent and answered inside the window, so they fall short of the real rate by about hold/duration, while bytes count everything on the wire inside the window; server_rss_bytes is read 300 ms before the end of the window, with the held check-ins pending".to_owned());
+        }
         Self {
             target: facts.target.clone(),
             mode: facts.mode.clone(),
@@ -317,10 +362,12 @@ impl Report {
             interval_secs: facts.interval_secs,
             create_secs: round3(facts.create_secs),
             workers: facts.workers,
-            notes: vec![
-                "polls, polls_per_sec, poll_latency_ms and bytes count only the steady window after the ramp; errors count the whole run".to_owned(),
-                "bytes are TCP payload (TLS records) in both directions, without TCP/IP headers; handshake_bytes_per_agent is the TLS handshake of each agent's first connection".to_owned(),
-            ],
+            notes,
+            held: facts.held,
+            hold_overshoot_ms: facts
+                .held
+                .then(|| LatencyMs::from_histogram(&sim.hold_overshoot_us)),
+            held_early_answers: facts.held.then_some(sim.held_early),
         }
     }
 
@@ -346,6 +393,16 @@ impl Report {
         );
         let l = &self.poll_latency_ms;
         let _ = writeln!(s, "latency ms p50 {} p99 {} max {}", l.p50, l.p99, l.max);
+        if let Some(o) = &self.hold_overshoot_ms {
+            let _ = writeln!(
+                s,
+                "held check-ins: answered after the hold by ms p50 {} p99 {} max {}; answered early {}",
+                o.p50,
+                o.p99,
+                o.max,
+                self.held_early_answers.unwrap_or(0)
+            );
+        }
         let _ = writeln!(
             s,
             "bytes/agent/s {} (read {}, written {}), handshake bytes/agent {}, reconnects {}",
@@ -485,6 +542,57 @@ mod tests {
     }
 
     #[test]
+    fn held_figures_are_reported_merged_and_sent_by_workers() {
+        let mut a = sim_with(&[4750, 4751]);
+        a.hold_overshoot_us.record(1_000).unwrap();
+        a.hold_overshoot_us.record(2_000).unwrap();
+        let mut b = sim_with(&[4752]);
+        b.held_early = 1;
+        b.hold_overshoot_us.record(40_000).unwrap();
+        let b = b.to_wire().unwrap();
+        let b: SimResultWire = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
+        a.merge(&b.into_result().unwrap()).unwrap();
+        assert_eq!(a.held_early, 1);
+        assert_eq!(a.hold_overshoot_us.len(), 3);
+
+        let held = RunFacts {
+            held: true,
+            ..RunFacts::default()
+        };
+        let r = Report::build(&a, &held);
+        assert!(r.held);
+        assert_eq!(r.held_early_answers, Some(1));
+        let over = r.hold_overshoot_ms.unwrap();
+        assert!((over.max - 40.0).abs() < 0.1, "{over:?}");
+        assert!(r.notes.iter().any(|n| n.starts_with("held:")));
+        assert!(r.human().contains("held check-ins"));
+
+        // Plain runs: no held figures, and the report says so.
+        let r = Report::build(&a, &RunFacts::default());
+        assert!(!r.held);
+        assert_eq!(r.held_early_answers, None);
+        assert_eq!(r.hold_overshoot_ms, None);
+        assert!(!r.human().contains("held check-ins"));
+
+        // A worker line or report from before `--held` still reads.
+        let mut old = serde_json::to_value(a.to_wire().unwrap()).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("held_early");
+        obj.remove("hold_overshoot_us_hdr_v2_base64");
+        let back: SimResultWire = serde_json::from_value(old).unwrap();
+        let back = back.into_result().unwrap();
+        assert_eq!(back.held_early, 0);
+        assert!(back.hold_overshoot_us.is_empty());
+        let mut report = serde_json::to_value(&r).unwrap();
+        let obj = report.as_object_mut().unwrap();
+        for f in ["held", "hold_overshoot_ms", "held_early_answers"] {
+            obj.remove(f);
+        }
+        let back: Report = serde_json::from_value(report).unwrap();
+        assert!(!back.held);
+    }
+
+    #[test]
     fn json_has_the_contract_fields() {
         let r = Report::build(&sim_with(&[1, 2]), &RunFacts::default());
         let v = serde_json::to_value(&r).unwrap();
@@ -504,6 +612,7 @@ mod tests {
             "duration_secs",
             "interval_secs",
             "create_secs",
+            "held",
         ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }

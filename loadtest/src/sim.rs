@@ -1,5 +1,10 @@
 //! The simulated agents: one tokio task and one kept-alive connection each, built on the
 //! agent's own [`PollClient`], so the load test measures the real client.
+//!
+//! Plain agents poll `/edge/c` at a fixed rate. Held agents ([`SimPlan::held`]) check in like
+//! the real agent's loop: a plain check-in first (and after an error), then held check-ins on
+//! `/edge/h`, each due one interval after the previous one was *sent* (at once if its answer
+//! came later), so a held agent costs one request and one answer per interval too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -10,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use edge_agent::client::agent_info;
 use edge_agent::retry::{retry_delay, Backoff};
-use edge_agent::{ByteCounters, PollClient, PollOptions};
+use edge_agent::{ByteCounters, CheckinRoute, PollClient, PollOptions};
 use hdrhistogram::Histogram;
 use proto::JoinToken;
 use rand::Rng as _;
@@ -49,6 +54,21 @@ pub struct SimPlan {
     pub sources: Vec<IpAddr>,
     /// Index of this slice's first agent in the whole run (keeps the spread even across workers).
     pub first_index: usize,
+    /// Held check-ins (see the module docs).
+    pub held: bool,
+}
+
+/// How much shorter than the interval the server holds an idle held check-in
+/// (`docs/protocol.md`: "up to the agent's interval (minus 250 ms)").
+pub const HOLD_MARGIN: Duration = Duration::from_millis(250);
+
+/// A held check-in answered more than this before the expected end of its hold was not held
+/// (timers never fire early; the agent's clock starts before the server's).
+pub const EARLY_TOLERANCE: Duration = Duration::from_millis(100);
+
+/// How long the server holds an idle held check-in of an agent at `interval`.
+pub fn expected_hold(interval: Duration) -> Duration {
+    interval.saturating_sub(HOLD_MARGIN)
 }
 
 /// Counters the agents update while running; read by the progress display.
@@ -61,7 +81,9 @@ pub struct Live {
     handshake_bytes_sum: AtomicU64,
     handshakes: AtomicU64,
     steady_reconnects: AtomicU64,
+    held_early: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
+    hold_overshoot_us: Mutex<Histogram<u64>>,
     errors_by_kind: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -75,7 +97,9 @@ impl Default for Live {
             handshake_bytes_sum: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
             steady_reconnects: AtomicU64::new(0),
+            held_early: AtomicU64::new(0),
             latency_us: Mutex::new(new_latency_histogram()),
+            hold_overshoot_us: Mutex::new(new_latency_histogram()),
             errors_by_kind: Mutex::new(BTreeMap::new()),
         }
     }
@@ -187,6 +211,7 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
             client,
             first,
             plan.timeline,
+            plan.held,
             live.clone(),
         )));
     }
@@ -221,6 +246,8 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
     result.handshakes = live.handshakes.load(Ordering::Relaxed);
     result.steady_reconnects = live.steady_reconnects.load(Ordering::Relaxed);
     result.steady_secs = steady_secs;
+    result.held_early = live.held_early.load(Ordering::Relaxed);
+    result.hold_overshoot_us = lock(&live.hold_overshoot_us).clone();
     Ok(result)
 }
 
@@ -232,17 +259,32 @@ fn sum_bytes(counters: &[Arc<ByteCounters>]) -> (u64, u64) {
 }
 
 /// One agent: first check-in at `first`, then every interval the server asks for, with the
-/// agent's own retry policy on errors, until the end of the timeline.
-async fn agent_loop(mut client: PollClient, first: Instant, timeline: Timeline, live: Arc<Live>) {
+/// agent's own retry policy on errors, until the end of the timeline. `held`: held check-ins
+/// once settled, scheduled from their send time (see the module docs).
+async fn agent_loop(
+    mut client: PollClient,
+    first: Instant,
+    timeline: Timeline,
+    held: bool,
+    live: Arc<Live>,
+) {
     let mut backoff = Backoff::default();
     let mut next = first;
     let mut up = false;
     let mut connected_once = false;
     while next < timeline.end {
         tokio::time::sleep_until(next).await;
+        // As the real agent: plain until the first success and after an error, then held.
+        let route = if held && up {
+            CheckinRoute::Held
+        } else {
+            CheckinRoute::Plain
+        };
+        // The interval the request reports, which the server's hold follows.
+        let hold = expected_hold(client.interval());
         let started = Instant::now();
         let result = tokio::select! {
-            result = client.checkin() => result,
+            result = client.checkin_via(route) => result,
             () = tokio::time::sleep_until(timeline.end) => break,
         };
         let done = Instant::now();
@@ -266,13 +308,29 @@ async fn agent_loop(mut client: PollClient, first: Instant, timeline: Timeline, 
                 live.polls_total.fetch_add(1, Ordering::Relaxed);
                 if steady {
                     live.steady_polls.fetch_add(1, Ordering::Relaxed);
-                    let us = u64::try_from((done - started).as_micros()).unwrap_or(u64::MAX);
+                    let took = done - started;
+                    let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
                     lock(&live.latency_us).saturating_record(us.max(1));
+                    if route == CheckinRoute::Held {
+                        if took + EARLY_TOLERANCE < hold {
+                            live.held_early.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            let over = took.saturating_sub(hold);
+                            let us = u64::try_from(over.as_micros()).unwrap_or(u64::MAX);
+                            lock(&live.hold_overshoot_us).saturating_record(us.max(1));
+                        }
+                    }
                 }
                 backoff.reset();
-                // Fixed rate, like a real agent's timer; a slow answer does not shift the
-                // schedule, but a very slow one does not cause a burst either.
-                next = (next + outcome.interval).max(done);
+                next = match (held, route) {
+                    // Fixed rate, like a real agent's timer; a slow answer does not shift the
+                    // schedule, but a very slow one does not cause a burst either.
+                    (false, _) => (next + outcome.interval).max(done),
+                    // After a plain check-in, the held one follows at once (as the agent does).
+                    (true, CheckinRoute::Plain) => done,
+                    // Held: one interval after this one was sent, at once if answered later.
+                    (true, _) => (started + outcome.interval).max(done),
+                };
             }
             Err(err) => {
                 if up {
@@ -335,6 +393,15 @@ mod tests {
         assert_eq!(s.polls_total, 15);
         assert_eq!(s.errors, 1);
         assert_eq!(s.p99_ms, 7.5);
+    }
+
+    #[test]
+    fn held_checkins_are_held_for_the_interval_minus_the_margin() {
+        assert_eq!(
+            expected_hold(Duration::from_secs(5)),
+            Duration::from_millis(4750)
+        );
+        assert_eq!(expected_hold(Duration::from_millis(100)), Duration::ZERO);
     }
 
     #[test]

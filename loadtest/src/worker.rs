@@ -32,6 +32,9 @@ pub struct WorkerSpec {
     pub duration_ms: u64,
     pub sources: Vec<IpAddr>,
     pub first_index: usize,
+    /// Held check-ins (`--held`).
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// One line of worker output.
@@ -77,6 +80,7 @@ pub async fn run_worker(spec_path: &Path) -> anyhow::Result<()> {
         ),
         sources: spec.sources,
         first_index: spec.first_index,
+        held: spec.held,
     };
     let live = Arc::new(Live::default());
     let reporter = {
@@ -206,6 +210,7 @@ mod tests {
             duration_ms: 0,
             sources: Vec::new(),
             first_index: 0,
+            held: true,
         }
     }
 
@@ -217,6 +222,7 @@ mod tests {
         assert_eq!(sizes, [4, 3, 3]);
         let firsts: Vec<usize> = parts.iter().map(|p| p.first_index).collect();
         assert_eq!(firsts, [0, 4, 7]);
+        assert!(parts.iter().all(|p| p.held));
         let all: Vec<String> = parts.into_iter().flat_map(|p| p.edge_keys).collect();
         assert_eq!(all, keys);
     }

@@ -26,10 +26,16 @@ fn start_control_plane(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
-            let prepared =
-                control_plane::prepare(config, control_plane::Listeners { api, metrics })
-                    .await
-                    .expect("prepare");
+            let prepared = control_plane::prepare(
+                config,
+                control_plane::Listeners {
+                    api,
+                    metrics,
+                    tunnel: Some(std::net::TcpListener::bind("127.0.0.1:0").expect("bind tunnel")),
+                },
+            )
+            .await
+            .expect("prepare");
             let _ = ready_tx.send(());
             let stop = async move {
                 // Poll the std channel without blocking the actix thread.
