@@ -7,7 +7,9 @@
 //! server that answers at once still gets one check-in per interval. The first check-in of
 //! the process and the first after an error are plain ones, answered at once: they carry the
 //! agent's identity, learn the interval, and the first one starts the first snapshot; the
-//! held check-in follows at once, so a tunnel can be had quickly from the start.
+//! held check-in follows at once, so a tunnel can be had quickly from the start. A held
+//! check-in answered with tunnel credentials is renewed at once as well, so the server always
+//! holds one to answer when the tunnel is wanted again.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -116,6 +118,10 @@ where
     Ok(())
 }
 
+/// The earliest a held check-in that brought tunnel credentials is renewed, counted from when
+/// it went out.
+const REHOLD_MIN: Duration = Duration::from_secs(1);
+
 /// What to do after a check-in.
 #[derive(Debug)]
 struct Next {
@@ -191,9 +197,16 @@ impl Poller {
                     }
                 };
                 // Held check-ins: due one interval after the last one went out; after a
-                // plain one, the held one starts at once.
+                // plain one, the held one starts at once. A held one answered with credentials
+                // is renewed at once too (but at most one per `REHOLD_MIN`, whatever a server
+                // answers): otherwise the server would have no check-in to answer until the
+                // next interval, and a tunnel that closes soon (a short inactivity timeout)
+                // could not be asked for again before then. One request per tunnel opened;
+                // idle agents never see it.
                 let at = if was_plain {
                     now
+                } else if credentials.is_some() {
+                    (sent_at + REHOLD_MIN).max(now)
                 } else {
                     (sent_at + outcome.interval).max(now)
                 };
@@ -377,14 +390,29 @@ mod tests {
             now,
         );
         assert!(next.credentials.is_some());
+        // A held check-in answered with credentials after 2 s: renewed at once, so the server
+        // can ask again as soon as this tunnel has closed.
+        let later = now + Duration::from_secs(2);
         let next = p.handle(
             ok(EdgeStatus::Required, 5),
             Duration::from_secs(5),
             now,
-            now,
+            later,
         );
         assert!(next.credentials.is_some());
-        assert_eq!(next.at, now + Duration::from_secs(5));
+        assert_eq!(next.at, later);
+        // ... but never sooner than one second after the previous one went out, whatever
+        // the server answers.
+        let next = p.handle(
+            ok(EdgeStatus::Required, 5),
+            Duration::from_secs(5),
+            later,
+            later + Duration::from_millis(10),
+        );
+        assert_eq!(next.at, later + REHOLD_MIN);
+        // Idle again: back to one per interval.
+        let next = p.handle(idle(5), Duration::from_secs(5), later, later);
+        assert_eq!(next.at, later + Duration::from_secs(5));
         let mut without = ok(EdgeStatus::Required, 5);
         if let Ok(o) = without.as_mut() {
             o.tunnel = None;

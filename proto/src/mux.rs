@@ -215,7 +215,36 @@ impl Opener {
 /// from [`Session::inbound`].
 pub struct Session {
     pub opener: Opener,
-    pub inbound: mpsc::Receiver<MuxStream>,
+    pub inbound: Inbound,
+}
+
+/// The peer's streams, in the order they were opened.
+///
+/// Queued boxed: tokio's channel allocates its slots in blocks of 32 up front, and a gateway
+/// keeps this queue for a tunnel's whole life while taking only the control stream from it;
+/// 32 pointers instead of 32 streams saves ~3.6 KiB per tunnel.
+#[derive(Debug)]
+pub struct Inbound(mpsc::Receiver<Box<MuxStream>>);
+
+impl Inbound {
+    /// The next stream the peer opened; `None` once the session has ended.
+    pub async fn recv(&mut self) -> Option<MuxStream> {
+        self.0.recv().await.map(|s| *s)
+    }
+}
+
+/// Like [`spawn`], with a write buffer of `capacity` bytes between yamux and `io`.
+///
+/// yamux writes a frame's 12-byte header and its body separately; over TLS that is two records
+/// and two `write`s per frame. Buffered, consecutive frames leave together (yamux flushes
+/// whenever it has nothing more to send, so nothing waits in the buffer). The agent uses it
+/// for its one tunnel: a third less CPU per byte sent (`cargo bench -p control-plane --bench
+/// tunnel`, hops). Not for gateways: the buffer is allocated for the session's life.
+pub fn spawn_buffered<T>(io: T, mode: Mode, capacity: usize) -> Session
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    spawn(tokio::io::BufWriter::with_capacity(capacity, io), mode)
 }
 
 /// Starts a yamux session over `io` on a new tokio task. The session ends when the peer closes
@@ -240,14 +269,14 @@ where
             close,
             done,
         },
-        inbound: in_rx,
+        inbound: Inbound(in_rx),
     }
 }
 
 async fn drive<T>(
     mut conn: yamux::Connection<T>,
     mut requests: mpsc::Receiver<OpenRequest>,
-    inbound: mpsc::Sender<MuxStream>,
+    inbound: mpsc::Sender<Box<MuxStream>>,
     close: CancellationToken,
     done: CancellationToken,
 ) where
@@ -297,7 +326,7 @@ async fn drive<T>(
                 Poll::Ready(Some(Ok(stream))) => {
                     // A full queue (or nobody accepting) refuses the stream: dropping it
                     // resets it, and the peer sees an error instead of a hang.
-                    let _ = inbound.try_send(MuxStream::new(stream, &done));
+                    let _ = inbound.try_send(Box::new(MuxStream::new(stream, &done)));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -443,8 +472,21 @@ mod tests {
     #[tokio::test]
     async fn streams_flow_both_ways_and_close_is_seen() {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let client = spawn(a, Mode::Client);
-        let mut server = spawn(b, Mode::Server);
+        flow_both_ways(spawn(a, Mode::Client), spawn(b, Mode::Server)).await;
+    }
+
+    /// Small frames (the opener's first frame, `StreamOpen`) must not wait in a write buffer.
+    #[tokio::test]
+    async fn buffered_sessions_flush_small_frames_and_bulk() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = spawn_buffered(a, Mode::Client, 64 * 1024);
+        let server = spawn_buffered(b, Mode::Server, 64 * 1024);
+        tokio::time::timeout(Duration::from_secs(20), flow_both_ways(client, server))
+            .await
+            .unwrap();
+    }
+
+    async fn flow_both_ways(client: Session, mut server: Session) {
         let echo = tokio::spawn(async move {
             while let Some(mut s) = server.inbound.recv().await {
                 tokio::spawn(async move {

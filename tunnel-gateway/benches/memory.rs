@@ -26,11 +26,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use control_plane::store::redis::RedisStore;
 use control_plane::store::{Store as _, TunnelGrant};
-use proto::mux::{self, ControlEnd, Mode, MuxStream, Opener};
+use proto::mux::{self, ControlEnd, Inbound, Mode, Opener};
 use proto::tunnel::{CloseReason, Hello, DEAD_AFTER};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -377,7 +377,7 @@ async fn start_gateway(
 /// One simulated agent's open tunnel: the session stays up while this is kept.
 struct AgentTunnel {
     _opener: Opener,
-    _inbound: mpsc::Receiver<MuxStream>,
+    _inbound: Inbound,
     stop: CancellationToken,
 }
 
