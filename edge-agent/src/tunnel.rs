@@ -60,6 +60,8 @@ pub const RECOVERY_MIN_WINDOW: Duration = Duration::from_secs(60);
 /// default 8 KiB (`cargo bench -p control-plane --bench tunnel`, hops `agent_copy_*`).
 const FROM_ENGINE_BUFFER: usize = 64 * 1024;
 const TO_ENGINE_BUFFER: usize = 16 * 1024;
+/// Between yamux and TLS, so consecutive frames leave as full TLS records in one `write`.
+const TUNNEL_WRITE_BUFFER: usize = 64 * 1024;
 
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest engine error text put into a stream refusal.
@@ -539,7 +541,7 @@ async fn serve(
     let Session {
         opener,
         mut inbound,
-    } = mux::spawn(established.stream, Mode::Server);
+    } = mux::spawn_buffered(established.stream, Mode::Server, TUNNEL_WRITE_BUFFER);
     let control = match opener.open().await {
         Ok(stream) => stream,
         Err(e) => {
