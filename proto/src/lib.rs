@@ -7,12 +7,14 @@
 //! * [`proof`]: how an agent proves it holds the join secret without sending it.
 //! * [`seal`]: the AEAD that protects one-time tunnel credentials for one agent.
 //! * [`snapshot`]: snapshots of an agent's engine and their compressed upload.
+//! * [`async_mode`]: async mode's request, answer and commands (no tunnel; metered links).
 //! * [`tunnel`]: the reverse tunnel's handshake, stream status and control messages.
 //! * [`mux`] (feature `mux`): yamux sessions driven by one task, tunnel frame I/O and the
 //!   control stream's liveness check.
 //!
 //! Nothing outside this crate may depend on the byte layout of a message.
 
+pub mod async_mode;
 pub mod codec;
 #[cfg(feature = "mux")]
 pub mod mux;

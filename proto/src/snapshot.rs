@@ -192,6 +192,174 @@ pub fn compress(snap: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
 /// The inverse of [`compress`], refusing output over [`MAX_SNAPSHOT_BYTES`] without
 /// allocating it (a zstd bomb stops at the limit).
 pub fn decompress(body: &[u8]) -> Result<Snapshot, SnapshotError> {
+    Ok(codec::decode(&inflate(body)?, MAX_SNAPSHOT_BYTES)?)
+}
+
+/// What identifies a snapshot's content for deltas: the first 8 bytes of the SHA-256 of its
+/// codec frame, taken with `taken_ms` set to 0 (the same engine seen twice has one digest).
+pub fn digest(snap: &Snapshot) -> Result<u64, SnapshotError> {
+    use sha2::{Digest as _, Sha256};
+    let frame = if snap.taken_ms == 0 {
+        codec::encode(snap)?
+    } else {
+        codec::encode(&Snapshot {
+            taken_ms: 0,
+            ..snap.clone()
+        })?
+    };
+    let hash = Sha256::digest(&frame);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    Ok(u64::from_be_bytes(first))
+}
+
+/// Changes to one list of a snapshot: entries added or changed (whole), and keys removed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes<T> {
+    pub upsert: Vec<T>,
+    pub remove: Vec<String>,
+}
+
+impl<T> Default for Changes<T> {
+    fn default() -> Self {
+        Self {
+            upsert: Vec::new(),
+            remove: Vec::new(),
+        }
+    }
+}
+
+impl<T> Changes<T> {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A snapshot as the changes from a base snapshot both sides hold. Stacks are not sent: they
+/// are derived from the containers ([`Snapshot::normalise`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDelta {
+    /// [`digest`] of the snapshot this applies to.
+    pub base: u64,
+    /// [`digest`] of the result, checked after applying: a delta never leaves a wrong copy.
+    pub result: u64,
+    pub taken_ms: u64,
+    /// Sent only when the engine's information changed.
+    pub engine: Option<EngineInfo>,
+    pub containers: Changes<Container>,
+    pub images: Changes<Image>,
+    pub volumes: Changes<Volume>,
+    pub networks: Changes<Network>,
+}
+
+impl SnapshotDelta {
+    /// Whether nothing but the time changed.
+    pub fn is_empty(&self) -> bool {
+        self.engine.is_none()
+            && self.containers.is_empty()
+            && self.images.is_empty()
+            && self.volumes.is_empty()
+            && self.networks.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeltaError {
+    #[error("the delta applies to snapshot {expected:016x}, the one held is {held:016x}")]
+    BaseMismatch { expected: u64, held: u64 },
+    #[error("the delta gave snapshot {got:016x} instead of {expected:016x}")]
+    ResultMismatch { expected: u64, got: u64 },
+    #[error("snapshot: {0}")]
+    Codec(String),
+}
+
+fn section_diff<T: Clone + PartialEq>(old: &[T], new: &[T], key: impl Fn(&T) -> &str) -> Changes<T> {
+    let before: BTreeMap<&str, &T> = old.iter().map(|t| (key(t), t)).collect();
+    let after: BTreeMap<&str, &T> = new.iter().map(|t| (key(t), t)).collect();
+    Changes {
+        upsert: new
+            .iter()
+            .filter(|t| before.get(key(t)) != Some(t))
+            .cloned()
+            .collect(),
+        remove: before
+            .keys()
+            .filter(|k| !after.contains_key(*k))
+            .map(|k| (*k).to_owned())
+            .collect(),
+    }
+}
+
+fn section_apply<T>(list: &mut Vec<T>, changes: Changes<T>, key: impl Fn(&T) -> &str) {
+    let mut by_key: BTreeMap<String, T> = std::mem::take(list)
+        .into_iter()
+        .map(|t| (key(&t).to_owned(), t))
+        .collect();
+    for k in &changes.remove {
+        by_key.remove(k);
+    }
+    for t in changes.upsert {
+        by_key.insert(key(&t).to_owned(), t);
+    }
+    *list = by_key.into_values().collect();
+}
+
+/// The delta that turns `old` into `new` (both normalised).
+pub fn diff(old: &Snapshot, new: &Snapshot) -> Result<SnapshotDelta, SnapshotError> {
+    Ok(SnapshotDelta {
+        base: digest(old)?,
+        result: digest(new)?,
+        taken_ms: new.taken_ms,
+        engine: (old.engine != new.engine).then(|| new.engine.clone()),
+        containers: section_diff(&old.containers, &new.containers, |c| &c.id),
+        images: section_diff(&old.images, &new.images, |i| &i.id),
+        volumes: section_diff(&old.volumes, &new.volumes, |v| &v.name),
+        networks: section_diff(&old.networks, &new.networks, |n| &n.id),
+    })
+}
+
+/// Applies `delta` to `base`; refuses a delta made against another base, and one whose result
+/// is not the snapshot the agent holds.
+pub fn apply(base: &Snapshot, delta: SnapshotDelta) -> Result<Snapshot, DeltaError> {
+    let held = digest(base).map_err(|e| DeltaError::Codec(e.to_string()))?;
+    if held != delta.base {
+        return Err(DeltaError::BaseMismatch {
+            expected: delta.base,
+            held,
+        });
+    }
+    let mut out = base.clone();
+    out.taken_ms = delta.taken_ms;
+    if let Some(engine) = delta.engine {
+        out.engine = engine;
+    }
+    section_apply(&mut out.containers, delta.containers, |c| &c.id);
+    section_apply(&mut out.images, delta.images, |i| &i.id);
+    section_apply(&mut out.volumes, delta.volumes, |v| &v.name);
+    section_apply(&mut out.networks, delta.networks, |n| &n.id);
+    out.normalise();
+    let got = digest(&out).map_err(|e| DeltaError::Codec(e.to_string()))?;
+    if got != delta.result {
+        return Err(DeltaError::ResultMismatch {
+            expected: delta.result,
+            got,
+        });
+    }
+    Ok(out)
+}
+
+/// Codec frame of a delta, zstd-compressed.
+pub fn compress_delta(delta: &SnapshotDelta) -> Result<Vec<u8>, SnapshotError> {
+    let frame = codec::encode(delta)?;
+    zstd::bulk::compress(&frame, ZSTD_LEVEL).map_err(|e| SnapshotError::Compression(e.to_string()))
+}
+
+/// The inverse of [`compress_delta`], bounded like [`decompress`].
+pub fn decompress_delta(body: &[u8]) -> Result<SnapshotDelta, SnapshotError> {
+    Ok(codec::decode(&inflate(body)?, MAX_SNAPSHOT_BYTES)?)
+}
+
+fn inflate(body: &[u8]) -> Result<Vec<u8>, SnapshotError> {
     let decoder = zstd::stream::read::Decoder::new(body)
         .map_err(|e| SnapshotError::Compression(e.to_string()))?;
     let mut frame = Vec::new();
@@ -202,7 +370,7 @@ pub fn decompress(body: &[u8]) -> Result<Snapshot, SnapshotError> {
     if frame.len() > MAX_SNAPSHOT_BYTES {
         return Err(SnapshotError::TooLarge);
     }
-    Ok(codec::decode(&frame, MAX_SNAPSHOT_BYTES)?)
+    Ok(frame)
 }
 
 #[cfg(test)]
@@ -270,5 +438,134 @@ mod tests {
         let bomb = zstd::bulk::compress(&zeros, 3).unwrap();
         assert!(bomb.len() < 4096);
         assert!(matches!(decompress(&bomb), Err(SnapshotError::TooLarge)));
+    }
+
+    fn engine_with(containers: Vec<Container>) -> Snapshot {
+        let mut s = Snapshot {
+            taken_ms: 1,
+            engine: EngineInfo {
+                name: "edge-1".into(),
+                version: "5.4".into(),
+                ..EngineInfo::default()
+            },
+            containers,
+            images: vec![Image {
+                id: "sha256:1".into(),
+                tags: vec!["busybox:latest".into()],
+                size: 1,
+                created: 2,
+            }],
+            volumes: vec![Volume {
+                name: "data".into(),
+                driver: "local".into(),
+                mountpoint: "/v".into(),
+            }],
+            ..Snapshot::default()
+        };
+        s.normalise();
+        s
+    }
+
+    #[test]
+    fn a_delta_turns_the_base_into_the_new_snapshot() {
+        let old = engine_with(vec![
+            container("a", Some("shop"), "web", "running"),
+            container("b", None, "", "running"),
+        ]);
+        let mut new = engine_with(vec![
+            container("a", Some("shop"), "web", "exited"),
+            container("c", None, "", "running"),
+        ]);
+        new.taken_ms = 99;
+        new.volumes.clear();
+        let delta = diff(&old, &new).unwrap();
+        assert_eq!(delta.containers.upsert.len(), 2);
+        assert_eq!(delta.containers.remove, vec!["b"]);
+        assert_eq!(delta.volumes.remove, vec!["data"]);
+        assert!(delta.images.is_empty() && delta.engine.is_none());
+        let wire = compress_delta(&delta).unwrap();
+        let applied = apply(&old, decompress_delta(&wire).unwrap()).unwrap();
+        assert_eq!(applied, new);
+        assert_eq!(applied.stacks[0].running, 0);
+    }
+
+    #[test]
+    fn an_unchanged_engine_gives_an_empty_delta_and_the_same_digest() {
+        let old = engine_with(vec![container("a", None, "", "running")]);
+        let mut again = old.clone();
+        again.taken_ms = 12345;
+        assert_eq!(digest(&old).unwrap(), digest(&again).unwrap());
+        let delta = diff(&old, &again).unwrap();
+        assert!(delta.is_empty());
+        assert_eq!(delta.base, delta.result);
+    }
+
+    #[test]
+    fn a_delta_against_another_base_or_with_a_wrong_result_is_refused() {
+        let old = engine_with(vec![container("a", None, "", "running")]);
+        let new = engine_with(vec![container("a", None, "", "exited")]);
+        let other = engine_with(vec![]);
+        let delta = diff(&old, &new).unwrap();
+        assert!(matches!(
+            apply(&other, delta.clone()),
+            Err(DeltaError::BaseMismatch { .. })
+        ));
+        let mut forged = delta;
+        forged.containers.upsert[0].state = "paused".into();
+        assert!(matches!(
+            apply(&old, forged),
+            Err(DeltaError::ResultMismatch { .. })
+        ));
+        assert!(decompress_delta(b"garbage").is_err());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn snapshot() -> impl Strategy<Value = Snapshot> {
+            (
+                proptest::collection::btree_map("[a-f]{1,3}", ("[a-z]{0,4}", any::<bool>()), 0..8),
+                proptest::collection::btree_set("[a-c]{1,2}", 0..4),
+                any::<bool>(),
+            )
+                .prop_map(|(containers, volumes, engine)| {
+                    let mut s = engine_with(
+                        containers
+                            .into_iter()
+                            .map(|(id, (image, running))| Container {
+                                image,
+                                ..container(
+                                    &id,
+                                    running.then_some("p"),
+                                    "svc",
+                                    if running { "running" } else { "exited" },
+                                )
+                            })
+                            .collect(),
+                    );
+                    s.volumes = volumes
+                        .into_iter()
+                        .map(|name| Volume {
+                            name,
+                            ..Volume::default()
+                        })
+                        .collect();
+                    if engine {
+                        s.engine.version = "6.0".into();
+                    }
+                    s.normalise();
+                    s
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn diff_then_apply_is_the_identity(old in snapshot(), new in snapshot()) {
+                let delta = diff(&old, &new).unwrap();
+                prop_assert_eq!(delta.is_empty(), digest(&old).unwrap() == digest(&new).unwrap());
+                prop_assert_eq!(apply(&old, delta).unwrap(), new);
+            }
+        }
     }
 }
