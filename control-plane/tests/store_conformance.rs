@@ -16,9 +16,10 @@ use async_trait::async_trait;
 use control_plane::store::embedded::EmbeddedStore;
 use control_plane::store::redis::RedisStore;
 use control_plane::store::{
-    BindOutcome, Change, Collection, EdgeMode, Environment, GatewayInfo, NewEnvironment, Settings,
-    Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
+    BindOutcome, Change, Collection, CommandState, EdgeMode, Environment, GatewayInfo,
+    NewEnvironment, Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
 };
+use proto::async_mode::{Action, CommandResult};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -146,6 +147,9 @@ conformance!(
     snapshots_keep_the_latest_taken,
     delete_removes_the_snapshot,
     tunnel_changes_round_trip,
+    commands_queue_list_deliver_finish,
+    commands_are_refused_for_missing_environments_and_deleted_with_them,
+    concurrent_queueing_hands_out_distinct_ids,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1916,6 +1920,166 @@ async fn delete_removes_the_snapshot(b: &dyn Backend) {
         .await
         .expect("put"));
     assert_eq!(store.snapshot(env.id).await.expect("get"), None);
+}
+
+fn stop(container: &str) -> Action {
+    Action::ContainerStop {
+        container: container.to_owned(),
+        timeout_secs: Some(3),
+    }
+}
+
+async fn commands_queue_list_deliver_finish(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let (a, other) = (&stores[0], &stores[stores.len() - 1]);
+    let env = create_one(&**a, "async-box").await;
+    for i in 1..=5u64 {
+        let cmd = a
+            .queue_command(env.id, &stop(&format!("c{i}")), 100 + i)
+            .await
+            .expect("queue")
+            .expect("environment exists");
+        assert_eq!(
+            (cmd.id, cmd.created_ms, cmd.state()),
+            (i, 100 + i, CommandState::Pending)
+        );
+    }
+    // Newest first, paged, with the total.
+    let (page, total) = other.list_commands(env.id, 1, 2).await.expect("list");
+    assert_eq!(total, 5);
+    assert_eq!(page.iter().map(|c| c.id).collect::<Vec<_>>(), vec![4, 3]);
+    assert_eq!(page[0].action, stop("c4"));
+    let (past_end, _) = a.list_commands(env.id, 10, 5).await.expect("list");
+    assert!(past_end.is_empty());
+
+    // Delivery: after the agent's last finished id, oldest first, at most `limit`, marked sent.
+    let first = a
+        .deliver_commands(env.id, 0, 3, 1_000)
+        .await
+        .expect("deliver");
+    assert_eq!(
+        first.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(first
+        .iter()
+        .all(|c| c.sent_ms == Some(1_000) && c.state() == CommandState::Sent));
+    // Delivered again (a lost answer): same commands, first sent time kept.
+    let again = other
+        .deliver_commands(env.id, 0, 3, 2_000)
+        .await
+        .expect("deliver");
+    assert_eq!(
+        again.iter().map(|c| c.sent_ms).collect::<Vec<_>>(),
+        vec![Some(1_000); 3]
+    );
+
+    // Results: the first one wins, unknown ids are ignored.
+    let ok = |id| CommandResult { id, error: None };
+    let failed = |id, e: &str| CommandResult {
+        id,
+        error: Some(e.to_owned()),
+    };
+    a.finish_commands(
+        env.id,
+        &[ok(1), failed(2, "No such container: c2"), ok(99)],
+        3_000,
+    )
+    .await
+    .expect("finish");
+    other
+        .finish_commands(env.id, &[failed(1, "late retry"), ok(2)], 4_000)
+        .await
+        .expect("finish again");
+    let (all, _) = a.list_commands(env.id, 0, 10).await.expect("list");
+    let by_id = |id: u64| all.iter().find(|c| c.id == id).expect("listed").clone();
+    assert_eq!(by_id(1).state(), CommandState::Succeeded);
+    assert_eq!(by_id(1).finished_ms, Some(3_000));
+    assert_eq!(by_id(2).state(), CommandState::Failed);
+    assert_eq!(by_id(2).error.as_deref(), Some("No such container: c2"));
+    assert_eq!(by_id(5).state(), CommandState::Pending);
+    // Finished commands are not delivered again, whatever `after` says.
+    let rest = a
+        .deliver_commands(env.id, 0, 10, 5_000)
+        .await
+        .expect("deliver");
+    assert_eq!(rest.iter().map(|c| c.id).collect::<Vec<_>>(), vec![3, 4, 5]);
+    let after_three = a
+        .deliver_commands(env.id, 3, 10, 5_000)
+        .await
+        .expect("deliver");
+    assert_eq!(
+        after_three.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![4, 5]
+    );
+
+    // Durable.
+    drop(stores);
+    let store = b.open().await;
+    let (all, total) = store.list_commands(env.id, 0, 10).await.expect("list");
+    assert_eq!(total, 5);
+    assert_eq!(all[3].state(), CommandState::Failed);
+}
+
+async fn commands_are_refused_for_missing_environments_and_deleted_with_them(b: &dyn Backend) {
+    let store = b.open().await;
+    assert_eq!(
+        store
+            .queue_command(987_654, &stop("x"), 1)
+            .await
+            .expect("queue"),
+        None
+    );
+    let env = create_one(&*store, "short-lived").await;
+    let keep = create_one(&*store, "kept").await;
+    for id in [env.id, keep.id] {
+        store
+            .queue_command(id, &stop("x"), 1)
+            .await
+            .expect("queue")
+            .expect("exists");
+    }
+    assert!(store.delete_environment(env.id).await.expect("delete"));
+    assert_eq!(store.list_commands(env.id, 0, 10).await.expect("list").1, 0);
+    assert!(store
+        .deliver_commands(env.id, 0, 10, 2)
+        .await
+        .expect("deliver")
+        .is_empty());
+    assert_eq!(
+        store
+            .queue_command(env.id, &stop("y"), 3)
+            .await
+            .expect("queue"),
+        None
+    );
+    assert_eq!(
+        store.list_commands(keep.id, 0, 10).await.expect("list").1,
+        1
+    );
+}
+
+async fn concurrent_queueing_hands_out_distinct_ids(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let env = create_one(&*stores[0], "busy").await;
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let store = Arc::clone(&stores[i as usize % stores.len()]);
+        tasks.push(tokio::spawn(async move {
+            store
+                .queue_command(env.id, &stop(&format!("c{i}")), i)
+                .await
+                .expect("queue")
+                .expect("exists")
+                .id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.expect("task"));
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=40).collect::<Vec<_>>());
 }
 
 async fn tunnel_changes_round_trip(b: &dyn Backend) {

@@ -46,6 +46,8 @@ pub enum AgentError {
     DockerHost(#[from] DockerHostError),
     #[error(transparent)]
     Tls(#[from] TlsSetupError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -62,6 +64,7 @@ where
         api_url = %config.token.api_url,
         docker_host = %docker,
         inactivity_timeout = %humantime::format_duration(config.inactivity_timeout),
+        mode = if config.async_mode { "async" } else { "standard" },
         version = env!("CARGO_PKG_VERSION"),
         "edge agent starting"
     );
@@ -69,6 +72,11 @@ where
     options.agent_secret = config.agent_secret.clone();
     options.insecure = config.insecure_poll;
     let mut client = PollClient::new(&config.token, options)?;
+    if config.async_mode {
+        let journal = crate::journal::Journal::open(&config.data_dir)?;
+        crate::async_agent::run(client, DockerClient::new(docker), journal, shutdown).await;
+        return Ok(());
+    }
     let home = Arc::new(Home::new(&client, DockerClient::new(docker.clone())));
     let settings = TunnelSettings {
         endpoint_id: config.token.endpoint_id,

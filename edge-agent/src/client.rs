@@ -19,6 +19,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, HOST, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use proto::async_mode::{
+    AsyncAnswer, AsyncRequest, CommandResult, SnapshotReport, ASYNC_PATH, MAX_ASYNC_ANSWER,
+    MAX_ASYNC_FRAME,
+};
 use proto::codec::{self, CodecError, MAX_CONTROL_FRAME};
 use proto::proof::{self, ProofKey};
 use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME, SNAPSHOT_PATH};
@@ -435,6 +439,14 @@ pub enum CheckinRoute {
     AskTunnel,
 }
 
+/// What an async-mode tick carries (see [`PollClient::async_tick`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AsyncTick {
+    pub snapshot: Option<SnapshotReport>,
+    pub results: Vec<CommandResult>,
+    pub done_through: Option<u64>,
+}
+
 /// Where and how to connect, worked out once from the join token.
 #[derive(Debug, Clone)]
 struct Target {
@@ -447,6 +459,7 @@ struct Target {
     held: Uri,
     ask_tunnel: Uri,
     snapshot: Uri,
+    async_tick: Uri,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
@@ -489,6 +502,7 @@ impl Target {
             held: route(HELD_CHECKIN_PATH)?,
             ask_tunnel: route(TUNNEL_REQUEST_PATH)?,
             snapshot: route(SNAPSHOT_PATH)?,
+            async_tick: route(ASYNC_PATH)?,
             tls,
         })
     }
@@ -749,6 +763,70 @@ impl PollClient {
             body,
             answer_limit: MAX_CONTROL_FRAME,
         })
+    }
+
+    /// One async-mode tick (see [`proto::async_mode`]): the agent's report out, the server's
+    /// intervals and commands back. Retried like a check-in; the request is rebuilt for each
+    /// attempt (a fresh timestamp), so retries repeat the results, which the server takes once.
+    pub async fn async_tick(&mut self, tick: &AsyncTick) -> Result<AsyncAnswer, CheckinError> {
+        self.call(
+            UPLOAD_TIMEOUT,
+            |c| c.prepare_async(tick),
+            |c, raw| c.read_async_answer(raw),
+        )
+        .await
+        .map(|(answer, _)| answer)
+    }
+
+    fn prepare_async(&mut self, tick: &AsyncTick) -> Result<Prepared, CheckinError> {
+        let timestamp_ms = self.clock.next_timestamp();
+        let request = AsyncRequest {
+            checkin: CheckinRequest {
+                endpoint_id: self.endpoint_id,
+                edge_id: self.send_agent_info.then_some(self.edge_id),
+                timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
+                timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
+                interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
+                agent: self.send_agent_info.then(|| self.agent_info.clone()),
+            },
+            snapshot: tick.snapshot.clone(),
+            results: tick.results.clone(),
+            done_through: tick.done_through,
+        };
+        let body = proof::sign(&request, &self.key, &self.edge_id, timestamp_ms)
+            .map_err(CheckinError::Encode)?;
+        if body.len() > MAX_ASYNC_FRAME {
+            return Err(CheckinError::TooLarge {
+                len: body.len(),
+                limit: MAX_ASYNC_FRAME,
+            });
+        }
+        Ok(Prepared {
+            uri: self.target.async_tick.clone(),
+            body,
+            answer_limit: MAX_ASYNC_ANSWER,
+        })
+    }
+
+    fn read_async_answer(&mut self, raw: RawAnswer) -> Result<AsyncAnswer, CheckinError> {
+        if raw.status != StatusCode::OK {
+            return Err(CheckinError::Protocol {
+                status: raw.status.as_u16(),
+                detail: "unexpected status".to_owned(),
+            });
+        }
+        let answer: AsyncAnswer =
+            codec::decode(&raw.body, MAX_ASYNC_ANSWER).map_err(|e| CheckinError::Protocol {
+                status: 200,
+                detail: format!("undecodable answer: {e}"),
+            })?;
+        if let Some(server_ms) = answer.server_time_ms {
+            self.clock.learn(server_ms);
+        }
+        if let Some(smallest) = answer.intervals.smallest() {
+            self.interval = Duration::from_secs(u64::from(smallest));
+        }
+        Ok(answer)
     }
 
     fn prepare_upload(&mut self, compressed: &[u8]) -> Result<Prepared, CheckinError> {

@@ -72,6 +72,8 @@ pub struct Config {
     pub agent_secret: Option<String>,
     pub docker_host: String,
     pub inactivity_timeout: Duration,
+    /// `EDGE_ASYNC=1`: no tunnel; pings, snapshots and commands on their own intervals.
+    pub async_mode: bool,
 }
 
 /// Why the configuration was refused. Each message is one line naming the variable.
@@ -91,18 +93,13 @@ pub enum ConfigError {
     InactivityTimeout { value: String },
     #[error("invalid DOCKER_HOST: {0}")]
     DockerHost(#[from] crate::docker::DockerHostError),
-    #[error("EDGE_ASYNC=1: async mode is not available yet in this build; unset EDGE_ASYNC to run in standard mode")]
-    AsyncUnavailable,
 }
 
 impl Config {
     /// Validates raw arguments. Empty values count as unset: compose files and install
     /// scripts often pass `VAR=` for options they do not use.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        // Async first: with EDGE_ASYNC=1 nothing else matters until async mode exists.
-        if parse_flag("EDGE_ASYNC", args.async_mode)? {
-            return Err(ConfigError::AsyncUnavailable);
-        }
+        let async_mode = parse_flag("EDGE_ASYNC", args.async_mode)?;
         let key = non_empty(args.edge_key).ok_or(ConfigError::MissingEdgeKey)?;
         let token = JoinToken::parse(&key)?;
         let edge_id = non_empty(args.edge_id)
@@ -130,6 +127,7 @@ impl Config {
             agent_secret: non_empty(args.agent_secret),
             docker_host: docker_host.trim().to_owned(),
             inactivity_timeout,
+            async_mode,
         })
     }
 }
@@ -269,14 +267,14 @@ mod tests {
     }
 
     #[test]
-    fn async_mode_is_refused_clearly() {
-        let err = Config::from_args(Args {
+    fn async_mode_is_a_flag() {
+        let on = Config::from_args(Args {
             async_mode: Some("1".into()),
             ..args()
         })
-        .unwrap_err();
-        assert_eq!(err, ConfigError::AsyncUnavailable);
-        assert!(err.to_string().contains("async mode is not available yet"));
+        .unwrap();
+        assert!(on.async_mode);
+        assert!(!Config::from_args(args()).unwrap().async_mode);
     }
 
     #[test]

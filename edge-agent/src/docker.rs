@@ -1,5 +1,5 @@
 //! The local engine (`DOCKER_HOST`): where tunnel streams are connected to, and a small Docker
-//! Engine API client that takes snapshots of it.
+//! Engine API client that takes snapshots of it and runs async-mode commands on it.
 //!
 //! The client is deliberately tolerant: engines differ (Podman's Docker API returns `null` for
 //! some lists and leaves fields out), and a field it cannot read becomes empty rather than
@@ -17,6 +17,7 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::header::HOST;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use proto::async_mode::Action;
 use proto::snapshot::{Container, EngineInfo, Image, Network, Snapshot, Volume};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -278,6 +279,169 @@ impl DockerClient {
         snap.taken_ms = taken_ms;
         Ok(snap)
     }
+}
+
+/// How long a command may take on the engine (a stop waits for the container's timeout).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl DockerClient {
+    /// Runs one async-mode command; `Err` holds the engine's message (or why it could not be
+    /// asked), one line. "Already started" and "already stopped" count as done.
+    pub async fn execute(&self, action: &Action) -> Result<(), String> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.execute_inner(action)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the engine did not finish within {}s",
+                COMMAND_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    async fn execute_inner(&self, action: &Action) -> Result<(), String> {
+        let timeout = |t: &Option<u32>| t.map(|t| format!("?t={t}")).unwrap_or_default();
+        let (method, path) = match action {
+            Action::ContainerStart { container } => {
+                (Method::POST, format!("/containers/{container}/start"))
+            }
+            Action::ContainerStop {
+                container,
+                timeout_secs,
+            } => (
+                Method::POST,
+                format!("/containers/{container}/stop{}", timeout(timeout_secs)),
+            ),
+            Action::ContainerRestart {
+                container,
+                timeout_secs,
+            } => (
+                Method::POST,
+                format!("/containers/{container}/restart{}", timeout(timeout_secs)),
+            ),
+            Action::ContainerKill { container, signal } => (
+                Method::POST,
+                format!(
+                    "/containers/{container}/kill{}",
+                    signal
+                        .as_ref()
+                        .map(|s| format!("?signal={s}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            Action::ContainerRemove { container, force } => (
+                Method::DELETE,
+                format!("/containers/{container}?force={force}"),
+            ),
+            Action::ImageRemove { image, force } => {
+                (Method::DELETE, format!("/images/{image}?force={force}"))
+            }
+            Action::VolumeRemove { volume, force } => {
+                (Method::DELETE, format!("/volumes/{volume}?force={force}"))
+            }
+            Action::StackRemove { stack } => return self.remove_stack(stack).await,
+        };
+        let (status, body) = self.call(method, &path).await?;
+        // 304: already in the wanted state (start, stop).
+        if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            Ok(())
+        } else {
+            Err(engine_message(status, &body))
+        }
+    }
+
+    /// Removes a compose project's containers (forced), then its networks.
+    async fn remove_stack(&self, stack: &str) -> Result<(), String> {
+        let filter = |kind: &str| {
+            let json = serde_json::json!({
+                "label": [format!("{}={stack}", proto::snapshot::COMPOSE_PROJECT_LABEL)]
+            })
+            .to_string();
+            let encoded: String = url::form_urlencoded::byte_serialize(json.as_bytes()).collect();
+            format!("/{kind}?all=1&filters={encoded}")
+        };
+        let list = |body: &Bytes, key: &str| -> Vec<String> {
+            serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| c.get(key).and_then(Value::as_str).map(str::to_owned))
+                .collect()
+        };
+        let (status, body) = self.call(Method::GET, &filter("containers/json")).await?;
+        if !status.is_success() {
+            return Err(engine_message(status, &body));
+        }
+        let containers = list(&body, "Id");
+        if containers.is_empty() {
+            return Err(format!("no containers of stack {stack:?} on this engine"));
+        }
+        for id in containers {
+            let (status, body) = self
+                .call(Method::DELETE, &format!("/containers/{id}?force=true"))
+                .await?;
+            if !status.is_success() && status != StatusCode::NOT_FOUND {
+                return Err(engine_message(status, &body));
+            }
+        }
+        let (status, body) = self.call(Method::GET, &filter("networks")).await?;
+        if status.is_success() {
+            for id in list(&body, "Id") {
+                // Best effort: a network still used elsewhere stays.
+                let _ = self.call(Method::DELETE, &format!("/networks/{id}")).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// One request on a fresh engine connection: status and (bounded) body.
+    async fn call(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), String> {
+        let stream = self
+            .host
+            .connect(CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| format!("cannot connect to DOCKER_HOST {}: {e}", self.host))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("engine connection failed: {e}"))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let result = async {
+            let mut req = Request::new(Empty::<Bytes>::new());
+            *req.method_mut() = method;
+            *req.uri_mut() = hyper::Uri::try_from(path)
+                .map_err(|e| format!("cannot form the engine request {path:?}: {e}"))?;
+            req.headers_mut()
+                .insert(HOST, hyper::header::HeaderValue::from_static("docker"));
+            let response = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("engine request failed: {e}"))?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_ENGINE_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| format!("engine answer unreadable: {e}"))?
+                .to_bytes();
+            Ok((status, body))
+        }
+        .await;
+        driver.abort();
+        result
+    }
+}
+
+/// The engine's `{"message"}` (or its raw answer), one line.
+fn engine_message(status: StatusCode, body: &[u8]) -> String {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    format!(
+        "engine answered {}: {}",
+        status.as_u16(),
+        one_line(message.trim(), 300)
+    )
 }
 
 async fn get_json(

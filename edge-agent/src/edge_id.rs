@@ -76,16 +76,21 @@ pub fn resolve(
     }
 }
 
-/// Writes `<dir>/edge_id` atomically: a temporary file in the same directory, fsynced, then
-/// renamed over the target, so a crash leaves either no file or a whole one.
+/// Writes `<dir>/edge_id` atomically.
 fn persist(dir: &Path, id: Uuid) -> io::Result<()> {
+    write_atomically(dir, EDGE_ID_FILE, format!("{id}\n").as_bytes())
+}
+
+/// Writes `<dir>/<name>` atomically: a temporary file in the same directory, fsynced, then
+/// renamed over the target, so a crash leaves either the old file or the whole new one.
+pub(crate) fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{EDGE_ID_FILE}.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut file = fs::File::create(&tmp)?;
-        writeln!(file, "{id}")?;
+        file.write_all(contents)?;
         file.sync_all()?;
-        fs::rename(&tmp, dir.join(EDGE_ID_FILE))?;
+        fs::rename(&tmp, dir.join(name))?;
         // Make the rename itself durable; not every filesystem allows syncing a directory.
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();

@@ -12,15 +12,19 @@
 //! * [`home`]: requests home that must not wait behind a held check-in (tunnel requests,
 //!   snapshot uploads), on short-lived sibling clients.
 //! * [`tunnel`]: the reverse tunnel (handshake, streams to the engine, inactivity, recovery).
+//! * [`async_agent`]: async mode (`EDGE_ASYNC=1`): merged ticks, snapshot deltas, commands;
+//!   [`journal`]: what it must not forget across restarts (commands run, results unsent).
 //! * [`agent`]: the loop that ties them together ([`run`]).
 
 pub mod agent;
+pub mod async_agent;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod docker;
 pub mod edge_id;
 pub mod home;
+pub mod journal;
 pub mod retry;
 pub mod tls;
 pub mod tunnel;

@@ -20,6 +20,8 @@ pub const ASYNC_PATH: &str = "/edge/a";
 /// Largest signed async request (a full snapshot is compressed, see
 /// [`crate::snapshot::MAX_UPLOAD_FRAME`]).
 pub const MAX_ASYNC_FRAME: usize = crate::snapshot::MAX_UPLOAD_FRAME;
+/// Largest answer (intervals and at most [`MAX_COMMANDS_PER_ANSWER`] commands).
+pub const MAX_ASYNC_ANSWER: usize = 64 * 1024;
 /// Commands handed out in one answer at most.
 pub const MAX_COMMANDS_PER_ANSWER: usize = 32;
 /// Longest error text in a command result; longer ones are cut.
@@ -93,7 +95,9 @@ pub struct Command {
 /// What a command does on the engine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
-    ContainerStart { container: String },
+    ContainerStart {
+        container: String,
+    },
     ContainerStop {
         container: String,
         timeout_secs: Option<u32>,
@@ -106,12 +110,23 @@ pub enum Action {
         container: String,
         signal: Option<String>,
     },
-    ContainerRemove { container: String, force: bool },
-    ImageRemove { image: String, force: bool },
-    VolumeRemove { volume: String, force: bool },
+    ContainerRemove {
+        container: String,
+        force: bool,
+    },
+    ImageRemove {
+        image: String,
+        force: bool,
+    },
+    VolumeRemove {
+        volume: String,
+        force: bool,
+    },
     /// Removes every container of a compose project (recognised by its label), then its
     /// networks.
-    StackRemove { stack: String },
+    StackRemove {
+        stack: String,
+    },
 }
 
 /// Why an action is refused at queue time.

@@ -273,7 +273,11 @@ pub enum DeltaError {
     Codec(String),
 }
 
-fn section_diff<T: Clone + PartialEq>(old: &[T], new: &[T], key: impl Fn(&T) -> &str) -> Changes<T> {
+fn section_diff<T: Clone + PartialEq>(
+    old: &[T],
+    new: &[T],
+    key: impl Fn(&T) -> &str,
+) -> Changes<T> {
     let before: BTreeMap<&str, &T> = old.iter().map(|t| (key(t), t)).collect();
     let after: BTreeMap<&str, &T> = new.iter().map(|t| (key(t), t)).collect();
     Changes {

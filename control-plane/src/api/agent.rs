@@ -1,18 +1,22 @@
 //! The agent-facing routes: check-ins (`/edge/c` plain, `/edge/h` held, `/edge/t` asking for
-//! a tunnel) and snapshot uploads (`/edge/s`). No admin key: every request proves the join
-//! secret.
+//! a tunnel), snapshot uploads (`/edge/s`) and async-mode ticks (`/edge/a`). No admin key:
+//! every request proves the join secret.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use proto::async_mode::{
+    AsyncAnswer, AsyncIntervals, AsyncRequest, Command, SnapshotReport, MAX_ASYNC_FRAME,
+    MAX_COMMANDS_PER_ANSWER,
+};
 use proto::codec::{self, MAX_CONTROL_FRAME};
-use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME};
+use proto::snapshot::{DeltaError, Snapshot, SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{CheckinAnswer, CheckinRequest};
 
 use super::error::ApiError;
 use super::AppState;
 use crate::fleet::{now_ms, CheckinKind};
-use crate::store::StoredSnapshot;
+use crate::store::{EnvId, StoredSnapshot};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(proto::wire::CHECKIN_PATH).route(web::post().to(checkin)))
@@ -22,7 +26,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .service(
             web::resource(proto::snapshot::SNAPSHOT_PATH).route(web::post().to(upload_snapshot)),
-        );
+        )
+        .service(web::resource(proto::async_mode::ASYNC_PATH).route(web::post().to(async_tick)));
 }
 
 /// Reads a body of at most `limit` bytes; larger ones are refused before they are read (when
@@ -33,7 +38,7 @@ async fn read_limited(
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let too_large =
-        || ApiError::PayloadTooLarge(format!("check-in body larger than {limit} bytes"));
+        || ApiError::PayloadTooLarge(format!("agent request body larger than {limit} bytes"));
     let announced = req
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
@@ -44,7 +49,7 @@ async fn read_limited(
     }
     let mut body = web::BytesMut::with_capacity(announced.unwrap_or(64).min(limit));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("check-in body: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("agent request body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(too_large());
         }
@@ -148,4 +153,163 @@ async fn upload_snapshot(
     }
     tracing::debug!(env = id, bytes = body.len(), "snapshot stored");
     Ok(HttpResponse::NoContent().reason("").finish())
+}
+
+/// An async-mode tick: verified like a check-in (proof, freshness, replay, binding; the
+/// environment must be in async mode), then, in this order: command results are recorded,
+/// the snapshot report is applied, and the commands after `done_through` are handed out.
+/// A corrupt snapshot report is a 400 that leaves the stored snapshot as it was; one that
+/// cannot be applied (unknown base) is answered with `need_full_snapshot`.
+async fn async_tick(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_limited(&req, payload, MAX_ASYNC_FRAME).await?;
+    let (tick, _unverified) =
+        proto::proof::open::<AsyncRequest>(&body, MAX_ASYNC_FRAME).map_err(|e| {
+            state
+                .metrics
+                .checkins
+                .with_label_values(&["bad_request"])
+                .inc();
+            ApiError::BadRequest(format!("async request: {e}"))
+        })?;
+    let id = tick.checkin.endpoint_id;
+    // The agent's clock (server-corrected): the one snapshot times are kept in.
+    let request_ms = proto::wire::request_timestamp(
+        tick.checkin.timestamp_lo,
+        tick.checkin.timestamp_hi,
+        now_ms(),
+    );
+    let answer = state
+        .fleet
+        .checkin(CheckinKind::Async, tick.checkin, body)
+        .await?;
+    let now = now_ms();
+    if !tick.results.is_empty() {
+        state.store.finish_commands(id, &tick.results, now).await?;
+        tracing::debug!(
+            env = id,
+            results = tick.results.len(),
+            "command results recorded"
+        );
+    }
+    let (snapshot_ack, need_full_snapshot) = match tick.snapshot {
+        None => (None, false),
+        Some(report) => apply_report(&state, id, report, request_ms, now).await?,
+    };
+    let commands = match tick.done_through {
+        None => Vec::new(),
+        Some(after) => state
+            .store
+            .deliver_commands(id, after, MAX_COMMANDS_PER_ANSWER, now)
+            .await?
+            .into_iter()
+            .map(|c| Command {
+                id: c.id,
+                action: c.action,
+            })
+            .collect(),
+    };
+    let [ping, snapshot, command] = state.fleet.defaults.async_intervals();
+    let bytes = codec::encode(&AsyncAnswer {
+        intervals: answer.async_intervals.unwrap_or(AsyncIntervals {
+            ping,
+            snapshot,
+            command,
+        }),
+        server_time_ms: answer.server_time_ms,
+        snapshot_ack,
+        need_full_snapshot,
+        commands,
+    })
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().reason("").body(bytes))
+}
+
+/// Applies a snapshot report: `(digest now held, full snapshot needed)`.
+async fn apply_report(
+    state: &AppState,
+    id: EnvId,
+    report: SnapshotReport,
+    request_ms: u64,
+    now: u64,
+) -> Result<(Option<u64>, bool), ApiError> {
+    let bad = |e: proto::snapshot::SnapshotError| ApiError::BadRequest(format!("snapshot: {e}"));
+    let snap = match report {
+        SnapshotReport::Full(bytes) => {
+            let snap = proto::snapshot::decompress(&bytes).map_err(bad)?;
+            return store_snapshot(state, id, &snap, Some(bytes), now).await;
+        }
+        SnapshotReport::Delta(bytes) => {
+            // Decoded before anything else: a corrupt delta is the agent's error (400), an
+            // unknown base is not.
+            let delta = proto::snapshot::decompress_delta(&bytes).map_err(bad)?;
+            let Some(base) = held_snapshot(state, id).await? else {
+                return Ok((None, true));
+            };
+            match proto::snapshot::apply(&base, delta) {
+                Ok(snap) => snap,
+                Err(DeltaError::BaseMismatch { .. }) => return Ok((None, true)),
+                Err(e) => {
+                    tracing::warn!(env = id, error = %e, "snapshot delta not applied; full snapshot requested");
+                    return Ok((None, true));
+                }
+            }
+        }
+        SnapshotReport::Unchanged { digest } => {
+            let Some(mut held) = held_snapshot(state, id).await? else {
+                return Ok((None, true));
+            };
+            if proto::snapshot::digest(&held).map_err(bad)? != digest {
+                return Ok((None, true));
+            }
+            // Seen again: the same content, as of this request.
+            held.taken_ms = held.taken_ms.max(request_ms);
+            held
+        }
+    };
+    store_snapshot(state, id, &snap, None, now).await
+}
+
+/// The stored snapshot, decoded; `None` when there is none or it cannot be read (a full one
+/// replaces it).
+async fn held_snapshot(state: &AppState, id: EnvId) -> Result<Option<Snapshot>, ApiError> {
+    let Some(stored) = state.store.snapshot(id).await? else {
+        return Ok(None);
+    };
+    match proto::snapshot::decompress(&stored.body) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            tracing::warn!(env = id, error = %e, "stored snapshot unreadable; full snapshot requested");
+            Ok(None)
+        }
+    }
+}
+
+async fn store_snapshot(
+    state: &AppState,
+    id: EnvId,
+    snap: &Snapshot,
+    compressed: Option<Vec<u8>>,
+    now: u64,
+) -> Result<(Option<u64>, bool), ApiError> {
+    let internal = |e: proto::snapshot::SnapshotError| ApiError::Internal(e.to_string());
+    let digest = proto::snapshot::digest(snap).map_err(internal)?;
+    let body = match compressed {
+        Some(b) => b,
+        None => proto::snapshot::compress(snap).map_err(internal)?,
+    };
+    let stored = StoredSnapshot {
+        taken_ms: snap.taken_ms,
+        received_ms: now,
+        body,
+    };
+    if !state.store.put_snapshot(id, &stored).await? {
+        return Err(ApiError::NotFound(format!(
+            "environment {id} does not exist"
+        )));
+    }
+    Ok((Some(digest), false))
 }

@@ -52,7 +52,7 @@ pub struct TunnelView {
     pub since: Option<String>,
 }
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -555,7 +555,7 @@ pub struct ListQuery {
     tag_ids: Option<String>,
 }
 
-fn parse_num(field: &str, v: &str) -> Result<u64, ApiError> {
+pub(crate) fn parse_num(field: &str, v: &str) -> Result<u64, ApiError> {
     v.trim().parse().map_err(|_| {
         ApiError::BadRequest(format!(
             "query parameter {field}={v:?} is not a non-negative integer"

@@ -54,7 +54,7 @@ fn agent_message(r: &AgentRefusal) -> String {
             Refusal::ClockSkew { .. } => "request timestamp is outside the allowed window; correct the clock offset with serverTimeMs".into(),
             Refusal::Replay => "this request was already seen (replay)".into(),
             Refusal::EdgeIdMismatch => "environment is bound to another Edge ID; an admin can reset its association".into(),
-            Refusal::WrongMode => "environment is in async mode; the standard check-in is refused".into(),
+            Refusal::WrongMode => "the environment's mode (standard or async) is not the agent's: set EDGE_ASYNC on the agent to match the environment".into(),
             Refusal::EdgeIdRequired => "environment is not bound yet: send the Edge ID with this check-in".into(),
         },
     }

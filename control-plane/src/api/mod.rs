@@ -5,6 +5,7 @@
 mod agent;
 mod auth;
 mod catalog;
+mod commands;
 mod docker;
 mod endpoints;
 mod error;
@@ -97,6 +98,16 @@ pub const ROUTES: &[Route] = &[
         method: "GET",
         path: "/api/endpoints/{id}/snapshot",
         summary: "The latest snapshot of the environment's engine (?section=containers|images|volumes|networks|stacks|engine)",
+    },
+    Route {
+        method: "POST",
+        path: "/api/endpoints/{id}/commands",
+        summary: "Queue a command for an async environment ({type, target, force?, timeoutSecs?, signal?}); 201 with the command",
+    },
+    Route {
+        method: "GET",
+        path: "/api/endpoints/{id}/commands",
+        summary: "An async environment's commands, newest first (?start=&limit=); X-Total-Count holds the total",
     },
     Route {
         method: "GET",
@@ -218,6 +229,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(
                 "/endpoints/{id}/snapshot",
                 web::get().to(endpoints::snapshot),
+            )
+            .service(
+                web::resource("/endpoints/{id}/commands")
+                    .route(web::get().to(commands::list))
+                    .route(web::post().to(commands::queue)),
             )
             .route(
                 "/endpoints/{id}/docker{tail:(/.*)?}",

@@ -135,6 +135,7 @@ impl EnvActor {
                 server_time_ms: None,
                 unchanged: false,
                 tunnel: Some(sealed),
+                async_intervals: None,
             };
             let delivered = result.is_ok() && waiter.tx.send(answer).is_ok();
             if delivered {
@@ -190,6 +191,13 @@ impl EnvActor {
                             act.finish(reply, Err(e));
                         }
                     }),
+            );
+        }
+        let mut answer = answer;
+        if kind == CheckinKind::Async {
+            answer.async_intervals = Some(
+                self.state
+                    .async_intervals(self.fleet.defaults.async_intervals()),
             );
         }
         let held = (kind == CheckinKind::Held

@@ -70,18 +70,38 @@ pub enum CheckinError {
 #[derive(Debug)]
 pub struct Defaults {
     pub checkin_interval: AtomicU32,
+    /// Async ping, snapshot and command intervals.
+    pub async_intervals: [AtomicU32; 3],
 }
 
 impl Defaults {
     fn new(s: &Settings) -> Self {
         Self {
             checkin_interval: AtomicU32::new(s.checkin_interval),
+            async_intervals: [
+                AtomicU32::new(s.ping_interval),
+                AtomicU32::new(s.snapshot_interval),
+                AtomicU32::new(s.command_interval),
+            ],
         }
     }
 
     pub fn set(&self, s: &Settings) {
         self.checkin_interval
             .store(s.checkin_interval, Ordering::Relaxed);
+        for (slot, v) in self.async_intervals.iter().zip([
+            s.ping_interval,
+            s.snapshot_interval,
+            s.command_interval,
+        ]) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
+
+    pub fn async_intervals(&self) -> [u32; 3] {
+        self.async_intervals
+            .each_ref()
+            .map(|a| a.load(Ordering::Relaxed))
     }
 
     pub fn checkin(&self) -> u32 {

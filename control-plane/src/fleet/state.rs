@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use proto::async_mode::AsyncIntervals;
 use proto::proof::{self, ProofKey, FRESHNESS_WINDOW_MS};
 use proto::seal::SealKey;
 use proto::token::JoinSecret;
@@ -31,6 +32,8 @@ pub enum CheckinKind {
     Held,
     /// `/edge/t`: the agent lost a tunnel in use and asks for credentials itself.
     AskTunnel,
+    /// `/edge/a`: an async-mode tick (only for async environments; never a tunnel).
+    Async,
 }
 
 /// Why a check-in was refused. Each maps to one status code and one message in `api`.
@@ -46,7 +49,8 @@ pub enum Refusal {
     Replay,
     /// Environment bound to another Edge ID.
     EdgeIdMismatch,
-    /// An async environment cannot use the standard check-in.
+    /// An async environment cannot use the standard check-in, nor a standard one the async
+    /// route.
     WrongMode,
     /// The environment is unbound and the request did not carry its Edge ID.
     EdgeIdRequired,
@@ -63,6 +67,8 @@ pub struct Answer {
     /// fine and it is not a new process. Answered as `204 No Content`.
     pub unchanged: bool,
     pub tunnel: Option<SealedCredentials>,
+    /// For async ticks: the environment's intervals (filled in by the actor).
+    pub async_intervals: Option<AsyncIntervals>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +99,8 @@ pub struct EnvState {
     id: EnvId,
     mode: EdgeMode,
     interval_override: Option<u32>,
+    /// Async ping, snapshot and command intervals set on the environment (else defaults).
+    async_overrides: [Option<u32>; 3],
     keys: Keys,
     /// The join secret text `keys` were derived from: a bind is only valid while the store
     /// still holds this very secret (see `Store::bind_edge_id`).
@@ -124,6 +132,11 @@ impl EnvState {
             id: env.id,
             mode: env.mode,
             interval_override: env.checkin_interval,
+            async_overrides: [
+                env.ping_interval,
+                env.snapshot_interval,
+                env.command_interval,
+            ],
             keys: Keys::derive(&secret, agent_secret),
             join_secret: env.join_secret.clone(),
             edge_id: env.edge_id,
@@ -148,6 +161,7 @@ impl EnvState {
         }
         self.mode = fresh.mode;
         self.interval_override = fresh.interval_override;
+        self.async_overrides = fresh.async_overrides;
         self.keys = fresh.keys;
         self.join_secret = fresh.join_secret;
         self.edge_id = fresh.edge_id;
@@ -231,6 +245,16 @@ impl EnvState {
         self.interval_override.unwrap_or(default_interval).max(1)
     }
 
+    /// Async intervals: the environment's own, else `defaults` (ping, snapshot, command).
+    pub fn async_intervals(&self, defaults: [u32; 3]) -> AsyncIntervals {
+        let [ping, snapshot, command] = self.async_overrides;
+        AsyncIntervals {
+            ping: ping.unwrap_or(defaults[0]),
+            snapshot: snapshot.unwrap_or(defaults[1]),
+            command: command.unwrap_or(defaults[2]),
+        }
+    }
+
     /// Checks a signed upload (snapshot) from the bound agent: its proof, its Edge ID and its
     /// freshness. Uploads are idempotent (the newest snapshot wins), so no replay memory.
     pub fn verify_upload(
@@ -299,7 +323,12 @@ impl EnvState {
                 server_time_ms: now_ms,
             });
         }
-        if self.mode != EdgeMode::Standard {
+        let route_mode = if kind == CheckinKind::Async {
+            EdgeMode::Async
+        } else {
+            EdgeMode::Standard
+        };
+        if self.mode != route_mode {
             return Verdict::Refuse(Refusal::WrongMode);
         }
         let tag = proof::replay_tag(frame);
@@ -315,11 +344,13 @@ impl EnvState {
         self.last_checkin_ms = Some(self.last_checkin_ms.map_or(now_ms, |t| t.max(now_ms)));
         // An agent that lost its tunnel knows better than our view of it (its gateway may be
         // dead and unable to say so); otherwise one grant at a time, and none while open.
-        let grant = if kind == CheckinKind::AskTunnel {
-            self.grant_until_ms = Some(now_ms + GRANT_WINDOW_MS);
-            true
-        } else {
-            self.take_grant(now_ms)
+        let grant = match kind {
+            CheckinKind::AskTunnel => {
+                self.grant_until_ms = Some(now_ms + GRANT_WINDOW_MS);
+                true
+            }
+            CheckinKind::Async => false,
+            CheckinKind::Poll | CheckinKind::Held => self.take_grant(now_ms),
         };
         let status = if grant {
             EdgeStatus::Required
@@ -335,8 +366,10 @@ impl EnvState {
             unchanged: status == EdgeStatus::Idle
                 && server_time_ms.is_none()
                 && interval_secs == req.interval_secs
-                && req.agent.is_none(),
+                && req.agent.is_none()
+                && kind != CheckinKind::Async,
             tunnel: None,
+            async_intervals: None,
         })
     }
 
@@ -439,6 +472,7 @@ mod tests {
             server_time_ms: None,
             unchanged: interval == 5,
             tunnel: None,
+            async_intervals: None,
         })
     }
 
@@ -527,6 +561,7 @@ mod tests {
                 server_time_ms: Some(NOW),
                 unchanged: false,
                 tunnel: None,
+                async_intervals: None,
             })
         );
     }
@@ -594,6 +629,7 @@ mod tests {
                 server_time_ms: None,
                 unchanged: false,
                 tunnel: None,
+                async_intervals: None,
             })
         );
         // Association reset: new secret, no binding. Old key is refused; new agent binds.

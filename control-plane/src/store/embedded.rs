@@ -12,6 +12,7 @@
 //! | `admin_key_hashes` | SHA-256 (`[u8; 32]`)| `()`                                         |
 //! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
 //! | `snapshots`        | id (`u64`)          | `taken_ms`, `received_ms` (`u64` little-endian each), then the body |
+//! | `commands`         | (env id, command id)| JSON of [`StoredCommand`]                    |
 //!
 //! The `meta` table also holds `cluster_secret`: the 32 random bytes of
 //! [`Store::cluster_secret`], created by the first caller.
@@ -41,10 +42,12 @@ use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransactio
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use proto::async_mode::{Action, CommandResult};
+
 use super::{
     BindOutcome, Change, Collection, EnvId, Environment, GatewayInfo, Named, NewEnvironment,
-    Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
-    CHANGE_CHANNEL_CAPACITY,
+    Settings, Store, StoreError, StoredCommand, StoredSnapshot, TunnelGrant, TunnelLocation,
+    CHANGE_CHANNEL_CAPACITY, MAX_COMMANDS_PER_ENV,
 };
 
 /// File name inside the data dir.
@@ -58,6 +61,7 @@ const ADMIN_KEY_HASHES: TableDefinition<'_, &[u8; 32], ()> =
     TableDefinition::new("admin_key_hashes");
 const HEARTBEATS: TableDefinition<'_, u64, u64> = TableDefinition::new("heartbeats");
 const SNAPSHOTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("snapshots");
+const COMMANDS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("commands");
 
 // Keys of the `meta` table.
 const META_NEXT_ENV_ID: &str = "next_id:environments";
@@ -165,6 +169,7 @@ impl EmbeddedStore {
         tx.open_table(ADMIN_KEY_HASHES).map_err(db_err)?;
         tx.open_table(HEARTBEATS).map_err(db_err)?;
         tx.open_table(SNAPSHOTS).map_err(db_err)?;
+        tx.open_table(COMMANDS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
 
         tracing::info!(path = %path.display(), "opened embedded store");
@@ -244,6 +249,32 @@ fn decode_env(id: u64, bytes: &[u8]) -> Result<Environment, StoreError> {
         )));
     }
     Ok(env)
+}
+
+fn decode_command(env: EnvId, bytes: &[u8]) -> Result<StoredCommand, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("a command of environment {env}: {e}")))
+}
+
+fn encode_command(env: EnvId, cmd: &StoredCommand) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(cmd)
+        .map_err(|e| StoreError::Corrupt(format!("command {} of environment {env}: {e}", cmd.id)))
+}
+
+/// The first and last command ids of `env` (ids are contiguous: commands are only removed
+/// with their environment).
+fn command_bounds<T>(table: &T, env: EnvId) -> Result<Option<(u64, u64)>, StoreError>
+where
+    T: ReadableTable<(u64, u64), &'static [u8]>,
+{
+    let mut range = table.range((env, 0)..=(env, u64::MAX)).map_err(db_err)?;
+    let first = range.next().transpose().map_err(db_err)?;
+    let last = range.next_back().transpose().map_err(db_err)?;
+    Ok(match (first, last) {
+        (Some(f), Some(l)) => Some((f.0.value().1, l.0.value().1)),
+        (Some(f), None) => Some((f.0.value().1, f.0.value().1)),
+        _ => None,
+    })
 }
 
 fn encode_env(env: &Environment) -> Result<Vec<u8>, StoreError> {
@@ -441,6 +472,10 @@ impl Store for EmbeddedStore {
             tx.open_table(SNAPSHOTS)
                 .map_err(db_err)?
                 .remove(id)
+                .map_err(db_err)?;
+            tx.open_table(COMMANDS)
+                .map_err(db_err)?
+                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                 .map_err(db_err)?;
             Ok((true, true))
         })
@@ -907,6 +942,137 @@ impl Store for EmbeddedStore {
             let table = tx.open_table(SNAPSHOTS).map_err(db_err)?;
             let value = table.get(env).map_err(db_err)?;
             value.map(|v| decode_snapshot(env, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn queue_command(
+        &self,
+        env: EnvId,
+        action: &Action,
+        now_ms: u64,
+    ) -> Result<Option<StoredCommand>, StoreError> {
+        let action = action.clone();
+        // Immediate: a command the API acknowledged must survive a power cut.
+        self.write(Durability::Immediate, move |tx| {
+            if tx
+                .open_table(ENVIRONMENTS)
+                .map_err(db_err)?
+                .get(env)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Ok((None, false));
+            }
+            let mut table = tx.open_table(COMMANDS).map_err(db_err)?;
+            let bounds = command_bounds(&table, env)?;
+            if bounds.is_some_and(|(first, last)| last - first + 1 >= MAX_COMMANDS_PER_ENV) {
+                return Err(StoreError::Conflict(format!(
+                    "environment {env} already holds {MAX_COMMANDS_PER_ENV} commands"
+                )));
+            }
+            let cmd = StoredCommand {
+                id: bounds.map_or(1, |(_, last)| last + 1),
+                action,
+                created_ms: now_ms,
+                sent_ms: None,
+                finished_ms: None,
+                error: None,
+            };
+            table
+                .insert((env, cmd.id), encode_command(env, &cmd)?.as_slice())
+                .map_err(db_err)?;
+            Ok((Some(cmd), true))
+        })
+        .await
+    }
+
+    async fn list_commands(
+        &self,
+        env: EnvId,
+        start: u64,
+        limit: u64,
+    ) -> Result<(Vec<StoredCommand>, u64), StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(COMMANDS).map_err(db_err)?;
+            let total = command_bounds(&table, env)?.map_or(0, |(first, last)| last - first + 1);
+            let mut out = Vec::new();
+            let range = table.range((env, 0)..=(env, u64::MAX)).map_err(db_err)?;
+            for entry in range.rev().skip(start as usize).take(limit as usize) {
+                let (_, v) = entry.map_err(db_err)?;
+                out.push(decode_command(env, v.value())?);
+            }
+            Ok((out, total))
+        })
+        .await
+    }
+
+    async fn deliver_commands(
+        &self,
+        env: EnvId,
+        after: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        self.write(Durability::Immediate, move |tx| {
+            let mut table = tx.open_table(COMMANDS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in table
+                .range((env, after.saturating_add(1))..=(env, u64::MAX))
+                .map_err(db_err)?
+            {
+                let (_, v) = entry.map_err(db_err)?;
+                let cmd = decode_command(env, v.value())?;
+                if cmd.finished_ms.is_none() {
+                    out.push(cmd);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            let mut changed = false;
+            for cmd in &mut out {
+                if cmd.sent_ms.is_none() {
+                    cmd.sent_ms = Some(now_ms);
+                    table
+                        .insert((env, cmd.id), encode_command(env, cmd)?.as_slice())
+                        .map_err(db_err)?;
+                    changed = true;
+                }
+            }
+            Ok((out, changed))
+        })
+        .await
+    }
+
+    async fn finish_commands(
+        &self,
+        env: EnvId,
+        results: &[CommandResult],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let results = results.to_vec();
+        self.write(Durability::Immediate, move |tx| {
+            let mut table = tx.open_table(COMMANDS).map_err(db_err)?;
+            let mut changed = false;
+            for r in &results {
+                let Some(mut cmd) = table
+                    .get((env, r.id))
+                    .map_err(db_err)?
+                    .map(|v| decode_command(env, v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                if cmd.finish(r, now_ms) {
+                    table
+                        .insert((env, cmd.id), encode_command(env, &cmd)?.as_slice())
+                        .map_err(db_err)?;
+                    changed = true;
+                }
+            }
+            Ok(((), changed))
         })
         .await
     }

@@ -279,6 +279,57 @@ pub struct StoredSnapshot {
     pub body: Vec<u8>,
 }
 
+/// An async command queued for an environment, and how far it got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredCommand {
+    /// Per environment, from 1, growing by one.
+    pub id: u64,
+    pub action: proto::async_mode::Action,
+    pub created_ms: u64,
+    /// First handed to the agent.
+    pub sent_ms: Option<u64>,
+    /// When its result arrived.
+    pub finished_ms: Option<u64>,
+    /// The engine's or the agent's error, for a failed command.
+    pub error: Option<String>,
+}
+
+/// Where a command is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    Pending,
+    Sent,
+    Succeeded,
+    Failed,
+}
+
+impl StoredCommand {
+    pub fn state(&self) -> CommandState {
+        match (self.finished_ms, &self.error, self.sent_ms) {
+            (Some(_), None, _) => CommandState::Succeeded,
+            (Some(_), Some(_), _) => CommandState::Failed,
+            (None, _, Some(_)) => CommandState::Sent,
+            (None, _, None) => CommandState::Pending,
+        }
+    }
+
+    /// Takes `result` unless one was taken before (the first result wins: a retried request
+    /// repeats results, it never changes them).
+    pub fn finish(&mut self, result: &proto::async_mode::CommandResult, now_ms: u64) -> bool {
+        if self.finished_ms.is_some() {
+            return false;
+        }
+        self.finished_ms = Some(now_ms);
+        self.error = result.error.clone();
+        true
+    }
+}
+
+/// Most commands kept per environment: queueing more is refused until old ones are gone.
+pub const MAX_COMMANDS_PER_ENV: u64 = 10_000;
+
 /// What changed, broadcast to every replica (including the one that published it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
@@ -448,6 +499,39 @@ pub trait Store: Send + Sync + 'static {
     /// `false` when the environment does not exist (nothing stored).
     async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError>;
     async fn snapshot(&self, env: EnvId) -> Result<Option<StoredSnapshot>, StoreError>;
+
+    /// Queues `action` for `env` with the next id. `None` when the environment does not
+    /// exist; `Conflict` when it already holds [`MAX_COMMANDS_PER_ENV`] commands.
+    async fn queue_command(
+        &self,
+        env: EnvId,
+        action: &proto::async_mode::Action,
+        now_ms: u64,
+    ) -> Result<Option<StoredCommand>, StoreError>;
+    /// `env`'s commands, newest first: `limit` of them after skipping `start`, and how many
+    /// there are in all.
+    async fn list_commands(
+        &self,
+        env: EnvId,
+        start: u64,
+        limit: u64,
+    ) -> Result<(Vec<StoredCommand>, u64), StoreError>;
+    /// Unfinished commands with an id above `after`, oldest first, at most `limit`; marks
+    /// each sent (keeping the first time it was).
+    async fn deliver_commands(
+        &self,
+        env: EnvId,
+        after: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredCommand>, StoreError>;
+    /// Records results ([`StoredCommand::finish`]); unknown ids are ignored.
+    async fn finish_commands(
+        &self,
+        env: EnvId,
+        results: &[proto::async_mode::CommandResult],
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
 
     /// Sends a change to every subscriber of every replica sharing this store.
     async fn publish(&self, change: Change) -> Result<(), StoreError>;

@@ -19,6 +19,9 @@
 //! | `edgeplane:settings`        | string  | JSON of [`Settings`]                             |
 //! | `edgeplane:admin_keys`      | set     | raw 32-byte SHA-256 hashes of admin API keys     |
 //! | `edgeplane:snapshot:{id}`   | hash    | `taken_ms`, `received_ms` (decimal), `body` (raw bytes) |
+//! | `edgeplane:commands:{id}`   | hash    | command id -> JSON of its [`StoredCommand`] as queued (ids 1..=HLEN) |
+//! | `edgeplane:commands:{id}:sent` | hash | command id -> ms it was first handed out (HSETNX) |
+//! | `edgeplane:commands:{id}:done` | hash | command id -> JSON `{finishedMs, error}`, the first result (HSETNX) |
 //! | `edgeplane:cluster_secret`  | string  | the 32 raw random bytes of [`Store::cluster_secret`] |
 //! | `edgeplane:grant:{hash}`    | string  | JSON of a [`TunnelGrant`], PX TTL; key ends in the hex SHA-256 of its token |
 //! | `edgeplane:tunnel:{id}`     | string  | JSON of a [`TunnelLocation`], PX TTL (the holder's lease) |
@@ -61,10 +64,12 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use proto::async_mode::{Action, CommandResult};
+
 use super::{
     BindOutcome, Change, Collection, EdgeMode, EnvId, Environment, GatewayInfo, Named,
-    NewEnvironment, Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
-    CHANGE_CHANNEL_CAPACITY,
+    NewEnvironment, Settings, Store, StoreError, StoredCommand, StoredSnapshot, TunnelGrant,
+    TunnelLocation, CHANGE_CHANNEL_CAPACITY, MAX_COMMANDS_PER_ENV,
 };
 
 /// TCP connect (and handshake) budget for a new connection.
@@ -113,6 +118,7 @@ struct Keys {
     settings: String,
     admin_keys: String,
     snapshot: String,
+    commands: String,
     cluster_secret: String,
     grant: String,
     tunnel: String,
@@ -139,6 +145,7 @@ impl Keys {
             admin_keys: format!("{prefix}admin_keys"),
             // Per-item keys: these are the prefixes the item's name is appended to.
             snapshot: format!("{prefix}snapshot:"),
+            commands: format!("{prefix}commands:"),
             cluster_secret: format!("{prefix}cluster_secret"),
             grant: format!("{prefix}grant:"),
             tunnel: format!("{prefix}tunnel:"),
@@ -151,6 +158,12 @@ impl Keys {
 
     fn snapshot(&self, env: EnvId) -> String {
         format!("{}{env}", self.snapshot)
+    }
+
+    /// (queued commands, first-sent times, results) of an environment.
+    fn commands(&self, env: EnvId) -> (String, String, String) {
+        let base = format!("{}{env}", self.commands);
+        (format!("{base}:sent"), format!("{base}:done"), base)
     }
 
     fn grant(&self, token_hash: &[u8; 32]) -> String {
@@ -287,6 +300,25 @@ redis.call('HSET', KEYS[2], 'taken_ms', new, 'received_ms', ARGV[3], 'body', ARG
 return 1
 ";
 
+/// Queues a command with the next id (ids are contiguous: 1..=HLEN).
+/// KEYS: environments, the environment's commands. ARGV: env id, JSON, most commands kept.
+/// Returns the id, 0 when the environment does not exist, -1 when it holds too many.
+const QUEUE_COMMAND_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local n = redis.call('HLEN', KEYS[2])
+if n >= tonumber(ARGV[3]) then return -1 end
+redis.call('HSET', KEYS[2], n + 1, ARGV[2])
+return n + 1
+";
+
+/// A command's result as stored in `commands:{id}:done`.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CommandDone {
+    finished_ms: u64,
+    error: Option<String>,
+}
+
 /// Hands out the next epoch and stores the location with it, in one step: of two concurrent
 /// claims, the one with the higher epoch is the one left stored.
 /// KEYS: location, epoch counter. ARGV: JSON object of the location *without* `epoch` (and
@@ -349,6 +381,7 @@ return 0
 
 struct Scripts {
     put_snapshot: Script,
+    queue_command: Script,
     claim: Script,
     renew: Script,
     release: Script,
@@ -368,6 +401,7 @@ impl Scripts {
         // or flushed Redis), so callers need not care whether it is cached.
         Self {
             put_snapshot: Script::new(PUT_SNAPSHOT_LUA),
+            queue_command: Script::new(QUEUE_COMMAND_LUA),
             claim: Script::new(CLAIM_LUA),
             renew: Script::new(RENEW_LUA),
             release: Script::new(RELEASE_LUA),
@@ -628,6 +662,52 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The commands `ids` of `env`, with their sent times and results, in the order of `ids`
+    /// (ids that do not exist are left out).
+    async fn read_commands(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        env: EnvId,
+        ids: &[u64],
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (sent, done, commands) = self.keys.commands(env);
+        type Fields = Vec<Option<String>>;
+        let (records, sent_ms, results): (Fields, Vec<Option<u64>>, Fields) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&commands)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&sent)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&done)
+            .arg(ids)
+            .query_async(conn)
+            .await
+            .map_err(redis_err)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            let Some(json) = records.get(i).cloned().flatten() else {
+                continue;
+            };
+            let mut cmd: StoredCommand = serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("{commands} {id}: {e}")))?;
+            cmd.id = id;
+            cmd.sent_ms = sent_ms.get(i).copied().flatten();
+            if let Some(json) = results.get(i).cloned().flatten() {
+                let d: CommandDone = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("{done} {id}: {e}")))?;
+                cmd.finished_ms = Some(d.finished_ms);
+                cmd.error = d.error;
+            }
+            out.push(cmd);
+        }
+        Ok(out)
+    }
+
     async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
         self.pool
             .get()
@@ -880,9 +960,11 @@ impl Store for RedisStore {
 
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        // MULTI/EXEC: `PUT_SNAPSHOT_LUA` checks that the environment exists, so a snapshot
-        // stored concurrently is either deleted here or refused.
-        let (removed, _, _, _): (i64, i64, i64, i64) = redis::pipe()
+        let (sent, done, commands) = self.keys.commands(id);
+        // MULTI/EXEC: `PUT_SNAPSHOT_LUA` and `QUEUE_COMMAND_LUA` check that the environment
+        // exists, so a snapshot or command stored concurrently is either deleted here or
+        // refused.
+        let (removed, _, _, _, _): (i64, i64, i64, i64, i64) = redis::pipe()
             .atomic()
             .cmd("HDEL")
             .arg(&self.keys.env)
@@ -895,6 +977,8 @@ impl Store for RedisStore {
             .arg(id)
             .cmd("DEL")
             .arg(self.keys.snapshot(id))
+            .cmd("DEL")
+            .arg(&[commands, sent, done])
             .query_async(&mut conn)
             .await
             .map_err(redis_err)?;
@@ -1493,6 +1577,133 @@ impl Store for RedisStore {
             })),
             _ => Err(StoreError::Corrupt(format!("{key}: fields missing"))),
         }
+    }
+
+    async fn queue_command(
+        &self,
+        env: EnvId,
+        action: &Action,
+        now_ms: u64,
+    ) -> Result<Option<StoredCommand>, StoreError> {
+        let (_, _, commands) = self.keys.commands(env);
+        let mut cmd = StoredCommand {
+            id: 0,
+            action: action.clone(),
+            created_ms: now_ms,
+            sent_ms: None,
+            finished_ms: None,
+            error: None,
+        };
+        // The id is the hash field; the one inside the JSON is not read back.
+        let json = serde_json::to_string(&cmd)
+            .map_err(|e| StoreError::Corrupt(format!("command: {e}")))?;
+        let mut conn = self.conn().await?;
+        let id: i64 = self
+            .scripts
+            .queue_command
+            .key(&self.keys.env)
+            .key(&commands)
+            .arg(env)
+            .arg(json)
+            .arg(MAX_COMMANDS_PER_ENV)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        match id {
+            0 => Ok(None),
+            -1 => Err(StoreError::Conflict(format!(
+                "environment {env} already holds {MAX_COMMANDS_PER_ENV} commands"
+            ))),
+            id => {
+                cmd.id = id as u64;
+                Ok(Some(cmd))
+            }
+        }
+    }
+
+    async fn list_commands(
+        &self,
+        env: EnvId,
+        start: u64,
+        limit: u64,
+    ) -> Result<(Vec<StoredCommand>, u64), StoreError> {
+        let (_, _, commands) = self.keys.commands(env);
+        let mut conn = self.conn().await?;
+        let total: u64 = redis::cmd("HLEN")
+            .arg(&commands)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let newest = total.saturating_sub(start);
+        let ids: Vec<u64> = (1..=newest).rev().take(limit as usize).collect();
+        let out = self.read_commands(&mut conn, env, &ids).await?;
+        Ok((out, total))
+    }
+
+    async fn deliver_commands(
+        &self,
+        env: EnvId,
+        after: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredCommand>, StoreError> {
+        let (sent, _, commands) = self.keys.commands(env);
+        let mut conn = self.conn().await?;
+        let total: u64 = redis::cmd("HLEN")
+            .arg(&commands)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        // Commands after the agent's last finished one are unfinished but for a rare race
+        // with a result still in flight: reading `limit` of them is enough.
+        let ids: Vec<u64> = (after.saturating_add(1)..=total).take(limit).collect();
+        let mut out = self.read_commands(&mut conn, env, &ids).await?;
+        out.retain(|c| c.finished_ms.is_none());
+        let unsent: Vec<u64> = out
+            .iter()
+            .filter(|c| c.sent_ms.is_none())
+            .map(|c| c.id)
+            .collect();
+        if !unsent.is_empty() {
+            let mut pipe = redis::pipe();
+            for id in &unsent {
+                pipe.cmd("HSETNX").arg(&sent).arg(id).arg(now_ms).ignore();
+            }
+            let () = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+            for c in &mut out {
+                c.sent_ms.get_or_insert(now_ms);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn finish_commands(
+        &self,
+        env: EnvId,
+        results: &[CommandResult],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let (_, done, commands) = self.keys.commands(env);
+        let mut conn = self.conn().await?;
+        let total: u64 = redis::cmd("HLEN")
+            .arg(&commands)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let mut pipe = redis::pipe();
+        for r in results.iter().filter(|r| (1..=total).contains(&r.id)) {
+            let json = serde_json::to_string(&CommandDone {
+                finished_ms: now_ms,
+                error: r.error.clone(),
+            })
+            .map_err(|e| StoreError::Corrupt(format!("command result: {e}")))?;
+            pipe.cmd("HSETNX").arg(&done).arg(r.id).arg(json).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        Ok(())
     }
 
     async fn publish(&self, change: Change) -> Result<(), StoreError> {
