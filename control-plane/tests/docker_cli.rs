@@ -7,53 +7,17 @@
 
 #[path = "support/cp.rs"]
 mod cp;
+#[path = "support/engine.rs"]
+mod engine;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use cp::{eventually, get_env, http, CpProcess, ADMIN_KEY};
+use cp::{eventually, free_port, get_env, http, CpProcess, ADMIN_KEY};
+use engine::{Engine, IMAGE};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-
-const IMAGE: &str = "edgeplane/busybox";
-
-/// Podman's Docker API service on a private socket; stopped on drop.
-struct Engine {
-    dir: tempfile::TempDir,
-}
-
-impl Engine {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
-        let out = Command::new(&script)
-            .arg("start")
-            .arg(dir.path())
-            .output()
-            .expect("run scripts/podman-engine");
-        assert!(
-            out.status.success(),
-            "podman engine did not start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self { dir }
-    }
-
-    fn docker_host(&self) -> String {
-        format!("unix://{}", self.dir.path().join("docker.sock").display())
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
-        let _ = Command::new(script)
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// A docker CLI configured like an operator would: the control plane's certificate as
 /// `ca.pem`, the admin key as a header on every call.
@@ -400,11 +364,4 @@ async fn the_docker_cli_works_through_the_tunnel() {
     agent.stop().await;
     cp.stop();
     drop(engine);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
 }

@@ -1,0 +1,64 @@
+//! Podman's Docker API service as the engine of the tests that need a real one
+//! (`scripts/podman-engine`), with the `docker` CLI pointed straight at it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+/// The tiny local image `scripts/podman-engine` builds.
+pub const IMAGE: &str = "edgeplane/busybox";
+
+/// Podman's Docker API service on a private socket; stopped on drop.
+pub struct Engine {
+    dir: tempfile::TempDir,
+}
+
+impl Engine {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
+        let out = Command::new(&script)
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("run scripts/podman-engine");
+        assert!(
+            out.status.success(),
+            "podman engine did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    pub fn docker_host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
+        let _ = Command::new(script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+impl Engine {
+    /// `docker args...` straight against the engine; panics unless it succeeds; stdout.
+    pub fn docker(&self, args: &[&str]) -> String {
+        let out = Command::new("docker")
+            .env("DOCKER_HOST", self.docker_host())
+            .env_remove("DOCKER_CONTEXT")
+            .args(args)
+            .output()
+            .expect("run docker");
+        assert!(
+            out.status.success(),
+            "docker {args:?} against the engine failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
