@@ -185,6 +185,8 @@ pub enum RefusalCode {
     EdgeIdRequired,
     /// 400: the server could not read the request (version mismatch?).
     BadRequest,
+    /// 409: the environment is in the other mode (standard vs async, `EDGE_ASYNC`).
+    WrongMode,
     /// Any other code (or none).
     Other(String),
 }
@@ -200,6 +202,7 @@ impl RefusalCode {
             "unknown_environment" => Self::UnknownEnvironment,
             "bad_request" => Self::BadRequest,
             "edge_id_required" => Self::EdgeIdRequired,
+            "wrong_mode" => Self::WrongMode,
             other => Self::Other(other.to_owned()),
         }
     }
@@ -215,6 +218,7 @@ impl RefusalCode {
             Self::UnknownEnvironment => "unknown_environment",
             Self::BadRequest => "bad_request",
             Self::EdgeIdRequired => "edge_id_required",
+            Self::WrongMode => "wrong_mode",
             Self::Other(_) => "refused_other",
         }
     }
@@ -230,6 +234,7 @@ impl RefusalCode {
             Self::UnknownEnvironment => "the environment does not exist (deleted?); reinstall with a new key",
             Self::BadRequest => "the control plane could not read the check-in; check that agent and server versions match",
             Self::EdgeIdRequired => "the next check-in carries the Edge ID",
+            Self::WrongMode => "the environment's mode differs from the agent's: set EDGE_ASYNC=1 for an async environment, unset it for a standard one",
             Self::Other(_) => "see the server message",
         }
     }
