@@ -31,7 +31,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -43,7 +42,10 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const ADMIN_KEY: &str = "bench-admin-key-0123456789";
+#[path = "support.rs"]
+mod support;
+use support::{on_thread, start_control_plane, ControlPlane, ADMIN_KEY};
+
 const CHUNK: usize = 256 * 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -357,79 +359,6 @@ async fn engine_connection(mut sock: TcpStream) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 // Threads with their own current-thread runtime
-
-fn on_thread<F, Fut>(name: &str, f: F) -> std::thread::JoinHandle<Fut::Output>
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future,
-    Fut::Output: Send + 'static,
-{
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f())
-        })
-        .expect("spawn thread")
-}
-
-// ---------------------------------------------------------------------------------------------
-// The control plane, in-process on its own actix system thread
-
-struct ControlPlane {
-    url: String,
-    metrics_url: String,
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-fn start_control_plane(dir: &Path, workers: usize) -> ControlPlane {
-    let api = TcpListener::bind("127.0.0.1:0").expect("bind api");
-    let metrics = TcpListener::bind("127.0.0.1:0").expect("bind metrics");
-    let tunnel = TcpListener::bind("127.0.0.1:0").expect("bind tunnel");
-    let url = format!("https://127.0.0.1:{}", api.local_addr().unwrap().port());
-    let metrics_url = format!("http://{}", metrics.local_addr().unwrap());
-    let mut config = control_plane::config::Config::new(dir.to_owned());
-    config.public_url = Some(url.clone());
-    config.admin_api_key = Some(ADMIN_KEY.into());
-    config.limits.workers = workers;
-    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("cp-system".into())
-        .spawn(move || {
-            actix_rt::System::new().block_on(async move {
-                let prepared = control_plane::prepare(
-                    config,
-                    control_plane::Listeners {
-                        api,
-                        metrics,
-                        tunnel: Some(tunnel),
-                    },
-                )
-                .await
-                .expect("prepare");
-                let _ = ready_tx.send(());
-                let stop = async move {
-                    while stop_rx.try_recv() == Err(std::sync::mpsc::TryRecvError::Empty) {
-                        actix_rt::time::sleep(Duration::from_millis(50)).await;
-                    }
-                };
-                prepared.serve(stop).await.expect("serve");
-            });
-        })
-        .expect("spawn control plane");
-    ready_rx.recv().expect("control plane prepared");
-    ControlPlane {
-        url,
-        metrics_url,
-        stop,
-        thread,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Agents, each on its own thread and current-thread runtime (as the agent binary runs)
