@@ -14,7 +14,7 @@
 //! `ASYNC_BENCH_CONTAINERS` (20). The last line is one JSON object with every figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support.rs"]
+#[path = "support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;

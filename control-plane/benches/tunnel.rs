@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[path = "support.rs"]
+#[path = "support/mod.rs"]
 mod support;
 use support::{on_thread, start_control_plane, ControlPlane, ADMIN_KEY};
 

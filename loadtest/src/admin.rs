@@ -16,6 +16,14 @@ pub const DELETE_CONCURRENCY: usize = 32;
 struct NewEnvironment<'a> {
     name: &'a str,
     checkin_interval: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ping_interval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_interval: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command_interval: Option<u64>,
 }
 
 /// The fields of a created environment the load test uses.
@@ -56,15 +64,23 @@ impl AdminClient {
         &self,
         names: &[String],
         interval_secs: u64,
+        async_mode: bool,
         mut progress: impl FnMut(usize),
     ) -> anyhow::Result<Vec<CreatedEnvironment>> {
         let mut out = Vec::with_capacity(names.len());
         for chunk in names.chunks(BULK_LIMIT) {
             let body: Vec<NewEnvironment<'_>> = chunk
                 .iter()
-                .map(|name| NewEnvironment {
-                    name,
-                    checkin_interval: interval_secs,
+                .map(|name| {
+                    let async_interval = async_mode.then_some(interval_secs);
+                    NewEnvironment {
+                        name,
+                        checkin_interval: interval_secs,
+                        mode: async_mode.then_some("async"),
+                        ping_interval: async_interval,
+                        snapshot_interval: async_interval,
+                        command_interval: async_interval,
+                    }
                 })
                 .collect();
             let url = format!("{}/api/endpoints/bulk", self.target);

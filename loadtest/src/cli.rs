@@ -45,7 +45,10 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     pub interval: u64,
 
-    /// Agent mode to simulate.
+    /// Agent mode to simulate. `async`: environments in async mode with --interval as their
+    /// ping, snapshot and command intervals; each agent sends a full snapshot (20 containers)
+    /// first, then one merged tick per interval with an unchanged snapshot and a command fetch,
+    /// as the real async agent does when nothing changes.
     #[arg(long, value_enum, default_value_t = Mode::Standard)]
     pub mode: Mode,
 
@@ -106,12 +109,14 @@ pub struct Plan {
     pub workers: u32,
     /// Held check-ins (`--held`).
     pub held: bool,
+    /// `--mode async`.
+    pub async_mode: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("--mode async: async mode is not available yet; it lands with the async agent")]
-    AsyncMode,
+    #[error("--held applies to standard mode only (async agents do not hold check-ins)")]
+    HeldAsync,
     #[error("--{0} must be at least 1")]
     Zero(&'static str),
     #[error("--agents and --duration are required")]
@@ -129,8 +134,8 @@ pub enum PlanError {
 
 impl Args {
     pub fn plan(&self) -> Result<Plan, PlanError> {
-        if self.mode == Mode::Async {
-            return Err(PlanError::AsyncMode);
+        if self.mode == Mode::Async && self.held {
+            return Err(PlanError::HeldAsync);
         }
         let (Some(agents), Some(duration)) = (self.agents, self.duration) else {
             return Err(PlanError::Missing);
@@ -170,6 +175,7 @@ impl Args {
             ramp: Duration::from_secs(ramp),
             workers,
             held: self.held,
+            async_mode: self.mode == Mode::Async,
         })
     }
 }
@@ -216,6 +222,7 @@ mod tests {
                 ramp: Duration::from_secs(5),
                 workers: 1,
                 held: false,
+                async_mode: false,
             }
         );
         let mut full = BASE.to_vec();
@@ -264,10 +271,12 @@ mod tests {
     }
 
     #[test]
-    fn async_mode_is_refused() {
+    fn async_mode_plans_and_refuses_held() {
         let mut args = BASE.to_vec();
         args.extend(["--mode", "async"]);
-        assert_eq!(parse(&args).unwrap().plan(), Err(PlanError::AsyncMode));
+        assert!(parse(&args).unwrap().plan().unwrap().async_mode);
+        args.push("--held");
+        assert_eq!(parse(&args).unwrap().plan(), Err(PlanError::HeldAsync));
     }
 
     #[test]

@@ -97,7 +97,7 @@ async fn run_against(
     );
     let created_at = StdInstant::now();
     let created = admin
-        .create(&names, plan.interval.as_secs(), |n| {
+        .create(&names, plan.interval.as_secs(), plan.async_mode, |n| {
             bar.set_position(n as u64)
         })
         .await;
@@ -131,7 +131,7 @@ async fn run_against(
 
     let (sim, server) = outcome?;
     let facts = RunFacts {
-        mode: "standard".to_owned(),
+        mode: if plan.async_mode { "async" } else { "standard" }.to_owned(),
         held: plan.held,
         interval_secs: plan.interval.as_secs(),
         ramp_secs: plan.ramp.as_secs_f64(),
@@ -196,6 +196,7 @@ async fn measure(
             sources,
             first_index: 0,
             held: plan.held,
+            async_mode: plan.async_mode,
         };
         worker::run_workers(worker::split(&keys, plan.workers, &base), progress_slots).await
     } else {
@@ -216,6 +217,7 @@ async fn measure(
                 sources,
                 first_index: 0,
                 held: plan.held,
+                async_mode: plan.async_mode,
             },
             live,
         )

@@ -4,7 +4,8 @@
 //! Plain agents poll `/edge/c` at a fixed rate. Held agents ([`SimPlan::held`]) check in like
 //! the real agent's loop: a plain check-in first (and after an error), then held check-ins on
 //! `/edge/h`, each due one interval after the previous one was *sent* (at once if its answer
-//! came later), so a held agent costs one request and one answer per interval too.
+//! came later), so a held agent costs one request and one answer per interval too. Async
+//! agents ([`SimPlan::async_mode`]) post one merged tick per interval to `/edge/a`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -13,10 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use edge_agent::client::agent_info;
+use edge_agent::client::{agent_info, AsyncTick};
 use edge_agent::retry::{retry_delay, Backoff};
 use edge_agent::{ByteCounters, CheckinRoute, PollClient, PollOptions};
 use hdrhistogram::Histogram;
+use proto::async_mode::SnapshotReport;
+use proto::snapshot::{Container, EngineInfo, Snapshot, COMPOSE_PROJECT_LABEL};
 use proto::JoinToken;
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -56,6 +59,8 @@ pub struct SimPlan {
     pub first_index: usize,
     /// Held check-ins (see the module docs).
     pub held: bool,
+    /// Async agents (see [`async_loop`]).
+    pub async_mode: bool,
 }
 
 /// How much shorter than the interval the server holds an idle held check-in
@@ -207,13 +212,22 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
         let offset_ms = u64::try_from(ramp.as_millis()).unwrap_or(u64::MAX);
         let first = plan.timeline.start
             + Duration::from_millis(rand::thread_rng().gen_range(0..offset_ms.max(1)));
-        tasks.push(tokio::spawn(agent_loop(
-            client,
-            first,
-            plan.timeline,
-            plan.held,
-            live.clone(),
-        )));
+        if plan.async_mode {
+            tasks.push(tokio::spawn(async_loop(
+                client,
+                first,
+                plan.timeline,
+                live.clone(),
+            )));
+        } else {
+            tasks.push(tokio::spawn(agent_loop(
+                client,
+                first,
+                plan.timeline,
+                plan.held,
+                live.clone(),
+            )));
+        }
     }
 
     tokio::time::sleep_until(plan.timeline.ramp_end).await;
@@ -331,6 +345,108 @@ async fn agent_loop(
                     // Held: one interval after this one was sent, at once if answered later.
                     (true, _) => (started + outcome.interval).max(done),
                 };
+            }
+            Err(err) => {
+                if up {
+                    up = false;
+                    live.connected.fetch_sub(1, Ordering::Relaxed);
+                }
+                live.error(err.kind());
+                let delay = retry_delay(
+                    &err,
+                    client.interval(),
+                    &mut backoff,
+                    &mut rand::thread_rng(),
+                );
+                next = done + delay;
+            }
+        }
+    }
+}
+
+/// What a simulated async agent reports: an engine with 20 running containers of one compose
+/// project (a kiosk's worth), the same on every tick.
+pub fn async_engine(agent: &str) -> Snapshot {
+    let mut s = Snapshot {
+        engine: EngineInfo {
+            name: agent.to_owned(),
+            version: "27.3.1".into(),
+            api_version: "1.47".into(),
+            os: "linux".into(),
+            arch: "arm64".into(),
+            cpus: 4,
+            memory_bytes: 4_000_000_000,
+            ..EngineInfo::default()
+        },
+        containers: (0..20u64)
+            .map(|i| Container {
+                id: format!("{:064x}", 0xc0ffee * (i + 1)),
+                names: vec![format!("kiosk-app-{i}")],
+                image: format!("registry.example.com/kiosk/app:{}", i % 3),
+                state: "running".into(),
+                labels: [(COMPOSE_PROJECT_LABEL.to_owned(), "kiosk".to_owned())].into(),
+                ..Container::default()
+            })
+            .collect(),
+        ..Snapshot::default()
+    };
+    s.normalise();
+    s
+}
+
+/// One async agent, as the real one behaves when nothing changes on its engine: a full
+/// snapshot and a command fetch first, then one merged tick per interval (ping, unchanged
+/// snapshot, command fetch); a full snapshot again whenever the server asks for one. Polls,
+/// latency and errors are counted as for check-ins.
+async fn async_loop(mut client: PollClient, first: Instant, timeline: Timeline, live: Arc<Live>) {
+    let engine = async_engine(&format!("lt-engine-{}", client.endpoint_id()));
+    let (Ok(digest), Ok(full)) = (
+        proto::snapshot::digest(&engine),
+        proto::snapshot::compress(&engine),
+    ) else {
+        live.error("encode");
+        return;
+    };
+    let mut backoff = Backoff::default();
+    let mut next = first;
+    let mut acked = false;
+    let mut up = false;
+    while next < timeline.end {
+        tokio::time::sleep_until(next).await;
+        let tick = AsyncTick {
+            snapshot: Some(if acked {
+                SnapshotReport::Unchanged { digest }
+            } else {
+                SnapshotReport::Full(full.clone())
+            }),
+            results: Vec::new(),
+            done_through: Some(0),
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            result = client.async_tick(&tick) => result,
+            () = tokio::time::sleep_until(timeline.end) => break,
+        };
+        let done = Instant::now();
+        match result {
+            Ok(answer) => {
+                acked = answer.snapshot_ack == Some(digest) && !answer.need_full_snapshot;
+                if !up {
+                    up = true;
+                    live.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                live.polls_total.fetch_add(1, Ordering::Relaxed);
+                if started >= timeline.ramp_end && done <= timeline.end {
+                    live.steady_polls.fetch_add(1, Ordering::Relaxed);
+                    let us = u64::try_from((done - started).as_micros()).unwrap_or(u64::MAX);
+                    lock(&live.latency_us).saturating_record(us.max(1));
+                }
+                backoff.reset();
+                let interval = answer
+                    .intervals
+                    .smallest()
+                    .map_or(client.interval(), |s| Duration::from_secs(u64::from(s)));
+                next = (next + interval).max(done);
             }
             Err(err) => {
                 if up {

@@ -35,6 +35,9 @@ pub struct WorkerSpec {
     /// Held check-ins (`--held`).
     #[serde(default)]
     pub held: bool,
+    /// `--mode async`.
+    #[serde(default)]
+    pub async_mode: bool,
 }
 
 /// One line of worker output.
@@ -81,6 +84,7 @@ pub async fn run_worker(spec_path: &Path) -> anyhow::Result<()> {
         sources: spec.sources,
         first_index: spec.first_index,
         held: spec.held,
+        async_mode: spec.async_mode,
     };
     let live = Arc::new(Live::default());
     let reporter = {
@@ -211,6 +215,7 @@ mod tests {
             sources: Vec::new(),
             first_index: 0,
             held: true,
+            async_mode: false,
         }
     }
 

@@ -53,3 +53,48 @@ async fn measures_the_real_control_plane() {
     let _ = stop.send(());
     thread.join().expect("control plane thread");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measures_async_agents_on_the_real_control_plane() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, stop, thread) = start_control_plane(dir.path());
+    let args = Args::try_parse_from([
+        "loadtest",
+        "--target",
+        &url,
+        "--api-key",
+        "lt-key",
+        "--insecure",
+        "--mode",
+        "async",
+        "--agents",
+        "100",
+        "--duration",
+        "3",
+        "--interval",
+        "1",
+        "--ramp",
+        "1",
+    ])
+    .expect("args");
+    let report = loadtest::run(args).await.expect("run");
+    assert_eq!(report.mode, "async");
+    assert_eq!(report.connected_agents, 100);
+    assert_eq!(report.errors, 0, "{:?}", report.errors_by_kind);
+    // 100 agents at 1 s over a 3 s window: one merged tick per agent-second.
+    assert!(
+        (200..=400).contains(&report.polls),
+        "polls {}",
+        report.polls
+    );
+    // Steady ticks carry an unchanged snapshot (a digest) and a command fetch: a few hundred
+    // bytes per tick on the wire, never a full snapshot (about 1 KB) again.
+    assert!(
+        report.bytes_per_agent_per_sec > 100.0 && report.bytes_per_agent_per_sec < 400.0,
+        "{}",
+        report.bytes_per_agent_per_sec
+    );
+    assert_eq!(report.steady_reconnects, 0);
+    let _ = stop.send(());
+    thread.join().expect("control plane thread");
+}
