@@ -24,6 +24,12 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     pub docker_requests: IntCounterVec,
     pub tunnel_wait_seconds: Histogram,
+    /// Async snapshot reports by kind (`full`, `delta`, `unchanged`) and outcome (`stored`,
+    /// `need_full`, `bad`).
+    pub async_snapshots: IntCounterVec,
+    /// Async commands by event: `queued`, `delivered` (each hand-out, repeats included),
+    /// `result_ok`, `result_failed` (results received, retries included).
+    pub async_commands: IntCounterVec,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -99,8 +105,24 @@ impl Metrics {
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
         ));
+        let async_snapshots = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_async_snapshot_reports_total",
+                "Async snapshot reports by kind and outcome",
+            ),
+            &["kind", "outcome"],
+        ));
+        let async_commands = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_async_commands_total",
+                "Async commands queued, handed out, and results received",
+            ),
+            &["event"],
+        ));
         for c in [
             Box::new(checkins.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(async_snapshots.clone()),
+            Box::new(async_commands.clone()),
             Box::new(docker_requests.clone()),
             Box::new(tunnel_wait_seconds.clone()),
             Box::new(checkin_seconds.clone()),
@@ -125,6 +147,8 @@ impl Metrics {
             admin_requests,
             docker_requests,
             tunnel_wait_seconds,
+            async_snapshots,
+            async_commands,
         }
     }
 

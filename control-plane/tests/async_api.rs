@@ -232,6 +232,32 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
         .collect();
     assert_eq!(states, vec![(3, "sent"), (2, "failed"), (1, "succeeded")]);
     assert_eq!(list[1]["error"], "No such container: db");
+    for (series, want) in [
+        (
+            r#"edgeplane_async_snapshot_reports_total{kind="full",outcome="stored"}"#,
+            1.0,
+        ),
+        (
+            r#"edgeplane_async_snapshot_reports_total{kind="delta",outcome="stored"}"#,
+            1.0,
+        ),
+        (
+            r#"edgeplane_async_snapshot_reports_total{kind="delta",outcome="need_full"}"#,
+            1.0,
+        ),
+        (
+            r#"edgeplane_async_snapshot_reports_total{kind="unchanged",outcome="need_full"}"#,
+            1.0,
+        ),
+        (r#"edgeplane_async_commands_total{event="queued"}"#, 3.0),
+        (r#"edgeplane_async_commands_total{event="delivered"}"#, 5.0),
+        (
+            r#"edgeplane_async_commands_total{event="result_failed"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(cp.metric(series).await, want, "{series}");
+    }
 
     // Modes must match: the standard check-in is refused for this environment, and the async
     // route for a standard one; queueing for a standard one too.
@@ -363,5 +389,10 @@ async fn corrupt_and_oversized_reports_are_refused_and_change_nothing() {
         (StatusCode::UNAUTHORIZED, Some("replay"))
     );
     assert_eq!(stored_containers(&cp, id).await, before);
+    assert_eq!(
+        cp.metric(r#"edgeplane_async_snapshot_reports_total{kind="full",outcome="bad"}"#)
+            .await,
+        3.0
+    );
     cp.stop().await;
 }

@@ -189,6 +189,18 @@ async fn async_tick(
     let now = now_ms();
     if !tick.results.is_empty() {
         state.store.finish_commands(id, &tick.results, now).await?;
+        for r in &tick.results {
+            let event = if r.error.is_none() {
+                "result_ok"
+            } else {
+                "result_failed"
+            };
+            state
+                .metrics
+                .async_commands
+                .with_label_values(&[event])
+                .inc();
+        }
         tracing::debug!(
             env = id,
             results = tick.results.len(),
@@ -197,7 +209,25 @@ async fn async_tick(
     }
     let (snapshot_ack, need_full_snapshot) = match tick.snapshot {
         None => (None, false),
-        Some(report) => apply_report(&state, id, report, request_ms, now).await?,
+        Some(report) => {
+            let kind = match &report {
+                SnapshotReport::Full(_) => "full",
+                SnapshotReport::Delta(_) => "delta",
+                SnapshotReport::Unchanged { .. } => "unchanged",
+            };
+            let outcome = apply_report(&state, id, report, request_ms, now).await;
+            let label = match &outcome {
+                Ok((_, true)) => "need_full",
+                Ok(_) => "stored",
+                Err(_) => "bad",
+            };
+            state
+                .metrics
+                .async_snapshots
+                .with_label_values(&[kind, label])
+                .inc();
+            outcome?
+        }
     };
     let commands = match tick.done_through {
         None => Vec::new(),
@@ -212,6 +242,13 @@ async fn async_tick(
             })
             .collect(),
     };
+    if !commands.is_empty() {
+        state
+            .metrics
+            .async_commands
+            .with_label_values(&["delivered"])
+            .inc_by(commands.len() as u64);
+    }
     let [ping, snapshot, command] = state.fleet.defaults.async_intervals();
     let bytes = codec::encode(&AsyncAnswer {
         intervals: answer.async_intervals.unwrap_or(AsyncIntervals {

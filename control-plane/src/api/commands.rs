@@ -203,6 +203,11 @@ pub async fn queue(
         kind = action.kind(),
         "command queued"
     );
+    state
+        .metrics
+        .async_commands
+        .with_label_values(&["queued"])
+        .inc();
     Ok(json(StatusCode::CREATED, &CommandView::from(cmd)))
 }
 
