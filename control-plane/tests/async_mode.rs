@@ -5,6 +5,8 @@
 //! message; the control plane stopped and restarted under the agent loses and repeats nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/agent.rs"]
+mod agent;
 #[path = "support/cp.rs"]
 mod cp;
 #[path = "support/engine.rs"]
@@ -12,6 +14,7 @@ mod engine;
 
 use std::time::Duration;
 
+use agent::Agent;
 use cp::{eventually, get_env, http, CpProcess, ADMIN_KEY};
 use engine::{Engine, IMAGE};
 use serde_json::{json, Value};
@@ -20,41 +23,14 @@ use serde_json::{json, Value};
 const INTERVAL: u64 = 2;
 const WITHIN: Duration = Duration::from_secs(40);
 
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Agent {
-    fn start(key: &str, docker_host: &str, data_dir: &std::path::Path) -> Self {
-        let config = edge_agent::Config::from_args(edge_agent::Args {
-            edge_key: Some(key.to_owned()),
-            data_dir: Some(data_dir.to_owned()),
-            docker_host: Some(docker_host.to_owned()),
-            async_mode: Some("1".to_owned()),
-            ..Default::default()
-        })
-        .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            edge_agent::run(config, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
-    }
+fn async_agent(key: &str, engine: &Engine, data_dir: &std::path::Path) -> Agent {
+    Agent::start(edge_agent::Args {
+        edge_key: Some(key.to_owned()),
+        data_dir: Some(data_dir.to_owned()),
+        docker_host: Some(engine.docker_host()),
+        async_mode: Some("1".to_owned()),
+        ..Default::default()
+    })
 }
 
 async fn admin(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
@@ -167,7 +143,7 @@ async fn snapshots_and_commands_against_a_real_engine() {
     engine.docker(&["run", "-d", "--name", name, IMAGE, "sleep", "600"]);
 
     let agent_dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&key, &engine.docker_host(), agent_dir.path());
+    let agent = async_agent(&key, &engine, agent_dir.path());
     eventually(WITHIN, "async agent up", || async {
         (get_env(&cp.url, id).await["status"] == "up").then_some(())
     })
@@ -259,7 +235,7 @@ async fn a_control_plane_outage_loses_and_repeats_no_command() {
     engine.docker(&["rm", "-f", name]);
     engine.docker(&["run", "-d", "--name", name, IMAGE, "sleep", "600"]);
     let agent_dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&key, &engine.docker_host(), agent_dir.path());
+    let agent = async_agent(&key, &engine, agent_dir.path());
 
     // A restart: its effect (a new start time) shows whether it ever runs again.
     let restart = queue(

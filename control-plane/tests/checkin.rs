@@ -17,19 +17,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 async fn create(cp: &TestCp, body: Value) -> (u64, JoinToken) {
-    let r = http()
-        .post(cp.api("/api/endpoints"))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let v: Value = r.json().await.unwrap();
-    (
-        v["id"].as_u64().unwrap(),
-        JoinToken::parse(v["edgeKey"].as_str().unwrap()).unwrap(),
-    )
+    cp::create_env(&cp.url, body).await
 }
 
 async fn env(cp: &TestCp, id: u64) -> Value {

@@ -5,6 +5,8 @@
 //! an HTTP header in its config.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/agent.rs"]
+mod agent;
 #[path = "support/cp.rs"]
 mod cp;
 #[path = "support/engine.rs"]
@@ -14,6 +16,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use agent::Agent;
 use cp::{eventually, free_port, get_env, http, CpProcess, ADMIN_KEY};
 use engine::{Engine, IMAGE};
 use serde_json::{json, Value};
@@ -108,46 +111,6 @@ async fn create_env(cp: &CpProcess, name: &str) -> (u64, String) {
     )
 }
 
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(key: &str, docker_host: &str, inactivity: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = edge_agent::Config::from_args(edge_agent::Args {
-            edge_key: Some(key.to_owned()),
-            data_dir: Some(dir.path().to_owned()),
-            docker_host: Some(docker_host.to_owned()),
-            inactivity_timeout: Some(inactivity.to_owned()),
-            ..Default::default()
-        })
-        .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            edge_agent::run(config, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            stop: Some(tx),
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
-    }
-}
-
 fn api_port(cp: &CpProcess) -> u16 {
     url::Url::parse(&cp.url).unwrap().port().unwrap()
 }
@@ -184,7 +147,7 @@ async fn the_docker_cli_works_through_the_tunnel() {
     .await;
     let port = api_port(&cp);
     let (id, key) = create_env(&cp, "podman-host").await;
-    let agent = Agent::start(&key, &engine.docker_host(), "4s");
+    let agent = Agent::standard(&key, &engine.docker_host(), "4s");
     eventually(Duration::from_secs(15), "agent up", || async {
         (get_env(&cp.url, id).await["status"] == "up").then_some(())
     })
@@ -338,7 +301,7 @@ async fn the_docker_cli_works_through_the_tunnel() {
     );
     // An agent whose Docker socket is missing.
     let (broken, broken_key) = create_env(&cp, "no-engine").await;
-    let broken_agent = Agent::start(&broken_key, "unix:///nonexistent/docker.sock", "1m");
+    let broken_agent = Agent::standard(&broken_key, "unix:///nonexistent/docker.sock", "1m");
     let out = Cli::new(data.path(), port, broken).run(&["ps"]).await;
     assert!(!out.status.success());
     assert!(text(&out).contains("DOCKER_HOST"), "{}", text(&out));

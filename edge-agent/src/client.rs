@@ -752,17 +752,8 @@ impl PollClient {
         // The Edge ID travels with the first check-in and after errors, like the agent info;
         // in the steady state the MAC covers it and the server supplies the bound one.
         let timestamp_ms = self.clock.next_timestamp();
-        let request = CheckinRequest {
-            endpoint_id: self.endpoint_id,
-            edge_id: self.send_agent_info.then_some(self.edge_id),
-            timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
-            // The high bits go with the Edge ID, so a far-off clock is reported as skewed.
-            timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
-            interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
-            agent: self.send_agent_info.then(|| self.agent_info.clone()),
-        };
-        let body = proof::sign(&request, &self.key, &self.edge_id, timestamp_ms)
-            .map_err(CheckinError::Encode)?;
+        let request = self.checkin_request(timestamp_ms);
+        let body = self.sign(&request, timestamp_ms, MAX_CONTROL_FRAME)?;
         Ok(Prepared {
             uri: self.target.checkin_uri(route).clone(),
             body,
@@ -786,26 +777,12 @@ impl PollClient {
     fn prepare_async(&mut self, tick: &AsyncTick) -> Result<Prepared, CheckinError> {
         let timestamp_ms = self.clock.next_timestamp();
         let request = AsyncRequest {
-            checkin: CheckinRequest {
-                endpoint_id: self.endpoint_id,
-                edge_id: self.send_agent_info.then_some(self.edge_id),
-                timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
-                timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
-                interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
-                agent: self.send_agent_info.then(|| self.agent_info.clone()),
-            },
+            checkin: self.checkin_request(timestamp_ms),
             snapshot: tick.snapshot.clone(),
             results: tick.results.clone(),
             done_through: tick.done_through,
         };
-        let body = proof::sign(&request, &self.key, &self.edge_id, timestamp_ms)
-            .map_err(CheckinError::Encode)?;
-        if body.len() > MAX_ASYNC_FRAME {
-            return Err(CheckinError::TooLarge {
-                len: body.len(),
-                limit: MAX_ASYNC_FRAME,
-            });
-        }
+        let body = self.sign(&request, timestamp_ms, MAX_ASYNC_FRAME)?;
         Ok(Prepared {
             uri: self.target.async_tick.clone(),
             body,
@@ -842,19 +819,44 @@ impl PollClient {
             timestamp_ms,
             body: compressed.to_vec(),
         };
-        let body = proof::sign(&upload, &self.key, &self.edge_id, timestamp_ms)
-            .map_err(CheckinError::Encode)?;
-        if body.len() > MAX_UPLOAD_FRAME {
-            return Err(CheckinError::TooLarge {
-                len: body.len(),
-                limit: MAX_UPLOAD_FRAME,
-            });
-        }
+        let body = self.sign(&upload, timestamp_ms, MAX_UPLOAD_FRAME)?;
         Ok(Prepared {
             uri: self.target.snapshot.clone(),
             body,
             answer_limit: MAX_ERROR_BODY,
         })
+    }
+
+    /// The check-in header every request carries: identity, timestamp, interval, and the
+    /// agent's information on the first request of a process and after errors.
+    fn checkin_request(&self, timestamp_ms: u64) -> CheckinRequest {
+        CheckinRequest {
+            endpoint_id: self.endpoint_id,
+            edge_id: self.send_agent_info.then_some(self.edge_id),
+            timestamp_lo: proto::wire::timestamp_lo(timestamp_ms),
+            // The high bits go with the Edge ID, so a far-off clock is reported as skewed.
+            timestamp_hi: self.send_agent_info.then_some((timestamp_ms >> 32) as u32),
+            interval_secs: u32::try_from(self.interval.as_secs()).unwrap_or(u32::MAX),
+            agent: self.send_agent_info.then(|| self.agent_info.clone()),
+        }
+    }
+
+    /// A signed frame of `msg`, refused locally when it is over `limit` bytes.
+    fn sign<T: serde::Serialize>(
+        &self,
+        msg: &T,
+        timestamp_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<u8>, CheckinError> {
+        let body = proof::sign(msg, &self.key, &self.edge_id, timestamp_ms)
+            .map_err(CheckinError::Encode)?;
+        if body.len() > limit {
+            return Err(CheckinError::TooLarge {
+                len: body.len(),
+                limit,
+            });
+        }
+        Ok(body)
     }
 
     fn read_checkin_answer(&mut self, raw: RawAnswer) -> Result<CheckinOutcome, CheckinError> {

@@ -7,12 +7,14 @@ use loadtest::cli::Args;
 mod support;
 use support::start_control_plane;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn measures_the_real_control_plane() {
+/// Runs the load test on a fresh in-process control plane: `agents` at a 1 s interval, a 1 s
+/// ramp and a 3 s window, with `extra` flags.
+async fn run(agents: u64, extra: &[&str]) -> loadtest::report::Report {
     let dir = tempfile::tempdir().expect("tempdir");
     let (url, stop, thread) = start_control_plane(dir.path());
     let pid = std::process::id().to_string();
-    let args = Args::try_parse_from([
+    let agents = agents.to_string();
+    let mut args = vec![
         "loadtest",
         "--target",
         &url,
@@ -20,7 +22,7 @@ async fn measures_the_real_control_plane() {
         "lt-key",
         "--insecure",
         "--agents",
-        "200",
+        &agents,
         "--duration",
         "3",
         "--interval",
@@ -29,9 +31,19 @@ async fn measures_the_real_control_plane() {
         "1",
         "--server-pid",
         &pid,
-    ])
-    .expect("args");
-    let report = loadtest::run(args).await.expect("run");
+    ];
+    args.extend_from_slice(extra);
+    let report = loadtest::run(Args::try_parse_from(args).expect("args"))
+        .await
+        .expect("run");
+    let _ = stop.send(());
+    thread.join().expect("control plane thread");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measures_the_real_control_plane() {
+    let report = run(200, &[]).await;
     assert_eq!(report.agents, 200);
     assert_eq!(report.connected_agents, 200);
     assert_eq!(report.errors, 0, "{:?}", report.errors_by_kind);
@@ -50,34 +62,11 @@ async fn measures_the_real_control_plane() {
     );
     assert_eq!(report.steady_reconnects, 0);
     assert!(report.server_cpu_seconds.is_some());
-    let _ = stop.send(());
-    thread.join().expect("control plane thread");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measures_async_agents_on_the_real_control_plane() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (url, stop, thread) = start_control_plane(dir.path());
-    let args = Args::try_parse_from([
-        "loadtest",
-        "--target",
-        &url,
-        "--api-key",
-        "lt-key",
-        "--insecure",
-        "--mode",
-        "async",
-        "--agents",
-        "100",
-        "--duration",
-        "3",
-        "--interval",
-        "1",
-        "--ramp",
-        "1",
-    ])
-    .expect("args");
-    let report = loadtest::run(args).await.expect("run");
+    let report = run(100, &["--mode", "async"]).await;
     assert_eq!(report.mode, "async");
     assert_eq!(report.connected_agents, 100);
     assert_eq!(report.errors, 0, "{:?}", report.errors_by_kind);
@@ -95,6 +84,4 @@ async fn measures_async_agents_on_the_real_control_plane() {
         report.bytes_per_agent_per_sec
     );
     assert_eq!(report.steady_reconnects, 0);
-    let _ = stop.send(());
-    thread.join().expect("control plane thread");
 }

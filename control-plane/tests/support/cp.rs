@@ -127,6 +127,23 @@ pub async fn get_env(base_url: &str, id: u64) -> serde_json::Value {
         .expect("environment JSON")
 }
 
+/// `POST /api/endpoints` with `body` (201 expected): the new id and its join token.
+pub async fn create_env(base_url: &str, body: serde_json::Value) -> (u64, proto::JoinToken) {
+    let r = http()
+        .post(format!("{base_url}/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("create environment");
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let v: serde_json::Value = r.json().await.expect("environment JSON");
+    (
+        v["id"].as_u64().expect("id"),
+        proto::JoinToken::parse(v["edgeKey"].as_str().expect("edgeKey")).expect("join token"),
+    )
+}
+
 /// Sum of a metric's samples whose line starts with `name` (labels included in `name` match).
 pub async fn metric(metrics_url: &str, name: &str) -> f64 {
     let text = http()
