@@ -219,6 +219,46 @@ async fn snapshots_and_commands_against_a_real_engine() {
     assert_eq!(page.len(), 1);
     assert_eq!(page[0]["id"], ghost);
 
+    // A stack from a compose file: deployed, seen in the snapshot, removed.
+    let compose = format!(
+        "services:\n  web:\n    image: {IMAGE}\n    command: [\"sleep\", \"600\"]\n    environment:\n      MODE: kiosk\n    labels: [tier=front]\n"
+    );
+    let deploy = queue(
+        &cp,
+        id,
+        json!({"type": "stackDeploy", "target": "ep-shop", "compose": compose}),
+    )
+    .await;
+    let done = finished(&cp, id, deploy).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["services"], json!(["web"]));
+    let running = engine.docker(&["inspect", "-f", "{{.State.Status}}", "ep-shop-web-1"]);
+    assert_eq!(running, "running");
+    eventually(WITHIN, "the stack in the snapshot", || async {
+        let (_, v) = admin(
+            reqwest::Method::GET,
+            cp.api(&format!("/api/endpoints/{id}/snapshot?section=stacks")),
+            None,
+        )
+        .await;
+        let stacks = v["snapshot"]["stacks"].as_array()?.clone();
+        stacks
+            .iter()
+            .any(|s| s["name"] == "ep-shop" && s["running"] == 1)
+            .then_some(())
+    })
+    .await;
+    let remove = queue(&cp, id, json!({"type": "stackRemove", "target": "ep-shop"})).await;
+    assert_eq!(finished(&cp, id, remove).await["state"], "succeeded");
+    let (status, v) = admin(
+        reqwest::Method::POST,
+        cp.api(&format!("/api/endpoints/{id}/commands")),
+        Some(json!({"type": "stackDeploy", "target": "ep-shop", "compose": "services:\n  web:\n    build: .\n"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("build"), "{v}");
+
     agent.stop().await;
     engine.docker(&["rm", "-f", name]);
 }

@@ -13,11 +13,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
+use http_body_util::{BodyExt as _, Empty, Full, Limited};
 use hyper::header::HOST;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use proto::async_mode::Action;
+use proto::async_mode::{Action, ServiceSpec};
 use proto::snapshot::{Container, EngineInfo, Image, Network, Snapshot, Volume};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -338,6 +338,9 @@ impl DockerClient {
                 (Method::DELETE, format!("/volumes/{volume}?force={force}"))
             }
             Action::StackRemove { stack } => return self.remove_stack(stack).await,
+            Action::StackDeploy { stack, services } => {
+                return self.deploy_stack(stack, services).await
+            }
         };
         let (status, body) = self.call(method, &path).await?;
         // 304: already in the wanted state (start, stop).
@@ -393,8 +396,74 @@ impl DockerClient {
         Ok(())
     }
 
-    /// One request on a fresh engine connection: status and (bounded) body.
+    /// Creates (replacing any of the same name) and starts one container per service, named
+    /// and labelled as compose names and labels its own (`{stack}-{service}-1`), so the
+    /// snapshot shows the stack and `stackRemove` removes it. A missing image is pulled.
+    async fn deploy_stack(&self, stack: &str, services: &[ServiceSpec]) -> Result<(), String> {
+        for s in services {
+            let name = format!("{stack}-{}-1", s.name);
+            let (status, body) = self
+                .call(Method::DELETE, &format!("/containers/{name}?force=true"))
+                .await?;
+            if !status.is_success() && status != StatusCode::NOT_FOUND {
+                return Err(format!(
+                    "service {}: {}",
+                    s.name,
+                    engine_message(status, &body)
+                ));
+            }
+            let spec = container_spec(stack, s);
+            let create = format!("/containers/create?name={name}");
+            let (mut status, mut body) = self.call_with(Method::POST, &create, Some(&spec)).await?;
+            if status == StatusCode::NOT_FOUND {
+                let image: String =
+                    url::form_urlencoded::byte_serialize(s.image.as_bytes()).collect();
+                let (pulled, pull_body) = self
+                    .call(Method::POST, &format!("/images/create?fromImage={image}"))
+                    .await?;
+                if !pulled.is_success() {
+                    return Err(format!(
+                        "service {}: image {} is not on the device and could not be pulled: {}",
+                        s.name,
+                        s.image,
+                        engine_message(pulled, &pull_body)
+                    ));
+                }
+                (status, body) = self.call_with(Method::POST, &create, Some(&spec)).await?;
+            }
+            if !status.is_success() {
+                return Err(format!(
+                    "service {}: {}",
+                    s.name,
+                    engine_message(status, &body)
+                ));
+            }
+            let (status, body) = self
+                .call(Method::POST, &format!("/containers/{name}/start"))
+                .await?;
+            if !status.is_success() && status != StatusCode::NOT_MODIFIED {
+                return Err(format!(
+                    "service {}: {}",
+                    s.name,
+                    engine_message(status, &body)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn call(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), String> {
+        self.call_with(method, path, None).await
+    }
+
+    /// One request on a fresh engine connection, with an optional JSON body: status and
+    /// (bounded) body.
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<&Value>,
+    ) -> Result<(StatusCode, Bytes), String> {
         let stream = self
             .host
             .connect(CONNECT_TIMEOUT)
@@ -407,7 +476,14 @@ impl DockerClient {
             let _ = conn.await;
         });
         let result = async {
-            let mut req = Request::new(Empty::<Bytes>::new());
+            let body = json.map(|j| Bytes::from(j.to_string())).unwrap_or_default();
+            let mut req = Request::new(Full::new(body));
+            if json.is_some() {
+                req.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+            }
             *req.method_mut() = method;
             *req.uri_mut() = hyper::Uri::try_from(path)
                 .map_err(|e| format!("cannot form the engine request {path:?}: {e}"))?;
@@ -429,6 +505,56 @@ impl DockerClient {
         driver.abort();
         result
     }
+}
+
+/// The engine's `POST /containers/create` body for one service of a stack.
+fn container_spec(stack: &str, s: &ServiceSpec) -> Value {
+    let mut labels: serde_json::Map<String, Value> = s
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    for (k, v) in [
+        (proto::snapshot::COMPOSE_PROJECT_LABEL, stack),
+        (proto::snapshot::COMPOSE_SERVICE_LABEL, s.name.as_str()),
+        ("com.docker.compose.container-number", "1"),
+        ("com.docker.compose.oneoff", "False"),
+    ] {
+        labels.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    let mut exposed = serde_json::Map::new();
+    let mut bindings = serde_json::Map::new();
+    for p in &s.ports {
+        let key = format!("{}/{}", p.container_port, p.protocol);
+        exposed.insert(key.clone(), serde_json::json!({}));
+        if let Some(host) = p.host_port {
+            bindings.insert(
+                key,
+                serde_json::json!([{
+                    "HostIp": p.host_ip.clone().unwrap_or_default(),
+                    "HostPort": host.to_string(),
+                }]),
+            );
+        }
+    }
+    let mut spec = serde_json::json!({
+        "Image": s.image,
+        "Env": s.environment,
+        "Labels": labels,
+        "ExposedPorts": exposed,
+        "HostConfig": {
+            "PortBindings": bindings,
+            "Binds": s.volumes,
+            "RestartPolicy": {"Name": s.restart.clone().unwrap_or_else(|| "no".to_owned())},
+        },
+    });
+    if let Some(cmd) = &s.command {
+        spec["Cmd"] = serde_json::json!(cmd);
+    }
+    if let Some(ep) = &s.entrypoint {
+        spec["Entrypoint"] = serde_json::json!(ep);
+    }
+    spec
 }
 
 /// The engine's `{"message"}` (or its raw answer), one line.

@@ -11,6 +11,8 @@
 //! server has acknowledged them (an answer to a request that carried them). Delivery is
 //! at-least-once, execution exactly-once: the agent remembers what it ran.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::wire::CheckinRequest;
@@ -127,7 +129,44 @@ pub enum Action {
     StackRemove {
         stack: String,
     },
+    /// Creates (or replaces) one container per service, labelled as compose labels its own,
+    /// and starts it. The control plane turns a compose file into `services`.
+    StackDeploy {
+        stack: String,
+        services: Vec<ServiceSpec>,
+    },
 }
+
+/// One service of a stack, as the engine API wants it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub image: String,
+    pub command: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=VALUE`.
+    pub environment: Vec<String>,
+    pub ports: Vec<PortSpec>,
+    pub labels: BTreeMap<String, String>,
+    /// `no`, `always`, `on-failure`, `unless-stopped`.
+    pub restart: Option<String>,
+    /// `volume:/path[:ro]` or `/host/path:/path[:ro]`.
+    pub volumes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub host_ip: Option<String>,
+    pub host_port: Option<u16>,
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+/// Most services in one stack.
+pub const MAX_SERVICES: usize = 64;
+/// Largest encoded command (a stack deploy): several fit in one answer.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
 
 /// Why an action is refused at queue time.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -140,6 +179,8 @@ pub enum ActionError {
     BadSignal(String),
     #[error("timeout of {0} s is more than an hour")]
     BadTimeout(u32),
+    #[error("{0}")]
+    BadStack(String),
 }
 
 fn check_name(field: &'static str, value: &str) -> Result<(), ActionError> {
@@ -156,6 +197,66 @@ fn check_name(field: &'static str, value: &str) -> Result<(), ActionError> {
             field,
             value: value.to_owned(),
         });
+    }
+    Ok(())
+}
+
+/// Compose project names: lowercase letters, digits, `-` and `_`, starting with a letter or
+/// digit (what compose itself accepts).
+fn check_stack_name(name: &str) -> Result<(), ActionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ActionError::BadStack(format!(
+            "stack name {name:?} must be 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+        )))
+    }
+}
+
+fn check_services(services: &[ServiceSpec]) -> Result<(), ActionError> {
+    let bad = |m: String| Err(ActionError::BadStack(m));
+    if services.is_empty() {
+        return bad("a stack needs at least one service".into());
+    }
+    if services.len() > MAX_SERVICES {
+        return bad(format!("a stack has at most {MAX_SERVICES} services"));
+    }
+    for s in services {
+        check_stack_name(&s.name).map_err(|_| {
+            ActionError::BadStack(format!(
+                "service name {:?} must be lowercase letters, digits, '-' or '_'",
+                s.name
+            ))
+        })?;
+        check_name("image", &s.image)?;
+        if let Some(r) = &s.restart {
+            if !["no", "always", "on-failure", "unless-stopped"].contains(&r.as_str()) {
+                return bad(format!(
+                    "service {}: restart {r:?} is not one of no, always, on-failure, unless-stopped",
+                    s.name
+                ));
+            }
+        }
+        for p in &s.ports {
+            if p.container_port == 0 || !["tcp", "udp"].contains(&p.protocol.as_str()) {
+                return bad(format!(
+                    "service {}: a port needs a container port and tcp or udp",
+                    s.name
+                ));
+            }
+        }
+        if s.environment.iter().any(|e| !e.contains('=')) {
+            return bad(format!(
+                "service {}: environment entries are KEY=VALUE",
+                s.name
+            ));
+        }
     }
     Ok(())
 }
@@ -179,6 +280,7 @@ impl Action {
             Action::ImageRemove { .. } => "imageRemove",
             Action::VolumeRemove { .. } => "volumeRemove",
             Action::StackRemove { .. } => "stackRemove",
+            Action::StackDeploy { .. } => "stackDeploy",
         }
     }
 
@@ -192,7 +294,7 @@ impl Action {
             | Action::ContainerRemove { container, .. } => container,
             Action::ImageRemove { image, .. } => image,
             Action::VolumeRemove { volume, .. } => volume,
-            Action::StackRemove { stack } => stack,
+            Action::StackRemove { stack } | Action::StackDeploy { stack, .. } => stack,
         }
     }
 
@@ -228,7 +330,20 @@ impl Action {
             }
             Action::ImageRemove { image, .. } => check_name("image", image),
             Action::VolumeRemove { volume, .. } => check_name("volume", volume),
-            Action::StackRemove { stack } => check_name("stack", stack),
+            Action::StackRemove { stack } => check_stack_name(stack),
+            Action::StackDeploy { stack, services } => {
+                check_stack_name(stack)?;
+                check_services(services)?;
+                let size = crate::codec::encode(self)
+                    .map(|f| f.len())
+                    .map_err(|e| ActionError::BadStack(e.to_string()))?;
+                if size > MAX_COMMAND_BYTES {
+                    return Err(ActionError::BadStack(format!(
+                        "the stack takes {size} bytes once encoded, more than {MAX_COMMAND_BYTES}"
+                    )));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -293,6 +408,46 @@ mod tests {
             .validate(),
             Ok(())
         );
+    }
+
+    #[test]
+    fn stacks_are_checked_before_they_are_queued() {
+        let web = ServiceSpec {
+            name: "web".into(),
+            image: "busybox:latest".into(),
+            ..ServiceSpec::default()
+        };
+        let deploy = |stack: &str, services: Vec<ServiceSpec>| Action::StackDeploy {
+            stack: stack.into(),
+            services,
+        };
+        assert_eq!(deploy("shop", vec![web.clone()]).validate(), Ok(()));
+        for stack in ["", "Shop", "-shop", "shop/x", &"s".repeat(65)] {
+            assert!(
+                deploy(stack, vec![web.clone()]).validate().is_err(),
+                "{stack:?}"
+            );
+        }
+        assert!(deploy("shop", vec![]).validate().is_err());
+        let bad_restart = ServiceSpec {
+            restart: Some("sometimes".into()),
+            ..web.clone()
+        };
+        assert!(deploy("shop", vec![bad_restart]).validate().is_err());
+        let bad_env = ServiceSpec {
+            environment: vec!["NOVALUE".into()],
+            ..web.clone()
+        };
+        assert!(deploy("shop", vec![bad_env]).validate().is_err());
+        let huge = ServiceSpec {
+            environment: vec![format!("K={}", "v".repeat(MAX_COMMAND_BYTES))],
+            ..web
+        };
+        let e = deploy("shop", vec![huge])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bytes once encoded"), "{e}");
     }
 
     #[test]

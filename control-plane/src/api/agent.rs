@@ -6,8 +6,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use proto::async_mode::{
-    AsyncAnswer, AsyncIntervals, AsyncRequest, Command, SnapshotReport, MAX_ASYNC_FRAME,
-    MAX_COMMANDS_PER_ANSWER,
+    AsyncAnswer, AsyncIntervals, AsyncRequest, Command, SnapshotReport, MAX_ASYNC_ANSWER,
+    MAX_ASYNC_FRAME, MAX_COMMANDS_PER_ANSWER,
 };
 use proto::codec::{self, MAX_CONTROL_FRAME};
 use proto::snapshot::{DeltaError, Snapshot, SnapshotUpload, MAX_UPLOAD_FRAME};
@@ -239,6 +239,15 @@ async fn async_tick(
             .map(|c| Command {
                 id: c.id,
                 action: c.action,
+            })
+            // Within the answer's size limit (a stack deploy can be 16 KiB); the rest stay
+            // unfinished and go with the next answer.
+            .scan(MAX_ASYNC_ANSWER - 1024, |budget, c| {
+                let size = codec::encode(&c).map_or(usize::MAX, |f| f.len());
+                (size <= *budget).then(|| {
+                    *budget -= size;
+                    c
+                })
             })
             .collect(),
     };

@@ -15,7 +15,7 @@ use crate::fleet::now_ms;
 use crate::store::{CommandState, EdgeMode, StoreError, StoredCommand};
 
 /// Command types, as the API names them.
-const TYPES: [&str; 8] = [
+const TYPES: [&str; 9] = [
     "containerStart",
     "containerStop",
     "containerRestart",
@@ -24,6 +24,7 @@ const TYPES: [&str; 8] = [
     "imageRemove",
     "volumeRemove",
     "stackRemove",
+    "stackDeploy",
 ];
 
 /// `POST` body.
@@ -36,6 +37,8 @@ pub struct NewCommand {
     force: Option<bool>,
     timeout_secs: Option<u32>,
     signal: Option<String>,
+    /// For `stackDeploy`: the compose file (YAML text).
+    compose: Option<String>,
 }
 
 impl NewCommand {
@@ -46,6 +49,7 @@ impl NewCommand {
             force,
             timeout_secs,
             signal,
+            compose,
         } = self;
         let unused = |field: &str, given: bool| {
             if given {
@@ -56,7 +60,25 @@ impl NewCommand {
                 Ok(())
             }
         };
+        if kind != "stackDeploy" {
+            unused("compose", compose.is_some())?;
+        }
         let action = match kind.as_str() {
+            "stackDeploy" => {
+                unused("force", force.is_some())?;
+                unused("timeoutSecs", timeout_secs.is_some())?;
+                unused("signal", signal.is_some())?;
+                let compose = compose.ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "stackDeploy needs compose: the compose file as a string".to_owned(),
+                    )
+                })?;
+                let services = super::compose::parse(&compose).map_err(ApiError::BadRequest)?;
+                Action::StackDeploy {
+                    stack: target,
+                    services,
+                }
+            }
             "containerStart" | "stackRemove" => {
                 unused("force", force.is_some())?;
                 unused("timeoutSecs", timeout_secs.is_some())?;
@@ -137,6 +159,9 @@ pub struct CommandView {
     timeout_secs: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     signal: Option<String>,
+    /// For `stackDeploy`: the services deployed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    services: Option<Vec<String>>,
     state: CommandState,
     created_at: String,
     sent_at: Option<String>,
@@ -154,7 +179,9 @@ impl From<StoredCommand> for CommandView {
             Action::ContainerRemove { force, .. }
             | Action::ImageRemove { force, .. }
             | Action::VolumeRemove { force, .. } => (Some(*force), None, None),
-            Action::ContainerStart { .. } | Action::StackRemove { .. } => (None, None, None),
+            Action::ContainerStart { .. }
+            | Action::StackRemove { .. }
+            | Action::StackDeploy { .. } => (None, None, None),
         };
         Self {
             id: c.id,
@@ -163,6 +190,12 @@ impl From<StoredCommand> for CommandView {
             force,
             timeout_secs,
             signal,
+            services: match &c.action {
+                Action::StackDeploy { services, .. } => {
+                    Some(services.iter().map(|s| s.name.clone()).collect())
+                }
+                _ => None,
+            },
             state,
             created_at: rfc3339(c.created_ms),
             sent_at: c.sent_ms.map(rfc3339),

@@ -6,6 +6,7 @@ mod agent;
 mod auth;
 mod catalog;
 mod commands;
+mod compose;
 mod docker;
 mod endpoints;
 mod error;
@@ -102,7 +103,7 @@ pub const ROUTES: &[Route] = &[
     Route {
         method: "POST",
         path: "/api/endpoints/{id}/commands",
-        summary: "Queue a command for an async environment ({type, target, force?, timeoutSecs?, signal?}); 201 with the command",
+        summary: "Queue a command for an async environment ({type, target, force?, timeoutSecs?, signal?, compose?}); 201 with the command",
     },
     Route {
         method: "GET",
