@@ -1366,10 +1366,7 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs bench targets too (without `--bench`): a full
-    // measurement is only wanted under `cargo bench`.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("skipped: run with `cargo bench` to measure");
+    if !support::measuring() {
         return;
     }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

@@ -9,6 +9,16 @@ use std::time::Duration;
 
 pub const ADMIN_KEY: &str = "bench-admin-key-0123456789";
 
+/// Whether this is a real `cargo bench` run. `cargo test --all-targets` runs bench targets
+/// too (without `--bench`): a full measurement there would cost minutes of CI for nothing.
+pub fn measuring() -> bool {
+    let bench = std::env::args().any(|a| a == "--bench");
+    if !bench {
+        println!("skipped: run with `cargo bench` to measure");
+    }
+    bench
+}
+
 /// Runs `f` on a new thread with its own current-thread runtime.
 pub fn on_thread<F, Fut>(name: &str, f: F) -> std::thread::JoinHandle<Fut::Output>
 where
