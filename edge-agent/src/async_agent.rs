@@ -183,6 +183,9 @@ where
     // snapshot and a command fetch.
     let mut follow_up = false;
     let mut connected = false;
+    // The last snapshot was refused (too large, or unreadable to the server): the next request
+    // goes without one, so pings and commands never wait behind a snapshot that cannot pass.
+    let mut skip_snapshot = false;
     tokio::pin!(shutdown);
     loop {
         let at = if follow_up {
@@ -201,7 +204,7 @@ where
             due.command = true;
         }
         let mut in_flight = None;
-        let snapshot = if due.snapshot {
+        let snapshot = if due.snapshot && !std::mem::take(&mut skip_snapshot) {
             match docker.snapshot(client.clock().now_ms()).await {
                 Ok(snap) => match snapshots.report(&snap) {
                     Ok((report, digest)) => {
@@ -244,6 +247,14 @@ where
         let answer = match result {
             Ok(answer) => answer,
             Err(err) => {
+                if tick.snapshot.is_some() && snapshot_refused(&err) {
+                    warn!(
+                        error = %err,
+                        "the snapshot was refused; the next request goes without it, the next snapshot whole"
+                    );
+                    snapshots.acked = None;
+                    skip_snapshot = true;
+                }
                 let delay = retry::retry_delay(
                     &err,
                     schedule_interval(&schedule),
@@ -288,6 +299,19 @@ where
         follow_up = ran > 0 || (answer.need_full_snapshot && !follow_up);
     }
     info!("edge agent stopped");
+}
+
+/// Whether a request failed because of its snapshot: too large to send, or refused as
+/// unreadable or too large by the server.
+fn snapshot_refused(err: &CheckinError) -> bool {
+    matches!(
+        err,
+        CheckinError::TooLarge { .. }
+            | CheckinError::Refused {
+                status: 400 | 413,
+                ..
+            }
+    )
 }
 
 fn schedule_interval(s: &Schedule) -> Duration {
@@ -432,6 +456,27 @@ mod tests {
         s.set_intervals(iv(0, 0, 0), t0 + Duration::from_secs(2));
         assert_eq!(s.next_due(), t0 + ALL_OFF_PING);
         assert!(s.due(t0 + ALL_OFF_PING).ping);
+    }
+
+    #[test]
+    fn only_errors_about_the_request_itself_drop_the_snapshot() {
+        use crate::client::RefusalCode;
+        let refused = |status| CheckinError::Refused {
+            status,
+            code: RefusalCode::BadRequest,
+            message: String::new(),
+            server_time_ms: None,
+        };
+        assert!(snapshot_refused(&refused(400)));
+        assert!(snapshot_refused(&refused(413)));
+        assert!(snapshot_refused(&CheckinError::TooLarge {
+            len: 2,
+            limit: 1
+        }));
+        assert!(!snapshot_refused(&refused(401)));
+        assert!(!snapshot_refused(&CheckinError::Timeout(
+            Duration::from_secs(1)
+        )));
     }
 
     #[tokio::test(start_paused = true)]

@@ -261,6 +261,16 @@ fn encode_command(env: EnvId, cmd: &StoredCommand) -> Result<Vec<u8>, StoreError
         .map_err(|e| StoreError::Corrupt(format!("command {} of environment {env}: {e}", cmd.id)))
 }
 
+/// Whether environment `env` exists, read inside the write transaction that depends on it.
+fn env_exists(tx: &WriteTransaction, env: EnvId) -> Result<bool, StoreError> {
+    Ok(tx
+        .open_table(ENVIRONMENTS)
+        .map_err(db_err)?
+        .get(env)
+        .map_err(db_err)?
+        .is_some())
+}
+
 /// The first and last command ids of `env` (ids are contiguous: commands are only removed
 /// with their environment).
 fn command_bounds<T>(table: &T, env: EnvId) -> Result<Option<(u64, u64)>, StoreError>
@@ -912,13 +922,7 @@ impl Store for EmbeddedStore {
         // Like heartbeats, snapshots are replaced by the next one soon: losing the last ones
         // to a power cut only shows an older snapshot for a while, so skip the fsync.
         self.write(Durability::Eventual, move |tx| {
-            if tx
-                .open_table(ENVIRONMENTS)
-                .map_err(db_err)?
-                .get(env)
-                .map_err(db_err)?
-                .is_none()
-            {
+            if !env_exists(tx, env)? {
                 return Ok((false, false));
             }
             let mut table = tx.open_table(SNAPSHOTS).map_err(db_err)?;
@@ -955,13 +959,7 @@ impl Store for EmbeddedStore {
         let action = action.clone();
         // Immediate: a command the API acknowledged must survive a power cut.
         self.write(Durability::Immediate, move |tx| {
-            if tx
-                .open_table(ENVIRONMENTS)
-                .map_err(db_err)?
-                .get(env)
-                .map_err(db_err)?
-                .is_none()
-            {
+            if !env_exists(tx, env)? {
                 return Ok((None, false));
             }
             let mut table = tx.open_table(COMMANDS).map_err(db_err)?;

@@ -311,6 +311,18 @@ redis.call('HSET', KEYS[2], n + 1, ARGV[2])
 return n + 1
 ";
 
+/// How many commands an environment has (ids are 1..=count).
+async fn command_count(
+    conn: &mut deadpool_redis::Connection,
+    commands: &str,
+) -> Result<u64, StoreError> {
+    redis::cmd("HLEN")
+        .arg(commands)
+        .query_async(conn)
+        .await
+        .map_err(redis_err)
+}
+
 /// A command's result as stored in `commands:{id}:done`.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -1629,11 +1641,7 @@ impl Store for RedisStore {
     ) -> Result<(Vec<StoredCommand>, u64), StoreError> {
         let (_, _, commands) = self.keys.commands(env);
         let mut conn = self.conn().await?;
-        let total: u64 = redis::cmd("HLEN")
-            .arg(&commands)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        let total = command_count(&mut conn, &commands).await?;
         let newest = total.saturating_sub(start);
         let ids: Vec<u64> = (1..=newest).rev().take(limit as usize).collect();
         let out = self.read_commands(&mut conn, env, &ids).await?;
@@ -1649,11 +1657,7 @@ impl Store for RedisStore {
     ) -> Result<Vec<StoredCommand>, StoreError> {
         let (sent, _, commands) = self.keys.commands(env);
         let mut conn = self.conn().await?;
-        let total: u64 = redis::cmd("HLEN")
-            .arg(&commands)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        let total = command_count(&mut conn, &commands).await?;
         // Commands after the agent's last finished one are unfinished but for a rare race
         // with a result still in flight: reading `limit` of them is enough.
         let ids: Vec<u64> = (after.saturating_add(1)..=total).take(limit).collect();
@@ -1688,11 +1692,7 @@ impl Store for RedisStore {
         }
         let (_, done, commands) = self.keys.commands(env);
         let mut conn = self.conn().await?;
-        let total: u64 = redis::cmd("HLEN")
-            .arg(&commands)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        let total = command_count(&mut conn, &commands).await?;
         let mut pipe = redis::pipe();
         for r in results.iter().filter(|r| (1..=total).contains(&r.id)) {
             let json = serde_json::to_string(&CommandDone {
