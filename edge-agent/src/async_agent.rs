@@ -188,11 +188,7 @@ where
     let mut skip_snapshot = false;
     tokio::pin!(shutdown);
     loop {
-        let at = if follow_up {
-            Instant::now()
-        } else {
-            retry_at.unwrap_or_else(|| schedule.next_due())
-        };
+        let at = next_request_at(retry_at, follow_up, &schedule, Instant::now());
         tokio::select! {
             () = &mut shutdown => break,
             () = tokio::time::sleep_until(at) => {}
@@ -299,6 +295,22 @@ where
         follow_up = ran > 0 || (answer.need_full_snapshot && !follow_up);
     }
     info!("edge agent stopped");
+}
+
+/// When the next request goes: after a failure, when its backoff is over (a follow-up too:
+/// it keeps its intent but must not hammer a server that is down); a follow-up at once;
+/// otherwise at the next due tick.
+fn next_request_at(
+    retry_at: Option<Instant>,
+    follow_up: bool,
+    schedule: &Schedule,
+    now: Instant,
+) -> Instant {
+    match retry_at {
+        Some(at) => at,
+        None if follow_up => now,
+        None => schedule.next_due(),
+    }
 }
 
 /// Whether a request failed because of its snapshot: too large to send, or refused as
@@ -456,6 +468,21 @@ mod tests {
         s.set_intervals(iv(0, 0, 0), t0 + Duration::from_secs(2));
         assert_eq!(s.next_due(), t0 + ALL_OFF_PING);
         assert!(s.due(t0 + ALL_OFF_PING).ping);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_follow_up_waits_for_its_backoff() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(t0);
+        s.sent(s.due(t0), t0);
+        let later = t0 + Duration::from_secs(7);
+        assert_eq!(next_request_at(None, true, &s, t0), t0);
+        assert_eq!(next_request_at(Some(later), true, &s, t0), later);
+        assert_eq!(next_request_at(Some(later), false, &s, t0), later);
+        assert_eq!(
+            next_request_at(None, false, &s, t0),
+            t0 + Duration::from_secs(60)
+        );
     }
 
     #[test]
