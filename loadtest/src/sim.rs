@@ -153,6 +153,23 @@ impl Live {
         }
     }
 
+    /// An agent's request succeeded: it counts as connected from now.
+    fn came_up(&self, up: &mut bool) {
+        if !*up {
+            *up = true;
+            self.connected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An agent's request failed: counted by kind, and no longer connected.
+    fn went_down(&self, up: &mut bool, err: &edge_agent::CheckinError) {
+        if *up {
+            *up = false;
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.error(err.kind());
+    }
+
     fn error(&self, kind: &'static str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         *lock(&self.errors_by_kind).entry(kind).or_default() += 1;
@@ -315,10 +332,7 @@ async fn agent_loop(
                     }
                     connected_once = true;
                 }
-                if !up {
-                    up = true;
-                    live.connected.fetch_add(1, Ordering::Relaxed);
-                }
+                live.came_up(&mut up);
                 live.polls_total.fetch_add(1, Ordering::Relaxed);
                 if steady {
                     live.steady_polls.fetch_add(1, Ordering::Relaxed);
@@ -347,18 +361,14 @@ async fn agent_loop(
                 };
             }
             Err(err) => {
-                if up {
-                    up = false;
-                    live.connected.fetch_sub(1, Ordering::Relaxed);
-                }
-                live.error(err.kind());
-                let delay = retry_delay(
-                    &err,
-                    client.interval(),
-                    &mut backoff,
-                    &mut rand::thread_rng(),
-                );
-                next = done + delay;
+                live.went_down(&mut up, &err);
+                next = done
+                    + retry_delay(
+                        &err,
+                        client.interval(),
+                        &mut backoff,
+                        &mut rand::thread_rng(),
+                    );
             }
         }
     }
@@ -431,10 +441,7 @@ async fn async_loop(mut client: PollClient, first: Instant, timeline: Timeline, 
         match result {
             Ok(answer) => {
                 acked = answer.snapshot_ack == Some(digest) && !answer.need_full_snapshot;
-                if !up {
-                    up = true;
-                    live.connected.fetch_add(1, Ordering::Relaxed);
-                }
+                live.came_up(&mut up);
                 live.polls_total.fetch_add(1, Ordering::Relaxed);
                 if started >= timeline.ramp_end && done <= timeline.end {
                     live.steady_polls.fetch_add(1, Ordering::Relaxed);
@@ -449,18 +456,14 @@ async fn async_loop(mut client: PollClient, first: Instant, timeline: Timeline, 
                 next = (next + interval).max(done);
             }
             Err(err) => {
-                if up {
-                    up = false;
-                    live.connected.fetch_sub(1, Ordering::Relaxed);
-                }
-                live.error(err.kind());
-                let delay = retry_delay(
-                    &err,
-                    client.interval(),
-                    &mut backoff,
-                    &mut rand::thread_rng(),
-                );
-                next = done + delay;
+                live.went_down(&mut up, &err);
+                next = done
+                    + retry_delay(
+                        &err,
+                        client.interval(),
+                        &mut backoff,
+                        &mut rand::thread_rng(),
+                    );
             }
         }
     }
