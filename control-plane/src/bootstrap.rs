@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use rand::RngCore as _;
+use store::{Change, SharedStore, StoreError};
 
-use crate::api::AdminKeys;
-use crate::store::{Change, SharedStore, StoreError};
+use crate::auth::AdminKeys;
 use crate::tls;
 
 /// Where the admin key came from, for the banner. The key itself is only ever shown when it
@@ -136,7 +136,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::embedded::EmbeddedStore;
+    use store::embedded::EmbeddedStore;
 
     fn store(dir: &Path) -> SharedStore {
         Arc::new(EmbeddedStore::open(&dir.join("store")).expect("open store"))

@@ -85,14 +85,7 @@ impl Default for Limits {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redacted = |o: &Option<String>| o.as_ref().map(|_| "<redacted>");
-        let redis = self.redis_url.as_deref().map(|u| match url::Url::parse(u) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("redacted"));
-                url.to_string()
-            }
-            Ok(url) => url.to_string(),
-            Err(_) => "<unparsable>".to_owned(),
-        });
+        let redis = self.redis_url.as_deref().map(store::redis::redact_url);
         f.debug_struct("Config")
             .field("data_dir", &self.data_dir)
             .field("public_url", &self.public_url)

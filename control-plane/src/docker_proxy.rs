@@ -24,14 +24,16 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use proto::clock::now_ms;
 use proto::tunnel::{decode_body, frame_len, StreamOpen, MAX_TUNNEL_FRAME};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use gateway::{Dialer, OpenError, TunnelStream};
+use store::{EdgeMode, EnvId, SharedStore, TunnelLocation};
 
-use crate::api::AdminKeys;
-use crate::fleet::{liveness, now_ms, Fleet, Liveness, TunnelError};
-use crate::gateway::{Dialer, OpenError, TunnelStream};
+use crate::auth::AdminKeys;
+use crate::error::{ApiError, ProxyError};
+use crate::fleet::{liveness, Fleet, Liveness, TunnelError};
 use crate::metrics::Metrics;
-use crate::store::{EdgeMode, EnvId, SharedStore, TunnelLocation};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -127,7 +129,7 @@ impl DockerProxy {
         let started = Instant::now();
         let res = match self.forward(req).await {
             Ok(res) => res,
-            Err(e) => e.into_response(),
+            Err(e) => error_response(e),
         };
         let class = match res.status().as_u16() {
             100..=199 => "1xx",
@@ -248,7 +250,7 @@ impl DockerProxy {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(Opened::new(stream)))
                 .await
-                .map_err(|e| ProxyError::from_hyper(id, &loc, e))?;
+                .map_err(|e| from_hyper(id, &loc, e))?;
         // Local: the request body may be actix's (not `Send`); both fronts run on actix
         // workers.
         actix_rt::spawn(async move {
@@ -259,7 +261,7 @@ impl DockerProxy {
         sender
             .send_request(out)
             .await
-            .map_err(|e| ProxyError::from_hyper(id, &loc, e))
+            .map_err(|e| from_hyper(id, &loc, e))
     }
 
     /// A stream to the agent of `id`: ensures the tunnel, opens a stream where it is; if
@@ -361,91 +363,42 @@ fn empty() -> ProxyBody {
         .boxed()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("this connection carries the Docker API; open a new connection for other routes")]
-    Misdirected,
-    #[error("{0}")]
-    Unauthorized(&'static str),
-    #[error("environment {0} does not exist")]
-    NotFound(EnvId),
-    #[error("environment {0} is in async mode: it has no tunnel; queue commands with POST /api/endpoints/{0}/commands")]
-    Async(EnvId),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Timeout(String),
-    #[error("{0}")]
-    BadGateway(String),
-    #[error("{0}")]
-    EngineUnreachable(String),
-    #[error("store unavailable: {0}")]
-    Store(#[from] crate::store::StoreError),
+/// A failed exchange with the agent: its refusal to reach the engine (which travels as the
+/// source of hyper's I/O error), or the tunnel failing under the request.
+fn from_hyper(id: EnvId, loc: &TunnelLocation, e: hyper::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if let Some(r) = io.get_ref().and_then(|r| r.downcast_ref::<Refused>()) {
+                return ProxyError::EngineUnreachable(format!("environment {id}: {}", r.0));
+            }
+        }
+        source = s.source();
+    }
+    ProxyError::BadGateway(format!(
+        "environment {id}: the tunnel (gateway {}, epoch {}) failed during the request: {e}",
+        loc.gateway_id, loc.epoch
+    ))
 }
 
-impl ProxyError {
-    fn from_hyper(id: EnvId, loc: &TunnelLocation, e: hyper::Error) -> Self {
-        // The agent's refusal travels as the source of hyper's I/O error.
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if let Some(io) = s.downcast_ref::<io::Error>() {
-                if let Some(r) = io.get_ref().and_then(|r| r.downcast_ref::<Refused>()) {
-                    return Self::EngineUnreachable(format!("environment {id}: {}", r.0));
-                }
-            }
-            source = s.source();
-        }
-        Self::BadGateway(format!(
-            "environment {id}: the tunnel (gateway {}, epoch {}) failed during the request: {e}",
-            loc.gateway_id, loc.epoch
-        ))
+/// The hyper server's form of an error answer (actix has its own, from the same table).
+fn error_response(e: ProxyError) -> Response<ProxyBody> {
+    let e = ApiError::from(e);
+    let mut res = Response::new(
+        Full::new(Bytes::from(e.body()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if e.closes_connection() {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::Misdirected => StatusCode::MISDIRECTED_REQUEST,
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Async(_) => StatusCode::CONFLICT,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::BadGateway(_) | Self::EngineUnreachable(_) => StatusCode::BAD_GATEWAY,
-            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::Misdirected => "misdirected",
-            Self::Unauthorized(_) => "unauthorized",
-            Self::NotFound(_) => "not_found",
-            Self::Async(_) => "async_environment",
-            Self::BadRequest(_) => "bad_request",
-            Self::Timeout(_) => "tunnel_timeout",
-            Self::BadGateway(_) => "tunnel_failed",
-            Self::EngineUnreachable(_) => "engine_unreachable",
-            Self::Store(_) => "store_unavailable",
-        }
-    }
-
-    fn into_response(self) -> Response<ProxyBody> {
-        let body = serde_json::json!({ "message": self.to_string(), "code": self.code() });
-        let mut res = Response::new(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *res.status_mut() = self.status();
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if matches!(self, Self::Misdirected) {
-            res.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        res
-    }
+    res
 }
 
 /// The agent's refusal of a stream (it could not reach its engine).

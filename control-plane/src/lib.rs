@@ -5,14 +5,14 @@
 //! shutdown future resolves. `main.rs` only parses flags and calls these two.
 
 pub mod api;
+pub mod auth;
 pub mod bootstrap;
 pub mod config;
 pub mod docker_proxy;
+pub mod error;
 pub mod fleet;
 pub mod front;
-pub mod gateway;
 pub mod metrics;
-pub mod store;
 pub mod tls;
 
 use std::future::Future;
@@ -22,15 +22,16 @@ use std::sync::Arc;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use proto::clock::now_ms;
+use gateway::{Dialer, Gateway, GatewayConfig};
+use store::{Change, SharedStore};
 
 use crate::api::{AppState, PublicInfo};
 use crate::bootstrap::AdminKeySource;
 use crate::config::{Config, TlsSource};
 use crate::docker_proxy::DockerProxy;
-use crate::fleet::{now_ms, Fleet};
-use crate::gateway::{Dialer, Gateway, GatewayConfig};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::store::{Change, SharedStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -217,14 +218,14 @@ impl Prepared {
                 Arc::clone(&tls),
             )
             .with_lease(limits.gateway_lease);
-            Some(Gateway::bind_std(gw, listener, Arc::clone(&store), metrics.registry()).await?)
+            Some(Gateway::bind_std(gw, listener, Arc::clone(&store) as _, metrics.registry()).await?)
         } else {
             None
         };
         let gateway_task = gateway
             .clone()
             .map(|g| actix_rt::spawn(g.run(gateway_stop.clone())));
-        let mut dialer = Dialer::new(state.public.tunnel_fingerprint, Arc::clone(&store));
+        let mut dialer = Dialer::new(state.public.tunnel_fingerprint, Arc::clone(&store) as _);
         if let Some(g) = &gateway {
             dialer = dialer.with_local(Arc::clone(g));
         }

@@ -1,45 +1,27 @@
 //! The API certificate: loaded from files, or generated self-signed into the data dir on
 //! first start and reused after (so its fingerprint, which is in every join key, is stable).
+//! Loading is `gateway::tls`'s, shared with the `tunnel-gateway` binary; generating (rcgen)
+//! happens only here.
 
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
+pub use gateway::tls::TlsMaterial;
 
 use crate::config::TlsSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Load(#[from] gateway::tls::TlsError),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} holds no PEM certificate")]
-    NoCert { path: PathBuf },
-    #[error("{path} holds no PEM private key")]
-    NoKey { path: PathBuf },
     #[error("cannot generate a self-signed certificate: {0}")]
-    Generate(String),
-    #[error("certificate and key do not form a valid TLS configuration: {0}")]
-    Config(String),
-}
-
-/// What the rest of the server needs from TLS.
-pub struct TlsMaterial {
-    pub server_config: Arc<rustls::ServerConfig>,
-    /// SHA-256 of the end-entity certificate DER: the fingerprint agents pin.
-    pub fingerprint: [u8; 32],
-    /// Where the certificate is, for the banner (operators give it to the docker CLI as ca.pem).
-    pub cert_path: PathBuf,
+    Generate(#[source] rcgen::Error),
 }
 
 pub fn load(
@@ -58,28 +40,7 @@ pub fn load(
             (cert, key)
         }
     };
-    let certs = read_certs(&cert_path)?;
-    let key = read_key(&key_path)?;
-    let fingerprint: [u8; 32] = Sha256::digest(certs[0].as_ref()).into();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| TlsError::Config(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| TlsError::Config(e.to_string()))?;
-    // Stateless resumption: an agent that lost its connection resumes for ~0.6 KB instead of
-    // a full handshake, which matters on metered links.
-    config.ticketer =
-        rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
-    config.send_tls13_tickets = 1;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsMaterial {
-        server_config: Arc::new(config),
-        fingerprint,
-        cert_path,
-    })
+    Ok(gateway::tls::load(&cert_path, &key_path)?)
 }
 
 fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), TlsError> {
@@ -91,7 +52,7 @@ fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), T
     }
     // rcgen's default key is ECDSA P-256: small certificates, cheap handshakes.
     let certified =
-        rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
+        rcgen::generate_simple_self_signed(sans).map_err(TlsError::Generate)?;
     write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
     fs::write(cert_path, certified.cert.pem()).map_err(|source| TlsError::Write {
         path: cert_path.to_owned(),
@@ -117,38 +78,4 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
         .map_err(err)?;
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert {
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.to_owned(),
-        })
 }

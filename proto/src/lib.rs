@@ -1,10 +1,12 @@
 //! Everything that crosses the wire between an edge agent and the edgeplane servers.
 //!
 //! * [`token`]: the join token (`EDGE_KEY`) format.
+//! * [`clock`]: the wall clock in the form every record carries (ms since the Unix epoch).
 //! * [`wire`]: the messages, as plain serde types.
 //! * [`codec`]: the only place that knows how messages become bytes (bincode 2, serde mode),
 //!   with a protocol version byte and a decode size limit.
 //! * [`proof`]: how an agent proves it holds the join secret without sending it.
+//! * [`refusal`]: the codes of refused requests, with their retry class.
 //! * [`seal`]: the AEAD that protects one-time tunnel credentials for one agent.
 //! * [`snapshot`]: snapshots of an agent's engine and their compressed upload.
 //! * [`async_mode`]: async mode's request, answer and commands (no tunnel; metered links).
@@ -15,10 +17,12 @@
 //! Nothing outside this crate may depend on the byte layout of a message.
 
 pub mod async_mode;
+pub mod clock;
 pub mod codec;
 #[cfg(feature = "mux")]
 pub mod mux;
 pub mod proof;
+pub mod refusal;
 pub mod seal;
 pub mod snapshot;
 pub mod token;
@@ -26,4 +30,5 @@ pub mod tunnel;
 pub mod wire;
 
 pub use codec::{CodecError, PROTOCOL_VERSION};
+pub use refusal::RefusalCode;
 pub use token::{JoinToken, TokenError, JOIN_SECRET_LEN};

@@ -1,8 +1,8 @@
 //! edgeplane tunnel gateway (cluster mode): terminates agents' reverse TLS tunnels, records
 //! their locations in the shared Redis store, and serves control-plane replicas' dial
-//! sessions. The gateway itself is `control_plane::gateway`; this crate adds the process
-//! around it: TLS material from files, the Redis store, and a plain-HTTP admin listener
-//! (`/metrics`, `/healthz`, `/readyz`).
+//! sessions. The gateway itself is the `gateway` crate; this one adds the process around it:
+//! TLS material from files, the Redis store, and a plain-HTTP admin listener (`/metrics`,
+//! `/healthz`, `/readyz`). It knows neither the control plane nor HTTP routes beyond those.
 //!
 //! [`prepare`] does everything that can fail at start (certificate, Redis, listeners), so the
 //! binary can report it in one line; [`Prepared::serve`] runs until the shutdown future
@@ -11,14 +11,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use control_plane::gateway::{Gateway, GatewayConfig};
-use control_plane::store::redis::RedisStore;
-use control_plane::store::{SharedStore, StoreError};
-use control_plane::tls::{self, TlsError};
+use gateway::tls::{self, TlsError};
+use gateway::{Gateway, GatewayConfig};
+use store::redis::RedisStore;
+use store::{SharedTunnelStore, StoreError};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -67,17 +67,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// A Redis URL with its password (if any) replaced, for logs.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable>".to_owned(),
-    }
-}
+pub use store::redis::redact_url;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +77,7 @@ pub enum StartError {
     #[error("redis store at {url}: {source}")]
     Store { url: String, source: StoreError },
     #[error("{0}")]
-    Gateway(#[from] control_plane::gateway::GatewayError),
+    Gateway(#[from] gateway::GatewayError),
     #[error("cannot listen on --metrics-addr {addr}: {source}")]
     MetricsListen {
         addr: SocketAddr,
@@ -108,7 +98,7 @@ pub fn default_id() -> String {
     format!(
         "{}-{}",
         hostname().unwrap_or_else(|| "gateway".to_owned()),
-        control_plane::gateway::random_suffix()
+        gateway::random_suffix()
     )
 }
 
@@ -132,7 +122,7 @@ pub fn default_public_addr(listen: SocketAddr) -> String {
 /// Everything bound and connected, ready to serve.
 pub struct Prepared {
     pub gateway: Arc<Gateway>,
-    pub store: SharedStore,
+    pub store: SharedTunnelStore,
     /// SHA-256 of the certificate (DER): the fingerprint in join keys.
     pub fingerprint: [u8; 32],
     pub metrics_addr: SocketAddr,
@@ -142,15 +132,8 @@ pub struct Prepared {
 
 /// Loads the certificate, connects to Redis, binds the tunnel and metrics listeners.
 pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
-    let material = tls::load(
-        &control_plane::config::TlsSource::Files {
-            cert: config.tls_cert.clone(),
-            key: config.tls_key.clone(),
-        },
-        Path::new("."),
-        &[],
-    )?;
-    let store: SharedStore = Arc::new(
+    let material = tls::load(&config.tls_cert, &config.tls_key)?;
+    let store: SharedTunnelStore = Arc::new(
         RedisStore::connect(&config.redis_url, &config.redis_prefix)
             .await
             .map_err(|source| StartError::Store {
@@ -229,7 +212,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 async fn serve_admin(
     listener: TcpListener,
     registry: Registry,
-    store: SharedStore,
+    store: SharedTunnelStore,
     stop: CancellationToken,
 ) {
     loop {
@@ -272,7 +255,7 @@ async fn serve_admin(
 async fn admin_response(
     req: &Request<Incoming>,
     registry: &Registry,
-    store: &SharedStore,
+    store: &SharedTunnelStore,
 ) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));

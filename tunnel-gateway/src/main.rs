@@ -45,7 +45,7 @@ struct Cli {
     #[arg(long, env = "EDGEPLANE_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
     lease: Duration,
     /// Tunnels this gateway holds at most; over it agents are told to try later.
-    #[arg(long, env = "EDGEPLANE_MAX_TUNNELS", default_value_t = control_plane::gateway::DEFAULT_MAX_TUNNELS)]
+    #[arg(long, env = "EDGEPLANE_MAX_TUNNELS", default_value_t = gateway::DEFAULT_MAX_TUNNELS)]
     max_tunnels: usize,
 }
 

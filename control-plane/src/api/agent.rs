@@ -5,6 +5,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use proto::clock::now_ms;
 use proto::async_mode::{
     AsyncAnswer, AsyncIntervals, AsyncRequest, Command, SnapshotReport, MAX_ASYNC_ANSWER,
     MAX_ASYNC_FRAME, MAX_COMMANDS_PER_ANSWER,
@@ -12,11 +13,11 @@ use proto::async_mode::{
 use proto::codec::{self, MAX_CONTROL_FRAME};
 use proto::snapshot::{DeltaError, Snapshot, SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{CheckinAnswer, CheckinRequest};
+use store::{EnvId, StoredSnapshot};
 
-use super::error::ApiError;
 use super::AppState;
-use crate::fleet::{now_ms, CheckinKind};
-use crate::store::{EnvId, StoredSnapshot};
+use crate::error::ApiError;
+use crate::fleet::CheckinKind;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource(proto::wire::CHECKIN_PATH).route(web::post().to(checkin)))

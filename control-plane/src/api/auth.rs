@@ -1,41 +1,12 @@
-//! Admin API keys: stored as SHA-256 hashes, compared in constant time.
-
-use std::sync::{Arc, RwLock};
+//! The admin-key check of the actix API: every `/api` route goes through it.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::web;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-
-pub const HEADER: &str = "x-api-key";
-
-/// The accepted key hashes, refreshed from the store on change.
-#[derive(Clone, Default)]
-pub struct AdminKeys(Arc<RwLock<Vec<[u8; 32]>>>);
-
-impl AdminKeys {
-    pub fn hash(key: &str) -> [u8; 32] {
-        Sha256::digest(key.as_bytes()).into()
-    }
-
-    pub fn replace(&self, hashes: Vec<[u8; 32]>) {
-        if let Ok(mut g) = self.0.write() {
-            *g = hashes;
-        }
-    }
-
-    /// Constant-time over each stored hash; every hash is compared (no early exit).
-    pub fn accepts(&self, key: &str) -> bool {
-        let h = Self::hash(key);
-        let Ok(g) = self.0.read() else { return false };
-        g.iter()
-            .fold(false, |ok, stored| ok | bool::from(stored.ct_eq(&h)))
-    }
-}
+use crate::auth::HEADER;
 
 pub async fn require_admin_key(
     req: ServiceRequest,

@@ -3,9 +3,9 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
+use store::{Change, Collection};
 
 use super::{json, ApiError, AppState};
-use crate::store::{Change, Collection};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     for (path, coll) in [("/groups", Collection::Groups), ("/tags", Collection::Tags)] {

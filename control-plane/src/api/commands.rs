@@ -6,13 +6,13 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
+use proto::clock::now_ms;
 use proto::async_mode::Action;
 use serde::{Deserialize, Serialize};
+use store::{CommandState, EdgeMode, StoreError, StoredCommand};
 
 use super::endpoints::{parse_num, rfc3339};
 use super::{json, ApiError, AppState};
-use crate::fleet::now_ms;
-use crate::store::{CommandState, EdgeMode, StoreError, StoredCommand};
 
 /// Command types, as the API names them.
 const TYPES: [&str; 9] = [

@@ -10,8 +10,8 @@ use http_body_util::{BodyDataStream, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::error::ApiError;
-use crate::docker_proxy::{copy_headers, engine_target, is_upgrade, DockerProxy, ProxyError};
+use crate::docker_proxy::{copy_headers, engine_target, is_upgrade, DockerProxy};
+use crate::error::ApiError;
 
 pub async fn proxy(
     proxy: web::Data<DockerProxy>,
@@ -47,7 +47,7 @@ pub async fn proxy(
     let answer = proxy
         .exchange(id, method, &target, &headers, body)
         .await
-        .map_err(proxy_error)?;
+        ?;
     let (parts, body) = answer.into_parts();
     let status = actix_web::http::StatusCode::from_u16(parts.status.as_u16())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -74,12 +74,4 @@ pub async fn proxy(
         Some(n) => res.body(actix_web::body::SizedStream::new(n, stream)),
         None => res.streaming(stream),
     })
-}
-
-fn proxy_error(e: ProxyError) -> ApiError {
-    ApiError::Proxy {
-        status: e.status().as_u16(),
-        code: e.code(),
-        message: e.to_string(),
-    }
 }

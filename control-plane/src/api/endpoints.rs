@@ -4,13 +4,14 @@ use std::collections::HashSet;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
+use proto::clock::now_ms;
 use proto::token::{JoinSecret, JoinToken};
 use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
+use store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings};
 
 use super::{json, ApiError, AppState};
-use crate::fleet::{liveness, now_ms, Liveness, TunnelState};
-use crate::store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings};
+use crate::fleet::{liveness, Liveness, TunnelState};
 
 const MAX_NAME: usize = 255;
 const MAX_CHECKIN_INTERVAL: u32 = 3600;
@@ -262,7 +263,7 @@ struct Known {
 
 impl Known {
     async fn load(state: &AppState) -> Result<Self, ApiError> {
-        let ids = |v: Vec<crate::store::Named>| v.into_iter().map(|n| n.id).collect();
+        let ids = |v: Vec<store::Named>| v.into_iter().map(|n| n.id).collect();
         Ok(Self {
             groups: ids(state.store.list_named(Collection::Groups).await?),
             tags: ids(state.store.list_named(Collection::Tags).await?),

@@ -3,9 +3,9 @@
 use actix_web::http::header::ACCEPT;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use store::Environment;
 
 use super::{ApiError, AppState};
-use crate::store::Environment;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,7 +30,7 @@ struct Parts<'a> {
 fn parts<'a>(state: &'a AppState, env: &Environment) -> Result<Parts<'a>, ApiError> {
     let mut vars: Vec<(String, Option<String>)> =
         vec![("EDGE_KEY".into(), Some(state.join_token(env)?))];
-    if env.mode == crate::store::EdgeMode::Async {
+    if env.mode == store::EdgeMode::Async {
         vars.push(("EDGE_ASYNC".into(), Some("1".into())));
     }
     if env.allow_self_signed {

@@ -9,7 +9,6 @@ mod commands;
 mod compose;
 mod docker;
 mod endpoints;
-mod error;
 mod install;
 mod openapi;
 
@@ -19,14 +18,14 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpResponse};
+use store::SharedStore;
 
-pub use auth::AdminKeys;
-pub use error::ApiError;
+pub use crate::auth::AdminKeys;
+pub use crate::error::ApiError;
 
 use crate::config::Limits;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::store::SharedStore;
 
 /// What agents are told: where to call and what to pin.
 #[derive(Clone, Debug)]

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
+use proto::clock::now_ms;
 use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials, TunnelCredentials};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+use store::{BindOutcome, Environment, TunnelGrant};
 
 use super::state::{CheckinKind, EnvState, Verdict, GRANT_WINDOW_MS};
-use super::{now_ms, Answer, CheckinError, Fleet};
-use crate::store::{BindOutcome, Environment, TunnelGrant};
+use super::{Answer, CheckinError, Fleet};
 
 /// How long one-time tunnel credentials live (the agent connects within milliseconds).
 pub const CREDENTIALS_TTL: Duration = Duration::from_secs(30);
@@ -220,15 +221,7 @@ impl EnvActor {
             Ok(r) if r.answer.status == EdgeStatus::Required => "required",
             Ok(r) if r.held.is_some() => "held",
             Ok(_) => "idle",
-            Err(CheckinError::Refused(r)) => match r {
-                super::Refusal::BadProof => "bad_proof",
-                super::Refusal::AgentSecretMismatch => "agent_secret_mismatch",
-                super::Refusal::ClockSkew { .. } => "clock_skew",
-                super::Refusal::Replay => "replay",
-                super::Refusal::EdgeIdMismatch => "edge_id_mismatch",
-                super::Refusal::WrongMode => "wrong_mode",
-                super::Refusal::EdgeIdRequired => "edge_id_required",
-            },
+            Err(CheckinError::Refused(r)) => r.code().kind(),
             Err(_) => "error",
         }
     }

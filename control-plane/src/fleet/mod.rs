@@ -6,18 +6,20 @@ mod actor;
 pub mod state;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
 use dashmap::DashMap;
+use parking_lot::RwLock;
+use proto::clock::now_ms;
 use proto::wire::CheckinRequest;
 use tokio::sync::{broadcast, oneshot, Notify};
+use store::{Change, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
 
 use crate::config::Limits;
-use crate::metrics::Metrics;
-use crate::store::{Change, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
+use crate::metrics::{AgentStats, Metrics};
 pub use actor::CREDENTIALS_TTL;
 use actor::{CheckinMsg, EnvActor, Reload, Shutdown, TunnelEvent, WantTunnel};
 pub use state::{liveness, Answer, CheckinKind, Liveness, Refusal};
@@ -44,12 +46,6 @@ pub enum TunnelState {
     Closed,
     Requested,
     Open,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,83 +102,6 @@ impl Defaults {
 
     pub fn checkin(&self) -> u32 {
         self.checkin_interval.load(Ordering::Relaxed)
-    }
-}
-
-/// Per-environment counters seen at this replica.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AgentStat {
-    pub last_checkin_ms: u64,
-    /// Last heartbeat written to the store.
-    pub flushed_ms: u64,
-    pub checkins: u64,
-    pub refused: u64,
-}
-
-#[derive(Default)]
-pub struct AgentStats {
-    map: DashMap<EnvId, AgentStat>,
-}
-
-impl AgentStats {
-    fn answered(&self, id: EnvId, now_ms: u64) {
-        let mut s = self.map.entry(id).or_default();
-        s.last_checkin_ms = s.last_checkin_ms.max(now_ms);
-        s.checkins += 1;
-    }
-
-    fn refused(&self, id: EnvId) {
-        self.map.entry(id).or_default().refused += 1;
-    }
-
-    pub fn last_checkin_ms(&self, id: EnvId) -> Option<u64> {
-        self.map
-            .get(&id)
-            .map(|s| s.last_checkin_ms)
-            .filter(|&t| t > 0)
-    }
-
-    pub fn forget(&self, id: EnvId) {
-        self.map.remove(&id);
-    }
-
-    /// (environments seen, environments seen within `window_ms`).
-    pub fn counts(&self, now_ms: u64, window_ms: u64) -> (usize, usize) {
-        let recent = self
-            .map
-            .iter()
-            .filter(|s| s.last_checkin_ms + window_ms >= now_ms)
-            .count();
-        (self.map.len(), recent)
-    }
-
-    pub fn shard(&self, shard: u64, shards: u64) -> Vec<(EnvId, AgentStat)> {
-        self.map
-            .iter()
-            .filter(|e| e.key() % shards.max(1) == shard)
-            .map(|e| (*e.key(), *e.value()))
-            .collect()
-    }
-
-    /// Heartbeats not yet written, marking them written. Restored by [`Self::unflush`]
-    /// if the write fails.
-    fn take_dirty(&self) -> Vec<(EnvId, u64)> {
-        let mut out = Vec::new();
-        for mut e in self.map.iter_mut() {
-            if e.last_checkin_ms > e.flushed_ms {
-                e.flushed_ms = e.last_checkin_ms;
-                out.push((*e.key(), e.last_checkin_ms));
-            }
-        }
-        out
-    }
-
-    fn unflush(&self, beats: &[(EnvId, u64)]) {
-        for (id, _) in beats {
-            if let Some(mut s) = self.map.get_mut(id) {
-                s.flushed_ms = 0;
-            }
-        }
     }
 }
 
@@ -256,11 +175,7 @@ impl Fleet {
     /// Live gateways' public addresses, shuffled (spreads new tunnels across gateways).
     pub fn gateway_addrs(&self) -> Vec<String> {
         use rand::seq::SliceRandom;
-        let mut addrs = self
-            .gateway_addrs
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_default();
+        let mut addrs = self.gateway_addrs.read().clone();
         addrs.shuffle(&mut rand::thread_rng());
         addrs
     }
@@ -269,9 +184,7 @@ impl Fleet {
         match self.store.live_gateways().await {
             Ok(gws) => {
                 let addrs: Vec<String> = gws.into_iter().map(|g| g.public_addr).collect();
-                if let Ok(mut a) = self.gateway_addrs.write() {
-                    *a = addrs;
-                }
+                *self.gateway_addrs.write() = addrs;
             }
             Err(e) => tracing::debug!(error = %e, "cannot list gateways"),
         }
@@ -642,9 +555,8 @@ impl Fleet {
             .filter(|e| {
                 // Actors that never saw a check-in here (no stats yet) are left alone.
                 self.stats
-                    .map
-                    .get(e.key())
-                    .is_some_and(|s| s.last_checkin_ms + idle_ms < now)
+                    .last_seen_ms(*e.key())
+                    .is_some_and(|last| last + idle_ms < now)
             })
             .map(|e| *e.key())
             .collect();

@@ -10,7 +10,7 @@ use proto::token::JoinSecret;
 use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials};
 use uuid::Uuid;
 
-use crate::store::{EdgeMode, EnvId, Environment};
+use store::{EdgeMode, EnvId, Environment};
 
 /// Accepted request tags remembered per environment to refuse exact replays inside the
 /// freshness window. One agent at 5 s keeps ~24; the cap only bites for abusive senders.
@@ -36,7 +36,8 @@ pub enum CheckinKind {
     Async,
 }
 
-/// Why a check-in was refused. Each maps to one status code and one message in `api`.
+/// Why a check-in was refused. Each has one wire code ([`Refusal::code`]); its status and
+/// message are in the error table (`crate::error`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// MAC does not verify under the join secret (and `AGENT_SECRET`, if set).
@@ -54,6 +55,22 @@ pub enum Refusal {
     WrongMode,
     /// The environment is unbound and the request did not carry its Edge ID.
     EdgeIdRequired,
+}
+
+impl Refusal {
+    /// The code the agent is told (its HTTP status is the error table's business).
+    pub fn code(&self) -> proto::RefusalCode {
+        use proto::RefusalCode as Code;
+        match self {
+            Self::BadProof => Code::BadProof,
+            Self::AgentSecretMismatch => Code::AgentSecretMismatch,
+            Self::ClockSkew { .. } => Code::ClockSkew,
+            Self::Replay => Code::Replay,
+            Self::EdgeIdMismatch => Code::EdgeIdMismatch,
+            Self::WrongMode => Code::WrongMode,
+            Self::EdgeIdRequired => Code::EdgeIdRequired,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! Aggregate Prometheus series (few label values) and the sharded per-agent exposition.
 //!
 //! `/metrics` stays small at any fleet size; per-agent series live on `/metrics/agents`,
-//! which Prometheus scrapes in shards (`?shard=i&shards=n`, agent `id % n == i`).
+//! which Prometheus scrapes in shards (`?shard=i&shards=n`, agent `id % n == i`), from the
+//! per-environment counters in [`AgentStats`].
 
 use std::fmt::Write as _;
 
@@ -10,7 +11,9 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::fleet::AgentStats;
+mod agents;
+
+pub use agents::{render_agents, AgentStat, AgentStats};
 
 pub struct Metrics {
     registry: Registry,
@@ -180,40 +183,4 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Per-agent series of one shard, in the Prometheus text format.
-pub fn render_agents(stats: &AgentStats, shard: u64, shards: u64) -> String {
-    let mut rows = stats.shard(shard, shards);
-    rows.sort_unstable_by_key(|(id, _)| *id);
-    let mut text = String::with_capacity(64 + rows.len() * 200);
-    let families: [(&str, &str, &str); 3] = [
-        (
-            "edgeplane_agent_checkins_total",
-            "counter",
-            "Check-ins answered, per environment",
-        ),
-        (
-            "edgeplane_agent_refused_total",
-            "counter",
-            "Check-ins refused, per environment",
-        ),
-        (
-            "edgeplane_agent_last_checkin_timestamp_seconds",
-            "gauge",
-            "Unix time of the last answered check-in, per environment",
-        ),
-    ];
-    for (i, (name, kind, help)) in families.iter().enumerate() {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (id, s) in &rows {
-            let value = match i {
-                0 => s.checkins as f64,
-                1 => s.refused as f64,
-                _ => s.last_checkin_ms as f64 / 1000.0,
-            };
-            let _ = writeln!(text, "{name}{{endpoint=\"{id}\"}} {value}");
-        }
-    }
-    text
 }

@@ -1,38 +1,36 @@
-//! [`Gateway`]: the tunnel listener, the tunnels it holds, dial sessions, and the leases.
+//! [`Gateway`]: the tunnel listener, its admission bound on handshakes, the handshake itself
+//! (TLS, then the hello), the tunnels it holds and their clean-up, and shutdown. What follows
+//! a hello lives beside it: `agent.rs` (an agent's tunnel), `serve_dial.rs` (a replica's dial
+//! session), `lease.rs` (renewing locations and the registration).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use proto::mux::{self, ControlEnd, Mode, Opener, ReadFrameError};
-use proto::tunnel::{
-    CloseReason, DialRequest, Hello, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal,
-};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use parking_lot::{Mutex, MutexGuard};
+use proto::mux::{self, Opener, ReadFrameError};
+use proto::tunnel::{Hello, HelloAnswer, HelloRefusal};
+use store::{Change, EnvId, SharedTunnelStore, StoreError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::metrics::{kind, result, GatewayMetrics, GaugeGuard};
-use super::{
-    with_port, GatewayConfig, GatewayError, OpenError, TunnelStream, DIAL_REQUEST_TIMEOUT,
-    MAX_HANDSHAKES, MAX_STREAMS_PER_SESSION, STORE_TIMEOUT,
+use crate::agent::AgentHello;
+use crate::metrics::{kind, result, GatewayMetrics, GaugeGuard};
+use crate::{
+    with_port, GatewayConfig, GatewayError, OpenError, TunnelStream, MAX_HANDSHAKES, STORE_TIMEOUT,
 };
-use crate::fleet::now_ms;
-use crate::store::{Change, EnvId, GatewayInfo, SharedStore, StoreError};
 
 /// Shortest lease accepted (renewals run every third of it).
 const MIN_LEASE: Duration = Duration::from_millis(150);
 /// Bound of small writes to a peer (hello answers, refusals).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a stream on a tunnel may wait for yamux (too many unacknowledged streams).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for tunnels to close and release their locations.
@@ -40,11 +38,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-const BAD_CREDENTIALS_MSG: &str = "unknown, already used or expired tunnel credentials";
-
 /// Why a tunnel ended: the log text, the metric label, and whether its location is released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum EndReason {
+pub(crate) enum EndReason {
     /// The agent closed it: no stream for its inactivity timeout.
     Inactive,
     /// The agent is shutting down.
@@ -87,19 +83,19 @@ impl EndReason {
 }
 
 /// A tunnel held by this gateway.
-struct Tunnel {
-    epoch: u64,
-    opener: Opener,
-    streams: Arc<Semaphore>,
-    stop: CancellationToken,
-    reason: Arc<OnceLock<EndReason>>,
+pub(crate) struct Tunnel {
+    pub(crate) epoch: u64,
+    pub(crate) opener: Opener,
+    pub(crate) streams: Arc<Semaphore>,
+    pub(crate) stop: CancellationToken,
+    pub(crate) reason: Arc<OnceLock<EndReason>>,
     /// When the location was last known to be leased in the store (claim or renewal start).
-    renewed: Instant,
+    pub(crate) renewed: Instant,
 }
 
 impl Tunnel {
     /// Asks the tunnel's task to end for `reason` (the first reason given wins).
-    fn close(&self, reason: EndReason) {
+    pub(crate) fn close(&self, reason: EndReason) {
         let _ = self.reason.set(reason);
         self.stop.cancel();
     }
@@ -148,16 +144,16 @@ enum HandshakeFailure {
 
 /// The tunnel gateway; see the module docs.
 pub struct Gateway {
-    config: GatewayConfig,
+    pub(crate) config: GatewayConfig,
     acceptor: TlsAcceptor,
     listener: Mutex<Option<TcpListener>>,
     local_addr: SocketAddr,
-    store: SharedStore,
-    metrics: GatewayMetrics,
+    pub(crate) store: SharedTunnelStore,
+    pub(crate) metrics: GatewayMetrics,
     tunnels: Mutex<HashMap<EnvId, Tunnel>>,
     handshakes: Arc<Semaphore>,
     /// Cancelled when `run` is told to stop; every tunnel's stop token is a child of it.
-    stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     tasks: Arc<Tasks>,
     secret: OnceCell<[u8; 32]>,
 }
@@ -168,7 +164,7 @@ impl Gateway {
     /// `dial_addr` is replaced by the bound port.
     pub async fn bind(
         config: GatewayConfig,
-        store: SharedStore,
+        store: SharedTunnelStore,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, GatewayError> {
         check(&config)?;
@@ -187,7 +183,7 @@ impl Gateway {
     pub async fn bind_std(
         config: GatewayConfig,
         listener: std::net::TcpListener,
-        store: SharedStore,
+        store: SharedTunnelStore,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, GatewayError> {
         check(&config)?;
@@ -202,7 +198,7 @@ impl Gateway {
     fn with_listener(
         mut config: GatewayConfig,
         listener: TcpListener,
-        store: SharedStore,
+        store: SharedTunnelStore,
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, GatewayError> {
         let local_addr = listener
@@ -251,6 +247,34 @@ impl Gateway {
         &self.metrics
     }
 
+    pub(crate) fn store(&self) -> &SharedTunnelStore {
+        &self.store
+    }
+
+    /// Cancelled when the gateway stops; every tunnel's stop token is a child of it.
+    pub(crate) fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Resolves when the gateway stops.
+    pub(crate) async fn stopping(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// Registers `tunnel` for `env` unless a newer epoch of it is here already (then `false`);
+    /// an older one is closed as replaced.
+    pub(crate) fn insert_tunnel(&self, env: EnvId, tunnel: Tunnel) -> bool {
+        let mut map = self.tunnels();
+        if map.get(&env).is_some_and(|old| old.epoch > tunnel.epoch) {
+            return false;
+        }
+        if let Some(old) = map.insert(env, tunnel) {
+            old.close(EndReason::Replaced);
+        }
+        self.update_gauge(&map);
+        true
+    }
+
     pub fn open_tunnels(&self) -> usize {
         self.tunnels().len()
     }
@@ -260,8 +284,8 @@ impl Gateway {
         self.tunnels().get(&env).map(|t| t.epoch)
     }
 
-    fn tunnels(&self) -> MutexGuard<'_, HashMap<EnvId, Tunnel>> {
-        self.tunnels.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn tunnels(&self) -> MutexGuard<'_, HashMap<EnvId, Tunnel>> {
+        self.tunnels.lock()
     }
 
     fn update_gauge(&self, tunnels: &HashMap<EnvId, Tunnel>) {
@@ -293,11 +317,7 @@ impl Gateway {
     /// every tunnel, releases their locations and unregisters the gateway. Returns at once if
     /// called a second time.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let listener = self
-            .listener
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let listener = self.listener.lock().take();
         let Some(listener) = listener else {
             tracing::warn!(gateway = %self.config.id, "tunnel gateway is already running");
             return;
@@ -372,7 +392,7 @@ impl Gateway {
         tracing::info!(gateway = %self.config.id, "tunnel gateway stopped");
     }
 
-    fn spawn_tracked(&self, fut: impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn_tracked(&self, fut: impl Future<Output = ()> + Send + 'static) {
         let guard = self.tasks.enter();
         tokio::spawn(async move {
             let _guard = guard;
@@ -447,7 +467,12 @@ impl Gateway {
                 edge_id,
                 token,
             } => {
-                Box::pin(self.agent(tls, peer, endpoint_id, edge_id, token, permit)).await;
+                let hello = AgentHello {
+                    env: endpoint_id,
+                    edge_id,
+                    token,
+                };
+                Box::pin(self.agent(tls, peer, hello, permit)).await;
             }
             Hello::Dial { secret } => {
                 Box::pin(self.dial_session(tls, peer, secret, permit)).await;
@@ -456,7 +481,7 @@ impl Gateway {
     }
 
     /// Answers a refused hello and closes the connection.
-    async fn refuse(
+    pub(crate) async fn refuse(
         &self,
         mut tls: TlsStream<TcpStream>,
         kind: &str,
@@ -481,202 +506,8 @@ impl Gateway {
         .await;
     }
 
-    async fn agent(
-        self: Arc<Self>,
-        mut tls: TlsStream<TcpStream>,
-        peer: SocketAddr,
-        env: EnvId,
-        edge_id: Uuid,
-        token: [u8; 32],
-        permit: OwnedSemaphorePermit,
-    ) {
-        // Capacity first: refused this way, the credentials stay usable on another gateway.
-        let full = {
-            let map = self.tunnels();
-            map.len() >= self.config.max_tunnels && !map.contains_key(&env)
-        };
-        if full {
-            tracing::warn!(env, %peer, max = self.config.max_tunnels, "tunnel refused: gateway at its tunnel limit");
-            self.refuse(
-                tls,
-                kind::AGENT,
-                HelloRefusal::Unavailable,
-                "tunnel gateway at its tunnel limit; try another gateway or later",
-            )
-            .await;
-            return;
-        }
-        let token_hash: [u8; 32] = Sha256::digest(token).into();
-        let grant = match store_call(self.store.take_tunnel_grant(&token_hash)).await {
-            Ok(Some(grant)) => grant,
-            Ok(None) => {
-                tracing::warn!(env, %peer, "tunnel refused: {BAD_CREDENTIALS_MSG}");
-                self.refuse(
-                    tls,
-                    kind::AGENT,
-                    HelloRefusal::BadCredentials,
-                    BAD_CREDENTIALS_MSG,
-                )
-                .await;
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(env, %peer, error = %e, "tunnel refused: store unavailable");
-                self.refuse(
-                    tls,
-                    kind::AGENT,
-                    HelloRefusal::Unavailable,
-                    "tunnel gateway cannot reach its store; try again later",
-                )
-                .await;
-                return;
-            }
-        };
-        if grant.env != env || grant.edge_id != edge_id {
-            tracing::warn!(
-                env,
-                %edge_id,
-                grant_env = grant.env,
-                grant_edge_id = %grant.edge_id,
-                %peer,
-                "tunnel refused: credentials of another environment or edge id"
-            );
-            self.refuse(
-                tls,
-                kind::AGENT,
-                HelloRefusal::Mismatch,
-                "tunnel credentials belong to another environment or edge id",
-            )
-            .await;
-            return;
-        }
-        if grant.expires_ms < now_ms() {
-            tracing::warn!(env, %peer, "tunnel refused: expired credentials");
-            self.refuse(
-                tls,
-                kind::AGENT,
-                HelloRefusal::BadCredentials,
-                BAD_CREDENTIALS_MSG,
-            )
-            .await;
-            return;
-        }
-        let claimed_at = Instant::now();
-        let claim = self.store.claim_tunnel(
-            env,
-            &self.config.id,
-            &self.config.dial_addr,
-            now_ms(),
-            self.config.lease,
-        );
-        let location = match store_call(claim).await {
-            Ok(location) => location,
-            Err(e) => {
-                tracing::warn!(env, %peer, error = %e, "tunnel refused: cannot record its location");
-                self.refuse(
-                    tls,
-                    kind::AGENT,
-                    HelloRefusal::Unavailable,
-                    "tunnel gateway cannot reach its store; try again later",
-                )
-                .await;
-                return;
-            }
-        };
-        let epoch = location.epoch;
-        let accepted = HelloAnswer::Accepted {
-            gateway_id: self.config.id.clone(),
-            epoch,
-        };
-        match tokio::time::timeout(WRITE_TIMEOUT, mux::write_frame(&mut tls, &accepted)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => {
-                tracing::info!(env, epoch, %peer, "agent left before its tunnel was accepted");
-                self.metrics.handshake(kind::AGENT, result::ACCEPTED);
-                self.tunnel_ended(
-                    env,
-                    epoch,
-                    EndReason::NoControlStream,
-                    claimed_at,
-                    peer,
-                    None,
-                )
-                .await;
-                return;
-            }
-        }
-        self.metrics.handshake(kind::AGENT, result::ACCEPTED);
-        let mux::Session {
-            opener,
-            mut inbound,
-        } = mux::spawn(tls, Mode::Client);
-        let control = tokio::select! {
-            () = self.stop.cancelled() => None,
-            r = tokio::time::timeout(self.config.handshake_timeout, inbound.recv()) => r.ok().flatten(),
-        };
-        // Any further stream the agent opens is refused (dropped, which resets it).
-        drop(inbound);
-        let Some(control) = control else {
-            opener.close();
-            self.tunnel_ended(
-                env,
-                epoch,
-                EndReason::NoControlStream,
-                claimed_at,
-                peer,
-                None,
-            )
-            .await;
-            return;
-        };
-        drop(permit);
-
-        let stop = self.stop.child_token();
-        let reason = Arc::new(OnceLock::new());
-        let tunnel = Tunnel {
-            epoch,
-            opener: opener.clone(),
-            streams: Arc::new(Semaphore::new(MAX_STREAMS_PER_SESSION)),
-            stop: stop.clone(),
-            reason: Arc::clone(&reason),
-            renewed: claimed_at,
-        };
-        let newer_here = {
-            let mut map = self.tunnels();
-            let newer = map.get(&env).is_some_and(|old| old.epoch > epoch);
-            if !newer {
-                if let Some(old) = map.insert(env, tunnel) {
-                    old.close(EndReason::Replaced);
-                }
-                self.update_gauge(&map);
-            }
-            newer
-        };
-        if newer_here {
-            opener.close();
-            self.tunnel_ended(env, epoch, EndReason::Replaced, claimed_at, peer, None)
-                .await;
-            return;
-        }
-        self.publish(Change::TunnelOpened(location)).await;
-        tracing::info!(env, epoch, %peer, gateway = %self.config.id, "tunnel open");
-
-        // The control stream also ends when the session does; waiting for it alone (not for
-        // the session) lets a `Closing` frame that arrived just before the end count.
-        let end = mux::control_pinger(control, stop.clone()).await;
-        let reason = match end {
-            ControlEnd::PeerClosing(CloseReason::Inactive) => EndReason::Inactive,
-            ControlEnd::PeerClosing(CloseReason::Shutdown) => EndReason::AgentShutdown,
-            ControlEnd::Ended => EndReason::AgentGone,
-            ControlEnd::Silent => EndReason::Silent,
-            ControlEnd::Local => reason.get().copied().unwrap_or(EndReason::Shutdown),
-        };
-        self.tunnel_ended(env, epoch, reason, claimed_at, peer, Some(&opener))
-            .await;
-    }
-
     /// Cleans up after a tunnel: map entry (if still this epoch), session, location, change.
-    async fn tunnel_ended(
+    pub(crate) async fn tunnel_ended(
         &self,
         env: EnvId,
         epoch: u64,
@@ -713,7 +544,7 @@ impl Gateway {
         );
     }
 
-    async fn release(&self, env: EnvId, epoch: u64) {
+    pub(crate) async fn release(&self, env: EnvId, epoch: u64) {
         match store_call(self.store.release_tunnel(env, epoch)).await {
             Ok(true) => {}
             Ok(false) => tracing::debug!(env, epoch, "tunnel location was already gone"),
@@ -726,202 +557,17 @@ impl Gateway {
         }
     }
 
-    async fn publish(&self, change: Change) {
+    pub(crate) async fn publish(&self, change: Change) {
         if let Err(e) = store_call(self.store.publish(change)).await {
             tracing::warn!(error = %e, "cannot publish a tunnel change");
         }
     }
 
-    async fn cluster_secret(&self) -> Result<[u8; 32], StoreError> {
+    pub(crate) async fn cluster_secret(&self) -> Result<[u8; 32], StoreError> {
         self.secret
             .get_or_try_init(|| store_call(self.store.cluster_secret()))
             .await
             .copied()
-    }
-
-    async fn dial_session(
-        self: Arc<Self>,
-        mut tls: TlsStream<TcpStream>,
-        peer: SocketAddr,
-        secret: [u8; 32],
-        permit: OwnedSemaphorePermit,
-    ) {
-        let expected = match self.cluster_secret().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "dial session refused: cannot read the cluster secret");
-                self.refuse(
-                    tls,
-                    kind::DIAL,
-                    HelloRefusal::Unavailable,
-                    "tunnel gateway cannot reach its store; try again later",
-                )
-                .await;
-                return;
-            }
-        };
-        if !bool::from(secret.ct_eq(&expected)) {
-            tracing::warn!(%peer, "dial session refused: wrong cluster secret");
-            self.refuse(
-                tls,
-                kind::DIAL,
-                HelloRefusal::NotAuthorized,
-                "wrong cluster secret (is this replica on the same store as the gateway?)",
-            )
-            .await;
-            return;
-        }
-        let accepted = HelloAnswer::Accepted {
-            gateway_id: self.config.id.clone(),
-            epoch: 0,
-        };
-        match tokio::time::timeout(WRITE_TIMEOUT, mux::write_frame(&mut tls, &accepted)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return,
-        }
-        self.metrics.handshake(kind::DIAL, result::ACCEPTED);
-        drop(permit);
-        let _open = GaugeGuard::new(&self.metrics.dial_sessions_open);
-        tracing::debug!(%peer, "dial session open");
-        let mux::Session {
-            opener,
-            mut inbound,
-        } = mux::spawn(tls, Mode::Server);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => {
-                    opener.close();
-                    break;
-                }
-                stream = inbound.recv() => match stream {
-                    Some(stream) => {
-                        let gw = Arc::clone(&self);
-                        let stream = TunnelStream::new(stream, None, None);
-                        self.spawn_tracked(gw.dial_stream(stream, peer));
-                    }
-                    None => break,
-                },
-            }
-        }
-        tracing::debug!(%peer, "dial session closed");
-    }
-
-    /// One stream of a dial session: `DialRequest`, then spliced onto a stream of the tunnel.
-    async fn dial_stream(self: Arc<Self>, mut stream: TunnelStream, peer: SocketAddr) {
-        let req: DialRequest =
-            match tokio::time::timeout(DIAL_REQUEST_TIMEOUT, mux::read_frame(&mut stream)).await {
-                Ok(Ok(req)) => req,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "dial stream without a valid request");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "dial stream sent no request in time");
-                    return;
-                }
-            };
-        let mut agent = match self.open_stream(req.endpoint_id, req.epoch).await {
-            Ok(agent) => agent,
-            Err(e) => {
-                let code = match e {
-                    OpenError::Busy => StreamRefusal::TooManyStreams,
-                    _ => StreamRefusal::NoTunnel,
-                };
-                tracing::debug!(env = req.endpoint_id, epoch = req.epoch, error = %e, "dial stream refused");
-                let refusal = StreamOpen::Refused {
-                    code,
-                    message: format!("gateway {}: {e}", self.config.id),
-                };
-                let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-                    mux::write_frame(&mut stream, &refusal).await?;
-                    stream.shutdown().await
-                })
-                .await;
-                return;
-            }
-        };
-        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut agent).await {
-            tracing::debug!(env = req.endpoint_id, error = %e, "dial stream ended with an error");
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = stream.shutdown().await;
-            let _ = agent.shutdown().await;
-        })
-        .await;
-    }
-
-    async fn lease_loop(self: Arc<Self>) {
-        let every = self.config.lease / 3;
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            self.renew().await;
-        }
-    }
-
-    /// One round of renewals: tunnel locations, then the registration.
-    async fn renew(&self) {
-        let lease = self.config.lease;
-        // Each call is bounded so that the expiry check below runs on time.
-        let budget = lease / 4;
-        let started = Instant::now();
-        let held: Vec<(EnvId, u64)> = self.tunnels().iter().map(|(e, t)| (*e, t.epoch)).collect();
-        if !held.is_empty() {
-            let renewal = self.store.renew_tunnels(&self.config.id, &held, lease);
-            match tokio::time::timeout(budget, renewal).await {
-                Ok(Ok(lost)) => {
-                    let lost: HashSet<EnvId> = lost.into_iter().collect();
-                    let mut map = self.tunnels();
-                    for (env, epoch) in &held {
-                        let Some(t) = map.get_mut(env).filter(|t| t.epoch == *epoch) else {
-                            continue;
-                        };
-                        if lost.contains(env) {
-                            tracing::info!(env, epoch, "tunnel lease lost to another holder");
-                            t.close(EndReason::LeaseLost);
-                        } else {
-                            t.renewed = started;
-                        }
-                    }
-                }
-                Ok(Err(e)) => {
-                    self.metrics.renew_failures.inc();
-                    tracing::warn!(error = %e, tunnels = held.len(), "cannot renew tunnel leases; tunnels stay up until their lease runs out");
-                }
-                Err(_) => {
-                    self.metrics.renew_failures.inc();
-                    tracing::warn!(tunnels = held.len(), "renewing tunnel leases timed out; tunnels stay up until their lease runs out");
-                }
-            }
-        }
-        // A location not renewed for a whole lease has expired in the store: nobody can find
-        // the tunnel, so it must not look open here either.
-        for t in self.tunnels().values() {
-            if t.renewed.elapsed() >= lease {
-                t.close(EndReason::LeaseUnrenewed);
-            }
-        }
-        let info = GatewayInfo {
-            id: self.config.id.clone(),
-            public_addr: self.config.public_addr.clone(),
-            dial_addr: self.config.dial_addr.clone(),
-            tunnels: self.open_tunnels() as u64,
-        };
-        match tokio::time::timeout(budget, self.store.register_gateway(&info, lease)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                self.metrics.renew_failures.inc();
-                tracing::warn!(error = %e, "cannot renew the gateway registration");
-            }
-            Err(_) => {
-                self.metrics.renew_failures.inc();
-                tracing::warn!("renewing the gateway registration timed out");
-            }
-        }
     }
 }
 
@@ -942,8 +588,10 @@ fn check(config: &GatewayConfig) -> Result<(), GatewayError> {
 }
 
 /// A store call bounded by [`STORE_TIMEOUT`].
-async fn store_call<T>(fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+pub(crate) async fn store_call<T>(
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     tokio::time::timeout(STORE_TIMEOUT, fut)
         .await
-        .unwrap_or_else(|_| Err(StoreError::Unavailable("store call timed out".into())))
+        .unwrap_or_else(|_| Err(StoreError::unavailable("store call timed out")))
 }

@@ -67,21 +67,27 @@
 //!
 //! Must never know: byte layouts (those are `proto`'s), store key names, HTTP.
 
+mod agent;
 mod dial;
+mod lease;
 mod metrics;
+mod serve_dial;
 mod server;
 mod stream;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use dial::{pinned_client_config, Dialer};
+pub use agent::{check_grant, GrantRefusal};
+pub use dial::Dialer;
 pub use metrics::GatewayMetrics;
 pub use server::Gateway;
 pub use stream::TunnelStream;
+pub use tls::pinned_client_config;
 
-use crate::store::StoreError;
+use store::StoreError;
 
 /// Default lease of tunnel locations and of the gateway registration.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
@@ -225,7 +231,7 @@ impl OpenError {
         match self {
             Self::NoTunnel | Self::GatewayUnreachable(_) | Self::Closed | Self::Busy => true,
             Self::Refused(_) => false,
-            Self::Store(e) => matches!(e, StoreError::Unavailable(_)),
+            Self::Store(e) => e.retry_may_help(),
         }
     }
 }
@@ -263,6 +269,6 @@ mod tests {
     fn retry_classes() {
         assert!(OpenError::NoTunnel.retry_may_help());
         assert!(!OpenError::Refused("x".into()).retry_may_help());
-        assert!(!OpenError::Store(StoreError::Corrupt("x".into())).retry_may_help());
+        assert!(!OpenError::Store(StoreError::corrupt("x")).retry_may_help());
     }
 }

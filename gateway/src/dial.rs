@@ -3,98 +3,28 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use proto::mux::{self, Mode, Opener};
 use proto::tunnel::{DialRequest, Hello, HelloAnswer, HANDSHAKE_TIMEOUT};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use super::server::Gateway;
-use super::{
+use store::{SharedTunnelStore, StoreError, TunnelLocation};
+
+use crate::server::Gateway;
+use crate::tls::pinned_client_config;
+use crate::{
     OpenError, TunnelStream, DIAL_CONNECT_TIMEOUT, MAX_STREAMS_PER_SESSION, STORE_TIMEOUT,
 };
-use crate::store::{SharedStore, StoreError, TunnelLocation};
 
 /// Server name sent when a `dial_addr` host is neither an IP nor a valid DNS name; the
 /// fingerprint is what is checked.
 const FALLBACK_SERVER_NAME: &str = "edgeplane-gateway.invalid";
-
-/// Accepts exactly the certificate whose SHA-256 (DER) is the pinned fingerprint, and checks
-/// the handshake signature with it (so the peer holds its private key).
-#[derive(Debug)]
-struct PinnedCert {
-    fingerprint: [u8; 32],
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let fingerprint: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        // Not a secret: the fingerprint is in every join key and the certificate is public.
-        if fingerprint == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// A TLS client configuration (aws-lc-rs, TLS 1.2/1.3, no ALPN) that accepts exactly the
-/// certificate with this SHA-256 (DER) fingerprint. Used for dial sessions; agents (and
-/// tests) can use it for their tunnels too.
-pub fn pinned_client_config(
-    fingerprint: [u8; 32],
-) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = PinnedCert {
-        fingerprint,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
 
 /// The server name to present for `addr` (`host:port`, `[v6]:port`).
 fn server_name(addr: &str) -> ServerName<'static> {
@@ -121,7 +51,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<DialSession>>>;
 
 /// Opens streams to agents whose tunnels other gateways hold (see the module docs).
 pub struct Dialer {
-    store: SharedStore,
+    store: SharedTunnelStore,
     connector: Result<TlsConnector, String>,
     secret: OnceCell<[u8; 32]>,
     sessions: Mutex<HashMap<String, Slot>>,
@@ -132,7 +62,7 @@ pub struct Dialer {
 impl Dialer {
     /// `fingerprint`: SHA-256 of the gateways' certificate (the one in join keys). The cluster
     /// secret is read from `store` on first use, then cached.
-    pub fn new(fingerprint: [u8; 32], store: SharedStore) -> Self {
+    pub fn new(fingerprint: [u8; 32], store: SharedTunnelStore) -> Self {
         let connector = pinned_client_config(fingerprint)
             .map(TlsConnector::from)
             .map_err(|e| format!("tls client setup: {e}"));
@@ -178,10 +108,7 @@ impl Dialer {
     /// that saw a stream time out: a gateway that vanished without closing its connection is
     /// otherwise only noticed when TCP gives up.
     pub fn discard_session(&self, dial_addr: &str) {
-        let slot = match self.sessions.lock() {
-            Ok(m) => m.get(dial_addr).cloned(),
-            Err(_) => None,
-        };
+        let slot = self.sessions.lock().get(dial_addr).cloned();
         let Some(slot) = slot else {
             return;
         };
@@ -196,10 +123,7 @@ impl Dialer {
 
     /// Dial sessions currently open (for tests and metrics).
     pub fn open_sessions(&self) -> usize {
-        let slots: Vec<Slot> = match self.sessions.lock() {
-            Ok(m) => m.values().cloned().collect(),
-            Err(_) => return 0,
-        };
+        let slots: Vec<Slot> = self.sessions.lock().values().cloned().collect();
         slots
             .iter()
             .filter(|s| {
@@ -210,11 +134,7 @@ impl Dialer {
     }
 
     fn slot(&self, addr: &str) -> Slot {
-        match self.sessions.lock() {
-            Ok(mut m) => Arc::clone(m.entry(addr.to_owned()).or_default()),
-            // A poisoned map only means another caller panicked; dial without caching.
-            Err(_) => Arc::new(tokio::sync::Mutex::new(None)),
-        }
+        Arc::clone(self.sessions.lock().entry(addr.to_owned()).or_default())
     }
 
     /// The live session in `slot`, or a new one. `failed`: the session that just failed us,
@@ -245,8 +165,8 @@ impl Dialer {
             .get_or_try_init(|| async {
                 match tokio::time::timeout(STORE_TIMEOUT, self.store.cluster_secret()).await {
                     Ok(r) => r,
-                    Err(_) => Err(StoreError::Unavailable(
-                        "reading the cluster secret timed out".into(),
+                    Err(_) => Err(StoreError::unavailable(
+                        "reading the cluster secret timed out",
                     )),
                 }
             })

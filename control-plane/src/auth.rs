@@ -1,0 +1,51 @@
+//! Admin API keys: stored as SHA-256 hashes, compared in constant time. Framework-free, so both
+//! the actix API (`api::auth`'s middleware) and the Docker proxy's hyper server check keys
+//! the same way.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The header that carries the key.
+pub const HEADER: &str = "x-api-key";
+
+/// The accepted key hashes, refreshed from the store on change.
+#[derive(Clone, Default)]
+pub struct AdminKeys(Arc<RwLock<Vec<[u8; 32]>>>);
+
+impl AdminKeys {
+    pub fn hash(key: &str) -> [u8; 32] {
+        Sha256::digest(key.as_bytes()).into()
+    }
+
+    pub fn replace(&self, hashes: Vec<[u8; 32]>) {
+        *self.0.write() = hashes;
+    }
+
+    /// Constant-time over each stored hash; every hash is compared (no early exit).
+    pub fn accepts(&self, key: &str) -> bool {
+        let h = Self::hash(key);
+        self.0
+            .read()
+            .iter()
+            .fold(false, |ok, stored| ok | bool::from(stored.ct_eq(&h)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_configured_key_is_accepted() {
+        let keys = AdminKeys::default();
+        assert!(!keys.accepts("k1"), "no key configured accepts nothing");
+        keys.replace(vec![AdminKeys::hash("k1"), AdminKeys::hash("k2")]);
+        assert!(keys.accepts("k1") && keys.accepts("k2"));
+        assert!(!keys.accepts("k3") && !keys.accepts(""));
+        keys.replace(vec![AdminKeys::hash("k2")]);
+        assert!(!keys.accepts("k1"), "a key left out is revoked");
+    }
+}

@@ -1,0 +1,208 @@
+//! The single-node backend: redb in `<dir>/edgeplane.redb`, change notifications through an
+//! in-process broadcast.
+//!
+//! Layout (every table is created when the file is opened, so read transactions never meet a
+//! missing table):
+//!
+//! | table              | key                 | value                                        |
+//! | ------------------ | ------------------- | -------------------------------------------- |
+//! | `environments`     | id (`u64`)          | JSON of [`Environment`](crate::Environment), edge_id included    |
+//! | `meta`             | name (`&str`)       | `next_id:*`: `u64` little-endian; `settings`: JSON of [`Settings`](crate::Settings) |
+//! | `groups`, `tags`   | id (`u64`)          | name (`&str`)                                |
+//! | `admin_key_hashes` | SHA-256 (`[u8; 32]`)| `()`                                         |
+//! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
+//! | `snapshots`        | id (`u64`)          | `taken_ms`, `received_ms` (`u64` little-endian each), then the body |
+//! | `commands`         | (env id, command id)| JSON of [`StoredCommand`](crate::StoredCommand)                    |
+//!
+//! The `meta` table also holds `cluster_secret`: the 32 random bytes of
+//! [`TunnelStore::cluster_secret`](crate::TunnelStore::cluster_secret), created by the first caller.
+//!
+//! redb serialises write transactions, so every read-check-write below (binding and its join
+//! secret check, name uniqueness, max-heartbeat, the fields an update keeps, replacing the
+//! admin key set, keeping the newest snapshot of an existing environment) is atomic simply by
+//! happening inside one write transaction.
+//!
+//! What only lives as long as a lease (tunnel grants, tunnel locations, gateway
+//! registrations) is not written to disk at all: it sits in memory behind a mutex, each entry
+//! with an [`Instant`](std::time::Instant) deadline that every read checks, and expired entries are purged now and
+//! then so that nothing grows without bound. A restart forgets all of it, which is right: the
+//! tunnels and gateways of a single node die with it. Tunnel epochs come from one counter for
+//! all environments, seeded from the clock in microseconds when the store opens and moved at
+//! least one past the clock on every claim, so they keep growing across restarts too (unless
+//! the clock goes back, or claims outran it by more than the restart took).
+
+mod catalog;
+mod commands;
+mod environments;
+mod leases;
+mod records;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{Database, Durability, TableDefinition, WriteTransaction};
+use tokio::sync::broadcast;
+
+use crate::{Backend, Change, StoreError, CHANGE_CHANNEL_CAPACITY};
+use leases::Leases;
+
+/// File name inside the data dir.
+pub const FILE_NAME: &str = "edgeplane.redb";
+
+const ENVIRONMENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("environments");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const GROUPS: TableDefinition<'_, u64, &str> = TableDefinition::new("groups");
+const TAGS: TableDefinition<'_, u64, &str> = TableDefinition::new("tags");
+const ADMIN_KEY_HASHES: TableDefinition<'_, &[u8; 32], ()> =
+    TableDefinition::new("admin_key_hashes");
+const HEARTBEATS: TableDefinition<'_, u64, u64> = TableDefinition::new("heartbeats");
+const SNAPSHOTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("snapshots");
+const COMMANDS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("commands");
+
+// Keys of the `meta` table.
+const META_NEXT_ENV_ID: &str = "next_id:environments";
+const META_NEXT_GROUP_ID: &str = "next_id:groups";
+const META_NEXT_TAG_ID: &str = "next_id:tags";
+const META_SETTINGS: &str = "settings";
+const META_CLUSTER_SECRET: &str = "cluster_secret";
+
+/// Bytes before the body in a `snapshots` value: `taken_ms` and `received_ms`.
+const SNAPSHOT_HEADER: usize = 16;
+/// How often (at most) the lease maps are swept for expired entries.
+const PURGE_INTERVAL: Duration = Duration::from_secs(10);
+/// What a lease too long for [`Instant`](std::time::Instant) is cut down to: "forever", in practice.
+const LONGEST_LEASE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    changes: broadcast::Sender<Change>,
+    leases: Mutex<Leases>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `<dir>/edgeplane.redb`, creating `dir` if needed. Blocking: call it at
+    /// start-up, not from a busy async task.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::unavailable_by(format!("cannot create data dir {}", dir.display()), e)
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(db_err)?;
+
+        // Create every table up front: a read transaction cannot create one, and opening a
+        // table that was never written would fail with `TableDoesNotExist`.
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(ENVIRONMENTS).map_err(db_err)?;
+        tx.open_table(META).map_err(db_err)?;
+        tx.open_table(GROUPS).map_err(db_err)?;
+        tx.open_table(TAGS).map_err(db_err)?;
+        tx.open_table(ADMIN_KEY_HASHES).map_err(db_err)?;
+        tx.open_table(HEARTBEATS).map_err(db_err)?;
+        tx.open_table(SNAPSHOTS).map_err(db_err)?;
+        tx.open_table(COMMANDS).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+
+        tracing::info!(path = %path.display(), "opened embedded store");
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        Ok(Self {
+            db: Arc::new(db),
+            path,
+            changes,
+            leases: Mutex::new(Leases::new()),
+        })
+    }
+
+    /// The lease maps. Nothing panics while holding the lock, and every update leaves the maps
+    /// consistent, so a poisoned lock is still usable.
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs blocking redb work off the async threads.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::unavailable_by("embedded store task failed", e))?
+    }
+
+    /// Runs `f` in one write transaction. `f` returns its result and whether it changed
+    /// anything: an unchanged transaction is aborted rather than committed, which spares a
+    /// disk sync on the many no-op paths (re-binding the same ID, updating a missing record).
+    /// An error aborts too (dropping a `WriteTransaction` aborts it).
+    async fn write<T, F>(&self, durability: Durability, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<(T, bool), StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.blocking(move |db| {
+            let mut tx = db.begin_write().map_err(db_err)?;
+            tx.set_durability(durability);
+            let (out, changed) = f(&tx)?;
+            if changed {
+                tx.commit().map_err(db_err)?;
+            } else {
+                tx.abort().map_err(db_err)?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// redb's own corruption reports are permanent; everything else (I/O, lock, a transaction
+/// still in use) may go away on a retry.
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    let e: redb::Error = e.into();
+    match e {
+        redb::Error::Corrupted(_)
+        | redb::Error::UpgradeRequired(_)
+        | redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TypeDefinitionChanged { .. }
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TableIsNotMultimap(_) => StoreError::corrupt_by("redb", e),
+        other => StoreError::unavailable_by("redb", other),
+    }
+}
+
+#[async_trait]
+impl Backend for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn publish(&self, change: Change) -> Result<(), StoreError> {
+        // No subscriber is not an error: nobody needed to hear it.
+        let _ = self.changes.send(change);
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // A read transaction proves the file and its lock are still usable.
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            tx.open_table(META).map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,89 @@
+//! Every Redis key name, derived from the prefix in one place (the table in the module docs of
+//! `redis`).
+
+use crate::{Collection, EnvId};
+
+/// Every key name, derived from the prefix in one place.
+#[derive(Clone, Debug)]
+pub(super) struct Keys {
+    pub(super) env: String,
+    pub(super) binding: String,
+    pub(super) heartbeat: String,
+    pub(super) env_seq: String,
+    pub(super) groups: String,
+    pub(super) group_names: String,
+    pub(super) group_seq: String,
+    pub(super) tags: String,
+    pub(super) tag_names: String,
+    pub(super) tag_seq: String,
+    pub(super) settings: String,
+    pub(super) admin_keys: String,
+    pub(super) snapshot: String,
+    pub(super) commands: String,
+    pub(super) cluster_secret: String,
+    pub(super) grant: String,
+    pub(super) tunnel: String,
+    pub(super) tunnel_seq: String,
+    pub(super) gateway: String,
+    pub(super) gateways: String,
+    pub(super) changes: String,
+}
+
+impl Keys {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self {
+            env: format!("{prefix}env"),
+            binding: format!("{prefix}binding"),
+            heartbeat: format!("{prefix}heartbeat"),
+            env_seq: format!("{prefix}seq:env"),
+            groups: format!("{prefix}groups"),
+            group_names: format!("{prefix}groups:names"),
+            group_seq: format!("{prefix}seq:groups"),
+            tags: format!("{prefix}tags"),
+            tag_names: format!("{prefix}tags:names"),
+            tag_seq: format!("{prefix}seq:tags"),
+            settings: format!("{prefix}settings"),
+            admin_keys: format!("{prefix}admin_keys"),
+            // Per-item keys: these are the prefixes the item's name is appended to.
+            snapshot: format!("{prefix}snapshot:"),
+            commands: format!("{prefix}commands:"),
+            cluster_secret: format!("{prefix}cluster_secret"),
+            grant: format!("{prefix}grant:"),
+            tunnel: format!("{prefix}tunnel:"),
+            tunnel_seq: format!("{prefix}seq:tunnel"),
+            gateway: format!("{prefix}gateway:"),
+            gateways: format!("{prefix}gateways"),
+            changes: format!("{prefix}changes"),
+        }
+    }
+
+    pub(super) fn snapshot(&self, env: EnvId) -> String {
+        format!("{}{env}", self.snapshot)
+    }
+
+    /// (queued commands, first-sent times, results) of an environment.
+    pub(super) fn commands(&self, env: EnvId) -> (String, String, String) {
+        let base = format!("{}{env}", self.commands);
+        (format!("{base}:sent"), format!("{base}:done"), base)
+    }
+
+    pub(super) fn grant(&self, token_hash: &[u8; 32]) -> String {
+        format!("{}{}", self.grant, hex::encode(token_hash))
+    }
+
+    pub(super) fn tunnel(&self, env: EnvId) -> String {
+        format!("{}{env}", self.tunnel)
+    }
+
+    pub(super) fn gateway(&self, id: &str) -> String {
+        format!("{}{id}", self.gateway)
+    }
+
+    /// (id -> name hash, name -> id hash, id counter) of a named collection.
+    pub(super) fn named(&self, coll: Collection) -> (&str, &str, &str) {
+        match coll {
+            Collection::Groups => (&self.groups, &self.group_names, &self.group_seq),
+            Collection::Tags => (&self.tags, &self.tag_names, &self.tag_seq),
+        }
+    }
+}

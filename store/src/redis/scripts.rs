@@ -1,0 +1,55 @@
+//! The Lua scripts of the rules that must be atomic across replicas (`lua/*.lua`; each file
+//! documents its KEYS, ARGV and reply).
+
+use deadpool_redis::redis::Script;
+
+pub(super) struct Scripts {
+    /// Stores a snapshot of an existing environment unless the stored one was taken later.
+    pub(super) put_snapshot: Script,
+    /// Queues a command with the next id (ids are contiguous: 1..=HLEN).
+    pub(super) queue_command: Script,
+    /// Hands out the next epoch and stores the location with it, in one step.
+    pub(super) claim: Script,
+    /// Extends the locations still held by the given gateway with the given epochs.
+    pub(super) renew: Script,
+    /// Compare-and-delete of a location on its epoch.
+    pub(super) release: Script,
+    /// Forgets registered gateways whose key expired, unless they registered again meanwhile.
+    pub(super) prune_gateways: Script,
+    /// Binds an unbound, existing environment whose join secret is still the given one.
+    pub(super) bind: Script,
+    /// Replaces an existing record, keeping its stored join secret.
+    pub(super) update: Script,
+    /// Compare-and-set of a record that also drops its binding.
+    pub(super) reset: Script,
+    /// Records heartbeats of existing environments, never moving one backwards.
+    pub(super) heartbeats: Script,
+    /// Creates a group or tag under a name not yet taken.
+    pub(super) create_named: Script,
+    /// Renames a group or tag unless the name is taken.
+    pub(super) rename_named: Script,
+    /// Deletes a group or tag and its name.
+    pub(super) delete_named: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        // `Script` sends EVALSHA and falls back to loading the script on NOSCRIPT (a restarted
+        // or flushed Redis), so callers need not care whether it is cached.
+        Self {
+            put_snapshot: Script::new(include_str!("lua/put_snapshot.lua")),
+            queue_command: Script::new(include_str!("lua/queue_command.lua")),
+            claim: Script::new(include_str!("lua/claim.lua")),
+            renew: Script::new(include_str!("lua/renew.lua")),
+            release: Script::new(include_str!("lua/release.lua")),
+            prune_gateways: Script::new(include_str!("lua/prune_gateways.lua")),
+            bind: Script::new(include_str!("lua/bind.lua")),
+            update: Script::new(include_str!("lua/update.lua")),
+            reset: Script::new(include_str!("lua/reset.lua")),
+            heartbeats: Script::new(include_str!("lua/heartbeats.lua")),
+            create_named: Script::new(include_str!("lua/create_named.lua")),
+            rename_named: Script::new(include_str!("lua/rename_named.lua")),
+            delete_named: Script::new(include_str!("lua/delete_named.lua")),
+        }
+    }
+}
