@@ -14,9 +14,6 @@
 //! `ASYNC_BENCH_CONTAINERS` (20). The last line is one JSON object with every figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/mod.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
@@ -31,7 +28,9 @@ use hyper_util::rt::TokioIo;
 use proto::async_mode::{AsyncRequest, SnapshotReport};
 use proto::wire::CheckinRequest;
 use serde_json::{json, Value};
-use support::{on_thread, start_control_plane_at, ADMIN_KEY};
+use testkit::agent::AgentThread;
+use testkit::bench::on_thread;
+use testkit::{ControlPlane, ADMIN_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -274,7 +273,7 @@ fn signed_frame(report: Option<SnapshotReport>) -> usize {
 }
 
 fn main() {
-    if !support::measuring() {
+    if !testkit::bench::measuring() {
         return;
     }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -312,7 +311,11 @@ fn main() {
     let api_addr = api.local_addr().unwrap();
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_url = format!("https://{}", proxy.local_addr().unwrap());
-    let cp = start_control_plane_at(dir.path(), 1, api, Some(proxy_url));
+    let cp = ControlPlane::builder()
+        .in_dir(dir.path())
+        .api_listener(api)
+        .public_url(proxy_url)
+        .spawn();
     let counters = Arc::new(Counters::default());
     start_proxy(proxy, api_addr, Arc::clone(&counters));
     let stopped = Arc::new(AtomicBool::new(false));
@@ -339,23 +342,15 @@ fn main() {
             .unwrap();
         v["edgeKey"].as_str().unwrap().to_owned()
     });
-    let agent_dir = tempfile::tempdir().unwrap();
-    let config = edge_agent::Config::from_args(edge_agent::Args {
-        edge_key: Some(key),
-        data_dir: Some(agent_dir.path().to_owned()),
-        docker_host: Some(format!("tcp://{engine}")),
-        async_mode: Some("1".into()),
-        ..Default::default()
-    })
-    .unwrap();
-    let (stop_agent, rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = on_thread("agent", move || async move {
-        edge_agent::run(config, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
+    let agent = AgentThread::start(
+        "agent",
+        edge_agent::Args {
+            edge_key: Some(key),
+            docker_host: Some(format!("tcp://{engine}")),
+            async_mode: Some("1".into()),
+            ..Default::default()
+        },
+    );
 
     let quiet = Duration::from_secs(3);
     let tick_wait = Duration::from_secs(75);
@@ -404,10 +399,8 @@ fn main() {
         change.0, change.1, change.2
     );
 
-    let _ = stop_agent.send(());
-    let _ = agent.join();
-    let _ = cp.stop.send(());
-    let _ = cp.thread.join();
+    agent.stop(Duration::from_secs(30));
+    cp.stop_blocking(Duration::from_secs(30));
     let report = json!({
         "bench": "async_bytes",
         "containers": n,

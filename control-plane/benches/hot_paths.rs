@@ -3,11 +3,11 @@
 //!     cargo bench -p control-plane --bench hot_paths
 
 use control_plane::fleet::state::EnvState;
-use control_plane::store::{EdgeMode, Environment};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use proto::proof::{self, ProofKey};
 use proto::token::JoinSecret;
 use proto::wire::{timestamp_lo, CheckinRequest};
+use store::{EdgeMode, Environment};
 use uuid::Uuid;
 
 fn env(secret: &JoinSecret, edge: Uuid) -> Environment {

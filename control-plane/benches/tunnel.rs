@@ -39,12 +39,11 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::Rng as _;
 use serde_json::{json, Value};
+use testkit::agent::AgentThread;
+use testkit::bench::on_thread;
+use testkit::{ControlPlane, ADMIN_KEY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-#[path = "support/mod.rs"]
-mod support;
-use support::{on_thread, start_control_plane, ControlPlane, ADMIN_KEY};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -363,35 +362,16 @@ async fn engine_connection(mut sock: TcpStream) -> io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Agents, each on its own thread and current-thread runtime (as the agent binary runs)
 
-struct Agent {
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-fn start_agent(name: &str, key: &str, docker_host: &str, inactivity: &str) -> Agent {
-    let dir = tempfile::tempdir().expect("agent dir");
-    let config = edge_agent::Config::from_args(edge_agent::Args {
-        edge_key: Some(key.to_owned()),
-        data_dir: Some(dir.path().to_owned()),
-        docker_host: Some(docker_host.to_owned()),
-        inactivity_timeout: Some(inactivity.to_owned()),
-        ..Default::default()
-    })
-    .expect("agent config");
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = on_thread(name, move || async move {
-        edge_agent::run(config, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("agent");
-    });
-    Agent {
-        stop,
-        thread,
-        _dir: dir,
-    }
+fn start_agent(name: &str, key: &str, docker_host: &str, inactivity: &str) -> AgentThread {
+    AgentThread::start(
+        name,
+        edge_agent::Args {
+            edge_key: Some(key.to_owned()),
+            docker_host: Some(docker_host.to_owned()),
+            inactivity_timeout: Some(inactivity.to_owned()),
+            ..Default::default()
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -703,7 +683,7 @@ async fn wake_phase(
     s: &Settings,
     cp: &ControlPlane,
     engine: SocketAddr,
-    agents: &mut Vec<Agent>,
+    agents: &mut Vec<AgentThread>,
 ) -> Value {
     let api = client(usize::MAX);
     let docker_host = format!("tcp://{engine}");
@@ -1366,7 +1346,7 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    if !support::measuring() {
+    if !testkit::bench::measuring() {
         return;
     }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -1395,7 +1375,12 @@ fn main() {
 
     let needs_cp = s.has("wake") || s.has("overhead") || s.has("throughput");
     let mut agents = Vec::new();
-    let cp = needs_cp.then(|| start_control_plane(&tmp.path().join("cp"), s.workers));
+    let cp = needs_cp.then(|| {
+        ControlPlane::builder()
+            .in_dir(&tmp.path().join("cp"))
+            .workers(s.workers)
+            .spawn()
+    });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1438,18 +1423,10 @@ fn main() {
 
     // Stop agents and the control plane, bounded: a stuck shutdown must not hide the report.
     for a in agents {
-        let _ = a.stop.send(());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !a.thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        a.stop(Duration::from_secs(10));
     }
     if let Some(cp) = cp {
-        let _ = cp.stop.send(());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !cp.thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cp.stop_blocking(Duration::from_secs(10));
     }
     println!("{}", Value::Object(report));
 }

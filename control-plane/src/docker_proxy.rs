@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gateway::{Dialer, OpenError, TunnelStream};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -26,9 +27,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use proto::clock::now_ms;
 use proto::tunnel::{decode_body, frame_len, StreamOpen, MAX_TUNNEL_FRAME};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use gateway::{Dialer, OpenError, TunnelStream};
 use store::{EdgeMode, EnvId, SharedStore, TunnelLocation};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::AdminKeys;
 use crate::error::{ApiError, ProxyError};

@@ -269,15 +269,27 @@ mod tests {
             assert_eq!(RefusalCode::parse(code), refusal.code());
         }
         let unknown = ApiError::Agent(AgentRefusal::UnknownEnvironment(3));
-        assert_eq!((unknown.status(), unknown.code()), (404, Some("unknown_environment")));
-        let skew = ApiError::Agent(AgentRefusal::Refused(Refusal::ClockSkew { server_time_ms: 7 }));
-        assert!(skew.body().contains(r#""serverTimeMs":7"#), "{}", skew.body());
+        assert_eq!(
+            (unknown.status(), unknown.code()),
+            (404, Some("unknown_environment"))
+        );
+        let skew = ApiError::Agent(AgentRefusal::Refused(Refusal::ClockSkew {
+            server_time_ms: 7,
+        }));
+        assert!(
+            skew.body().contains(r#""serverTimeMs":7"#),
+            "{}",
+            skew.body()
+        );
     }
 
     #[test]
     fn busy_says_when_to_come_back() {
         let e = ApiError::Unavailable("later".into());
-        assert_eq!((e.status(), e.code(), e.retry_after()), (503, Some("busy"), Some(1)));
+        assert_eq!(
+            (e.status(), e.code(), e.retry_after()),
+            (503, Some("busy"), Some(1))
+        );
         assert_eq!(e.body(), r#"{"message":"later","code":"busy"}"#);
         assert_eq!(ApiError::NotFound("x".into()).code(), None);
     }

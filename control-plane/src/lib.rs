@@ -20,11 +20,11 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
-use proto::clock::now_ms;
 use gateway::{Dialer, Gateway, GatewayConfig};
+use proto::clock::now_ms;
+use serde::Deserialize;
 use store::{Change, SharedStore};
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, PublicInfo};
 use crate::bootstrap::AdminKeySource;
@@ -218,7 +218,10 @@ impl Prepared {
                 Arc::clone(&tls),
             )
             .with_lease(limits.gateway_lease);
-            Some(Gateway::bind_std(gw, listener, Arc::clone(&store) as _, metrics.registry()).await?)
+            Some(
+                Gateway::bind_std(gw, listener, Arc::clone(&store) as _, metrics.registry())
+                    .await?,
+            )
         } else {
             None
         };

@@ -51,8 +51,7 @@ fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), T
         }
     }
     // rcgen's default key is ECDSA P-256: small certificates, cheap handshakes.
-    let certified =
-        rcgen::generate_simple_self_signed(sans).map_err(TlsError::Generate)?;
+    let certified = rcgen::generate_simple_self_signed(sans).map_err(TlsError::Generate)?;
     write_private(key_path, certified.signing_key.serialize_pem().as_bytes())?;
     fs::write(cert_path, certified.cert.pem()).map_err(|source| TlsError::Write {
         path: cert_path.to_owned(),

@@ -1,14 +1,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The admin REST API against an in-process control plane on the embedded store.
 
-#[path = "support/cp.rs"]
-mod cp;
-
-use cp::{http, TestCp, ADMIN_KEY};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{http, ControlPlane, ADMIN_KEY};
 
-async fn post(cp: &TestCp, path: &str, body: Value) -> (StatusCode, Value) {
+async fn post(cp: &ControlPlane, path: &str, body: Value) -> (StatusCode, Value) {
     let r = http()
         .post(cp.api(path))
         .header("X-API-Key", ADMIN_KEY)
@@ -20,7 +17,7 @@ async fn post(cp: &TestCp, path: &str, body: Value) -> (StatusCode, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn get(cp: &TestCp, path: &str) -> (StatusCode, Value, Option<String>) {
+async fn get(cp: &ControlPlane, path: &str) -> (StatusCode, Value, Option<String>) {
     let r = http()
         .get(cp.api(path))
         .header("X-API-Key", ADMIN_KEY)
@@ -43,7 +40,7 @@ fn message(v: &Value) -> &str {
 
 #[actix_web::test]
 async fn every_admin_route_requires_the_key() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let client = http();
     assert!(control_plane::api::ROUTES.len() >= 19);
     for route in control_plane::api::ROUTES {
@@ -84,7 +81,7 @@ async fn every_admin_route_requires_the_key() {
 
 #[actix_web::test]
 async fn create_get_patch_delete() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let (status, env) = post(
         &cp,
         "/api/endpoints",
@@ -149,7 +146,7 @@ async fn create_get_patch_delete() {
 
 #[actix_web::test]
 async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let client = http();
     let cases: Vec<(&str, &str, Option<&str>, StatusCode, &str)> = vec![
         (
@@ -389,7 +386,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
 
 #[actix_web::test]
 async fn paging_filters_and_total_count() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let (_, group) = post(&cp, "/api/groups", json!({"name": "stores"})).await;
     let (_, tag) = post(&cp, "/api/tags", json!({"name": "eu"})).await;
     let (gid, tid) = (group["id"].as_u64().unwrap(), tag["id"].as_u64().unwrap());
@@ -460,7 +457,7 @@ async fn paging_filters_and_total_count() {
 
 #[actix_web::test]
 async fn install_commands_carry_the_key_and_options() {
-    let cp = TestCp::start_with(|c| c.agent_secret = Some("s3cret".into())).await;
+    let cp = ControlPlane::start_with(|c| c.agent_secret = Some("s3cret".into())).await;
     let (_, env) = post(
         &cp,
         "/api/endpoints",

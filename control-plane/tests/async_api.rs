@@ -4,12 +4,8 @@
 //! one when it cannot apply a report, command delivery and results, and bad input that must
 //! change nothing.
 
-#[path = "support/cp.rs"]
-mod cp;
-
 use std::collections::BTreeMap;
 
-use cp::{http, TestCp, ADMIN_KEY};
 use edge_agent::client::AsyncTick;
 use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
 use proto::async_mode::{
@@ -21,10 +17,11 @@ use proto::wire::CheckinRequest;
 use proto::JoinToken;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{http, ControlPlane, ADMIN_KEY};
 use uuid::Uuid;
 
-async fn create(cp: &TestCp, body: Value) -> (u64, JoinToken) {
-    cp::create_env(&cp.url, body).await
+async fn create(cp: &ControlPlane, body: Value) -> (u64, JoinToken) {
+    testkit::create_env(&cp.url, body).await
 }
 
 fn engine(states: &[(&str, &str)], taken_ms: u64) -> Snapshot {
@@ -47,7 +44,7 @@ fn engine(states: &[(&str, &str)], taken_ms: u64) -> Snapshot {
     s
 }
 
-async fn stored_containers(cp: &TestCp, id: u64) -> Vec<(String, String)> {
+async fn stored_containers(cp: &ControlPlane, id: u64) -> Vec<(String, String)> {
     let v: Value = http()
         .get(cp.api(&format!("/api/endpoints/{id}/snapshot?section=containers")))
         .header("X-API-Key", ADMIN_KEY)
@@ -77,7 +74,7 @@ fn tick(report: Option<SnapshotReport>) -> AsyncTick {
     }
 }
 
-async fn queue(cp: &TestCp, id: u64, body: Value) -> (StatusCode, Value) {
+async fn queue(cp: &ControlPlane, id: u64, body: Value) -> (StatusCode, Value) {
     let r = http()
         .post(cp.api(&format!("/api/endpoints/{id}/commands")))
         .header("X-API-Key", ADMIN_KEY)
@@ -91,7 +88,7 @@ async fn queue(cp: &TestCp, id: u64, body: Value) -> (StatusCode, Value) {
 
 #[actix_web::test]
 async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let (id, token) = create(
         &cp,
         json!({"name": "metered", "mode": "async", "pingInterval": 7, "snapshotInterval": 11, "commandInterval": 0}),
@@ -114,7 +111,7 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
         }
     );
     assert!(answer.commands.is_empty());
-    assert_eq!(cp::get_env(&cp.url, id).await["status"], "up");
+    assert_eq!(testkit::get_env(&cp.url, id).await["status"], "up");
     assert_eq!(
         stored_containers(&cp, id).await,
         vec![
@@ -315,7 +312,7 @@ fn signed(token: &JoinToken, edge: Uuid, snapshot: Option<SnapshotReport>) -> Ve
     proof::sign(&req, &ProofKey::derive(&token.secret, None), &edge, ts).unwrap()
 }
 
-async fn post(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
+async fn post(cp: &ControlPlane, body: Vec<u8>) -> (StatusCode, Value) {
     let r = http()
         .post(cp.api(ASYNC_PATH))
         .body(body)
@@ -328,7 +325,7 @@ async fn post(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
 
 #[actix_web::test]
 async fn corrupt_and_oversized_reports_are_refused_and_change_nothing() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let (id, token) = create(&cp, json!({"name": "sat-link", "mode": "async"})).await;
     let edge = Uuid::new_v4();
     let a = engine(&[("web", "running")], 1_000);

@@ -5,19 +5,12 @@
 //! message; the control plane stopped and restarted under the agent loses and repeats nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/cp.rs"]
-mod cp;
-#[path = "support/engine.rs"]
-mod engine;
-
 use std::time::Duration;
 
-use agent::Agent;
-use cp::{eventually, get_env, http, CpProcess, ADMIN_KEY};
-use engine::{Engine, IMAGE};
 use serde_json::{json, Value};
+use testkit::Agent;
+use testkit::{eventually, get_env, http, CpProcess, ADMIN_KEY};
+use testkit::{Engine, IMAGE};
 
 /// Every async interval in these tests (the server's default is 60 s).
 const INTERVAL: u64 = 2;
@@ -135,7 +128,7 @@ async fn snapshot_shows(cp: &CpProcess, id: u64, name: &str, want: &str) -> Valu
 async fn snapshots_and_commands_against_a_real_engine() {
     let engine = Engine::start();
     let data = tempfile::tempdir().unwrap();
-    let tunnel = format!("127.0.0.1:{}", cp::free_port());
+    let tunnel = format!("127.0.0.1:{}", testkit::free_port());
     let cp = CpProcess::spawn(data.path(), &["--tunnel-addr", &tunnel]).await;
     let (id, key) = create_async_env(&cp, "async-podman").await;
     let name = "ep-async-web";
@@ -267,7 +260,7 @@ async fn snapshots_and_commands_against_a_real_engine() {
 async fn a_control_plane_outage_loses_and_repeats_no_command() {
     let engine = Engine::start();
     let data = tempfile::tempdir().unwrap();
-    let tunnel = format!("127.0.0.1:{}", cp::free_port());
+    let tunnel = format!("127.0.0.1:{}", testkit::free_port());
     let cp = CpProcess::spawn(data.path(), &["--tunnel-addr", &tunnel]).await;
     let (id, key) = create_async_env(&cp, "async-outage").await;
     let api_port = url::Url::parse(&cp.url).unwrap().port().unwrap();

@@ -1,12 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Agent check-ins against an in-process control plane, with the agent crate's own client.
 
-#[path = "support/cp.rs"]
-mod cp;
-
 use std::time::Duration;
 
-use cp::{http, TestCp, ADMIN_KEY};
 use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
 use proto::proof::{self, ProofKey};
 use proto::token::JoinSecret;
@@ -14,14 +10,15 @@ use proto::wire::{CheckinRequest, EdgeStatus};
 use proto::JoinToken;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{http, ControlPlane, ADMIN_KEY};
 use uuid::Uuid;
 
-async fn create(cp: &TestCp, body: Value) -> (u64, JoinToken) {
-    cp::create_env(&cp.url, body).await
+async fn create(cp: &ControlPlane, body: Value) -> (u64, JoinToken) {
+    testkit::create_env(&cp.url, body).await
 }
 
-async fn env(cp: &TestCp, id: u64) -> Value {
-    cp::get_env(&cp.url, id).await
+async fn env(cp: &ControlPlane, id: u64) -> Value {
+    testkit::get_env(&cp.url, id).await
 }
 
 fn client(token: &JoinToken, edge: Uuid, agent_secret: Option<&str>) -> PollClient {
@@ -39,7 +36,7 @@ fn refusal(r: Result<edge_agent::CheckinOutcome, CheckinError>) -> (u16, Refusal
 
 #[actix_web::test]
 async fn first_checkin_binds_and_another_edge_id_is_refused() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let (id, token) = create(&cp, json!({"name": "kiosk", "checkinInterval": 3})).await;
     let first = Uuid::new_v4();
     let mut a = client(&token, first, None);
@@ -107,7 +104,7 @@ async fn first_checkin_binds_and_another_edge_id_is_refused() {
 
 #[actix_web::test]
 async fn agent_secret_is_enforced() {
-    let cp = TestCp::start_with(|c| c.agent_secret = Some("fleet-secret".into())).await;
+    let cp = ControlPlane::start_with(|c| c.agent_secret = Some("fleet-secret".into())).await;
     let (_, token) = create(&cp, json!({"name": "k"})).await;
     let edge = Uuid::new_v4();
     assert_eq!(
@@ -125,7 +122,7 @@ async fn agent_secret_is_enforced() {
     cp.stop().await;
 }
 
-async fn raw(cp: &TestCp, body: Vec<u8>) -> (StatusCode, Value) {
+async fn raw(cp: &ControlPlane, body: Vec<u8>) -> (StatusCode, Value) {
     let r = http()
         .post(cp.api(proto::wire::CHECKIN_PATH))
         .body(body)
@@ -157,7 +154,7 @@ fn now_ms() -> u64 {
 
 #[actix_web::test]
 async fn bad_checkins_get_precise_refusals_and_change_nothing() {
-    let cp = TestCp::start().await;
+    let cp = ControlPlane::start().await;
     let (id, token) = create(&cp, json!({"name": "k"})).await;
     let edge = Uuid::new_v4();
 
@@ -235,7 +232,7 @@ async fn bad_checkins_get_precise_refusals_and_change_nothing() {
 #[actix_web::test]
 async fn a_full_environment_answers_busy_at_once() {
     // No room at all: every check-in is refused with 503 and a retry-after, none queue.
-    let cp = TestCp::start_with(|c| c.limits.actor_mailbox = 0).await;
+    let cp = ControlPlane::start_with(|c| c.limits.actor_mailbox = 0).await;
     let (_, token) = create(&cp, json!({"name": "k"})).await;
     let edge = Uuid::new_v4();
     let r = http()
@@ -264,7 +261,7 @@ async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
     let slow = |c: &mut control_plane::config::Config| {
         c.limits.heartbeat_flush = Duration::from_secs(3600)
     };
-    let cp = TestCp::start_in(dir.path(), slow).await;
+    let cp = ControlPlane::start_in(dir.path(), slow).await;
     let (id, token) = create(&cp, json!({"name": "k", "checkinInterval": 60})).await;
     let mut a = client(&token, Uuid::new_v4(), None);
     for _ in 0..20 {
@@ -285,7 +282,7 @@ async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
     assert_eq!(env(&cp, id).await["status"], "up");
     cp.stop().await; // graceful stop writes the pending batch
 
-    let cp = TestCp::start_in(dir.path(), slow).await;
+    let cp = ControlPlane::start_in(dir.path(), slow).await;
     let e = env(&cp, id).await;
     assert_eq!(e["status"], "up", "{e}");
     assert!(e["lastCheckIn"].is_string());

@@ -2,28 +2,24 @@
 //! Cluster mode: two control-plane replicas share one real `redis-server`. Whatever an admin
 //! does on one replica reaches agents that check in at the other.
 
-#[path = "support/cp.rs"]
-mod cp;
-mod support;
-
 use std::time::Duration;
 
-use cp::{eventually, http, TestCp, ADMIN_KEY};
 use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
 use proto::JoinToken;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::RedisServer;
+use testkit::RedisServer;
+use testkit::{eventually, http, ControlPlane, ADMIN_KEY};
 use uuid::Uuid;
 
 /// Replicas share one certificate (its fingerprint is in every join key), as in production.
-async fn replica(redis: &RedisServer, tls: Option<&TestCp>) -> TestCp {
+async fn replica(redis: &RedisServer, tls: Option<&ControlPlane>) -> ControlPlane {
     let url = redis.url();
     let files = tls.map(|first| control_plane::config::TlsSource::Files {
         cert: first.data_dir.join("tls-cert.pem"),
         key: first.data_dir.join("tls-key.pem"),
     });
-    TestCp::start_with(move |c| {
+    ControlPlane::start_with(move |c| {
         c.redis_url = Some(url);
         if let Some(files) = files {
             c.tls = files;
@@ -33,12 +29,12 @@ async fn replica(redis: &RedisServer, tls: Option<&TestCp>) -> TestCp {
     .await
 }
 
-async fn env(cp: &TestCp, id: u64) -> Value {
-    cp::get_env(&cp.url, id).await
+async fn env(cp: &ControlPlane, id: u64) -> Value {
+    testkit::get_env(&cp.url, id).await
 }
 
 /// The agent's token, pointed at replica `cp` (replicas sit behind one URL in production).
-fn at(token: &JoinToken, cp: &TestCp) -> JoinToken {
+fn at(token: &JoinToken, cp: &ControlPlane) -> JoinToken {
     JoinToken {
         api_url: cp.url.clone(),
         ..token.clone()

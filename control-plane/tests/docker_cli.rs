@@ -5,21 +5,14 @@
 //! an HTTP header in its config.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "support/agent.rs"]
-mod agent;
-#[path = "support/cp.rs"]
-mod cp;
-#[path = "support/engine.rs"]
-mod engine;
-
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use agent::Agent;
-use cp::{eventually, free_port, get_env, http, CpProcess, ADMIN_KEY};
-use engine::{Engine, IMAGE};
 use serde_json::{json, Value};
+use testkit::Agent;
+use testkit::{eventually, free_port, get_env, http, CpProcess, ADMIN_KEY};
+use testkit::{Engine, IMAGE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 /// A docker CLI configured like an operator would: the control plane's certificate as

@@ -2,20 +2,17 @@
 //! The whole standard-mode story with the real `control-plane` binary and the real agent loop:
 //! enrol, bind, refuse an impostor, restart the control plane, stop the agent, see it go down.
 
-#[path = "support/cp.rs"]
-mod cp;
-
 use std::time::Duration;
 
-use cp::{eventually, http, CpProcess, ADMIN_KEY};
 use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
 use proto::JoinToken;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::{eventually, http, Agent, CpProcess, ADMIN_KEY};
 use uuid::Uuid;
 
 async fn env(url: &str, id: u64) -> Value {
-    cp::get_env(url, id).await
+    testkit::get_env(url, id).await
 }
 
 async fn impostor_refused(token: &JoinToken) {
@@ -32,7 +29,7 @@ async fn impostor_refused(token: &JoinToken) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrol_bind_restart_and_go_down() {
-    cp::install_crypto();
+    testkit::api::install_crypto();
     let data = tempfile::tempdir().unwrap();
     let agent_dir = tempfile::tempdir().unwrap();
     let cp = CpProcess::spawn(data.path(), &[]).await;
@@ -55,16 +52,11 @@ async fn enrol_bind_restart_and_go_down() {
     let key = created["edgeKey"].as_str().unwrap().to_owned();
 
     // The real agent loop, with an Edge ID it generates and persists itself.
-    let config = edge_agent::Config::from_args(edge_agent::Args {
+    let agent = Agent::start(edge_agent::Args {
         edge_key: Some(key.clone()),
         data_dir: Some(agent_dir.path().to_owned()),
         ..Default::default()
-    })
-    .unwrap();
-    let (stop_agent, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(edge_agent::run(config, async {
-        let _ = stopped.await;
-    }));
+    });
     let edge_id = eventually(
         Duration::from_secs(2 * interval + 5),
         "agent up",
@@ -114,8 +106,7 @@ async fn enrol_bind_restart_and_go_down() {
     .await;
 
     // Stop the agent: down after 2 * interval + 20 s.
-    let _ = stop_agent.send(());
-    agent.await.unwrap().unwrap();
+    assert!(agent.stop().await, "the agent stops cleanly");
     eventually(
         Duration::from_secs(2 * interval + 20 + 10),
         "environment down",

@@ -6,15 +6,13 @@
 //! [`SharedClock`]: every request of the process gets its own, strictly greater timestamp, and
 //! an offset learned by one client serves all.
 
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 /// Milliseconds since the Unix epoch on the local clock (0 if the clock is before 1970).
 pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    proto::clock::now_ms()
 }
 
 /// The corrected clock of one agent process. Pure: callers pass the local time in.
@@ -66,8 +64,7 @@ impl SharedClock {
     }
 
     fn lock(&self) -> MutexGuard<'_, CheckinClock> {
-        // The critical sections cannot panic half-way; a poisoned clock is still consistent.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock()
     }
 
     /// The next request timestamp on the local clock, see [`CheckinClock::next_timestamp`].

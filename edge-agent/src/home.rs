@@ -3,9 +3,9 @@
 //! connection, the same key and the same clock, so timestamps stay strictly increasing).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use crate::client::{CheckinError, CheckinOutcome, CheckinRoute, PollClient};
@@ -58,11 +58,7 @@ impl Home {
     }
 
     fn client(&self) -> PollClient {
-        let mut c = self
-            .template
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sibling();
+        let mut c = self.template.lock().sibling();
         c.set_interval(Duration::from_secs(
             self.interval_secs.load(Ordering::Relaxed),
         ));

@@ -35,6 +35,3 @@ pub use client::{
     RefusalCode, RetryClass, SetupError,
 };
 pub use config::{Args, Config, ConfigError};
-
-#[cfg(feature = "test-support")]
-pub mod testing;

@@ -4,9 +4,9 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use edge_agent::testing::{wait_until, FakeControlPlane};
 use edge_agent::{CheckinError, Config, PollClient, PollOptions, RefusalCode, RetryClass};
 use proto::wire::EdgeStatus;
+use testkit::fake::{wait_until, FakeControlPlane};
 use uuid::Uuid;
 
 async fn fake() -> FakeControlPlane {

@@ -8,16 +8,17 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use edge_agent::testing::{wait_until, FakeControlPlane};
 use edge_agent::Config;
+use parking_lot::{Mutex, MutexGuard};
 use proto::mux::{self, read_frame, write_frame, ControlEnd, Mode, MuxStream, Opener};
 use proto::tunnel::{CloseReason, Hello, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal};
 use proto::JoinToken;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use testkit::fake::{wait_until, FakeControlPlane};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
@@ -35,7 +36,7 @@ async fn bounded<F: Future<Output = ()>>(body: F) {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,15 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-
 use proto::mux::{self, Mode, Opener};
 use proto::tunnel::{DialRequest, Hello, HelloAnswer, HANDSHAKE_TIMEOUT};
 use rustls::pki_types::ServerName;
+use store::{SharedTunnelStore, StoreError, TunnelLocation};
 use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, Semaphore};
 use tokio_rustls::TlsConnector;
-
-use store::{SharedTunnelStore, StoreError, TunnelLocation};
 
 use crate::server::Gateway;
 use crate::tls::pinned_client_config;

@@ -15,11 +15,12 @@ pub mod server;
 pub mod sim;
 pub mod worker;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
 use proto::JoinToken;
 use tokio::time::Instant;
 
@@ -285,7 +286,7 @@ async fn show_progress(
     loop {
         tick.tick().await;
         let p = if from_workers {
-            Progress::sum(slots.lock().unwrap_or_else(|p| p.into_inner()).iter())
+            Progress::sum(slots.lock().iter())
         } else {
             live.progress()
         };

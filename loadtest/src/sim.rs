@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +18,7 @@ use edge_agent::client::{agent_info, AsyncTick};
 use edge_agent::retry::{retry_delay, Backoff};
 use edge_agent::{ByteCounters, CheckinRoute, PollClient, PollOptions};
 use hdrhistogram::Histogram;
+use parking_lot::{Mutex, MutexGuard};
 use proto::async_mode::SnapshotReport;
 use proto::snapshot::{Container, EngineInfo, Snapshot, COMPOSE_PROJECT_LABEL};
 use proto::JoinToken;
@@ -134,8 +135,7 @@ impl Progress {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Counters stay meaningful even if some agent task panicked while holding the lock.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 impl Live {

@@ -7,10 +7,11 @@
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use parking_lot::Mutex;
 use proto::JoinToken;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
@@ -153,11 +154,7 @@ pub async fn run_workers(
             while let Some(line) = lines.next_line().await? {
                 match serde_json::from_str::<WorkerLine>(&line) {
                     Ok(WorkerLine::Progress(p)) => {
-                        if let Some(slot) = progress
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_mut(i)
-                        {
+                        if let Some(slot) = progress.lock().get_mut(i) {
                             *slot = p;
                         }
                     }

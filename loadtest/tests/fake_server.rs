@@ -1,9 +1,9 @@
 //! The load test end to end against the fake control plane of `edge_agent::testing`.
 
 use clap::Parser as _;
-use edge_agent::testing::FakeControlPlane;
 use loadtest::cli::Args;
 use loadtest::report::Report;
+use testkit::fake::FakeControlPlane;
 
 fn args(cp: &FakeControlPlane, extra: &[&str]) -> Args {
     let base = [

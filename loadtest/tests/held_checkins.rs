@@ -5,9 +5,7 @@
 
 use clap::Parser as _;
 use loadtest::cli::Args;
-
-mod support;
-use support::start_control_plane;
+use testkit::{ControlPlane, ADMIN_KEY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_checkins_are_held_and_sent_once_per_interval() {
@@ -17,14 +15,19 @@ async fn held_checkins_are_held_and_sent_once_per_interval() {
     /// The server holds an idle check-in for the interval minus 250 ms.
     const HOLD_MS: u64 = INTERVAL_MS - 250;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (url, stop, thread) = start_control_plane(dir.path());
+    let cp = ControlPlane::builder()
+        .in_dir(dir.path())
+        .workers(2)
+        .start()
+        .await;
+    let url = cp.url.clone();
     let pid = std::process::id().to_string();
     let args = Args::try_parse_from([
         "loadtest",
         "--target",
         &url,
         "--api-key",
-        "lt-key",
+        ADMIN_KEY,
         "--insecure",
         "--agents",
         &AGENTS.to_string(),
@@ -41,8 +44,7 @@ async fn held_checkins_are_held_and_sent_once_per_interval() {
     .expect("args");
     let report = loadtest::run(args).await.expect("run");
     eprintln!("{}", report.human());
-    let _ = stop.send(());
-    thread.join().expect("control plane thread");
+    cp.stop().await;
 
     assert!(report.held);
     assert_eq!(report.agents, AGENTS);

@@ -3,15 +3,18 @@
 
 use clap::Parser as _;
 use loadtest::cli::Args;
-
-mod support;
-use support::start_control_plane;
+use testkit::{ControlPlane, ADMIN_KEY};
 
 /// Runs the load test on a fresh in-process control plane: `agents` at a 1 s interval, a 1 s
 /// ramp and a 3 s window, with `extra` flags.
 async fn run(agents: u64, extra: &[&str]) -> loadtest::report::Report {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (url, stop, thread) = start_control_plane(dir.path());
+    let cp = ControlPlane::builder()
+        .in_dir(dir.path())
+        .workers(2)
+        .start()
+        .await;
+    let url = cp.url.clone();
     let pid = std::process::id().to_string();
     let agents = agents.to_string();
     let mut args = vec![
@@ -19,7 +22,7 @@ async fn run(agents: u64, extra: &[&str]) -> loadtest::report::Report {
         "--target",
         &url,
         "--api-key",
-        "lt-key",
+        ADMIN_KEY,
         "--insecure",
         "--agents",
         &agents,
@@ -36,8 +39,7 @@ async fn run(agents: u64, extra: &[&str]) -> loadtest::report::Report {
     let report = loadtest::run(Args::try_parse_from(args).expect("args"))
         .await
         .expect("run");
-    let _ = stop.send(());
-    thread.join().expect("control plane thread");
+    cp.stop().await;
     report
 }
 

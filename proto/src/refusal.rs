@@ -160,14 +160,23 @@ mod tests {
         assert_eq!(code.as_str(), "from_the_future");
         assert_eq!(code.kind(), "refused_other");
         assert_eq!(code.to_string(), "from_the_future");
-        assert_eq!(RefusalCode::Other(String::new()).to_string(), "refused_other");
+        assert_eq!(
+            RefusalCode::Other(String::new()).to_string(),
+            "refused_other"
+        );
         assert_eq!(code.retry_class(), RetryClass::Operator);
     }
 
     #[test]
     fn retry_classes() {
         assert_eq!(RefusalCode::Busy.retry_class(), RetryClass::Later);
-        assert_eq!(RefusalCode::ClockSkew.retry_class(), RetryClass::Correctable);
-        assert_eq!(RefusalCode::EdgeIdMismatch.retry_class(), RetryClass::Operator);
+        assert_eq!(
+            RefusalCode::ClockSkew.retry_class(),
+            RetryClass::Correctable
+        );
+        assert_eq!(
+            RefusalCode::EdgeIdMismatch.retry_class(),
+            RetryClass::Operator
+        );
     }
 }

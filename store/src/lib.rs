@@ -248,5 +248,16 @@ impl<T> Store for T where
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+/// The traits in scope (unnamed), for calling store methods on a concrete backend such as
+/// `RedisStore`: `use store::prelude::*;`. Through `Arc<dyn Store>` no import is needed.
+pub mod prelude {
+    pub use crate::Backend as _;
+    pub use crate::CatalogStore as _;
+    pub use crate::CommandStore as _;
+    pub use crate::EnvironmentStore as _;
+    pub use crate::SnapshotStore as _;
+    pub use crate::TunnelStore as _;
+}
 /// The slice a tunnel gateway holds.
 pub type SharedTunnelStore = Arc<dyn TunnelStore>;

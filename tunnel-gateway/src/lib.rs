@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use gateway::tls::{self, TlsError};
 use gateway::{Gateway, GatewayConfig};
-use store::redis::RedisStore;
-use store::{SharedTunnelStore, StoreError};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder as _, Registry, TextEncoder};
+use store::redis::RedisStore;
+use store::{SharedTunnelStore, StoreError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -5,11 +5,11 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use proto::clock::now_ms;
 use proto::async_mode::{
     AsyncAnswer, AsyncIntervals, AsyncRequest, Command, SnapshotReport, MAX_ASYNC_ANSWER,
     MAX_ASYNC_FRAME, MAX_COMMANDS_PER_ANSWER,
 };
+use proto::clock::now_ms;
 use proto::codec::{self, MAX_CONTROL_FRAME};
 use proto::snapshot::{DeltaError, Snapshot, SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{CheckinAnswer, CheckinRequest};

@@ -6,8 +6,8 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
-use proto::clock::now_ms;
 use proto::async_mode::Action;
+use proto::clock::now_ms;
 use serde::{Deserialize, Serialize};
 use store::{CommandState, EdgeMode, StoreError, StoredCommand};
 

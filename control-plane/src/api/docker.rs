@@ -44,10 +44,7 @@ pub async fn proxy(
             .map(Frame::data)
             .map_err(|e| std::io::Error::other(e.to_string()))
     }));
-    let answer = proxy
-        .exchange(id, method, &target, &headers, body)
-        .await
-        ?;
+    let answer = proxy.exchange(id, method, &target, &headers, body).await?;
     let (parts, body) = answer.into_parts();
     let status = actix_web::http::StatusCode::from_u16(parts.status.as_u16())
         .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -7,8 +7,8 @@ use actix_web::{web, HttpResponse};
 use proto::clock::now_ms;
 use proto::token::{JoinSecret, JoinToken};
 use serde::{Deserialize, Deserializer, Serialize};
-use uuid::Uuid;
 use store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings};
+use uuid::Uuid;
 
 use super::{json, ApiError, AppState};
 use crate::fleet::{liveness, Liveness, TunnelState};

@@ -1,6 +1,5 @@
 //! The thin actix shell around [`EnvState`]: one per environment, bounded mailbox.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +10,11 @@ use proto::clock::now_ms;
 use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials, TunnelCredentials};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use store::{BindOutcome, Environment, TunnelGrant};
+use tokio::sync::oneshot;
 
-use super::state::{CheckinKind, EnvState, Verdict, GRANT_WINDOW_MS};
+use super::state::held::HeldQueue;
+use super::state::{CheckinKind, EnvState, Verdict};
 use super::{Answer, CheckinError, Fleet};
 
 /// How long one-time tunnel credentials live (the agent connects within milliseconds).
@@ -28,25 +28,16 @@ pub(super) struct Reply {
     pub held: Option<oneshot::Receiver<Answer>>,
 }
 
-/// A held check-in.
-struct Waiter {
-    tx: oneshot::Sender<Answer>,
-    interval_secs: u32,
-}
-
 pub(super) struct EnvActor {
     state: EnvState,
     fleet: Arc<Fleet>,
-    waiters: VecDeque<Waiter>,
+    held: HeldQueue<oneshot::Sender<Answer>>,
 }
 
 impl EnvActor {
     pub(super) fn new(state: EnvState, fleet: Arc<Fleet>) -> Self {
-        Self {
-            state,
-            fleet,
-            waiters: VecDeque::new(),
-        }
+        let held = HeldQueue::new(fleet.limits.actor_mailbox);
+        Self { state, fleet, held }
     }
 
     /// Makes one-time credentials for the bound agent: the sealed form for the answer, and
@@ -107,18 +98,11 @@ impl EnvActor {
         Ok((sealed, put))
     }
 
-    /// Answers the first live held check-in with credentials when the tunnel is wanted and
-    /// nobody holds a grant; if that agent never connects, the next one gets a turn.
+    /// Answers the held check-in the state machine picks ([`HeldQueue::offer`]) with
+    /// credentials; if its agent never connects, offers again when the grant window ends.
     fn wake_one(&mut self, ctx: &mut Context<Self>) {
-        self.waiters.retain(|w| !w.tx.is_closed());
-        if self.waiters.is_empty() {
-            return;
-        }
         let now = now_ms();
-        if !self.state.take_grant(now) {
-            return;
-        }
-        let Some(waiter) = self.waiters.pop_front() else {
+        let Some(held) = self.held.offer(&mut self.state, now) else {
             return;
         };
         let (sealed, put) = match self.issue(now) {
@@ -132,13 +116,13 @@ impl EnvActor {
         ctx.wait(put.into_actor(self).map(move |result, act, ctx| {
             let answer = Answer {
                 status: EdgeStatus::Required,
-                interval_secs: waiter.interval_secs,
+                interval_secs: held.interval_secs,
                 server_time_ms: None,
                 unchanged: false,
                 tunnel: Some(sealed),
                 async_intervals: None,
             };
-            let delivered = result.is_ok() && waiter.tx.send(answer).is_ok();
+            let delivered = result.is_ok() && held.waiter.send(answer).is_ok();
             if delivered {
                 act.fleet
                     .metrics
@@ -146,9 +130,10 @@ impl EnvActor {
                     .with_label_values(&["required"])
                     .inc();
                 // If this agent never opens the tunnel, give the next one a turn.
-                ctx.run_later(Duration::from_millis(GRANT_WINDOW_MS + 50), |act, ctx| {
-                    act.wake_one(ctx)
-                });
+                if let Some(at) = HeldQueue::<oneshot::Sender<Answer>>::reoffer_at(&act.state) {
+                    let after = Duration::from_millis(at.saturating_sub(now) + 50);
+                    ctx.run_later(after, |act, ctx| act.wake_one(ctx));
+                }
             } else {
                 act.state.release_grant();
                 act.wake_one(ctx);
@@ -201,17 +186,15 @@ impl EnvActor {
                     .async_intervals(self.fleet.defaults.async_intervals()),
             );
         }
-        let held = (kind == CheckinKind::Held
-            && answer.unchanged
-            && self.waiters.len() < self.fleet.limits.actor_mailbox)
-            .then(|| {
-                let (tx, rx) = oneshot::channel();
-                self.waiters.push_back(Waiter {
-                    tx,
-                    interval_secs: answer.interval_secs,
-                });
-                rx
-            });
+        let held = if kind == CheckinKind::Held && answer.unchanged {
+            let (tx, rx) = oneshot::channel();
+            self.held
+                .hold(tx, answer.interval_secs)
+                .is_ok()
+                .then_some(rx)
+        } else {
+            None
+        };
         self.finish(reply, Ok(Reply { answer, held }));
         Self::done()
     }

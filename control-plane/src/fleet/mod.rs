@@ -15,8 +15,8 @@ use dashmap::DashMap;
 use parking_lot::RwLock;
 use proto::clock::now_ms;
 use proto::wire::CheckinRequest;
-use tokio::sync::{broadcast, oneshot, Notify};
 use store::{Change, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
+use tokio::sync::{broadcast, oneshot, Notify};
 
 use crate::config::Limits;
 use crate::metrics::{AgentStats, Metrics};

@@ -13,88 +13,9 @@ use crate::tls::TlsSetupError;
 /// Longest server message kept for errors and logs.
 const MAX_MESSAGE_CHARS: usize = 200;
 
-/// Why a check-in refusal happened, from the `code` of the server's JSON error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefusalCode {
-    /// 401: our timestamp is too far from the server clock.
-    ClockSkew,
-    /// 401: the request proof does not verify (wrong join secret).
-    BadProof,
-    /// 401: `AGENT_SECRET` differs from the control plane's.
-    AgentSecretMismatch,
-    /// 401: the same request was seen before.
-    Replay,
-    /// 403: the environment is bound to another Edge ID.
-    EdgeIdMismatch,
-    /// 404: no such environment (deleted, or the key belongs elsewhere).
-    UnknownEnvironment,
-    /// 400: the environment is unbound and the check-in did not carry the Edge ID.
-    EdgeIdRequired,
-    /// 400: the server could not read the request (version mismatch?).
-    BadRequest,
-    /// 409: the environment is in the other mode (standard vs async, `EDGE_ASYNC`).
-    WrongMode,
-    /// Any other code (or none).
-    Other(String),
-}
-
-impl RefusalCode {
-    pub fn parse(code: &str) -> Self {
-        match code {
-            "clock_skew" => Self::ClockSkew,
-            "bad_proof" => Self::BadProof,
-            "agent_secret_mismatch" => Self::AgentSecretMismatch,
-            "replay" => Self::Replay,
-            "edge_id_mismatch" => Self::EdgeIdMismatch,
-            "unknown_environment" => Self::UnknownEnvironment,
-            "bad_request" => Self::BadRequest,
-            "edge_id_required" => Self::EdgeIdRequired,
-            "wrong_mode" => Self::WrongMode,
-            other => Self::Other(other.to_owned()),
-        }
-    }
-
-    /// A fixed label (metrics, error counts); unknown codes share one.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::ClockSkew => "clock_skew",
-            Self::BadProof => "bad_proof",
-            Self::AgentSecretMismatch => "agent_secret_mismatch",
-            Self::Replay => "replay",
-            Self::EdgeIdMismatch => "edge_id_mismatch",
-            Self::UnknownEnvironment => "unknown_environment",
-            Self::BadRequest => "bad_request",
-            Self::EdgeIdRequired => "edge_id_required",
-            Self::WrongMode => "wrong_mode",
-            Self::Other(_) => "refused_other",
-        }
-    }
-
-    /// What an operator can do about it.
-    pub fn hint(&self) -> &'static str {
-        match self {
-            Self::ClockSkew => "the clock is off and could not be corrected",
-            Self::BadProof => "the EDGE_KEY does not match the environment's current key; reinstall with the key shown by the control plane",
-            Self::AgentSecretMismatch => "AGENT_SECRET differs from the control plane's",
-            Self::Replay => "a check-in was repeated; this clears by itself",
-            Self::EdgeIdMismatch => "the environment is bound to another Edge ID; reset its association in the control plane, or set EDGE_ID to the bound one",
-            Self::UnknownEnvironment => "the environment does not exist (deleted?); reinstall with a new key",
-            Self::BadRequest => "the control plane could not read the check-in; check that agent and server versions match",
-            Self::EdgeIdRequired => "the next check-in carries the Edge ID",
-            Self::WrongMode => "the environment's mode differs from the agent's: set EDGE_ASYNC=1 for an async environment, unset it for a standard one",
-            Self::Other(_) => "see the server message",
-        }
-    }
-}
-
-impl std::fmt::Display for RefusalCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Other(code) if !code.is_empty() => f.write_str(code),
-            other => f.write_str(other.kind()),
-        }
-    }
-}
+/// Why a check-in refusal happened, from the `code` of the server's JSON error: the codes are
+/// `proto`'s, spelled once for the control plane and the agent.
+pub use proto::RefusalCode;
 
 /// How a failed check-in should be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +77,14 @@ pub enum CheckinError {
 impl CheckinError {
     pub fn retry_class(&self) -> RetryClass {
         match self {
-            Self::Refused { .. } => RetryClass::Refused,
+            Self::Refused { code, .. } => match code.retry_class() {
+                proto::refusal::RetryClass::Later => RetryClass::Busy(None),
+                // The correctable ones (clock, Edge ID) are corrected at once by the client;
+                // a refusal that reaches the caller waits like the others.
+                proto::refusal::RetryClass::Correctable | proto::refusal::RetryClass::Operator => {
+                    RetryClass::Refused
+                }
+            },
             Self::Busy { retry_after } => RetryClass::Busy(*retry_after),
             _ => RetryClass::Backoff,
         }

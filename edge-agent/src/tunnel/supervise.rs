@@ -3,9 +3,10 @@
 //! is lost rather than closed on purpose, fresh credentials asked for on the tunnel request
 //! route with jittered backoff ([`Reconnect`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use proto::seal::SealError;
 use proto::wire::{EdgeStatus, SealedCredentials};
 use rand::Rng;
@@ -72,13 +73,13 @@ pub struct CredentialSlot {
 
 impl CredentialSlot {
     pub fn put(&self, sealed: SealedCredentials) {
-        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = Some(sealed);
+        *self.value.lock() = Some(sealed);
         self.notify.notify_one();
     }
 
     pub async fn take(&self) -> SealedCredentials {
         loop {
-            if let Some(v) = self.value.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(v) = self.value.lock().take() {
                 return v;
             }
             self.notify.notified().await;

@@ -38,15 +38,16 @@ mod leases;
 mod records;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use leases::Leases;
+use parking_lot::{Mutex, MutexGuard};
 use redb::{Database, Durability, TableDefinition, WriteTransaction};
 use tokio::sync::broadcast;
 
 use crate::{Backend, Change, StoreError, CHANGE_CHANNEL_CAPACITY};
-use leases::Leases;
 
 /// File name inside the data dir.
 pub const FILE_NAME: &str = "edgeplane.redb";
@@ -126,7 +127,7 @@ impl EmbeddedStore {
     /// The lease maps. Nothing panics while holding the lock, and every update leaves the maps
     /// consistent, so a poisoned lock is still usable.
     fn leases(&self) -> MutexGuard<'_, Leases> {
-        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+        self.leases.lock()
     }
 
     /// Runs blocking redb work off the async threads.

@@ -64,12 +64,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, Value};
 use deadpool_redis::{Manager, Pool, Runtime};
-use tokio::sync::broadcast;
-
-use crate::{Backend, Change, StoreError, CHANGE_CHANNEL_CAPACITY};
 use keys::Keys;
 use pubsub::{forward_changes, subscribe_changes, AbortOnDrop};
 use scripts::Scripts;
+use tokio::sync::broadcast;
+
+use crate::{Backend, Change, StoreError, CHANGE_CHANNEL_CAPACITY};
 
 /// TCP connect (and handshake) budget for a new connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

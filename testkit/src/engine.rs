@@ -1,12 +1,15 @@
 //! Podman's Docker API service as the engine of the tests that need a real one
 //! (`scripts/podman-engine`), with the `docker` CLI pointed straight at it.
-#![allow(dead_code)]
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// The tiny local image `scripts/podman-engine` builds.
 pub const IMAGE: &str = "edgeplane/busybox";
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine")
+}
 
 /// Podman's Docker API service on a private socket; stopped on drop.
 pub struct Engine {
@@ -15,11 +18,11 @@ pub struct Engine {
 
 impl Engine {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
-        let out = Command::new(&script)
+        let dir = tempfile::tempdir().expect("tempdir for the engine");
+        let out = Command::new(script())
             .arg("start")
             .arg(dir.path())
+            .stdin(Stdio::null())
             .output()
             .expect("run scripts/podman-engine");
         assert!(
@@ -30,22 +33,11 @@ impl Engine {
         Self { dir }
     }
 
+    /// `unix://<socket>`: what agents get as `DOCKER_HOST`.
     pub fn docker_host(&self) -> String {
         format!("unix://{}", self.dir.path().join("docker.sock").display())
     }
-}
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-engine");
-        let _ = Command::new(script)
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-impl Engine {
     /// `docker args...` straight against the engine; panics unless it succeeds; stdout.
     pub fn docker(&self, args: &[&str]) -> String {
         let out = Command::new("docker")
@@ -60,5 +52,17 @@ impl Engine {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

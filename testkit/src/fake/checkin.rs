@@ -9,6 +9,7 @@ use proto::proof::{self, ProofKey};
 use proto::seal::SealKey;
 use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{CheckinAnswer, CheckinRequest, EdgeStatus, TunnelCredentials};
+use proto::RefusalCode;
 use tokio::time::Instant;
 
 use super::server::{json_error, HttpRequest, Response, Shared};
@@ -127,10 +128,18 @@ fn tunnel_answer(
     server_time_ms: Option<u64>,
 ) -> Response {
     let Some(env) = st.envs.get(&id) else {
-        return json_error(404, "unknown_environment", "no such environment");
+        return json_error(
+            404,
+            RefusalCode::UnknownEnvironment.as_str(),
+            "no such environment",
+        );
     };
     let Some(edge_id) = env.edge_id else {
-        return json_error(400, "edge_id_required", "send the Edge ID");
+        return json_error(
+            400,
+            RefusalCode::EdgeIdRequired.as_str(),
+            "send the Edge ID",
+        );
     };
     let creds = TunnelCredentials {
         token: rand::random(),
@@ -172,20 +181,28 @@ fn checkin_answer(
         return Decided::Now((status, "application/json", json.into_bytes()));
     }
     let Ok((request, unverified)) = parsed else {
-        return Decided::Now(json_error(400, "bad_request", "undecodable check-in"));
+        return Decided::Now(json_error(
+            400,
+            RefusalCode::BadRequest.as_str(),
+            "undecodable check-in",
+        ));
     };
     let server_now = unix_now_ms().saturating_add_signed(st.clock_offset_ms);
     let agent_secret = st.agent_secret.clone();
     let Some(env) = st.envs.get_mut(&request.endpoint_id) else {
         return Decided::Now(json_error(
             404,
-            "unknown_environment",
+            RefusalCode::UnknownEnvironment.as_str(),
             "no such environment",
         ));
     };
     // Steady requests omit the Edge ID; the MAC covers the bound one.
     let Some(claimed) = request.edge_id.or(env.edge_id) else {
-        return Decided::Now(json_error(400, "edge_id_required", "send the Edge ID"));
+        return Decided::Now(json_error(
+            400,
+            RefusalCode::EdgeIdRequired.as_str(),
+            "send the Edge ID",
+        ));
     };
     let timestamp_ms =
         proto::wire::request_timestamp(request.timestamp_lo, request.timestamp_hi, server_now);
@@ -196,14 +213,14 @@ fn checkin_answer(
     ) {
         return Decided::Now(json_error(
             401,
-            "bad_proof",
+            RefusalCode::BadProof.as_str(),
             "request proof does not verify",
         ));
     }
     if proof::check_freshness(timestamp_ms, server_now).is_err() {
         let body = serde_json::json!({
             "message": "timestamp too far from server time",
-            "code": "clock_skew",
+            "code": RefusalCode::ClockSkew.as_str(),
             "serverTimeMs": server_now,
         });
         return Decided::Now((401, "application/json", body.to_string().into_bytes()));
@@ -212,12 +229,16 @@ fn checkin_answer(
     if env.edge_id.is_some_and(|bound| bound != claimed) {
         return Decided::Now(json_error(
             403,
-            "edge_id_mismatch",
+            RefusalCode::EdgeIdMismatch.as_str(),
             "environment is bound to another Edge ID",
         ));
     }
     if env.recent_timestamps.contains(&timestamp_ms) {
-        return Decided::Now(json_error(401, "replay", "this request was seen before"));
+        return Decided::Now(json_error(
+            401,
+            RefusalCode::Replay.as_str(),
+            "this request was seen before",
+        ));
     }
     env.edge_id = Some(claimed);
     env.last_timestamp_ms = env.last_timestamp_ms.max(timestamp_ms);
@@ -279,19 +300,27 @@ pub(super) fn upload(shared: &Shared, req: &HttpRequest) -> Response {
         return (status, "application/json", json.into_bytes());
     }
     let Ok((upload, _)) = proof::open::<SnapshotUpload>(&req.body, MAX_UPLOAD_FRAME) else {
-        return json_error(400, "bad_request", "undecodable snapshot upload");
+        return json_error(
+            400,
+            RefusalCode::BadRequest.as_str(),
+            "undecodable snapshot upload",
+        );
     };
     let server_now = unix_now_ms().saturating_add_signed(st.clock_offset_ms);
     let agent_secret = st.agent_secret.clone();
     let Some(env) = st.envs.get(&upload.endpoint_id) else {
-        return json_error(404, "unknown_environment", "no such environment");
+        return json_error(
+            404,
+            RefusalCode::UnknownEnvironment.as_str(),
+            "no such environment",
+        );
     };
     match env.edge_id {
-        None => return json_error(400, "edge_id_required", "check in first"),
+        None => return json_error(400, RefusalCode::EdgeIdRequired.as_str(), "check in first"),
         Some(bound) if bound != upload.edge_id => {
             return json_error(
                 403,
-                "edge_id_mismatch",
+                RefusalCode::EdgeIdMismatch.as_str(),
                 "environment is bound to another Edge ID",
             )
         }
@@ -303,18 +332,26 @@ pub(super) fn upload(shared: &Shared, req: &HttpRequest) -> Response {
         &upload.edge_id,
         upload.timestamp_ms,
     ) {
-        return json_error(401, "bad_proof", "request proof does not verify");
+        return json_error(
+            401,
+            RefusalCode::BadProof.as_str(),
+            "request proof does not verify",
+        );
     }
     if proof::check_freshness(upload.timestamp_ms, server_now).is_err() {
         let body = serde_json::json!({
             "message": "timestamp too far from server time",
-            "code": "clock_skew",
+            "code": RefusalCode::ClockSkew.as_str(),
             "serverTimeMs": server_now,
         });
         return (401, "application/json", body.to_string().into_bytes());
     }
     let Ok(snapshot) = proto::snapshot::decompress(&upload.body) else {
-        return json_error(400, "bad_request", "snapshot does not decompress");
+        return json_error(
+            400,
+            RefusalCode::BadRequest.as_str(),
+            "snapshot does not decompress",
+        );
     };
     st.uploads.push(SeenUpload {
         endpoint_id: upload.endpoint_id,

@@ -1,13 +1,13 @@
-//! Runs the fake control plane of `edge_agent::testing` until Ctrl-C, for trying the agent or
+//! Runs the fake control plane of `testkit::fake` until Ctrl-C, for trying the agent or
 //! the load test without the real server:
 //!
 //! ```text
-//! cargo run -p edge-agent --features test-support --example fake_control_plane
+//! cargo run -p edgeplane-testkit --example fake_control_plane
 //! ```
 
 use std::time::Duration;
 
-use edge_agent::testing::FakeControlPlane;
+use testkit::fake::FakeControlPlane;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

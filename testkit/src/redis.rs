@@ -1,23 +1,20 @@
-//! Support shared by the integration tests. Each `tests/*.rs` file includes it with
-//! `mod support;` and uses only part of it, hence the `dead_code` allowances.
+//! A throwaway `redis-server` on a free port of 127.0.0.1, without persistence, killed on
+//! drop. One per test keeps tests independent and lets them run in parallel.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::wait::free_port;
+
 /// How long a fresh `redis-server` may take to answer PING.
-#[allow(dead_code)]
-const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(15);
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Fresh ports tried before giving up (another process may grab the port we picked between
 /// probing it and redis-server binding it).
-#[allow(dead_code)]
-const REDIS_START_ATTEMPTS: usize = 5;
+const START_ATTEMPTS: usize = 5;
 
-/// A throwaway `redis-server` on a free port of 127.0.0.1, without persistence, killed on
-/// drop. One per test keeps tests independent and lets them run in parallel.
-#[allow(dead_code)]
 pub struct RedisServer {
     child: Child,
     port: u16,
@@ -25,14 +22,13 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
-#[allow(dead_code)]
 impl RedisServer {
     /// Starts the server and returns once it answers PING.
     ///
     /// Panics if `redis-server` is not installed or does not come up.
     pub fn start() -> RedisServer {
         let mut last_failure = String::new();
-        for _ in 0..REDIS_START_ATTEMPTS {
+        for _ in 0..START_ATTEMPTS {
             let port = free_port();
             let dir = tempfile::tempdir().expect("create a temp dir for redis-server");
             let log = dir.path().join("redis.log");
@@ -53,7 +49,7 @@ impl RedisServer {
             let child = match spawned {
                 Ok(child) => child,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "`redis-server` is not installed (not found on PATH); the Redis store tests need \
+                    "`redis-server` is not installed (not found on PATH); the Redis tests need \
                      a real server: run `apt-get install -y redis-server`"
                 ),
                 Err(e) => panic!("cannot spawn redis-server: {e}"),
@@ -65,7 +61,7 @@ impl RedisServer {
                 Err(why) => last_failure = format!("{why}; log:\n{}", server.log()),
             }
         }
-        panic!("redis-server did not start after {REDIS_START_ATTEMPTS} attempts: {last_failure}");
+        panic!("redis-server did not start after {START_ATTEMPTS} attempts: {last_failure}");
     }
 
     /// `redis://127.0.0.1:<port>/`
@@ -88,7 +84,7 @@ impl RedisServer {
 
     /// Polls PING with a bounded total time; fails early if the process exits (port taken).
     fn wait_until_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + REDIS_READY_TIMEOUT;
+        let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
                 return Err(format!("redis-server exited with {status}"));
@@ -97,7 +93,7 @@ impl RedisServer {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!("no PONG within {REDIS_READY_TIMEOUT:?}"));
+                return Err(format!("no PONG within {READY_TIMEOUT:?}"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -111,18 +107,8 @@ impl Drop for RedisServer {
     }
 }
 
-/// A port that was free a moment ago: bind port 0 and let the OS choose.
-#[allow(dead_code)]
-pub fn free_port() -> u16 {
-    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
-}
-
 /// One raw RESP PING, so that readiness does not depend on the client library under test.
-#[allow(dead_code)]
-fn ping(port: u16) -> std::io::Result<()> {
+pub fn ping(port: u16) -> std::io::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     stream.set_read_timeout(Some(Duration::from_millis(500)))?;

@@ -8,16 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use control_plane::gateway::{pinned_client_config, Dialer, Gateway, GatewayConfig, OpenError};
-use control_plane::store::embedded::EmbeddedStore;
-use control_plane::store::redis::RedisStore;
-use control_plane::store::{
-    Change, EdgeMode, EnvId, NewEnvironment, SharedStore, TunnelGrant, TunnelLocation,
-};
+use gateway::{pinned_client_config, Dialer, Gateway, GatewayConfig, OpenError};
 use proto::mux::{self, ControlEnd, Mode, Opener};
 use proto::tunnel::{CloseReason, Hello, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
+use store::embedded::EmbeddedStore;
+use store::redis::RedisStore;
+use store::{Change, EdgeMode, EnvId, NewEnvironment, SharedStore, TunnelGrant, TunnelLocation};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
@@ -26,41 +24,27 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-mod support;
-
 /// Upper bound of every test.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Upper bound of any one condition we wait for.
 const WAIT: Duration = Duration::from_secs(15);
 
 fn now_ms() -> u64 {
-    control_plane::fleet::now_ms()
+    proto::clock::now_ms()
 }
 
 /// Runs a test body under [`TEST_TIMEOUT`].
 async fn bounded(body: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_TIMEOUT, body)
-        .await
-        .expect("test timed out");
+    testkit::bounded(TEST_TIMEOUT, body).await;
 }
 
 /// Polls `cond` until it holds, or panics after [`WAIT`].
-async fn wait_for<F, Fut>(what: &str, mut cond: F)
+async fn wait_for<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    testkit::until(WAIT, what, cond).await;
 }
 
 /// Receives changes until one matches, or panics after [`WAIT`].
@@ -82,32 +66,18 @@ async fn wait_change(
     .unwrap_or_else(|_| panic!("no change: {what}"))
 }
 
+/// The gateway's certificate: a test one, in the API's configuration (ALPN included, which
+/// the gateway must drop).
 struct Cert {
     server: Arc<rustls::ServerConfig>,
     fingerprint: [u8; 32],
 }
 
 fn cert() -> Cert {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let der: CertificateDer<'static> = certified.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        certified.signing_key.serialize_der(),
-    ));
-    let fingerprint: [u8; 32] = Sha256::digest(der.as_ref()).into();
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![der], key)
-    .unwrap();
-    // As the control plane's API configuration: the gateway must drop it (agents send none).
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let test = testkit::TestCert::generate();
     Cert {
-        server: Arc::new(server),
-        fingerprint,
+        server: test.server_config(),
+        fingerprint: test.fingerprint,
     }
 }
 
@@ -140,14 +110,14 @@ impl Harness {
         tweak: impl FnOnce(GatewayConfig) -> GatewayConfig,
     ) -> Self {
         let config = tweak(GatewayConfig::new(
-            format!("gw-test-{}", control_plane::gateway::random_suffix()),
+            format!("gw-test-{}", gateway::random_suffix()),
             SocketAddr::from(([127, 0, 0, 1], 0)),
             "127.0.0.1:0",
             "127.0.0.1:0",
             Arc::clone(&cert.server),
         ));
         let registry = prometheus::Registry::new();
-        let gw = Gateway::bind(config, Arc::clone(&store), &registry)
+        let gw = Gateway::bind(config, Arc::clone(&store) as _, &registry)
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
@@ -824,7 +794,7 @@ async fn the_dialer_reaches_the_agent_through_the_gateway() {
         let h = Harness::start().await;
         let (env, agent) = h.open_tunnel().await;
         let loc = h.location(env).await.unwrap();
-        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store));
+        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store) as _);
 
         let mut s = dialer.open_stream(&loc).await.unwrap();
         roundtrip(&mut s, b"GET /containers/json HTTP/1.1\r\n\r\n").await;
@@ -854,7 +824,8 @@ async fn the_dialer_reaches_the_agent_through_the_gateway() {
         assert_eq!(h.handshakes("dial", "accepted"), 2);
 
         // The embedded path: a dialer with the local gateway opens streams without a session.
-        let local = Dialer::new(h.fingerprint, Arc::clone(&h.store)).with_local(Arc::clone(&h.gw));
+        let local =
+            Dialer::new(h.fingerprint, Arc::clone(&h.store) as _).with_local(Arc::clone(&h.gw));
         let mut s = local.open_stream(&loc).await.unwrap();
         roundtrip(&mut s, b"local").await;
         assert_eq!(local.open_sessions(), 0);
@@ -873,7 +844,7 @@ async fn the_dialer_reaches_the_agent_through_the_gateway() {
         assert_eq!(h.handshakes("dial", "not_authorized"), 1);
 
         // Wrong fingerprint: the gateway certificate is not accepted.
-        let wrong = Dialer::new([7; 32], Arc::clone(&h.store));
+        let wrong = Dialer::new([7; 32], Arc::clone(&h.store) as _);
         match wrong.open_stream(&loc).await {
             Err(OpenError::GatewayUnreachable(msg)) => {
                 assert!(msg.contains(&loc.dial_addr), "{msg}")
@@ -904,7 +875,7 @@ async fn the_dialer_reconnects_to_a_restarted_gateway() {
         let mut h = Harness::start().await;
         let (env, _agent) = h.open_tunnel().await;
         let loc = h.location(env).await.unwrap();
-        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store));
+        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store) as _);
         let mut s = dialer.open_stream(&loc).await.unwrap();
         roundtrip(&mut s, b"before").await;
         drop(s);
@@ -927,7 +898,7 @@ async fn the_dialer_reconnects_to_a_restarted_gateway() {
                 format!("127.0.0.1:{port}"),
                 cert_server,
             ),
-            Arc::clone(&h.store),
+            Arc::clone(&h.store) as _,
             &registry,
         )
         .await
@@ -961,7 +932,7 @@ async fn shutdown_closes_and_releases_everything() {
         let (env1, a1) = h.open_tunnel().await;
         let (env2, a2) = h.open_tunnel().await;
         let loc = h.location(env1).await.unwrap();
-        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store));
+        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store) as _);
         let mut s = dialer.open_stream(&loc).await.unwrap();
         roundtrip(&mut s, b"x").await;
         wait_for("the registration", || async {
@@ -1018,9 +989,9 @@ async fn shutdown_closes_and_releases_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_mode_over_redis_with_two_gateways_and_a_replica() {
-    let redis = support::RedisServer::start();
+    let redis = testkit::RedisServer::start();
     bounded(async {
-        let prefix = format!("gwtest-{}:", control_plane::gateway::random_suffix());
+        let prefix = format!("gwtest-{}:", gateway::random_suffix());
         let open = || async {
             let store: SharedStore =
                 Arc::new(RedisStore::connect(&redis.url(), &prefix).await.unwrap());
@@ -1059,7 +1030,7 @@ async fn cluster_mode_over_redis_with_two_gateways_and_a_replica() {
         assert_eq!(loc.epoch, agent.epoch);
 
         // The replica dials gateway A and reaches the agent.
-        let dialer = Dialer::new(cert.fingerprint, Arc::clone(&replica));
+        let dialer = Dialer::new(cert.fingerprint, Arc::clone(&replica) as _);
         let mut s = dialer.open_stream(&loc).await.unwrap();
         roundtrip(&mut s, b"through gateway a").await;
         drop(s);

@@ -1,4 +1,4 @@
-//! One conformance suite for every `Store` backend.
+//! One conformance suite for every `Store` backend (`store` crate).
 //!
 //! Each check is a generic async function over a [`Backend`] (which opens `Arc<dyn Store>`s on
 //! the same data); the `conformance!` macro instantiates every check once per backend:
@@ -6,24 +6,22 @@
 //! A few backend-specific checks (reopen, key names and TTLs, reconnect, error mapping, gateway
 //! set pruning, large epochs) follow.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use control_plane::store::embedded::EmbeddedStore;
-use control_plane::store::redis::RedisStore;
-use control_plane::store::{
+use proto::async_mode::{Action, CommandResult};
+use store::embedded::EmbeddedStore;
+use store::prelude::*;
+use store::redis::RedisStore;
+use store::{
     BindOutcome, Change, Collection, CommandState, EdgeMode, Environment, GatewayInfo,
     NewEnvironment, Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
 };
-use proto::async_mode::{Action, CommandResult};
+use testkit::RedisServer;
 use tokio::sync::broadcast;
 use uuid::Uuid;
-
-use support::RedisServer;
 
 /// Upper bound for anything we wait on (a change to arrive, a reconnect); never a sleep.
 const WAIT: Duration = Duration::from_secs(10);
@@ -2136,7 +2134,7 @@ async fn embedded_file_lives_in_the_data_dir_and_is_exclusive() {
     // redb locks the file: a second open while the first is alive fails cleanly, no panic.
     let second = EmbeddedStore::open(&data);
     assert!(
-        matches!(second, Err(StoreError::Unavailable(_))),
+        matches!(second, Err(StoreError::Unavailable { .. })),
         "{second:?}"
     );
     drop(store);
@@ -2400,10 +2398,10 @@ async fn redis_resubscribes_after_losing_the_pubsub_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_errors_are_mapped() {
     // Nobody listens on a port that was just free.
-    let port = support::free_port();
+    let port = testkit::free_port();
     let refused = RedisStore::connect(&format!("redis://127.0.0.1:{port}/"), PREFIX).await;
     assert!(
-        matches!(refused, Err(StoreError::Unavailable(_))),
+        matches!(refused, Err(StoreError::Unavailable { .. })),
         "{:?}",
         refused.err()
     );
@@ -2434,13 +2432,13 @@ async fn redis_errors_are_mapped() {
     for id in [created[0].id, created[1].id] {
         let corrupt = store.get_environment(id).await;
         assert!(
-            matches!(corrupt, Err(StoreError::Corrupt(_))),
+            matches!(corrupt, Err(StoreError::Corrupt { .. })),
             "{corrupt:?}"
         );
     }
     let corrupt = store.list_environments().await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
     // The bind script cannot read the secret of an undecodable record: corrupt, not a
@@ -2449,7 +2447,7 @@ async fn redis_errors_are_mapped() {
         .bind_edge_id(created[0].id, Uuid::new_v4(), &created[0].join_secret)
         .await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
     let _: () = redis::cmd("SET")
@@ -2460,7 +2458,7 @@ async fn redis_errors_are_mapped() {
         .expect("SET");
     let corrupt = store.heartbeats(&[created[0].id]).await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
 
@@ -2478,12 +2476,12 @@ async fn redis_errors_are_mapped() {
         .expect("SET");
     let corrupt = store.tunnel_locations(&[env]).await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
     let corrupt = store.release_tunnel(env, loc.epoch).await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
     // Renewing does not fail the whole batch: nobody holds an unreadable location.
@@ -2508,7 +2506,7 @@ async fn redis_errors_are_mapped() {
         .expect("SET");
     let corrupt = store.tunnel_locations(&[env]).await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
     let _: () = redis::cmd("SET")
@@ -2519,7 +2517,7 @@ async fn redis_errors_are_mapped() {
         .expect("SET");
     let corrupt = store.cluster_secret().await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
     let _: () = redis::cmd("HSET")
@@ -2531,12 +2529,15 @@ async fn redis_errors_are_mapped() {
         .expect("HSET");
     let corrupt = store.snapshot(env).await;
     assert!(
-        matches!(corrupt, Err(StoreError::Corrupt(_))),
+        matches!(corrupt, Err(StoreError::Corrupt { .. })),
         "{corrupt:?}"
     );
 
     // The server going away is "unavailable", not a panic or a hang.
     drop(server);
     let gone = store.ping().await;
-    assert!(matches!(gone, Err(StoreError::Unavailable(_))), "{gone:?}");
+    assert!(
+        matches!(gone, Err(StoreError::Unavailable { .. })),
+        "{gone:?}"
+    );
 }

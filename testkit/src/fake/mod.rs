@@ -1,4 +1,4 @@
-//! A fake control plane for tests of the agent and the load test (feature `test-support`).
+//! A fake control plane for tests of the agent and the load test (`testkit::fake`).
 //!
 //! It speaks just enough of the real contract: the check-in routes (`/edge/c` answered at
 //! once, `/edge/h` held until a tunnel is wanted or the interval is nearly over, `/edge/t`
@@ -19,9 +19,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
+use edge_agent::tls::fingerprint;
+use parking_lot::{Mutex, MutexGuard};
+use proto::clock::now_ms as unix_now_ms;
 use proto::snapshot::Snapshot;
 use proto::token::JoinSecret;
 use proto::wire::CheckinRequest;
@@ -32,9 +35,6 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
-
-use crate::clock::unix_now_ms;
-use crate::tls::fingerprint;
 
 mod checkin;
 mod server;
@@ -160,7 +160,7 @@ impl FakeControlPlane {
             rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
         let cert_der: CertificateDer<'static> = cert.der().clone();
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        let config = rustls::ServerConfig::builder_with_provider(edge_agent::tls::provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(vec![cert_der.clone()], key_der)?;
@@ -340,8 +340,7 @@ impl FakeControlPlane {
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // A panicking test thread may poison the lock; the state is still fine for the others.
-    state.lock().unwrap_or_else(|p| p.into_inner())
+    state.lock()
 }
 
 fn create_env(

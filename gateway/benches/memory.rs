@@ -1,6 +1,6 @@
 //! Gateway memory per open idle tunnel (goal: <= 32 KiB).
 //!
-//!     cargo bench -p tunnel-gateway --bench memory [-- --tunnels 2000 --settle 12]
+//!     cargo bench -p edgeplane-gateway --bench memory [-- --tunnels 2000 --settle 12]
 //!
 //! Starts a throwaway `redis-server` and the real `tunnel-gateway` binary (release build under
 //! `cargo bench`) with a self-signed certificate and a short lease, then acts as N agents from
@@ -16,19 +16,21 @@
 //!
 //! Both sides hold one socket per tunnel: N is limited to 18,000 (open-file limit 20,000).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use control_plane::store::redis::RedisStore;
-use control_plane::store::{Store as _, TunnelGrant};
 use proto::mux::{self, ControlEnd, Inbound, Mode, Opener};
 use proto::tunnel::{CloseReason, Hello, DEAD_AFTER};
 use sha2::{Digest as _, Sha256};
+use store::prelude::*;
+use store::redis::RedisStore;
+use store::TunnelGrant;
+use testkit::{GatewayArgs, GatewayProcess, RedisServer, TestCert};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -46,8 +48,7 @@ const CONNECT_CONCURRENCY: usize = 64;
 const LEASE: &str = "3s";
 /// Grants live this long in the store, as the control plane's.
 const GRANT_TTL: Duration = Duration::from_secs(30);
-const PREFIX: &str = tunnel_gateway::DEFAULT_REDIS_PREFIX;
-const READY_WITHIN: Duration = Duration::from_secs(30);
+const PREFIX: &str = "edgeplane:";
 /// How long the gateway may take to report every tunnel open after the last handshake.
 const OPEN_WITHIN: Duration = Duration::from_secs(30);
 
@@ -132,24 +133,6 @@ impl Options {
     }
 }
 
-/// A child process killed (and reaped) on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(
-        TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?
-            .local_addr()?
-            .port(),
-    )
-}
-
 /// `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -162,76 +145,10 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// One RESP PING answered `+PONG`.
-async fn redis_ping(port: u16) -> bool {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
-        s.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
-        let mut reply = [0u8; 7];
-        s.read_exact(&mut reply).await?;
-        Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), attempt).await,
-        Ok(Ok(true))
-    )
-}
-
-/// Starts `redis-server` on a free port without persistence; returns it and its URL.
-async fn start_redis(dir: &Path) -> anyhow::Result<(ChildGuard, String)> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(dir.join("redis.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start redis-server (apt-get install -y redis-server)")?;
-    let mut guard = ChildGuard(child);
-    let deadline = Instant::now() + READY_WITHIN;
-    while !redis_ping(port).await {
-        if let Some(status) = guard.0.try_wait()? {
-            bail!(
-                "redis-server exited with {status}: {}",
-                tail(&dir.join("redis.log"))
-            );
-        }
-        if Instant::now() >= deadline {
-            bail!("redis-server did not answer PING within {READY_WITHIN:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok((guard, format!("redis://127.0.0.1:{port}/")))
-}
-
-/// A self-signed certificate for 127.0.0.1 in `dir`; returns the paths and the fingerprint.
-fn write_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, [u8; 32])> {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .context("cannot generate a certificate")?;
-    let cert = dir.join("gateway.crt");
-    let key = dir.join("gateway.key");
-    std::fs::write(&cert, certified.cert.pem())?;
-    std::fs::write(&key, certified.signing_key.serialize_pem())?;
-    let fingerprint: [u8; 32] = Sha256::digest(certified.cert.der()).into();
-    Ok((cert, key, fingerprint))
 }
 
 /// `GET path` on a plain-HTTP listener: status and body.
@@ -277,12 +194,12 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// The gateway process and where to watch it.
 struct Gateway {
-    _child: ChildGuard,
+    process: GatewayProcess,
     pid: u32,
     addr: String,
     metrics: SocketAddr,
-    log: PathBuf,
 }
 
 impl Gateway {
@@ -315,63 +232,29 @@ impl Gateway {
     }
 }
 
-async fn start_gateway(
-    dir: &Path,
-    redis_url: &str,
-    cert: &Path,
-    key: &Path,
-) -> anyhow::Result<Gateway> {
-    let port = free_port()?;
-    let metrics_port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, metrics_port));
-    let log = dir.join("gateway.log");
-    let out = std::fs::File::create(&log)?;
-    let err = out.try_clone()?;
-    let exe = env!("CARGO_BIN_EXE_tunnel-gateway");
-    let child = Command::new(exe)
-        .args(["--listen", &addr])
-        .args(["--redis-url", redis_url])
-        .args(["--redis-prefix", PREFIX])
-        .arg("--tls-cert")
-        .arg(cert)
-        .arg("--tls-key")
-        .arg(key)
-        .args(["--metrics-addr", &metrics.to_string()])
-        .args(["--id", "bench-gw"])
-        .args(["--lease", LEASE])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .with_context(|| format!("cannot start {exe}"))?;
-    let pid = child.id();
-    let mut guard = ChildGuard(child);
-    let deadline = Instant::now() + READY_WITHIN;
-    loop {
-        if let Some(status) = guard.0.try_wait()? {
-            bail!("the gateway exited with {status}:\n{}", tail(&log));
-        }
-        if matches!(http_get(metrics, "/readyz").await, Ok((200, _))) {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the gateway was not ready within {READY_WITHIN:?}:\n{}",
-                tail(&log)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    eprintln!("gateway {exe} (pid {pid}) ready on {addr}, lease {LEASE}");
-    Ok(Gateway {
-        _child: guard,
+async fn start_gateway(redis_url: &str, cert: &TestCert) -> Gateway {
+    let mut process = GatewayProcess::spawn(&GatewayArgs {
+        id: "bench-gw".to_owned(),
+        port: 0,
+        redis_url: redis_url.to_owned(),
+        redis_prefix: PREFIX.to_owned(),
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        lease: LEASE.to_owned(),
+        rust_log: "warn".to_owned(),
+    });
+    process.wait_ready().await;
+    let pid = process.pid();
+    eprintln!(
+        "gateway (pid {pid}) ready on {}, lease {LEASE}",
+        process.listen
+    );
+    Gateway {
         pid,
-        addr,
-        metrics,
-        log,
-    })
+        addr: process.listen.to_string(),
+        metrics: process.metrics,
+        process,
+    }
 }
 
 /// One simulated agent's open tunnel: the session stays up while this is kept.
@@ -403,7 +286,7 @@ async fn open_tunnel(
     let grant = TunnelGrant {
         env,
         edge_id,
-        expires_ms: unix_ms() + GRANT_TTL.as_millis() as u64,
+        expires_ms: proto::clock::now_ms() + GRANT_TTL.as_millis() as u64,
     };
     store
         .put_tunnel_grant(&token_hash, &grant, GRANT_TTL)
@@ -504,15 +387,13 @@ fn per_tunnel(from: Sample, to: Sample, rss: impl Fn(Sample) -> u64) -> f64 {
 }
 
 async fn run(options: Options) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("gateway-memory-bench-")
-        .tempdir()?;
-    let (_redis, redis_url) = start_redis(dir.path()).await?;
-    let (cert, key, fingerprint) = write_certificate(dir.path())?;
-    let gw = start_gateway(dir.path(), &redis_url, &cert, &key).await?;
-    let result = measure(&gw, &redis_url, fingerprint, options).await;
+    let redis = RedisServer::start();
+    let redis_url = redis.url();
+    let cert = TestCert::generate();
+    let gw = start_gateway(&redis_url, &cert).await;
+    let result = measure(&gw, &redis_url, cert.fingerprint, options).await;
     if result.is_err() {
-        eprintln!("gateway log tail:\n{}", tail(&gw.log));
+        eprintln!("gateway log tail:\n{}", tail(gw.process.log_path()));
     }
     result
 }

@@ -1,0 +1,438 @@
+//! The per-environment state machine: binding, proof and replay checks, the required flag and
+//! the answer; held check-ins and who gets tunnel credentials ([`held`]). Plain data and a
+//! clock passed in; the actor in `actor.rs` is a thin shell.
+
+use std::collections::VecDeque;
+
+pub mod held;
+
+use proto::async_mode::AsyncIntervals;
+use proto::proof::{self, ProofKey, FRESHNESS_WINDOW_MS};
+use proto::seal::SealKey;
+use proto::token::JoinSecret;
+use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials};
+use uuid::Uuid;
+
+use store::{EdgeMode, EnvId, Environment};
+
+/// Accepted request tags remembered per environment to refuse exact replays inside the
+/// freshness window. One agent at 5 s keeps ~24; the cap only bites for abusive senders.
+const MAX_RECENT: usize = 256;
+/// Include the server clock in an answer when the agent is off by more than this.
+const REPORT_SKEW_MS: u64 = 2_000;
+/// After credentials went out, no other agent of the environment (a swarm shares one Edge
+/// ID) gets any for this long, unless the tunnel opened or closed meanwhile: exactly one
+/// agent holds the tunnel, and another takes over if that one never connects.
+pub const GRANT_WINDOW_MS: u64 = 10_000;
+
+/// What an agent asked for, told by the route it posted to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckinKind {
+    /// `/edge/c`: answer at once.
+    Poll,
+    /// `/edge/h`: an idle answer may be held for up to the interval, and is answered the
+    /// moment the environment's tunnel is wanted.
+    Held,
+    /// `/edge/t`: the agent lost a tunnel in use and asks for credentials itself.
+    AskTunnel,
+    /// `/edge/a`: an async-mode tick (only for async environments; never a tunnel).
+    Async,
+}
+
+/// Why a check-in was refused. Each has one wire code ([`Refusal::code`]); its status and
+/// message are in the error table (`crate::error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// MAC does not verify under the join secret (and `AGENT_SECRET`, if set).
+    BadProof,
+    /// MAC verifies with the join secret alone: the agent lacks the right `AGENT_SECRET`.
+    AgentSecretMismatch,
+    /// Timestamp outside the freshness window; carries the server clock.
+    ClockSkew { server_time_ms: u64 },
+    /// This exact request was accepted before.
+    Replay,
+    /// Environment bound to another Edge ID.
+    EdgeIdMismatch,
+    /// An async environment cannot use the standard check-in, nor a standard one the async
+    /// route.
+    WrongMode,
+    /// The environment is unbound and the request did not carry its Edge ID.
+    EdgeIdRequired,
+}
+
+impl Refusal {
+    /// The code the agent is told (its HTTP status is the error table's business).
+    pub fn code(&self) -> proto::RefusalCode {
+        use proto::RefusalCode as Code;
+        match self {
+            Self::BadProof => Code::BadProof,
+            Self::AgentSecretMismatch => Code::AgentSecretMismatch,
+            Self::ClockSkew { .. } => Code::ClockSkew,
+            Self::Replay => Code::Replay,
+            Self::EdgeIdMismatch => Code::EdgeIdMismatch,
+            Self::WrongMode => Code::WrongMode,
+            Self::EdgeIdRequired => Code::EdgeIdRequired,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// `Required` means: issue tunnel credentials with this answer (the actor does, then
+    /// fills `tunnel`).
+    pub status: EdgeStatus,
+    pub interval_secs: u32,
+    pub server_time_ms: Option<u64>,
+    /// Nothing the agent does not already know: idle, its interval is current, its clock is
+    /// fine and it is not a new process. Answered as `204 No Content`.
+    pub unchanged: bool,
+    pub tunnel: Option<SealedCredentials>,
+    /// For async ticks: the environment's intervals (filled in by the actor).
+    pub async_intervals: Option<AsyncIntervals>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Answer(Answer),
+    /// Proof and freshness are good but the environment is unbound: bind this Edge ID in the
+    /// store (atomically), feed the outcome to [`EnvState::set_binding`], then ask again.
+    Bind(Uuid),
+    Refuse(Refusal),
+}
+
+struct Keys {
+    proof: ProofKey,
+    /// The key without `AGENT_SECRET`, only to tell a wrong agent secret from a wrong key.
+    without_agent_secret: Option<ProofKey>,
+}
+
+impl Keys {
+    fn derive(secret: &JoinSecret, agent_secret: Option<&str>) -> Self {
+        Self {
+            proof: ProofKey::derive(secret, agent_secret),
+            without_agent_secret: agent_secret.map(|_| ProofKey::derive(secret, None)),
+        }
+    }
+}
+
+pub struct EnvState {
+    id: EnvId,
+    mode: EdgeMode,
+    interval_override: Option<u32>,
+    /// Async ping, snapshot and command intervals set on the environment (else defaults).
+    async_overrides: [Option<u32>; 3],
+    keys: Keys,
+    /// The join secret text `keys` were derived from: a bind is only valid while the store
+    /// still holds this very secret (see `Store::bind_edge_id`).
+    join_secret: String,
+    edge_id: Option<Uuid>,
+    last_checkin_ms: Option<u64>,
+    recent: VecDeque<(u64, u64)>,
+    /// An operator wants the tunnel until then (ms since epoch).
+    wanted_until_ms: Option<u64>,
+    /// Credentials went out; no others until then unless the tunnel opens or closes.
+    grant_until_ms: Option<u64>,
+    /// The epoch of the open tunnel, as the gateways reported it.
+    open_epoch: Option<u64>,
+}
+
+/// A stored secret that does not decode is a broken record, not a client error.
+#[derive(Debug, thiserror::Error)]
+#[error("environment {id} has an unreadable join secret: {source}")]
+pub struct BadRecord {
+    pub id: EnvId,
+    source: proto::TokenError,
+}
+
+impl EnvState {
+    pub fn new(env: &Environment, agent_secret: Option<&str>) -> Result<Self, BadRecord> {
+        let secret = JoinSecret::from_text(&env.join_secret)
+            .map_err(|source| BadRecord { id: env.id, source })?;
+        Ok(Self {
+            id: env.id,
+            mode: env.mode,
+            interval_override: env.checkin_interval,
+            async_overrides: [
+                env.ping_interval,
+                env.snapshot_interval,
+                env.command_interval,
+            ],
+            keys: Keys::derive(&secret, agent_secret),
+            join_secret: env.join_secret.clone(),
+            edge_id: env.edge_id,
+            last_checkin_ms: None,
+            recent: VecDeque::new(),
+            wanted_until_ms: None,
+            grant_until_ms: None,
+            open_epoch: None,
+        })
+    }
+
+    /// Applies a reloaded record (after a PATCH or an association reset on any replica).
+    pub fn reload(
+        &mut self,
+        env: &Environment,
+        agent_secret: Option<&str>,
+    ) -> Result<(), BadRecord> {
+        let fresh = Self::new(env, agent_secret)?;
+        if fresh.edge_id != self.edge_id {
+            // A new binding generation: requests accepted under the old one are irrelevant.
+            self.recent.clear();
+        }
+        self.mode = fresh.mode;
+        self.interval_override = fresh.interval_override;
+        self.async_overrides = fresh.async_overrides;
+        self.keys = fresh.keys;
+        self.join_secret = fresh.join_secret;
+        self.edge_id = fresh.edge_id;
+        Ok(())
+    }
+
+    pub fn id(&self) -> EnvId {
+        self.id
+    }
+
+    /// The join secret this state verifies proofs with, as stored.
+    pub fn join_secret(&self) -> &str {
+        &self.join_secret
+    }
+
+    pub fn edge_id(&self) -> Option<Uuid> {
+        self.edge_id
+    }
+
+    pub fn last_checkin_ms(&self) -> Option<u64> {
+        self.last_checkin_ms
+    }
+
+    pub fn set_binding(&mut self, edge_id: Uuid) {
+        self.edge_id = Some(edge_id);
+    }
+
+    /// Wanted for good (`true`) or not at all; tests and tools. Operators' requests use
+    /// [`Self::want_tunnel`].
+    pub fn set_required(&mut self, required: bool) {
+        self.wanted_until_ms = required.then_some(u64::MAX);
+        self.grant_until_ms = None;
+    }
+
+    /// An operator needs the tunnel until `until_ms`.
+    pub fn want_tunnel(&mut self, until_ms: u64) {
+        self.wanted_until_ms = Some(self.wanted_until_ms.map_or(until_ms, |u| u.max(until_ms)));
+    }
+
+    /// The gateways reported the tunnel open (with this epoch) or closed (`None`). Either way
+    /// the pending grant is settled.
+    pub fn set_open(&mut self, epoch: Option<u64>) {
+        if epoch.is_some() {
+            // Served: a later request wants it again explicitly.
+            self.wanted_until_ms = None;
+        }
+        self.open_epoch = epoch;
+        self.grant_until_ms = None;
+    }
+
+    pub fn open_epoch(&self) -> Option<u64> {
+        self.open_epoch
+    }
+
+    /// Whether credentials should go out now to an agent waiting in a held check-in; if so,
+    /// the grant window starts.
+    pub fn take_grant(&mut self, now_ms: u64) -> bool {
+        let wanted = self.wanted_until_ms.is_some_and(|u| u > now_ms);
+        let pending = self.grant_until_ms.is_some_and(|g| g > now_ms);
+        if wanted && self.open_epoch.is_none() && !pending {
+            self.grant_until_ms = Some(now_ms + GRANT_WINDOW_MS);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The credentials of a grant could not be delivered: let another agent have them.
+    pub fn release_grant(&mut self) {
+        self.grant_until_ms = None;
+    }
+
+    /// Until when the last credentials are the only ones (the grant window), if a grant is
+    /// pending: no tunnel opened or closed since it went out.
+    pub fn grant_pending_until(&self) -> Option<u64> {
+        self.grant_until_ms
+    }
+
+    /// The key that seals tunnel credentials for the bound agent.
+    pub fn seal_key(&self) -> Option<SealKey> {
+        let edge_id = self.edge_id?;
+        let secret = JoinSecret::from_text(&self.join_secret).ok()?;
+        Some(SealKey::derive(&secret, &edge_id))
+    }
+
+    pub fn interval_secs(&self, default_interval: u32) -> u32 {
+        self.interval_override.unwrap_or(default_interval).max(1)
+    }
+
+    /// Async intervals: the environment's own, else `defaults` (ping, snapshot, command).
+    pub fn async_intervals(&self, defaults: [u32; 3]) -> AsyncIntervals {
+        let [ping, snapshot, command] = self.async_overrides;
+        AsyncIntervals {
+            ping: ping.unwrap_or(defaults[0]),
+            snapshot: snapshot.unwrap_or(defaults[1]),
+            command: command.unwrap_or(defaults[2]),
+        }
+    }
+
+    /// Checks a signed upload (snapshot) from the bound agent: its proof, its Edge ID and its
+    /// freshness. Uploads are idempotent (the newest snapshot wins), so no replay memory.
+    pub fn verify_upload(
+        &self,
+        frame: &[u8],
+        edge_id: Uuid,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        match self.edge_id {
+            None => return Err(Refusal::EdgeIdRequired),
+            Some(bound) if bound != edge_id => return Err(Refusal::EdgeIdMismatch),
+            Some(_) => {}
+        }
+        if !proof::verify(frame, &self.keys.proof, &edge_id, timestamp_ms) {
+            return Err(Refusal::BadProof);
+        }
+        if proof::check_freshness(timestamp_ms, now_ms).is_err() {
+            return Err(Refusal::ClockSkew {
+                server_time_ms: now_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decides on one plain check-in. `frame` is the signed request exactly as received.
+    pub fn checkin(
+        &mut self,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+        default_interval: u32,
+    ) -> Verdict {
+        self.checkin_as(CheckinKind::Poll, req, frame, now_ms, default_interval)
+    }
+
+    /// Decides on one check-in of any kind.
+    pub fn checkin_as(
+        &mut self,
+        kind: CheckinKind,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+        default_interval: u32,
+    ) -> Verdict {
+        // Steady-state requests omit the Edge ID; the MAC covers the bound one.
+        let Some(claimed) = req.edge_id.or(self.edge_id) else {
+            return Verdict::Refuse(Refusal::EdgeIdRequired);
+        };
+        let timestamp_ms =
+            proto::wire::request_timestamp(req.timestamp_lo, req.timestamp_hi, now_ms);
+        if !proof::verify(frame, &self.keys.proof, &claimed, timestamp_ms) {
+            let lacks_agent_secret = self
+                .keys
+                .without_agent_secret
+                .as_ref()
+                .is_some_and(|k| proof::verify(frame, k, &claimed, timestamp_ms));
+            return Verdict::Refuse(if lacks_agent_secret {
+                Refusal::AgentSecretMismatch
+            } else {
+                Refusal::BadProof
+            });
+        }
+        if proof::check_freshness(timestamp_ms, now_ms).is_err() {
+            return Verdict::Refuse(Refusal::ClockSkew {
+                server_time_ms: now_ms,
+            });
+        }
+        let route_mode = if kind == CheckinKind::Async {
+            EdgeMode::Async
+        } else {
+            EdgeMode::Standard
+        };
+        if self.mode != route_mode {
+            return Verdict::Refuse(Refusal::WrongMode);
+        }
+        let tag = proof::replay_tag(frame);
+        if self.recent.iter().any(|&(_, t)| t == tag) {
+            return Verdict::Refuse(Refusal::Replay);
+        }
+        match self.edge_id {
+            None => return Verdict::Bind(claimed),
+            Some(bound) if bound != claimed => return Verdict::Refuse(Refusal::EdgeIdMismatch),
+            Some(_) => {}
+        }
+        self.remember(timestamp_ms, tag, now_ms);
+        self.last_checkin_ms = Some(self.last_checkin_ms.map_or(now_ms, |t| t.max(now_ms)));
+        // An agent that lost its tunnel knows better than our view of it (its gateway may be
+        // dead and unable to say so); otherwise one grant at a time, and none while open.
+        let grant = match kind {
+            CheckinKind::AskTunnel => {
+                self.grant_until_ms = Some(now_ms + GRANT_WINDOW_MS);
+                true
+            }
+            CheckinKind::Async => false,
+            CheckinKind::Poll | CheckinKind::Held => self.take_grant(now_ms),
+        };
+        let status = if grant {
+            EdgeStatus::Required
+        } else {
+            EdgeStatus::Idle
+        };
+        let interval_secs = self.interval_secs(default_interval);
+        let server_time_ms = (timestamp_ms.abs_diff(now_ms) > REPORT_SKEW_MS).then_some(now_ms);
+        Verdict::Answer(Answer {
+            status,
+            interval_secs,
+            server_time_ms,
+            unchanged: status == EdgeStatus::Idle
+                && server_time_ms.is_none()
+                && interval_secs == req.interval_secs
+                && req.agent.is_none()
+                && kind != CheckinKind::Async,
+            tunnel: None,
+            async_intervals: None,
+        })
+    }
+
+    fn remember(&mut self, ts: u64, tag: u64, now_ms: u64) {
+        // Anything older than the window fails the freshness check anyway.
+        let horizon = now_ms.saturating_sub(FRESHNESS_WINDOW_MS);
+        self.recent.retain(|&(t, _)| t >= horizon);
+        if self.recent.len() >= MAX_RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((ts, tag));
+    }
+}
+
+/// The status an operator sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    Up,
+    Down,
+    Never,
+}
+
+/// `up` while `now - last <= 2 * interval + 20 s`.
+pub fn liveness(last_checkin_ms: Option<u64>, interval_secs: u32, now_ms: u64) -> Liveness {
+    match last_checkin_ms {
+        None => Liveness::Never,
+        Some(last) => {
+            let grace_ms = (2 * u64::from(interval_secs) + 20) * 1000;
+            if now_ms.saturating_sub(last) <= grace_ms {
+                Liveness::Up
+            } else {
+                Liveness::Down
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+//! Talking to a control plane as an admin does: an HTTPS client, the admin key, and the calls
+//! tests make again and again.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The admin key every control plane the kit starts is given.
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+
+/// rustls' process-wide provider (reqwest's rustls backend needs one).
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// An HTTPS client that accepts the control plane's self-signed certificate, 20 s per request.
+pub fn http() -> reqwest::Client {
+    http_with_timeout(Duration::from_secs(20))
+}
+
+pub fn http_with_timeout(timeout: Duration) -> reqwest::Client {
+    install_crypto();
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(timeout)
+        .build()
+        .expect("reqwest client")
+}
+
+/// `GET /api/endpoints/{id}` on the control plane at `base_url`, as JSON.
+pub async fn get_env(base_url: &str, id: u64) -> Value {
+    http()
+        .get(format!("{base_url}/api/endpoints/{id}"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("get environment")
+        .json()
+        .await
+        .expect("environment JSON")
+}
+
+/// `POST /api/endpoints` with `body` (201 expected): the new id and its join token.
+pub async fn create_env(base_url: &str, body: Value) -> (u64, proto::JoinToken) {
+    let (id, key) = create_env_key(base_url, body).await;
+    (id, proto::JoinToken::parse(&key).expect("join token"))
+}
+
+/// `POST /api/endpoints` with `body` (201 expected): the new id and its join key as text.
+pub async fn create_env_key(base_url: &str, body: Value) -> (u64, String) {
+    let r = http()
+        .post(format!("{base_url}/api/endpoints"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("create environment");
+    let status = r.status();
+    let v: Value = r.json().await.expect("environment JSON");
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{v}");
+    (
+        v["id"].as_u64().expect("id"),
+        v["edgeKey"].as_str().expect("edgeKey").to_owned(),
+    )
+}
+
+/// `GET /api/endpoints/{id}/docker{path}` with `client`: status and body (status 0 when the
+/// request itself failed, with the reason as body).
+pub async fn docker_get_with(
+    client: &reqwest::Client,
+    base_url: &str,
+    id: u64,
+    path: &str,
+) -> (u16, String) {
+    match client
+        .get(format!("{base_url}/api/endpoints/{id}/docker{path}"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, format!("request failed: {e}")),
+    }
+}
+
+/// [`docker_get_with`] on a fresh client.
+pub async fn docker_get(base_url: &str, id: u64, path: &str) -> (u16, String) {
+    docker_get_with(&http(), base_url, id, path).await
+}
+
+/// The tunnel as the control plane reports it: (state, gateway, epoch).
+pub async fn tunnel(base_url: &str, id: u64) -> (String, Option<String>, Option<u64>) {
+    let env = get_env(base_url, id).await;
+    let t = &env["tunnel"];
+    (
+        t["state"].as_str().unwrap_or_default().to_owned(),
+        t["gateway"].as_str().map(str::to_owned),
+        t["epoch"].as_u64(),
+    )
+}
+
+/// Sum of a metric's samples whose line starts with `name` (labels included in `name` match),
+/// from `<metrics_url>/metrics`.
+pub async fn metric(metrics_url: &str, name: &str) -> f64 {
+    let text = http()
+        .get(format!("{metrics_url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `<metrics_url>/readyz` answers 2xx (at most 10 s).
+pub async fn wait_ready(metrics_url: &str) {
+    let client = http();
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{metrics_url}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{metrics_url} did not become ready in 10 s");
+}
