@@ -1,11 +1,13 @@
 //! Gateway memory per open idle tunnel (goal: <= 32 KiB).
 //!
+//!     cargo build --release -p tunnel-gateway
 //!     cargo bench -p edgeplane-gateway --bench memory [-- --tunnels 2000 --settle 12]
 //!
-//! Starts a throwaway `redis-server` and the real `tunnel-gateway` binary (release build under
-//! `cargo bench`) with a self-signed certificate and a short lease, then acts as N agents from
-//! this process: for each, a one-time grant is put in Redis the way the control plane does
-//! (`put_tunnel_grant` with the SHA-256 of the token), and the agent's own handshake code
+//! Starts a throwaway `redis-server` and the real `tunnel-gateway` binary (the release build,
+//! which `cargo bench` of this crate does not build by itself) with a self-signed certificate
+//! and a short lease, then acts as N agents from this process: for each, a one-time grant is
+//! put in Redis the way the control plane does (`put_tunnel_grant` with the SHA-256 of the
+//! token), and the agent's own handshake code
 //! connects (TCP + TLS pinned to the certificate, `Hello::Agent`, `Accepted`), runs yamux as
 //! the server, opens the control stream and answers the gateway's pings. The gateway's
 //! `VmRSS` is read before any tunnel, at N/2 and at N open idle tunnels, each after a settling

@@ -42,10 +42,18 @@ pub fn bin(name: &str) -> PathBuf {
     if let Some(path) = checked.get(name) {
         return path.clone();
     }
-    let path = profile_dir().join(name);
+    let dir = profile_dir();
+    let path = dir.join(name);
+    let release = dir.file_name().and_then(|n| n.to_str()) == Some("release");
     let build = format!(
-        "cargo build -p {} --bin {name} (or run the whole `cargo test --workspace`)",
-        package_of(name)
+        "cargo build{} -p {} --bin {name}{}",
+        if release { " --release" } else { "" },
+        package_of(name),
+        if release {
+            ""
+        } else {
+            " (or run the whole `cargo test --workspace`)"
+        },
     );
     assert!(path.exists(), "{} is not built: {build}", path.display());
     if let Some(newer) = newer_source(&path, name) {
