@@ -437,21 +437,7 @@ async fn wait_up(api: &reqwest::Client, cp: &ControlPlane, ids: &[u64]) {
 
 /// Metric samples by full name including labels, e.g. `edgeplane_tunnel_wait_seconds_bucket{le="1"}`.
 async fn metrics(cp: &ControlPlane) -> BTreeMap<String, f64> {
-    let text = client(1)
-        .get(format!("{}/metrics", cp.metrics_url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    testkit::api::metric_samples(&cp.metrics_url).await
 }
 
 fn metric_delta(

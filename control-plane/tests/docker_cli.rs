@@ -5,107 +5,18 @@
 //! an HTTP header in its config.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use testkit::Agent;
-use testkit::{eventually, free_port, get_env, http, CpProcess, ADMIN_KEY};
-use testkit::{Engine, IMAGE};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-
-/// A docker CLI configured like an operator would: the control plane's certificate as
-/// `ca.pem`, the admin key as a header on every call.
-struct Cli {
-    config: tempfile::TempDir,
-    host: String,
-}
-
-impl Cli {
-    fn new(cp_data: &Path, api_port: u16, env_id: u64) -> Self {
-        let config = tempfile::tempdir().unwrap();
-        std::fs::write(
-            config.path().join("config.json"),
-            json!({ "HttpHeaders": { "X-API-Key": ADMIN_KEY } }).to_string(),
-        )
-        .unwrap();
-        std::fs::copy(cp_data.join("tls-cert.pem"), config.path().join("ca.pem")).unwrap();
-        Self {
-            config,
-            host: format!("tcp://127.0.0.1:{api_port}/api/endpoints/{env_id}/docker"),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new("docker");
-        c.env("DOCKER_CONFIG", self.config.path())
-            .env("DOCKER_CERT_PATH", self.config.path())
-            .env_remove("DOCKER_HOST")
-            .env_remove("DOCKER_CONTEXT")
-            .args(["--tlsverify", "-H", &self.host])
-            .args(args)
-            .kill_on_drop(true);
-        c
-    }
-
-    /// Runs `docker args...` with `stdin`, bounded in time.
-    async fn run_with(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = self.command(args);
-        c.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("spawn docker");
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().unwrap();
-            pipe.write_all(input).await.unwrap();
-            drop(pipe);
-        }
-        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .unwrap_or_else(|_| panic!("docker {args:?} did not finish in 60 s"))
-            .unwrap()
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        self.run_with(args, None).await
-    }
-
-    /// Runs and expects success; returns stdout.
-    async fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
+use testkit::api::create_env_key;
+use testkit::docker_cli::text;
+use testkit::{eventually, free_port, get_env, http, Agent, CpProcess, DockerCli, Engine};
+use testkit::{ADMIN_KEY, IMAGE};
+use tokio::io::AsyncBufReadExt;
 
 async fn create_env(cp: &CpProcess, name: &str) -> (u64, String) {
-    let r = http()
-        .post(cp.api("/api/endpoints"))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&json!({ "name": name, "checkinInterval": 5 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    (
-        v["id"].as_u64().unwrap(),
-        v["edgeKey"].as_str().unwrap().to_owned(),
-    )
-}
-
-fn api_port(cp: &CpProcess) -> u16 {
-    url::Url::parse(&cp.url).unwrap().port().unwrap()
+    create_env_key(&cp.url, json!({ "name": name, "checkinInterval": 5 })).await
 }
 
 async fn tunnel_state(cp: &CpProcess, id: u64) -> String {
@@ -113,14 +24,6 @@ async fn tunnel_state(cp: &CpProcess, id: u64) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[actix_web::test]
@@ -138,14 +41,14 @@ async fn the_docker_cli_works_through_the_tunnel() {
         ],
     )
     .await;
-    let port = api_port(&cp);
+    let port = cp.port();
     let (id, key) = create_env(&cp, "podman-host").await;
     let agent = Agent::standard(&key, &engine.docker_host(), "4s");
     eventually(Duration::from_secs(15), "agent up", || async {
         (get_env(&cp.url, id).await["status"] == "up").then_some(())
     })
     .await;
-    let docker = Cli::new(data.path(), port, id);
+    let docker = DockerCli::new(&data.path().join("tls-cert.pem"), port, id);
 
     // Everyday commands, the first one opening the tunnel.
     let ps = docker.ok(&["ps"]).await;
@@ -279,13 +182,15 @@ async fn the_docker_cli_works_through_the_tunnel() {
 
     // Faults end in a clear error, never a hang.
     // An unknown environment:
-    let unknown = Cli::new(data.path(), port, 9999);
+    let unknown = DockerCli::new(&data.path().join("tls-cert.pem"), port, 9999);
     let out = unknown.run(&["ps"]).await;
     assert!(!out.status.success());
     assert!(text(&out).contains("does not exist"), "{}", text(&out));
     // An environment whose agent never comes: 504 after --tunnel-wait.
     let (silent, _) = create_env(&cp, "never-connects").await;
-    let out = Cli::new(data.path(), port, silent).run(&["ps"]).await;
+    let out = DockerCli::new(&data.path().join("tls-cert.pem"), port, silent)
+        .run(&["ps"])
+        .await;
     assert!(!out.status.success());
     assert!(
         text(&out).contains("did not open its tunnel"),
@@ -295,7 +200,9 @@ async fn the_docker_cli_works_through_the_tunnel() {
     // An agent whose Docker socket is missing.
     let (broken, broken_key) = create_env(&cp, "no-engine").await;
     let broken_agent = Agent::standard(&broken_key, "unix:///nonexistent/docker.sock", "1m");
-    let out = Cli::new(data.path(), port, broken).run(&["ps"]).await;
+    let out = DockerCli::new(&data.path().join("tls-cert.pem"), port, broken)
+        .run(&["ps"])
+        .await;
     assert!(!out.status.success());
     assert!(text(&out).contains("DOCKER_HOST"), "{}", text(&out));
     // The async mode has no tunnel.

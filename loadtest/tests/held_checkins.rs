@@ -14,12 +14,7 @@ async fn held_checkins_are_held_and_sent_once_per_interval() {
     const WINDOW_MS: u64 = 8000;
     /// The server holds an idle check-in for the interval minus 250 ms.
     const HOLD_MS: u64 = INTERVAL_MS - 250;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::builder()
-        .in_dir(dir.path())
-        .workers(2)
-        .start()
-        .await;
+    let cp = ControlPlane::builder().workers(2).start().await;
     let url = cp.url.clone();
     let pid = std::process::id().to_string();
     let args = Args::try_parse_from([

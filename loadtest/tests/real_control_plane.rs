@@ -8,12 +8,7 @@ use testkit::{ControlPlane, ADMIN_KEY};
 /// Runs the load test on a fresh in-process control plane: `agents` at a 1 s interval, a 1 s
 /// ramp and a 3 s window, with `extra` flags.
 async fn run(agents: u64, extra: &[&str]) -> loadtest::report::Report {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cp = ControlPlane::builder()
-        .in_dir(dir.path())
-        .workers(2)
-        .start()
-        .await;
+    let cp = ControlPlane::builder().workers(2).start().await;
     let url = cp.url.clone();
     let pid = std::process::id().to_string();
     let agents = agents.to_string();

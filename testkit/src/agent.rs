@@ -2,6 +2,22 @@
 
 use std::time::Duration;
 
+/// The agent's configuration from `args`, with a fresh temporary data dir (kept as long as
+/// the agent) unless `args` names one.
+fn config(mut args: edge_agent::Args) -> (edge_agent::Config, Option<tempfile::TempDir>) {
+    let dir = if args.data_dir.is_none() {
+        let dir = tempfile::tempdir().expect("tempdir for the agent");
+        args.data_dir = Some(dir.path().to_owned());
+        Some(dir)
+    } else {
+        None
+    };
+    (
+        edge_agent::Config::from_args(args).expect("agent config"),
+        dir,
+    )
+}
+
 pub struct Agent {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -11,15 +27,8 @@ pub struct Agent {
 impl Agent {
     /// Runs the agent with `args`; without a data dir it gets a fresh temporary one. Must be
     /// called within a tokio runtime.
-    pub fn start(mut args: edge_agent::Args) -> Self {
-        let dir = if args.data_dir.is_none() {
-            let dir = tempfile::tempdir().expect("tempdir for the agent");
-            args.data_dir = Some(dir.path().to_owned());
-            Some(dir)
-        } else {
-            None
-        };
-        let config = edge_agent::Config::from_args(args).expect("agent config");
+    pub fn start(args: edge_agent::Args) -> Self {
+        let (config, dir) = config(args);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             edge_agent::run(config, async {
@@ -75,15 +84,8 @@ pub struct AgentThread {
 impl AgentThread {
     /// Runs the agent with `args` on thread `name`; without a data dir it gets a fresh
     /// temporary one. Needs no runtime.
-    pub fn start(name: &str, mut args: edge_agent::Args) -> Self {
-        let dir = if args.data_dir.is_none() {
-            let dir = tempfile::tempdir().expect("tempdir for the agent");
-            args.data_dir = Some(dir.path().to_owned());
-            Some(dir)
-        } else {
-            None
-        };
-        let config = edge_agent::Config::from_args(args).expect("agent config");
+    pub fn start(name: &str, args: edge_agent::Args) -> Self {
+        let (config, dir) = config(args);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = crate::bench::on_thread(name, move || async move {
             edge_agent::run(config, async {

@@ -119,6 +119,26 @@ pub async fn metric(metrics_url: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Every sample of `<metrics_url>/metrics` by its full name, labels included (e.g.
+/// `edgeplane_tunnel_wait_seconds_bucket{le="1"}`).
+pub async fn metric_samples(metrics_url: &str) -> std::collections::BTreeMap<String, f64> {
+    let text = http()
+        .get(format!("{metrics_url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Waits until `<metrics_url>/readyz` answers 2xx (at most 10 s).
 pub async fn wait_ready(metrics_url: &str) {
     let client = http();

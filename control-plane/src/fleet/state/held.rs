@@ -100,7 +100,6 @@ mod tests {
 
     use super::*;
     use crate::fleet::state::GRANT_WINDOW_MS;
-    use store::{EdgeMode, Environment};
 
     const NOW: u64 = 1_800_000_000_000;
 
@@ -131,22 +130,7 @@ mod tests {
     }
 
     fn state() -> EnvState {
-        let env = Environment {
-            id: 7,
-            name: "swarm".into(),
-            mode: EdgeMode::Standard,
-            checkin_interval: None,
-            ping_interval: None,
-            snapshot_interval: None,
-            command_interval: None,
-            group_id: None,
-            tag_ids: vec![],
-            env_vars: vec![],
-            allow_self_signed: false,
-            join_secret: proto::token::JoinSecret::generate().to_text(),
-            edge_id: Some(uuid::Uuid::new_v4()),
-            created_at_ms: 0,
-        };
+        let (env, _) = crate::fleet::state::tests::env(Some(uuid::Uuid::new_v4()));
         EnvState::new(&env, None).unwrap()
     }
 

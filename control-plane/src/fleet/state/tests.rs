@@ -5,7 +5,7 @@ use super::*;
 
 const NOW: u64 = 1_800_000_000_000;
 
-fn env(edge_id: Option<Uuid>) -> (Environment, JoinSecret) {
+pub(super) fn env(edge_id: Option<Uuid>) -> (Environment, JoinSecret) {
     let secret = JoinSecret::generate();
     let env = Environment {
         id: 7,
