@@ -121,8 +121,14 @@ impl ApiError {
                 RefusalCode::UnknownEnvironment => 404,
                 RefusalCode::EdgeIdMismatch => 403,
                 RefusalCode::WrongMode => 409,
-                RefusalCode::EdgeIdRequired => 400,
-                _ => 401,
+                RefusalCode::EdgeIdRequired | RefusalCode::BadRequest => 400,
+                RefusalCode::BadProof
+                | RefusalCode::AgentSecretMismatch
+                | RefusalCode::ClockSkew
+                | RefusalCode::Replay
+                | RefusalCode::Other(_) => 401,
+                RefusalCode::Busy => 503,
+                RefusalCode::Misdirected => 421,
             },
             Self::Proxy(e) => match e {
                 ProxyError::Misdirected => 421,
@@ -211,12 +217,12 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Conflict(m) => ApiError::Conflict(m),
             e @ StoreError::Unavailable { .. } => {
-                tracing::warn!(error = %e, "store unavailable");
-                ApiError::Unavailable(e.to_string())
+                tracing::warn!(error = %e.detail(), "store unavailable");
+                ApiError::Unavailable(format!("store unavailable: {}", e.detail()))
             }
             e @ StoreError::Corrupt { .. } => {
-                tracing::error!(error = %e, "store data corrupt");
-                ApiError::Internal(e.to_string())
+                tracing::error!(error = %e.detail(), "store data corrupt");
+                ApiError::Internal(format!("store data corrupt: {}", e.detail()))
             }
         }
     }

@@ -3,7 +3,6 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Parser;
 use control_plane::bootstrap::AdminKeySource;
 use control_plane::config::{Config, TlsSource};
@@ -173,31 +172,35 @@ async fn ready_agent_commands(p: &Prepared, api: SocketAddr, key_expr: &str) {
 }
 
 #[actix_web::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // One line, as operators read it: every error here names its cause in its own message.
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("control-plane: {e}");
+        std::process::exit(2);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let api_addr = cli.api_addr;
     let metrics_addr = cli.metrics_addr;
     let config = cli.into_config();
+    let bind = |flag: &str, addr: SocketAddr| {
+        TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {flag} {addr}: {e}"))
+    };
     let tunnel = if config.embedded_gateway {
-        let addr = config.tunnel_addr;
-        Some(
-            TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on --tunnel-addr {addr}"))?,
-        )
+        Some(bind("--tunnel-addr", config.tunnel_addr)?)
     } else {
         None
     };
     let listeners = Listeners {
-        api: TcpListener::bind(api_addr)
-            .with_context(|| format!("cannot listen on --api-addr {api_addr}"))?,
-        metrics: TcpListener::bind(metrics_addr)
-            .with_context(|| format!("cannot listen on --metrics-addr {metrics_addr}"))?,
+        api: bind("--api-addr", api_addr)?,
+        metrics: bind("--metrics-addr", metrics_addr)?,
         tunnel,
     };
     let prepared = prepare(config, listeners).await?;

@@ -40,7 +40,12 @@ pub fn load(
             (cert, key)
         }
     };
-    Ok(gateway::tls::load(&cert_path, &key_path)?)
+    let mut material = gateway::tls::load(&cert_path, &key_path)?;
+    // The API speaks HTTP/1.1 (the embedded gateway clears this again: agents send no ALPN).
+    let mut config = (*material.server_config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    material.server_config = std::sync::Arc::new(config);
+    Ok(material)
 }
 
 fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), TlsError> {

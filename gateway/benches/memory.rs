@@ -55,10 +55,7 @@ const PREFIX: &str = "edgeplane:";
 const OPEN_WITHIN: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
-    // `cargo test --all-targets` runs bench targets too (without `--bench`): a full
-    // measurement is only wanted under `cargo bench`.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("skipped: run with `cargo bench` to measure");
+    if !testkit::bench::measuring() {
         return ExitCode::SUCCESS;
     }
     let options = match Options::parse(std::env::args().skip(1)) {
@@ -235,7 +232,7 @@ impl Gateway {
 }
 
 async fn start_gateway(redis_url: &str, cert: &TestCert) -> Gateway {
-    let mut process = GatewayProcess::spawn(&GatewayArgs {
+    let process = GatewayProcess::start(&GatewayArgs {
         id: "bench-gw".to_owned(),
         port: 0,
         redis_url: redis_url.to_owned(),
@@ -244,8 +241,8 @@ async fn start_gateway(redis_url: &str, cert: &TestCert) -> Gateway {
         key: cert.key.clone(),
         lease: LEASE.to_owned(),
         rust_log: "warn".to_owned(),
-    });
-    process.wait_ready().await;
+    })
+    .await;
     let pid = process.pid();
     eprintln!(
         "gateway (pid {pid}) ready on {}, lease {LEASE}",

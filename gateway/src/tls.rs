@@ -43,8 +43,8 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
 }
 
 /// Loads `cert` (PEM, the end-entity certificate first) and `key` (PEM) into a server
-/// configuration: aws-lc-rs, TLS 1.2 and 1.3, ALPN `http/1.1` (the gateway clears it for
-/// agents, which send none), session tickets on.
+/// configuration: aws-lc-rs, TLS 1.2 and 1.3, session tickets on, no ALPN (an HTTP server
+/// using it sets its own).
 pub fn load(cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
     let certs = read_certs(cert)?;
     let private_key = read_key(key)?;
@@ -61,7 +61,6 @@ pub fn load(cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
     // a full handshake, which matters on metered links.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
     config.send_tls13_tickets = 1;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsMaterial {
         server_config: Arc::new(config),
         fingerprint,

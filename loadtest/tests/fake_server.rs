@@ -1,4 +1,4 @@
-//! The load test end to end against the fake control plane of `edge_agent::testing`.
+//! The load test end to end against the fake control plane of `testkit::fake`.
 
 use clap::Parser as _;
 use loadtest::cli::Args;

@@ -14,7 +14,9 @@ async fn held_checkins_are_held_and_sent_once_per_interval() {
     const WINDOW_MS: u64 = 8000;
     /// The server holds an idle check-in for the interval minus 250 ms.
     const HOLD_MS: u64 = INTERVAL_MS - 250;
-    let cp = ControlPlane::builder().workers(2).start().await;
+    // As the binary runs it: one API worker per core.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cp = ControlPlane::builder().workers(workers).start().await;
     let url = cp.url.clone();
     let pid = std::process::id().to_string();
     let args = Args::try_parse_from([

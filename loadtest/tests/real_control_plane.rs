@@ -8,7 +8,9 @@ use testkit::{ControlPlane, ADMIN_KEY};
 /// Runs the load test on a fresh in-process control plane: `agents` at a 1 s interval, a 1 s
 /// ramp and a 3 s window, with `extra` flags.
 async fn run(agents: u64, extra: &[&str]) -> loadtest::report::Report {
-    let cp = ControlPlane::builder().workers(2).start().await;
+    // As the binary runs it: one API worker per core.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cp = ControlPlane::builder().workers(workers).start().await;
     let url = cp.url.clone();
     let pid = std::process::id().to_string();
     let agents = agents.to_string();

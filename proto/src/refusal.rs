@@ -5,34 +5,57 @@
 
 use std::fmt;
 
-/// The code of a refusal. [`RefusalCode::Other`] keeps a code this version does not know (a
-/// newer server), so nothing is lost in parsing.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RefusalCode {
+/// Declares the known codes once: each variant with its doc and its spelling, so the enum,
+/// [`RefusalCode::KNOWN`] and [`RefusalCode::kind`] cannot disagree.
+macro_rules! refusal_codes {
+    ($($(#[doc = $doc:literal])+ $variant:ident => $code:literal,)+) => {
+        /// The code of a refusal. [`RefusalCode::Other`] keeps a code this version does not
+        /// know (a newer server), so nothing is lost in parsing.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum RefusalCode {
+            $($(#[doc = $doc])+ $variant,)+
+            /// Any other code.
+            Other(String),
+        }
+
+        impl RefusalCode {
+            /// Every code this version knows, for tables and tests.
+            pub const KNOWN: &'static [RefusalCode] = &[$(Self::$variant,)+];
+
+            /// A fixed label (metrics, error counts); unknown codes share one.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Self::$variant => $code,)+
+                    Self::Other(_) => "refused_other",
+                }
+            }
+        }
+    };
+}
+
+refusal_codes! {
     /// The request timestamp is too far from the server clock (the answer carries it).
-    ClockSkew,
+    ClockSkew => "clock_skew",
     /// The request proof does not verify (wrong join secret).
-    BadProof,
+    BadProof => "bad_proof",
     /// The proof verifies without `AGENT_SECRET`: the agent's differs from the server's.
-    AgentSecretMismatch,
+    AgentSecretMismatch => "agent_secret_mismatch",
     /// The same request was seen before.
-    Replay,
+    Replay => "replay",
     /// The environment is bound to another Edge ID.
-    EdgeIdMismatch,
+    EdgeIdMismatch => "edge_id_mismatch",
     /// No such environment (deleted, or the key belongs elsewhere).
-    UnknownEnvironment,
+    UnknownEnvironment => "unknown_environment",
     /// The environment is unbound and the request did not carry the Edge ID.
-    EdgeIdRequired,
+    EdgeIdRequired => "edge_id_required",
     /// The server could not read the request (version mismatch?).
-    BadRequest,
+    BadRequest => "bad_request",
     /// The environment is in the other mode (standard vs async, `EDGE_ASYNC`).
-    WrongMode,
+    WrongMode => "wrong_mode",
     /// The server sheds load; retry after `retry-after`.
-    Busy,
+    Busy => "busy",
     /// The request came on a connection that carries something else (a Docker hijack).
-    Misdirected,
-    /// Any other code.
-    Other(String),
+    Misdirected => "misdirected",
 }
 
 /// How a refused request should be retried.
@@ -48,21 +71,6 @@ pub enum RetryClass {
 }
 
 impl RefusalCode {
-    /// Every code this version knows, for tables and tests.
-    pub const KNOWN: [RefusalCode; 11] = [
-        Self::ClockSkew,
-        Self::BadProof,
-        Self::AgentSecretMismatch,
-        Self::Replay,
-        Self::EdgeIdMismatch,
-        Self::UnknownEnvironment,
-        Self::EdgeIdRequired,
-        Self::BadRequest,
-        Self::WrongMode,
-        Self::Busy,
-        Self::Misdirected,
-    ];
-
     /// The code as it travels; [`RefusalCode::Other`] keeps its own text.
     pub fn as_str(&self) -> &str {
         match self {
@@ -74,27 +82,10 @@ impl RefusalCode {
     /// Reads a code; an unknown one becomes [`RefusalCode::Other`].
     pub fn parse(code: &str) -> Self {
         Self::KNOWN
-            .into_iter()
+            .iter()
             .find(|known| known.kind() == code)
+            .cloned()
             .unwrap_or_else(|| Self::Other(code.to_owned()))
-    }
-
-    /// A fixed label (metrics, error counts); unknown codes share one.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::ClockSkew => "clock_skew",
-            Self::BadProof => "bad_proof",
-            Self::AgentSecretMismatch => "agent_secret_mismatch",
-            Self::Replay => "replay",
-            Self::EdgeIdMismatch => "edge_id_mismatch",
-            Self::UnknownEnvironment => "unknown_environment",
-            Self::EdgeIdRequired => "edge_id_required",
-            Self::BadRequest => "bad_request",
-            Self::WrongMode => "wrong_mode",
-            Self::Busy => "busy",
-            Self::Misdirected => "misdirected",
-            Self::Other(_) => "refused_other",
-        }
     }
 
     pub fn retry_class(&self) -> RetryClass {
@@ -148,9 +139,17 @@ mod tests {
     #[test]
     fn every_known_code_parses_back_to_itself() {
         for code in RefusalCode::KNOWN {
-            assert_eq!(RefusalCode::parse(code.as_str()), code);
+            assert_eq!(&RefusalCode::parse(code.as_str()), code);
             assert_eq!(code.to_string(), code.as_str());
         }
+        let mut spellings: Vec<&str> = RefusalCode::KNOWN.iter().map(RefusalCode::kind).collect();
+        spellings.sort_unstable();
+        spellings.dedup();
+        assert_eq!(
+            spellings.len(),
+            RefusalCode::KNOWN.len(),
+            "two codes spelled alike"
+        );
     }
 
     #[test]

@@ -5,17 +5,21 @@ use std::fmt;
 /// The underlying error of a failed store call (a redb, Redis, I/O or JSON error).
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// `Display` names the cause after the context (`store backend unavailable: redis
+/// subscribe: Connection refused`), so a log line or an API answer that prints only the error
+/// still says what failed underneath; `source()` gives the cause itself to code that needs it.
+/// The binaries print errors on one line, never the chain, so nothing is said twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend could not be reached or failed; a retry may help.
-    #[error("store backend unavailable: {context}{}", Suffix(.source))]
+    #[error("store backend unavailable: {}", Detail(.context, .source))]
     Unavailable {
         context: String,
         #[source]
         source: Option<Cause>,
     },
     /// Stored data could not be read back; a retry will not help.
-    #[error("store data is corrupt: {context}{}", Suffix(.source))]
+    #[error("store data is corrupt: {}", Detail(.context, .source))]
     Corrupt {
         context: String,
         #[source]
@@ -59,6 +63,17 @@ impl StoreError {
         }
     }
 
+    /// The error without its kind: the context and the cause (`redis subscribe: Connection
+    /// refused`), for messages that name the kind in their own words.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Unavailable { context, source } | Self::Corrupt { context, source } => {
+                Detail(context, source).to_string()
+            }
+            Self::Conflict(message) => message.clone(),
+        }
+    }
+
     /// Whether trying again soon may succeed (the backend may come back; corrupt data and
     /// broken rules stay as they are).
     pub fn retry_may_help(&self) -> bool {
@@ -66,15 +81,15 @@ impl StoreError {
     }
 }
 
-/// `": <cause>"` when there is one: the message names the cause, so a log line that prints
-/// only the error still says what failed underneath.
-struct Suffix<'a>(&'a Option<Cause>);
+/// `context: cause`, or either alone when the other is empty or missing.
+struct Detail<'a>(&'a str, &'a Option<Cause>);
 
-impl fmt::Display for Suffix<'_> {
+impl fmt::Display for Detail<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(cause) => write!(f, ": {cause}"),
-            None => Ok(()),
+        match (self.0, self.1) {
+            ("", Some(cause)) => write!(f, "{cause}"),
+            (context, Some(cause)) => write!(f, "{context}: {cause}"),
+            (context, None) => f.write_str(context),
         }
     }
 }
@@ -97,6 +112,10 @@ mod tests {
             Some("connection refused")
         );
         assert!(e.retry_may_help());
+        assert_eq!(e.detail(), "redis GET settings: connection refused");
+        // A backend's own error needs no context of ours.
+        let e = StoreError::unavailable_by("", std::io::Error::other("broken pipe"));
+        assert_eq!(e.to_string(), "store backend unavailable: broken pipe");
         let e = StoreError::corrupt("settings: not JSON");
         assert_eq!(e.to_string(), "store data is corrupt: settings: not JSON");
         assert!(e.source().is_none());

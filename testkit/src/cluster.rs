@@ -110,7 +110,7 @@ impl ClusterBuilder {
         let mut gateways = Vec::with_capacity(self.gateways);
         if let Some(redis) = &redis {
             for i in 0..self.gateways {
-                gateways.push(GatewayProcess::spawn(&GatewayArgs {
+                let args = GatewayArgs {
                     id: format!("gw-{i}"),
                     port: 0,
                     redis_url: redis.url(),
@@ -119,10 +119,8 @@ impl ClusterBuilder {
                     key: cert.key.clone(),
                     lease: self.lease.clone(),
                     rust_log: "info".to_owned(),
-                }));
-            }
-            for gw in &mut gateways {
-                gw.wait_ready().await;
+                };
+                gateways.push(GatewayProcess::start(&args).await);
             }
         }
         let observer = match &redis {
@@ -134,7 +132,8 @@ impl ClusterBuilder {
             None => None,
         };
         if let Some(store) = &observer {
-            let want: Vec<String> = gateways.iter().map(|g| g.id.clone()).collect();
+            let mut want: Vec<String> = gateways.iter().map(|g| g.id.clone()).collect();
+            want.sort();
             eventually(
                 Duration::from_secs(10),
                 "every gateway registered",

@@ -15,6 +15,14 @@ use crate::wait::{free_port, listener};
 
 type Tweak = Box<dyn FnOnce(&mut Config) + Send>;
 
+/// Starts of the binary tried before giving up.
+const START_ATTEMPTS: usize = 3;
+/// How long opening the store and preparing TLS may take.
+const PREPARE_WITHIN: Duration = Duration::from_secs(30);
+/// How long dropping a control plane waits for it to stop (heartbeats flushed, store closed)
+/// before its data dir is removed.
+const STOP_WITHIN: Duration = Duration::from_secs(20);
+
 /// How a [`ControlPlane`] is started; [`ControlPlane::builder`].
 #[must_use]
 pub struct CpBuilder {
@@ -72,8 +80,44 @@ impl CpBuilder {
     }
 
     /// Starts it on its own thread and returns once it is prepared (store open, certificate
-    /// in place, listeners bound); it may not answer `/readyz` yet. Blocking.
+    /// in place, listeners bound); it may not answer `/readyz` yet. Blocking: for callers
+    /// without a runtime (benches); tests use [`CpBuilder::start`].
     pub fn spawn(self) -> ControlPlane {
+        let (cp, prepared) = self.launch();
+        match prepared.recv_timeout(PREPARE_WITHIN) {
+            Ok(Ok(())) => cp,
+            Ok(Err(e)) => panic!("control plane did not prepare: {e}"),
+            Err(e) => panic!("control plane did not prepare in {PREPARE_WITHIN:?}: {e}"),
+        }
+    }
+
+    /// [`CpBuilder::spawn`] without blocking the caller's runtime, then waits until it
+    /// answers `/readyz`.
+    pub async fn start(self) -> ControlPlane {
+        let (cp, prepared) = self.launch();
+        let deadline = tokio::time::Instant::now() + PREPARE_WITHIN;
+        loop {
+            match prepared.try_recv() {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => panic!("control plane did not prepare: {e}"),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!("control plane thread ended before it was prepared")
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "control plane did not prepare in {PREPARE_WITHIN:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        api::wait_ready(&cp.metrics_url).await;
+        cp
+    }
+
+    /// The thread, and where it says whether preparing worked.
+    fn launch(self) -> (ControlPlane, std::sync::mpsc::Receiver<Result<(), String>>) {
         install_crypto();
         let (tmp, dir) = match self.dir {
             Some(dir) => (None, dir),
@@ -133,12 +177,7 @@ impl CpBuilder {
                 });
             })
             .expect("spawn the control plane thread");
-        match ready_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("control plane did not prepare: {e}"),
-            Err(e) => panic!("control plane did not prepare in 30 s: {e}"),
-        }
-        ControlPlane {
+        let cp = ControlPlane {
             url,
             metrics_url: format!("http://{metrics_addr}"),
             data_dir: dir,
@@ -147,14 +186,8 @@ impl CpBuilder {
             _tmp: tmp,
             stop: Some(stop),
             thread: Some(thread),
-        }
-    }
-
-    /// [`CpBuilder::spawn`], then waits until it answers `/readyz`.
-    pub async fn start(self) -> ControlPlane {
-        let cp = self.spawn();
-        api::wait_ready(&cp.metrics_url).await;
-        cp
+        };
+        (cp, ready_rx)
     }
 }
 
@@ -225,11 +258,11 @@ impl ControlPlane {
     pub async fn stop(mut self) {
         self.signal_stop();
         if let Some(thread) = self.thread.take() {
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + STOP_WITHIN;
             while !thread.is_finished() {
                 assert!(
                     Instant::now() < deadline,
-                    "the control plane did not stop within 20 s"
+                    "the control plane did not stop within {STOP_WITHIN:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -264,8 +297,21 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        // Asks it to stop; never blocks a failing test's unwinding on it.
         self.signal_stop();
+        // Waits (bounded) so that it is gone before its data dir, and before what it uses
+        // (Redis, gateways) is dropped after it; a failing test's unwinding is never held up.
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + STOP_WITHIN;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -277,11 +323,31 @@ pub struct CpProcess {
 }
 
 impl CpProcess {
+    /// Starts the binary on a free API port, with `extra` flags, and waits until it is ready.
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
-        Self::spawn_at(data_dir, free_port(), extra).await
+        Self::start_retrying(data_dir, None, extra).await
     }
 
+    /// Starts the binary on `api_port` and waits until it is ready.
     pub async fn spawn_at(data_dir: &Path, api_port: u16, extra: &[&str]) -> Self {
+        Self::start_retrying(data_dir, Some(api_port), extra).await
+    }
+
+    /// A process that exits before it is ready (a port picked free was taken meanwhile) is
+    /// started again on other free ports, at most a few times.
+    async fn start_retrying(data_dir: &Path, api_port: Option<u16>, extra: &[&str]) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let api_port = api_port.unwrap_or_else(free_port);
+            match Self::try_start(data_dir, api_port, extra).await {
+                Ok(p) => return p,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("control-plane did not start: {failures:#?}");
+    }
+
+    async fn try_start(data_dir: &Path, api_port: u16, extra: &[&str]) -> Result<Self, String> {
         let metrics_port = free_port();
         let child = Command::new(bin("control-plane"))
             .args(["--data-dir", &data_dir.display().to_string()])
@@ -294,13 +360,28 @@ impl CpProcess {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn control-plane");
-        let p = Self {
+        let mut p = Self {
             url: format!("https://127.0.0.1:{api_port}"),
             metrics_url: format!("http://127.0.0.1:{metrics_port}"),
             child,
         };
-        api::wait_ready(&p.metrics_url).await;
-        p
+        let client = api::http();
+        let readyz = format!("{}/readyz", p.metrics_url);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                return Err(format!("exited with {status} before it was ready"));
+            }
+            if let Ok(r) = client.get(&readyz).send().await {
+                if r.status().is_success() {
+                    return Ok(p);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("not ready within 10 s".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Restarts on the api port in `token` (agents keep calling the same URL).

@@ -35,7 +35,25 @@ pub struct GatewayProcess {
     _dir: tempfile::TempDir,
 }
 
+/// Starts tried before giving up, when a process exits before it is ready (another process
+/// took a port picked a moment earlier).
+const START_ATTEMPTS: usize = 3;
+
 impl GatewayProcess {
+    /// Spawns it and waits until it serves. A process that exits first (a port picked free
+    /// was taken meanwhile) is started again on other ports, at most a few times.
+    pub async fn start(args: &GatewayArgs) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let mut gw = Self::spawn(args);
+            match gw.ready().await {
+                Ok(()) => return gw,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("gateway {} did not start: {failures:#?}", args.id);
+    }
+
     /// Spawns it; [`GatewayProcess::wait_ready`] waits until it serves.
     pub fn spawn(args: &GatewayArgs) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for the gateway");
@@ -90,28 +108,35 @@ impl GatewayProcess {
     /// Waits for `/readyz` (store reachable, listeners bound); panics with the log if the
     /// process exits or does not get ready in 20 s.
     pub async fn wait_ready(&mut self) {
+        if let Err(why) = self.ready().await {
+            panic!("{why}");
+        }
+    }
+
+    async fn ready(&mut self) -> Result<(), String> {
         let client = http();
         let url = format!("http://{}/readyz", self.metrics);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "gateway {} exited with {status} before ready:\n{}",
                     self.id,
                     self.log()
-                );
+                ));
             }
             if let Ok(r) = client.get(&url).send().await {
                 if r.status().is_success() {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "gateway {} not ready in 20 s:\n{}",
-                self.id,
-                self.log()
-            );
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "gateway {} not ready in 20 s:\n{}",
+                    self.id,
+                    self.log()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

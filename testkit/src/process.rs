@@ -11,14 +11,6 @@ use parking_lot::Mutex;
 
 use crate::wait::wait_exit;
 
-/// The package each binary belongs to.
-fn package_of(bin: &str) -> &str {
-    match bin {
-        "control-plane" | "tunnel-gateway" | "edge-agent" | "loadtest" => bin,
-        other => panic!("{other} is not a binary of this workspace"),
-    }
-}
-
 /// The target directory of the running test (`<target>/<profile>`), from its own path
 /// (`<target>/<profile>/deps/<test>` or `<target>/<profile>/examples/<name>`).
 fn profile_dir() -> PathBuf {
@@ -30,11 +22,10 @@ fn profile_dir() -> PathBuf {
     }
 }
 
-/// The path of workspace binary `name` of the test's own profile. `cargo test --workspace`
-/// (and `cargo test -p <its package>`) builds it first. Building it from inside a test would
-/// run a second cargo with other features under the running one, so a binary that is missing,
-/// or older than a source it is built from, fails the test with
-/// the command that builds it.
+/// The path of workspace binary `name` of the test's own profile; `cargo test --workspace`
+/// builds every one first. Building it from inside a test would run a second cargo, with other
+/// features, under the running one; so a binary that is missing, or older than a source it is
+/// built from, fails the test with the command that builds it.
 pub fn bin(name: &str) -> PathBuf {
     static CHECKED: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
@@ -44,17 +35,15 @@ pub fn bin(name: &str) -> PathBuf {
     }
     let dir = profile_dir();
     let path = dir.join(name);
+    let _ = sources_of(name); // an unknown name fails here, not as "not built"
     let release = dir.file_name().and_then(|n| n.to_str()) == Some("release");
-    let build = format!(
-        "cargo build{} -p {} --bin {name}{}",
-        if release { " --release" } else { "" },
-        package_of(name),
-        if release {
-            ""
-        } else {
-            " (or run the whole `cargo test --workspace`)"
-        },
-    );
+    // The whole workspace: `-p <package>` would build it with other features (the store's
+    // backends are unified across the workspace) and may leave an older copy in place.
+    let build = if release {
+        "cargo build --release --workspace --bins"
+    } else {
+        "cargo test --workspace --no-run (or the whole `cargo test --workspace`)"
+    };
     assert!(path.exists(), "{} is not built: {build}", path.display());
     if let Some(newer) = newer_source(&path, name) {
         panic!(
@@ -67,16 +56,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A source file `binary` is built from that changed after it was built (its crate's and
-/// its workspace dependencies' `src/`; `tests.rs` files are test-only modules).
+/// A source file `binary` is built from that changed after it was built: Rust and Lua files
+/// of its crate's and its workspace dependencies' `src/` (`tests.rs` files are test-only
+/// modules). A file changed after this test was built too is left to cargo: the test itself
+/// is older than it, and the next `cargo test` rebuilds both.
 fn newer_source(binary: &Path, name: &str) -> Option<PathBuf> {
     let built = modified(binary)?;
+    let test_built = std::env::current_exe().ok().as_deref().and_then(modified);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     sources_of(name)
         .iter()
         .flat_map(|krate| files(&root.join(krate).join("src")))
-        .filter(|f| f.file_name().and_then(|n| n.to_str()) != Some("tests.rs"))
-        .find(|f| modified(f).is_some_and(|m| m > built))
+        .filter(|f| {
+            let ext = f.extension().and_then(|e| e.to_str());
+            matches!(ext, Some("rs" | "lua"))
+                && f.file_name().and_then(|n| n.to_str()) != Some("tests.rs")
+        })
+        .find(|f| modified(f).is_some_and(|m| m > built && test_built.is_none_or(|t| m <= t)))
 }
 
 /// The workspace crates a binary is built from.
@@ -86,7 +82,7 @@ fn sources_of(bin: &str) -> &'static [&'static str] {
         "tunnel-gateway" => &["proto", "store", "gateway", "tunnel-gateway"],
         "edge-agent" => &["proto", "edge-agent"],
         "loadtest" => &["proto", "edge-agent", "loadtest"],
-        _ => &[],
+        other => panic!("{other} is not a binary of this workspace"),
     }
 }
 
@@ -131,12 +127,48 @@ pub fn terminate(child: &mut Child, grace: Duration) -> bool {
     graceful
 }
 
-/// A child process killed (and reaped) on drop, so a failing test leaves nothing behind.
-pub struct ChildGuard(pub Child);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    /// The crates each binary is checked against are the workspace crates its package
+    /// depends on, directly or not (read from the manifests, so a new dependency cannot be
+    /// forgotten here).
+    #[test]
+    fn sources_follow_the_manifests() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let workspace = ["proto", "store", "gateway", "control-plane", "edge-agent"];
+        let deps_of = |krate: &str| -> Vec<&'static str> {
+            let manifest = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
+            let normal = manifest
+                .split("\n[")
+                .find(|section| section.starts_with("dependencies]"))
+                .unwrap_or_default();
+            workspace
+                .iter()
+                .copied()
+                .filter(|dep| {
+                    normal.lines().any(|l| {
+                        l.starts_with(&format!("{dep} ")) || l.starts_with(&format!("{dep}."))
+                    })
+                })
+                .collect()
+        };
+        for bin in ["control-plane", "tunnel-gateway", "edge-agent", "loadtest"] {
+            let mut want = vec![bin];
+            let mut i = 0;
+            while i < want.len() {
+                for dep in deps_of(want[i]) {
+                    if !want.contains(&dep) {
+                        want.push(dep);
+                    }
+                }
+                i += 1;
+            }
+            want.sort_unstable();
+            let mut have = sources_of(bin).to_vec();
+            have.sort_unstable();
+            assert_eq!(have, want, "sources_of({bin:?})");
+        }
     }
 }

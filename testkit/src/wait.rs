@@ -6,8 +6,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-/// How often a condition is polled.
-const POLL: Duration = Duration::from_millis(25);
+/// How often [`eventually`] polls: its conditions are usually HTTP calls on new connections.
+const POLL: Duration = Duration::from_millis(100);
+/// How often [`until`] polls: its conditions are usually reads of memory.
+const POLL_FAST: Duration = Duration::from_millis(10);
 
 /// Polls `check` until it returns `Some`, at most `within`; panics naming `what` otherwise.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
@@ -28,17 +30,20 @@ where
     }
 }
 
-/// Polls `cond` until it holds, at most `within`.
+/// Polls `cond` until it holds, at most `within`; panics naming `what` otherwise.
 pub async fn until<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    eventually(within, what, || {
-        let fut = cond();
-        async move { fut.await.then_some(()) }
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL_FAST).await;
+    }
 }
 
 /// Runs a test body, failing it if it takes longer than `limit`.

@@ -176,8 +176,8 @@ fn db_err(e: impl Into<redb::Error>) -> StoreError {
         | redb::Error::TableTypeMismatch { .. }
         | redb::Error::TypeDefinitionChanged { .. }
         | redb::Error::TableIsMultimap(_)
-        | redb::Error::TableIsNotMultimap(_) => StoreError::corrupt_by("redb", e),
-        other => StoreError::unavailable_by("redb", other),
+        | redb::Error::TableIsNotMultimap(_) => StoreError::corrupt_by("", e),
+        other => StoreError::unavailable_by("", other),
     }
 }
 

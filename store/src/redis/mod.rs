@@ -205,9 +205,9 @@ impl Backend for RedisStore {
 /// prefix, or a bug); everything else is the backend failing and may pass.
 fn redis_err(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::UnexpectedReturnType || e.code() == Some("WRONGTYPE") {
-        StoreError::corrupt_by("redis", e)
+        StoreError::corrupt_by("", e)
     } else {
-        StoreError::unavailable_by("redis", e)
+        StoreError::unavailable_by("", e)
     }
 }
 
