@@ -181,61 +181,7 @@ pub fn client_config_with_roots(
 /// Accepts exactly the certificate whose SHA-256 is pinned (the tunnel gateways'); anything
 /// else fails with [`rustls::CertificateError::ApplicationVerificationFailure`], which
 /// [`is_certificate_rejection`] recognises.
-#[derive(Debug)]
-pub struct PinnedVerifier {
-    pinned: [u8; 32],
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl PinnedVerifier {
-    pub fn new(pinned: [u8; 32], provider: &CryptoProvider) -> Self {
-        Self {
-            pinned,
-            algorithms: provider.signature_verification_algorithms,
-        }
-    }
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if fingerprint(end_entity) == self.pinned {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
+pub use proto::pin::PinnedVerifier;
 
 /// The client configuration for tunnels: the gateway certificate must be the one pinned in
 /// the join token. No ALPN.
@@ -258,10 +204,7 @@ pub fn is_certificate_rejection(e: &std::io::Error) -> bool {
         .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)))
 }
 
-/// SHA-256 of a certificate's DER, as join tokens carry it.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
-    Sha256::digest(cert.as_ref()).into()
-}
+pub use proto::pin::fingerprint;
 
 #[cfg(test)]
 mod tests {

@@ -1,17 +1,13 @@
 //! TLS material shared by every process that terminates agents' TLS (the control plane's API
 //! and embedded gateway, the `tunnel-gateway` binary): a certificate and key loaded from PEM
 //! files into a server configuration, and its fingerprint, which join keys carry and agents
-//! pin. Also the client side of that pin, for dial sessions between replicas and gateways.
+//! pin. The pin itself (the fingerprint, the client side) is `proto::pin`, re-exported here.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -37,10 +33,7 @@ pub struct TlsMaterial {
     pub cert_path: PathBuf,
 }
 
-/// SHA-256 of a certificate's DER: the form join keys carry.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
-    Sha256::digest(cert.as_ref()).into()
-}
+pub use proto::pin::fingerprint;
 
 /// Loads `cert` (PEM, the end-entity certificate first) and `key` (PEM) into a server
 /// configuration: aws-lc-rs, TLS 1.2 and 1.3, session tickets on, no ALPN (an HTTP server
@@ -102,74 +95,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         })
 }
 
-/// Accepts exactly the certificate whose SHA-256 (DER) is the pinned fingerprint, and checks
-/// the handshake signature with it (so the peer holds its private key).
-#[derive(Debug)]
-struct PinnedCert {
-    fingerprint: [u8; 32],
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // Not a secret: the fingerprint is in every join key and the certificate is public.
-        if fingerprint(end_entity) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// A TLS client configuration (aws-lc-rs, TLS 1.2/1.3, no ALPN) that accepts exactly the
-/// certificate with this SHA-256 (DER) fingerprint. Used for dial sessions; agents (and
-/// tests) can use it for their tunnels too.
-pub fn pinned_client_config(
-    fingerprint: [u8; 32],
-) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = PinnedCert {
-        fingerprint,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
+pub use proto::pin::pinned_client_config;
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,8 @@
 //! * [`wire`]: the messages, as plain serde types.
 //! * [`codec`]: the only place that knows how messages become bytes (bincode 2, serde mode),
 //!   with a protocol version byte and a decode size limit.
+//! * [`pin`] (feature `pin`): the certificate fingerprint of join keys and the rustls
+//!   verifier that accepts exactly that certificate.
 //! * [`proof`]: how an agent proves it holds the join secret without sending it.
 //! * [`refusal`]: the codes of refused requests, with their retry class.
 //! * [`seal`]: the AEAD that protects one-time tunnel credentials for one agent.
@@ -21,6 +23,8 @@ pub mod clock;
 pub mod codec;
 #[cfg(feature = "mux")]
 pub mod mux;
+#[cfg(feature = "pin")]
+pub mod pin;
 pub mod proof;
 pub mod refusal;
 pub mod seal;
