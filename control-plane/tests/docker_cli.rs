@@ -148,6 +148,27 @@ async fn the_docker_cli_works_through_the_tunnel() {
     let _ = events.kill().await;
     docker.ok(&["rm", "-f", "ep-follow"]).await;
 
+    // A bodiless answer (204 to DELETE) is followed by nothing but the next answer on the same
+    // connection: no chunked terminator in between.
+    docker
+        .ok(&["create", "--name", "ep-raw", IMAGE, "true"])
+        .await;
+    let delete = format!(
+        "DELETE /api/endpoints/{id}/docker/containers/ep-raw?force=1 HTTP/1.1\r\nHost: cp\r\n\
+         X-API-Key: {ADMIN_KEY}\r\n\r\n\
+         GET /api/endpoints/{id}/docker/_ping HTTP/1.1\r\nHost: cp\r\nX-API-Key: {ADMIN_KEY}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let answer = testkit::api::raw_https(&cp.url, delete.as_bytes()).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let (_, after_head) = answer.split_once("\r\n\r\n").expect("a complete head");
+    assert!(
+        after_head.starts_with("HTTP/1.1 200"),
+        "bytes between the 204 and the next answer: {after_head:?}"
+    );
+    assert!(after_head.ends_with("OK"), "{after_head:?}");
+
     docker.ok(&["stop", "-t", "1", "ep-web"]).await;
     docker.ok(&["rm", "ep-web"]).await;
     let all = docker.ok(&["ps", "-a"]).await;

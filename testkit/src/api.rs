@@ -152,3 +152,37 @@ pub async fn wait_ready(metrics_url: &str) {
     }
     panic!("{metrics_url} did not become ready in 10 s");
 }
+
+/// Writes `request` (raw HTTP/1.1 bytes, possibly several pipelined requests, the last with
+/// `Connection: close`) to the HTTPS server at `base_url` on one connection and returns every
+/// byte it answers until it closes (at most 30 s): for tests of framing, which a client library
+/// would smooth over.
+pub async fn raw_https(base_url: &str, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    install_crypto();
+    let url = url::Url::parse(base_url).expect("base url");
+    let host = url.host_str().expect("host").to_owned();
+    let port = url.port().expect("port");
+    // Any certificate: this is about bytes, not trust.
+    let tls = edge_agent::tls::client_config([0; 32], true).expect("tls client config");
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(host).expect("server name");
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    stream.write_all(request).await.expect("write request");
+    stream.flush().await.expect("flush");
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out)).await;
+    match read {
+        Ok(Ok(_)) => {}
+        // A close without close_notify still ends the answer.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Ok(Err(e)) => panic!("reading the answer: {e}"),
+        Err(_) => panic!("the server kept the connection open for 30 s"),
+    }
+    out
+}

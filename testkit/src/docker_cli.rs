@@ -71,7 +71,9 @@ impl DockerCli {
         self.run_with(args, None).await
     }
 
-    /// Runs and expects success; returns stdout.
+    /// Runs and expects success, and no complaint of the CLI about the bytes it got (an
+    /// answer framed wrong shows as `Unsolicited response received on idle HTTP channel`);
+    /// returns stdout.
     pub async fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args).await;
         assert!(
@@ -79,6 +81,11 @@ impl DockerCli {
             "docker {args:?} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("Unsolicited response"),
+            "docker {args:?}: an answer was framed wrong: {stderr}"
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

@@ -64,6 +64,13 @@ pub async fn proxy(
             res.append_header((n, v));
         }
     }
+    if !has_body(status) {
+        // 204, 304 and 1xx carry no body: no framing may follow the head (a chunked
+        // terminator there is read by the client as the start of an unsolicited next
+        // response, and corrupts the connection's next exchange). HEAD is actix's to handle:
+        // it keeps the length and sends no body.
+        return Ok(res.finish());
+    }
     let stream = BodyDataStream::new(body).map(|r: Result<Bytes, hyper::Error>| {
         r.map_err(|e| actix_web::error::ErrorBadGateway(e.to_string()))
     });
@@ -71,4 +78,28 @@ pub async fn proxy(
         Some(n) => res.body(actix_web::body::SizedStream::new(n, stream)),
         None => res.streaming(stream),
     })
+}
+
+/// Whether an answer with `status` can have a body at all (RFC 9110 6.4.1: never 1xx, 204
+/// and 304).
+fn has_body(status: actix_web::http::StatusCode) -> bool {
+    use actix_web::http::StatusCode;
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::StatusCode;
+
+    #[test]
+    fn bodiless_answers_are_known() {
+        assert!(!has_body(StatusCode::NO_CONTENT));
+        assert!(!has_body(StatusCode::NOT_MODIFIED));
+        assert!(!has_body(StatusCode::SWITCHING_PROTOCOLS));
+        assert!(has_body(StatusCode::OK));
+        assert!(has_body(StatusCode::CREATED));
+    }
 }
