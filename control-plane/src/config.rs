@@ -44,8 +44,13 @@ pub enum TlsSource {
 pub struct Limits {
     /// How often heartbeats are written behind to the store.
     pub heartbeat_flush: Duration,
-    /// Mailbox capacity of one environment actor; a full mailbox answers 503.
+    /// Check-ins (and uploads) of one environment in the actor's hands at once, and its
+    /// mailbox capacity; over it the agent is answered 503 `busy`. Only requests that passed
+    /// the cheap checks (proof, clock) count; held ones give their slot back once held.
     pub actor_mailbox: usize,
+    /// Check-ins of one environment held at once (a swarm shares one environment); over it
+    /// a check-in is answered at once instead of held.
+    pub held_per_env: usize,
     /// An environment actor with no message for this long stops (its state is in the store).
     pub actor_idle: Duration,
     /// Unknown environment ids remembered to refuse repeated probes without a store read.
@@ -69,6 +74,7 @@ impl Default for Limits {
         Self {
             heartbeat_flush: Duration::from_secs(1),
             actor_mailbox: 64,
+            held_per_env: 1024,
             actor_idle: Duration::from_secs(600),
             negative_cache: 10_000,
             keep_alive: Duration::from_secs(120),

@@ -288,3 +288,86 @@ async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
     assert!(e["lastCheckIn"].is_string());
     cp.stop().await;
 }
+
+#[actix_web::test]
+async fn frames_without_the_key_never_take_an_environments_slots() {
+    // No room at all: anything that reached the bound would be 503. Frames signed with another
+    // key are refused by the cheap checks before that, with what is wrong with them.
+    let cp = ControlPlane::start_with(|c| c.limits.actor_mailbox = 0).await;
+    let edge = Uuid::new_v4();
+    // Pre-assigned: bound without a check-in (which could not get through here).
+    let (_, token) = create(&cp, json!({"name": "k", "edgeId": edge})).await;
+    let wrong = JoinSecret::generate();
+    for _ in 0..50 {
+        let (s, v) = raw(&cp, frame(&token, &wrong, edge, now_ms())).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("bad_proof"))
+        );
+    }
+    // A skewed clock, too, is told so rather than busy.
+    let (s, v) = raw(
+        &cp,
+        frame(&token, &token.secret, edge, now_ms() - 3_600_000),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("clock_skew"))
+    );
+    // ... while the real agent's check-ins and uploads do reach the bound (and are busy here:
+    // uploads count like check-ins, none queue).
+    let mut agent = client(&token, edge, None);
+    assert!(matches!(
+        agent.checkin().await,
+        Err(CheckinError::Busy { .. })
+    ));
+    let snapshot = proto::snapshot::compress(&proto::snapshot::Snapshot::default()).unwrap();
+    match agent.upload_snapshot(&snapshot).await {
+        Err(CheckinError::Busy { .. }) => {}
+        other => panic!("expected busy, got {other:?}"),
+    }
+    // An upload from another Edge ID is refused before the bound, as a mismatch.
+    let mut other = client(&token, Uuid::new_v4(), None);
+    match other.upload_snapshot(&snapshot).await {
+        Err(CheckinError::Refused { code, .. }) => assert_eq!(code, RefusalCode::EdgeIdMismatch),
+        got => panic!("expected a refusal, got {got:?}"),
+    }
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn a_swarm_of_held_check_ins_leaves_room_for_the_next_one() {
+    // Two slots; many agents of one swarm (one environment, one Edge ID) holding check-ins at
+    // once. Holds give their slot back, so nobody is told busy.
+    let cp = ControlPlane::start_with(|c| c.limits.actor_mailbox = 2).await;
+    let (_, token) = create(&cp, json!({"name": "swarm"})).await;
+    let edge = Uuid::new_v4();
+    client(&token, edge, None).checkin().await.unwrap();
+    // One after another (so no two reach the bound at the same instant): each is held and
+    // gives its slot back; before, the third would have been told busy.
+    let mut nodes = Vec::new();
+    for n in 1..=20 {
+        let mut node = client(&token, edge, None);
+        // The first check-in of a process tells the server who it is (answered at once); the
+        // next one is held.
+        node.checkin().await.unwrap();
+        nodes.push(actix_web::rt::spawn(async move {
+            node.checkin_via(edge_agent::CheckinRoute::Held).await
+        }));
+        testkit::eventually(Duration::from_secs(10), "the check-in held", || async {
+            let held = cp
+                .metric("edgeplane_checkin_requests_total{result=\"held\"}")
+                .await;
+            (held >= f64::from(n)).then_some(())
+        })
+        .await;
+    }
+    // Every node is held, and a plain check-in still gets through at once.
+    let out = client(&token, edge, None).checkin().await.unwrap();
+    assert_eq!(out.status, EdgeStatus::Idle);
+    for node in nodes {
+        node.abort();
+    }
+    cp.stop().await;
+}

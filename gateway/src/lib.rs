@@ -67,6 +67,7 @@
 //!
 //! Must never know: byte layouts (those are `proto`'s), store key names, HTTP.
 
+pub mod admission;
 mod agent;
 mod dial;
 mod lease;

@@ -36,7 +36,7 @@ pub(super) struct EnvActor {
 
 impl EnvActor {
     pub(super) fn new(state: EnvState, fleet: Arc<Fleet>) -> Self {
-        let held = HeldQueue::new(fleet.limits.actor_mailbox);
+        let held = HeldQueue::new(fleet.limits.held_per_env);
         Self { state, fleet, held }
     }
 
@@ -390,21 +390,26 @@ impl Handler<SetRequired> for EnvActor {
     }
 }
 
-/// Verifies a signed upload against this environment's keys and binding.
+/// Verifies a signed upload against this environment's keys and binding; the answer goes back
+/// on `reply`, so the sender can use `try_send` and fail fast on a full mailbox.
 #[derive(Message)]
-#[rtype(result = "Result<(), super::Refusal>")]
+#[rtype(result = "()")]
 pub(super) struct VerifyUpload {
     pub frame: Bytes,
     pub edge_id: uuid::Uuid,
     pub timestamp_ms: u64,
+    pub reply: oneshot::Sender<Result<(), super::Refusal>>,
 }
 
 impl Handler<VerifyUpload> for EnvActor {
-    type Result = Result<(), super::Refusal>;
+    type Result = ();
 
-    fn handle(&mut self, msg: VerifyUpload, _ctx: &mut Self::Context) -> Self::Result {
-        self.state
-            .verify_upload(&msg.frame, msg.edge_id, msg.timestamp_ms, now_ms())
+    fn handle(&mut self, msg: VerifyUpload, _ctx: &mut Self::Context) {
+        let result = self
+            .state
+            .verify_upload(&msg.frame, msg.edge_id, msg.timestamp_ms, now_ms());
+        // The requester may have given up (timeout); nothing to do then.
+        let _ = msg.reply.send(result);
     }
 }
 

@@ -22,7 +22,7 @@ use crate::config::Limits;
 use crate::metrics::{AgentStats, Metrics};
 pub use actor::CREDENTIALS_TTL;
 use actor::{CheckinMsg, EnvActor, Reload, Shutdown, TunnelEvent, WantTunnel};
-pub use state::{liveness, Answer, CheckinKind, Liveness, Refusal};
+pub use state::{liveness, Answer, CheckinKind, Liveness, Refusal, SharedGate};
 
 /// Held check-ins are answered this long before the agent's interval ends, so the agent's
 /// next check-in (at send time + interval) never waits for a late answer.
@@ -111,6 +111,19 @@ impl Defaults {
 struct Handle {
     addr: Addr<EnvActor>,
     in_flight: Arc<AtomicUsize>,
+    /// The environment's keys and binding, to refuse a request before it counts.
+    gate: SharedGate,
+}
+
+impl Handle {
+    /// Takes one of the environment's in-flight slots (`None` when they are all taken).
+    fn slot(&self, bound: usize) -> Option<InFlight> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= bound {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(InFlight(Arc::clone(&self.in_flight)))
+    }
 }
 
 /// Decrements an in-flight count when the check-in ends, however it ends.
@@ -292,14 +305,24 @@ impl Fleet {
     ) -> Result<Answer, CheckinError> {
         let id = req.endpoint_id;
         let handle = self.actor(id).await?;
-        if handle.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limits.actor_mailbox {
-            handle.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(CheckinError::Busy(id));
+        let now = now_ms();
+        // What is cheap to check first: a frame without the join secret is refused here and
+        // never takes one of the environment's slots, so it cannot make the real agent busy.
+        let precheck = handle
+            .gate
+            .read()
+            .check_checkin(&req, &frame, now)
+            .map(|_| ());
+        if let Err(refusal) = precheck {
+            return Err(self.refused_early(id, refusal));
         }
-        let _in_flight = InFlight(Arc::clone(&handle.in_flight));
+        // The slot bounds the actor's queue; a held check-in gives it back once the actor has
+        // answered, so holds (bounded on their own) never use up the slots bursts need.
+        let in_flight = handle
+            .slot(self.limits.actor_mailbox)
+            .ok_or(CheckinError::Busy(id))?;
         let addr = handle.addr;
         let (tx, rx) = oneshot::channel();
-        let now = now_ms();
         let hold_for =
             Duration::from_secs(u64::from(req.interval_secs)).saturating_sub(HOLD_MARGIN);
         let msg = CheckinMsg {
@@ -323,6 +346,7 @@ impl Fleet {
             Ok(Ok(result)) => result,
             _ => Err(CheckinError::Busy(id)),
         };
+        drop(in_flight);
         let result = match result {
             Ok(actor::Reply {
                 answer,
@@ -346,6 +370,16 @@ impl Fleet {
             Err(_) => {}
         }
         result
+    }
+
+    /// Counts a refusal decided before the actor, as the actor counts its own.
+    fn refused_early(&self, id: EnvId, refusal: Refusal) -> CheckinError {
+        self.stats.refused(id);
+        self.metrics
+            .checkins
+            .with_label_values(&[refusal.code().kind()])
+            .inc();
+        CheckinError::Refused(refusal)
     }
 
     async fn actor(self: &Arc<Self>, id: EnvId) -> Result<Handle, CheckinError> {
@@ -390,9 +424,11 @@ impl Fleet {
                 started = true;
                 self.metrics.actor_starts.inc();
                 self.metrics.actors.inc();
+                let gate = state.gate();
                 Handle {
                     addr: EnvActor::new(state, Arc::clone(self)).start(),
                     in_flight: Arc::new(AtomicUsize::new(0)),
+                    gate,
                 }
             })
             .clone();
@@ -416,7 +452,8 @@ impl Fleet {
         self.unknown.insert(id, now + UNKNOWN_TTL_MS);
     }
 
-    /// Verifies a signed upload of `id`'s agent (proof, binding, freshness).
+    /// Verifies a signed upload of `id`'s agent (proof, binding, freshness), with the cheap
+    /// checks first and within the environment's in-flight bound, as a check-in.
     pub async fn verify_upload(
         self: &Arc<Self>,
         id: EnvId,
@@ -425,15 +462,30 @@ impl Fleet {
         timestamp_ms: u64,
     ) -> Result<(), CheckinError> {
         let handle = self.actor(id).await?;
-        let result = handle
-            .addr
-            .send(actor::VerifyUpload {
-                frame,
-                edge_id,
-                timestamp_ms,
-            })
-            .await
-            .map_err(|_| CheckinError::Busy(id))?;
+        let precheck = handle
+            .gate
+            .read()
+            .check_upload(&frame, edge_id, timestamp_ms, now_ms());
+        if let Err(refusal) = precheck {
+            return Err(self.refused_early(id, refusal));
+        }
+        let _in_flight = handle
+            .slot(self.limits.actor_mailbox)
+            .ok_or(CheckinError::Busy(id))?;
+        let (tx, rx) = oneshot::channel();
+        let msg = actor::VerifyUpload {
+            frame,
+            edge_id,
+            timestamp_ms,
+            reply: tx,
+        };
+        if handle.addr.try_send(msg).is_err() {
+            return Err(CheckinError::Busy(id));
+        }
+        let result = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(result)) => result,
+            _ => return Err(CheckinError::Busy(id)),
+        };
         result.map_err(|r| {
             self.stats.refused(id);
             CheckinError::Refused(r)

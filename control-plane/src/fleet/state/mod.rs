@@ -3,6 +3,9 @@
 //! clock passed in; the actor in `actor.rs` is a thin shell.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 pub mod held;
 
@@ -115,17 +118,89 @@ impl Keys {
     }
 }
 
+/// What a request can be judged by before it reaches the environment's actor: who claims to
+/// send it, whether its MAC holds under the environment's current keys, and whether its clock
+/// is inside the window. The actor's state keeps it current (reloads, binding); the fleet
+/// holds a clone of the `Arc` and checks every request with it *before* the request counts
+/// against the environment's in-flight bound, so frames of anyone without the join secret can
+/// never make the real agent `busy`. The actor checks again with the same code.
+pub struct Gate {
+    keys: Keys,
+    edge_id: Option<Uuid>,
+}
+
+/// The gate of one environment, shared by its actor and the fleet.
+pub type SharedGate = Arc<RwLock<Gate>>;
+
+impl Gate {
+    /// A check-in: the claimed Edge ID (sent, or the bound one), its MAC, its clock.
+    pub fn check_checkin(
+        &self,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+    ) -> Result<Uuid, Refusal> {
+        // Steady-state requests omit the Edge ID; the MAC covers the bound one.
+        let claimed = req
+            .edge_id
+            .or(self.edge_id)
+            .ok_or(Refusal::EdgeIdRequired)?;
+        let timestamp_ms =
+            proto::wire::request_timestamp(req.timestamp_lo, req.timestamp_hi, now_ms);
+        if !proof::verify(frame, &self.keys.proof, &claimed, timestamp_ms) {
+            let lacks_agent_secret = self
+                .keys
+                .without_agent_secret
+                .as_ref()
+                .is_some_and(|k| proof::verify(frame, k, &claimed, timestamp_ms));
+            return Err(if lacks_agent_secret {
+                Refusal::AgentSecretMismatch
+            } else {
+                Refusal::BadProof
+            });
+        }
+        fresh(timestamp_ms, now_ms)?;
+        Ok(claimed)
+    }
+
+    /// A signed upload (snapshot) from the bound agent: its Edge ID, its MAC, its clock.
+    /// Uploads are idempotent (the newest snapshot wins), so there is no replay memory.
+    pub fn check_upload(
+        &self,
+        frame: &[u8],
+        edge_id: Uuid,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        match self.edge_id {
+            None => return Err(Refusal::EdgeIdRequired),
+            Some(bound) if bound != edge_id => return Err(Refusal::EdgeIdMismatch),
+            Some(_) => {}
+        }
+        if !proof::verify(frame, &self.keys.proof, &edge_id, timestamp_ms) {
+            return Err(Refusal::BadProof);
+        }
+        fresh(timestamp_ms, now_ms)
+    }
+}
+
+fn fresh(timestamp_ms: u64, now_ms: u64) -> Result<(), Refusal> {
+    proof::check_freshness(timestamp_ms, now_ms).map_err(|_| Refusal::ClockSkew {
+        server_time_ms: now_ms,
+    })
+}
+
 pub struct EnvState {
     id: EnvId,
     mode: EdgeMode,
     interval_override: Option<u32>,
     /// Async ping, snapshot and command intervals set on the environment (else defaults).
     async_overrides: [Option<u32>; 3],
-    keys: Keys,
-    /// The join secret text `keys` were derived from: a bind is only valid while the store
+    /// The keys and the bound Edge ID, shared with the fleet.
+    gate: SharedGate,
+    /// The join secret text the keys were derived from: a bind is only valid while the store
     /// still holds this very secret (see `Store::bind_edge_id`).
     join_secret: String,
-    edge_id: Option<Uuid>,
     last_checkin_ms: Option<u64>,
     recent: VecDeque<(u64, u64)>,
     /// An operator wants the tunnel until then (ms since epoch).
@@ -157,9 +232,11 @@ impl EnvState {
                 env.snapshot_interval,
                 env.command_interval,
             ],
-            keys: Keys::derive(&secret, agent_secret),
+            gate: Arc::new(RwLock::new(Gate {
+                keys: Keys::derive(&secret, agent_secret),
+                edge_id: env.edge_id,
+            })),
             join_secret: env.join_secret.clone(),
-            edge_id: env.edge_id,
             last_checkin_ms: None,
             recent: VecDeque::new(),
             wanted_until_ms: None,
@@ -174,17 +251,25 @@ impl EnvState {
         env: &Environment,
         agent_secret: Option<&str>,
     ) -> Result<(), BadRecord> {
-        let fresh = Self::new(env, agent_secret)?;
-        if fresh.edge_id != self.edge_id {
+        let secret = JoinSecret::from_text(&env.join_secret)
+            .map_err(|source| BadRecord { id: env.id, source })?;
+        if env.edge_id != self.edge_id() {
             // A new binding generation: requests accepted under the old one are irrelevant.
             self.recent.clear();
         }
-        self.mode = fresh.mode;
-        self.interval_override = fresh.interval_override;
-        self.async_overrides = fresh.async_overrides;
-        self.keys = fresh.keys;
-        self.join_secret = fresh.join_secret;
-        self.edge_id = fresh.edge_id;
+        self.mode = env.mode;
+        self.interval_override = env.checkin_interval;
+        self.async_overrides = [
+            env.ping_interval,
+            env.snapshot_interval,
+            env.command_interval,
+        ];
+        self.join_secret.clone_from(&env.join_secret);
+        // In place: the fleet holds this very gate.
+        *self.gate.write() = Gate {
+            keys: Keys::derive(&secret, agent_secret),
+            edge_id: env.edge_id,
+        };
         Ok(())
     }
 
@@ -198,7 +283,12 @@ impl EnvState {
     }
 
     pub fn edge_id(&self) -> Option<Uuid> {
-        self.edge_id
+        self.gate.read().edge_id
+    }
+
+    /// The gate the fleet checks requests with before they reach the actor.
+    pub fn gate(&self) -> SharedGate {
+        Arc::clone(&self.gate)
     }
 
     pub fn last_checkin_ms(&self) -> Option<u64> {
@@ -206,7 +296,7 @@ impl EnvState {
     }
 
     pub fn set_binding(&mut self, edge_id: Uuid) {
-        self.edge_id = Some(edge_id);
+        self.gate.write().edge_id = Some(edge_id);
     }
 
     /// Wanted for good (`true`) or not at all; tests and tools. Operators' requests use
@@ -262,7 +352,7 @@ impl EnvState {
 
     /// The key that seals tunnel credentials for the bound agent.
     pub fn seal_key(&self) -> Option<SealKey> {
-        let edge_id = self.edge_id?;
+        let edge_id = self.edge_id()?;
         let secret = JoinSecret::from_text(&self.join_secret).ok()?;
         Some(SealKey::derive(&secret, &edge_id))
     }
@@ -282,7 +372,7 @@ impl EnvState {
     }
 
     /// Checks a signed upload (snapshot) from the bound agent: its proof, its Edge ID and its
-    /// freshness. Uploads are idempotent (the newest snapshot wins), so no replay memory.
+    /// freshness ([`Gate::check_upload`]).
     pub fn verify_upload(
         &self,
         frame: &[u8],
@@ -290,20 +380,9 @@ impl EnvState {
         timestamp_ms: u64,
         now_ms: u64,
     ) -> Result<(), Refusal> {
-        match self.edge_id {
-            None => return Err(Refusal::EdgeIdRequired),
-            Some(bound) if bound != edge_id => return Err(Refusal::EdgeIdMismatch),
-            Some(_) => {}
-        }
-        if !proof::verify(frame, &self.keys.proof, &edge_id, timestamp_ms) {
-            return Err(Refusal::BadProof);
-        }
-        if proof::check_freshness(timestamp_ms, now_ms).is_err() {
-            return Err(Refusal::ClockSkew {
-                server_time_ms: now_ms,
-            });
-        }
-        Ok(())
+        self.gate
+            .read()
+            .check_upload(frame, edge_id, timestamp_ms, now_ms)
     }
 
     /// Decides on one plain check-in. `frame` is the signed request exactly as received.
@@ -326,29 +405,12 @@ impl EnvState {
         now_ms: u64,
         default_interval: u32,
     ) -> Verdict {
-        // Steady-state requests omit the Edge ID; the MAC covers the bound one.
-        let Some(claimed) = req.edge_id.or(self.edge_id) else {
-            return Verdict::Refuse(Refusal::EdgeIdRequired);
+        let claimed = match self.gate.read().check_checkin(req, frame, now_ms) {
+            Ok(claimed) => claimed,
+            Err(refusal) => return Verdict::Refuse(refusal),
         };
         let timestamp_ms =
             proto::wire::request_timestamp(req.timestamp_lo, req.timestamp_hi, now_ms);
-        if !proof::verify(frame, &self.keys.proof, &claimed, timestamp_ms) {
-            let lacks_agent_secret = self
-                .keys
-                .without_agent_secret
-                .as_ref()
-                .is_some_and(|k| proof::verify(frame, k, &claimed, timestamp_ms));
-            return Verdict::Refuse(if lacks_agent_secret {
-                Refusal::AgentSecretMismatch
-            } else {
-                Refusal::BadProof
-            });
-        }
-        if proof::check_freshness(timestamp_ms, now_ms).is_err() {
-            return Verdict::Refuse(Refusal::ClockSkew {
-                server_time_ms: now_ms,
-            });
-        }
         let route_mode = if kind == CheckinKind::Async {
             EdgeMode::Async
         } else {
@@ -361,7 +423,7 @@ impl EnvState {
         if self.recent.iter().any(|&(_, t)| t == tag) {
             return Verdict::Refuse(Refusal::Replay);
         }
-        match self.edge_id {
+        match self.edge_id() {
             None => return Verdict::Bind(claimed),
             Some(bound) if bound != claimed => return Verdict::Refuse(Refusal::EdgeIdMismatch),
             Some(_) => {}

@@ -1,0 +1,329 @@
+//! Admission of connections to a public port, before they have proved anything.
+//!
+//! Every accepted connection takes a [`Ticket`]. While it is *pending* (TLS not finished,
+//! nothing proved: no first request, no hello) it counts against small bounds, process-wide
+//! and per source; once it proves itself ([`Ticket::proved`]) it counts only against the
+//! larger bounds of all connections. So a client that opens connections and sends nothing,
+//! or never finishes its handshake, cannot fill the slots others need: its own source runs
+//! out first, and what it holds is dropped after the pending deadline anyway, while proved
+//! agents and admins keep the room that the total bound leaves above the pending one.
+//!
+//! Sources are IPv4 addresses, or IPv6 `/64` prefixes (one host usually has a whole `/64`).
+//! The per-source maps hold only sources with a connection now: a ticket dropped to zero
+//! removes its entry, so they never grow beyond the connections themselves.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// Bounds of one port's connections; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionLimits {
+    /// All connections at once (keep it below the process's open-file limit).
+    pub max_connections: usize,
+    /// Connections from one source at once.
+    pub max_per_source: usize,
+    /// Connections that have proved nothing yet, at once.
+    pub max_pending: usize,
+    /// Connections from one source that have proved nothing yet, at once.
+    pub max_pending_per_source: usize,
+}
+
+impl AdmissionLimits {
+    /// Defaults for a process allowed `open_files` descriptors: the total stays 512 below it
+    /// (listeners, the store, the engine, logs); one source gets at most 8,192 (a site behind
+    /// one NAT address may hold thousands of agents); pending connections get an eighth of the
+    /// total (between 16 and 4,096), 64 of them per source.
+    pub fn for_open_files(open_files: usize) -> Self {
+        const RESERVE: usize = 512;
+        let max_connections = open_files.saturating_sub(RESERVE).max(64);
+        Self {
+            max_connections,
+            max_per_source: max_connections.min(8192),
+            max_pending: (max_connections / 8).clamp(16, 4096),
+            max_pending_per_source: 64,
+        }
+    }
+}
+
+/// Why a connection was not admitted (the label of the refusal metric).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// All connections of the port are taken.
+    Full,
+    /// All connections one source may have are taken.
+    SourceFull,
+    /// The connections that have proved nothing yet are at their bound.
+    Pending,
+    /// This source's connections that have proved nothing yet are at their bound.
+    SourcePending,
+}
+
+impl Refused {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::SourceFull => "source_full",
+            Self::Pending => "pending",
+            Self::SourcePending => "source_pending",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    all: usize,
+    pending: usize,
+    per_source: HashMap<Source, PerSource>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct PerSource {
+    all: usize,
+    pending: usize,
+}
+
+/// The key connections are counted under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    V4([u8; 4]),
+    V6Prefix([u8; 8]),
+}
+
+impl From<IpAddr> for Source {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::V4(v4.octets()),
+                None => {
+                    let o = v6.octets();
+                    Self::V6Prefix([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+                }
+            },
+        }
+    }
+}
+
+/// The admission of one port; see the module docs.
+pub struct Admission {
+    limits: AdmissionLimits,
+    counts: Mutex<Counts>,
+}
+
+/// One admitted connection's place; gives it back when dropped.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    source: Source,
+    pending: bool,
+}
+
+/// A snapshot of the counts, for metrics and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionCounts {
+    pub connections: usize,
+    pub pending: usize,
+    pub sources: usize,
+}
+
+impl Admission {
+    pub fn new(limits: AdmissionLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            counts: Mutex::new(Counts::default()),
+        })
+    }
+
+    pub fn limits(&self) -> AdmissionLimits {
+        self.limits
+    }
+
+    /// Admits a new connection from `peer` as pending, or says why not (drop it at once).
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Refused> {
+        let source = Source::from(peer);
+        let l = self.limits;
+        let mut c = self.counts.lock();
+        let mine = c.per_source.get(&source).copied().unwrap_or_default();
+        if c.all >= l.max_connections {
+            return Err(Refused::Full);
+        }
+        if mine.all >= l.max_per_source {
+            return Err(Refused::SourceFull);
+        }
+        if mine.pending >= l.max_pending_per_source {
+            return Err(Refused::SourcePending);
+        }
+        if c.pending >= l.max_pending {
+            return Err(Refused::Pending);
+        }
+        c.all += 1;
+        c.pending += 1;
+        let entry = c.per_source.entry(source).or_default();
+        entry.all += 1;
+        entry.pending += 1;
+        Ok(Ticket {
+            admission: Arc::clone(self),
+            source,
+            pending: true,
+        })
+    }
+
+    pub fn counts(&self) -> AdmissionCounts {
+        let c = self.counts.lock();
+        AdmissionCounts {
+            connections: c.all,
+            pending: c.pending,
+            sources: c.per_source.len(),
+        }
+    }
+}
+
+impl Ticket {
+    /// The connection proved itself (a request, an accepted hello): it no longer counts as
+    /// pending.
+    pub fn proved(&mut self) {
+        if !self.pending {
+            return;
+        }
+        self.pending = false;
+        let mut c = self.admission.counts.lock();
+        c.pending -= 1;
+        if let Some(s) = c.per_source.get_mut(&self.source) {
+            s.pending -= 1;
+        }
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.pending
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut c = self.admission.counts.lock();
+        c.all -= 1;
+        if self.pending {
+            c.pending -= 1;
+        }
+        let gone = match c.per_source.get_mut(&self.source) {
+            Some(s) => {
+                s.all -= 1;
+                if self.pending {
+                    s.pending -= 1;
+                }
+                s.all == 0
+            }
+            None => false,
+        };
+        if gone {
+            c.per_source.remove(&self.source);
+        }
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("source", &self.source)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn limits() -> AdmissionLimits {
+        AdmissionLimits {
+            max_connections: 10,
+            max_per_source: 6,
+            max_pending: 4,
+            max_pending_per_source: 2,
+        }
+    }
+
+    #[test]
+    fn one_source_cannot_take_the_pending_slots_of_others() {
+        let a = Admission::new(limits());
+        let t1 = a.admit(ip("10.0.0.1")).unwrap();
+        let t2 = a.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(
+            a.admit(ip("10.0.0.1")).map(|_| ()),
+            Err(Refused::SourcePending)
+        );
+        // Others still get in.
+        let t3 = a.admit(ip("10.0.0.2")).unwrap();
+        let t4 = a.admit(ip("10.0.0.3")).unwrap();
+        assert_eq!(a.admit(ip("10.0.0.4")).map(|_| ()), Err(Refused::Pending));
+        drop((t1, t2, t3, t4));
+        assert_eq!(
+            a.counts(),
+            AdmissionCounts {
+                connections: 0,
+                pending: 0,
+                sources: 0
+            }
+        );
+    }
+
+    #[test]
+    fn proved_connections_leave_the_pending_bound_but_not_the_total() {
+        let a = Admission::new(limits());
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            let mut t = a.admit(ip("10.0.0.1")).unwrap();
+            t.proved();
+            held.push(t);
+        }
+        assert_eq!(
+            a.admit(ip("10.0.0.1")).map(|_| ()),
+            Err(Refused::SourceFull)
+        );
+        for i in 2..6 {
+            let mut t = a.admit(ip(&format!("10.0.0.{i}"))).unwrap();
+            t.proved();
+            held.push(t);
+        }
+        assert_eq!(a.admit(ip("10.0.0.9")).map(|_| ()), Err(Refused::Full));
+        assert_eq!(a.counts().pending, 0);
+        held.pop();
+        assert!(a.admit(ip("10.0.0.9")).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_prefix() {
+        let a = Admission::new(limits());
+        let _t1 = a.admit(ip("2001:db8:1:2::1")).unwrap();
+        let _t2 = a.admit(ip("2001:db8:1:2::ffff")).unwrap();
+        assert_eq!(
+            a.admit(ip("2001:db8:1:2:abcd::1")).map(|_| ()),
+            Err(Refused::SourcePending)
+        );
+        assert!(a.admit(ip("2001:db8:1:3::1")).is_ok());
+        // An IPv4-mapped address is its IPv4 source.
+        let _t3 = a.admit(ip("10.0.0.1")).unwrap();
+        let _t4 = a.admit(ip("::ffff:10.0.0.1")).unwrap();
+        assert_eq!(
+            a.admit(ip("10.0.0.1")).map(|_| ()),
+            Err(Refused::SourcePending)
+        );
+    }
+
+    #[test]
+    fn defaults_stay_below_the_open_file_limit() {
+        let l = AdmissionLimits::for_open_files(20_000);
+        assert_eq!(l.max_connections, 19_488);
+        assert_eq!(l.max_per_source, 8_192);
+        assert!(l.max_pending < l.max_connections);
+        assert_eq!(l.max_pending, 2_436);
+        let tiny = AdmissionLimits::for_open_files(100);
+        assert!(tiny.max_connections >= 64 && tiny.max_pending >= 16);
+    }
+}
