@@ -74,6 +74,41 @@ fn tick(report: Option<SnapshotReport>) -> AsyncTick {
     }
 }
 
+fn fetch(done_through: u64, results: Vec<CommandResult>) -> AsyncTick {
+    AsyncTick {
+        snapshot: None,
+        results,
+        done_through: Some(done_through),
+    }
+}
+
+/// A page of `GET /commands`: (id, state) of each, and `X-Total-Count`.
+async fn list_commands(cp: &ControlPlane, id: u64, query: &str) -> (Vec<(u64, String)>, u64) {
+    let r = http()
+        .get(cp.api(&format!("/api/endpoints/{id}/commands?{query}")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let total = r.headers()["x-total-count"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let page: Vec<Value> = r.json().await.unwrap();
+    let page = page
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap(),
+                c["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (page, total)
+}
+
 async fn queue(cp: &ControlPlane, id: u64, body: Value) -> (StatusCode, Value) {
     let r = http()
         .post(cp.api(&format!("/api/endpoints/{id}/commands")))
@@ -166,19 +201,16 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
         .contains(&("web".into(), "exited".into())));
 
     // Commands: handed out after `done_through`, oldest first, until their results arrive.
+    let mut ids = Vec::new();
     for target in ["web", "db", "cache"] {
         let (s, v) = queue(&cp, id, json!({"type": "containerStart", "target": target})).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
+        ids.push(v["id"].as_u64().unwrap());
     }
-    let fetch = |done_through, results: Vec<CommandResult>| AsyncTick {
-        snapshot: None,
-        results,
-        done_through: Some(done_through),
-    };
     let answer = client.async_tick(&fetch(0, vec![])).await.unwrap();
     assert_eq!(
         answer.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![1, 2, 3]
+        ids
     );
     assert_eq!(
         answer.commands[0].action,
@@ -187,21 +219,27 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
         }
     );
     let results = vec![
-        CommandResult { id: 1, error: None },
         CommandResult {
-            id: 2,
+            id: ids[0],
+            error: None,
+        },
+        CommandResult {
+            id: ids[1],
             error: Some("No such container: db".into()),
         },
     ];
-    let answer = client.async_tick(&fetch(2, results.clone())).await.unwrap();
+    let answer = client
+        .async_tick(&fetch(ids[1], results.clone()))
+        .await
+        .unwrap();
     assert_eq!(
         answer.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![3]
+        vec![ids[2]]
     );
     // The same results again (an answer that was lost): the first ones stay.
     let mut again = results;
     again[1].error = None;
-    client.async_tick(&fetch(2, again)).await.unwrap();
+    client.async_tick(&fetch(ids[1], again)).await.unwrap();
     let list: Vec<Value> = http()
         .get(cp.api(&format!("/api/endpoints/{id}/commands")))
         .header("X-API-Key", ADMIN_KEY)
@@ -215,7 +253,10 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
         .iter()
         .map(|c| (c["id"].as_u64().unwrap(), c["state"].as_str().unwrap()))
         .collect();
-    assert_eq!(states, vec![(3, "sent"), (2, "failed"), (1, "succeeded")]);
+    assert_eq!(
+        states,
+        vec![(ids[2], "sent"), (ids[1], "failed"), (ids[0], "succeeded")]
+    );
     assert_eq!(list[1]["error"], "No such container: db");
     for (series, want) in [
         (
@@ -282,6 +323,100 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
     assert!(
         v["message"].as_str().unwrap().contains("standard mode"),
         "{v}"
+    );
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn command_ids_keep_growing_and_old_finished_commands_are_dropped() {
+    let cp = ControlPlane::start().await;
+    let (id, token) = create(&cp, json!({"name": "busy-kiosk", "mode": "async"})).await;
+    let mut client = PollClient::new(&token, PollOptions::new(Uuid::new_v4())).unwrap();
+    let keep = store::KEEP_FINISHED_COMMANDS_PER_ENV;
+
+    // Ids grow, with gaps, and read as the queue time: ms × 1000 (+ a count within the ms).
+    let mut ids = Vec::new();
+    for i in 0..keep + 5 {
+        let before = now_ms();
+        let (s, v) = queue(
+            &cp,
+            id,
+            json!({"type": "containerStart", "target": format!("c{i}")}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let cmd = v["id"].as_u64().unwrap();
+        assert!(
+            ids.last().is_none_or(|&last| cmd > last),
+            "{cmd} after {ids:?}"
+        );
+        assert!(
+            cmd / 1000 >= before && cmd / 1000 <= now_ms(),
+            "{cmd} at {before}"
+        );
+        ids.push(cmd);
+    }
+
+    // The agent works through them, a page per tick, `done_through` moving up the gaps.
+    let mut done_through = 0;
+    let mut results = Vec::new();
+    loop {
+        let answer = client
+            .async_tick(&fetch(done_through, std::mem::take(&mut results)))
+            .await
+            .unwrap();
+        if answer.commands.is_empty() {
+            break;
+        }
+        for c in &answer.commands {
+            assert!(c.id > done_through);
+            done_through = c.id;
+            results.push(CommandResult {
+                id: c.id,
+                error: None,
+            });
+        }
+    }
+    assert_eq!(done_through, ids[ids.len() - 1]);
+    let (_, total) = list_commands(&cp, id, "limit=1").await;
+    assert_eq!(
+        total,
+        keep + 5,
+        "nothing dropped before the next command is queued"
+    );
+
+    // Queueing drops the finished ones beyond the newest `keep`; the new one is above all.
+    let (s, v) = queue(&cp, id, json!({"type": "containerStop", "target": "web"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let newest = v["id"].as_u64().unwrap();
+    assert!(newest > done_through);
+    let mut want: Vec<u64> = ids[5..].to_vec();
+    want.push(newest);
+    want.reverse();
+    // Pages of 7 over ids with gaps: newest first, meeting without overlap.
+    let mut listed = Vec::new();
+    let mut start = 0;
+    loop {
+        let (page, total) = list_commands(&cp, id, &format!("start={start}&limit=7")).await;
+        assert_eq!(total, keep + 1);
+        if page.is_empty() {
+            break;
+        }
+        start += page.len();
+        listed.extend(page);
+    }
+    assert_eq!(listed.iter().map(|(c, _)| *c).collect::<Vec<_>>(), want);
+    assert_eq!(listed[0].1, "pending");
+    assert!(listed[1..].iter().all(|(_, state)| state == "succeeded"));
+
+    // The agent, at its `done_through`, gets just the new one.
+    let answer = client
+        .async_tick(&fetch(done_through, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![newest]
     );
     cp.stop().await;
 }

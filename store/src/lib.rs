@@ -200,18 +200,27 @@ pub trait SnapshotStore: Send + Sync + 'static {
 }
 
 /// Async-mode command queues, one per environment.
+///
+/// Ids are strictly increasing per environment and never repeated, with gaps
+/// ([`next_command_id`]: the newest id + 1, or the queue time in ms × 1000 when that is more),
+/// so agents can keep just the highest id they finished. Finished commands beyond the newest
+/// [`KEEP_FINISHED_COMMANDS_PER_ENV`] are pruned when a command is queued; unfinished ones
+/// never are.
 #[async_trait]
 pub trait CommandStore: Send + Sync + 'static {
-    /// Queues `action` for `env` with the next id. `None` when the environment does not
-    /// exist; `Conflict` when it already holds [`MAX_COMMANDS_PER_ENV`] commands.
+    /// Queues `action` for `env`, queued at `now_ms` (the clock its id comes from), and prunes
+    /// the finished commands beyond the newest [`KEEP_FINISHED_COMMANDS_PER_ENV`], in one
+    /// atomic step. `None` when the environment does not exist; `Conflict` when it already
+    /// holds [`MAX_UNFINISHED_COMMANDS_PER_ENV`] unfinished commands, or (with a clock past
+    /// the year 2255) when ids would pass [`MAX_COMMAND_ID`]; nothing changes then.
     async fn queue_command(
         &self,
         env: EnvId,
         action: &Action,
         now_ms: u64,
     ) -> Result<Option<StoredCommand>, StoreError>;
-    /// `env`'s commands, newest first: `limit` of them after skipping `start`, and how many
-    /// there are in all.
+    /// `env`'s commands, newest (highest id) first: `limit` of them after skipping `start`,
+    /// and how many are kept in all.
     async fn list_commands(
         &self,
         env: EnvId,
@@ -227,7 +236,8 @@ pub trait CommandStore: Send + Sync + 'static {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<StoredCommand>, StoreError>;
-    /// Records results ([`StoredCommand::finish`]); unknown ids are ignored.
+    /// Records results ([`StoredCommand::finish`]); unknown ids, and ids already pruned, are
+    /// ignored.
     async fn finish_commands(
         &self,
         env: EnvId,

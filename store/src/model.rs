@@ -268,7 +268,8 @@ pub struct StoredSnapshot {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredCommand {
-    /// Per environment, from 1, growing by one.
+    /// Per environment, strictly increasing and never repeated, with gaps: see
+    /// [`next_command_id`].
     pub id: u64,
     pub action: proto::async_mode::Action,
     pub created_ms: u64,
@@ -312,8 +313,49 @@ impl StoredCommand {
     }
 }
 
-/// Most commands kept per environment: queueing more is refused until old ones are gone.
-pub const MAX_COMMANDS_PER_ENV: u64 = 10_000;
+/// Most unfinished (pending or sent) commands per environment: queueing more is refused
+/// (`Conflict`) until the agent has worked through some. Finished ones never count: those
+/// beyond [`KEEP_FINISHED_COMMANDS_PER_ENV`] are pruned when a command is queued, so at most
+/// this many plus the finished ones are stored.
+pub const MAX_UNFINISHED_COMMANDS_PER_ENV: u64 = 10_000;
+
+/// Finished (succeeded or failed) commands kept per environment: the newest ones, by id. Each
+/// queueing prunes the older finished ones in the same atomic step (Lua script, redb write
+/// transaction), so finished commands pile up only until the next command is queued. Enough
+/// to read back what happened lately; unfinished commands are never pruned.
+pub const KEEP_FINISHED_COMMANDS_PER_ENV: u64 = 100;
+
+/// Command ids a millisecond of queue time holds before ids run ahead of the clock.
+pub const COMMAND_IDS_PER_MS: u64 = 1_000;
+
+/// The largest command id, 2^53 - 1: ids stay exact as Lua numbers (the Redis scripts) and as
+/// JSON numbers in JavaScript. Queue times reach it in the year 2255.
+pub const MAX_COMMAND_ID: u64 = (1 << 53) - 1;
+
+// The newest command is never pruned, so it keeps the high-water mark of the ids.
+const _: () = assert!(KEEP_FINISHED_COMMANDS_PER_ENV >= 1);
+
+/// The id of a command queued at `now_ms` when the newest id of its environment is `newest`
+/// (0 for none): `max(newest + 1, now_ms * COMMAND_IDS_PER_MS)`. `None` beyond
+/// [`MAX_COMMAND_ID`].
+///
+/// So an id reads as its queue time: `id / 1000` is the millisecond it was queued (since the
+/// Unix epoch), `id % 1000` counts the commands queued before it in that millisecond (for
+/// example 1718000000123004 is the fifth of ms 1718000000123). Only more than 1,000 commands
+/// within one millisecond, or a clock that went back, move ids ahead of the clock.
+///
+/// Ids grow strictly per environment whatever the clock does, as long as the newest command is
+/// kept (it is never pruned). And a backend that lost its last writes (Redis after a crash
+/// with `appendfsync everysec`, or a failover to a replica that lagged) still never hands an
+/// id out again: the lost ids were at most the clock of their time, and the next one is
+/// queued later, above them (unless the queueing clock went back by more than the time
+/// between). Agents depend on this: they skip ids at or below their `done_through`.
+pub fn next_command_id(newest: u64, now_ms: u64) -> Option<u64> {
+    let id = newest
+        .saturating_add(1)
+        .max(now_ms.saturating_mul(COMMAND_IDS_PER_MS));
+    (id <= MAX_COMMAND_ID).then_some(id)
+}
 
 /// What changed, broadcast to every replica (including the one that published it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +405,39 @@ mod tests {
             edge_id: Some(Uuid::nil()),
             created_at_ms: 1_700_000_000_000,
         }
+    }
+
+    #[test]
+    fn command_ids_follow_the_clock_and_never_go_back() {
+        // The first id of an environment is its queue time in ms, times 1000.
+        assert_eq!(
+            next_command_id(0, 1_718_000_000_123),
+            Some(1_718_000_000_123_000)
+        );
+        // Within the same millisecond: the next one up.
+        assert_eq!(
+            next_command_id(1_718_000_000_123_000, 1_718_000_000_123),
+            Some(1_718_000_000_123_001)
+        );
+        // A later millisecond jumps to the clock, leaving a gap.
+        assert_eq!(
+            next_command_id(1_718_000_000_123_001, 1_718_000_000_200),
+            Some(1_718_000_000_200_000)
+        );
+        // A clock that went back does not take the ids with it.
+        assert_eq!(
+            next_command_id(1_718_000_000_200_000, 5),
+            Some(1_718_000_000_200_001)
+        );
+        // Without a clock at all, ids still start at 1.
+        assert_eq!(next_command_id(0, 0), Some(1));
+        // The ceiling, and beyond it.
+        assert_eq!(next_command_id(MAX_COMMAND_ID - 1, 0), Some(MAX_COMMAND_ID));
+        assert_eq!(next_command_id(MAX_COMMAND_ID, 0), None);
+        assert_eq!(next_command_id(0, u64::MAX), None);
+        assert_eq!(next_command_id(u64::MAX, 0), None);
+        // 2^53 / 1000 ms after the Unix epoch is in the year 2255.
+        const { assert!(MAX_COMMAND_ID / COMMAND_IDS_PER_MS / 1000 / 86_400 / 365 >= 2255 - 1970) };
     }
 
     #[test]

@@ -17,7 +17,9 @@ use store::prelude::*;
 use store::redis::RedisStore;
 use store::{
     BindOutcome, Change, Collection, CommandState, EdgeMode, Environment, GatewayInfo,
-    NewEnvironment, Settings, Store, StoreError, StoredSnapshot, TunnelGrant, TunnelLocation,
+    NewEnvironment, Settings, Store, StoreError, StoredCommand, StoredSnapshot, TunnelGrant,
+    TunnelLocation, COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID,
+    MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 use testkit::RedisServer;
 use tokio::sync::broadcast;
@@ -146,6 +148,9 @@ conformance!(
     delete_removes_the_snapshot,
     tunnel_changes_round_trip,
     commands_queue_list_deliver_finish,
+    command_ids_grow_whatever_the_clock_does,
+    finished_commands_beyond_the_bound_are_pruned_when_queueing,
+    unfinished_commands_are_capped,
     commands_are_refused_for_missing_environments_and_deleted_with_them,
     concurrent_queueing_hands_out_distinct_ids,
 );
@@ -1927,25 +1932,56 @@ fn stop(container: &str) -> Action {
     }
 }
 
+fn ok(id: u64) -> CommandResult {
+    CommandResult { id, error: None }
+}
+
+fn failed(id: u64, e: &str) -> CommandResult {
+    CommandResult {
+        id,
+        error: Some(e.to_owned()),
+    }
+}
+
+async fn queue(store: &dyn Store, env: u64, target: &str, now_ms: u64) -> StoredCommand {
+    store
+        .queue_command(env, &stop(target), now_ms)
+        .await
+        .expect("queue")
+        .expect("environment exists")
+}
+
+/// Every command id kept, newest first, and the total the store reports.
+async fn listed_ids(store: &dyn Store, env: u64) -> (Vec<u64>, u64) {
+    let (page, total) = store.list_commands(env, 0, 100_000).await.expect("list");
+    (page.iter().map(|c| c.id).collect(), total)
+}
+
 async fn commands_queue_list_deliver_finish(b: &dyn Backend) {
     let stores = replicas(b).await;
     let (a, other) = (&stores[0], &stores[stores.len() - 1]);
     let env = create_one(&**a, "async-box").await;
+    let mut ids = Vec::new();
     for i in 1..=5u64 {
-        let cmd = a
-            .queue_command(env.id, &stop(&format!("c{i}")), 100 + i)
-            .await
-            .expect("queue")
-            .expect("environment exists");
+        let cmd = queue(&**a, env.id, &format!("c{i}"), 100 + i).await;
+        // The id reads as the queue time: ms × 1000 (one per ms here).
         assert_eq!(
             (cmd.id, cmd.created_ms, cmd.state()),
-            (i, 100 + i, CommandState::Pending)
+            (
+                (100 + i) * COMMAND_IDS_PER_MS,
+                100 + i,
+                CommandState::Pending
+            )
         );
+        ids.push(cmd.id);
     }
     // Newest first, paged, with the total.
     let (page, total) = other.list_commands(env.id, 1, 2).await.expect("list");
     assert_eq!(total, 5);
-    assert_eq!(page.iter().map(|c| c.id).collect::<Vec<_>>(), vec![4, 3]);
+    assert_eq!(
+        page.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![ids[3], ids[2]]
+    );
     assert_eq!(page[0].action, stop("c4"));
     let (past_end, _) = a.list_commands(env.id, 10, 5).await.expect("list");
     assert!(past_end.is_empty());
@@ -1955,10 +1991,7 @@ async fn commands_queue_list_deliver_finish(b: &dyn Backend) {
         .deliver_commands(env.id, 0, 3, 1_000)
         .await
         .expect("deliver");
-    assert_eq!(
-        first.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(first.iter().map(|c| c.id).collect::<Vec<_>>(), ids[..3]);
     assert!(first
         .iter()
         .all(|c| c.sent_ms == Some(1_000) && c.state() == CommandState::Sent));
@@ -1972,44 +2005,57 @@ async fn commands_queue_list_deliver_finish(b: &dyn Backend) {
         vec![Some(1_000); 3]
     );
 
-    // Results: the first one wins, unknown ids are ignored.
-    let ok = |id| CommandResult { id, error: None };
-    let failed = |id, e: &str| CommandResult {
-        id,
-        error: Some(e.to_owned()),
-    };
+    // Results: the first one wins, unknown ids (in a gap, past the end) are ignored.
     a.finish_commands(
         env.id,
-        &[ok(1), failed(2, "No such container: c2"), ok(99)],
+        &[
+            ok(ids[0]),
+            failed(ids[1], "No such container: c2"),
+            ok(ids[0] + 1),
+            ok(ids[4] + 1),
+        ],
         3_000,
     )
     .await
     .expect("finish");
     other
-        .finish_commands(env.id, &[failed(1, "late retry"), ok(2)], 4_000)
+        .finish_commands(env.id, &[failed(ids[0], "late retry"), ok(ids[1])], 4_000)
         .await
         .expect("finish again");
-    let (all, _) = a.list_commands(env.id, 0, 10).await.expect("list");
+    let (all, total) = a.list_commands(env.id, 0, 10).await.expect("list");
+    assert_eq!(total, 5, "unknown ids did not become commands");
     let by_id = |id: u64| all.iter().find(|c| c.id == id).expect("listed").clone();
-    assert_eq!(by_id(1).state(), CommandState::Succeeded);
-    assert_eq!(by_id(1).finished_ms, Some(3_000));
-    assert_eq!(by_id(2).state(), CommandState::Failed);
-    assert_eq!(by_id(2).error.as_deref(), Some("No such container: c2"));
-    assert_eq!(by_id(5).state(), CommandState::Pending);
-    // Finished commands are not delivered again, whatever `after` says.
+    assert_eq!(by_id(ids[0]).state(), CommandState::Succeeded);
+    assert_eq!(by_id(ids[0]).finished_ms, Some(3_000));
+    assert_eq!(by_id(ids[1]).state(), CommandState::Failed);
+    assert_eq!(
+        by_id(ids[1]).error.as_deref(),
+        Some("No such container: c2")
+    );
+    assert_eq!(by_id(ids[4]).state(), CommandState::Pending);
+    // Finished commands are not delivered again, whatever `after` says; `after` may fall
+    // in a gap between ids.
     let rest = a
         .deliver_commands(env.id, 0, 10, 5_000)
         .await
         .expect("deliver");
-    assert_eq!(rest.iter().map(|c| c.id).collect::<Vec<_>>(), vec![3, 4, 5]);
-    let after_three = a
-        .deliver_commands(env.id, 3, 10, 5_000)
+    assert_eq!(rest.iter().map(|c| c.id).collect::<Vec<_>>(), ids[2..]);
+    for after in [ids[2], ids[2] + 1, ids[3] - 1] {
+        let later = a
+            .deliver_commands(env.id, after, 10, 5_000)
+            .await
+            .expect("deliver");
+        assert_eq!(
+            later.iter().map(|c| c.id).collect::<Vec<_>>(),
+            ids[3..],
+            "after {after}"
+        );
+    }
+    assert!(a
+        .deliver_commands(env.id, ids[4], 10, 5_000)
         .await
-        .expect("deliver");
-    assert_eq!(
-        after_three.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![4, 5]
-    );
+        .expect("deliver")
+        .is_empty());
 
     // Durable.
     drop(stores);
@@ -2017,6 +2063,190 @@ async fn commands_queue_list_deliver_finish(b: &dyn Backend) {
     let (all, total) = store.list_commands(env.id, 0, 10).await.expect("list");
     assert_eq!(total, 5);
     assert_eq!(all[3].state(), CommandState::Failed);
+    assert_eq!(all[3].id, ids[1]);
+}
+
+async fn command_ids_grow_whatever_the_clock_does(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let (a, other) = (&stores[0], &stores[stores.len() - 1]);
+    let env = create_one(&**a, "clocks").await;
+    let second = create_one(&**a, "its-neighbour").await;
+    let mut ids = Vec::new();
+    // Same millisecond: one apart. Later: the clock, leaving a gap. A clock that went back
+    // (another replica's, or a stepped one): still one up. No clock: still one up.
+    for (store, now, want) in [
+        (a, 5_000, 5_000_000),
+        (other, 5_000, 5_000_001),
+        (a, 5_000, 5_000_002),
+        (other, 9_000, 9_000_000),
+        (a, 4_000, 9_000_001),
+        (other, 0, 9_000_002),
+        (a, 9_000, 9_000_003),
+        (other, 9_001, 9_001_000),
+    ] {
+        let cmd = queue(&**store, env.id, "c", now).await;
+        assert_eq!(cmd.id, want, "queued at {now} ms");
+        ids.push(cmd.id);
+    }
+    // Each environment counts on its own: the neighbour starts from its clock.
+    assert_eq!(queue(&**a, second.id, "n", 5_000).await.id, 5_000_000);
+
+    // Paging over the gaps: newest first, pages meet without overlap, the total is the count.
+    ids.reverse();
+    let (all, total) = listed_ids(&**other, env.id).await;
+    assert_eq!((all, total), (ids.clone(), 8));
+    let mut paged = Vec::new();
+    for start in (0..10).step_by(3) {
+        let (page, total) = a.list_commands(env.id, start, 3).await.expect("list");
+        assert_eq!(total, 8);
+        paged.extend(page.iter().map(|c| c.id));
+    }
+    assert_eq!(paged, ids);
+    // Delivery walks the gaps oldest first, in pages of `limit`.
+    ids.reverse();
+    let mut after = 0;
+    let mut delivered = Vec::new();
+    loop {
+        let batch = other
+            .deliver_commands(env.id, after, 3, 10_000)
+            .await
+            .expect("deliver");
+        let Some(last) = batch.last() else { break };
+        after = last.id;
+        delivered.extend(batch.iter().map(|c| c.id));
+    }
+    assert_eq!(delivered, ids);
+
+    // Ids stay exact at the top of their range, and a clock past it is refused cleanly.
+    let top = MAX_COMMAND_ID / COMMAND_IDS_PER_MS;
+    let high = queue(&**a, second.id, "top", top).await;
+    assert_eq!(high.id, top * COMMAND_IDS_PER_MS);
+    assert_eq!(listed_ids(&**other, second.id).await.0[0], high.id);
+    let refused = a.queue_command(second.id, &stop("late"), top + 1).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert_eq!(listed_ids(&**a, second.id).await.1, 2, "nothing written");
+}
+
+async fn finished_commands_beyond_the_bound_are_pruned_when_queueing(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let (a, other) = (&stores[0], &stores[stores.len() - 1]);
+    let env = create_one(&**a, "long-lived").await;
+    let keep = KEEP_FINISHED_COMMANDS_PER_ENV;
+    let mut ids = Vec::new();
+    for i in 0..keep + 5 {
+        ids.push(queue(&**a, env.id, &format!("c{i}"), 1_000 + i).await.id);
+    }
+    // The agent finishes all but the two oldest (out of order: they are still unfinished).
+    let results: Vec<_> = ids[2..].iter().map(|&id| ok(id)).collect();
+    other
+        .finish_commands(env.id, &results, 50_000)
+        .await
+        .expect("finish");
+    // Nothing is pruned until the next queueing.
+    assert_eq!(listed_ids(&**a, env.id).await.1, keep + 5);
+
+    let next = queue(&**other, env.id, "next", 60_000).await;
+    assert!(next.id > ids[ids.len() - 1]);
+    // Kept: the two unfinished (the oldest of all), the newest `keep` finished, the new one.
+    // Gone: the 3 oldest finished.
+    let mut want: Vec<u64> = ids[..2].to_vec();
+    want.extend(&ids[5..]);
+    want.push(next.id);
+    want.reverse();
+    let (all, total) = listed_ids(&**a, env.id).await;
+    assert_eq!((all, total), (want.clone(), keep + 3));
+    // The unfinished ones are still delivered, oldest first.
+    let pending = a
+        .deliver_commands(env.id, 0, 10, 70_000)
+        .await
+        .expect("deliver");
+    assert_eq!(
+        pending.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![ids[0], ids[1], next.id]
+    );
+    // A late (retried) result of a pruned command is ignored: it does not come back.
+    other
+        .finish_commands(env.id, &[failed(ids[2], "late"), ok(ids[3])], 80_000)
+        .await
+        .expect("finish");
+    assert_eq!(listed_ids(&**a, env.id).await, (want, keep + 3));
+
+    // When everything finished, the newest stays (it carries the ids on) and queueing goes on.
+    let results: Vec<_> = [ids[0], ids[1], next.id].iter().map(|&id| ok(id)).collect();
+    a.finish_commands(env.id, &results, 90_000)
+        .await
+        .expect("finish");
+    let last = queue(&**a, env.id, "last", 1).await;
+    assert_eq!(
+        last.id,
+        next.id + 1,
+        "the clock went back: the kept newest id counts"
+    );
+    let (all, total) = listed_ids(&**other, env.id).await;
+    assert_eq!(total, keep + 1);
+    assert_eq!(all.len() as u64, keep + 1);
+    assert_eq!(all[..2], [last.id, next.id]);
+    assert!(!all.contains(&ids[0]) && !all.contains(&ids[1]) && !all.contains(&ids[5]));
+    // Durable, pruning included.
+    drop(stores);
+    let store = b.open().await;
+    assert_eq!(listed_ids(&*store, env.id).await, (all, keep + 1));
+}
+
+async fn unfinished_commands_are_capped(b: &dyn Backend) {
+    let stores = replicas(b).await;
+    let env = create_one(&*stores[0], "flooded").await;
+    let mut tasks = Vec::new();
+    for worker in 0..8u64 {
+        let store = Arc::clone(&stores[worker as usize % stores.len()]);
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut i = worker;
+            while i < MAX_UNFINISHED_COMMANDS_PER_ENV {
+                ids.push(queue(&*store, env.id, "c", 1_000).await.id);
+                i += 8;
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.expect("task"));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, MAX_UNFINISHED_COMMANDS_PER_ENV);
+    let store = &stores[0];
+    let full = store
+        .queue_command(env.id, &stop("one-too-many"), 2_000)
+        .await;
+    assert!(
+        matches!(&full, Err(StoreError::Conflict(m)) if m.contains("unfinished")),
+        "{full:?}"
+    );
+    assert_eq!(
+        listed_ids(&**store, env.id).await.1,
+        MAX_UNFINISHED_COMMANDS_PER_ENV,
+        "nothing written"
+    );
+    // One finished: room for one more, and the finished one stays (within the bound).
+    store
+        .finish_commands(env.id, &[ok(ids[0])], 3_000)
+        .await
+        .expect("finish");
+    let more = queue(&**store, env.id, "one-more", 4_000).await;
+    assert!(more.id > ids[ids.len() - 1]);
+    let again = store
+        .queue_command(env.id, &stop("full-again"), 5_000)
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(
+        listed_ids(&**store, env.id).await.1,
+        MAX_UNFINISHED_COMMANDS_PER_ENV + 1
+    );
 }
 
 async fn commands_are_refused_for_missing_environments_and_deleted_with_them(b: &dyn Backend) {
@@ -2031,11 +2261,12 @@ async fn commands_are_refused_for_missing_environments_and_deleted_with_them(b: 
     let env = create_one(&*store, "short-lived").await;
     let keep = create_one(&*store, "kept").await;
     for id in [env.id, keep.id] {
+        let cmd = queue(&*store, id, "x", 1).await;
         store
-            .queue_command(id, &stop("x"), 1)
+            .finish_commands(id, &[ok(cmd.id)], 2)
             .await
-            .expect("queue")
-            .expect("exists");
+            .expect("finish");
+        queue(&*store, id, "x", 1).await;
     }
     assert!(store.delete_environment(env.id).await.expect("delete"));
     assert_eq!(store.list_commands(env.id, 0, 10).await.expect("list").1, 0);
@@ -2053,7 +2284,7 @@ async fn commands_are_refused_for_missing_environments_and_deleted_with_them(b: 
     );
     assert_eq!(
         store.list_commands(keep.id, 0, 10).await.expect("list").1,
-        1
+        2
     );
 }
 
@@ -2063,12 +2294,10 @@ async fn concurrent_queueing_hands_out_distinct_ids(b: &dyn Backend) {
     let mut tasks = Vec::new();
     for i in 0..40u64 {
         let store = Arc::clone(&stores[i as usize % stores.len()]);
+        // A few replicas' clocks, none in step.
         tasks.push(tokio::spawn(async move {
-            store
-                .queue_command(env.id, &stop(&format!("c{i}")), i)
+            queue(&*store, env.id, &format!("c{i}"), 1_000 + i % 3)
                 .await
-                .expect("queue")
-                .expect("exists")
                 .id
         }));
     }
@@ -2077,7 +2306,11 @@ async fn concurrent_queueing_hands_out_distinct_ids(b: &dyn Backend) {
         ids.push(t.await.expect("task"));
     }
     ids.sort_unstable();
-    assert_eq!(ids, (1..=40).collect::<Vec<_>>());
+    ids.dedup();
+    assert_eq!(ids.len(), 40);
+    let (mut listed, total) = listed_ids(&*stores[0], env.id).await;
+    listed.reverse();
+    assert_eq!((listed, total), (ids, 40));
 }
 
 async fn tunnel_changes_round_trip(b: &dyn Backend) {
@@ -2199,6 +2432,11 @@ async fn redis_keys_all_carry_the_prefix() {
         .put_snapshot(created[1].id, &snapshot_taken(1, b"body"))
         .await
         .expect("snapshot"));
+    let cmd = queue(&store, created[1].id, "c", 1).await;
+    store
+        .finish_commands(created[1].id, &[ok(cmd.id)], 2)
+        .await
+        .expect("finish");
 
     let mut conn = raw(&server).await;
     let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -2210,10 +2448,16 @@ async fn redis_keys_all_carry_the_prefix() {
     let grant_key = format!("ep-test:grant:{}", "ab".repeat(32));
     let tunnel_key = format!("ep-test:tunnel:{}", created[0].id);
     let snapshot_key = format!("ep-test:snapshot:{}", created[1].id);
+    let commands_key = format!("ep-test:commands:{}", created[1].id);
+    let command_ids_key = format!("{commands_key}:ids");
+    let finished_key = format!("{commands_key}:finished");
     let mut expected = vec![
         "ep-test:admin_keys",
         "ep-test:binding",
         "ep-test:cluster_secret",
+        &commands_key,
+        &command_ids_key,
+        &finished_key,
         "ep-test:env",
         "ep-test:gateway:gw-1",
         "ep-test:gateways",
@@ -2349,6 +2593,156 @@ async fn redis_large_epochs_stay_exact() {
         .await
         .expect("release"));
     assert!(store.release_tunnel(7, loc.epoch).await.expect("release"));
+}
+
+/// The fields of a hash, sorted.
+async fn hash_fields(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
+    let mut fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("HKEYS");
+    fields.sort();
+    fields
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_command_ids_never_repeat_after_lost_writes() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    let env = create_one(&store, "lossy").await;
+    let commands = format!("{PREFIX}commands:{}", env.id);
+    let ids_key = format!("{commands}:ids");
+    let finished_key = format!("{commands}:finished");
+    let mut conn = raw(&server).await;
+
+    // Three commands within one millisecond, and the agent has seen them all.
+    let mut handed_out = Vec::new();
+    for target in ["a", "b", "c"] {
+        handed_out.push(queue(&store, env.id, target, 1_000).await.id);
+    }
+    assert_eq!(handed_out, [1_000_000, 1_000_001, 1_000_002]);
+    let seen = store
+        .deliver_commands(env.id, 0, 10, 1_000)
+        .await
+        .expect("deliver");
+    assert_eq!(seen.len(), 3);
+
+    // Redis loses its last write (a crash with `appendfsync everysec`, or a failover to a
+    // replica that lagged): the newest command is gone, as if never queued.
+    let newest = handed_out[2];
+    let _: () = redis::pipe()
+        .cmd("ZREM")
+        .arg(&ids_key)
+        .arg(newest)
+        .ignore()
+        .cmd("HDEL")
+        .arg(&commands)
+        .arg(newest)
+        .arg(format!("{newest}:sent"))
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("lose the newest");
+    assert_eq!(listed_ids(&store, env.id).await.1, 2);
+    // "Newest + 1" alone would hand out 1_000_002 again, which the agent would skip as done
+    // (or whose result it would report for another command). The clock is past it.
+    let next = queue(&store, env.id, "d", 1_001).await;
+    assert!(next.id > newest, "{} after {newest}", next.id);
+    handed_out.push(next.id);
+
+    // Worse: every key of the environment's queue lost.
+    let _: () = redis::cmd("DEL")
+        .arg(&[&commands, &ids_key, &finished_key])
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert_eq!(listed_ids(&store, env.id).await, (vec![], 0));
+    let after = queue(&store, env.id, "e", 1_002).await;
+    assert!(
+        handed_out.iter().all(|&id| after.id > id),
+        "{} after {handed_out:?}",
+        after.id
+    );
+    // And the agent, with `done_through` at the highest id it finished, gets it.
+    let delivered = store
+        .deliver_commands(env.id, next.id, 10, 1_003)
+        .await
+        .expect("deliver");
+    assert_eq!(
+        delivered.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [after.id]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pruning_leaves_no_fields_behind() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    let env = create_one(&store, "tidy").await;
+    let commands = format!("{PREFIX}commands:{}", env.id);
+    let ids_key = format!("{commands}:ids");
+    let finished_key = format!("{commands}:finished");
+    let mut conn = raw(&server).await;
+    let keep = KEEP_FINISHED_COMMANDS_PER_ENV;
+    let mut ids = Vec::new();
+    for i in 0..keep + 2 {
+        ids.push(queue(&store, env.id, &format!("c{i}"), 1_000 + i).await.id);
+    }
+    let sent = store
+        .deliver_commands(env.id, 0, 1_000, 2_000)
+        .await
+        .expect("deliver");
+    assert_eq!(sent.len() as u64, keep + 2);
+    let results: Vec<_> = ids.iter().map(|&id| ok(id)).collect();
+    store
+        .finish_commands(env.id, &results, 3_000)
+        .await
+        .expect("finish");
+    let next = queue(&store, env.id, "next", 4_000).await;
+
+    // The two oldest are gone with every field; the rest keep theirs.
+    let mut want: Vec<String> = ids[2..]
+        .iter()
+        .flat_map(|id| [format!("{id}"), format!("{id}:done"), format!("{id}:sent")])
+        .collect();
+    want.push(next.id.to_string());
+    want.sort();
+    assert_eq!(hash_fields(&mut conn, &commands).await, want);
+    let zset_conn = conn.clone();
+    let card = |key: String| {
+        let mut conn = zset_conn.clone();
+        async move {
+            let n: u64 = redis::cmd("ZCARD")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("ZCARD");
+            n
+        }
+    };
+    assert_eq!(card(ids_key.clone()).await, keep + 1);
+    assert_eq!(card(finished_key.clone()).await, keep);
+    // A retried result of a pruned command, or of an id never queued, writes nothing.
+    store
+        .finish_commands(env.id, &[ok(ids[0]), ok(next.id + 7)], 5_000)
+        .await
+        .expect("finish");
+    assert_eq!(hash_fields(&mut conn, &commands).await, want);
+    assert_eq!(card(finished_key.clone()).await, keep);
+    // Queue state carries no TTL.
+    for key in [&commands, &ids_key, &finished_key] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert_eq!(pttl, -1, "{key}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,13 @@
 //! The JSON form is flat (`{"type": "containerStop", "target": "web", "timeoutSecs": 10}`);
 //! it becomes a [`proto::async_mode::Action`], checked before it is queued, so a command that
 //! could never run is refused here with a clear message rather than failing on the device.
+//!
+//! Ids are per environment, strictly increasing and never reused, with gaps: a command's id
+//! is its queue time in ms × 1000 (one more than the newest when that is not above it; see
+//! `store::next_command_id`). An environment keeps its unfinished commands (at most
+//! `store::MAX_UNFINISHED_COMMANDS_PER_ENV`, then queueing is `409`) and its newest
+//! `store::KEEP_FINISHED_COMMANDS_PER_ENV` finished ones; older finished ones are dropped when
+//! a command is queued.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
@@ -250,7 +257,8 @@ pub struct ListQuery {
     limit: Option<String>,
 }
 
-/// `GET /api/endpoints/{id}/commands?start=&limit=`: newest first; `X-Total-Count`.
+/// `GET /api/endpoints/{id}/commands?start=&limit=`: newest (highest id) first, `start`
+/// counting commands, not ids; `X-Total-Count` is how many are kept.
 pub async fn list(
     state: web::Data<AppState>,
     id: web::Path<u64>,

@@ -12,7 +12,8 @@
 //! | `admin_key_hashes` | SHA-256 (`[u8; 32]`)| `()`                                         |
 //! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
 //! | `snapshots`        | id (`u64`)          | `taken_ms`, `received_ms` (`u64` little-endian each), then the body |
-//! | `commands`         | (env id, command id)| JSON of [`StoredCommand`](crate::StoredCommand)                    |
+//! | `commands`         | (env id, command id)| JSON of [`StoredCommand`](crate::StoredCommand); ids from [`next_command_id`](crate::next_command_id), with gaps; finished ones beyond the newest [`KEEP_FINISHED_COMMANDS_PER_ENV`](crate::KEEP_FINISHED_COMMANDS_PER_ENV) pruned when queueing |
+//! |                    | (env id, 0)         | the queue's counts: unfinished, finished (`u64` little-endian each) |
 //!
 //! The `meta` table also holds `cluster_secret`: the 32 random bytes of
 //! [`TunnelStore::cluster_secret`](crate::TunnelStore::cluster_secret), created by the first caller.

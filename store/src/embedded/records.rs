@@ -23,6 +23,49 @@ pub(super) fn decode_command(env: EnvId, bytes: &[u8]) -> Result<StoredCommand, 
         .map_err(|e| StoreError::corrupt_by(format!("a command of environment {env}"), e))
 }
 
+/// Whether a stored command is finished, without decoding its action.
+pub(super) fn command_finished(env: EnvId, bytes: &[u8]) -> Result<bool, StoreError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Progress {
+        finished_ms: Option<u64>,
+    }
+    let p: Progress = serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::corrupt_by(format!("a command of environment {env}"), e))?;
+    Ok(p.finished_ms.is_some())
+}
+
+/// How many commands an environment's queue holds, stored under command id 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct CommandCounts {
+    pub(super) unfinished: u64,
+    pub(super) finished: u64,
+}
+
+pub(super) fn encode_command_counts(counts: CommandCounts) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..8].copy_from_slice(&counts.unfinished.to_le_bytes());
+    bytes[8..].copy_from_slice(&counts.finished.to_le_bytes());
+    bytes
+}
+
+pub(super) fn decode_command_counts(env: EnvId, bytes: &[u8]) -> Result<CommandCounts, StoreError> {
+    let (Some(unfinished), Some(finished), 16) = (
+        bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        bytes.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        bytes.len(),
+    ) else {
+        return Err(StoreError::corrupt(format!(
+            "command counts of environment {env}: expected 16 bytes, found {}",
+            bytes.len()
+        )));
+    };
+    Ok(CommandCounts {
+        unfinished: u64::from_le_bytes(unfinished),
+        finished: u64::from_le_bytes(finished),
+    })
+}
+
 pub(super) fn encode_command(env: EnvId, cmd: &StoredCommand) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(cmd)
         .map_err(|e| StoreError::corrupt_by(format!("command {} of environment {env}", cmd.id), e))

@@ -1,5 +1,7 @@
-//! [`SnapshotStore`] and [`CommandStore`] on Redis: one hash per snapshot, three hashes per
-//! environment's commands (as queued, first-sent times, first results: each HSETNX-once).
+//! [`SnapshotStore`] and [`CommandStore`] on Redis: one hash per snapshot; per environment's
+//! commands a hash (each command as queued, its first-sent time and its first result, each
+//! written once), a sorted set of the ids kept and one of the finished ids (scored by id, for
+//! order, paging, counts and pruning).
 
 use async_trait::async_trait;
 use deadpool_redis::redis;
@@ -9,22 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::{decode_u64, redis_err, RedisStore};
 use crate::{
     CommandStore, EnvId, SnapshotStore, StoreError, StoredCommand, StoredSnapshot,
-    MAX_COMMANDS_PER_ENV,
+    KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 
-/// How many commands an environment has (ids are 1..=count).
-async fn command_count(
-    conn: &mut deadpool_redis::Connection,
-    commands: &str,
-) -> Result<u64, StoreError> {
-    redis::cmd("HLEN")
-        .arg(commands)
-        .query_async(conn)
-        .await
-        .map_err(redis_err)
-}
-
-/// A command's result as stored in `commands:{id}:done`.
+/// A command's result as stored in the field `{id}:done`.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CommandDone {
@@ -34,7 +24,7 @@ struct CommandDone {
 
 impl RedisStore {
     /// The commands `ids` of `env`, with their sent times and results, in the order of `ids`
-    /// (ids that do not exist are left out).
+    /// (ids that are not kept are left out).
     async fn read_commands(
         &self,
         conn: &mut deadpool_redis::Connection,
@@ -44,33 +34,42 @@ impl RedisStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (sent, done, commands) = self.keys.commands(env);
-        type Fields = Vec<Option<String>>;
-        let (records, sent_ms, results): (Fields, Vec<Option<u64>>, Fields) = redis::pipe()
-            .cmd("HMGET")
-            .arg(&commands)
-            .arg(ids)
-            .cmd("HMGET")
-            .arg(&sent)
-            .arg(ids)
-            .cmd("HMGET")
-            .arg(&done)
-            .arg(ids)
-            .query_async(conn)
-            .await
-            .map_err(redis_err)?;
+        let (_, _, commands) = self.keys.commands(env);
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(&commands);
+        for id in ids {
+            hmget
+                .arg(id)
+                .arg(format!("{id}:sent"))
+                .arg(format!("{id}:done"));
+        }
+        let fields: Vec<Option<String>> = hmget.query_async(conn).await.map_err(redis_err)?;
+        if fields.len() != ids.len() * 3 {
+            return Err(StoreError::corrupt(format!(
+                "{commands}: HMGET answered {} fields for {}",
+                fields.len(),
+                ids.len() * 3
+            )));
+        }
         let mut out = Vec::with_capacity(ids.len());
-        for (i, &id) in ids.iter().enumerate() {
-            let Some(json) = records.get(i).cloned().flatten() else {
+        for (&id, f) in ids.iter().zip(fields.chunks_exact(3)) {
+            let [json, sent, done] = f else {
                 continue;
             };
-            let mut cmd: StoredCommand = serde_json::from_str(&json)
+            let Some(json) = json else {
+                continue;
+            };
+            let mut cmd: StoredCommand = serde_json::from_str(json)
                 .map_err(|e| StoreError::corrupt_by(format!("{commands} {id}"), e))?;
+            // The id is the field; the one inside the JSON is not read back.
             cmd.id = id;
-            cmd.sent_ms = sent_ms.get(i).copied().flatten();
-            if let Some(json) = results.get(i).cloned().flatten() {
-                let d: CommandDone = serde_json::from_str(&json)
-                    .map_err(|e| StoreError::corrupt_by(format!("{done} {id}"), e))?;
+            cmd.sent_ms = sent
+                .as_deref()
+                .map(|s| decode_u64(&format!("{commands} {id}:sent"), s.as_bytes()))
+                .transpose()?;
+            if let Some(json) = done {
+                let d: CommandDone = serde_json::from_str(json)
+                    .map_err(|e| StoreError::corrupt_by(format!("{commands} {id}:done"), e))?;
                 cmd.finished_ms = Some(d.finished_ms);
                 cmd.error = d.error;
             }
@@ -128,7 +127,7 @@ impl CommandStore for RedisStore {
         action: &Action,
         now_ms: u64,
     ) -> Result<Option<StoredCommand>, StoreError> {
-        let (_, _, commands) = self.keys.commands(env);
+        let (ids, finished, commands) = self.keys.commands(env);
         let mut cmd = StoredCommand {
             id: 0,
             action: action.clone(),
@@ -144,20 +143,31 @@ impl CommandStore for RedisStore {
             .scripts
             .queue_command
             .key(&self.keys.env)
+            .key(&ids)
+            .key(&finished)
             .key(&commands)
             .arg(env)
             .arg(json)
-            .arg(MAX_COMMANDS_PER_ENV)
+            .arg(now_ms)
+            .arg(MAX_UNFINISHED_COMMANDS_PER_ENV)
+            .arg(KEEP_FINISHED_COMMANDS_PER_ENV)
+            .arg(MAX_COMMAND_ID)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
         match id {
             0 => Ok(None),
             -1 => Err(StoreError::Conflict(format!(
-                "environment {env} already holds {MAX_COMMANDS_PER_ENV} commands"
+                "environment {env} already holds {MAX_UNFINISHED_COMMANDS_PER_ENV} unfinished \
+                 commands"
+            ))),
+            -2 => Err(StoreError::Conflict(format!(
+                "environment {env}: command ids would pass {MAX_COMMAND_ID} (queue time \
+                 {now_ms} ms)"
             ))),
             id => {
-                cmd.id = id as u64;
+                cmd.id = u64::try_from(id)
+                    .map_err(|_| StoreError::corrupt(format!("{commands}: queued with id {id}")))?;
                 Ok(Some(cmd))
             }
         }
@@ -169,12 +179,31 @@ impl CommandStore for RedisStore {
         start: u64,
         limit: u64,
     ) -> Result<(Vec<StoredCommand>, u64), StoreError> {
-        let (_, _, commands) = self.keys.commands(env);
+        let (ids, _, _) = self.keys.commands(env);
         let mut conn = self.conn().await?;
-        let total = command_count(&mut conn, &commands).await?;
-        let newest = total.saturating_sub(start);
-        let ids: Vec<u64> = (1..=newest).rev().take(limit as usize).collect();
-        let out = self.read_commands(&mut conn, env, &ids).await?;
+        if limit == 0 {
+            let total: u64 = redis::cmd("ZCARD")
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            return Ok((Vec::new(), total));
+        }
+        // Ranks, newest first; the count and the page from one point in time.
+        let first = i64::try_from(start).unwrap_or(i64::MAX);
+        let last = i64::try_from(start.saturating_add(limit - 1)).unwrap_or(i64::MAX);
+        let (total, page): (u64, Vec<u64>) = redis::pipe()
+            .atomic()
+            .cmd("ZCARD")
+            .arg(&ids)
+            .cmd("ZREVRANGE")
+            .arg(&ids)
+            .arg(first)
+            .arg(last)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let out = self.read_commands(&mut conn, env, &page).await?;
         Ok((out, total))
     }
 
@@ -185,29 +214,26 @@ impl CommandStore for RedisStore {
         limit: usize,
         now_ms: u64,
     ) -> Result<Vec<StoredCommand>, StoreError> {
-        let (sent, _, commands) = self.keys.commands(env);
-        let mut conn = self.conn().await?;
-        let total = command_count(&mut conn, &commands).await?;
-        // Commands after the agent's last finished one are unfinished but for a rare race
-        // with a result still in flight: reading `limit` of them is enough.
-        let ids: Vec<u64> = (after.saturating_add(1)..=total).take(limit).collect();
-        let mut out = self.read_commands(&mut conn, env, &ids).await?;
-        out.retain(|c| c.finished_ms.is_none());
-        let unsent: Vec<u64> = out
-            .iter()
-            .filter(|c| c.sent_ms.is_none())
-            .map(|c| c.id)
-            .collect();
-        if !unsent.is_empty() {
-            let mut pipe = redis::pipe();
-            for id in &unsent {
-                pipe.cmd("HSETNX").arg(&sent).arg(id).arg(now_ms).ignore();
-            }
-            let () = pipe.query_async(&mut conn).await.map_err(redis_err)?;
-            for c in &mut out {
-                c.sent_ms.get_or_insert(now_ms);
-            }
+        if limit == 0 {
+            return Ok(Vec::new());
         }
+        let (ids, finished, commands) = self.keys.commands(env);
+        let mut conn = self.conn().await?;
+        let picked: Vec<u64> = self
+            .scripts
+            .deliver_commands
+            .key(&ids)
+            .key(&finished)
+            .key(&commands)
+            .arg(after)
+            .arg(limit)
+            .arg(now_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        // One finished (or even pruned) since the script ran is left out.
+        let mut out = self.read_commands(&mut conn, env, &picked).await?;
+        out.retain(|c| c.finished_ms.is_none());
         Ok(out)
     }
 
@@ -220,19 +246,19 @@ impl CommandStore for RedisStore {
         if results.is_empty() {
             return Ok(());
         }
-        let (_, done, commands) = self.keys.commands(env);
-        let mut conn = self.conn().await?;
-        let total = command_count(&mut conn, &commands).await?;
-        let mut pipe = redis::pipe();
-        for r in results.iter().filter(|r| (1..=total).contains(&r.id)) {
+        let (_, finished, commands) = self.keys.commands(env);
+        let mut script = self.scripts.finish_commands.key(&commands);
+        script.key(&finished);
+        for r in results {
             let json = serde_json::to_string(&CommandDone {
                 finished_ms: now_ms,
                 error: r.error.clone(),
             })
             .map_err(|e| StoreError::corrupt_by("command result", e))?;
-            pipe.cmd("HSETNX").arg(&done).arg(r.id).arg(json).ignore();
+            script.arg(r.id).arg(json);
         }
-        let () = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        let mut conn = self.conn().await?;
+        let _recorded: i64 = script.invoke_async(&mut conn).await.map_err(redis_err)?;
         Ok(())
     }
 }

@@ -151,7 +151,7 @@ impl EnvironmentStore for RedisStore {
 
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        let (sent, done, commands) = self.keys.commands(id);
+        let (ids, finished, commands) = self.keys.commands(id);
         // MULTI/EXEC: `PUT_SNAPSHOT_LUA` and `QUEUE_COMMAND_LUA` check that the environment
         // exists, so a snapshot or command stored concurrently is either deleted here or
         // refused.
@@ -169,7 +169,7 @@ impl EnvironmentStore for RedisStore {
             .cmd("DEL")
             .arg(self.keys.snapshot(id))
             .cmd("DEL")
-            .arg(&[commands, sent, done])
+            .arg(&[commands, ids, finished])
             .query_async(&mut conn)
             .await
             .map_err(redis_err)?;

@@ -61,10 +61,12 @@ impl Keys {
         format!("{}{env}", self.snapshot)
     }
 
-    /// (queued commands, first-sent times, results) of an environment.
+    /// (every command id kept, finished command ids, commands) of an environment: two sorted
+    /// sets and a hash. Every key of an environment's commands is one of these three, so
+    /// deleting them deletes its queue.
     pub(super) fn commands(&self, env: EnvId) -> (String, String, String) {
         let base = format!("{}{env}", self.commands);
-        (format!("{base}:sent"), format!("{base}:done"), base)
+        (format!("{base}:ids"), format!("{base}:finished"), base)
     }
 
     pub(super) fn grant(&self, token_hash: &[u8; 32]) -> String {

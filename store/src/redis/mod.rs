@@ -19,9 +19,9 @@
 //! | `edgeplane:settings`        | string  | JSON of [`Settings`](crate::Settings)                             |
 //! | `edgeplane:admin_keys`      | set     | raw 32-byte SHA-256 hashes of admin API keys     |
 //! | `edgeplane:snapshot:{id}`   | hash    | `taken_ms`, `received_ms` (decimal), `body` (raw bytes) |
-//! | `edgeplane:commands:{id}`   | hash    | command id -> JSON of its [`StoredCommand`](crate::StoredCommand) as queued (ids 1..=HLEN) |
-//! | `edgeplane:commands:{id}:sent` | hash | command id -> ms it was first handed out (HSETNX) |
-//! | `edgeplane:commands:{id}:done` | hash | command id -> JSON `{finishedMs, error}`, the first result (HSETNX) |
+//! | `edgeplane:commands:{id}`   | hash    | `{cmd}` -> JSON of the [`StoredCommand`](crate::StoredCommand) as queued; `{cmd}:sent` -> ms it was first handed out (HSETNX); `{cmd}:done` -> JSON `{finishedMs, error}`, the first result (HSETNX) |
+//! | `edgeplane:commands:{id}:ids` | sorted set | the command ids kept, scored by id (order, paging, count; the highest is the newest id) |
+//! | `edgeplane:commands:{id}:finished` | sorted set | the finished ones among them, scored by id (the oldest are pruned first) |
 //! | `edgeplane:cluster_secret`  | string  | the 32 raw random bytes of [`TunnelStore::cluster_secret`](crate::TunnelStore::cluster_secret) |
 //! | `edgeplane:grant:{hash}`    | string  | JSON of a [`TunnelGrant`](crate::TunnelGrant), PX TTL; key ends in the hex SHA-256 of its token |
 //! | `edgeplane:tunnel:{id}`     | string  | JSON of a [`TunnelLocation`](crate::TunnelLocation), PX TTL (the holder's lease) |
@@ -38,6 +38,15 @@
 //! and never older ones, tunnel claims with their fresh epoch, renewals and releases only by
 //! the current epoch) are small Lua scripts (`lua/*.lua`, each documenting its KEYS and ARGV),
 //! which Redis runs atomically.
+//!
+//! Commands are queued, handed out and finished by scripts too (`lua/queue_command.lua`,
+//! `deliver_commands.lua`, `finish_commands.lua`): the id is `max(newest id + 1, queue time
+//! in ms × 1000)` ([`next_command_id`](crate::next_command_id)), so an id lost with Redis's
+//! last writes is never handed out again; queueing refuses an environment with
+//! [`MAX_UNFINISHED_COMMANDS_PER_ENV`](crate::MAX_UNFINISHED_COMMANDS_PER_ENV) unfinished
+//! commands and prunes the finished ones beyond the newest
+//! [`KEEP_FINISHED_COMMANDS_PER_ENV`](crate::KEEP_FINISHED_COMMANDS_PER_ENV) with all their
+//! fields; a result is recorded only for a command still kept.
 //!
 //! Everything that lives as long as a lease has a relative TTL (`PX`), so the clocks of the
 //! hosts involved never matter. Grants are taken with GETDEL (Redis 6.2 or later). Tunnel

@@ -6,8 +6,12 @@ use deadpool_redis::redis::Script;
 pub(super) struct Scripts {
     /// Stores a snapshot of an existing environment unless the stored one was taken later.
     pub(super) put_snapshot: Script,
-    /// Queues a command with the next id (ids are contiguous: 1..=HLEN).
+    /// Queues a command with its clock-based id and prunes old finished ones, in one step.
     pub(super) queue_command: Script,
+    /// Picks the unfinished commands after an id and marks them sent.
+    pub(super) deliver_commands: Script,
+    /// Records first results of commands still kept, and marks them finished.
+    pub(super) finish_commands: Script,
     /// Hands out the next epoch and stores the location with it, in one step.
     pub(super) claim: Script,
     /// Extends the locations still held by the given gateway with the given epochs.
@@ -39,6 +43,8 @@ impl Scripts {
         Self {
             put_snapshot: Script::new(include_str!("lua/put_snapshot.lua")),
             queue_command: Script::new(include_str!("lua/queue_command.lua")),
+            deliver_commands: Script::new(include_str!("lua/deliver_commands.lua")),
+            finish_commands: Script::new(include_str!("lua/finish_commands.lua")),
             claim: Script::new(include_str!("lua/claim.lua")),
             renew: Script::new(include_str!("lua/renew.lua")),
             release: Script::new(include_str!("lua/release.lua")),
