@@ -1,4 +1,5 @@
-//! First-start duties: the admin API key and the public addresses agents are told.
+//! First-start duties: the data dir, the admin API key and the public addresses agents are
+//! told.
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
@@ -96,6 +97,39 @@ pub async fn admin_key(
     Ok((keys, source))
 }
 
+/// Creates the data dir (and missing parents) with mode 0700, or tightens an existing one
+/// that others can enter or read: it holds the embedded store (join secrets), the admin key
+/// and the API's private key. Each of those files is 0600 itself; the dir keeps even their
+/// names private and covers files made by hand or by older versions.
+///
+/// A dir of another owner cannot be tightened (a mounted volume, a group-shared dir): that is
+/// logged, not fatal, since the files inside are private anyway.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            Ok(()) => tracing::info!(
+                path = %dir.display(),
+                from = format!("{mode:04o}"),
+                to = "0700",
+                "tightened the data dir's mode: it holds secrets"
+            ),
+            Err(error) => tracing::warn!(
+                path = %dir.display(),
+                mode = format!("{mode:04o}"),
+                %error,
+                "cannot tighten the data dir's mode to 0700: it holds secrets"
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// `https://<host>:<port>` where host is this machine's name if it resolves, else the
 /// listener's IP, else 127.0.0.1.
 pub fn default_public_url(api_addr: SocketAddr) -> String {
@@ -175,6 +209,37 @@ mod tests {
         assert!(matches!(source, AdminKeySource::File(_)));
         assert!(keys.accepts("from-file"));
         assert!(!keys.accepts("b"));
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_data_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("nested/data");
+        private_dir(&data).expect("create");
+        assert_eq!(mode(&data), 0o700, "a new dir");
+        private_dir(&data).expect("again");
+        assert_eq!(mode(&data), 0o700, "an existing private dir");
+
+        // A dir made by an older version (or by hand) with 0755 is tightened, its files kept.
+        std::fs::write(data.join("kept"), "x").expect("write");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        private_dir(&data).expect("tighten");
+        assert_eq!(mode(&data), 0o700, "an existing 0755 dir");
+        assert_eq!(
+            std::fs::read_to_string(data.join("kept")).expect("read"),
+            "x"
+        );
+
+        // A file where the dir should be is an error.
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "x").expect("write");
+        assert!(private_dir(&blocker).is_err());
     }
 
     #[tokio::test]

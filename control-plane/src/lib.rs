@@ -78,7 +78,7 @@ pub struct Prepared {
 }
 
 pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, RunError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| RunError::DataDir {
+    bootstrap::private_dir(&config.data_dir).map_err(|source| RunError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
     })?;

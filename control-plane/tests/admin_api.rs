@@ -455,6 +455,189 @@ async fn paging_filters_and_total_count() {
     cp.stop().await;
 }
 
+/// The install command or manifest of `platform` for environment `id`.
+async fn install(cp: &ControlPlane, id: u64, platform: &str) -> String {
+    let (status, v, _) = get(
+        cp,
+        &format!("/api/endpoints/{id}/install?platform={platform}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{platform}: {v}");
+    v["command"].as_str().unwrap().to_owned()
+}
+
+/// The Edge IDs a docker or swarm command sets (`-e EDGE_ID='...'`).
+fn shell_edge_ids(cmd: &str) -> Vec<uuid::Uuid> {
+    cmd.lines()
+        .filter_map(|l| l.trim().strip_prefix("-e EDGE_ID='"))
+        .map(|rest| rest.split('\'').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// A shell command must at least parse.
+fn assert_shell_syntax(cmd: &str) {
+    let out = std::process::Command::new("sh")
+        .args(["-n", "-c", cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Kubernetes manifest's documents, parsed.
+fn yaml_documents(manifest: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(manifest)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .collect()
+}
+
+fn kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    let mut of_kind = docs.iter().filter(|d| d["kind"].as_str() == Some(kind));
+    let doc = of_kind.next().unwrap_or_else(|| panic!("no {kind}"));
+    assert!(of_kind.next().is_none(), "more than one {kind}");
+    doc
+}
+
+/// The Edge ID the manifest's Secret holds, after checking that the Deployment's agent reads
+/// `EDGE_ID` from that Secret (and from nowhere else).
+fn kubernetes_edge_id(manifest: &str) -> uuid::Uuid {
+    let docs = yaml_documents(manifest);
+    let kinds: Vec<_> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRoleBinding",
+            "Secret",
+            "Deployment"
+        ]
+    );
+    for doc in &docs {
+        assert!(doc["apiVersion"].is_string(), "{doc:?}");
+        assert!(doc["metadata"]["name"].is_string(), "{doc:?}");
+    }
+    let secret = kind(&docs, "Secret");
+    assert_eq!(secret["metadata"]["namespace"], "edgeplane");
+    assert_eq!(secret["immutable"], true, "the Edge ID must never change");
+    let secret_name = secret["metadata"]["name"].as_str().unwrap();
+    let deployment = kind(&docs, "Deployment");
+    assert_eq!(deployment["metadata"]["namespace"], "edgeplane");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let template = &deployment["spec"]["template"];
+    assert_eq!(
+        deployment["spec"]["selector"]["matchLabels"],
+        template["metadata"]["labels"]
+    );
+    let pod = &template["spec"];
+    assert_eq!(pod["volumes"][0]["name"], "data");
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/data"
+    );
+    let env = pod["containers"][0]["env"].as_sequence().expect(manifest);
+    let edge_ids: Vec<_> = env.iter().filter(|e| e["name"] == "EDGE_ID").collect();
+    assert_eq!(edge_ids.len(), 1, "{env:?}");
+    let from = &edge_ids[0]["valueFrom"]["secretKeyRef"];
+    assert_eq!(from["name"].as_str(), Some(secret_name));
+    let key = from["key"].as_str().unwrap();
+    secret["stringData"][key].as_str().unwrap().parse().unwrap()
+}
+
+#[actix_web::test]
+async fn install_commands_keep_state_and_the_edge_id_per_environment() {
+    let cp = ControlPlane::start().await;
+    let (_, a) = post(&cp, "/api/endpoints", json!({"name": "a"})).await;
+    let (_, b) = post(
+        &cp,
+        "/api/endpoints",
+        json!({"name": "b", "envVars": ["SITE"]}),
+    )
+    .await;
+    let pre = uuid::Uuid::new_v4();
+    let (_, c) = post(&cp, "/api/endpoints", json!({"name": "c", "edgeId": pre})).await;
+    let [a, b, c] = [a, b, c].map(|e| e["id"].as_u64().unwrap());
+
+    // One data volume per environment: a second environment on the host, or the host
+    // enrolled again, never inherits another agent's state.
+    for id in [a, b, c] {
+        let volume = format!("edgeplane_agent_{id}");
+        let docker = install(&cp, id, "docker").await;
+        assert!(
+            docker.contains(&format!("  -v {volume}:/data \\\n")),
+            "{docker}"
+        );
+        let swarm = install(&cp, id, "swarm").await;
+        assert!(
+            swarm.contains(&format!(
+                "  --mount type=volume,src={volume},dst=/data \\\n"
+            )),
+            "{swarm}"
+        );
+        let nomad = install(&cp, id, "nomad").await;
+        assert!(nomad.contains(&format!("\"{volume}:/data\"")), "{nomad}");
+        for cmd in [&docker, &swarm, &nomad] {
+            assert!(!cmd.contains("edgeplane_agent_data"), "{cmd}");
+        }
+        assert_shell_syntax(&docker);
+        assert_shell_syntax(&swarm);
+    }
+
+    // Docker: the environment's Edge ID when it has one (pre-assigned or bound), else the
+    // agent generates its own and keeps it in its volume.
+    assert!(shell_edge_ids(&install(&cp, a, "docker").await).is_empty());
+    assert_eq!(shell_edge_ids(&install(&cp, c, "docker").await), vec![pre]);
+
+    // Swarm and Nomad run an agent on every node: all of them share one Edge ID, set in the
+    // command, the environment's own or one generated now.
+    assert_eq!(shell_edge_ids(&install(&cp, c, "swarm").await), vec![pre]);
+    let swarm_a = shell_edge_ids(&install(&cp, a, "swarm").await);
+    assert_eq!(swarm_a.len(), 1);
+    assert_eq!(swarm_a[0].get_version_num(), 4);
+    assert!(install(&cp, c, "nomad")
+        .await
+        .contains(&format!("        EDGE_ID = \"{pre}\"\n")));
+    let nomad_a = install(&cp, a, "nomad").await;
+    let line = nomad_a
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("EDGE_ID = "))
+        .unwrap();
+    assert!(
+        line.trim_matches('"').parse::<uuid::Uuid>().is_ok(),
+        "{line}"
+    );
+
+    // Kubernetes: the Edge ID lives in an immutable Secret the Deployment reads, so a pod
+    // rescheduled onto any node comes back with it.
+    assert_eq!(
+        kubernetes_edge_id(&install(&cp, c, "kubernetes").await),
+        pre
+    );
+    let generated = kubernetes_edge_id(&install(&cp, a, "kubernetes").await);
+    assert_eq!(generated.get_version_num(), 4);
+    let manifest_b = install(&cp, b, "kubernetes").await;
+    kubernetes_edge_id(&manifest_b);
+    let docs = yaml_documents(&manifest_b);
+    assert_eq!(
+        kind(&docs, "Secret")["metadata"]["name"],
+        format!("edgeplane-agent-{b}-edge-id").as_str()
+    );
+    let env = &kind(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"];
+    let names: Vec<_> = env
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["EDGE_KEY", "EDGE_ID", "SITE"]);
+    cp.stop().await;
+}
+
 #[actix_web::test]
 async fn install_commands_carry_the_key_and_options() {
     let cp = ControlPlane::start_with(|c| c.agent_secret = Some("s3cret".into())).await;

@@ -95,12 +95,16 @@ impl std::fmt::Debug for EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) `<dir>/edgeplane.redb`, creating `dir` if needed. Blocking: call it at
     /// start-up, not from a busy async task.
+    ///
+    /// The file holds every environment's join secret, so it is readable by its owner only
+    /// (0600): created so, and tightened (with a log line) when an older one is looser.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::unavailable_by(format!("cannot create data dir {}", dir.display()), e)
         })?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(db_err)?;
+        let file = private_file(&path)?;
+        let db = Database::builder().create_file(file).map_err(db_err)?;
 
         // Create every table up front: a read transaction cannot create one, and opening a
         // table that was never written would fail with `TableDoesNotExist`.
@@ -167,6 +171,44 @@ impl EmbeddedStore {
     }
 }
 
+/// Opens `path` for reading and writing, created with mode 0600 if missing; an existing file
+/// readable or writable by others is tightened to 0600. A file of another owner cannot be
+/// tightened: that is logged, not fatal (the process can use it, so it is the operator's call).
+fn private_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::unavailable_by(format!("cannot open {}", path.display()), e))?;
+    let mode = file
+        .metadata()
+        .map_err(|e| StoreError::unavailable_by(format!("cannot stat {}", path.display()), e))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        match file.set_permissions(std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                from = format!("{mode:04o}"),
+                to = "0600",
+                "tightened the embedded store's file mode: it holds join secrets"
+            ),
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                %error,
+                "cannot tighten the embedded store's file mode to 0600: it holds join secrets"
+            ),
+        }
+    }
+    Ok(file)
+}
+
 /// redb's own corruption reports are permanent; everything else (I/O, lock, a transaction
 /// still in use) may go away on a retry.
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -206,5 +248,41 @@ impl Backend for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_store_file_is_private() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        assert_eq!(mode(&dir.path().join(FILE_NAME)), 0o600, "a new file");
+        let tx = store.db.begin_write().expect("write");
+        tx.open_table(META)
+            .expect("meta")
+            .insert("probe", b"kept".as_slice())
+            .expect("insert");
+        tx.commit().expect("commit");
+        drop(store);
+
+        // A file made by an older version (or by hand) with 0644 is tightened, and its
+        // contents are kept.
+        let path = dir.path().join(FILE_NAME);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let store = EmbeddedStore::open(dir.path()).expect("reopen");
+        assert_eq!(mode(&path), 0o600, "an existing 0644 file");
+        let tx = store.db.begin_read().expect("read");
+        let meta = tx.open_table(META).expect("meta");
+        let probe = meta.get("probe").expect("get").expect("the record is kept");
+        assert_eq!(probe.value(), b"kept");
     }
 }
