@@ -67,6 +67,16 @@ pub struct Limits {
     pub tunnel_wait: Duration,
     /// Lease of the embedded gateway's tunnel locations and registration.
     pub gateway_lease: Duration,
+    /// Connections of the public ports (API and embedded gateway share them): all, per
+    /// source, and those that proved nothing yet (no first request, no hello).
+    pub admission: gateway::admission::AdmissionLimits,
+    /// A new connection must send its first byte within this.
+    pub first_byte_timeout: Duration,
+    /// TLS handshake plus the first request head must arrive within this.
+    pub first_request_timeout: Duration,
+    /// Each chunk of an agent's request body must follow the one before (or the head)
+    /// within this.
+    pub agent_body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -84,6 +94,10 @@ impl Default for Limits {
             max_bulk: 1000,
             tunnel_wait: Duration::from_secs(15),
             gateway_lease: Duration::from_secs(15),
+            admission: gateway::admission::AdmissionLimits::from_process(),
+            first_byte_timeout: gateway::FIRST_BYTE_TIMEOUT,
+            first_request_timeout: Duration::from_secs(10),
+            agent_body_timeout: Duration::from_secs(10),
         }
     }
 }

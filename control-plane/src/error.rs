@@ -23,6 +23,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A request (body) that did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// Overloaded or the store is down: 503 with `retry-after`.
     #[error("{0}")]
     Unavailable(String),
@@ -114,6 +117,7 @@ impl ApiError {
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
             Self::PayloadTooLarge(_) => 413,
+            Self::RequestTimeout(_) => 408,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
             Self::Misdirected(_) => 421,
@@ -166,6 +170,7 @@ impl ApiError {
             | Self::NotFound(_)
             | Self::Conflict(_)
             | Self::PayloadTooLarge(_)
+            | Self::RequestTimeout(_)
             | Self::Internal(_) => None,
         }
     }

@@ -4,6 +4,9 @@
 //! [`Prepared::serve`] runs the HTTPS API and the plain-HTTP metrics listener until the
 //! shutdown future resolves. `main.rs` only parses flags and calls these two.
 
+#[macro_use]
+mod macros;
+
 pub mod api;
 pub mod auth;
 pub mod bootstrap;
@@ -20,6 +23,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
+use gateway::admission::Admission;
 use gateway::{Dialer, Gateway, GatewayConfig};
 use proto::clock::now_ms;
 use serde::Deserialize;
@@ -203,6 +207,11 @@ impl Prepared {
         let background = actix_rt::spawn(Arc::clone(&fleet).run_background(stop_rx.clone()));
         let keys_task = actix_rt::spawn(watch_admin_keys(Arc::clone(&store), admin, stop_rx));
 
+        // One admission for the process's public ports: one bound of connections below the
+        // open-file limit, shared by the API and the embedded gateway.
+        let admission = Admission::new(limits.admission);
+        metrics.watch_admission(Arc::clone(&admission));
+
         // The embedded tunnel gateway (single node), on the certificate agents pin.
         let gateway_stop = CancellationToken::new();
         let gateway = if config.embedded_gateway {
@@ -217,7 +226,9 @@ impl Prepared {
                 state.public.tunnel_addr.clone(),
                 Arc::clone(&tls),
             )
-            .with_lease(limits.gateway_lease);
+            .with_lease(limits.gateway_lease)
+            .with_first_byte_timeout(limits.first_byte_timeout)
+            .with_admission(Arc::clone(&admission));
             Some(
                 Gateway::bind_std(gw, listener, Arc::clone(&store) as _, metrics.registry())
                     .await?,
@@ -259,6 +270,8 @@ impl Prepared {
             Arc::clone(&tls),
             &limits,
             proxy,
+            admission,
+            metrics.front.clone(),
         )
         .map_err(RunError::Listen)?;
 

@@ -65,6 +65,13 @@ struct Cli {
     /// How long a Docker API request waits for the agent's tunnel before answering 504.
     #[arg(long, env = "EDGEPLANE_TUNNEL_WAIT", default_value = "15s", value_parser = humantime::parse_duration)]
     tunnel_wait: std::time::Duration,
+    /// Connections held at once on the API and tunnel ports together. Default: the open-file
+    /// limit less 512.
+    #[arg(long, env = "EDGEPLANE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections one source address (an IPv6 /64) holds at once. Default: 8192.
+    #[arg(long, env = "EDGEPLANE_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: Option<usize>,
 }
 
 impl Cli {
@@ -95,6 +102,10 @@ impl Cli {
             c.limits.workers = w.max(1);
         }
         c.limits.tunnel_wait = self.tunnel_wait;
+        c.limits.admission = gateway::admission::AdmissionLimits::configured(
+            self.max_connections,
+            self.max_connections_per_source,
+        );
         c
     }
 }

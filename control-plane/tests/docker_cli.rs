@@ -29,6 +29,10 @@ async fn tunnel_state(cp: &CpProcess, id: u64) -> String {
 #[actix_web::test]
 async fn the_docker_cli_works_through_the_tunnel() {
     let engine = Engine::start();
+    // Podman's containers outlive an engine: a failed run may have left these behind.
+    for name in ["ep-web", "ep-follow", "ep-raw"] {
+        engine.docker(&["rm", "-f", name]);
+    }
     let data = tempfile::tempdir().unwrap();
     let tunnel_port = free_port();
     let cp = CpProcess::spawn(
@@ -38,6 +42,10 @@ async fn the_docker_cli_works_through_the_tunnel() {
             &format!("127.0.0.1:{tunnel_port}"),
             "--tunnel-wait",
             "8s",
+            // Short, so the streams below outlive it: a streaming answer is still being
+            // served, its connection's next request is not due yet.
+            "--keep-alive",
+            "2",
         ],
     )
     .await;
@@ -104,7 +112,8 @@ async fn the_docker_cli_works_through_the_tunnel() {
     let ps = docker.ok(&["ps"]).await;
     assert!(ps.contains("ep-web"), "{ps}");
 
-    // Streaming answers: logs -f follows until the container ends; events stream live.
+    // Streaming answers, longer than the keep-alive: logs -f follows until the container
+    // ends; events stream live.
     let mut events = docker
         .command(&[
             "events",
@@ -127,12 +136,12 @@ async fn the_docker_cli_works_through_the_tunnel() {
             IMAGE,
             "sh",
             "-c",
-            "for i in 1 2 3; do echo line$i; sleep 0.3; done",
+            "for i in 1 2 3 4; do echo line$i; sleep 1; done",
         ])
         .await;
     let followed = docker.ok(&["logs", "-f", "ep-follow"]).await;
     assert!(
-        followed.contains("line1") && followed.contains("line3"),
+        followed.contains("line1") && followed.contains("line4"),
         "{followed}"
     );
     let saw_start = tokio::time::timeout(Duration::from_secs(20), async {

@@ -57,8 +57,10 @@ where
 {
     let (edge_id, source) = edge_id::resolve(config.edge_id, &config.data_dir)?;
     let docker = DockerHost::parse(&config.docker_host)?;
+    // The Edge ID itself only at debug: with the join key it impersonates this agent, and
+    // logs travel further than the key.
+    tracing::debug!(%edge_id, "edge id");
     info!(
-        %edge_id,
         edge_id_source = source.as_str(),
         endpoint_id = config.token.endpoint_id,
         api_url = %config.token.api_url,

@@ -32,20 +32,46 @@ pub struct AdmissionLimits {
 }
 
 impl AdmissionLimits {
+    /// [`AdmissionLimits::for_open_files`] of this process's own limit (`/proc/self/limits`;
+    /// 1,024 where it cannot be read).
+    pub fn from_process() -> Self {
+        Self::for_open_files(open_files_limit().unwrap_or(1024))
+    }
+
     /// Defaults for a process allowed `open_files` descriptors: the total stays 512 below it
-    /// (listeners, the store, the engine, logs); one source gets at most 8,192 (a site behind
-    /// one NAT address may hold thousands of agents); pending connections get an eighth of the
-    /// total (between 16 and 4,096), 64 of them per source.
+    /// (listeners, the store, the engine, logs), the rest as [`AdmissionLimits::with_totals`].
     pub fn for_open_files(open_files: usize) -> Self {
         const RESERVE: usize = 512;
-        let max_connections = open_files.saturating_sub(RESERVE).max(64);
+        Self::with_totals(open_files.saturating_sub(RESERVE).max(64), None)
+    }
+
+    /// The bounds an operator sets (`--max-connections`, `--max-connections-per-source`),
+    /// the others derived: one source gets at most 8,192 unless told otherwise (a site behind
+    /// one NAT address may hold thousands of agents); pending connections get an eighth of the
+    /// total (between 16 and 4,096), 64 of them per source (at most the source's total).
+    pub fn with_totals(max_connections: usize, max_per_source: Option<usize>) -> Self {
+        let max_connections = max_connections.max(1);
+        let max_per_source = max_per_source.unwrap_or(8192).clamp(1, max_connections);
         Self {
             max_connections,
-            max_per_source: max_connections.min(8192),
-            max_pending: (max_connections / 8).clamp(16, 4096),
-            max_pending_per_source: 64,
+            max_per_source,
+            max_pending: (max_connections / 8).clamp(16, 4096).min(max_connections),
+            max_pending_per_source: 64.min(max_per_source),
         }
     }
+
+    /// [`AdmissionLimits::from_process`] with what the operator set instead of the defaults.
+    pub fn configured(max_connections: Option<usize>, max_per_source: Option<usize>) -> Self {
+        let total = max_connections.unwrap_or_else(|| Self::from_process().max_connections);
+        Self::with_totals(total, max_per_source)
+    }
+}
+
+/// The soft limit of open files of this process (`Max open files` in `/proc/self/limits`).
+pub fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Why a connection was not admitted (the label of the refusal metric).
@@ -317,6 +343,13 @@ mod tests {
     }
 
     #[test]
+    fn the_process_limit_is_read() {
+        let n = open_files_limit().expect("/proc/self/limits");
+        assert!(n >= 64, "{n}");
+        assert!(AdmissionLimits::from_process().max_connections < n);
+    }
+
+    #[test]
     fn defaults_stay_below_the_open_file_limit() {
         let l = AdmissionLimits::for_open_files(20_000);
         assert_eq!(l.max_connections, 19_488);
@@ -325,5 +358,33 @@ mod tests {
         assert_eq!(l.max_pending, 2_436);
         let tiny = AdmissionLimits::for_open_files(100);
         assert!(tiny.max_connections >= 64 && tiny.max_pending >= 16);
+    }
+
+    #[test]
+    fn what_the_operator_sets_bounds_the_derived_limits() {
+        let l = AdmissionLimits::with_totals(1_000, Some(10));
+        assert_eq!(
+            l,
+            AdmissionLimits {
+                max_connections: 1_000,
+                max_per_source: 10,
+                max_pending: 125,
+                max_pending_per_source: 10,
+            }
+        );
+        // No bound exceeds the one above it, however small the total.
+        let l = AdmissionLimits::with_totals(5, None);
+        assert_eq!(
+            (l.max_per_source, l.max_pending, l.max_pending_per_source),
+            (5, 5, 5)
+        );
+        assert_eq!(AdmissionLimits::with_totals(0, Some(0)).max_connections, 1);
+        // Only the per-source bound set: the total stays the process's.
+        let l = AdmissionLimits::configured(None, Some(100));
+        assert_eq!(
+            l.max_connections,
+            AdmissionLimits::from_process().max_connections
+        );
+        assert_eq!(l.max_per_source, 100);
     }
 }

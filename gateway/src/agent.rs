@@ -13,10 +13,11 @@ use proto::tunnel::{CloseReason, HelloAnswer, HelloRefusal};
 use sha2::{Digest, Sha256};
 use store::{Change, EnvId, StoreError, TunnelGrant, TunnelLocation};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use uuid::Uuid;
 
+use crate::admission::Ticket;
 use crate::metrics::{kind, result};
 use crate::server::{store_call, EndReason, Gateway, Tunnel, WRITE_TIMEOUT};
 use crate::MAX_STREAMS_PER_SESSION;
@@ -140,7 +141,7 @@ impl Gateway {
         tls: TlsStream<TcpStream>,
         peer: SocketAddr,
         hello: AgentHello,
-        permit: OwnedSemaphorePermit,
+        mut ticket: Ticket,
     ) {
         let AgentHello {
             env,
@@ -164,14 +165,16 @@ impl Gateway {
         };
         if let Err(refusal) = check_grant(&grant, env, edge_id, proto::clock::now_ms()) {
             match refusal {
-                GrantRefusal::Mismatch => tracing::warn!(
-                    env,
-                    %edge_id,
-                    grant_env = grant.env,
-                    grant_edge_id = %grant.edge_id,
-                    %peer,
-                    "tunnel refused: credentials of another environment or edge id"
-                ),
+                GrantRefusal::Mismatch => {
+                    // Edge IDs only at debug: half of what impersonates a bound agent.
+                    tracing::warn!(
+                        env,
+                        grant_env = grant.env,
+                        %peer,
+                        "tunnel refused: credentials of another environment or edge id"
+                    );
+                    tracing::debug!(env, %edge_id, grant_edge_id = %grant.edge_id, "mismatch");
+                }
                 GrantRefusal::Expired => {
                     tracing::warn!(env, %peer, "tunnel refused: expired credentials");
                 }
@@ -212,7 +215,7 @@ impl Gateway {
                 return;
             }
         };
-        drop(permit);
+        ticket.proved();
         self.hold(location, opener, control, claimed_at, peer).await;
     }
 

@@ -24,8 +24,13 @@ impl Gateway {
         }
     }
 
-    /// One round of renewals: tunnel locations, then the registration.
+    /// One round of renewals: tunnel locations, then the registration (and the connection
+    /// gauges, sampled).
     async fn renew(&self) {
+        let counts = self.admission().counts();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.connections_open.set(gauge(counts.connections));
+        self.metrics.connections_pending.set(gauge(counts.pending));
         let lease = self.config.lease;
         // Each call is bounded so that the expiry check below runs on time.
         let budget = lease / 4;

@@ -19,8 +19,10 @@
 //!   gateway (waiting up to 15 s for that). Runtime-agnostic: it only uses `tokio::spawn`.
 //! * [`Gateway::open_stream`], [`Gateway::open_tunnels`], [`Gateway::tunnel_epoch`],
 //!   [`Gateway::metrics`] serve the embedding process and tests.
-//! * A connection must finish TLS and send its [`Hello`](proto::tunnel::Hello) within
-//!   `handshake_timeout`; at most [`MAX_HANDSHAKES`] handshakes run at once (more are dropped).
+//! * Every connection is admitted first ([`admission`]): bounds of all connections and of
+//!   those that proved nothing yet, each also per source; over them it is dropped at once. A
+//!   connection must send its first byte within `first_byte_timeout`, then finish TLS and send
+//!   its [`Hello`](proto::tunnel::Hello) within `handshake_timeout`.
 //! * `Hello::Agent`: the one-time grant is taken from the store (`take_tunnel_grant`), checked
 //!   (environment, Edge ID, expiry), the location claimed (`claim_tunnel`, new epoch), the
 //!   agent answered `Accepted`; yamux starts (the gateway is the client), the agent opens the
@@ -81,6 +83,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use admission::Admission;
+
 pub use agent::{check_grant, GrantRefusal};
 pub use dial::Dialer;
 pub use metrics::GatewayMetrics;
@@ -94,8 +98,9 @@ use store::StoreError;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 /// Default bound of tunnels one gateway holds.
 pub const DEFAULT_MAX_TUNNELS: usize = 100_000;
-/// TLS handshakes (plus hellos) in progress at once; more connections are dropped at once.
-pub const MAX_HANDSHAKES: usize = 1024;
+/// How long a new connection may stay silent before it is dropped (an agent's ClientHello
+/// follows its connect at once; this is for the clients that connect and send nothing).
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Streams one tunnel (or dial session) carries at once. yamux fails the whole session when
 /// asked for a stream beyond `proto::mux::MAX_STREAMS`, so we stop a margin below it (the
 /// control stream, streams being dropped).
@@ -127,6 +132,12 @@ pub struct GatewayConfig {
     /// TLS handshake plus hello (and the agent's control stream after `Accepted`) must
     /// arrive within this.
     pub handshake_timeout: Duration,
+    /// The first byte of a new connection must arrive within this.
+    pub first_byte_timeout: Duration,
+    /// Who may hold a connection; `None`: bounds of its own from the process's open-file
+    /// limit. A process with several public ports (the control plane with its embedded
+    /// gateway) shares one.
+    pub admission: Option<Arc<Admission>>,
 }
 
 impl GatewayConfig {
@@ -146,6 +157,8 @@ impl GatewayConfig {
             lease: DEFAULT_LEASE,
             max_tunnels: DEFAULT_MAX_TUNNELS,
             handshake_timeout: proto::tunnel::HANDSHAKE_TIMEOUT,
+            first_byte_timeout: FIRST_BYTE_TIMEOUT,
+            admission: None,
         }
     }
 }
@@ -163,6 +176,16 @@ impl GatewayConfig {
 
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    pub fn with_first_byte_timeout(mut self, timeout: Duration) -> Self {
+        self.first_byte_timeout = timeout;
+        self
+    }
+
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = Some(admission);
         self
     }
 }
@@ -183,6 +206,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("lease", &self.lease)
             .field("max_tunnels", &self.max_tunnels)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("admission", &self.admission.as_ref().map(|a| a.limits()))
             .finish_non_exhaustive()
     }
 }

@@ -34,6 +34,11 @@ pub struct GatewayMetrics {
     pub streams: IntCounter,
     pub tunnel_closes: IntCounterVec,
     pub renew_failures: IntCounter,
+    /// Connections not admitted, by reason (`crate::admission::Refused::label`).
+    pub refused: IntCounterVec,
+    /// Connections held now, and those of them that proved nothing yet.
+    pub connections_open: IntGauge,
+    pub connections_pending: IntGauge,
 }
 
 impl GatewayMetrics {
@@ -74,8 +79,26 @@ impl GatewayMetrics {
                 "edgeplane_gateway_lease_renew_failures_total",
                 "Lease renewals (tunnel locations or registration) that failed",
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "edgeplane_gateway_connections_refused_total",
+                    "Connections to the tunnel listener dropped at once by admission, by reason",
+                ),
+                &["reason"],
+            )?,
+            connections_open: IntGauge::new(
+                "edgeplane_gateway_connections_open",
+                "Connections to the tunnel listener held now",
+            )?,
+            connections_pending: IntGauge::new(
+                "edgeplane_gateway_connections_pending",
+                "Connections to the tunnel listener that proved nothing yet",
+            )?,
         };
         registry.register(Box::new(m.tunnels_open.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.connections_open.clone()))?;
+        registry.register(Box::new(m.connections_pending.clone()))?;
         registry.register(Box::new(m.handshakes.clone()))?;
         registry.register(Box::new(m.dial_sessions_open.clone()))?;
         registry.register(Box::new(m.streams_open.clone()))?;
@@ -83,6 +106,10 @@ impl GatewayMetrics {
         registry.register(Box::new(m.tunnel_closes.clone()))?;
         registry.register(Box::new(m.renew_failures.clone()))?;
         Ok(m)
+    }
+
+    pub(crate) fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
     }
 
     pub(crate) fn handshake(&self, kind: &str, result: &str) {

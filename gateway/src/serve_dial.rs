@@ -10,9 +10,9 @@ use proto::tunnel::{DialRequest, HelloAnswer, HelloRefusal, StreamOpen, StreamRe
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
 
+use crate::admission::Ticket;
 use crate::metrics::{kind, result, GaugeGuard};
 use crate::server::{Gateway, WRITE_TIMEOUT};
 use crate::{OpenError, TunnelStream, DIAL_REQUEST_TIMEOUT};
@@ -23,7 +23,7 @@ impl Gateway {
         mut tls: TlsStream<TcpStream>,
         peer: SocketAddr,
         secret: [u8; 32],
-        permit: OwnedSemaphorePermit,
+        mut ticket: Ticket,
     ) {
         let expected = match self.cluster_secret().await {
             Ok(s) => s,
@@ -59,7 +59,7 @@ impl Gateway {
             Ok(Err(_)) | Err(_) => return,
         }
         self.metrics.handshake(kind::DIAL, result::ACCEPTED);
-        drop(permit);
+        ticket.proved();
         let _open = GaugeGuard::new(&self.metrics.dial_sessions_open);
         tracing::debug!(%peer, "dial session open");
         let mux::Session {

@@ -1,4 +1,5 @@
-//! [`Gateway`]: the tunnel listener, its admission bound on handshakes, the handshake itself
+//! [`Gateway`]: the tunnel listener, its admission of connections (`crate::admission`), the
+//! first-byte deadline, the handshake itself
 //! (TLS, then the hello), the tunnels it holds and their clean-up, and shutdown. What follows
 //! a hello lives beside it: `agent.rs` (an agent's tunnel), `serve_dial.rs` (a replica's dial
 //! session), `lease.rs` (renewing locations and the registration).
@@ -16,16 +17,15 @@ use proto::tunnel::{Hello, HelloAnswer, HelloRefusal};
 use store::{Change, EnvId, SharedTunnelStore, StoreError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OnceCell, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{Admission, AdmissionLimits, Ticket};
 use crate::agent::AgentHello;
 use crate::metrics::{kind, result, GatewayMetrics, GaugeGuard};
-use crate::{
-    with_port, GatewayConfig, GatewayError, OpenError, TunnelStream, MAX_HANDSHAKES, STORE_TIMEOUT,
-};
+use crate::{with_port, GatewayConfig, GatewayError, OpenError, TunnelStream, STORE_TIMEOUT};
 
 /// Shortest lease accepted (renewals run every third of it).
 const MIN_LEASE: Duration = Duration::from_millis(150);
@@ -151,7 +151,8 @@ pub struct Gateway {
     pub(crate) store: SharedTunnelStore,
     pub(crate) metrics: GatewayMetrics,
     tunnels: Mutex<HashMap<EnvId, Tunnel>>,
-    handshakes: Arc<Semaphore>,
+    /// Who may hold a connection (pending and total bounds, per source).
+    admission: Arc<Admission>,
     /// Cancelled when `run` is told to stop; every tunnel's stop token is a child of it.
     pub(crate) stop: CancellationToken,
     tasks: Arc<Tasks>,
@@ -215,6 +216,10 @@ impl Gateway {
         tls.alpn_protocols = Vec::new();
         config.tls = Arc::new(tls);
         let metrics = GatewayMetrics::register(registry)?;
+        let admission = config
+            .admission
+            .clone()
+            .unwrap_or_else(|| Admission::new(AdmissionLimits::from_process()));
         Ok(Arc::new(Self {
             acceptor: TlsAcceptor::from(Arc::clone(&config.tls)),
             config,
@@ -223,7 +228,7 @@ impl Gateway {
             store,
             metrics,
             tunnels: Mutex::new(HashMap::new()),
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            admission,
             stop: CancellationToken::new(),
             tasks: Arc::new(Tasks::default()),
             secret: OnceCell::new(),
@@ -245,6 +250,11 @@ impl Gateway {
 
     pub fn metrics(&self) -> &GatewayMetrics {
         &self.metrics
+    }
+
+    /// Who may hold a connection to this gateway's port.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     pub(crate) fn store(&self) -> &SharedTunnelStore {
@@ -401,22 +411,40 @@ impl Gateway {
     }
 
     fn admit(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
-            self.metrics.handshake(kind::UNKNOWN, result::OVERLOADED);
-            tracing::debug!(%peer, "too many tunnel handshakes in progress: connection dropped");
-            return;
+        let ticket = match self.admission.admit(peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(why) => {
+                self.metrics.handshake(kind::UNKNOWN, result::OVERLOADED);
+                self.metrics.refused(why.label());
+                tracing::debug!(%peer, reason = why.label(), "tunnel connection not admitted: dropped");
+                return;
+            }
         };
         let gw = Arc::clone(self);
-        self.spawn_tracked(gw.connection(tcp, peer, permit));
+        self.spawn_tracked(gw.connection(tcp, peer, ticket));
     }
 
-    async fn connection(
-        self: Arc<Self>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, ticket: Ticket) {
         let _ = tcp.set_nodelay(true);
+        // A client that connects and sends nothing is let go soon: an agent's ClientHello
+        // follows its connect at once.
+        let mut one = [0u8; 1];
+        let first_byte = tokio::select! {
+            () = self.stop.cancelled() => return,
+            r = tokio::time::timeout(self.config.first_byte_timeout, tcp.peek(&mut one)) => r,
+        };
+        match first_byte {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => {
+                tracing::debug!(%peer, "connection closed before its tls handshake");
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake(kind::UNKNOWN, result::TIMEOUT);
+                tracing::debug!(%peer, "nothing sent within the first-byte timeout: connection dropped");
+                return;
+            }
+        }
         let handshake = async {
             let mut tls = self
                 .acceptor
@@ -472,10 +500,10 @@ impl Gateway {
                     edge_id,
                     token,
                 };
-                Box::pin(self.agent(tls, peer, hello, permit)).await;
+                Box::pin(self.agent(tls, peer, hello, ticket)).await;
             }
             Hello::Dial { secret } => {
-                Box::pin(self.dial_session(tls, peer, secret, permit)).await;
+                Box::pin(self.dial_session(tls, peer, secret, ticket)).await;
             }
         }
     }

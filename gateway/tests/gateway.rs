@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway::admission::{Admission, AdmissionCounts, AdmissionLimits};
 use gateway::{pinned_client_config, Dialer, Gateway, GatewayConfig, OpenError};
 use proto::mux::{self, ControlEnd, Mode, Opener};
 use proto::tunnel::{CloseReason, Hello, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal};
@@ -1080,4 +1081,107 @@ async fn cluster_mode_over_redis_with_two_gateways_and_a_replica() {
     })
     .await;
     drop(redis);
+}
+
+/// An idle TCP connection to `addr` from the loopback address `source` (127.0.0.0/8).
+async fn idle_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    testkit::hostile::connect_from(source.into(), addr)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_at_its_pending_bound_is_refused_while_others_are_served() {
+    bounded(async {
+        let limits = AdmissionLimits {
+            max_connections: 100,
+            max_per_source: 50,
+            max_pending: 20,
+            max_pending_per_source: 3,
+        };
+        let admission = Admission::new(limits);
+        let h = Harness::start_with(|c| {
+            c.with_admission(Arc::clone(&admission))
+                .with_first_byte_timeout(Duration::from_secs(60))
+        })
+        .await;
+        let refused = || {
+            h.gw.metrics()
+                .refused
+                .with_label_values(&["source_pending"])
+                .get()
+        };
+
+        // One source holds its three pending places with connections that send nothing.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(idle_from([127, 0, 0, 2], h.addr()).await);
+        }
+        wait_for("three pending connections", || async {
+            admission.counts().pending == 3
+        })
+        .await;
+        // Its fourth is dropped at once, long before any deadline.
+        let mut fourth = idle_from([127, 0, 0, 2], h.addr()).await;
+        expect_closed(&mut fourth).await;
+        assert_eq!(refused(), 1);
+
+        // An agent from another source opens its tunnel meanwhile; once its hello is
+        // accepted it no longer counts as pending.
+        let (env, agent) = h.open_tunnel().await;
+        let mut s = h.gw.open_stream(env, agent.epoch).await.unwrap();
+        roundtrip(&mut s, b"served beside the idle ones").await;
+        wait_for("the agent to count as proved", || async {
+            admission.counts()
+                == AdmissionCounts {
+                    connections: 4,
+                    pending: 3,
+                    sources: 2,
+                }
+        })
+        .await;
+
+        // The idle connections gone, their source's places come back and the map forgets it.
+        drop(held);
+        wait_for("the idle ones to be forgotten", || async {
+            admission.counts()
+                == AdmissionCounts {
+                    connections: 1,
+                    pending: 0,
+                    sources: 1,
+                }
+        })
+        .await;
+        let _again = idle_from([127, 0, 0, 2], h.addr()).await;
+        wait_for("the source to be admitted again", || async {
+            admission.counts().pending == 1
+        })
+        .await;
+        assert_eq!(refused(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_dropped_at_the_first_byte_deadline() {
+    bounded(async {
+        let h = Harness::start_with(|c| {
+            c.with_first_byte_timeout(Duration::from_millis(300))
+                .with_handshake_timeout(Duration::from_secs(60))
+        })
+        .await;
+        let mut tcp = TcpStream::connect(h.addr()).await.unwrap();
+        expect_closed(&mut tcp).await;
+        wait_for("the timeout to be counted", || async {
+            h.handshakes("unknown", "timeout") == 1
+        })
+        .await;
+        wait_for("its place to be given back", || async {
+            h.gw.admission().counts().connections == 0
+        })
+        .await;
+        // A client that speaks at once has the whole handshake deadline.
+        let _ = h.open_tunnel().await;
+    })
+    .await;
 }

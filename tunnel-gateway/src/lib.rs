@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway::admission::{Admission, AdmissionLimits};
 use gateway::tls::{self, TlsError};
 use gateway::{Gateway, GatewayConfig};
 use http_body_util::Full;
@@ -47,6 +48,8 @@ pub struct Config {
     pub dial_addr: String,
     pub lease: Duration,
     pub max_tunnels: usize,
+    /// Connections of the tunnel port: all, per source, pending.
+    pub admission: AdmissionLimits,
 }
 
 impl std::fmt::Debug for Config {
@@ -158,7 +161,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         material.server_config,
     )
     .with_lease(config.lease)
-    .with_max_tunnels(config.max_tunnels);
+    .with_max_tunnels(config.max_tunnels)
+    .with_admission(Admission::new(config.admission));
     let gateway = Gateway::bind(gw_config, Arc::clone(&store), &registry).await?;
     let metrics_listener = TcpListener::bind(config.metrics_addr)
         .await

@@ -47,6 +47,12 @@ struct Cli {
     /// Tunnels this gateway holds at most; over it agents are told to try later.
     #[arg(long, env = "EDGEPLANE_MAX_TUNNELS", default_value_t = gateway::DEFAULT_MAX_TUNNELS)]
     max_tunnels: usize,
+    /// Connections held at once. Default: the open-file limit less 512.
+    #[arg(long, env = "EDGEPLANE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections one source address (an IPv6 /64) holds at once. Default: 8192.
+    #[arg(long, env = "EDGEPLANE_MAX_CONNECTIONS_PER_SOURCE")]
+    max_connections_per_source: Option<usize>,
 }
 
 impl Cli {
@@ -66,6 +72,10 @@ impl Cli {
             public_addr,
             lease: self.lease,
             max_tunnels: self.max_tunnels,
+            admission: gateway::admission::AdmissionLimits::configured(
+                self.max_connections,
+                self.max_connections_per_source,
+            ),
         }
     }
 }

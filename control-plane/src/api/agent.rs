@@ -2,6 +2,8 @@
 //! a tunnel), snapshot uploads (`/edge/s`) and async-mode ticks (`/edge/a`). No admin key:
 //! every request proves the join secret.
 
+use std::time::Duration;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -31,15 +33,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource(proto::async_mode::ASYNC_PATH).route(web::post().to(async_tick)));
 }
 
+/// How long an agent's request body may take in all, however steadily it arrives (a 1 MiB
+/// upload over a 64 kbit/s link takes about two minutes).
+const AGENT_BODY_TOTAL: Duration = Duration::from_secs(300);
+
 /// Reads a body of at most `limit` bytes; larger ones are refused before they are read (when
-/// announced) or as soon as they pass the limit.
+/// announced) or as soon as they pass the limit. Memory grows with what arrives, never with
+/// what is announced. A sender that stalls is let go: each chunk must follow the one before
+/// (or the head) within `idle`, and the whole body must arrive within [`AGENT_BODY_TOTAL`].
 async fn read_limited(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
+    idle: Duration,
 ) -> Result<Bytes, ApiError> {
+    /// What is reserved before anything arrives: a check-in's whole body.
+    const FIRST_RESERVE: usize = 4 * 1024;
     let too_large =
         || ApiError::PayloadTooLarge(format!("agent request body larger than {limit} bytes"));
+    let stalled = |why: String| ApiError::RequestTimeout(format!("agent request body {why}"));
     let announced = req
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
@@ -48,15 +60,32 @@ async fn read_limited(
     if announced.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut body = web::BytesMut::with_capacity(announced.unwrap_or(64).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("agent request body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
+    let read = async {
+        let mut body =
+            web::BytesMut::with_capacity(announced.unwrap_or(64).min(limit).min(FIRST_RESERVE));
+        loop {
+            let next = tokio::time::timeout(idle, payload.next())
+                .await
+                .map_err(|_| stalled(format!("stalled for {} s", idle.as_secs())))?;
+            let Some(chunk) = next else {
+                return Ok(body.freeze());
+            };
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("agent request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+    };
+    tokio::time::timeout(AGENT_BODY_TOTAL, read)
+        .await
+        .map_err(|_| {
+            stalled(format!(
+                "not complete within {} s",
+                AGENT_BODY_TOTAL.as_secs()
+            ))
+        })?
 }
 
 async fn checkin(
@@ -91,7 +120,13 @@ async fn answer(
 ) -> Result<HttpResponse, ApiError> {
     // Held check-ins are timed by the hold, not by the server's work: not in the histogram.
     let timer = (kind != CheckinKind::Held).then(|| state.metrics.checkin_seconds.start_timer());
-    let body = read_limited(&req, payload, MAX_CONTROL_FRAME).await?;
+    let body = read_limited(
+        &req,
+        payload,
+        MAX_CONTROL_FRAME,
+        state.limits.agent_body_timeout,
+    )
+    .await?;
     let (req, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME)
         .map_err(|e| {
             state
@@ -131,7 +166,13 @@ async fn upload_snapshot(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&req, payload, MAX_UPLOAD_FRAME).await?;
+    let body = read_limited(
+        &req,
+        payload,
+        MAX_UPLOAD_FRAME,
+        state.limits.agent_body_timeout,
+    )
+    .await?;
     let (upload, _unverified) = proto::proof::open::<SnapshotUpload>(&body, MAX_UPLOAD_FRAME)
         .map_err(|e| ApiError::BadRequest(format!("snapshot upload: {e}")))?;
     let id = upload.endpoint_id;
@@ -166,7 +207,13 @@ async fn async_tick(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&req, payload, MAX_ASYNC_FRAME).await?;
+    let body = read_limited(
+        &req,
+        payload,
+        MAX_ASYNC_FRAME,
+        state.limits.agent_body_timeout,
+    )
+    .await?;
     let (tick, _unverified) =
         proto::proof::open::<AsyncRequest>(&body, MAX_ASYNC_FRAME).map_err(|e| {
             state

@@ -266,11 +266,10 @@ impl Handler<CheckinMsg> for EnvActor {
                     move |outcome, act, _ctx| {
                         let result = match outcome {
                             Ok(BindOutcome::Bound) => {
-                                tracing::info!(
-                                    env = id,
-                                    %edge_id,
-                                    "edge id bound on first check-in"
-                                );
+                                // The Edge ID is half of what impersonates a bound agent:
+                                // never above debug.
+                                tracing::info!(env = id, "edge id bound on first check-in");
+                                tracing::debug!(env = id, %edge_id, "bound edge id");
                                 act.state.set_binding(edge_id);
                                 act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
@@ -289,7 +288,6 @@ impl Handler<CheckinMsg> for EnvActor {
                                 // than refused: by then the reloaded keys decide.
                                 tracing::info!(
                                     env = id,
-                                    %edge_id,
                                     "join secret changed during first check-in; not bound"
                                 );
                                 Err(CheckinError::Busy(id))

@@ -4,14 +4,16 @@
 //! which Prometheus scrapes in shards (`?shard=i&shards=n`, agent `id % n == i`), from the
 //! per-environment counters in [`AgentStats`].
 
-use std::fmt::Write as _;
+mod agents;
 
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use gateway::admission::Admission;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-
-mod agents;
 
 pub use agents::{render_agents, AgentStat, AgentStats};
 
@@ -33,6 +35,10 @@ pub struct Metrics {
     /// Async commands by event: `queued`, `delivered` (each hand-out, repeats included),
     /// `result_ok`, `result_failed` (results received, retries included).
     pub async_commands: IntCounterVec,
+    /// The API port's connections refused by admission and let go at deadlines.
+    pub front: crate::front::FrontMetrics,
+    /// The public ports' admission, read at scrape time.
+    admission: parking_lot::Mutex<Option<Arc<Admission>>>,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -122,8 +128,26 @@ impl Metrics {
             ),
             &["event"],
         ));
+        let api_connections_refused = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_api_connections_refused_total",
+                "Connections to the API port dropped at once by admission, by reason",
+            ),
+            &["reason"],
+        ));
+        let api_connections_timed_out = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_api_connections_timed_out_total",
+                "Connections to the API port let go at a deadline, by stage: first_byte (nothing \
+                 sent), first_request (no TLS and first head in time), next_request (a kept-alive \
+                 connection's next head not complete in time)",
+            ),
+            &["stage"],
+        ));
         for c in [
             Box::new(checkins.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_connections_refused.clone()),
+            Box::new(api_connections_timed_out.clone()),
             Box::new(async_snapshots.clone()),
             Box::new(async_commands.clone()),
             Box::new(docker_requests.clone()),
@@ -152,7 +176,17 @@ impl Metrics {
             tunnel_wait_seconds,
             async_snapshots,
             async_commands,
+            front: crate::front::FrontMetrics {
+                refused: api_connections_refused,
+                timed_out: api_connections_timed_out,
+            },
+            admission: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Reads the connection counts of `admission` into every scrape.
+    pub fn watch_admission(&self, admission: Arc<Admission>) {
+        *self.admission.lock() = Some(admission);
     }
 
     /// The registry, for parts that register their own series (the embedded gateway).
@@ -168,6 +202,17 @@ impl Metrics {
         }
         let mut text = String::from_utf8(out).unwrap_or_default();
         let (seen, recent) = stats.counts(now_ms, 60_000);
+        if let Some(admission) = self.admission.lock().as_ref() {
+            let c = admission.counts();
+            let _ = writeln!(
+                text,
+                "# HELP edgeplane_connections_open Connections held now on the public ports (API and embedded gateway)\n\
+                 # TYPE edgeplane_connections_open gauge\nedgeplane_connections_open {}\n\
+                 # HELP edgeplane_connections_pending Of those, connections that proved nothing yet\n\
+                 # TYPE edgeplane_connections_pending gauge\nedgeplane_connections_pending {}",
+                c.connections, c.pending
+            );
+        }
         let _ = writeln!(
             text,
             "# HELP edgeplane_fleet_agents_seen Environments that checked in at this replica since it started\n\

@@ -1,0 +1,260 @@
+//! The HTTPS front of the API port: TLS, then one look at the first request head decides who
+//! serves the connection — hyper (see [`crate::docker_proxy`]) when it is a Docker hijack
+//! (`attach`, `exec start`: `Upgrade: tcp`, then raw bytes both ways, which actix cannot hand
+//! over), actix-web for everything else (agents' check-ins, the admin API, and every other
+//! Docker call). actix's own server cannot do this split, so the
+//! actix app runs here on `actix-server` + `actix-http` the way `HttpServer` would run it.
+
+use std::net::TcpListener;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_http::HttpService;
+use actix_server::Server;
+use actix_service::{
+    fn_factory, fn_service, map_config, IntoServiceFactory, Service, ServiceFactory,
+    ServiceFactoryExt,
+};
+use actix_web::body::MessageBody as _;
+use actix_web::dev::{AppConfig, ServiceResponse};
+use actix_web::App;
+use gateway::admission::{Admission, Refused, Ticket};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Limits;
+use crate::docker_proxy::{is_docker_hijack, DockerProxy};
+
+mod io;
+
+pub use io::{HeadClock, Prefixed, Timed};
+
+/// The stream actix serves: TLS, the sniffed head put back, the next heads' deadlines.
+type ApiStream = Timed<Prefixed<tokio_rustls::server::TlsStream<TcpStream>>>;
+
+/// The front's own series (registered by [`crate::metrics::Metrics`]).
+#[derive(Clone)]
+pub struct FrontMetrics {
+    /// Connections dropped at once by admission, by reason.
+    pub refused: prometheus::IntCounterVec,
+    /// Connections let go at a deadline, by stage: `first_byte`, `first_request`,
+    /// `next_request`.
+    pub timed_out: prometheus::IntCounterVec,
+}
+
+/// Builds the API server. `app` makes one actix `App` per worker. Every connection is
+/// admitted by `admission` first (dropped at once over its bounds), must send its first byte
+/// within `first_byte_timeout` and finish TLS and its first request head within
+/// `first_request_timeout`; only then it stops counting as pending. Every later request head
+/// of a kept-alive connection is due as [`HeadClock`] says.
+pub fn api_server<F, T, B>(
+    app: F,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: &Limits,
+    proxy: Arc<DockerProxy>,
+    admission: Arc<Admission>,
+    metrics: FrontMetrics,
+) -> std::io::Result<Server>
+where
+    F: Fn() -> App<T> + Send + Clone + 'static,
+    T: actix_service::ServiceFactory<
+            actix_web::dev::ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+            InitError = (),
+        > + 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    let keep_alive = limits.keep_alive;
+    let acceptor = TlsAcceptor::from(tls);
+    let deadlines = Deadlines {
+        first_byte: limits.first_byte_timeout,
+        first_request: limits.first_request_timeout,
+        keep_alive,
+    };
+    // actix's own bound per worker stays at ours (which is process-wide) or below.
+    let per_worker = limits
+        .max_connections_per_worker
+        .min(admission.limits().max_connections);
+    Server::build()
+        .workers(limits.workers)
+        .backlog(4096)
+        .max_concurrent_connections(per_worker)
+        // A graceful stop waits this long for open connections (kept-alive agents, held
+        // check-ins, hijacked Docker sessions), then closes them.
+        .shutdown_timeout(10)
+        .disable_signals()
+        .listen("api", listener, move || {
+            // Each request marks its connection's clock: served from its head on, its next
+            // head due once it is answered.
+            let app = actix_service::apply_fn_factory(
+                map_config(
+                    app()
+                        .into_factory()
+                        .map_err(|e: actix_web::Error| e.error_response()),
+                    |_| AppConfig::default(),
+                ),
+                |req: actix_http::Request, app| {
+                    let clock = req.conn_data::<Rc<HeadClock>>().cloned();
+                    if let Some(clock) = &clock {
+                        clock.serving();
+                    }
+                    let answer = app.call(req);
+                    async move {
+                        // Answered once the whole body is out (a Docker log stream may run
+                        // for hours), not when the handler returns.
+                        match answer.await {
+                            Ok(res) => Ok(actix_http::Response::from(res)
+                                .map_body(|_, body| io::Answered::new(body, clock))),
+                            Err(res) => {
+                                Err(res.map_body(|_, body| io::Answered::new(body, clock).boxed()))
+                            }
+                        }
+                    }
+                },
+            );
+            let h1 = HttpService::<ApiStream, _, _, _, _>::build()
+                .keep_alive(keep_alive)
+                .client_request_timeout(Duration::from_secs(5))
+                // As actix-web's `HttpServer` does: linger a second after an early answer (a
+                // 413 for a body still arriving) so the client reads it instead of a reset.
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .h1_allow_half_closed(true)
+                .on_connect_ext(|io: &ApiStream, ext| {
+                    ext.insert(Rc::clone(io.clock()));
+                })
+                .h1(app);
+            let acceptor = acceptor.clone();
+            let proxy = Arc::clone(&proxy);
+            let admission = Arc::clone(&admission);
+            let metrics = metrics.clone();
+            fn_factory(move || {
+                let h1 = h1.new_service(());
+                let acceptor = acceptor.clone();
+                let proxy = Arc::clone(&proxy);
+                let admission = Arc::clone(&admission);
+                let metrics = metrics.clone();
+                async move {
+                    let h1 = Rc::new(h1.await.map_err(|e| {
+                        tracing::error!(error = ?e, "cannot start the api service");
+                    })?);
+                    Ok::<_, ()>(fn_service(move |tcp: TcpStream| {
+                        let h1 = Rc::clone(&h1);
+                        let acceptor = acceptor.clone();
+                        let proxy = Arc::clone(&proxy);
+                        let admitted = tcp
+                            .peer_addr()
+                            .map_err(|_| Refused::Full)
+                            .and_then(|peer| admission.admit(peer.ip()));
+                        let metrics = metrics.clone();
+                        async move {
+                            match admitted {
+                                Ok(ticket) => {
+                                    let conn = Conn {
+                                        acceptor,
+                                        proxy,
+                                        ticket,
+                                        deadlines,
+                                        metrics,
+                                    };
+                                    serve(tcp, h1, conn).await;
+                                }
+                                Err(why) => {
+                                    metrics.refused.with_label_values(&[why.label()]).inc();
+                                    tracing::debug!(
+                                        reason = why.label(),
+                                        "api connection not admitted: dropped"
+                                    );
+                                }
+                            }
+                            Ok::<_, ()>(())
+                        }
+                    }))
+                }
+            })
+        })
+        .map(|b| b.run())
+}
+
+/// A connection's deadlines: before it proved anything, and between its requests.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    first_byte: Duration,
+    first_request: Duration,
+    keep_alive: Duration,
+}
+
+/// What serving one admitted connection needs.
+struct Conn {
+    acceptor: TlsAcceptor,
+    proxy: Arc<DockerProxy>,
+    ticket: Ticket,
+    deadlines: Deadlines,
+    metrics: FrontMetrics,
+}
+
+async fn serve<S>(tcp: TcpStream, h1: Rc<S>, conn: Conn)
+where
+    S: Service<(ApiStream, Option<std::net::SocketAddr>)>,
+    S::Error: std::fmt::Debug,
+{
+    let Conn {
+        acceptor,
+        proxy,
+        mut ticket,
+        deadlines,
+        metrics,
+    } = conn;
+    let timed_out = |stage: &str| metrics.timed_out.with_label_values(&[stage]).inc();
+    // Small answers must leave at once (Nagle would hold them for the peer's delayed ACK).
+    let _ = tcp.set_nodelay(true);
+    let peer = tcp.peer_addr().ok();
+    // A client that connects and sends nothing is let go soon: a TLS client speaks first.
+    let mut one = [0u8; 1];
+    match tokio::time::timeout(deadlines.first_byte, tcp.peek(&mut one)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return,
+        Err(_) => {
+            timed_out("first_byte");
+            tracing::debug!(peer = ?peer, "nothing sent within the first-byte timeout");
+            return;
+        }
+    }
+    let first = tokio::time::timeout(deadlines.first_request, async {
+        let mut tls = acceptor.accept(tcp).await?;
+        let head = io::read_request_head(&mut tls).await?;
+        Ok::<_, std::io::Error>((tls, head))
+    })
+    .await;
+    let (tls, head) = match first {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = ?peer, error = %e, "connection closed before its first request");
+            return;
+        }
+        Err(_) => {
+            timed_out("first_request");
+            tracing::debug!(peer = ?peer, "no request within the first-request timeout");
+            return;
+        }
+    };
+    // A whole request head arrived over TLS: no longer pending (the request itself is judged
+    // by its route: an agent's proof, an admin's key). The ticket lives as long as the
+    // connection.
+    ticket.proved();
+    let docker = is_docker_hijack(&head);
+    let io = Prefixed::new(head, tls);
+    if docker {
+        proxy.serve_connection(io).await;
+    } else {
+        let clock = HeadClock::new(deadlines.keep_alive, deadlines.first_request);
+        let on_timeout = metrics.timed_out.with_label_values(&["next_request"]);
+        if let Err(e) = h1.call((Timed::new(io, clock, on_timeout), peer)).await {
+            tracing::debug!(peer = ?peer, error = ?e, "api connection ended with an error");
+        }
+    }
+    drop(ticket);
+}

@@ -1,0 +1,182 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Hostile clients of the public ports of an in-process control plane (API and embedded
+//! gateway): connections that send nothing, heads that trickle, bodies that stall, one source
+//! hoarding connections. Each must cost little and briefly, while agents and admins from other
+//! sources are served throughout. (The attack bench does the same at scale against the real
+//! binaries: `control-plane/benches/attack`.)
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use gateway::admission::AdmissionLimits;
+use serde_json::json;
+use testkit::hostile::{answer_within, closed_within, connect_from, tls_from};
+use testkit::{ControlPlane, ADMIN_KEY};
+use tokio::io::AsyncWriteExt as _;
+use uuid::Uuid;
+
+const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+/// How long any one thing we wait for may take.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn api_addr(cp: &ControlPlane) -> SocketAddr {
+    let url = url::Url::parse(&cp.url).unwrap();
+    SocketAddr::from(([127, 0, 0, 1], url.port().unwrap()))
+}
+
+async fn admin_get_ok(cp: &ControlPlane) {
+    let r = testkit::http()
+        .get(cp.api("/api/endpoints"))
+        .header("x-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Sends a byte every 200 ms until the server closes the connection; panics if it is still
+/// reading after 20 s.
+async fn trickle_until_closed<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, what: &str) {
+    for _ in 0..100 {
+        if stream.write_all(b"X").await.is_err() || stream.flush().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{what} trickled for 20 s was still being read");
+}
+
+#[actix_web::test]
+async fn a_source_hoarding_connections_is_refused_while_others_are_served() {
+    let cp = ControlPlane::start_with(|c| {
+        c.limits.admission = AdmissionLimits {
+            max_connections: 1_000,
+            max_per_source: 50,
+            max_pending: 100,
+            max_pending_per_source: 4,
+        };
+        c.limits.first_byte_timeout = Duration::from_secs(120);
+        c.limits.first_request_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let api = api_addr(&cp);
+    let tunnel = cp.tunnel_addr.expect("embedded gateway");
+
+    // The attacker's source holds its pending places: two idle TCP connections on each port
+    // (one admission for the process's public ports).
+    let mut held = Vec::new();
+    for addr in [api, api, tunnel, tunnel] {
+        held.push(connect_from(ATTACKER, addr).await.unwrap());
+    }
+    testkit::eventually(WAIT, "four pending connections", || async {
+        (cp.metric("edgeplane_connections_pending").await >= 4.0).then_some(())
+    })
+    .await;
+    // Its next ones are dropped at once, on either port.
+    for addr in [api, tunnel] {
+        let mut next = connect_from(ATTACKER, addr).await.unwrap();
+        assert!(
+            closed_within(&mut next, WAIT).await.is_some(),
+            "a fifth pending connection of one source was kept"
+        );
+    }
+    testkit::eventually(WAIT, "the refusals counted", || async {
+        let api = cp
+            .metric("edgeplane_api_connections_refused_total{reason=\"source_pending\"}")
+            .await;
+        let tunnel = cp
+            .metric("edgeplane_gateway_connections_refused_total{reason=\"source_pending\"}")
+            .await;
+        (api == 1.0 && tunnel == 1.0).then_some(())
+    })
+    .await;
+
+    // Meanwhile admins and agents from another source are served.
+    admin_get_ok(&cp).await;
+    let (id, token) = testkit::create_env(&cp.url, json!({"name": "kiosk"})).await;
+    let mut agent =
+        edge_agent::PollClient::new(&token, edge_agent::PollOptions::new(Uuid::new_v4())).unwrap();
+    agent.checkin().await.unwrap();
+    assert_eq!(cp.get_env(id).await["status"], "up");
+
+    // Gone, the attacker's connections give their places back: it is admitted again.
+    drop(held);
+    testkit::eventually(WAIT, "no pending connections left", || async {
+        (cp.metric("edgeplane_connections_pending").await == 0.0).then_some(())
+    })
+    .await;
+    let mut again = tls_from(ATTACKER, api).await.unwrap();
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = answer_within(&mut again, WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn silent_slow_and_stalled_clients_are_let_go_at_their_deadlines() {
+    let cp = ControlPlane::start_with(|c| {
+        c.limits.first_byte_timeout = Duration::from_millis(300);
+        c.limits.first_request_timeout = Duration::from_secs(1);
+        c.limits.agent_body_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let api = api_addr(&cp);
+    let tunnel = cp.tunnel_addr.expect("embedded gateway");
+
+    // Connects and sends nothing, on either port.
+    for addr in [api, tunnel] {
+        let mut tcp = connect_from(ATTACKER, addr).await.unwrap();
+        assert!(closed_within(&mut tcp, WAIT).await.is_some(), "{addr}");
+    }
+
+    // Finishes TLS, then trickles a head that never ends.
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(b"POST /edge/checkin HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    trickle_until_closed(&mut tls, "a head").await;
+
+    // A whole head announcing a body that stalls: 408, and the connection is let go.
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: 1000\r\n\r\n0123456789",
+            proto::wire::CHECKIN_PATH
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let answer = answer_within(&mut tls, WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // A keep-alive connection whose second request trickles is let go too.
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    trickle_until_closed(&mut tls, "a second head").await;
+
+    // Each was let go by its own deadline, and counted so.
+    for stage in ["first_byte", "first_request", "next_request"] {
+        let n = cp
+            .metric(&format!(
+                "edgeplane_api_connections_timed_out_total{{stage=\"{stage}\"}}"
+            ))
+            .await;
+        assert_eq!(n, 1.0, "{stage}");
+    }
+
+    // Nothing is left behind, and the next agent is served.
+    testkit::eventually(WAIT, "every connection let go", || async {
+        (cp.metric("edgeplane_connections_open").await <= 1.0).then_some(())
+    })
+    .await;
+    admin_get_ok(&cp).await;
+    cp.stop().await;
+}
