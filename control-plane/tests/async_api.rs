@@ -200,6 +200,28 @@ async fn snapshots_travel_as_deltas_and_commands_are_handed_out_until_done() {
         .await
         .contains(&("web".into(), "exited".into())));
 
+    // A late full report (taken before the stored one) is not stored, so not acknowledged:
+    // an agent must never take as its base what the server does not hold.
+    let late = engine(&[("web", "paused")], 1_500);
+    let answer = client
+        .async_tick(&tick(Some(SnapshotReport::Full(
+            snapshot::compress(&late).unwrap(),
+        ))))
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.snapshot_ack, answer.need_full_snapshot),
+        (None, false)
+    );
+    assert!(stored_containers(&cp, id)
+        .await
+        .contains(&("web".into(), "exited".into())));
+    assert_eq!(
+        cp.metric(r#"edgeplane_async_snapshot_reports_total{kind="full",outcome="kept_newer"}"#)
+            .await,
+        1.0
+    );
+
     // Commands: handed out after `done_through`, oldest first, until their results arrive.
     let mut ids = Vec::new();
     for target in ["web", "db", "cache"] {

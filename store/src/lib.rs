@@ -193,9 +193,13 @@ pub trait CatalogStore: Send + Sync + 'static {
 /// The latest snapshot of each environment's engine.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + 'static {
-    /// Keeps `snap` as `env`'s latest snapshot unless the stored one was taken later.
-    /// `false` when the environment does not exist (nothing stored).
-    async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError>;
+    /// Keeps `snap` as `env`'s latest snapshot unless the stored one was taken later, and
+    /// says which happened (an agent is told its snapshot was taken only when it was).
+    async fn put_snapshot(
+        &self,
+        env: EnvId,
+        snap: &StoredSnapshot,
+    ) -> Result<SnapshotPut, StoreError>;
     async fn snapshot(&self, env: EnvId) -> Result<Option<StoredSnapshot>, StoreError>;
 }
 

@@ -252,6 +252,17 @@ pub struct GatewayInfo {
     pub tunnels: u64,
 }
 
+/// What [`SnapshotStore::put_snapshot`](crate::SnapshotStore::put_snapshot) did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotPut {
+    /// It is the environment's latest snapshot now.
+    Stored,
+    /// The stored one was taken later and stays: nothing changed.
+    KeptNewer,
+    /// No such environment: nothing stored.
+    NoEnvironment,
+}
+
 /// The latest snapshot of an environment's engine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

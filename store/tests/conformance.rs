@@ -17,9 +17,9 @@ use store::prelude::*;
 use store::redis::RedisStore;
 use store::{
     BindOutcome, Change, Collection, CommandState, EdgeMode, Environment, GatewayInfo,
-    NewEnvironment, Settings, Store, StoreError, StoredCommand, StoredSnapshot, TunnelGrant,
-    TunnelLocation, COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID,
-    MAX_UNFINISHED_COMMANDS_PER_ENV,
+    NewEnvironment, Settings, SnapshotPut, Store, StoreError, StoredCommand, StoredSnapshot,
+    TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV,
+    MAX_COMMAND_ID, MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 use testkit::RedisServer;
 use tokio::sync::broadcast;
@@ -1845,7 +1845,10 @@ async fn snapshots_keep_the_latest_taken(b: &dyn Backend) {
     // Bodies are arbitrary bytes: NULs, invalid UTF-8, every byte value.
     let binary: Vec<u8> = (0..=255u8).chain([0, 0, 0xff, 0xfe]).collect();
     let first = snapshot_taken(BIG_MS + 1, &binary);
-    assert!(stores[0].put_snapshot(env.id, &first).await.expect("put"));
+    assert_eq!(
+        stores[0].put_snapshot(env.id, &first).await.expect("put"),
+        SnapshotPut::Stored
+    );
     for store in &stores {
         assert_eq!(
             store.snapshot(env.id).await.expect("get").as_ref(),
@@ -1853,35 +1856,55 @@ async fn snapshots_keep_the_latest_taken(b: &dyn Backend) {
         );
     }
 
-    // An older one (a late delivery) is accepted but does not replace it.
-    assert!(stores[last]
-        .put_snapshot(env.id, &snapshot_taken(BIG_MS, b"older"))
-        .await
-        .expect("put"));
+    // An older one (a late delivery) does not replace it, and says so.
+    assert_eq!(
+        stores[last]
+            .put_snapshot(env.id, &snapshot_taken(BIG_MS, b"older"))
+            .await
+            .expect("put"),
+        SnapshotPut::KeptNewer
+    );
     assert_eq!(
         stores[0].snapshot(env.id).await.expect("get").as_ref(),
         Some(&first)
     );
     // A newer one does.
     let second = snapshot_taken(BIG_MS + 2, &vec![0xab; 1 << 20]);
-    assert!(stores[last]
-        .put_snapshot(env.id, &second)
-        .await
-        .expect("put"));
+    assert_eq!(
+        stores[last]
+            .put_snapshot(env.id, &second)
+            .await
+            .expect("put"),
+        SnapshotPut::Stored
+    );
     assert_eq!(
         stores[0].snapshot(env.id).await.expect("get").as_ref(),
         Some(&second)
     );
 
     // Times are compared as numbers, not as text ("9999" > "10000").
-    assert!(stores[0]
-        .put_snapshot(other.id, &snapshot_taken(10_000, b""))
-        .await
-        .expect("put"));
-    assert!(stores[0]
-        .put_snapshot(other.id, &snapshot_taken(9_999, b"older"))
-        .await
-        .expect("put"));
+    assert_eq!(
+        stores[0]
+            .put_snapshot(other.id, &snapshot_taken(10_000, b""))
+            .await
+            .expect("put"),
+        SnapshotPut::Stored
+    );
+    assert_eq!(
+        stores[0]
+            .put_snapshot(other.id, &snapshot_taken(9_999, b"older"))
+            .await
+            .expect("put"),
+        SnapshotPut::KeptNewer
+    );
+    // The same time again replaces it (a re-sent snapshot of the same moment).
+    assert_eq!(
+        stores[0]
+            .put_snapshot(other.id, &snapshot_taken(10_000, b""))
+            .await
+            .expect("put"),
+        SnapshotPut::Stored
+    );
     let empty = snapshot_taken(10_000, b"");
     assert_eq!(
         stores[0].snapshot(other.id).await.expect("get"),
@@ -1896,7 +1919,10 @@ async fn snapshots_keep_the_latest_taken(b: &dyn Backend) {
 
     // An unknown environment stores nothing.
     let unknown = other.id + 1000;
-    assert!(!stores[0].put_snapshot(unknown, &first).await.expect("put"));
+    assert_eq!(
+        stores[0].put_snapshot(unknown, &first).await.expect("put"),
+        SnapshotPut::NoEnvironment
+    );
     assert_eq!(stores[last].snapshot(unknown).await.expect("get"), None);
 
     // Snapshots are durable.
@@ -1912,16 +1938,22 @@ async fn delete_removes_the_snapshot(b: &dyn Backend) {
     let keep = create_one(&*store, "kept").await;
     let snap = snapshot_taken(1_000, b"engine state");
     for id in [env.id, keep.id] {
-        assert!(store.put_snapshot(id, &snap).await.expect("put"));
+        assert_eq!(
+            store.put_snapshot(id, &snap).await.expect("put"),
+            SnapshotPut::Stored
+        );
     }
     assert!(store.delete_environment(env.id).await.expect("delete"));
     assert_eq!(store.snapshot(env.id).await.expect("get"), None);
     assert_eq!(store.snapshot(keep.id).await.expect("get"), Some(snap));
     // And none comes back for the deleted environment.
-    assert!(!store
-        .put_snapshot(env.id, &snapshot_taken(2_000, b"late"))
-        .await
-        .expect("put"));
+    assert_eq!(
+        store
+            .put_snapshot(env.id, &snapshot_taken(2_000, b"late"))
+            .await
+            .expect("put"),
+        SnapshotPut::NoEnvironment
+    );
     assert_eq!(store.snapshot(env.id).await.expect("get"), None);
 }
 
@@ -2428,10 +2460,13 @@ async fn redis_keys_all_carry_the_prefix() {
         .await
         .expect("gateway");
     store.cluster_secret().await.expect("secret");
-    assert!(store
-        .put_snapshot(created[1].id, &snapshot_taken(1, b"body"))
-        .await
-        .expect("snapshot"));
+    assert_eq!(
+        store
+            .put_snapshot(created[1].id, &snapshot_taken(1, b"body"))
+            .await
+            .expect("snapshot"),
+        SnapshotPut::Stored
+    );
     let cmd = queue(&store, created[1].id, "c", 1).await;
     store
         .finish_commands(created[1].id, &[ok(cmd.id)], 2)

@@ -15,7 +15,7 @@ use proto::clock::now_ms;
 use proto::codec::{self, MAX_CONTROL_FRAME};
 use proto::snapshot::{DeltaError, Snapshot, SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{CheckinAnswer, CheckinRequest};
-use store::{EnvId, StoredSnapshot};
+use store::{EnvId, SnapshotPut, StoredSnapshot};
 
 use super::AppState;
 use crate::error::ApiError;
@@ -188,12 +188,23 @@ async fn upload_snapshot(
         received_ms: now_ms(),
         body: upload.body,
     };
-    if !state.store.put_snapshot(id, &stored).await? {
-        return Err(ApiError::NotFound(format!(
-            "environment {id} does not exist"
-        )));
+    match state.store.put_snapshot(id, &stored).await? {
+        SnapshotPut::Stored => {
+            tracing::debug!(env = id, bytes = body.len(), "snapshot stored");
+        }
+        // A late upload (retried after a newer one went through): nothing to do better.
+        SnapshotPut::KeptNewer => {
+            tracing::debug!(
+                env = id,
+                "snapshot older than the stored one: kept the stored"
+            );
+        }
+        SnapshotPut::NoEnvironment => {
+            return Err(ApiError::NotFound(format!(
+                "environment {id} does not exist"
+            )));
+        }
     }
-    tracing::debug!(env = id, bytes = body.len(), "snapshot stored");
     Ok(HttpResponse::NoContent().reason("").finish())
 }
 
@@ -266,7 +277,8 @@ async fn async_tick(
             let outcome = apply_report(&state, id, report, request_ms, now).await;
             let label = match &outcome {
                 Ok((_, true)) => "need_full",
-                Ok(_) => "stored",
+                Ok((Some(_), false)) => "stored",
+                Ok((None, false)) => "kept_newer",
                 Err(_) => "bad",
             };
             state
@@ -400,10 +412,13 @@ async fn store_snapshot(
         received_ms: now,
         body,
     };
-    if !state.store.put_snapshot(id, &stored).await? {
-        return Err(ApiError::NotFound(format!(
+    match state.store.put_snapshot(id, &stored).await? {
+        SnapshotPut::Stored => Ok((Some(digest), false)),
+        // The stored one was taken later (this report was late): not acknowledged, so the
+        // agent's next delta is against a base the server really holds, or asks for a full.
+        SnapshotPut::KeptNewer => Ok((None, false)),
+        SnapshotPut::NoEnvironment => Err(ApiError::NotFound(format!(
             "environment {id} does not exist"
-        )));
+        ))),
     }
-    Ok((Some(digest), false))
 }

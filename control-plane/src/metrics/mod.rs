@@ -117,7 +117,7 @@ impl Metrics {
         let async_snapshots = must(IntCounterVec::new(
             Opts::new(
                 "edgeplane_async_snapshot_reports_total",
-                "Async snapshot reports by kind and outcome",
+                "Async snapshot reports by kind (full, delta, unchanged) and outcome (stored, kept_newer: older than the one stored, need_full, bad)",
             ),
             &["kind", "outcome"],
         ));

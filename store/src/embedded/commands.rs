@@ -21,8 +21,9 @@ use super::records::{
 };
 use super::{db_err, EmbeddedStore, COMMANDS, ENVIRONMENTS, SNAPSHOTS};
 use crate::{
-    next_command_id, CommandStore, EnvId, SnapshotStore, StoreError, StoredCommand, StoredSnapshot,
-    KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_UNFINISHED_COMMANDS_PER_ENV,
+    next_command_id, CommandStore, EnvId, SnapshotPut, SnapshotStore, StoreError, StoredCommand,
+    StoredSnapshot, KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID,
+    MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 
 /// The command id under which an environment's [`CommandCounts`] are stored.
@@ -66,14 +67,18 @@ where
 
 #[async_trait]
 impl SnapshotStore for EmbeddedStore {
-    async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError> {
+    async fn put_snapshot(
+        &self,
+        env: EnvId,
+        snap: &StoredSnapshot,
+    ) -> Result<SnapshotPut, StoreError> {
         let bytes = encode_snapshot(snap);
         let taken_ms = snap.taken_ms;
         // Like heartbeats, snapshots are replaced by the next one soon: losing the last ones
         // to a power cut only shows an older snapshot for a while, so skip the fsync.
         self.write(Durability::Eventual, move |tx| {
             if !env_exists(tx, env)? {
-                return Ok((false, false));
+                return Ok((SnapshotPut::NoEnvironment, false));
             }
             let mut table = tx.open_table(SNAPSHOTS).map_err(db_err)?;
             let stored_taken = table
@@ -82,10 +87,10 @@ impl SnapshotStore for EmbeddedStore {
                 .map(|v| snapshot_taken_ms(env, v.value()))
                 .transpose()?;
             if stored_taken.is_some_and(|stored| stored > taken_ms) {
-                return Ok((true, false));
+                return Ok((SnapshotPut::KeptNewer, false));
             }
             table.insert(env, bytes.as_slice()).map_err(db_err)?;
-            Ok((true, true))
+            Ok((SnapshotPut::Stored, true))
         })
         .await
     }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{decode_u64, redis_err, RedisStore};
 use crate::{
-    CommandStore, EnvId, SnapshotStore, StoreError, StoredCommand, StoredSnapshot,
+    CommandStore, EnvId, SnapshotPut, SnapshotStore, StoreError, StoredCommand, StoredSnapshot,
     KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 
@@ -81,7 +81,11 @@ impl RedisStore {
 
 #[async_trait]
 impl SnapshotStore for RedisStore {
-    async fn put_snapshot(&self, env: EnvId, snap: &StoredSnapshot) -> Result<bool, StoreError> {
+    async fn put_snapshot(
+        &self,
+        env: EnvId,
+        snap: &StoredSnapshot,
+    ) -> Result<SnapshotPut, StoreError> {
         let mut conn = self.conn().await?;
         let stored: i64 = self
             .scripts
@@ -95,7 +99,14 @@ impl SnapshotStore for RedisStore {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
-        Ok(stored == 1)
+        match stored {
+            2 => Ok(SnapshotPut::Stored),
+            1 => Ok(SnapshotPut::KeptNewer),
+            0 => Ok(SnapshotPut::NoEnvironment),
+            other => Err(StoreError::corrupt(format!(
+                "put_snapshot.lua answered {other}"
+            ))),
+        }
     }
 
     async fn snapshot(&self, env: EnvId) -> Result<Option<StoredSnapshot>, StoreError> {
