@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gateway::admission::Ticket;
 use gateway::{Dialer, OpenError, TunnelStream};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
@@ -107,13 +108,14 @@ pub struct DockerProxy {
 
 impl DockerProxy {
     /// Serves one client connection (HTTP/1.1 with upgrades) until it closes.
-    pub async fn serve_connection<IO>(self: Arc<Self>, io: IO)
+    pub async fn serve_connection<IO>(self: Arc<Self>, io: IO, ticket: Option<Arc<Ticket>>)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let service = hyper::service::service_fn(move |req| {
             let proxy = Arc::clone(&self);
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+            let ticket = ticket.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, ticket.as_deref()).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -125,9 +127,9 @@ impl DockerProxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>, ticket: Option<&Ticket>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let res = match self.forward(req).await {
+        let res = match self.forward(req, ticket).await {
             Ok(res) => res,
             Err(e) => error_response(e),
         };
@@ -148,7 +150,12 @@ impl DockerProxy {
 
     /// The hijack-capable path: one hyper request (the first of a connection whose first
     /// request asked for an upgrade).
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    /// `ticket`: the connection's admission, marked proved once the admin key checks out.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        ticket: Option<&Ticket>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let Some((id, rest)) = docker_path(req.uri().path()) else {
             return Err(ProxyError::Misdirected);
         };
@@ -160,6 +167,9 @@ impl DockerProxy {
             .ok_or(ProxyError::Unauthorized("missing X-API-Key header"))?;
         if !self.admin.accepts(key) {
             return Err(ProxyError::Unauthorized("invalid API key"));
+        }
+        if let Some(ticket) = ticket {
+            ticket.proved();
         }
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

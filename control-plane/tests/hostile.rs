@@ -116,6 +116,54 @@ async fn a_source_hoarding_connections_is_refused_while_others_are_served() {
 }
 
 #[actix_web::test]
+async fn a_head_proves_nothing_so_stalled_bodies_stay_within_the_pending_bound() {
+    // The attack that took 1.7 GB: complete heads announcing 1 MiB bodies, then one byte.
+    let cp = ControlPlane::start_with(|c| {
+        c.limits.admission = AdmissionLimits {
+            max_connections: 1_000,
+            max_per_source: 500,
+            max_pending: 100,
+            max_pending_per_source: 4,
+        };
+        c.limits.agent_body_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let api = api_addr(&cp);
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 1048576\r\n\r\n0",
+        proto::wire::CHECKIN_PATH
+    );
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut tls = tls_from(ATTACKER, api).await.unwrap();
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        held.push(tls);
+    }
+    // Still pending, all four; the fifth is not even admitted.
+    testkit::eventually(WAIT, "four pending", || async {
+        (cp.metric("edgeplane_connections_pending").await == 4.0).then_some(())
+    })
+    .await;
+    let mut fifth = connect_from(ATTACKER, api).await.unwrap();
+    assert!(closed_within(&mut fifth, WAIT).await.is_some());
+
+    // An admin and an agent are served, and their connections, proved, are not pending.
+    admin_get_ok(&cp).await;
+    let (id, token) = testkit::create_env(&cp.url, json!({"name": "kiosk"})).await;
+    let mut agent =
+        edge_agent::PollClient::new(&token, edge_agent::PollOptions::new(Uuid::new_v4())).unwrap();
+    agent.checkin().await.unwrap();
+    assert_eq!(cp.get_env(id).await["status"], "up");
+    assert_eq!(cp.metric("edgeplane_connections_pending").await, 4.0);
+    // (The agent keeps its connection: four pending and at least the agent's, proved.)
+    assert!(cp.metric("edgeplane_connections_open").await >= 5.0);
+    drop(held);
+    cp.stop().await;
+}
+
+#[actix_web::test]
 async fn silent_slow_and_stalled_clients_are_let_go_at_their_deadlines() {
     let cp = ControlPlane::start_with(|c| {
         c.limits.first_byte_timeout = Duration::from_millis(300);

@@ -1,7 +1,8 @@
 //! Admission of connections to a public port, before they have proved anything.
 //!
-//! Every accepted connection takes a [`Ticket`]. While it is *pending* (TLS not finished,
-//! nothing proved: no first request, no hello) it counts against small bounds, process-wide
+//! Every accepted connection takes a [`Ticket`]. While it is *pending* (nothing proved: on
+//! the API port no authenticated request, however complete its head; on a gateway no
+//! accepted hello) it counts against small bounds, process-wide
 //! and per source; once it proves itself ([`Ticket::proved`]) it counts only against the
 //! larger bounds of all connections. So a client that opens connections and sends nothing,
 //! or never finishes its handshake, cannot fill the slots others need: its own source runs
@@ -14,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -48,7 +50,9 @@ impl AdmissionLimits {
     /// The bounds an operator sets (`--max-connections`, `--max-connections-per-source`),
     /// the others derived: one source gets at most 8,192 unless told otherwise (a site behind
     /// one NAT address may hold thousands of agents); pending connections get an eighth of the
-    /// total (between 16 and 4,096), 64 of them per source (at most the source's total).
+    /// total (between 16 and 4,096), 256 of them per source (at most the source's total: a
+    /// site behind one NAT address reconnecting at once gets through 256 handshakes at a
+    /// time, and a single attacker holds at most that many of the pending places).
     pub fn with_totals(max_connections: usize, max_per_source: Option<usize>) -> Self {
         let max_connections = max_connections.max(1);
         let max_per_source = max_per_source.unwrap_or(8192).clamp(1, max_connections);
@@ -56,7 +60,7 @@ impl AdmissionLimits {
             max_connections,
             max_per_source,
             max_pending: (max_connections / 8).clamp(16, 4096).min(max_connections),
-            max_pending_per_source: 64.min(max_per_source),
+            max_pending_per_source: 256.min(max_per_source),
         }
     }
 
@@ -139,11 +143,13 @@ pub struct Admission {
     counts: Mutex<Counts>,
 }
 
-/// One admitted connection's place; gives it back when dropped.
+/// One admitted connection's place; gives it back when dropped. Shared (`&self`) so that
+/// whatever authenticates the connection's first request can mark it proved.
 pub struct Ticket {
     admission: Arc<Admission>,
     source: Source,
-    pending: bool,
+    /// Changed only under the counts' lock, so the counts always agree with it.
+    pending: AtomicBool,
 }
 
 /// A snapshot of the counts, for metrics and tests.
@@ -192,7 +198,7 @@ impl Admission {
         Ok(Ticket {
             admission: Arc::clone(self),
             source,
-            pending: true,
+            pending: AtomicBool::new(true),
         })
     }
 
@@ -209,12 +215,11 @@ impl Admission {
 impl Ticket {
     /// The connection proved itself (a request, an accepted hello): it no longer counts as
     /// pending.
-    pub fn proved(&mut self) {
-        if !self.pending {
+    pub fn proved(&self) {
+        let mut c = self.admission.counts.lock();
+        if !self.pending.swap(false, Ordering::Relaxed) {
             return;
         }
-        self.pending = false;
-        let mut c = self.admission.counts.lock();
         c.pending -= 1;
         if let Some(s) = c.per_source.get_mut(&self.source) {
             s.pending -= 1;
@@ -222,21 +227,22 @@ impl Ticket {
     }
 
     pub fn is_pending(&self) -> bool {
-        self.pending
+        self.pending.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut c = self.admission.counts.lock();
+        let pending = self.pending.load(Ordering::Relaxed);
         c.all -= 1;
-        if self.pending {
+        if pending {
             c.pending -= 1;
         }
         let gone = match c.per_source.get_mut(&self.source) {
             Some(s) => {
                 s.all -= 1;
-                if self.pending {
+                if pending {
                     s.pending -= 1;
                 }
                 s.all == 0
@@ -304,7 +310,7 @@ mod tests {
         let a = Admission::new(limits());
         let mut held = Vec::new();
         for _ in 0..6 {
-            let mut t = a.admit(ip("10.0.0.1")).unwrap();
+            let t = a.admit(ip("10.0.0.1")).unwrap();
             t.proved();
             held.push(t);
         }
@@ -313,7 +319,7 @@ mod tests {
             Err(Refused::SourceFull)
         );
         for i in 2..6 {
-            let mut t = a.admit(ip(&format!("10.0.0.{i}"))).unwrap();
+            let t = a.admit(ip(&format!("10.0.0.{i}"))).unwrap();
             t.proved();
             held.push(t);
         }

@@ -141,7 +141,7 @@ impl Gateway {
         tls: TlsStream<TcpStream>,
         peer: SocketAddr,
         hello: AgentHello,
-        mut ticket: Ticket,
+        ticket: Ticket,
     ) {
         let AgentHello {
             env,

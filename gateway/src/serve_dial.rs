@@ -23,7 +23,7 @@ impl Gateway {
         mut tls: TlsStream<TcpStream>,
         peer: SocketAddr,
         secret: [u8; 32],
-        mut ticket: Ticket,
+        ticket: Ticket,
     ) {
         let expected = match self.cluster_secret().await {
             Ok(s) => s,

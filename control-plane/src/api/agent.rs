@@ -127,7 +127,7 @@ async fn answer(
         state.limits.agent_body_timeout,
     )
     .await?;
-    let (req, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME)
+    let (checkin, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME)
         .map_err(|e| {
             state
                 .metrics
@@ -136,7 +136,10 @@ async fn answer(
                 .inc();
             ApiError::BadRequest(format!("check-in body: {e}"))
         })?;
-    let answer = state.fleet.checkin(kind, req, body).await?;
+    let answer = state
+        .fleet
+        .checkin(kind, checkin, body, || crate::front::proved(&req))
+        .await?;
     if answer.unchanged {
         // Nothing new: no body, no content-length (204 has none). Saves ~16 bytes per poll.
         if let Some(t) = timer {
@@ -180,6 +183,7 @@ async fn upload_snapshot(
         .fleet
         .verify_upload(id, body.clone(), upload.edge_id, upload.timestamp_ms)
         .await?;
+    crate::front::proved(&req);
     // Decoding proves the body is a well-formed snapshot before anything is stored.
     let snap = proto::snapshot::decompress(&upload.body)
         .map_err(|e| ApiError::BadRequest(format!("snapshot upload: {e}")))?;
@@ -243,7 +247,9 @@ async fn async_tick(
     );
     let answer = state
         .fleet
-        .checkin(CheckinKind::Async, tick.checkin, body)
+        .checkin(CheckinKind::Async, tick.checkin, body, || {
+            crate::front::proved(&req);
+        })
         .await?;
     let now = now_ms();
     if !tick.results.is_empty() {

@@ -28,7 +28,10 @@ pub async fn require_admin_key(
         }
     };
     match verdict {
-        Ok(()) => Ok(next.call(req).await?.map_into_left_body()),
+        Ok(()) => {
+            crate::front::proved(req.request());
+            Ok(next.call(req).await?.map_into_left_body())
+        }
         Err(e) => {
             let (req, _) = req.into_parts();
             let res = actix_web::ResponseError::error_response(&e);

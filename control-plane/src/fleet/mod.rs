@@ -296,12 +296,15 @@ impl Fleet {
     }
 
     /// Handles one verified-later check-in: routes it to the environment's actor, and for a
-    /// held check-in waits until its answer is due or a tunnel grant comes.
+    /// held check-in waits until its answer is due or a tunnel grant comes. `proven` runs once
+    /// the frame passed the cheap checks (its MAC holds: it comes from the join secret's
+    /// holder), before any hold.
     pub async fn checkin(
         self: &Arc<Self>,
         kind: CheckinKind,
         req: CheckinRequest,
         frame: Bytes,
+        proven: impl FnOnce(),
     ) -> Result<Answer, CheckinError> {
         let id = req.endpoint_id;
         let handle = self.actor(id).await?;
@@ -316,6 +319,7 @@ impl Fleet {
         if let Err(refusal) = precheck {
             return Err(self.refused_early(id, refusal));
         }
+        proven();
         // The slot bounds the actor's queue; a held check-in gives it back once the actor has
         // answered, so holds (bounded on their own) never use up the slots bursts need.
         let in_flight = handle

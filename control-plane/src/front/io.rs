@@ -7,11 +7,13 @@ use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::body::{BodySize, MessageBody};
 use bytes::{Buf, Bytes};
+use gateway::admission::Ticket;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -177,18 +179,27 @@ impl MessageBody for Answered {
 
 /// A stream whose reads fail (`TimedOut`, so actix closes the connection) once its
 /// [`HeadClock`] says the next request head is overdue.
+/// It also carries the connection's admission ticket, which the first request that proves
+/// itself (an admin key, an agent's proof) marks.
 pub struct Timed<S> {
     inner: S,
     clock: Rc<HeadClock>,
+    ticket: Arc<Ticket>,
     sleep: Option<Pin<Box<Sleep>>>,
     on_timeout: prometheus::IntCounter,
 }
 
 impl<S> Timed<S> {
-    pub fn new(inner: S, clock: Rc<HeadClock>, on_timeout: prometheus::IntCounter) -> Self {
+    pub fn new(
+        inner: S,
+        clock: Rc<HeadClock>,
+        ticket: Arc<Ticket>,
+        on_timeout: prometheus::IntCounter,
+    ) -> Self {
         Self {
             inner,
             clock,
+            ticket,
             sleep: None,
             on_timeout,
         }
@@ -196,6 +207,10 @@ impl<S> Timed<S> {
 
     pub fn clock(&self) -> &Rc<HeadClock> {
         &self.clock
+    }
+
+    pub fn ticket(&self) -> &Arc<Ticket> {
+        &self.ticket
     }
 }
 
@@ -279,7 +294,11 @@ mod tests {
         let (client, server) = tokio::io::duplex(64);
         let clock = HeadClock::new(Duration::from_secs(120), Duration::from_secs(10));
         let counter = prometheus::IntCounter::new("t", "t").expect("counter");
-        let mut timed = Timed::new(server, Rc::clone(&clock), counter.clone());
+        let admission = gateway::admission::Admission::new(
+            gateway::admission::AdmissionLimits::with_totals(10, None),
+        );
+        let ticket = Arc::new(admission.admit([127, 0, 0, 1].into()).expect("admitted"));
+        let mut timed = Timed::new(server, Rc::clone(&clock), ticket, counter.clone());
         clock.answered(Instant::now());
         let mut client = client;
         tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HT")

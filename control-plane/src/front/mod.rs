@@ -33,6 +33,21 @@ pub use io::{HeadClock, Prefixed, Timed};
 /// The stream actix serves: TLS, the sniffed head put back, the next heads' deadlines.
 type ApiStream = Timed<Prefixed<tokio_rustls::server::TlsStream<TcpStream>>>;
 
+/// A connection's admission ticket, in its requests' connection data: whatever authenticates
+/// a request marks it proved ([`proved`]), and only then the connection stops counting as
+/// pending. A complete request head proves nothing: a head announcing a body, then silence,
+/// is the cheapest way to hold a connection.
+#[derive(Clone)]
+pub struct Proof(Arc<Ticket>);
+
+/// The request `req` proved itself (a valid admin key, an agent's verified proof): its
+/// connection is no longer pending.
+pub fn proved(req: &actix_web::HttpRequest) {
+    if let Some(Proof(ticket)) = req.conn_data::<Proof>() {
+        ticket.proved();
+    }
+}
+
 /// The front's own series (registered by [`crate::metrics::Metrics`]).
 #[derive(Clone)]
 pub struct FrontMetrics {
@@ -125,6 +140,7 @@ where
                 .h1_allow_half_closed(true)
                 .on_connect_ext(|io: &ApiStream, ext| {
                     ext.insert(Rc::clone(io.clock()));
+                    ext.insert(Proof(Arc::clone(io.ticket())));
                 })
                 .h1(app);
             let acceptor = acceptor.clone();
@@ -204,7 +220,7 @@ where
     let Conn {
         acceptor,
         proxy,
-        mut ticket,
+        ticket,
         deadlines,
         metrics,
     } = conn;
@@ -241,20 +257,20 @@ where
             return;
         }
     };
-    // A whole request head arrived over TLS: no longer pending (the request itself is judged
-    // by its route: an agent's proof, an admin's key). The ticket lives as long as the
-    // connection.
-    ticket.proved();
+    // Still pending: a complete head proves nothing. The request that authenticates (an
+    // admin key, an agent's proof) marks the ticket; until then the connection counts
+    // against the pending bounds, and is dropped with them.
+    let ticket = Arc::new(ticket);
     let docker = is_docker_hijack(&head);
     let io = Prefixed::new(head, tls);
     if docker {
-        proxy.serve_connection(io).await;
+        proxy.serve_connection(io, Some(ticket)).await;
     } else {
         let clock = HeadClock::new(deadlines.keep_alive, deadlines.first_request);
         let on_timeout = metrics.timed_out.with_label_values(&["next_request"]);
-        if let Err(e) = h1.call((Timed::new(io, clock, on_timeout), peer)).await {
+        let io = Timed::new(io, clock, ticket, on_timeout);
+        if let Err(e) = h1.call((io, peer)).await {
             tracing::debug!(peer = ?peer, error = ?e, "api connection ended with an error");
         }
     }
-    drop(ticket);
 }
