@@ -164,6 +164,68 @@ async fn a_head_proves_nothing_so_stalled_bodies_stay_within_the_pending_bound()
 }
 
 #[actix_web::test]
+async fn a_crowd_holding_every_pending_place_makes_room_for_newcomers() {
+    // Many sources, each within its own bound, together hold every pending place.
+    let cp = ControlPlane::start_with(|c| {
+        c.limits.admission = AdmissionLimits {
+            max_connections: 1_000,
+            max_per_source: 500,
+            max_pending: 8,
+            max_pending_per_source: 4,
+        };
+        c.limits.first_byte_timeout = Duration::from_secs(120);
+        c.limits.first_request_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let api = api_addr(&cp);
+    let mut crowd = Vec::new();
+    for source in [2, 3] {
+        for _ in 0..4 {
+            crowd.push(
+                connect_from(Ipv4Addr::new(127, 0, 0, source), api)
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    testkit::eventually(WAIT, "every pending place taken", || async {
+        (cp.metric("edgeplane_connections_pending").await == 8.0).then_some(())
+    })
+    .await;
+    // Once they had their time to prove themselves, a newcomer takes the place of the oldest
+    // of the biggest holder: the admin is served, then an agent.
+    testkit::eventually(WAIT, "the admin served", || async {
+        testkit::http()
+            .get(cp.api("/api/endpoints"))
+            .header("x-api-key", ADMIN_KEY)
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+    })
+    .await;
+    let (id, token) = testkit::create_env(&cp.url, json!({"name": "kiosk"})).await;
+    let mut agent =
+        edge_agent::PollClient::new(&token, edge_agent::PollOptions::new(Uuid::new_v4())).unwrap();
+    // (The admin's connection, proved, left a pending place free.)
+    agent.checkin().await.unwrap();
+    assert_eq!(cp.get_env(id).await["status"], "up");
+    assert!(cp.metric("edgeplane_connections_evicted_total").await >= 1.0);
+    // Those let go were closed, not just forgotten.
+    let mut closed = 0;
+    for tcp in &mut crowd {
+        if closed_within(tcp, Duration::from_millis(100))
+            .await
+            .is_some()
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "{closed} of the crowd closed");
+    cp.stop().await;
+}
+
+#[actix_web::test]
 async fn silent_slow_and_stalled_clients_are_let_go_at_their_deadlines() {
     let cp = ControlPlane::start_with(|c| {
         c.limits.first_byte_timeout = Duration::from_millis(300);

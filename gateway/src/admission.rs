@@ -13,12 +13,19 @@
 //! The per-source maps hold only sources with a connection now: a ticket dropped to zero
 //! removes its entry, so they never grow beyond the connections themselves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// How long a pending connection has to prove itself before, with every pending place taken,
+/// it may be let go for a newer one (a TLS handshake and a first request take far less, even
+/// over a satellite link).
+pub const EVICT_AFTER: Duration = Duration::from_secs(3);
 
 /// Bounds of one port's connections; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,12 +114,32 @@ struct Counts {
     all: usize,
     pending: usize,
     per_source: HashMap<Source, PerSource>,
+    /// Tickets handed out so far: each one's sequence number.
+    issued: u64,
+    /// Pending connections let go to make room, ever.
+    evicted: u64,
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Default)]
 struct PerSource {
     all: usize,
-    pending: usize,
+    /// This source's pending connections, oldest first (their count is its pending count).
+    pending: VecDeque<Waiting>,
+}
+
+/// A pending connection, as its source's queue knows it.
+struct Waiting {
+    seq: u64,
+    since: Instant,
+    state: Arc<TicketState>,
+}
+
+/// What a ticket shares with the queue of its source.
+struct TicketState {
+    /// Changed only under the counts' lock, so the counts always agree with it.
+    pending: AtomicBool,
+    /// Cancelled when the connection is let go to make room for a newer one.
+    evict: CancellationToken,
 }
 
 /// The key connections are counted under.
@@ -148,8 +175,8 @@ pub struct Admission {
 pub struct Ticket {
     admission: Arc<Admission>,
     source: Source,
-    /// Changed only under the counts' lock, so the counts always agree with it.
-    pending: AtomicBool,
+    seq: u64,
+    state: Arc<TicketState>,
 }
 
 /// A snapshot of the counts, for metrics and tests.
@@ -158,6 +185,8 @@ pub struct AdmissionCounts {
     pub connections: usize,
     pub pending: usize,
     pub sources: usize,
+    /// Pending connections let go to make room for newer ones, since the start.
+    pub evicted: u64,
 }
 
 impl Admission {
@@ -174,31 +203,74 @@ impl Admission {
 
     /// Admits a new connection from `peer` as pending, or says why not (drop it at once).
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Ticket, Refused> {
+        self.admit_at(peer, Instant::now())
+    }
+
+    /// [`Admission::admit`] at `now`. When every pending place is taken, the oldest pending
+    /// connection of the source that holds the most of them is let go to make room (its
+    /// [`Ticket::evicted`] completes), provided it has had [`EVICT_AFTER`] to prove itself;
+    /// otherwise the newcomer is refused. So a crowd of sources holding connections open
+    /// without proving anything cannot keep the pool full: the newest connection, whose
+    /// handshake is about to be done, gets in, and the attacker with the most places loses
+    /// one.
+    pub fn admit_at(self: &Arc<Self>, peer: IpAddr, now: Instant) -> Result<Ticket, Refused> {
         let source = Source::from(peer);
         let l = self.limits;
-        let mut c = self.counts.lock();
-        let mine = c.per_source.get(&source).copied().unwrap_or_default();
+        let mut guard = self.counts.lock();
+        let c = &mut *guard;
+        let (mine_all, mine_pending) = c
+            .per_source
+            .get(&source)
+            .map_or((0, 0), |p| (p.all, p.pending.len()));
         if c.all >= l.max_connections {
             return Err(Refused::Full);
         }
-        if mine.all >= l.max_per_source {
+        if mine_all >= l.max_per_source {
             return Err(Refused::SourceFull);
         }
-        if mine.pending >= l.max_pending_per_source {
+        if mine_pending >= l.max_pending_per_source {
             return Err(Refused::SourcePending);
         }
         if c.pending >= l.max_pending {
-            return Err(Refused::Pending);
+            let victim = c
+                .per_source
+                .values_mut()
+                .max_by_key(|p| p.pending.len())
+                .filter(|p| {
+                    p.pending
+                        .front()
+                        .is_some_and(|w| now.saturating_duration_since(w.since) >= EVICT_AFTER)
+                });
+            let Some(victim) = victim else {
+                return Err(Refused::Pending);
+            };
+            if let Some(w) = victim.pending.pop_front() {
+                w.state.pending.store(false, Ordering::Relaxed);
+                w.state.evict.cancel();
+                c.pending -= 1;
+                c.evicted += 1;
+            }
         }
         c.all += 1;
         c.pending += 1;
+        c.issued += 1;
+        let seq = c.issued;
+        let state = Arc::new(TicketState {
+            pending: AtomicBool::new(true),
+            evict: CancellationToken::new(),
+        });
         let entry = c.per_source.entry(source).or_default();
         entry.all += 1;
-        entry.pending += 1;
+        entry.pending.push_back(Waiting {
+            seq,
+            since: now,
+            state: Arc::clone(&state),
+        });
         Ok(Ticket {
             admission: Arc::clone(self),
             source,
-            pending: AtomicBool::new(true),
+            seq,
+            state,
         })
     }
 
@@ -208,6 +280,22 @@ impl Admission {
             connections: c.all,
             pending: c.pending,
             sources: c.per_source.len(),
+            evicted: c.evicted,
+        }
+    }
+}
+
+impl Counts {
+    /// Takes the pending ticket `seq` of `source` out of the counts (proved, or gone).
+    fn unpend(&mut self, source: &Source, seq: u64, state: &TicketState) {
+        if !state.pending.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        self.pending -= 1;
+        if let Some(s) = self.per_source.get_mut(source) {
+            if let Some(i) = s.pending.iter().position(|w| w.seq == seq) {
+                s.pending.remove(i);
+            }
         }
     }
 }
@@ -217,34 +305,37 @@ impl Ticket {
     /// pending.
     pub fn proved(&self) {
         let mut c = self.admission.counts.lock();
-        if !self.pending.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        c.pending -= 1;
-        if let Some(s) = c.per_source.get_mut(&self.source) {
-            s.pending -= 1;
-        }
+        c.unpend(&self.source, self.seq, &self.state);
     }
 
     pub fn is_pending(&self) -> bool {
-        self.pending.load(Ordering::Relaxed)
+        self.state.pending.load(Ordering::Relaxed)
+    }
+
+    /// Completes when the connection is let go to make room for a newer one (only ever while
+    /// it is pending): drop it then.
+    pub fn evicted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.state.evict.cancelled()
+    }
+
+    /// [`Ticket::evicted`], owning what it waits on (for a future stored beside the ticket).
+    pub fn evicted_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.state.evict.clone().cancelled_owned()
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.state.evict.is_cancelled()
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut c = self.admission.counts.lock();
-        let pending = self.pending.load(Ordering::Relaxed);
+        c.unpend(&self.source, self.seq, &self.state);
         c.all -= 1;
-        if pending {
-            c.pending -= 1;
-        }
         let gone = match c.per_source.get_mut(&self.source) {
             Some(s) => {
                 s.all -= 1;
-                if pending {
-                    s.pending -= 1;
-                }
                 s.all == 0
             }
             None => false,
@@ -259,7 +350,7 @@ impl std::fmt::Debug for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ticket")
             .field("source", &self.source)
-            .field("pending", &self.pending)
+            .field("pending", &self.is_pending())
             .finish()
     }
 }
@@ -282,6 +373,87 @@ mod tests {
     }
 
     #[test]
+    fn a_full_pending_pool_lets_the_biggest_hoarders_oldest_go() {
+        let a = Admission::new(AdmissionLimits {
+            max_connections: 100,
+            max_per_source: 50,
+            max_pending: 4,
+            max_pending_per_source: 3,
+        });
+        let t0 = Instant::now();
+        let hoarded: Vec<_> = (0..3)
+            .map(|i| {
+                a.admit_at(ip("10.0.0.1"), t0 + Duration::from_millis(i))
+                    .unwrap()
+            })
+            .collect();
+        let other = a.admit_at(ip("10.0.0.2"), t0).unwrap();
+        // Full, and nobody has had the time to prove itself: the newcomer is refused.
+        assert_eq!(
+            a.admit_at(ip("10.0.0.3"), t0 + Duration::from_secs(1))
+                .map(|_| ()),
+            Err(Refused::Pending)
+        );
+        // Later, the source with the most pending places loses its oldest.
+        let late = t0 + EVICT_AFTER + Duration::from_secs(1);
+        let newcomer = a.admit_at(ip("10.0.0.3"), late).unwrap();
+        assert!(hoarded[0].is_evicted() && !hoarded[0].is_pending());
+        assert!(!hoarded[1].is_evicted() && !other.is_evicted());
+        assert_eq!(
+            a.counts(),
+            AdmissionCounts {
+                connections: 5,
+                pending: 4,
+                sources: 3,
+                evicted: 1
+            }
+        );
+        // Proved connections are out of every queue: never let go.
+        hoarded[1].proved();
+        hoarded[2].proved();
+        let again = a.admit_at(ip("10.0.0.4"), late).unwrap();
+        assert!(!hoarded[1].is_evicted() && !hoarded[2].is_evicted());
+        assert_eq!(a.counts().pending, 3);
+        // The evicted ticket, dropped, gives back its connection place only.
+        drop(hoarded);
+        assert_eq!(
+            a.counts(),
+            AdmissionCounts {
+                connections: 3,
+                pending: 3,
+                sources: 3,
+                evicted: 1
+            }
+        );
+        drop((other, newcomer, again));
+        assert_eq!(
+            a.counts(),
+            AdmissionCounts {
+                connections: 0,
+                pending: 0,
+                sources: 0,
+                evicted: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_evicted_ticket_says_so_to_its_connection() {
+        let a = Admission::new(AdmissionLimits {
+            max_connections: 10,
+            max_per_source: 10,
+            max_pending: 1,
+            max_pending_per_source: 1,
+        });
+        let t0 = Instant::now();
+        let old = a.admit_at(ip("10.0.0.1"), t0).unwrap();
+        let _new = a.admit_at(ip("10.0.0.2"), t0 + EVICT_AFTER).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), old.evicted())
+            .await
+            .expect("evicted");
+    }
+
+    #[test]
     fn one_source_cannot_take_the_pending_slots_of_others() {
         let a = Admission::new(limits());
         let t1 = a.admit(ip("10.0.0.1")).unwrap();
@@ -300,7 +472,8 @@ mod tests {
             AdmissionCounts {
                 connections: 0,
                 pending: 0,
-                sources: 0
+                sources: 0,
+                evicted: 0
             }
         );
     }

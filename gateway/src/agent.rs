@@ -149,13 +149,15 @@ impl Gateway {
             token,
         } = hello;
         if let Err(refusal) = self.admit_agent(env) {
-            tracing::warn!(env, %peer, max = self.config().max_tunnels, "tunnel refused: gateway at its tunnel limit");
+            // Anyone can send a hello: refusals before the credentials are checked are counted
+            // (`edgeplane_gateway_handshakes_total`) and logged at debug, never a log flood.
+            tracing::debug!(env, %peer, max = self.config().max_tunnels, "tunnel refused: gateway at its tunnel limit");
             return self.refuse_agent(tls, refusal).await;
         }
         let grant = match self.take_grant(&token).await {
             Ok(Some(grant)) => grant,
             Ok(None) => {
-                tracing::warn!(env, %peer, "tunnel refused: {BAD_CREDENTIALS_MSG}");
+                tracing::debug!(env, %peer, "tunnel refused: {BAD_CREDENTIALS_MSG}");
                 return self.refuse_agent(tls, Refusal::bad_credentials()).await;
             }
             Err(e) => {

@@ -14,8 +14,10 @@ pub(crate) mod result {
     pub const MALFORMED: &str = "malformed";
     pub const TIMEOUT: &str = "timeout";
     pub const TLS_ERROR: &str = "tls_error";
-    /// Dropped at once: too many handshakes in progress.
+    /// Dropped at once: not admitted (`edgeplane_gateway_connections_refused_total` says why).
     pub const OVERLOADED: &str = "overloaded";
+    /// Let go while pending, to make room for a newer connection.
+    pub const EVICTED: &str = "evicted";
 }
 
 /// Handshake kinds (label `kind`): before the hello is read the kind is unknown.

@@ -410,6 +410,12 @@ impl Gateway {
         });
     }
 
+    /// A pending connection let go to make room for a newer one (see `Admission::admit_at`).
+    fn evicted(&self, peer: SocketAddr) {
+        self.metrics.handshake(kind::UNKNOWN, result::EVICTED);
+        tracing::debug!(%peer, "pending connection let go for a newer one");
+    }
+
     fn admit(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let ticket = match self.admission.admit(peer.ip()) {
             Ok(ticket) => ticket,
@@ -431,6 +437,7 @@ impl Gateway {
         let mut one = [0u8; 1];
         let first_byte = tokio::select! {
             () = self.stop.cancelled() => return,
+            () = ticket.evicted() => return self.evicted(peer),
             r = tokio::time::timeout(self.config.first_byte_timeout, tcp.peek(&mut one)) => r,
         };
         match first_byte {
@@ -462,6 +469,7 @@ impl Gateway {
         let handshake = Box::pin(handshake);
         let outcome = tokio::select! {
             () = self.stop.cancelled() => return,
+            () = ticket.evicted() => return self.evicted(peer),
             r = tokio::time::timeout(self.config.handshake_timeout, handshake) => r,
         };
         let (tls, hello) = match outcome {
@@ -479,8 +487,9 @@ impl Gateway {
             Ok(Err(HandshakeFailure::Hello(e))) => {
                 self.metrics.handshake(kind::UNKNOWN, result::MALFORMED);
                 match e {
+                    // Counted; at debug only, so garbage cannot flood the log.
                     ReadFrameError::Frame(_) => {
-                        tracing::info!(%peer, error = %e, "malformed tunnel hello: connection dropped");
+                        tracing::debug!(%peer, error = %e, "malformed tunnel hello: connection dropped");
                     }
                     ReadFrameError::Eof | ReadFrameError::Io(_) => {
                         tracing::debug!(%peer, error = %e, "connection ended before its tunnel hello");

@@ -1137,6 +1137,7 @@ async fn a_source_at_its_pending_bound_is_refused_while_others_are_served() {
                     connections: 4,
                     pending: 3,
                     sources: 2,
+                    evicted: 0,
                 }
         })
         .await;
@@ -1149,6 +1150,7 @@ async fn a_source_at_its_pending_bound_is_refused_while_others_are_served() {
                     connections: 1,
                     pending: 0,
                     sources: 1,
+                    evicted: 0,
                 }
         })
         .await;

@@ -16,6 +16,7 @@ use bytes::{Buf, Bytes};
 use gateway::admission::Ticket;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 /// A request head longer than this is not sniffed further (it goes to actix, which refuses
 /// it with its own limits).
@@ -185,6 +186,8 @@ pub struct Timed<S> {
     inner: S,
     clock: Rc<HeadClock>,
     ticket: Arc<Ticket>,
+    /// While the ticket is pending: completes if it is let go for a newer connection.
+    evicted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     sleep: Option<Pin<Box<Sleep>>>,
     on_timeout: prometheus::IntCounter,
 }
@@ -196,10 +199,14 @@ impl<S> Timed<S> {
         ticket: Arc<Ticket>,
         on_timeout: prometheus::IntCounter,
     ) -> Self {
+        let evicted = ticket
+            .is_pending()
+            .then(|| Box::pin(ticket.evicted_owned()));
         Self {
             inner,
             clock,
             ticket,
+            evicted,
             sleep: None,
             on_timeout,
         }
@@ -221,6 +228,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(evicted) = &mut this.evicted {
+            // (An evicted ticket is no longer pending either: look at the eviction first.)
+            if evicted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "let go, still unproved, for a newer connection",
+                )));
+            }
+            if !this.ticket.is_pending() {
+                // Proved: it can no longer be let go.
+                this.evicted = None;
+            }
+        }
         if let Some(due) = this.clock.due() {
             let sleep = this
                 .sleep

@@ -230,7 +230,11 @@ where
     let peer = tcp.peer_addr().ok();
     // A client that connects and sends nothing is let go soon: a TLS client speaks first.
     let mut one = [0u8; 1];
-    match tokio::time::timeout(deadlines.first_byte, tcp.peek(&mut one)).await {
+    let first_byte = tokio::select! {
+        () = ticket.evicted() => return,
+        r = tokio::time::timeout(deadlines.first_byte, tcp.peek(&mut one)) => r,
+    };
+    match first_byte {
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return,
         Err(_) => {
@@ -239,12 +243,14 @@ where
             return;
         }
     }
-    let first = tokio::time::timeout(deadlines.first_request, async {
-        let mut tls = acceptor.accept(tcp).await?;
-        let head = io::read_request_head(&mut tls).await?;
-        Ok::<_, std::io::Error>((tls, head))
-    })
-    .await;
+    let first = tokio::select! {
+        () = ticket.evicted() => return,
+        r = tokio::time::timeout(deadlines.first_request, async {
+            let mut tls = acceptor.accept(tcp).await?;
+            let head = io::read_request_head(&mut tls).await?;
+            Ok::<_, std::io::Error>((tls, head))
+        }) => r,
+    };
     let (tls, head) = match first {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {

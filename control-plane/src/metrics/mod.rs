@@ -209,8 +209,10 @@ impl Metrics {
                 "# HELP edgeplane_connections_open Connections held now on the public ports (API and embedded gateway)\n\
                  # TYPE edgeplane_connections_open gauge\nedgeplane_connections_open {}\n\
                  # HELP edgeplane_connections_pending Of those, connections that proved nothing yet\n\
-                 # TYPE edgeplane_connections_pending gauge\nedgeplane_connections_pending {}",
-                c.connections, c.pending
+                 # TYPE edgeplane_connections_pending gauge\nedgeplane_connections_pending {}\n\
+                 # HELP edgeplane_connections_evicted_total Pending connections let go to make room for newer ones (every pending place taken)\n\
+                 # TYPE edgeplane_connections_evicted_total counter\nedgeplane_connections_evicted_total {}",
+                c.connections, c.pending, c.evicted
             );
         }
         let _ = writeln!(
