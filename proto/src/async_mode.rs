@@ -28,6 +28,9 @@ pub const MAX_ASYNC_ANSWER: usize = 64 * 1024;
 pub const MAX_COMMANDS_PER_ANSWER: usize = 32;
 /// Longest error text in a command result; longer ones are cut.
 pub const MAX_RESULT_ERROR: usize = 1024;
+/// Most command results in one request (an agent sends at most 64 at a time, from an outbox
+/// of at most 256).
+pub const MAX_RESULTS_PER_REQUEST: usize = 256;
 
 /// Sent by an async agent at every tick, inside a signed frame (see [`crate::proof`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +39,9 @@ pub struct AsyncRequest {
     /// agent's smallest interval).
     pub checkin: CheckinRequest,
     pub snapshot: Option<SnapshotReport>,
-    /// Results not yet acknowledged by the server, oldest first.
+    /// Results not yet acknowledged by the server, oldest first; at most
+    /// [`MAX_RESULTS_PER_REQUEST`].
+    #[serde(deserialize_with = "de::results")]
     pub results: Vec<CommandResult>,
     /// On a command tick: the highest command id the agent has finished (0: none); the
     /// server answers with the commands after it.
@@ -65,7 +70,9 @@ pub struct AsyncAnswer {
     /// The server could not apply the report (unknown base, or nothing held): send the whole
     /// snapshot next time.
     pub need_full_snapshot: bool,
-    /// Commands after the request's `done_through`, oldest first.
+    /// Commands after the request's `done_through`, oldest first; at most
+    /// [`MAX_COMMANDS_PER_ANSWER`].
+    #[serde(deserialize_with = "de::commands")]
     pub commands: Vec<Command>,
 }
 
@@ -98,41 +105,52 @@ pub struct Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     ContainerStart {
+        #[serde(deserialize_with = "de::text")]
         container: String,
     },
     ContainerStop {
+        #[serde(deserialize_with = "de::text")]
         container: String,
         timeout_secs: Option<u32>,
     },
     ContainerRestart {
+        #[serde(deserialize_with = "de::text")]
         container: String,
         timeout_secs: Option<u32>,
     },
     ContainerKill {
+        #[serde(deserialize_with = "de::text")]
         container: String,
+        #[serde(deserialize_with = "de::opt_text")]
         signal: Option<String>,
     },
     ContainerRemove {
+        #[serde(deserialize_with = "de::text")]
         container: String,
         force: bool,
     },
     ImageRemove {
+        #[serde(deserialize_with = "de::text")]
         image: String,
         force: bool,
     },
     VolumeRemove {
+        #[serde(deserialize_with = "de::text")]
         volume: String,
         force: bool,
     },
     /// Removes every container of a compose project (recognised by its label), then its
     /// networks.
     StackRemove {
+        #[serde(deserialize_with = "de::text")]
         stack: String,
     },
     /// Creates (or replaces) one container per service, labelled as compose labels its own,
     /// and starts it. The control plane turns a compose file into `services`.
     StackDeploy {
+        #[serde(deserialize_with = "de::text")]
         stack: String,
+        #[serde(deserialize_with = "de::services")]
         services: Vec<ServiceSpec>,
     },
 }
@@ -140,33 +158,136 @@ pub enum Action {
 /// One service of a stack, as the engine API wants it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
+    #[serde(deserialize_with = "de::text")]
     pub name: String,
+    #[serde(deserialize_with = "de::text")]
     pub image: String,
+    #[serde(deserialize_with = "de::opt_words")]
     pub command: Option<Vec<String>>,
+    #[serde(deserialize_with = "de::opt_words")]
     pub entrypoint: Option<Vec<String>>,
     /// `KEY=VALUE`.
+    #[serde(deserialize_with = "de::words")]
     pub environment: Vec<String>,
+    #[serde(deserialize_with = "de::ports")]
     pub ports: Vec<PortSpec>,
+    #[serde(deserialize_with = "de::labels")]
     pub labels: BTreeMap<String, String>,
     /// `no`, `always`, `on-failure`, `unless-stopped`.
+    #[serde(deserialize_with = "de::opt_text")]
     pub restart: Option<String>,
     /// `volume:/path[:ro]` or `/host/path:/path[:ro]`.
+    #[serde(deserialize_with = "de::words")]
     pub volumes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortSpec {
+    #[serde(deserialize_with = "de::opt_text")]
     pub host_ip: Option<String>,
     pub host_port: Option<u16>,
     pub container_port: u16,
     /// `tcp` or `udp`.
+    #[serde(deserialize_with = "de::text")]
     pub protocol: String,
 }
 
 /// Most services in one stack.
 pub const MAX_SERVICES: usize = 64;
-/// Largest encoded command (a stack deploy): several fit in one answer.
+/// Most entries of each list of a service: command and entrypoint words, environment
+/// entries, ports, labels, volumes (checked at queue time, and when the agent decodes).
+pub const MAX_SERVICE_ENTRIES: usize = 1_024;
+/// Largest encoded command (a stack deploy): several fit in one answer. No string of a
+/// command is longer (the bound its decoder applies to every string).
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+/// The `deserialize_with` helpers of the types of this module: each refuses a list, map or
+/// string over its bound as soon as its length is read (see [`crate::codec::bound`]).
+mod de {
+    use std::collections::BTreeMap;
+
+    use serde::de::{DeserializeSeed, Deserializer};
+
+    use super::*;
+    use crate::codec::bound::{ClipText, List, Map, Opt, Plain, Text};
+
+    const TEXT: Text = Text {
+        what: "command text",
+        max: MAX_COMMAND_BYTES,
+    };
+
+    const fn entries<E>(what: &'static str, elem: E) -> List<E> {
+        List {
+            what,
+            max: MAX_SERVICE_ENTRIES,
+            elem,
+        }
+    }
+
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        TEXT.deserialize(d)
+    }
+
+    pub fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Opt(TEXT).deserialize(d)
+    }
+
+    pub fn words<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        entries("service entries", TEXT).deserialize(d)
+    }
+
+    pub fn opt_words<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        Opt(entries("service words", TEXT)).deserialize(d)
+    }
+
+    pub fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PortSpec>, D::Error> {
+        entries("service ports", Plain::new()).deserialize(d)
+    }
+
+    pub fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        Map {
+            what: "service labels",
+            max: MAX_SERVICE_ENTRIES,
+            key: TEXT,
+            value: TEXT,
+        }
+        .deserialize(d)
+    }
+
+    pub fn services<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ServiceSpec>, D::Error> {
+        List {
+            what: "stack services",
+            max: MAX_SERVICES,
+            elem: Plain::new(),
+        }
+        .deserialize(d)
+    }
+
+    pub fn commands<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Command>, D::Error> {
+        List {
+            what: "commands",
+            max: MAX_COMMANDS_PER_ANSWER,
+            elem: Plain::new(),
+        }
+        .deserialize(d)
+    }
+
+    pub fn results<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<CommandResult>, D::Error> {
+        List {
+            what: "command results",
+            max: MAX_RESULTS_PER_REQUEST,
+            elem: Plain::new(),
+        }
+        .deserialize(d)
+    }
+
+    pub fn result_error<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Opt(ClipText {
+            max: MAX_RESULT_ERROR,
+        })
+        .deserialize(d)
+    }
+}
 
 /// Why an action is refused at queue time.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -234,6 +355,21 @@ fn check_services(services: &[ServiceSpec]) -> Result<(), ActionError> {
                 s.name
             ))
         })?;
+        for (list, len) in [
+            ("command", s.command.as_ref().map_or(0, Vec::len)),
+            ("entrypoint", s.entrypoint.as_ref().map_or(0, Vec::len)),
+            ("environment", s.environment.len()),
+            ("ports", s.ports.len()),
+            ("labels", s.labels.len()),
+            ("volumes", s.volumes.len()),
+        ] {
+            if len > MAX_SERVICE_ENTRIES {
+                return bad(format!(
+                    "service {}: {list} has {len} entries, more than {MAX_SERVICE_ENTRIES}",
+                    s.name
+                ));
+            }
+        }
         check_name("image", &s.image)?;
         if let Some(r) = &s.restart {
             if !["no", "always", "on-failure", "unless-stopped"].contains(&r.as_str()) {
@@ -353,7 +489,8 @@ impl Action {
 pub struct CommandResult {
     pub id: u64,
     /// `None`: succeeded; otherwise the engine's (or the agent's) error, at most
-    /// [`MAX_RESULT_ERROR`] bytes.
+    /// [`MAX_RESULT_ERROR`] bytes (a longer one is cut to that when decoded, not refused).
+    #[serde(deserialize_with = "de::result_error")]
     pub error: Option<String>,
 }
 
@@ -479,6 +616,239 @@ mod tests {
         let frame = codec::encode(&req).unwrap();
         assert!(frame.len() <= 40, "{} bytes", frame.len());
         assert_eq!(codec::decode::<AsyncRequest>(&frame, 64).unwrap(), req);
+    }
+
+    fn limit(e: codec::CodecError) -> String {
+        match e {
+            codec::CodecError::Limit(text) => text,
+            other => panic!("expected a limit error, got {other}"),
+        }
+    }
+
+    fn first_request() -> AsyncRequest {
+        AsyncRequest {
+            checkin: CheckinRequest {
+                endpoint_id: 9,
+                edge_id: Some(uuid::Uuid::nil()),
+                timestamp_lo: 1,
+                timestamp_hi: Some(2),
+                interval_secs: 60,
+                agent: Some(crate::wire::AgentInfo {
+                    version: "v".repeat(crate::wire::MAX_AGENT_TEXT),
+                    platform: crate::wire::Platform::Docker,
+                    hostname: "h".repeat(crate::wire::MAX_AGENT_TEXT),
+                }),
+            },
+            snapshot: Some(SnapshotReport::Full(vec![7; 1000])),
+            results: (0..MAX_RESULTS_PER_REQUEST as u64)
+                .map(|id| CommandResult {
+                    id,
+                    error: Some("é".repeat(MAX_RESULT_ERROR / 2)),
+                })
+                .collect(),
+            done_through: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_request_at_the_bounds_round_trips_and_one_more_is_refused() {
+        let req = first_request();
+        let frame = codec::encode(&req).unwrap();
+        assert!(frame.len() <= MAX_ASYNC_FRAME);
+        assert_eq!(
+            codec::decode::<AsyncRequest>(&frame, MAX_ASYNC_FRAME).unwrap(),
+            req
+        );
+        let refused = |r: &AsyncRequest| {
+            limit(
+                codec::decode::<AsyncRequest>(&codec::encode(r).unwrap(), MAX_ASYNC_FRAME)
+                    .unwrap_err(),
+            )
+        };
+        let mut more = req.clone();
+        more.results.push(CommandResult { id: 1, error: None });
+        assert_eq!(
+            refused(&more),
+            "command results: 257 entries, more than the limit of 256"
+        );
+        // An error text over its bound is cut, not refused: the rest of the request stands.
+        let mut long = req.clone();
+        long.results[0].error = Some(format!("{}x", "é".repeat(MAX_RESULT_ERROR / 2)));
+        long.results[1].error = Some("y".repeat(5 * MAX_RESULT_ERROR));
+        let got =
+            codec::decode::<AsyncRequest>(&codec::encode(&long).unwrap(), MAX_ASYNC_FRAME).unwrap();
+        assert_eq!(
+            got.results[0].error.as_deref(),
+            req.results[0].error.as_deref()
+        );
+        assert_eq!(got.results[1].error, Some("y".repeat(MAX_RESULT_ERROR)));
+        assert_eq!(got.results.len(), req.results.len());
+        let mut more = req;
+        more.checkin.agent.as_mut().unwrap().hostname.push('x');
+        assert_eq!(
+            refused(&more),
+            "agent info: a string of 1025 bytes, more than the limit of 1024"
+        );
+    }
+
+    #[test]
+    fn a_request_announcing_half_a_million_results_is_refused_unbuilt() {
+        let head = codec::encode(&AsyncRequest {
+            results: Vec::new(),
+            ..first_request()
+        })
+        .unwrap();
+        // The results' length is the byte before `done_through` (Some(3): 1, 3).
+        let at = head.len() - 3;
+        assert_eq!(head[at..], [0, 1, 3]);
+        let mut frame = head[..at].to_vec();
+        frame.push(252);
+        frame.extend_from_slice(&500_000u32.to_le_bytes());
+        frame.resize(frame.len() + 2 * 500_000, 0); // id 0, no error
+        frame.extend_from_slice(&head[at + 1..]);
+        assert!(frame.len() <= MAX_ASYNC_FRAME);
+        let started = std::time::Instant::now();
+        let e = limit(codec::decode::<AsyncRequest>(&frame, MAX_ASYNC_FRAME).unwrap_err());
+        assert_eq!(
+            e,
+            "command results: 500000 entries, more than the limit of 256"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+    }
+
+    fn full_service(name: &str) -> ServiceSpec {
+        let n = MAX_SERVICE_ENTRIES;
+        ServiceSpec {
+            name: name.into(),
+            image: "busybox:latest".into(),
+            command: Some((0..n).map(|i| format!("{i}")).collect()),
+            entrypoint: Some(vec!["x".repeat(MAX_COMMAND_BYTES)]),
+            environment: (0..n).map(|i| format!("K{i}=")).collect(),
+            ports: (0..n)
+                .map(|i| PortSpec {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: None,
+                    container_port: i as u16 + 1,
+                    protocol: "tcp".into(),
+                })
+                .collect(),
+            labels: (0..n).map(|i| (format!("l{i}"), String::new())).collect(),
+            restart: Some("always".into()),
+            volumes: (0..n).map(|i| format!("v{i}:/v")).collect(),
+        }
+    }
+
+    #[test]
+    fn an_answer_at_the_bounds_round_trips_and_one_more_is_refused() {
+        let mut services = vec![full_service("big")];
+        services.extend((1..MAX_SERVICES).map(|i| ServiceSpec {
+            name: format!("s{i}"),
+            image: "busybox".into(),
+            ..ServiceSpec::default()
+        }));
+        let mut commands = vec![Command {
+            id: 1,
+            action: Action::StackDeploy {
+                stack: "shop".into(),
+                services,
+            },
+        }];
+        commands.extend((2..=MAX_COMMANDS_PER_ANSWER as u64).map(|id| Command {
+            id,
+            action: Action::ContainerKill {
+                container: "web".into(),
+                signal: Some("HUP".into()),
+            },
+        }));
+        let answer = AsyncAnswer {
+            intervals: AsyncIntervals {
+                ping: 60,
+                snapshot: 60,
+                command: 60,
+            },
+            server_time_ms: Some(1),
+            snapshot_ack: Some(2),
+            need_full_snapshot: false,
+            commands,
+        };
+        let frame = codec::encode(&answer).unwrap();
+        assert!(frame.len() <= MAX_ASYNC_ANSWER, "{} bytes", frame.len());
+        assert_eq!(
+            codec::decode::<AsyncAnswer>(&frame, MAX_ASYNC_ANSWER).unwrap(),
+            answer
+        );
+        let refused = |a: &AsyncAnswer| {
+            limit(
+                codec::decode::<AsyncAnswer>(&codec::encode(a).unwrap(), MAX_ASYNC_ANSWER)
+                    .unwrap_err(),
+            )
+        };
+        fn deploy(a: &mut AsyncAnswer) -> &mut Vec<ServiceSpec> {
+            match &mut a.commands[0].action {
+                Action::StackDeploy { services, .. } => services,
+                _ => unreachable!(),
+            }
+        }
+        let mut more = answer.clone();
+        more.commands.push(more.commands[1].clone());
+        assert_eq!(
+            refused(&more),
+            "commands: 33 entries, more than the limit of 32"
+        );
+        let mut more = answer.clone();
+        deploy(&mut more).push(ServiceSpec::default());
+        assert_eq!(
+            refused(&more),
+            "stack services: 65 entries, more than the limit of 64"
+        );
+        let mut more = answer.clone();
+        deploy(&mut more)[0].environment.push("K=".into());
+        assert_eq!(
+            refused(&more),
+            "service entries: 1025 entries, more than the limit of 1024"
+        );
+        let mut more = answer.clone();
+        deploy(&mut more)[0]
+            .labels
+            .insert("one".into(), "more".into());
+        assert_eq!(
+            refused(&more),
+            "service labels: 1025 entries, more than the limit of 1024"
+        );
+        let mut more = answer;
+        deploy(&mut more)[0].entrypoint.as_mut().unwrap()[0].push('x');
+        assert_eq!(
+            refused(&more),
+            "command text: a string of 16385 bytes, more than the limit of 16384"
+        );
+    }
+
+    #[test]
+    fn services_over_a_decode_bound_are_refused_at_queue_time() {
+        let small = |name: &str| ServiceSpec {
+            name: name.into(),
+            image: "busybox".into(),
+            ..ServiceSpec::default()
+        };
+        let deploy = |s: ServiceSpec| Action::StackDeploy {
+            stack: "shop".into(),
+            services: vec![s],
+        };
+        let mut ports = small("web");
+        ports.ports = (0..=MAX_SERVICE_ENTRIES)
+            .map(|i| PortSpec {
+                container_port: i as u16 + 1,
+                protocol: "udp".into(),
+                ..PortSpec::default()
+            })
+            .collect();
+        let e = deploy(ports).validate().unwrap_err().to_string();
+        assert_eq!(e, "service web: ports has 1025 entries, more than 1024");
+        let mut env = small("web");
+        env.environment = vec!["K=".into(); MAX_SERVICE_ENTRIES];
+        assert_eq!(deploy(env.clone()).validate(), Ok(()));
+        env.environment.push("K=".into());
+        assert!(deploy(env).validate().is_err());
     }
 
     #[test]

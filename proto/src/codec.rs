@@ -3,6 +3,12 @@
 //! Frame: `[protocol version: u8][bincode 2 (serde mode, standard config) payload]`.
 //! Decoding refuses empty input, frames over the caller's limit (checked before any decoding),
 //! unknown versions, malformed payloads and trailing bytes.
+//!
+//! Decoded sizes are bounded too, not only encoded ones: the wire types mark their lists, maps
+//! and strings with the [`bound`] helpers, which refuse a count or a length over its limit as
+//! soon as its prefix is read (before any element is built), and every decode holds at most
+//! [`MAX_ITEMS`] list and map entries in all (nested lists of tiny entries would otherwise
+//! build dozens of bytes of memory per byte of input).
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -13,6 +19,13 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// Decode limit for small control messages (check-ins and their answers).
 pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
+
+/// Most list and map entries one decoded message holds, all its lists and maps together.
+/// An entry costs 24 to 200 bytes of memory however few bytes encode it, so without this a
+/// 16 MiB frame of nested empty lists builds 400 MB; with it, the costliest shape (maps of
+/// one-byte keys) peaks at about 65 MB. Only lists and maps declared with [`bound`] count;
+/// byte strings (`Vec<u8>`) cost one byte per byte and are bounded by the frame.
+pub const MAX_ITEMS: usize = 500_000;
 
 /// bincode's own allocation limit, a second fence behind the length check.
 const BINCODE_LIMIT: usize = 64 * 1024 * 1024;
@@ -31,6 +44,10 @@ pub enum CodecError {
     Version { got: u8 },
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// A list, map or string over its bound, or more than [`MAX_ITEMS`] entries in all;
+    /// refused before the rest was built.
+    #[error("message exceeds a decode limit: {0}")]
+    Limit(String),
     #[error("message has {0} unexpected trailing bytes")]
     Trailing(usize),
     #[error("could not encode message: {0}")]
@@ -74,12 +91,351 @@ pub(crate) fn check_frame(frame: &[u8], limit: usize) -> Result<&[u8], CodecErro
 }
 
 pub(crate) fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let (result, over_limit) = bound::with_budget(MAX_ITEMS, || {
+        bincode::serde::decode_from_slice(payload, config())
+    });
+    let (msg, used) = result.map_err(|e| {
+        let text = match e {
+            bincode::error::DecodeError::OtherString(text) => text,
+            other => other.to_string(),
+        };
+        if over_limit {
+            CodecError::Limit(text)
+        } else {
+            CodecError::Malformed(text)
+        }
+    })?;
     if used != payload.len() {
         return Err(CodecError::Trailing(payload.len() - used));
     }
     Ok(msg)
+}
+
+/// Deserialize-side bounds, for `#[serde(deserialize_with = ...)]` helpers of the wire types.
+///
+/// Each bound is a [`DeserializeSeed`] that can be used again for every element: [`Text`]
+/// (a string of at most `max` bytes), [`List`] and [`Map`] (at most `max` entries of
+/// other seeds), [`Opt`] and [`Plain`] (any `Deserialize` type, unbounded itself). A list or
+/// map whose announced length is over its bound is refused on its length prefix; one whose
+/// length is not announced (a self-describing format) is refused at the first entry too many.
+/// Within a [`decode`](super::decode) every list and map entry is also charged against
+/// [`MAX_ITEMS`](super::MAX_ITEMS) for the whole message; outside one (JSON, say) only the
+/// per-list bounds apply. Encoding is untouched: the bytes of valid messages do not change.
+pub mod bound {
+    use std::cell::Cell;
+    use std::collections::BTreeMap;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, DeserializeOwned, DeserializeSeed, Deserializer, MapAccess, SeqAccess};
+
+    /// Entries a list may reserve memory for before they are decoded (as serde does).
+    const PREALLOC_BYTES: usize = 64 * 1024;
+
+    #[derive(Clone, Copy)]
+    struct Budget {
+        left: usize,
+        total: usize,
+        exceeded: bool,
+    }
+
+    thread_local! {
+        /// The entry budget of the decode running on this thread, if any.
+        static BUDGET: Cell<Option<Budget>> = const { Cell::new(None) };
+    }
+
+    /// Runs `decode` with a budget of `items` list and map entries; also says whether it
+    /// stopped on a bound (of a list, a map, a string or the budget).
+    pub(crate) fn with_budget<R>(items: usize, decode: impl FnOnce() -> R) -> (R, bool) {
+        struct Restore(Option<Budget>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                BUDGET.with(|b| b.set(self.0));
+            }
+        }
+        let budget = Budget {
+            left: items,
+            total: items,
+            exceeded: false,
+        };
+        let restore = Restore(BUDGET.with(|b| b.replace(Some(budget))));
+        let out = decode();
+        let exceeded = BUDGET.with(|b| b.get().is_some_and(|b| b.exceeded));
+        drop(restore);
+        (out, exceeded)
+    }
+
+    /// An error about a bound, remembered so the codec reports it as [`super::CodecError::Limit`].
+    fn over<E: de::Error>(msg: fmt::Arguments<'_>) -> E {
+        BUDGET.with(|b| {
+            if let Some(mut budget) = b.get() {
+                budget.exceeded = true;
+                b.set(Some(budget));
+            }
+        });
+        E::custom(msg)
+    }
+
+    /// Takes `n` entries of `what` from the budget of the running decode.
+    fn charge<E: de::Error>(what: &str, n: usize) -> Result<(), E> {
+        let Some(mut budget) = BUDGET.with(Cell::get) else {
+            return Ok(());
+        };
+        if n > budget.left {
+            return Err(over(format_args!(
+                "{what}: the message holds more than {} list and map entries",
+                budget.total
+            )));
+        }
+        budget.left -= n;
+        BUDGET.with(|b| b.set(Some(budget)));
+        Ok(())
+    }
+
+    fn prealloc<T>(announced: usize) -> usize {
+        announced.min(PREALLOC_BYTES / std::mem::size_of::<T>().max(1))
+    }
+
+    /// A string of at most `max` bytes. Read as a borrowed `&str` where the format allows
+    /// (bincode from a slice does): a length prefix that lies allocates nothing.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Text {
+        pub what: &'static str,
+        pub max: usize,
+    }
+
+    impl Text {
+        fn check<E: de::Error>(self, len: usize) -> Result<(), E> {
+            if len > self.max {
+                return Err(over(format_args!(
+                    "{}: a string of {len} bytes, more than the limit of {}",
+                    self.what, self.max
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Text {
+        type Value = String;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a string of at most {} bytes", self.max)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            self.check(v.len())?;
+            Ok(v.to_owned())
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+            self.check(v.len())?;
+            Ok(v)
+        }
+    }
+
+    /// A string cut to at most `max` bytes (on a character boundary) rather than refused: for
+    /// what a peer reports and we only show (an agent's error texts), so that one long text
+    /// does not make its whole message, and everything else in it, refused for ever.
+    #[derive(Clone, Copy, Debug)]
+    pub struct ClipText {
+        pub max: usize,
+    }
+
+    impl ClipText {
+        fn clip(self, v: &str) -> String {
+            let mut end = v.len().min(self.max);
+            while !v.is_char_boundary(end) {
+                end -= 1;
+            }
+            v[..end].to_owned()
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for ClipText {
+        type Value = String;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl de::Visitor<'_> for ClipText {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(self.clip(v))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+            if v.len() <= self.max {
+                return Ok(v);
+            }
+            Ok(self.clip(&v))
+        }
+    }
+
+    /// Any `Deserialize` type, as an element of a bounded list (its own fields carry their
+    /// bounds).
+    pub struct Plain<T>(PhantomData<fn() -> T>);
+
+    impl<T> Plain<T> {
+        pub const fn new() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T> Default for Plain<T> {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl<T> Clone for Plain<T> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+
+    impl<T> Copy for Plain<T> {}
+
+    impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Plain<T> {
+        type Value = T;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+            T::deserialize(d)
+        }
+    }
+
+    /// `None`, or what `E` decodes.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Opt<E>(pub E);
+
+    impl<'de, E: DeserializeSeed<'de> + Copy> DeserializeSeed<'de> for Opt<E> {
+        type Value = Option<E::Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_option(self)
+        }
+    }
+
+    impl<'de, E: DeserializeSeed<'de> + Copy> de::Visitor<'de> for Opt<E> {
+        type Value = Option<E::Value>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an optional value")
+        }
+        fn visit_none<Er: de::Error>(self) -> Result<Self::Value, Er> {
+            Ok(None)
+        }
+        fn visit_unit<Er: de::Error>(self) -> Result<Self::Value, Er> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            self.0.deserialize(d).map(Some)
+        }
+    }
+
+    /// A list of at most `max` entries, each decoded by `elem`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct List<E> {
+        pub what: &'static str,
+        pub max: usize,
+        pub elem: E,
+    }
+
+    fn too_many<E: de::Error>(what: &str, n: usize, max: usize) -> E {
+        over(format_args!(
+            "{what}: {n} entries, more than the limit of {max}"
+        ))
+    }
+
+    impl<'de, E: DeserializeSeed<'de> + Copy> DeserializeSeed<'de> for List<E> {
+        type Value = Vec<E::Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de, E: DeserializeSeed<'de> + Copy> de::Visitor<'de> for List<E> {
+        type Value = Vec<E::Value>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of at most {} entries", self.max)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            // The announced length is checked and charged before any entry is decoded.
+            let announced = seq.size_hint().unwrap_or(0);
+            if announced > self.max {
+                return Err(too_many(self.what, announced, self.max));
+            }
+            charge(self.what, announced)?;
+            let mut out = Vec::with_capacity(prealloc::<E::Value>(announced));
+            while let Some(v) = seq.next_element_seed(self.elem)? {
+                if out.len() == self.max {
+                    return Err(too_many(self.what, out.len() + 1, self.max));
+                }
+                if out.len() >= announced {
+                    charge(self.what, 1)?;
+                }
+                out.push(v);
+            }
+            Ok(out)
+        }
+    }
+
+    /// A map of at most `max` entries, keys decoded by `key` and values by `value`.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Map<K, V> {
+        pub what: &'static str,
+        pub max: usize,
+        pub key: K,
+        pub value: V,
+    }
+
+    impl<'de, K, V> DeserializeSeed<'de> for Map<K, V>
+    where
+        K: DeserializeSeed<'de> + Copy,
+        K::Value: Ord,
+        V: DeserializeSeed<'de> + Copy,
+    {
+        type Value = BTreeMap<K::Value, V::Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de, K, V> de::Visitor<'de> for Map<K, V>
+    where
+        K: DeserializeSeed<'de> + Copy,
+        K::Value: Ord,
+        V: DeserializeSeed<'de> + Copy,
+    {
+        type Value = BTreeMap<K::Value, V::Value>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a map of at most {} entries", self.max)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let announced = map.size_hint().unwrap_or(0);
+            if announced > self.max {
+                return Err(too_many(self.what, announced, self.max));
+            }
+            charge(self.what, announced)?;
+            let mut out = BTreeMap::new();
+            let mut seen = 0usize;
+            while let Some((k, v)) = map.next_entry_seed(self.key, self.value)? {
+                if seen == self.max {
+                    return Err(too_many(self.what, seen + 1, self.max));
+                }
+                if seen >= announced {
+                    charge(self.what, 1)?;
+                }
+                seen += 1;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +542,102 @@ mod tests {
             0xff,
         ];
         assert!(decode::<CheckinAnswer>(&frame, 100).is_err());
+    }
+
+    mod bounds {
+        use super::super::bound::{self, List, Plain, Text};
+        use super::*;
+        use serde::de::value::{Error, SeqDeserializer, StrDeserializer};
+        use serde::de::DeserializeSeed;
+
+        /// A list whose length is not announced (as in JSON).
+        fn unannounced(n: u32) -> SeqDeserializer<impl Iterator<Item = u32>, Error> {
+            let mut i = 0;
+            SeqDeserializer::new(std::iter::from_fn(move || {
+                i += 1;
+                (i <= n).then_some(i)
+            }))
+        }
+
+        const LIST: List<Plain<u32>> = List {
+            what: "numbers",
+            max: 3,
+            elem: Plain::new(),
+        };
+
+        #[test]
+        fn a_list_without_an_announced_length_stops_at_the_first_entry_too_many() {
+            assert_eq!(LIST.deserialize(unannounced(3)).unwrap(), [1, 2, 3]);
+            let e = LIST.deserialize(unannounced(1_000_000)).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "numbers: 4 entries, more than the limit of 3"
+            );
+        }
+
+        #[test]
+        fn the_entry_budget_counts_every_list_of_one_decode_and_ends_with_it() {
+            let (two_lists, over) = bound::with_budget(5, || {
+                LIST.deserialize(unannounced(3))?;
+                LIST.deserialize(unannounced(3))
+            });
+            assert!(over);
+            assert_eq!(
+                two_lists.unwrap_err().to_string(),
+                "numbers: the message holds more than 5 list and map entries"
+            );
+            // Outside a decode only the list's own bound applies.
+            assert!(LIST.deserialize(unannounced(3)).is_ok());
+            let (inner, over) = bound::with_budget(100, || {
+                bound::with_budget(1, || LIST.deserialize(unannounced(2))).0
+            });
+            assert!(
+                inner.is_err() && !over,
+                "the outer decode has its own budget"
+            );
+        }
+
+        #[test]
+        fn strings_are_bounded_in_bytes() {
+            let text = Text {
+                what: "name",
+                max: 4,
+            };
+            let ok: StrDeserializer<'_, Error> = StrDeserializer::new("éé");
+            assert_eq!(text.deserialize(ok).unwrap(), "éé");
+            let long: StrDeserializer<'_, Error> = StrDeserializer::new("ééé");
+            assert_eq!(
+                text.deserialize(long).unwrap_err().to_string(),
+                "name: a string of 6 bytes, more than the limit of 4"
+            );
+        }
+
+        #[test]
+        fn a_string_announcing_more_than_the_frame_is_malformed() {
+            // AgentInfo's version claims 60 MiB (within bincode's own limit): a bounded
+            // string is read borrowed, so the claim meets the end of the frame before any
+            // allocation (bincode's owned read would first allocate the 60 MiB).
+            let req = CheckinRequest {
+                endpoint_id: 1,
+                edge_id: None,
+                timestamp_lo: 1,
+                timestamp_hi: None,
+                interval_secs: 5,
+                agent: Some(crate::wire::AgentInfo {
+                    version: String::new(),
+                    platform: crate::wire::Platform::Docker,
+                    hostname: String::new(),
+                }),
+            };
+            let frame = encode(&req).unwrap();
+            let at = frame.len() - 3; // version length, platform, hostname length
+            let mut lying = frame[..at].to_vec();
+            lying.push(252);
+            lying.extend_from_slice(&(60u32 << 20).to_le_bytes());
+            lying.extend_from_slice(&frame[at + 1..]);
+            let e = decode::<CheckinRequest>(&lying, MAX_CONTROL_FRAME).unwrap_err();
+            assert!(matches!(e, CodecError::Malformed(_)), "{e}");
+        }
     }
 
     proptest::proptest! {

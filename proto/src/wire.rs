@@ -65,12 +65,27 @@ pub fn unwrap_timestamp(lo: u32, now_ms: u64) -> u64 {
     t.clamp(0, i128::from(u64::MAX)) as u64
 }
 
+/// Longest `version` or `hostname` of an [`AgentInfo`], in bytes (a Linux host name has at
+/// most 64): refused when decoded, since an async request may be much larger than a check-in.
+pub const MAX_AGENT_TEXT: usize = 1024;
+
 /// Who the agent is. Only sent now and then, so it may be wordy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentInfo {
+    #[serde(deserialize_with = "agent_text")]
     pub version: String,
     pub platform: Platform,
+    #[serde(deserialize_with = "agent_text")]
     pub hostname: String,
+}
+
+fn agent_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::DeserializeSeed;
+    crate::codec::bound::Text {
+        what: "agent info",
+        max: MAX_AGENT_TEXT,
+    }
+    .deserialize(d)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

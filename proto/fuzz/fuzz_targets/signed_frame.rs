@@ -1,15 +1,25 @@
 #![no_main]
-//! Signed frames: splitting, decoding and verifying never panic, and no fuzzed frame verifies
-//! under a key the fuzzer cannot know.
+//! Signed frames, as the control plane reads them before it knows who sent them: check-ins,
+//! snapshot uploads and async requests. Splitting, decoding and verifying never panic, and no
+//! fuzzed frame verifies under a key the fuzzer cannot know.
 use libfuzzer_sys::fuzz_target;
-use proto::proof::{open, verify, replay_tag, ProofKey};
+use proto::async_mode::{AsyncRequest, MAX_ASYNC_FRAME};
+use proto::codec::MAX_CONTROL_FRAME;
+use proto::proof::{open, replay_tag, verify, ProofKey};
+use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::token::JoinSecret;
 use proto::wire::CheckinRequest;
 use uuid::Uuid;
 
 fuzz_target!(|data: &[u8]| {
     let key = ProofKey::derive(&JoinSecret::from_bytes([7; 32]), Some("fuzz"));
-    if let Ok((_, unverified)) = open::<CheckinRequest>(data, 16 * 1024) {
+    if let Ok((_, unverified)) = open::<CheckinRequest>(data, MAX_CONTROL_FRAME) {
+        assert!(!unverified.verify(&key, &Uuid::nil(), 0));
+    }
+    if let Ok((upload, unverified)) = open::<SnapshotUpload>(data, MAX_UPLOAD_FRAME) {
+        assert!(!unverified.verify(&key, &upload.edge_id, upload.timestamp_ms));
+    }
+    if let Ok((_, unverified)) = open::<AsyncRequest>(data, MAX_ASYNC_FRAME) {
         assert!(!unverified.verify(&key, &Uuid::nil(), 0));
     }
     assert!(!verify(data, &key, &Uuid::nil(), 0));
