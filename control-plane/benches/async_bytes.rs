@@ -264,6 +264,7 @@ fn signed_frame(report: Option<SnapshotReport>) -> usize {
     };
     proto::proof::sign(
         &req,
+        proto::proof::Route::Async,
         &proto::proof::ProofKey::derive(&secret, None),
         &edge,
         ts,

@@ -4,7 +4,7 @@
 
 use control_plane::fleet::state::EnvState;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use proto::proof::{self, ProofKey};
+use proto::proof::{self, ProofKey, Route};
 use proto::token::JoinSecret;
 use proto::wire::{timestamp_lo, CheckinRequest};
 use store::{EdgeMode, Environment};
@@ -47,7 +47,7 @@ fn checkin(c: &mut Criterion) {
                 interval_secs: 5,
                 agent: None,
             };
-            let frame = proof::sign(&req, &key, &edge, ts).expect("sign");
+            let frame = proof::sign(&req, Route::Checkin, &key, &edge, ts).expect("sign");
             let (decoded, _) =
                 proof::open::<CheckinRequest>(black_box(&frame), 16 * 1024).expect("open");
             black_box(state.checkin(&decoded, &frame, ts, 5))
@@ -61,9 +61,17 @@ fn checkin(c: &mut Criterion) {
         interval_secs: 5,
         agent: None,
     };
-    let frame = proof::sign(&req, &key, &edge, now).expect("sign");
+    let frame = proof::sign(&req, Route::Checkin, &key, &edge, now).expect("sign");
     c.bench_function("proof: verify one frame", |b| {
-        b.iter(|| black_box(proof::verify(black_box(&frame), &key, &edge, now)))
+        b.iter(|| {
+            black_box(proof::verify(
+                black_box(&frame),
+                Route::Checkin,
+                &key,
+                &edge,
+                now,
+            ))
+        })
     });
 }
 

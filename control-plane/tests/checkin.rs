@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
-use proto::proof::{self, ProofKey};
+use proto::proof::{self, ProofKey, Route};
 use proto::token::JoinSecret;
 use proto::wire::{CheckinRequest, EdgeStatus};
 use proto::JoinToken;
@@ -123,17 +123,23 @@ async fn agent_secret_is_enforced() {
 }
 
 async fn raw(cp: &ControlPlane, body: Vec<u8>) -> (StatusCode, Value) {
-    let r = http()
-        .post(cp.api(proto::wire::CHECKIN_PATH))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let (s, body) = raw_to(cp, proto::wire::CHECKIN_PATH, body).await;
+    (s, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// POSTs `body` to `path`: the status and the answer's bytes.
+async fn raw_to(cp: &ControlPlane, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+    let r = http().post(cp.api(path)).body(body).send().await.unwrap();
     let s = r.status();
-    (s, r.json().await.unwrap_or(Value::Null))
+    (s, r.bytes().await.unwrap().to_vec())
 }
 
 fn frame(token: &JoinToken, secret: &JoinSecret, edge: Uuid, ts: u64) -> Vec<u8> {
+    frame_for(Route::Checkin, token, secret, edge, ts)
+}
+
+/// A check-in signed for `route`.
+fn frame_for(route: Route, token: &JoinToken, secret: &JoinSecret, edge: Uuid, ts: u64) -> Vec<u8> {
     let req = CheckinRequest {
         endpoint_id: token.endpoint_id,
         edge_id: Some(edge),
@@ -142,7 +148,7 @@ fn frame(token: &JoinToken, secret: &JoinSecret, edge: Uuid, ts: u64) -> Vec<u8>
         interval_secs: 5,
         agent: None,
     };
-    proof::sign(&req, &ProofKey::derive(secret, None), &edge, ts).unwrap()
+    proof::sign(&req, route, &ProofKey::derive(secret, None), &edge, ts).unwrap()
 }
 
 fn now_ms() -> u64 {
@@ -369,5 +375,110 @@ async fn a_swarm_of_held_check_ins_leaves_room_for_the_next_one() {
     for node in nodes {
         node.abort();
     }
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn held_check_ins_are_counted_until_pruned_and_unknown_ids_are_cached() {
+    let cp = ControlPlane::start().await;
+    let (id, token) = create(&cp, json!({"name": "held-gauge", "checkinInterval": 3})).await;
+    let edge = Uuid::new_v4();
+    let held = "edgeplane_fleet_held_checkins";
+    let gauge_is = |want: f64| {
+        let cp = &cp;
+        async move { (cp.metric(held).await == want).then_some(()) }
+    };
+    // Three nodes of one swarm holding check-ins at once: three entries.
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let mut node = client(&token, edge, None);
+        node.checkin().await.unwrap();
+        nodes.push(node);
+    }
+    // One after the other: nodes of one swarm sign with the same key and Edge ID, so two
+    // requests signed in the same millisecond would be the same frame (a replay).
+    let mut waiting = Vec::new();
+    for (k, mut node) in nodes.into_iter().enumerate() {
+        waiting.push(actix_web::rt::spawn(async move {
+            let out = node.checkin_via(edge_agent::CheckinRoute::Held).await;
+            (node, out)
+        }));
+        testkit::eventually(Duration::from_secs(5), "held check-ins counted", || {
+            gauge_is((k + 1) as f64)
+        })
+        .await;
+    }
+    // Their holds end (idle answers); the entries stay until the next hold prunes them.
+    let mut nodes = Vec::new();
+    for w in waiting {
+        let (node, out) = w.await.unwrap();
+        assert_eq!(out.unwrap().status, EdgeStatus::Idle);
+        nodes.push(node);
+    }
+    assert_eq!(cp.metric(held).await, 3.0);
+    let mut node = nodes.pop().unwrap();
+    let next =
+        actix_web::rt::spawn(async move { node.checkin_via(edge_agent::CheckinRoute::Held).await });
+    testkit::eventually(Duration::from_secs(5), "ended holds pruned", || {
+        gauge_is(1.0)
+    })
+    .await;
+    assert_eq!(next.await.unwrap().unwrap().status, EdgeStatus::Idle);
+
+    // The environment goes: its actor stops and takes its entries off the gauge; a check-in
+    // for it now is remembered as unknown.
+    let r = http()
+        .delete(cp.api(&format!("/api/endpoints/{id}")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    testkit::eventually(Duration::from_secs(5), "the actor's entries gone", || {
+        gauge_is(0.0)
+    })
+    .await;
+    assert!(client(&token, edge, None).checkin().await.is_err());
+    assert_eq!(
+        cp.metric("edgeplane_fleet_entries{map=\"unknown\"}").await,
+        1.0
+    );
+    assert_eq!(cp.metric("edgeplane_fleet_checkins_in_flight").await, 0.0);
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn a_check_in_replayed_to_another_route_is_refused_and_issues_nothing() {
+    let cp = ControlPlane::start().await;
+    let (id, token) = create(&cp, json!({"name": "routes"})).await;
+    let edge = Uuid::new_v4();
+    client(&token, edge, None).checkin().await.unwrap();
+    let issued = "edgeplane_checkin_requests_total{result=\"required\"}";
+    let before = cp.metric(issued).await;
+    // A held check-in, as if taken off the wire, replayed to the tunnel route (which answers
+    // with credentials even when no operator wants a tunnel) and to the plain route.
+    let held = frame_for(Route::Held, &token, &token.secret, edge, now_ms());
+    for path in [
+        proto::tunnel::TUNNEL_REQUEST_PATH,
+        proto::wire::CHECKIN_PATH,
+    ] {
+        let (s, body) = raw_to(&cp, path, held.clone()).await;
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("bad_proof")),
+            "{path}: {v}"
+        );
+    }
+    assert_eq!(cp.metric(issued).await, before, "no credentials issued");
+    // The same request signed for the tunnel route gets credentials there.
+    let ask = frame_for(Route::Tunnel, &token, &token.secret, edge, now_ms() + 1);
+    let (s, body) = raw_to(&cp, proto::tunnel::TUNNEL_REQUEST_PATH, ask).await;
+    assert_eq!(s, StatusCode::OK);
+    let answer: proto::wire::CheckinAnswer =
+        proto::codec::decode(&body, proto::codec::MAX_CONTROL_FRAME).unwrap();
+    assert_eq!(answer.status, EdgeStatus::Required);
+    assert!(answer.tunnel.is_some());
+    assert_eq!(env(&cp, id).await["edgeId"], edge.to_string());
     cp.stop().await;
 }

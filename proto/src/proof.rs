@@ -4,7 +4,9 @@
 //! a key derived with HKDF from the join secret, salted with `AGENT_SECRET` when one is set.
 //! A signed frame is `[version][bincode payload][mac]`; the MAC covers the agent's Edge ID
 //! (which a steady-state request does not carry: the server supplies the bound one), the
-//! version byte and the payload exactly as received. Freshness (the timestamp inside the payload) and replay checks
+//! [`Route`] it is sent to (a frame signed for one route is refused on every other: a held
+//! check-in replayed to the tunnel route issues no credentials), the version byte and the
+//! payload exactly as received. Freshness (the timestamp inside the payload) and replay checks
 //! are the server's job; [`check_freshness`] holds the shared rule.
 
 use hkdf::Hkdf;
@@ -28,6 +30,43 @@ pub const FRESHNESS_WINDOW_MS: u64 = 60_000;
 const KEY_INFO: &[u8] = b"edgeplane/v1 request proof";
 const MAC_DOMAIN: &[u8] = b"edgeplane/v1 signed frame\0";
 
+/// The route a signed frame is sent to, covered by its MAC as one byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Route {
+    /// [`crate::wire::CHECKIN_PATH`].
+    Checkin = 1,
+    /// [`crate::wire::HELD_CHECKIN_PATH`].
+    Held = 2,
+    /// [`crate::tunnel::TUNNEL_REQUEST_PATH`].
+    Tunnel = 3,
+    /// [`crate::snapshot::SNAPSHOT_PATH`].
+    Snapshot = 4,
+    /// [`crate::async_mode::ASYNC_PATH`].
+    Async = 5,
+}
+
+impl Route {
+    pub const ALL: [Route; 5] = [
+        Route::Checkin,
+        Route::Held,
+        Route::Tunnel,
+        Route::Snapshot,
+        Route::Async,
+    ];
+
+    /// The path of the route on the control plane.
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Checkin => crate::wire::CHECKIN_PATH,
+            Route::Held => crate::wire::HELD_CHECKIN_PATH,
+            Route::Tunnel => crate::tunnel::TUNNEL_REQUEST_PATH,
+            Route::Snapshot => crate::snapshot::SNAPSHOT_PATH,
+            Route::Async => crate::async_mode::ASYNC_PATH,
+        }
+    }
+}
+
 /// The HMAC key of one environment (and `AGENT_SECRET`). Never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProofKey([u8; 32]);
@@ -49,11 +88,12 @@ impl ProofKey {
         Self(key)
     }
 
-    fn mac(&self, edge_id: &Uuid, timestamp_ms: u64, signed: &[u8]) -> [u8; MAC_LEN] {
+    fn mac(&self, route: Route, edge_id: &Uuid, timestamp_ms: u64, signed: &[u8]) -> [u8; MAC_LEN] {
         // HMAC accepts keys of any length: new_from_slice cannot fail.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         mac.update(MAC_DOMAIN);
+        mac.update(&[route as u8]);
         mac.update(edge_id.as_bytes());
         mac.update(&timestamp_ms.to_be_bytes());
         mac.update(signed);
@@ -64,10 +104,11 @@ impl ProofKey {
     }
 }
 
-/// Encodes and signs `msg` as the agent `edge_id` at `timestamp_ms` (the full clock value,
-/// of which the message may carry only part): `[version][payload][mac]`.
+/// Encodes and signs `msg` for `route` as the agent `edge_id` at `timestamp_ms` (the full
+/// clock value, of which the message may carry only part): `[version][payload][mac]`.
 pub fn sign<T: Serialize>(
     msg: &T,
+    route: Route,
     key: &ProofKey,
     edge_id: &Uuid,
     timestamp_ms: u64,
@@ -75,7 +116,7 @@ pub fn sign<T: Serialize>(
     let mut out = Vec::with_capacity(64);
     out.push(PROTOCOL_VERSION);
     codec::encode_into(msg, &mut out)?;
-    let mac = key.mac(edge_id, timestamp_ms, &out);
+    let mac = key.mac(route, edge_id, timestamp_ms, &out);
     out.extend_from_slice(&mac);
     Ok(out)
 }
@@ -89,9 +130,10 @@ pub struct Unverified<'a> {
 }
 
 impl Unverified<'_> {
-    /// Constant-time check of the MAC under `key` for the agent `edge_id` at `timestamp_ms`.
-    pub fn verify(&self, key: &ProofKey, edge_id: &Uuid, timestamp_ms: u64) -> bool {
-        key.mac(edge_id, timestamp_ms, self.signed)
+    /// Constant-time check of the MAC under `key` for `route`, the agent `edge_id` at
+    /// `timestamp_ms`.
+    pub fn verify(&self, route: Route, key: &ProofKey, edge_id: &Uuid, timestamp_ms: u64) -> bool {
+        key.mac(route, edge_id, timestamp_ms, self.signed)
             .ct_eq(&self.mac)
             .into()
     }
@@ -127,14 +169,22 @@ pub fn open<T: DeserializeOwned>(
     Ok((msg, Unverified { signed, mac }))
 }
 
-/// Verifies the MAC at the end of a signed `frame` under `key` for the agent `edge_id`, in
-/// constant time.
-pub fn verify(frame: &[u8], key: &ProofKey, edge_id: &Uuid, timestamp_ms: u64) -> bool {
+/// Verifies the MAC at the end of a signed `frame` received on `route` under `key` for the
+/// agent `edge_id`, in constant time.
+pub fn verify(
+    frame: &[u8],
+    route: Route,
+    key: &ProofKey,
+    edge_id: &Uuid,
+    timestamp_ms: u64,
+) -> bool {
     if frame.len() <= MAC_LEN {
         return false;
     }
     let (signed, mac) = frame.split_at(frame.len() - MAC_LEN);
-    key.mac(edge_id, timestamp_ms, signed).ct_eq(mac).into()
+    key.mac(route, edge_id, timestamp_ms, signed)
+        .ct_eq(mac)
+        .into()
 }
 
 /// A short fingerprint of a signed frame (the first MAC bytes) for replay detection.
@@ -189,25 +239,27 @@ mod tests {
     fn sign_open_verify() {
         let secret = JoinSecret::generate();
         let key = ProofKey::derive(&secret, None);
-        let frame = sign(&req(), &key, &EDGE, 1_000).unwrap();
+        let frame = sign(&req(), Route::Checkin, &key, &EDGE, 1_000).unwrap();
         let (decoded, unverified) = open::<CheckinRequest>(&frame, 1024).unwrap();
         assert_eq!(decoded.endpoint_id, 3);
-        assert!(unverified.verify(&key, &EDGE, 1_000));
-        assert!(verify(&frame, &key, &EDGE, 1_000));
+        assert!(unverified.verify(Route::Checkin, &key, &EDGE, 1_000));
+        assert!(verify(&frame, Route::Checkin, &key, &EDGE, 1_000));
         assert!(
-            !verify(&frame, &key, &EDGE, 1_000 + (1 << 32)),
+            !verify(&frame, Route::Checkin, &key, &EDGE, 1_000 + (1 << 32)),
             "the same low bits one wrap later fail"
         );
         assert!(
-            !unverified.verify(&key, &Uuid::from_u128(0x1235), 1_000),
+            !unverified.verify(Route::Checkin, &key, &Uuid::from_u128(0x1235), 1_000),
             "another Edge ID fails"
         );
         assert!(!unverified.verify(
+            Route::Checkin,
             &ProofKey::derive(&JoinSecret::generate(), None),
             &EDGE,
             1_000
         ));
         assert!(!unverified.verify(
+            Route::Checkin,
             &ProofKey::derive(&secret, Some("agent-secret")),
             &EDGE,
             1_000
@@ -215,16 +267,33 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_holds_only_on_the_route_it_was_signed_for() {
+        let key = ProofKey::derive(&JoinSecret::generate(), None);
+        for signed_for in Route::ALL {
+            let frame = sign(&req(), signed_for, &key, &EDGE, 1_000).unwrap();
+            for sent_to in Route::ALL {
+                assert_eq!(
+                    verify(&frame, sent_to, &key, &EDGE, 1_000),
+                    signed_for == sent_to,
+                    "signed for {signed_for:?}, sent to {sent_to:?}"
+                );
+            }
+        }
+        let paths: std::collections::BTreeSet<_> = Route::ALL.iter().map(|r| r.path()).collect();
+        assert_eq!(paths.len(), Route::ALL.len(), "one path per route");
+    }
+
+    #[test]
     fn any_flipped_bit_fails() {
         let key = ProofKey::derive(&JoinSecret::generate(), Some("s"));
-        let frame = sign(&req(), &key, &EDGE, 1_000).unwrap();
+        let frame = sign(&req(), Route::Checkin, &key, &EDGE, 1_000).unwrap();
         for i in 0..frame.len() {
             for bit in 0..8 {
                 let mut f = frame.clone();
                 f[i] ^= 1 << bit;
                 if let Ok((_, u)) = open::<CheckinRequest>(&f, 1024) {
                     assert!(
-                        !u.verify(&key, &EDGE, 1_000),
+                        !u.verify(Route::Checkin, &key, &EDGE, 1_000),
                         "flip at byte {i} bit {bit} verified"
                     );
                 }

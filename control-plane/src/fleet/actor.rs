@@ -32,12 +32,27 @@ pub(super) struct EnvActor {
     state: EnvState,
     fleet: Arc<Fleet>,
     held: HeldQueue<oneshot::Sender<Answer>>,
+    /// `held.len()` as last added to the fleet-wide gauge.
+    held_counted: usize,
 }
 
 impl EnvActor {
     pub(super) fn new(state: EnvState, fleet: Arc<Fleet>) -> Self {
         let held = HeldQueue::new(fleet.limits.held_per_env);
-        Self { state, fleet, held }
+        Self {
+            state,
+            fleet,
+            held,
+            held_counted: 0,
+        }
+    }
+
+    /// Brings `edgeplane_fleet_held_checkins` up to date with this queue's length.
+    fn count_held(&mut self) {
+        let now = self.held.len();
+        let gauge = &self.fleet.metrics.held_checkins;
+        gauge.add(now as i64 - self.held_counted as i64);
+        self.held_counted = now;
     }
 
     /// Makes one-time credentials for the bound agent: the sealed form for the answer, and
@@ -102,7 +117,9 @@ impl EnvActor {
     /// credentials; if its agent never connects, offers again when the grant window ends.
     fn wake_one(&mut self, ctx: &mut Context<Self>) {
         let now = now_ms();
-        let Some(held) = self.held.offer(&mut self.state, now) else {
+        let offered = self.held.offer(&mut self.state, now);
+        self.count_held();
+        let Some(held) = offered else {
             return;
         };
         let (sealed, put) = match self.issue(now) {
@@ -188,10 +205,9 @@ impl EnvActor {
         }
         let held = if kind == CheckinKind::Held && answer.unchanged {
             let (tx, rx) = oneshot::channel();
-            self.held
-                .hold(tx, answer.interval_secs)
-                .is_ok()
-                .then_some(rx)
+            let held = self.held.hold(tx, answer.interval_secs).is_ok();
+            self.count_held();
+            held.then_some(rx)
         } else {
             None
         };
@@ -218,6 +234,11 @@ impl Actor for EnvActor {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.fleet
+            .metrics
+            .held_checkins
+            .sub(self.held_counted as i64);
+        self.held_counted = 0;
         self.fleet.actor_stopped(self.state.id(), &ctx.address());
     }
 }

@@ -19,7 +19,7 @@ use store::{Change, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
 use tokio::sync::{broadcast, oneshot, Notify};
 
 use crate::config::Limits;
-use crate::metrics::{AgentStats, Metrics};
+use crate::metrics::{AgentStats, FleetSizes, Metrics};
 pub use actor::CREDENTIALS_TTL;
 use actor::{CheckinMsg, EnvActor, Reload, Shutdown, TunnelEvent, WantTunnel};
 pub use state::{liveness, Answer, CheckinKind, Liveness, Refusal, SharedGate};
@@ -168,7 +168,21 @@ impl Fleet {
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|fleet: &std::sync::Weak<Self>| {
+            let fleet = fleet.clone();
+            metrics.watch_fleet(move || fleet.upgrade().map(|f| f.sizes()));
+            Self::unshared(store, settings, agent_secret, metrics, limits)
+        })
+    }
+
+    fn unshared(
+        store: SharedStore,
+        settings: &Settings,
+        agent_secret: Option<String>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
+        Self {
             store,
             actors: DashMap::new(),
             epoch: AtomicU64::new(0),
@@ -182,7 +196,22 @@ impl Fleet {
             tunnel_waiters: DashMap::new(),
             wanted: DashMap::new(),
             gateway_addrs: RwLock::new(Vec::new()),
-        })
+        }
+    }
+
+    /// The sizes of the per-environment maps, for `/metrics`.
+    fn sizes(&self) -> FleetSizes {
+        FleetSizes {
+            tunnels: self.tunnels.len(),
+            tunnel_waiters: self.tunnel_waiters.len(),
+            wanted: self.wanted.len(),
+            unknown: self.unknown.len(),
+            in_flight: self
+                .actors
+                .iter()
+                .map(|h| h.in_flight.load(Ordering::Relaxed))
+                .sum(),
+        }
     }
 
     /// Live gateways' public addresses, shuffled (spreads new tunnels across gateways).
@@ -314,7 +343,7 @@ impl Fleet {
         let precheck = handle
             .gate
             .read()
-            .check_checkin(&req, &frame, now)
+            .check_checkin(kind, &req, &frame, now)
             .map(|_| ());
         if let Err(refusal) = precheck {
             return Err(self.refused_early(id, refusal));

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub checkins: IntCounterVec,
     pub checkin_seconds: Histogram,
     pub actors: IntGauge,
+    /// Entries of the environments' held check-in queues, summed: live holds and ended ones
+    /// not pruned yet (they go at the environment's next hold or offer).
+    pub held_checkins: IntGauge,
     pub actor_starts: IntCounter,
     pub heartbeat_batch: Histogram,
     pub heartbeat_flush_seconds: Histogram,
@@ -39,6 +42,26 @@ pub struct Metrics {
     pub front: crate::front::FrontMetrics,
     /// The public ports' admission, read at scrape time.
     admission: parking_lot::Mutex<Option<Arc<Admission>>>,
+    /// The fleet's map sizes, read at scrape time (`None` once the fleet is gone).
+    fleet: parking_lot::Mutex<Option<FleetSizesFn>>,
+}
+
+type FleetSizesFn = Box<dyn Fn() -> Option<FleetSizes> + Send + Sync>;
+
+/// What the fleet keeps per environment besides its actor, counted at scrape time: each is
+/// bounded by the environments known here (or, for `unknown`, by the negative cache).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetSizes {
+    /// Open tunnels as the gateways reported them.
+    pub tunnels: usize,
+    /// Environments with proxy requests waiting for a tunnel (or whose waiter is not swept yet).
+    pub tunnel_waiters: usize,
+    /// Operators' wishes for tunnels not yet served or swept.
+    pub wanted: usize,
+    /// The negative cache of unknown environment ids.
+    pub unknown: usize,
+    /// Check-ins (and uploads) inside an actor's in-flight slots, summed over environments.
+    pub in_flight: usize,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -68,6 +91,10 @@ impl Metrics {
         let actors = must(IntGauge::new(
             "edgeplane_fleet_actors",
             "Environment actors alive",
+        ));
+        let held_checkins = must(IntGauge::new(
+            "edgeplane_fleet_held_checkins",
+            "Entries of the environments' held check-in queues, summed: live holds plus ended ones not pruned yet (pruned at each hold and offer)",
         ));
         let actor_starts = must(IntCounter::new(
             "edgeplane_fleet_actor_starts_total",
@@ -154,6 +181,7 @@ impl Metrics {
             Box::new(tunnel_wait_seconds.clone()),
             Box::new(checkin_seconds.clone()),
             Box::new(actors.clone()),
+            Box::new(held_checkins.clone()),
             Box::new(actor_starts.clone()),
             Box::new(heartbeat_batch.clone()),
             Box::new(heartbeat_flush_seconds.clone()),
@@ -167,6 +195,7 @@ impl Metrics {
             checkins,
             checkin_seconds,
             actors,
+            held_checkins,
             actor_starts,
             heartbeat_batch,
             heartbeat_flush_seconds,
@@ -181,12 +210,19 @@ impl Metrics {
                 timed_out: api_connections_timed_out,
             },
             admission: parking_lot::Mutex::new(None),
+            fleet: parking_lot::Mutex::new(None),
         }
     }
 
     /// Reads the connection counts of `admission` into every scrape.
     pub fn watch_admission(&self, admission: Arc<Admission>) {
         *self.admission.lock() = Some(admission);
+    }
+
+    /// Reads the fleet's map sizes into every scrape (`sizes` answers `None` once the fleet is
+    /// gone; nothing is written then).
+    pub fn watch_fleet(&self, sizes: impl Fn() -> Option<FleetSizes> + Send + Sync + 'static) {
+        *self.fleet.lock() = Some(Box::new(sizes));
     }
 
     /// The registry, for parts that register their own series (the embedded gateway).
@@ -215,6 +251,20 @@ impl Metrics {
                 c.connections, c.pending, c.evicted
             );
         }
+        if let Some(f) = self.fleet.lock().as_ref().and_then(|sizes| sizes()) {
+            let _ = writeln!(
+                text,
+                "# HELP edgeplane_fleet_entries Entries of the fleet's per-environment maps besides the actors: tunnels (open, as reported), tunnel_waiters (environments with proxy requests waiting), wanted (tunnel wishes), unknown (negative cache)\n\
+                 # TYPE edgeplane_fleet_entries gauge\n\
+                 edgeplane_fleet_entries{{map=\"tunnels\"}} {}\n\
+                 edgeplane_fleet_entries{{map=\"tunnel_waiters\"}} {}\n\
+                 edgeplane_fleet_entries{{map=\"wanted\"}} {}\n\
+                 edgeplane_fleet_entries{{map=\"unknown\"}} {}\n\
+                 # HELP edgeplane_fleet_checkins_in_flight Check-ins and uploads holding one of their environment's in-flight slots, summed\n\
+                 # TYPE edgeplane_fleet_checkins_in_flight gauge\nedgeplane_fleet_checkins_in_flight {}",
+                f.tunnels, f.tunnel_waiters, f.wanted, f.unknown, f.in_flight
+            );
+        }
         let _ = writeln!(
             text,
             "# HELP edgeplane_fleet_agents_seen Environments that checked in at this replica since it started\n\
@@ -229,5 +279,54 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn fleet_sizes_and_held_check_ins_are_in_every_scrape() {
+        let m = Metrics::new();
+        let stats = AgentStats::default();
+        let text = m.render(&stats, 0);
+        assert_eq!(sample(&text, "edgeplane_fleet_held_checkins"), Some(0.0));
+        assert_eq!(
+            sample(&text, "edgeplane_fleet_entries{map=\"wanted\"}"),
+            None,
+            "no fleet watched yet"
+        );
+        let sizes = Arc::new(parking_lot::Mutex::new(Some(FleetSizes {
+            tunnels: 1,
+            tunnel_waiters: 2,
+            wanted: 3,
+            unknown: 4,
+            in_flight: 5,
+        })));
+        let read = Arc::clone(&sizes);
+        m.watch_fleet(move || *read.lock());
+        m.held_checkins.add(7);
+        let text = m.render(&stats, 0);
+        for (name, want) in [
+            ("edgeplane_fleet_entries{map=\"tunnels\"}", 1.0),
+            ("edgeplane_fleet_entries{map=\"tunnel_waiters\"}", 2.0),
+            ("edgeplane_fleet_entries{map=\"wanted\"}", 3.0),
+            ("edgeplane_fleet_entries{map=\"unknown\"}", 4.0),
+            ("edgeplane_fleet_checkins_in_flight", 5.0),
+            ("edgeplane_fleet_held_checkins", 7.0),
+        ] {
+            assert_eq!(sample(&text, name), Some(want), "{name} in\n{text}");
+        }
+        // The fleet is gone: its lines are left out, the rest still renders.
+        *sizes.lock() = None;
+        let text = m.render(&stats, 0);
+        assert_eq!(sample(&text, "edgeplane_fleet_checkins_in_flight"), None);
+        assert!(text.contains("edgeplane_fleet_agents_seen 0"));
     }
 }

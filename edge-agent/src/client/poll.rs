@@ -15,7 +15,7 @@ use proto::async_mode::{
     AsyncAnswer, AsyncRequest, CommandResult, SnapshotReport, MAX_ASYNC_ANSWER, MAX_ASYNC_FRAME,
 };
 use proto::codec::{self, MAX_CONTROL_FRAME};
-use proto::proof::{self, ProofKey};
+use proto::proof::{self, ProofKey, Route};
 use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{
     AgentInfo, CheckinAnswer, CheckinRequest, EdgeStatus, Platform, SealedCredentials,
@@ -111,6 +111,17 @@ pub enum CheckinRoute {
     Held,
     /// `/edge/t`: the agent lost a tunnel in use and asks for fresh credentials itself.
     AskTunnel,
+}
+
+impl CheckinRoute {
+    /// The route the MAC of a check-in sent here covers.
+    pub fn proof_route(self) -> Route {
+        match self {
+            CheckinRoute::Plain => Route::Checkin,
+            CheckinRoute::Held => Route::Held,
+            CheckinRoute::AskTunnel => Route::Tunnel,
+        }
+    }
 }
 
 /// What an async-mode tick carries (see [`PollClient::async_tick`]).
@@ -351,7 +362,12 @@ impl PollClient {
         // in the steady state the MAC covers it and the server supplies the bound one.
         let timestamp_ms = self.clock.next_timestamp();
         let request = self.checkin_request(timestamp_ms);
-        let body = self.sign(&request, timestamp_ms, MAX_CONTROL_FRAME)?;
+        let body = self.sign(
+            &request,
+            route.proof_route(),
+            timestamp_ms,
+            MAX_CONTROL_FRAME,
+        )?;
         Ok(Prepared {
             uri: self.target.checkin_uri(route).clone(),
             body,
@@ -380,7 +396,7 @@ impl PollClient {
             results: tick.results.clone(),
             done_through: tick.done_through,
         };
-        let body = self.sign(&request, timestamp_ms, MAX_ASYNC_FRAME)?;
+        let body = self.sign(&request, Route::Async, timestamp_ms, MAX_ASYNC_FRAME)?;
         Ok(Prepared {
             uri: self.target.async_tick.clone(),
             body,
@@ -417,7 +433,7 @@ impl PollClient {
             timestamp_ms,
             body: compressed.to_vec(),
         };
-        let body = self.sign(&upload, timestamp_ms, MAX_UPLOAD_FRAME)?;
+        let body = self.sign(&upload, Route::Snapshot, timestamp_ms, MAX_UPLOAD_FRAME)?;
         Ok(Prepared {
             uri: self.target.snapshot.clone(),
             body,
@@ -439,14 +455,15 @@ impl PollClient {
         }
     }
 
-    /// A signed frame of `msg`, refused locally when it is over `limit` bytes.
+    /// A signed frame of `msg` for `route`, refused locally when it is over `limit` bytes.
     fn sign<T: serde::Serialize>(
         &self,
         msg: &T,
+        route: Route,
         timestamp_ms: u64,
         limit: usize,
     ) -> Result<Vec<u8>, CheckinError> {
-        let body = proof::sign(msg, &self.key, &self.edge_id, timestamp_ms)
+        let body = proof::sign(msg, route, &self.key, &self.edge_id, timestamp_ms)
             .map_err(CheckinError::Encode)?;
         if body.len() > limit {
             return Err(CheckinError::TooLarge {

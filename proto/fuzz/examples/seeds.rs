@@ -7,7 +7,7 @@ use std::path::Path;
 
 use proto::async_mode::*;
 use proto::codec::encode;
-use proto::proof::{sign, ProofKey};
+use proto::proof::{sign, ProofKey, Route};
 use proto::snapshot::*;
 use proto::token::JoinSecret;
 use proto::wire::{AgentInfo, CheckinRequest, Platform};
@@ -309,21 +309,21 @@ fn write(dir: &Path) {
         dir,
         "signed_frame",
         "upload",
-        &sign(&upload, &key, &Uuid::nil(), 1).unwrap(),
+        &sign(&upload, Route::Snapshot, &key, &Uuid::nil(), 1).unwrap(),
     );
     for (i, r) in reqs.iter().enumerate() {
         put(
             dir,
             "signed_frame",
             &format!("async-{i}"),
-            &sign(r, &key, &Uuid::nil(), 1).unwrap(),
+            &sign(r, Route::Async, &key, &Uuid::nil(), 1).unwrap(),
         );
     }
     put(
         dir,
         "signed_frame",
         "checkin",
-        &sign(&checkin, &key, &Uuid::nil(), 1).unwrap(),
+        &sign(&checkin, Route::Checkin, &key, &Uuid::nil(), 1).unwrap(),
     );
 }
 

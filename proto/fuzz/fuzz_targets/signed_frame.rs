@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use proto::async_mode::{AsyncRequest, MAX_ASYNC_FRAME};
 use proto::codec::MAX_CONTROL_FRAME;
-use proto::proof::{open, replay_tag, verify, ProofKey};
+use proto::proof::{open, replay_tag, verify, ProofKey, Route};
 use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::token::JoinSecret;
 use proto::wire::CheckinRequest;
@@ -14,14 +14,18 @@ use uuid::Uuid;
 fuzz_target!(|data: &[u8]| {
     let key = ProofKey::derive(&JoinSecret::from_bytes([7; 32]), Some("fuzz"));
     if let Ok((_, unverified)) = open::<CheckinRequest>(data, MAX_CONTROL_FRAME) {
-        assert!(!unverified.verify(&key, &Uuid::nil(), 0));
+        for route in Route::ALL {
+            assert!(!unverified.verify(route, &key, &Uuid::nil(), 0));
+        }
     }
     if let Ok((upload, unverified)) = open::<SnapshotUpload>(data, MAX_UPLOAD_FRAME) {
-        assert!(!unverified.verify(&key, &upload.edge_id, upload.timestamp_ms));
+        assert!(!unverified.verify(Route::Snapshot, &key, &upload.edge_id, upload.timestamp_ms));
     }
     if let Ok((_, unverified)) = open::<AsyncRequest>(data, MAX_ASYNC_FRAME) {
-        assert!(!unverified.verify(&key, &Uuid::nil(), 0));
+        assert!(!unverified.verify(Route::Async, &key, &Uuid::nil(), 0));
     }
-    assert!(!verify(data, &key, &Uuid::nil(), 0));
+    for route in Route::ALL {
+        assert!(!verify(data, route, &key, &Uuid::nil(), 0));
+    }
     let _ = replay_tag(data);
 });

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use proto::codec::{self, MAX_CONTROL_FRAME};
-use proto::proof::{self, ProofKey};
+use proto::proof::{self, ProofKey, Route};
 use proto::seal::SealKey;
 use proto::snapshot::{SnapshotUpload, MAX_UPLOAD_FRAME};
 use proto::wire::{CheckinAnswer, CheckinRequest, EdgeStatus, TunnelCredentials};
@@ -30,6 +30,17 @@ pub(super) enum Kind {
     Plain,
     Held,
     AskTunnel,
+}
+
+impl Kind {
+    /// The route the MAC of a check-in of this kind covers.
+    fn route(self) -> Route {
+        match self {
+            Kind::Plain => Route::Checkin,
+            Kind::Held => Route::Held,
+            Kind::AskTunnel => Route::Tunnel,
+        }
+    }
 }
 
 pub(super) fn checkin_kind(shared: &Shared, req: &HttpRequest) -> Option<Kind> {
@@ -207,6 +218,7 @@ fn checkin_answer(
     let timestamp_ms =
         proto::wire::request_timestamp(request.timestamp_lo, request.timestamp_hi, server_now);
     if !unverified.verify(
+        kind.route(),
         &ProofKey::derive(&env.secret, agent_secret.as_deref()),
         &claimed,
         timestamp_ms,
@@ -328,6 +340,7 @@ pub(super) fn upload(shared: &Shared, req: &HttpRequest) -> Response {
     }
     if !proof::verify(
         &req.body,
+        Route::Snapshot,
         &ProofKey::derive(&env.secret, agent_secret.as_deref()),
         &upload.edge_id,
         upload.timestamp_ms,

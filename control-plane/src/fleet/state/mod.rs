@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 pub mod held;
 
 use proto::async_mode::AsyncIntervals;
-use proto::proof::{self, ProofKey, FRESHNESS_WINDOW_MS};
+use proto::proof::{self, ProofKey, Route, FRESHNESS_WINDOW_MS};
 use proto::seal::SealKey;
 use proto::token::JoinSecret;
 use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials};
@@ -40,6 +40,19 @@ pub enum CheckinKind {
     AskTunnel,
     /// `/edge/a`: an async-mode tick (only for async environments; never a tunnel).
     Async,
+}
+
+impl CheckinKind {
+    /// The route whose MAC a check-in of this kind must carry: a frame signed for another
+    /// route (a held check-in replayed to `/edge/t`, say) is `bad_proof`.
+    pub fn route(self) -> Route {
+        match self {
+            CheckinKind::Poll => Route::Checkin,
+            CheckinKind::Held => Route::Held,
+            CheckinKind::AskTunnel => Route::Tunnel,
+            CheckinKind::Async => Route::Async,
+        }
+    }
 }
 
 /// Why a check-in was refused. Each has one wire code ([`Refusal::code`]); its status and
@@ -133,9 +146,11 @@ pub struct Gate {
 pub type SharedGate = Arc<RwLock<Gate>>;
 
 impl Gate {
-    /// A check-in: the claimed Edge ID (sent, or the bound one), its MAC, its clock.
+    /// A check-in of `kind`: the claimed Edge ID (sent, or the bound one), its MAC (which
+    /// covers the route it came in on), its clock.
     pub fn check_checkin(
         &self,
+        kind: CheckinKind,
         req: &CheckinRequest,
         frame: &[u8],
         now_ms: u64,
@@ -147,12 +162,13 @@ impl Gate {
             .ok_or(Refusal::EdgeIdRequired)?;
         let timestamp_ms =
             proto::wire::request_timestamp(req.timestamp_lo, req.timestamp_hi, now_ms);
-        if !proof::verify(frame, &self.keys.proof, &claimed, timestamp_ms) {
+        let route = kind.route();
+        if !proof::verify(frame, route, &self.keys.proof, &claimed, timestamp_ms) {
             let lacks_agent_secret = self
                 .keys
                 .without_agent_secret
                 .as_ref()
-                .is_some_and(|k| proof::verify(frame, k, &claimed, timestamp_ms));
+                .is_some_and(|k| proof::verify(frame, route, k, &claimed, timestamp_ms));
             return Err(if lacks_agent_secret {
                 Refusal::AgentSecretMismatch
             } else {
@@ -177,7 +193,13 @@ impl Gate {
             Some(bound) if bound != edge_id => return Err(Refusal::EdgeIdMismatch),
             Some(_) => {}
         }
-        if !proof::verify(frame, &self.keys.proof, &edge_id, timestamp_ms) {
+        if !proof::verify(
+            frame,
+            Route::Snapshot,
+            &self.keys.proof,
+            &edge_id,
+            timestamp_ms,
+        ) {
             return Err(Refusal::BadProof);
         }
         fresh(timestamp_ms, now_ms)
@@ -405,7 +427,7 @@ impl EnvState {
         now_ms: u64,
         default_interval: u32,
     ) -> Verdict {
-        let claimed = match self.gate.read().check_checkin(req, frame, now_ms) {
+        let claimed = match self.gate.read().check_checkin(kind, req, frame, now_ms) {
             Ok(claimed) => claimed,
             Err(refusal) => return Verdict::Refuse(refusal),
         };

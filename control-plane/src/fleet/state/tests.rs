@@ -43,6 +43,18 @@ fn signed_as(
     sent: Option<Uuid>,
     ts: u64,
 ) -> (CheckinRequest, Vec<u8>) {
+    signed_for(Route::Checkin, secret, agent_secret, signer, sent, ts)
+}
+
+/// A check-in signed for `route`.
+fn signed_for(
+    route: Route,
+    secret: &JoinSecret,
+    agent_secret: Option<&str>,
+    signer: Uuid,
+    sent: Option<Uuid>,
+    ts: u64,
+) -> (CheckinRequest, Vec<u8>) {
     let req = CheckinRequest {
         endpoint_id: 7,
         edge_id: sent,
@@ -51,7 +63,14 @@ fn signed_as(
         interval_secs: 5,
         agent: None,
     };
-    let frame = proof::sign(&req, &ProofKey::derive(secret, agent_secret), &signer, ts).unwrap();
+    let frame = proof::sign(
+        &req,
+        route,
+        &ProofKey::derive(secret, agent_secret),
+        &signer,
+        ts,
+    )
+    .unwrap();
     (req, frame)
 }
 
@@ -298,7 +317,14 @@ fn unchanged_only_when_the_agent_knows_everything() {
                 hostname: "h".into(),
             });
         }
-        let frame = proof::sign(&req, &ProofKey::derive(&secret, None), &id, ts).unwrap();
+        let frame = proof::sign(
+            &req,
+            Route::Checkin,
+            &ProofKey::derive(&secret, None),
+            &id,
+            ts,
+        )
+        .unwrap();
         match s.checkin(&req, &frame, ts, default) {
             Verdict::Answer(a) => a.unchanged,
             other => panic!("{other:?}"),
@@ -329,7 +355,7 @@ fn one_grant_at_a_time_until_the_window_passes_or_the_tunnel_settles() {
     let mut ts = NOW;
     let mut poll = |s: &mut EnvState, kind: CheckinKind, now: u64| {
         ts = ts.max(now) + 1;
-        let (req, frame) = signed(&secret, None, id, ts);
+        let (req, frame) = signed_for(kind.route(), &secret, None, id, Some(id), ts);
         status_of(s.checkin_as(kind, &req, &frame, ts, 5))
     };
     assert_eq!(poll(&mut s, CheckinKind::Held, NOW), EdgeStatus::Idle);
@@ -370,7 +396,7 @@ fn an_agent_that_lost_its_tunnel_gets_credentials_even_if_it_looks_open() {
     let (e, secret) = env(Some(id));
     let mut s = EnvState::new(&e, None).unwrap();
     s.set_open(Some(9));
-    let (req, frame) = signed(&secret, None, id, NOW);
+    let (req, frame) = signed_for(Route::Tunnel, &secret, None, id, Some(id), NOW);
     assert_eq!(
         status_of(s.checkin_as(CheckinKind::AskTunnel, &req, &frame, NOW, 5)),
         EdgeStatus::Required
@@ -378,6 +404,40 @@ fn an_agent_that_lost_its_tunnel_gets_credentials_even_if_it_looks_open() {
     assert!(s.seal_key().is_some());
     let unbound = EnvState::new(&env(None).0, None).unwrap();
     assert!(unbound.seal_key().is_none());
+}
+
+#[test]
+fn a_frame_signed_for_one_route_is_refused_on_another() {
+    let id = Uuid::new_v4();
+    let (e, secret) = env(Some(id));
+    let mut s = EnvState::new(&e, None).unwrap();
+    s.set_open(Some(9));
+    // A held check-in (seen on the wire, say) replayed to the tunnel route: no credentials.
+    let (req, held) = signed_for(Route::Held, &secret, None, id, Some(id), NOW);
+    assert_eq!(
+        s.checkin_as(CheckinKind::AskTunnel, &req, &held, NOW, 5),
+        Verdict::Refuse(Refusal::BadProof)
+    );
+    assert_eq!(
+        s.checkin_as(CheckinKind::Poll, &req, &held, NOW, 5),
+        Verdict::Refuse(Refusal::BadProof)
+    );
+    for kind in [CheckinKind::Poll, CheckinKind::Held, CheckinKind::AskTunnel] {
+        for signed_for_route in Route::ALL {
+            let (req, frame) = signed_for(signed_for_route, &secret, None, id, Some(id), NOW);
+            let verdict = s.gate.read().check_checkin(kind, &req, &frame, NOW);
+            assert_eq!(
+                verdict.is_ok(),
+                kind.route() == signed_for_route,
+                "{kind:?} signed for {signed_for_route:?}: {verdict:?}"
+            );
+        }
+    }
+    // On its own route it is answered.
+    assert_eq!(
+        status_of(s.checkin_as(CheckinKind::Held, &req, &held, NOW, 5)),
+        EdgeStatus::Idle
+    );
 }
 
 #[test]
