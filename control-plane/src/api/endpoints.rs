@@ -433,33 +433,64 @@ pub async fn snapshot(
     })?;
     let snap = proto::snapshot::decompress(&stored.body)
         .map_err(|e| ApiError::Internal(format!("stored snapshot of environment {id}: {e}")))?;
-    let mut body = serde_json::to_value(&snap).map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(section) = &q.section {
-        const SECTIONS: [&str; 6] = [
-            "engine",
-            "containers",
-            "images",
-            "volumes",
-            "networks",
-            "stacks",
-        ];
-        if !SECTIONS.contains(&section.as_str()) {
-            return Err(ApiError::BadRequest(format!(
-                "unknown section {section:?}; one of {}",
-                SECTIONS.join(", ")
-            )));
+    // Serialised straight from the snapshot: a `serde_json::Value` tree of it would take
+    // several times its size again.
+    let body = match q.section.as_deref() {
+        None => SnapshotBody::Whole(&snap),
+        Some(section) => {
+            let part = match section {
+                "engine" => Section::Engine(&snap.engine),
+                "containers" => Section::Containers(&snap.containers),
+                "images" => Section::Images(&snap.images),
+                "volumes" => Section::Volumes(&snap.volumes),
+                "networks" => Section::Networks(&snap.networks),
+                "stacks" => Section::Stacks(&snap.stacks),
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown section {other:?}; one of engine, containers, images, volumes, \
+                         networks, stacks"
+                    )))
+                }
+            };
+            SnapshotBody::Section(std::iter::once((section, part)).collect())
         }
-        body = serde_json::json!({ section.as_str(): body[section.as_str()].take() });
-    }
+    };
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({
-            "environmentId": id,
-            "takenAt": rfc3339(stored.taken_ms),
-            "receivedAt": rfc3339(stored.received_ms),
-            "snapshot": body,
-        }),
+        &SnapshotView {
+            environment_id: id,
+            taken_at: rfc3339(stored.taken_ms),
+            received_at: rfc3339(stored.received_ms),
+            snapshot: body,
+        },
     ))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotView<'a> {
+    environment_id: u64,
+    taken_at: String,
+    received_at: String,
+    snapshot: SnapshotBody<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum SnapshotBody<'a> {
+    Whole(&'a proto::snapshot::Snapshot),
+    Section(std::collections::BTreeMap<&'a str, Section<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Section<'a> {
+    Engine(&'a proto::snapshot::EngineInfo),
+    Containers(&'a [proto::snapshot::Container]),
+    Images(&'a [proto::snapshot::Image]),
+    Volumes(&'a [proto::snapshot::Volume]),
+    Networks(&'a [proto::snapshot::Network]),
+    Stacks(&'a [proto::snapshot::Stack]),
 }
 
 pub async fn patch(
