@@ -134,13 +134,8 @@ impl Options {
 
 /// `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
+    testkit::bench::rss_bytes(pid)
+        .map(|b| b / 1024)
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 

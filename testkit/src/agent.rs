@@ -1,4 +1,5 @@
-//! The real edge agent, in-process, stopped on request (or aborted on drop).
+//! The real edge agent: in-process ([`Agent`], [`AgentThread`]), stopped on request (or
+//! aborted on drop), or the binary ([`AgentProcess`]).
 
 use std::time::Duration;
 
@@ -118,5 +119,50 @@ impl AgentThread {
             std::thread::sleep(Duration::from_millis(20));
         }
         thread.join().is_ok()
+    }
+}
+
+/// The real `edge-agent` binary as a child process (its own open-file limit, its own RSS),
+/// killed on drop; its log goes to `<data dir>/agent.log`.
+pub struct AgentProcess {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// A standard agent with join key `key`, this Edge ID, on `docker_host`, closing idle
+    /// tunnels after `inactivity` (e.g. `5s`).
+    pub fn standard(key: &str, edge_id: uuid::Uuid, docker_host: &str, inactivity: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for the agent");
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent log");
+        let child = std::process::Command::new(crate::process::bin("edge-agent"))
+            .env("EDGE_KEY", key)
+            .env("EDGE_ID", edge_id.to_string())
+            .env("EDGE_DATA_DIR", dir.path())
+            .env("DOCKER_HOST", docker_host)
+            .env("EDGE_INACTIVITY_TIMEOUT", inactivity)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn edge-agent");
+        Self { child, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait (at most 15 s); `true` if it stopped gracefully.
+    pub fn stop(mut self) -> bool {
+        crate::process::terminate(&mut self.child, Duration::from_secs(15))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -29,15 +29,66 @@ pub fn http_with_timeout(timeout: Duration) -> reqwest::Client {
 
 /// `GET /api/endpoints/{id}` on the control plane at `base_url`, as JSON.
 pub async fn get_env(base_url: &str, id: u64) -> Value {
-    http()
+    get_env_with(&http(), base_url, id)
+        .await
+        .unwrap_or_else(|e| panic!("get environment {id}: {e}"))
+}
+
+/// [`get_env`] with `client` (kept-alive connections), the failure as text.
+pub async fn get_env_with(
+    client: &reqwest::Client,
+    base_url: &str,
+    id: u64,
+) -> Result<Value, String> {
+    client
         .get(format!("{base_url}/api/endpoints/{id}"))
         .header("X-API-Key", ADMIN_KEY)
         .send()
         .await
-        .expect("get environment")
+        .map_err(|e| format!("send: {e}"))?
         .json()
         .await
-        .expect("environment JSON")
+        .map_err(|e| format!("environment JSON: {e}"))
+}
+
+/// Waits (polling every 100 ms, at most `within`) until the control plane reports `id`'s
+/// tunnel `closed`; the state it last saw otherwise.
+pub async fn wait_tunnel_closed(
+    client: &reqwest::Client,
+    base_url: &str,
+    id: u64,
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let state = get_env_with(client, base_url, id)
+            .await
+            .map(|v| v["tunnel"]["state"].clone());
+        if state.as_ref().ok().and_then(Value::as_str) == Some("closed") {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("tunnel of {id} still {state:?} after {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GET /api/endpoints/{id}/docker/_ping` timed: ms from sending to the complete answer, and
+/// whether it was the engine's `200 OK`.
+pub async fn docker_ping_timed(
+    client: &reqwest::Client,
+    base_url: &str,
+    id: u64,
+) -> (f64, Result<(), String>) {
+    let t0 = std::time::Instant::now();
+    let (status, body) = docker_get_with(client, base_url, id, "/_ping").await;
+    let took = crate::stats::ms(t0.elapsed());
+    if status == 200 && body == "OK" {
+        (took, Ok(()))
+    } else {
+        (took, Err(format!("{status}: {body}")))
+    }
 }
 
 /// `POST /api/endpoints` with `body` (201 expected): the new id and its join token.
@@ -122,21 +173,54 @@ pub async fn metric(metrics_url: &str, name: &str) -> f64 {
 /// Every sample of `<metrics_url>/metrics` by its full name, labels included (e.g.
 /// `edgeplane_tunnel_wait_seconds_bucket{le="1"}`).
 pub async fn metric_samples(metrics_url: &str) -> std::collections::BTreeMap<String, f64> {
-    let text = http()
-        .get(format!("{metrics_url}/metrics"))
+    try_metric_samples(&http(), metrics_url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`metric_samples`] with `client`, a failed scrape as text (for runs that must outlive one).
+pub async fn try_metric_samples(
+    client: &reqwest::Client,
+    metrics_url: &str,
+) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let url = format!("{metrics_url}/metrics");
+    let text = client
+        .get(&url)
         .send()
         .await
-        .expect("metrics")
+        .map_err(|e| format!("{url}: {e}"))?
         .text()
         .await
-        .expect("metrics text");
-    text.lines()
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
             Some((name.to_owned(), value.parse().ok()?))
         })
+        .collect())
+}
+
+/// What each sample of `after` (all whose name starts with `prefix`) grew by since `before`.
+pub fn metric_delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+    prefix: &str,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
         .collect()
+}
+
+/// The sum of the samples whose name starts with `prefix`.
+pub fn metric_sum(m: &std::collections::BTreeMap<String, f64>, prefix: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// Waits until `<metrics_url>/readyz` answers 2xx (at most 10 s).

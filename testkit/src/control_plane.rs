@@ -397,6 +397,10 @@ impl CpProcess {
         format!("{}{}", self.url, path)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn port(&self) -> u16 {
         url::Url::parse(&self.url)
             .ok()

@@ -14,8 +14,9 @@
 //!   agent side.
 //! * [`api`]: admin calls (`create_env`, `get_env`, `docker_get`, `metric`, ...), [`cert`]: a
 //!   shared self-signed certificate, [`wait`]: `eventually`, `bounded`, free ports,
-//!   [`process`]: the workspace's binaries, [`bench`]: what benches share, [`hostile`]: what
-//!   attackers do to a port (connections from a chosen source, TLS trusting anything).
+//!   [`process`]: the workspace's binaries, [`bench`]: what benches share, [`stats`]:
+//!   percentiles, summaries and trends of bench samples, [`hostile`]: what attackers do to a
+//!   port (connections from a chosen source, TLS trusting anything).
 //!
 //! Dev-only: it unwraps and panics freely, since a failure to set up is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -33,6 +34,7 @@ pub mod gateway;
 pub mod hostile;
 pub mod process;
 pub mod redis;
+pub mod stats;
 pub mod wait;
 
 pub use agent::Agent;

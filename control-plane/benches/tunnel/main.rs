@@ -90,37 +90,8 @@ pub(crate) fn list(s: &str) -> Vec<String> {
 
 impl Settings {
     fn load() -> Self {
-        let mut given: BTreeMap<String, String> = std::env::vars()
-            .filter_map(|(k, v)| {
-                k.strip_prefix("TUNNEL_BENCH_")
-                    .map(|n| (n.to_ascii_lowercase(), v))
-            })
-            .collect();
-        let mut args = std::env::args().skip(1);
-        while let Some(a) = args.next() {
-            // `cargo bench` passes `--bench`; libtest-style filters are ignored.
-            let Some(name) = a.strip_prefix("--") else {
-                continue;
-            };
-            if name == "bench" {
-                continue;
-            }
-            let (name, value) = match name.split_once('=') {
-                Some((n, v)) => (n.to_owned(), v.to_owned()),
-                None => match args.next() {
-                    Some(v) => (name.to_owned(), v),
-                    None => continue,
-                },
-            };
-            given.insert(name.replace('-', "_").to_ascii_lowercase(), value);
-        }
-        let num = |name: &str, default: u64| -> u64 {
-            given.get(name).map_or(default, |v| {
-                v.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{name}: {v:?} is not a number"))
-            })
-        };
+        let given = testkit::bench::settings("TUNNEL_BENCH_");
+        let num = |name: &str, default: u64| testkit::bench::number(&given, name, default);
         let default_workers = control_plane::config::Limits::default().workers as u64;
         Self {
             agents: num("agents", 20) as usize,

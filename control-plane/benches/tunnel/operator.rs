@@ -55,14 +55,7 @@ pub(crate) async fn create_env(
 }
 
 pub(crate) async fn get_env(api: &reqwest::Client, cp: &ControlPlane, id: u64) -> Option<Value> {
-    api.get(format!("{}/api/endpoints/{id}", cp.url))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
+    testkit::api::get_env_with(api, &cp.url, id).await.ok()
 }
 
 pub(crate) async fn wait_up(api: &reqwest::Client, cp: &ControlPlane, ids: &[u64]) {
@@ -85,21 +78,4 @@ pub(crate) async fn metrics(cp: &ControlPlane) -> BTreeMap<String, f64> {
     testkit::api::metric_samples(&cp.metrics_url).await
 }
 
-pub(crate) fn metric_delta(
-    before: &BTreeMap<String, f64>,
-    after: &BTreeMap<String, f64>,
-    prefix: &str,
-) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .collect()
-}
-
-pub(crate) fn metric_sum(m: &BTreeMap<String, f64>, prefix: &str) -> f64 {
-    m.iter()
-        .filter(|(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| v)
-        .sum()
-}
+pub(crate) use testkit::api::{metric_delta, metric_sum};

@@ -2,31 +2,6 @@
 
 use super::*;
 
-/// One timed wake-up: (ms from send to the complete answer, or the error).
-pub(crate) async fn wake_once(
-    api: &reqwest::Client,
-    cp: &ControlPlane,
-    id: u64,
-) -> (f64, Result<(), String>) {
-    let t0 = Instant::now();
-    let answer = async {
-        let r = api
-            .get(format!("{}/api/endpoints/{id}/docker/_ping", cp.url))
-            .header("X-API-Key", ADMIN_KEY)
-            .send()
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let status = r.status();
-        let body = r.bytes().await.map_err(|e| format!("body: {e}"))?;
-        if status != 200 || &body[..] != b"OK" {
-            return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
-        }
-        Ok(())
-    }
-    .await;
-    (ms(t0.elapsed()), answer)
-}
-
 /// A wake-up sample: its time, and how long after this environment's previous wake-up
 /// answer it was sent (`None` for the first).
 pub(crate) struct WakeSample {
@@ -61,19 +36,11 @@ pub(crate) async fn wake_rounds(
             let mut errors = Vec::new();
             for _ in 0..rounds {
                 // The agent closes an idle tunnel after its inactivity timeout and a snapshot.
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let state = get_env(api, cp, id)
-                        .await
-                        .map(|v| v["tunnel"]["state"].clone());
-                    if state.as_ref().and_then(Value::as_str) == Some("closed") {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        errors.push(format!("env {id}: tunnel still {state:?} after 60 s"));
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                let closed =
+                    testkit::api::wait_tunnel_closed(api, &cp.url, id, Duration::from_secs(60))
+                        .await;
+                if let Err(e) = closed {
+                    errors.push(format!("env {id}: {e}"));
                 }
                 if settled {
                     if let Some(p) = previous {
@@ -84,7 +51,7 @@ pub(crate) async fn wake_rounds(
                 tokio::time::sleep(Duration::from_secs_f64(delay)).await;
                 let since_previous_s = previous.map(|p| p.elapsed().as_secs_f64());
                 let at_s = started.elapsed().as_secs_f64();
-                let (took, answer) = wake_once(api, cp, id).await;
+                let (took, answer) = testkit::api::docker_ping_timed(api, &cp.url, id).await;
                 previous = Some(Instant::now());
                 match answer {
                     Ok(()) => samples.push(WakeSample {
