@@ -11,7 +11,7 @@ use edge_agent::{CheckinError, PollClient, PollOptions, RefusalCode};
 use proto::async_mode::{
     Action, AsyncIntervals, AsyncRequest, CommandResult, SnapshotReport, ASYNC_PATH,
 };
-use proto::proof::{self, ProofKey};
+use proto::proof::{self, ProofKey, Route};
 use proto::snapshot::{self, Container, Snapshot};
 use proto::wire::CheckinRequest;
 use proto::JoinToken;
@@ -466,7 +466,14 @@ fn signed(token: &JoinToken, edge: Uuid, snapshot: Option<SnapshotReport>) -> Ve
         results: Vec::new(),
         done_through: None,
     };
-    proof::sign(&req, &ProofKey::derive(&token.secret, None), &edge, ts).unwrap()
+    proof::sign(
+        &req,
+        Route::Async,
+        &ProofKey::derive(&token.secret, None),
+        &edge,
+        ts,
+    )
+    .unwrap()
 }
 
 async fn post(cp: &ControlPlane, body: Vec<u8>) -> (StatusCode, Value) {
