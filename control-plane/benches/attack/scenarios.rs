@@ -289,7 +289,7 @@ pub fn bomb_body() -> Vec<u8> {
 fn bombs(target: &Target, sender: usize, n: usize) -> (&'static str, Vec<u8>) {
     static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     let body = BODY.get_or_init(bomb_body).clone();
-    let key = if sender == 0 && n % 4 == 0 {
+    let key = if sender == 0 && n.is_multiple_of(4) {
         ProofKey::derive(&target.token.secret, None)
     } else {
         ProofKey::derive(&JoinSecret::from_bytes([0x5a; 32]), None)
