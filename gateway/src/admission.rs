@@ -13,7 +13,7 @@
 //! The per-source maps hold only sources with a connection now: a ticket dropped to zero
 //! removes its entry, so they never grow beyond the connections themselves.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -114,6 +114,9 @@ struct Counts {
     all: usize,
     pending: usize,
     per_source: HashMap<Source, PerSource>,
+    /// The sources with pending connections, by how many (so the one holding the most is
+    /// found in O(log n) however many sources hold only proved connections).
+    by_pending: BTreeSet<(usize, Source)>,
     /// Tickets handed out so far: each one's sequence number.
     issued: u64,
     /// Pending connections let go to make room, ever.
@@ -143,7 +146,7 @@ struct TicketState {
 }
 
 /// The key connections are counted under.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Source {
     V4([u8; 4]),
     V6Prefix([u8; 8]),
@@ -232,23 +235,33 @@ impl Admission {
             return Err(Refused::SourcePending);
         }
         if c.pending >= l.max_pending {
-            let victim = c
-                .per_source
-                .values_mut()
-                .max_by_key(|p| p.pending.len())
-                .filter(|p| {
-                    p.pending
-                        .front()
-                        .is_some_and(|w| now.saturating_duration_since(w.since) >= EVICT_AFTER)
-                });
-            let Some(victim) = victim else {
+            // The source holding the most pending places gives up its oldest: at once if the
+            // newcomer's source holds fewer (by two or more, so equals do not trade places
+            // for ever), else once that one had its time to prove itself.
+            let Some(&(most, victim)) = c.by_pending.last() else {
                 return Err(Refused::Pending);
             };
-            if let Some(w) = victim.pending.pop_front() {
+            let oldest_since = c
+                .per_source
+                .get(&victim)
+                .and_then(|p| p.pending.front())
+                .map(|w| w.since);
+            let poorer = mine_pending + 1 < most;
+            let had_its_time = oldest_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= EVICT_AFTER);
+            if !(poorer || had_its_time) {
+                return Err(Refused::Pending);
+            }
+            let popped = c
+                .per_source
+                .get_mut(&victim)
+                .and_then(|p| p.pending.pop_front());
+            if let Some(w) = popped {
                 w.state.pending.store(false, Ordering::Relaxed);
                 w.state.evict.cancel();
                 c.pending -= 1;
                 c.evicted += 1;
+                c.rank(victim, most, most - 1);
             }
         }
         c.all += 1;
@@ -266,6 +279,8 @@ impl Admission {
             since: now,
             state: Arc::clone(&state),
         });
+        let now_pending = entry.pending.len();
+        c.rank(source, now_pending - 1, now_pending);
         Ok(Ticket {
             admission: Arc::clone(self),
             source,
@@ -295,7 +310,19 @@ impl Counts {
         if let Some(s) = self.per_source.get_mut(source) {
             if let Some(i) = s.pending.iter().position(|w| w.seq == seq) {
                 s.pending.remove(i);
+                let left = s.pending.len();
+                self.rank(*source, left + 1, left);
             }
+        }
+    }
+
+    /// `source`'s pending count went from `before` to `after`: its place in `by_pending`.
+    fn rank(&mut self, source: Source, before: usize, after: usize) {
+        if before > 0 {
+            self.by_pending.remove(&(before, source));
+        }
+        if after > 0 {
+            self.by_pending.insert((after, source));
         }
     }
 }
@@ -388,15 +415,10 @@ mod tests {
             })
             .collect();
         let other = a.admit_at(ip("10.0.0.2"), t0).unwrap();
-        // Full, and nobody has had the time to prove itself: the newcomer is refused.
-        assert_eq!(
-            a.admit_at(ip("10.0.0.3"), t0 + Duration::from_secs(1))
-                .map(|_| ()),
-            Err(Refused::Pending)
-        );
-        // Later, the source with the most pending places loses its oldest.
-        let late = t0 + EVICT_AFTER + Duration::from_secs(1);
-        let newcomer = a.admit_at(ip("10.0.0.3"), late).unwrap();
+        // Full. A newcomer from a source holding fewer than the biggest hoarder gets in at
+        // once: the hoarder loses its oldest, however young.
+        let soon = t0 + Duration::from_secs(1);
+        let newcomer = a.admit_at(ip("10.0.0.3"), soon).unwrap();
         assert!(hoarded[0].is_evicted() && !hoarded[0].is_pending());
         assert!(!hoarded[1].is_evicted() && !other.is_evicted());
         assert_eq!(
@@ -408,33 +430,78 @@ mod tests {
                 evicted: 1
             }
         );
-        // Proved connections are out of every queue: never let go.
-        hoarded[1].proved();
-        hoarded[2].proved();
-        let again = a.admit_at(ip("10.0.0.4"), late).unwrap();
-        assert!(!hoarded[1].is_evicted() && !hoarded[2].is_evicted());
-        assert_eq!(a.counts().pending, 3);
-        // The evicted ticket, dropped, gives back its connection place only.
-        drop(hoarded);
+        let fourth = a.admit_at(ip("10.0.0.4"), soon).unwrap();
+        assert!(hoarded[1].is_evicted() && !hoarded[2].is_evicted());
+        // Now everyone holds one: no source is poorer than another, so a newcomer waits
+        // until some pending connection had its time to prove itself.
         assert_eq!(
-            a.counts(),
-            AdmissionCounts {
-                connections: 3,
-                pending: 3,
-                sources: 3,
-                evicted: 1
-            }
+            a.admit_at(ip("10.0.0.5"), soon).map(|_| ()),
+            Err(Refused::Pending)
         );
-        drop((other, newcomer, again));
+        let late = soon + EVICT_AFTER;
+        let fifth = a.admit_at(ip("10.0.0.5"), late).unwrap();
+        assert_eq!(a.counts().evicted, 3);
+        assert_eq!(
+            [&hoarded[2], &other, &newcomer, &fourth]
+                .iter()
+                .filter(|t| t.is_evicted())
+                .count(),
+            1
+        );
+        assert!(!fifth.is_evicted());
+        // Proved connections are out of every queue: never let go.
+        for t in [&hoarded[2], &other, &newcomer, &fourth, &fifth] {
+            if t.is_pending() {
+                t.proved();
+            }
+        }
+        assert_eq!(a.counts().pending, 0);
+        let later = late + EVICT_AFTER;
+        let extra: Vec<_> = (0..4)
+            .map(|i| a.admit_at(ip(&format!("10.0.1.{i}")), later).unwrap())
+            .collect();
+        let _again = a.admit_at(ip("10.0.2.1"), later + EVICT_AFTER).unwrap();
+        assert!(!hoarded[2].is_evicted() && !fifth.is_evicted());
+        assert_eq!(extra.iter().filter(|t| t.is_evicted()).count(), 1);
+        // Evicted tickets, dropped, give back their connection places only.
+        drop((hoarded, other, newcomer, fourth, fifth, extra, _again));
         assert_eq!(
             a.counts(),
             AdmissionCounts {
                 connections: 0,
                 pending: 0,
                 sources: 0,
-                evicted: 1
+                evicted: 4
             }
         );
+    }
+
+    #[test]
+    fn the_biggest_hoarder_is_found_however_many_sources_hold_proved_connections() {
+        let a = Admission::new(AdmissionLimits {
+            max_connections: 100_000,
+            max_per_source: 50,
+            max_pending: 10,
+            max_pending_per_source: 10,
+        });
+        let t0 = Instant::now();
+        // 20,000 agents, each proved, from sources of their own.
+        let agents: Vec<_> = (0..20_000u32)
+            .map(|i| {
+                let [_, b, c, d] = i.to_be_bytes();
+                let t = a.admit_at(IpAddr::from([10, b, c, d]), t0).unwrap();
+                t.proved();
+                t
+            })
+            .collect();
+        let hoard: Vec<_> = (0..9)
+            .map(|_| a.admit_at(ip("192.0.2.1"), t0).unwrap())
+            .collect();
+        let small = a.admit_at(ip("192.0.2.2"), t0).unwrap();
+        let admin = a.admit_at(ip("192.0.2.3"), t0).unwrap();
+        assert!(hoard[0].is_evicted() && !small.is_evicted() && !admin.is_evicted());
+        assert!(agents.iter().all(|t| !t.is_evicted()));
+        assert_eq!(a.counts().pending, 10);
     }
 
     #[tokio::test]
@@ -462,18 +529,22 @@ mod tests {
             a.admit(ip("10.0.0.1")).map(|_| ()),
             Err(Refused::SourcePending)
         );
-        // Others still get in.
+        // Others still get in, even with every pending place taken: the source holding
+        // the most lets its oldest go.
         let t3 = a.admit(ip("10.0.0.2")).unwrap();
         let t4 = a.admit(ip("10.0.0.3")).unwrap();
-        assert_eq!(a.admit(ip("10.0.0.4")).map(|_| ()), Err(Refused::Pending));
-        drop((t1, t2, t3, t4));
+        let t5 = a.admit(ip("10.0.0.4")).unwrap();
+        assert!(t1.is_evicted() && !t2.is_evicted());
+        // Now each holds one: a fifth source waits for someone's time to run out.
+        assert_eq!(a.admit(ip("10.0.0.5")).map(|_| ()), Err(Refused::Pending));
+        drop((t1, t2, t3, t4, t5));
         assert_eq!(
             a.counts(),
             AdmissionCounts {
                 connections: 0,
                 pending: 0,
                 sources: 0,
-                evicted: 0
+                evicted: 1
             }
         );
     }

@@ -117,6 +117,7 @@ async fn run() -> Value {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = cp.pid();
+    let rss_start = rss_bytes(pid).expect("control plane alive");
 
     let mut rows = Vec::new();
     for name in chosen {
@@ -212,10 +213,17 @@ async fn run() -> Value {
         print_row(&row);
         rows.push(row);
     }
+    // And over the whole run: where memory ended, against where the first attack started.
+    let rss_end = rss_bytes(pid).unwrap_or(0);
+    println!(
+        "rss over the whole run: {} MiB before the first attack, {} MiB after the last",
+        mib(rss_start),
+        mib(rss_end)
+    );
     let stopped = agent.stop();
     cp.stop();
     drop(engine);
-    json!({ "scenarios": rows, "sizes": {
+    json!({ "scenarios": rows, "rss_start_mib": mib(rss_start), "rss_end_mib": mib(rss_end), "sizes": {
         "connections": sizes.connections, "sources": sizes.sources, "floods": sizes.floods,
     }, "agent_stopped_cleanly": stopped })
 }
@@ -225,18 +233,10 @@ fn mib(bytes: u64) -> f64 {
 }
 
 async fn metrics(cp: &CpProcess) -> std::collections::BTreeMap<String, f64> {
-    // Not testkit::api::metric_samples: that one panics, and a probe must not.
-    let Ok(r) = reqwest::get(format!("{}/metrics", cp.metrics_url)).await else {
-        return Default::default();
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    // A probe must not panic: a failed scrape counts as no samples.
+    testkit::api::try_metric_samples(&testkit::http(), &cp.metrics_url)
+        .await
+        .unwrap_or_default()
 }
 
 fn sample(samples: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
