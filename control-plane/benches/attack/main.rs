@@ -54,11 +54,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let report = runtime.block_on(run());
+    // The attackers run on threads of their own: thousands of attacking tasks on the probes'
+    // runtime would delay the probes themselves, and a real admin is not queued behind an
+    // attacker's tasks (only behind its packets, and the server's work).
+    let attackers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("attacker")
+        .enable_all()
+        .build()
+        .expect("attackers' runtime");
+    let report = runtime.block_on(run(attackers.handle().clone()));
     println!("{report}");
+    attackers.shutdown_background();
 }
 
-async fn run() -> Value {
+async fn run(attackers: tokio::runtime::Handle) -> Value {
     let seconds: u64 = setting("SECONDS", 30);
     let settle: u64 = setting("SETTLE", 120);
     let sizes = Sizes {
@@ -125,7 +135,7 @@ async fn run() -> Value {
         let refused_before = refusals(&cp).await;
         let stop = CancellationToken::new();
         let tally = Arc::new(Tally::default());
-        let attack = tokio::spawn(scenarios::run(
+        let attack = attackers.spawn(scenarios::run(
             name,
             Arc::clone(&target),
             sizes,
@@ -135,12 +145,15 @@ async fn run() -> Value {
         let started = Instant::now();
         let (mut rounds, mut fresh, mut admin_ok, mut docker_ok) = (0u32, 0u32, 0u32, 0u32);
         let (mut admin_max, mut docker_max) = (Duration::ZERO, Duration::ZERO);
+        let mut failures: Vec<String> = Vec::new();
         let (mut rss_peak, mut fds_peak, mut open_peak, mut pending_peak) = (before, 0, 0.0, 0.0);
         while started.elapsed() < Duration::from_secs(seconds) {
             let tick = Instant::now();
             let r = probes::round(&cp.url, env, freshness).await;
             rounds += 1;
             fresh += u32::from(r.agent_fresh);
+            let at = started.elapsed().as_secs_f64();
+            failures.extend(r.failures.iter().map(|f| format!("{at:.1} s: {f}")));
             if let Some(t) = r.admin {
                 admin_ok += 1;
                 admin_max = admin_max.max(t);
@@ -201,6 +214,7 @@ async fn run() -> Value {
                 "admin_max_ms": admin_max.as_secs_f64() * 1e3,
                 "docker_ok": docker_ok,
                 "docker_max_ms": docker_max.as_secs_f64() * 1e3,
+                "failures": failures,
             },
             "rss": {
                 "before_mib": mib(before),
@@ -300,4 +314,7 @@ fn print_row(r: &Value) {
             "  NOT BACK"
         },
     );
+    for f in p["failures"].as_array().into_iter().flatten().take(5) {
+        println!("    ! {}", f.as_str().unwrap_or_default());
+    }
 }

@@ -12,11 +12,13 @@ use testkit::ADMIN_KEY;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Outcome of one round of probes.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Round {
     pub agent_fresh: bool,
     pub admin: Option<Duration>,
     pub docker: Option<Duration>,
+    /// Why a probe failed, with the time it took.
+    pub failures: Vec<String>,
 }
 
 fn client() -> reqwest::Client {
@@ -26,31 +28,53 @@ fn client() -> reqwest::Client {
 /// One round: the agent's last check-in within `freshness`, `GET /api/endpoints`, and
 /// `GET /api/endpoints/{env}/docker/_ping`.
 pub async fn round(url: &str, env: u64, freshness: Duration) -> Round {
-    let (agent_fresh, admin) = admin_and_agent(url, env, freshness).await;
+    let mut failures = Vec::new();
+    let (agent_fresh, admin) = match admin_and_agent(url, env, freshness).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            failures.push(e);
+            (false, None)
+        }
+    };
+    if admin.is_some() && !agent_fresh {
+        failures.push("agent: last check-in not fresh".to_owned());
+    }
+    let docker = match docker(url, env).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            failures.push(e);
+            None
+        }
+    };
     Round {
         agent_fresh,
         admin,
-        docker: docker(url, env).await,
+        docker,
+        failures,
     }
 }
 
 /// The admin call doubles as the agent's probe: the environment's `lastCheckIn`.
-async fn admin_and_agent(url: &str, env: u64, freshness: Duration) -> (bool, Option<Duration>) {
+async fn admin_and_agent(
+    url: &str,
+    env: u64,
+    freshness: Duration,
+) -> Result<(bool, Option<Duration>), String> {
     let started = Instant::now();
-    let Ok(r) = client()
+    let failed = |what: String| format!("admin: {what} after {} ms", started.elapsed().as_millis());
+    let r = client()
         .get(format!("{url}/api/endpoints/{env}"))
         .header("X-API-Key", ADMIN_KEY)
         .send()
         .await
-    else {
-        return (false, None);
-    };
+        .map_err(|e| failed(format!("{e:?}")))?;
     if !r.status().is_success() {
-        return (false, None);
+        return Err(failed(format!("status {}", r.status())));
     }
-    let Ok(v) = r.json::<Value>().await else {
-        return (false, None);
-    };
+    let v = r
+        .json::<Value>()
+        .await
+        .map_err(|e| failed(format!("body: {e}")))?;
     let took = started.elapsed();
     let fresh = v["status"] == "up"
         && v["lastCheckIn"]
@@ -58,11 +82,18 @@ async fn admin_and_agent(url: &str, env: u64, freshness: Duration) -> (bool, Opt
             .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .is_some_and(|age| age <= freshness);
-    (fresh, Some(took))
+    Ok((fresh, Some(took)))
 }
 
-async fn docker(url: &str, env: u64) -> Option<Duration> {
+async fn docker(url: &str, env: u64) -> Result<Duration, String> {
     let started = Instant::now();
     let (status, body) = testkit::api::docker_get_with(&client(), url, env, "/_ping").await;
-    (status == 200 && body == "OK").then(|| started.elapsed())
+    if status == 200 && body == "OK" {
+        return Ok(started.elapsed());
+    }
+    let short: String = body.chars().take(160).collect();
+    Err(format!(
+        "docker: {status} {short} after {} ms",
+        started.elapsed().as_millis()
+    ))
 }
