@@ -9,6 +9,12 @@
 //! soon as its prefix is read (before any element is built), and every decode holds at most
 //! [`MAX_ITEMS`] list and map entries in all (nested lists of tiny entries would otherwise
 //! build dozens of bytes of memory per byte of input).
+//!
+//! Large frames that arrive compressed (snapshots) are decoded as they are read
+//! ([`decode_from_read`]), not inflated first: a bound is then checked when its prefix comes
+//! out of the decompressor, so a few KiB announcing millions of entries cost a few KiB.
+
+use std::io::{self, Read};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -34,6 +40,17 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<BINCODE_LIMIT>()
 }
 
+/// Most bytes a frame read by [`decode_from_read`] may have. Reading (unlike decoding from a
+/// slice) makes bincode reserve a byte string's announced length before reading it; that
+/// limit is also bincode's, so a lying prefix reserves at most this much (untouched) memory.
+/// The bounded strings of the wire types ([`bound::Text`], [`bound::ClipText`]) are read byte
+/// by byte there, their length checked before anything is reserved.
+pub const MAX_READ_FRAME: usize = 16 * 1024 * 1024;
+
+fn read_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_READ_FRAME>()
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error("empty message")]
@@ -50,6 +67,9 @@ pub enum CodecError {
     Limit(String),
     #[error("message has {0} unexpected trailing bytes")]
     Trailing(usize),
+    /// The source of [`decode_from_read`] failed (a corrupt compressed stream, say).
+    #[error("could not read message: {0}")]
+    Read(String),
     #[error("could not encode message: {0}")]
     Encode(String),
 }
@@ -91,24 +111,121 @@ pub(crate) fn check_frame(frame: &[u8], limit: usize) -> Result<&[u8], CodecErro
 }
 
 pub(crate) fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (result, over_limit) = bound::with_budget(MAX_ITEMS, || {
+    let (result, over_limit) = bound::with_budget(MAX_ITEMS, bound::Strings::Borrowed, || {
         bincode::serde::decode_from_slice(payload, config())
     });
-    let (msg, used) = result.map_err(|e| {
-        let text = match e {
-            bincode::error::DecodeError::OtherString(text) => text,
-            other => other.to_string(),
-        };
-        if over_limit {
-            CodecError::Limit(text)
-        } else {
-            CodecError::Malformed(text)
-        }
-    })?;
+    let (msg, used) = result.map_err(|e| decode_error(e, over_limit))?;
     if used != payload.len() {
         return Err(CodecError::Trailing(payload.len() - used));
     }
     Ok(msg)
+}
+
+fn decode_error(e: bincode::error::DecodeError, over_limit: bool) -> CodecError {
+    let text = match e {
+        bincode::error::DecodeError::OtherString(text) => text,
+        other => other.to_string(),
+    };
+    if over_limit {
+        CodecError::Limit(text)
+    } else {
+        CodecError::Malformed(text)
+    }
+}
+
+/// Decodes a versioned frame of at most `limit` bytes (and at most [`MAX_READ_FRAME`]) as it
+/// is read from `src`, never holding the frame itself: every bound is checked as its prefix
+/// is read, before the rest is read or anything is built. At most [`READ_AHEAD`] bytes are
+/// read ahead of the decoder. A source that fails gives [`CodecError::Read`]; one with more
+/// than `limit` bytes, [`CodecError::TooLarge`] (with `len` = `limit` + 1: nothing past the
+/// first byte too many is read).
+pub fn decode_from_read<T: DeserializeOwned>(
+    src: impl Read,
+    limit: usize,
+) -> Result<T, CodecError> {
+    let limit = limit.min(MAX_READ_FRAME);
+    let mut src = io::BufReader::with_capacity(
+        READ_AHEAD,
+        Counted {
+            inner: src.take(limit as u64 + 1),
+            read: 0,
+            failed: None,
+        },
+    );
+    let read_error = |src: &mut io::BufReader<Counted<_>>, e: io::Error| {
+        CodecError::Read(src.get_mut().failed.take().unwrap_or_else(|| e.to_string()))
+    };
+    let too_large = |read: usize| CodecError::TooLarge { len: read, limit };
+    let mut version = [0u8; 1];
+    if let Err(e) = src.read_exact(&mut version) {
+        return Err(match e.kind() {
+            io::ErrorKind::UnexpectedEof if src.get_ref().failed.is_none() => CodecError::Empty,
+            _ => read_error(&mut src, e),
+        });
+    }
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version[0]) {
+        return Err(CodecError::Version { got: version[0] });
+    }
+    let (result, over_limit) = bound::with_budget(MAX_ITEMS, bound::Strings::Read, || {
+        bincode::serde::decode_from_std_read(&mut src, read_config())
+    });
+    let msg = match result {
+        Ok(msg) => msg,
+        Err(e) => {
+            let counted = src.get_mut();
+            return Err(if let Some(failed) = counted.failed.take() {
+                CodecError::Read(failed)
+            } else if counted.read > limit {
+                too_large(counted.read)
+            } else {
+                decode_error(e, over_limit)
+            });
+        }
+    };
+    let buffered = src.buffer().len() as u64;
+    let rest = io::copy(src.get_mut(), &mut io::sink());
+    let counted = src.get_mut();
+    if let Some(failed) = counted.failed.take() {
+        return Err(CodecError::Read(failed));
+    }
+    if counted.read > limit {
+        return Err(too_large(counted.read));
+    }
+    match rest {
+        Ok(n) if n + buffered == 0 => Ok(msg),
+        Ok(n) => Err(CodecError::Trailing(
+            usize::try_from(n + buffered).unwrap_or(usize::MAX),
+        )),
+        Err(e) => Err(CodecError::Read(e.to_string())),
+    }
+}
+
+/// What [`decode_from_read`] reads ahead of the decoder.
+pub const READ_AHEAD: usize = 32 * 1024;
+
+/// A reader that counts what it gave and remembers its source's first error (bincode folds
+/// it into its own).
+struct Counted<R> {
+    inner: R,
+    read: usize,
+    failed: Option<String>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.read += n;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted && self.failed.is_none() {
+                    self.failed = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Deserialize-side bounds, for `#[serde(deserialize_with = ...)]` helpers of the wire types.
@@ -137,6 +254,23 @@ pub mod bound {
         left: usize,
         total: usize,
         exceeded: bool,
+        strings: Strings,
+    }
+
+    /// How the running decode reads the bounded strings.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Strings {
+        /// As `&str` borrowed from the input (bincode from a slice): a lying length prefix
+        /// costs nothing.
+        Borrowed,
+        /// As a list of bytes, which bincode encodes exactly as a string (its length, then the
+        /// bytes): the length is checked before anything is reserved. From a reader, bincode
+        /// would reserve a string's announced length before reading it.
+        Read,
+    }
+
+    fn strings() -> Strings {
+        BUDGET.with(|b| b.get().map_or(Strings::Borrowed, |b| b.strings))
     }
 
     thread_local! {
@@ -146,7 +280,11 @@ pub mod bound {
 
     /// Runs `decode` with a budget of `items` list and map entries; also says whether it
     /// stopped on a bound (of a list, a map, a string or the budget).
-    pub(crate) fn with_budget<R>(items: usize, decode: impl FnOnce() -> R) -> (R, bool) {
+    pub(crate) fn with_budget<R>(
+        items: usize,
+        strings: Strings,
+        decode: impl FnOnce() -> R,
+    ) -> (R, bool) {
         struct Restore(Option<Budget>);
         impl Drop for Restore {
             fn drop(&mut self) {
@@ -157,6 +295,7 @@ pub mod bound {
             left: items,
             total: items,
             exceeded: false,
+            strings,
         };
         let restore = Restore(BUDGET.with(|b| b.replace(Some(budget))));
         let out = decode();
@@ -219,7 +358,13 @@ pub mod bound {
     impl<'de> DeserializeSeed<'de> for Text {
         type Value = String;
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
-            d.deserialize_str(self)
+            match strings() {
+                Strings::Borrowed => d.deserialize_str(self),
+                Strings::Read => d.deserialize_seq(TextBytes {
+                    keep: self.max,
+                    refuse: Some(self),
+                }),
+            }
         }
     }
 
@@ -259,8 +404,70 @@ pub mod bound {
     impl<'de> DeserializeSeed<'de> for ClipText {
         type Value = String;
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
-            d.deserialize_str(self)
+            match strings() {
+                Strings::Borrowed => d.deserialize_str(self),
+                Strings::Read => d.deserialize_seq(TextBytes {
+                    keep: self.max,
+                    refuse: None,
+                }),
+            }
         }
+    }
+
+    /// A bounded string read as a list of bytes ([`Strings::Read`]): refused on its length
+    /// when over a [`Text`]'s bound, or cut to `keep` bytes (on a character boundary) for a
+    /// [`ClipText`], the bytes past it read and dropped. What is kept must be UTF-8.
+    #[derive(Clone, Copy)]
+    struct TextBytes {
+        keep: usize,
+        refuse: Option<Text>,
+    }
+
+    impl<'de> de::Visitor<'de> for TextBytes {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a string (of at most {} bytes)", self.keep)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let announced = seq.size_hint().unwrap_or(0);
+            if let Some(text) = self.refuse {
+                text.check(announced)?;
+            }
+            let mut bytes = Vec::with_capacity(announced.min(self.keep));
+            let mut cut = false;
+            while let Some(b) = seq.next_element::<u8>()? {
+                if bytes.len() < self.keep {
+                    bytes.push(b);
+                } else if let Some(text) = self.refuse {
+                    text.check(bytes.len() + 1)?;
+                } else {
+                    cut = true;
+                }
+            }
+            match String::from_utf8(bytes) {
+                Ok(text) => Ok(text),
+                Err(e) => {
+                    let valid = e.utf8_error().valid_up_to();
+                    // A character cut in two at the clip is dropped; anything else is not UTF-8.
+                    let bytes = e.into_bytes();
+                    if cut && bytes.len() - valid < 4 && cut_short(&bytes[valid..]) {
+                        let mut bytes = bytes;
+                        bytes.truncate(valid);
+                        Ok(String::from_utf8(bytes).unwrap_or_default())
+                    } else {
+                        Err(de::Error::invalid_value(
+                            de::Unexpected::Bytes(&bytes[valid..bytes.len().min(valid + 4)]),
+                            &"a UTF-8 string",
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `tail` (under 4 bytes) is the start of a character cut short.
+    fn cut_short(tail: &[u8]) -> bool {
+        std::str::from_utf8(tail).is_err_and(|e| e.error_len().is_none())
     }
 
     impl de::Visitor<'_> for ClipText {
@@ -523,6 +730,132 @@ mod tests {
     }
 
     #[test]
+    fn reading_decodes_and_refuses_as_slicing_does() {
+        let ans = CheckinAnswer {
+            status: EdgeStatus::Required,
+            interval_secs: 5,
+            server_time_ms: Some(1),
+            tunnel: None,
+        };
+        let good = encode(&ans).unwrap();
+        let read = |frame: &[u8], limit| decode_from_read::<CheckinAnswer>(frame, limit);
+        assert_eq!(read(&good, 100), Ok(ans));
+        assert_eq!(read(&[], 100), Err(CodecError::Empty));
+        // Found too large on the first byte past the limit, whatever follows.
+        assert_eq!(
+            read(&good, 2),
+            Err(CodecError::TooLarge { len: 3, limit: 2 })
+        );
+        let mut bad_version = good.clone();
+        bad_version[0] = 99;
+        assert_eq!(
+            read(&bad_version, 100),
+            Err(CodecError::Version { got: 99 })
+        );
+        let mut trailing = good.clone();
+        trailing.extend_from_slice(&[0, 0]);
+        assert_eq!(read(&trailing, 100), Err(CodecError::Trailing(2)));
+        assert!(matches!(
+            read(&good[..good.len() - 1], 100),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_source_that_fails_is_a_read_error() {
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("corrupt block"))
+            }
+        }
+        let good = encode(&CheckinAnswer {
+            status: EdgeStatus::Idle,
+            interval_secs: 5,
+            server_time_ms: Some(1_790_000_000_000),
+            tunnel: None,
+        })
+        .unwrap();
+        let failing_midway = (&good[..2]).chain(Broken);
+        assert_eq!(
+            decode_from_read::<CheckinAnswer>(failing_midway, 100),
+            Err(CodecError::Read("corrupt block".into()))
+        );
+        assert_eq!(
+            decode_from_read::<CheckinAnswer>(Broken, 100),
+            Err(CodecError::Read("corrupt block".into()))
+        );
+    }
+
+    /// A message with a refused and a clipped string.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Texts {
+        #[serde(deserialize_with = "name")]
+        name: String,
+        #[serde(deserialize_with = "note")]
+        note: String,
+    }
+
+    fn name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        use serde::de::DeserializeSeed;
+        bound::Text {
+            what: "name",
+            max: 8,
+        }
+        .deserialize(d)
+    }
+
+    fn note<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        use serde::de::DeserializeSeed;
+        bound::ClipText { max: 5 }.deserialize(d)
+    }
+
+    #[test]
+    fn read_strings_are_bounded_before_anything_is_reserved() {
+        let frame = encode(&Texts {
+            name: "édith".into(),
+            note: "ééé".into(),
+        })
+        .unwrap();
+        // Clipped on a character boundary, both ways.
+        let clipped = Texts {
+            name: "édith".into(),
+            note: "éé".into(),
+        };
+        assert_eq!(decode::<Texts>(&frame, 100).unwrap(), clipped);
+        assert_eq!(decode_from_read::<Texts>(&frame[..], 100).unwrap(), clipped);
+        // A name announcing 10 MB, followed by one byte: refused on its length.
+        let mut lying = vec![PROTOCOL_VERSION, 252];
+        lying.extend_from_slice(&10_000_000u32.to_le_bytes());
+        lying.push(b'a');
+        let refused = "name: a string of 10000000 bytes, more than the limit of 8";
+        assert_eq!(
+            decode_from_read::<Texts>(&lying[..], 100),
+            Err(CodecError::Limit(refused.into()))
+        );
+        // From a slice, on the bytes missing (it reserves nothing either).
+        assert!(matches!(
+            decode::<Texts>(&lying, 100),
+            Err(CodecError::Malformed(_))
+        ));
+        // Not UTF-8: refused both ways.
+        let mut bad = encode(&Texts {
+            name: "ab".into(),
+            note: String::new(),
+        })
+        .unwrap();
+        bad[2] = 0xff;
+        assert!(matches!(
+            decode::<Texts>(&bad, 100),
+            Err(CodecError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_from_read::<Texts>(&bad[..], 100),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn huge_claimed_lengths_do_not_allocate() {
         // version, then a Vec length prefix claiming u64::MAX elements.
         let frame = [
@@ -577,7 +910,7 @@ mod tests {
 
         #[test]
         fn the_entry_budget_counts_every_list_of_one_decode_and_ends_with_it() {
-            let (two_lists, over) = bound::with_budget(5, || {
+            let (two_lists, over) = bound::with_budget(5, bound::Strings::Borrowed, || {
                 LIST.deserialize(unannounced(3))?;
                 LIST.deserialize(unannounced(3))
             });
@@ -588,8 +921,11 @@ mod tests {
             );
             // Outside a decode only the list's own bound applies.
             assert!(LIST.deserialize(unannounced(3)).is_ok());
-            let (inner, over) = bound::with_budget(100, || {
-                bound::with_budget(1, || LIST.deserialize(unannounced(2))).0
+            let (inner, over) = bound::with_budget(100, bound::Strings::Borrowed, || {
+                bound::with_budget(1, bound::Strings::Borrowed, || {
+                    LIST.deserialize(unannounced(2))
+                })
+                .0
             });
             assert!(
                 inner.is_err() && !over,

@@ -25,7 +25,11 @@ pub const SNAPSHOT_PATH: &str = "/edge/s";
 /// Largest signed upload frame accepted (compressed).
 pub const MAX_UPLOAD_FRAME: usize = 1024 * 1024;
 /// Largest snapshot once decompressed.
-pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_SNAPSHOT_BYTES: usize = codec::MAX_READ_FRAME;
+/// Largest zstd window a body may ask for (`2^24` = [`MAX_SNAPSHOT_BYTES`]): the decompressor
+/// reserves its window up front, and zstd's own default would allow 128 MiB.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+
 const ZSTD_LEVEL: i32 = 3;
 
 /// Most containers in a snapshot (and container upserts, or removals, in a delta). Stacks
@@ -545,10 +549,12 @@ pub fn compress(snap: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
     zstd::bulk::compress(&frame, ZSTD_LEVEL).map_err(|e| SnapshotError::Compression(e.to_string()))
 }
 
-/// The inverse of [`compress`], refusing output over [`MAX_SNAPSHOT_BYTES`] without
-/// allocating it (a zstd bomb stops at the limit).
+/// The inverse of [`compress`]. Decoded as it is inflated, never inflated whole: a body
+/// whose decompressed frame breaks a bound (more than [`MAX_SNAPSHOT_BYTES`], or a list
+/// announcing more entries than allowed) is refused when the first bytes past the bound come
+/// out of the decompressor, however much more it would have inflated to.
 pub fn decompress(body: &[u8]) -> Result<Snapshot, SnapshotError> {
-    Ok(codec::decode(&inflate(body)?, MAX_SNAPSHOT_BYTES)?)
+    inflate_decode(body).0
 }
 
 /// What identifies a snapshot's content for deltas: the first 8 bytes of the SHA-256 of its
@@ -717,21 +723,45 @@ pub fn compress_delta(delta: &SnapshotDelta) -> Result<Vec<u8>, SnapshotError> {
 
 /// The inverse of [`compress_delta`], bounded like [`decompress`].
 pub fn decompress_delta(body: &[u8]) -> Result<SnapshotDelta, SnapshotError> {
-    Ok(codec::decode(&inflate(body)?, MAX_SNAPSHOT_BYTES)?)
+    inflate_decode(body).0
 }
 
-fn inflate(body: &[u8]) -> Result<Vec<u8>, SnapshotError> {
-    let decoder = zstd::stream::read::Decoder::new(body)
-        .map_err(|e| SnapshotError::Compression(e.to_string()))?;
-    let mut frame = Vec::new();
-    decoder
-        .take(MAX_SNAPSHOT_BYTES as u64 + 1)
-        .read_to_end(&mut frame)
-        .map_err(|e| SnapshotError::Compression(e.to_string()))?;
-    if frame.len() > MAX_SNAPSHOT_BYTES {
-        return Err(SnapshotError::TooLarge);
+/// Decodes the codec frame in the zstd `body` as it is inflated; also says how many bytes
+/// were inflated.
+fn inflate_decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> (Result<T, SnapshotError>, u64) {
+    let compression = |e: std::io::Error| SnapshotError::Compression(e.to_string());
+    let mut zstd = match zstd::stream::read::Decoder::with_buffer(body) {
+        Ok(zstd) => zstd,
+        Err(e) => return (Err(compression(e)), 0),
+    };
+    if let Err(e) = zstd.window_log_max(ZSTD_WINDOW_LOG_MAX) {
+        return (Err(compression(e)), 0);
     }
-    Ok(frame)
+    let mut inflated = Tally {
+        inner: zstd,
+        bytes: 0,
+    };
+    let decoded = codec::decode_from_read(&mut inflated, MAX_SNAPSHOT_BYTES);
+    let decoded = decoded.map_err(|e| match e {
+        CodecError::TooLarge { .. } => SnapshotError::TooLarge,
+        CodecError::Read(e) => SnapshotError::Compression(e),
+        other => SnapshotError::Codec(other),
+    });
+    (decoded, inflated.bytes)
+}
+
+/// Counts the bytes a reader gave.
+struct Tally<R> {
+    inner: R,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Tally<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -795,10 +825,46 @@ mod tests {
 
     #[test]
     fn a_decompression_bomb_stops_at_the_limit() {
-        let zeros = vec![0u8; MAX_SNAPSHOT_BYTES + 10];
-        let bomb = zstd::bulk::compress(&zeros, 3).unwrap();
+        // A valid frame, then zeros past the limit.
+        let mut frame = codec::encode(&Snapshot::default()).unwrap();
+        frame.resize(MAX_SNAPSHOT_BYTES + 10, 0);
+        let bomb = zstd::bulk::compress(&frame, 3).unwrap();
         assert!(bomb.len() < 4096);
-        assert!(matches!(decompress(&bomb), Err(SnapshotError::TooLarge)));
+        let (decoded, inflated) = inflate_decode::<Snapshot>(&bomb);
+        assert!(
+            matches!(decoded, Err(SnapshotError::TooLarge)),
+            "{decoded:?}"
+        );
+        assert!(inflated <= (MAX_SNAPSHOT_BYTES + codec::READ_AHEAD) as u64);
+        // Zeros alone are refused on their first byte (no protocol version 0).
+        let zeros = zstd::bulk::compress(&vec![0u8; MAX_SNAPSHOT_BYTES + 10], 3).unwrap();
+        let (decoded, inflated) = inflate_decode::<Snapshot>(&zeros);
+        assert!(matches!(
+            decoded,
+            Err(SnapshotError::Codec(CodecError::Version { got: 0 }))
+        ));
+        assert!(inflated <= codec::READ_AHEAD as u64);
+    }
+
+    #[test]
+    fn a_body_asking_for_a_window_over_16_mib_is_refused() {
+        use std::io::Write as _;
+        let frame = codec::encode(&Snapshot::default()).unwrap();
+        // Streamed without its size: the header names the window, 2^26 bytes.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.window_log(26).unwrap();
+        enc.write_all(&frame).unwrap();
+        let wide = enc.finish().unwrap();
+        let e = decompress(&wide).unwrap_err();
+        assert!(matches!(e, SnapshotError::Compression(_)), "{e}");
+        // The same with the usual window decodes.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.window_log(ZSTD_WINDOW_LOG_MAX).unwrap();
+        enc.write_all(&frame).unwrap();
+        assert_eq!(
+            decompress(&enc.finish().unwrap()).unwrap(),
+            Snapshot::default()
+        );
     }
 
     fn engine_with(containers: Vec<Container>) -> Snapshot {
@@ -908,23 +974,18 @@ mod tests {
         assert!(frame.len() <= MAX_SNAPSHOT_BYTES);
         let body = zstd::bulk::compress(&frame, ZSTD_LEVEL).unwrap();
         assert!(body.len() < 4096, "{} bytes", body.len());
-        let started = std::time::Instant::now();
-        let inflated = inflate(&body).unwrap();
-        let inflating = started.elapsed();
-        let e = limit_error(decompress(&body).unwrap_err());
-        let decoding = started.elapsed() - inflating;
+        let (decoded, inflated) = inflate_decode::<Snapshot>(&body);
         // Refused on the announced length: the count is only known before any is built.
         assert_eq!(
-            e,
+            limit_error(decoded.unwrap_err()),
             format!("containers: {count} entries, more than the limit of {MAX_CONTAINERS}")
         );
-        // Refusing costs no more than inflating again (building 1.8 M containers would take
-        // hundreds of MB and many times as long).
+        // ... and having inflated one buffer of the 16 MB it holds.
         assert!(
-            decoding < inflating * 3 + std::time::Duration::from_millis(200),
-            "inflating took {inflating:?}, decoding {decoding:?}"
+            inflated <= codec::READ_AHEAD as u64,
+            "inflated {inflated} bytes of {}",
+            frame.len()
         );
-        assert_eq!(inflated, frame);
         // The same bytes as a delta's upserts, and as the codec frame alone.
         let e = codec::decode::<Snapshot>(&frame, MAX_SNAPSHOT_BYTES).unwrap_err();
         assert!(matches!(e, CodecError::Limit(_)), "{e}");

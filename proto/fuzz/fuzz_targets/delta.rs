@@ -1,8 +1,9 @@
 #![no_main]
 //! Snapshot deltas of async mode, as the control plane reads them: the zstd body
-//! (`decompress_delta`) and the inflated codec frame, then `apply` to a held snapshot. Never a
-//! panic; what decodes survives a round trip; a delta that applies gives a snapshot with the
-//! delta's result digest that still decodes.
+//! (`decompress_delta`) and the inflated codec frame (from a slice and from a reader, which
+//! must agree), then `apply` to a held snapshot. Never a panic; what decodes survives a round
+//! trip; a delta that applies gives a snapshot with the delta's result digest that still
+//! decodes.
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
@@ -50,7 +51,15 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(delta) = snapshot::decompress_delta(data) {
         check(delta);
     }
-    if let Ok(delta) = codec::decode::<SnapshotDelta>(data, MAX_SNAPSHOT_BYTES) {
-        check(delta);
+    // The frame decoded from a slice and as it is read (as bodies are): the same outcome.
+    let sliced = codec::decode::<SnapshotDelta>(data, MAX_SNAPSHOT_BYTES);
+    let read = codec::decode_from_read::<SnapshotDelta>(data, MAX_SNAPSHOT_BYTES);
+    match (sliced, read) {
+        (Ok(a), Ok(b)) => {
+            assert!(a == b, "decoded from a slice and from a reader differ");
+            check(a);
+        }
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("slice and reader decodes disagree: {:?} / {:?}", a.err(), b.err()),
     }
 });

@@ -1,8 +1,8 @@
 #![no_main]
-//! Snapshot uploads, as the control plane reads them: the zstd body (`decompress`, inflate
-//! bounded at 16 MiB, then decode) and the inflated codec frame itself, so the fuzzer reaches
-//! the decoder and its bounds without having to forge zstd. Never a panic; what decodes
-//! survives a round trip, and normalising it never panics, changes nothing the second time and
+//! Snapshot uploads, as the control plane reads them: the zstd body (`decompress`, decoded
+//! as it is inflated) and the inflated codec frame itself, so the fuzzer reaches the decoder
+//! and its bounds without having to forge zstd; the frame is decoded from a slice and from a
+//! reader, which must agree. Never a panic; what decodes survives a round trip, and normalising it never panics, changes nothing the second time and
 //! leaves a snapshot that still decodes.
 use libfuzzer_sys::fuzz_target;
 use proto::codec;
@@ -30,7 +30,15 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(snap) = snapshot::decompress(data) {
         check(snap);
     }
-    if let Ok(snap) = codec::decode::<Snapshot>(data, MAX_SNAPSHOT_BYTES) {
-        check(snap);
+    // The frame decoded from a slice and as it is read (as bodies are): the same outcome.
+    let sliced = codec::decode::<Snapshot>(data, MAX_SNAPSHOT_BYTES);
+    let read = codec::decode_from_read::<Snapshot>(data, MAX_SNAPSHOT_BYTES);
+    match (sliced, read) {
+        (Ok(a), Ok(b)) => {
+            assert!(a == b, "decoded from a slice and from a reader differ");
+            check(a);
+        }
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("slice and reader decodes disagree: {:?} / {:?}", a.err(), b.err()),
     }
 });
