@@ -217,7 +217,7 @@ impl Prepared {
         let gateway = if config.embedded_gateway {
             let listener = match listeners.tunnel {
                 Some(l) => l,
-                None => TcpListener::bind(config.tunnel_addr).map_err(RunError::Listen)?,
+                None => gateway::listen::bind(config.tunnel_addr).map_err(RunError::Listen)?,
             };
             let gw = GatewayConfig::new(
                 format!("embedded-{}", gateway::random_suffix()),

@@ -1,6 +1,6 @@
 //! `control-plane`: parses flags and environment, then hands over to the library.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -202,7 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let metrics_addr = cli.metrics_addr;
     let config = cli.into_config();
     let bind = |flag: &str, addr: SocketAddr| {
-        TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {flag} {addr}: {e}"))
+        gateway::listen::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {flag} {addr}: {e}"))
     };
     let tunnel = if config.embedded_gateway {
         Some(bind("--tunnel-addr", config.tunnel_addr)?)

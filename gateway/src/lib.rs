@@ -73,6 +73,7 @@ pub mod admission;
 mod agent;
 mod dial;
 mod lease;
+pub mod listen;
 mod metrics;
 mod serve_dial;
 mod server;

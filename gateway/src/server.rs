@@ -169,13 +169,14 @@ impl Gateway {
         registry: &prometheus::Registry,
     ) -> Result<Arc<Self>, GatewayError> {
         check(&config)?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| GatewayError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listen_error = |source| GatewayError::Listen {
+            addr: config.listen,
+            source,
+        };
+        let listener = crate::listen::bind(config.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .map_err(listen_error)?;
         Self::with_listener(config, listener, store, registry)
     }
 
