@@ -1,5 +1,6 @@
 //! The per-check-in work of the server, without the network: decode and split the signed
-//! frame, then the environment state machine's decision (proof, freshness, replay, binding).
+//! frame, then the environment state machine's decision (proof, freshness, replay, binding);
+//! and reading a snapshot upload (decoded as it is inflated), or refusing a zstd bomb.
 //!     cargo bench -p control-plane --bench hot_paths
 
 use control_plane::fleet::state::EnvState;
@@ -75,5 +76,63 @@ fn checkin(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, checkin);
+/// A snapshot of 500 containers with ten labels each (a 349 KB frame).
+fn big_snapshot() -> proto::snapshot::Snapshot {
+    use proto::snapshot::{Container, Snapshot};
+    let containers = (0..500)
+        .map(|i| Container {
+            id: format!("{i:064x}"),
+            names: vec![format!("/container-{i}")],
+            image: "registry.example.com/team/app:1.2.3".into(),
+            image_id: format!("sha256:{i:064x}"),
+            command: "/bin/sh -c 'exec app --serve'".into(),
+            state: "running".into(),
+            labels: (0..10)
+                .map(|j| (format!("com.example.label.{j}"), format!("value {i} {j}")))
+                .collect(),
+            ..Container::default()
+        })
+        .collect();
+    Snapshot {
+        containers,
+        ..Snapshot::default()
+    }
+}
+
+/// A zstd body of a few hundred bytes announcing 1.5 M empty containers (13.5 MB inflated).
+fn bomb() -> Vec<u8> {
+    let empty = proto::codec::encode(&proto::snapshot::Snapshot::default()).expect("encode");
+    let at = empty.len() - 5;
+    let mut frame = empty[..at].to_vec();
+    frame.push(252);
+    frame.extend_from_slice(&1_500_000u32.to_le_bytes());
+    frame.resize(frame.len() + 9 * 1_500_000, 0);
+    frame.extend_from_slice(&empty[at + 1..]);
+    zstd::bulk::compress(&frame, 3).expect("zstd")
+}
+
+fn snapshots(c: &mut Criterion) {
+    use proto::snapshot::{self, Snapshot, MAX_SNAPSHOT_BYTES};
+    let snap = big_snapshot();
+    let frame = proto::codec::encode(&snap).expect("encode");
+    let body = snapshot::compress(&snap).expect("compress");
+    c.bench_function(
+        "snapshot: decompress 500 containers (decoded as inflated)",
+        |b| b.iter(|| black_box(snapshot::decompress(black_box(&body)).expect("decode"))),
+    );
+    c.bench_function("snapshot: inflate whole, then decode the slice", |b| {
+        b.iter(|| {
+            let inflated = zstd::bulk::decompress(black_box(&body), frame.len()).expect("zstd");
+            black_box(
+                proto::codec::decode::<Snapshot>(&inflated, MAX_SNAPSHOT_BYTES).expect("decode"),
+            )
+        })
+    });
+    let bomb = bomb();
+    c.bench_function("snapshot: refuse a bomb of 1.5 M empty containers", |b| {
+        b.iter(|| black_box(snapshot::decompress(black_box(&bomb)).expect_err("refused")))
+    });
+}
+
+criterion_group!(benches, checkin, snapshots);
 criterion_main!(benches);

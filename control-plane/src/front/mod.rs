@@ -243,13 +243,17 @@ where
             return;
         }
     }
+    // Boxed, here and below: a connection's task is as large as its future's largest state,
+    // and TLS, hyper and actix's dispatcher each hold kilobytes inline. A connection that
+    // has sent nothing (the cheapest to open by the thousand) holds only the small future
+    // that waits for its first byte; each later stage allocates what it needs when it starts.
     let first = tokio::select! {
         () = ticket.evicted() => return,
-        r = tokio::time::timeout(deadlines.first_request, async {
+        r = tokio::time::timeout(deadlines.first_request, Box::pin(async {
             let mut tls = acceptor.accept(tcp).await?;
             let head = io::read_request_head(&mut tls).await?;
             Ok::<_, std::io::Error>((tls, head))
-        }) => r,
+        })) => r,
     };
     let (tls, head) = match first {
         Ok(Ok(x)) => x,
@@ -270,12 +274,12 @@ where
     let docker = is_docker_hijack(&head);
     let io = Prefixed::new(head, tls);
     if docker {
-        proxy.serve_connection(io, Some(ticket)).await;
+        Box::pin(proxy.serve_connection(io, Some(ticket))).await;
     } else {
         let clock = HeadClock::new(deadlines.keep_alive, deadlines.first_request);
         let on_timeout = metrics.timed_out.with_label_values(&["next_request"]);
         let io = Timed::new(io, clock, ticket, on_timeout);
-        if let Err(e) = h1.call((io, peer)).await {
+        if let Err(e) = Box::pin(h1.call((io, peer))).await {
             tracing::debug!(peer = ?peer, error = ?e, "api connection ended with an error");
         }
     }
