@@ -99,18 +99,6 @@ fn big_snapshot() -> proto::snapshot::Snapshot {
     }
 }
 
-/// A zstd body of a few hundred bytes announcing 1.5 M empty containers (13.5 MB inflated).
-fn bomb() -> Vec<u8> {
-    let empty = proto::codec::encode(&proto::snapshot::Snapshot::default()).expect("encode");
-    let at = empty.len() - 5;
-    let mut frame = empty[..at].to_vec();
-    frame.push(252);
-    frame.extend_from_slice(&1_500_000u32.to_le_bytes());
-    frame.resize(frame.len() + 9 * 1_500_000, 0);
-    frame.extend_from_slice(&empty[at + 1..]);
-    zstd::bulk::compress(&frame, 3).expect("zstd")
-}
-
 fn snapshots(c: &mut Criterion) {
     use proto::snapshot::{self, Snapshot, MAX_SNAPSHOT_BYTES};
     let snap = big_snapshot();
@@ -128,7 +116,7 @@ fn snapshots(c: &mut Criterion) {
             )
         })
     });
-    let bomb = bomb();
+    let bomb = testkit::hostile::zstd_bomb(1_500_000);
     c.bench_function("snapshot: refuse a bomb of 1.5 M empty containers", |b| {
         b.iter(|| black_box(snapshot::decompress(black_box(&bomb)).expect_err("refused")))
     });

@@ -63,3 +63,19 @@ pub async fn answer_within<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration
     let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A zstd snapshot bomb: a few hundred bytes that inflate into the codec frame of a snapshot
+/// announcing `containers` empty containers (nine zero bytes each: six empty strings, no
+/// names, labels or ports, created 0), which a bounded decoder refuses on the length prefix.
+pub fn zstd_bomb(containers: u32) -> Vec<u8> {
+    let empty = proto::codec::encode(&proto::snapshot::Snapshot::default()).expect("encode");
+    // The frame ends with the five empty lists (containers, images, volumes, networks,
+    // stacks): the containers' length goes where the first of them is.
+    let at = empty.len() - 5;
+    let mut frame = empty[..at].to_vec();
+    frame.push(252);
+    frame.extend_from_slice(&containers.to_le_bytes());
+    frame.resize(frame.len() + 9 * containers as usize, 0);
+    frame.extend_from_slice(&empty[at + 1..]);
+    zstd::bulk::compress(&frame, 3).expect("zstd")
+}

@@ -266,21 +266,10 @@ fn upload(target: &Target, key: &ProofKey, body: Vec<u8>) -> Vec<u8> {
     proof::sign(&upload, Route::Snapshot, key, &target.edge_id, ts).expect("sign")
 }
 
-/// A zstd bomb: a few KiB that decode (were nothing bounded) into a snapshot of 1.5 million
-/// empty containers.
+/// A zstd bomb: a few hundred bytes that decode (were nothing bounded) into a snapshot of
+/// 1.5 million empty containers.
 pub fn bomb_body() -> Vec<u8> {
-    let empty = proto::codec::encode(&proto::snapshot::Snapshot::default()).expect("encode");
-    // The frame ends with the five empty lists (containers, images, volumes, networks,
-    // stacks): the containers' length goes where the first of them is.
-    let at = empty.len() - 5;
-    let mut frame = empty[..at].to_vec();
-    frame.push(252);
-    frame.extend_from_slice(&1_500_000u32.to_le_bytes());
-    // An empty container is nine zero bytes (six empty strings, no names, labels or ports,
-    // created 0).
-    frame.resize(frame.len() + 9 * 1_500_000, 0);
-    frame.extend_from_slice(&empty[at + 1..]);
-    zstd::bulk::compress(&frame, 3).expect("zstd")
+    testkit::hostile::zstd_bomb(1_500_000)
 }
 
 /// Bombs: all but one sender without the key (refused by the proof, before anything is
