@@ -9,7 +9,7 @@
 //! then one byte), garbage check-ins and uploads aimed at the real agent's environment, and
 //! zstd bombs (without and with the key). Each runs for `ATTACK_SECONDS` (30) from
 //! `ATTACK_SOURCES` (40) loopback sources with `ATTACK_CONNECTIONS` (4000) connections, or
-//! `ATTACK_FLOODS` (32) request senders; `ATTACK_ONLY` picks scenarios (comma-separated).
+//! `ATTACK_FLOODS` (32) request senders; `ATTACK_ONLY` picks scenarios (comma-separated, run in that order, repeats allowed).
 //!
 //! While it runs, once a second, from 127.0.0.1 on fresh connections: the real agent's last
 //! check-in must be fresh, an admin call must answer, a Docker call through the tunnel must
@@ -76,15 +76,15 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
         sources: setting("SOURCES", 40),
         floods: setting("FLOODS", 32),
     };
-    let only: Option<String> = std::env::var("ATTACK_ONLY").ok();
-    let chosen: Vec<&str> = scenarios::ALL
-        .iter()
-        .copied()
-        .filter(|s| {
-            only.as_deref()
-                .is_none_or(|o| o.split(',').any(|x| x == *s))
-        })
-        .collect();
+    // In the order given, repeats allowed: `slow_head,slow_head` shows whether a second round
+    // of the same attack leaves more behind than the first.
+    let chosen: Vec<String> = match std::env::var("ATTACK_ONLY") {
+        Ok(only) => only.split(',').map(|s| s.trim().to_owned()).collect(),
+        Err(_) => scenarios::ALL.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    if let Some(unknown) = chosen.iter().find(|s| !scenarios::ALL.contains(&s.as_str())) {
+        panic!("no scenario {unknown:?}; known: {:?}", scenarios::ALL);
+    }
 
     let engine = Engine::start();
     let data = tempfile::tempdir().expect("data dir");
@@ -136,7 +136,7 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
         let stop = CancellationToken::new();
         let tally = Arc::new(Tally::default());
         let attack = attackers.spawn(scenarios::run(
-            name,
+            name.clone(),
             Arc::clone(&target),
             sizes,
             stop.clone(),

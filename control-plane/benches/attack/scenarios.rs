@@ -74,14 +74,14 @@ fn source(sizes: Sizes, i: usize) -> Ipv4Addr {
 
 /// Runs `name` until `stop`.
 pub async fn run(
-    name: &str,
+    name: String,
     target: Arc<Target>,
     sizes: Sizes,
     stop: CancellationToken,
     tally: Arc<Tally>,
 ) {
     let (api, tunnel) = (target.api, target.tunnel);
-    match name {
+    match name.as_str() {
         "idle_tcp_api" => hold(api, sizes, stop, tally, idle).await,
         "idle_tcp_tunnel" => hold(tunnel, sizes, stop, tally, idle).await,
         "unfinished_tls_api" => hold(api, sizes, stop, tally, unfinished_tls).await,
