@@ -8,10 +8,13 @@ use control_plane::bootstrap::AdminKeySource;
 use control_plane::config::{Config, TlsSource};
 use control_plane::{prepare, Listeners, Prepared};
 
-// mimalloc returns freed memory to the OS far better than glibc's malloc after bursts such as
-// thousands of TLS handshakes at once, which is what keeps memory per idle agent low.
+// jemalloc with its background thread: memory freed after a burst (thousands of TLS
+// handshakes, an attack's connections) goes back to the OS within seconds even while the
+// server is idle. glibc's malloc keeps it; mimalloc purges a thread's freed pages only when
+// that thread allocates again, so an idle worker kept tens of MiB after an attack
+// (docs/benchmarks.md, "Attacks").
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// edgeplane control plane: admin REST API and agent check-ins over HTTPS.
 #[derive(Parser, Debug)]

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-// As in the control plane: mimalloc gives memory back after bursts of TLS handshakes.
+// As in the control plane: jemalloc's background thread gives memory back after bursts of
+// TLS handshakes, also while the process is idle.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// edgeplane tunnel gateway: terminates agents' reverse tunnels (cluster mode, shared Redis).
 #[derive(Parser, Debug)]

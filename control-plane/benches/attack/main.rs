@@ -82,7 +82,10 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
         Ok(only) => only.split(',').map(|s| s.trim().to_owned()).collect(),
         Err(_) => scenarios::ALL.iter().map(|s| (*s).to_owned()).collect(),
     };
-    if let Some(unknown) = chosen.iter().find(|s| !scenarios::ALL.contains(&s.as_str())) {
+    if let Some(unknown) = chosen
+        .iter()
+        .find(|s| !scenarios::ALL.contains(&s.as_str()))
+    {
         panic!("no scenario {unknown:?}; known: {:?}", scenarios::ALL);
     }
 
