@@ -9,10 +9,10 @@ use control_plane::config::{Config, TlsSource};
 use control_plane::{prepare, Listeners, Prepared};
 
 // jemalloc with its background thread: memory freed after a burst (thousands of TLS
-// handshakes, an attack's connections) goes back to the OS within seconds even while the
+// handshakes, an attack's connections) goes back to the OS within 10-20 s even while the
 // server is idle. glibc's malloc keeps it; mimalloc purges a thread's freed pages only when
 // that thread allocates again, so an idle worker kept tens of MiB after an attack
-// (docs/benchmarks.md, "Attacks").
+// (docs/benchmarks.md, "Hostile clients against the real binary").
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -9,7 +9,8 @@
 //! then one byte), garbage check-ins and uploads aimed at the real agent's environment, and
 //! zstd bombs (without and with the key). Each runs for `ATTACK_SECONDS` (30) from
 //! `ATTACK_SOURCES` (40) loopback sources with `ATTACK_CONNECTIONS` (4000) connections, or
-//! `ATTACK_FLOODS` (32) request senders; `ATTACK_ONLY` picks scenarios (comma-separated, run in that order, repeats allowed).
+//! `ATTACK_FLOODS` (32) request senders; `ATTACK_ONLY` picks scenarios (comma-separated, run
+//! in that order, repeats allowed).
 //!
 //! While it runs, once a second, from 127.0.0.1 on fresh connections: the real agent's last
 //! check-in must be fresh, an admin call must answer, a Docker call through the tunnel must
