@@ -27,6 +27,9 @@ pub struct Config {
     /// Image named in install commands.
     pub agent_image: String,
     pub limits: Limits,
+    /// Reads the allocator's counts for `/metrics` (`edgeplane_allocator_bytes`); the binary
+    /// that chose the allocator sets it.
+    pub allocator_stats: Option<crate::metrics::AllocatorStatsFn>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +122,7 @@ impl std::fmt::Debug for Config {
             .field("agent_secret", &redacted(&self.agent_secret))
             .field("agent_image", &self.agent_image)
             .field("limits", &self.limits)
+            .field("allocator_stats", &self.allocator_stats.is_some())
             .finish()
     }
 }
@@ -139,6 +143,7 @@ impl Config {
             agent_secret: None,
             agent_image: format!("edgeplane/edge-agent:{}", env!("CARGO_PKG_VERSION")),
             limits: Limits::default(),
+            allocator_stats: None,
         }
     }
 }

@@ -183,6 +183,9 @@ impl Prepared {
             ..
         } = self;
         let metrics = Arc::new(Metrics::new());
+        if let Some(read) = config.allocator_stats {
+            metrics.watch_allocator(read);
+        }
         let settings = store.settings().await?;
         let limits = config.limits.clone();
         let fleet = Fleet::new(

@@ -11,10 +11,29 @@ use control_plane::{prepare, Listeners, Prepared};
 // jemalloc with its background thread: memory freed after a burst (thousands of TLS
 // handshakes, an attack's connections) goes back to the OS within 10-20 s even while the
 // server is idle. glibc's malloc keeps it; mimalloc purges a thread's freed pages only when
-// that thread allocates again, so an idle worker kept tens of MiB after an attack
-// (docs/benchmarks.md, "Hostile clients against the real binary").
+// that thread allocates again, so an idle worker kept tens of MiB after an attack. jemalloc
+// also serves C code's malloc (the workspace enables `unprefixed_malloc_on_supported_platforms`:
+// aws-lc's handshake allocations in glibc's per-thread arenas kept ~3 MiB after the first
+// burst), and runs without thread caches (`.cargo/config.toml`: what an idle thread cached
+// stayed cached). See docs/benchmarks.md, "Hostile clients against the real binary".
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's counts for `/metrics`: what the program holds against what is resident.
+fn jemalloc_stats() -> Option<control_plane::metrics::AllocatorStats> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    // The counts are cached per epoch: advancing it refreshes them.
+    epoch::advance().ok()?;
+    let read = |r: tikv_jemalloc_ctl::Result<usize>| r.ok().map(|v| v as u64);
+    Some(control_plane::metrics::AllocatorStats {
+        allocated: read(stats::allocated::read())?,
+        active: read(stats::active::read())?,
+        resident: read(stats::resident::read())?,
+        metadata: read(stats::metadata::read())?,
+        mapped: read(stats::mapped::read())?,
+        retained: read(stats::retained::read())?,
+    })
+}
 
 /// edgeplane control plane: admin REST API and agent check-ins over HTTPS.
 #[derive(Parser, Debug)]
@@ -109,6 +128,7 @@ impl Cli {
             self.max_connections,
             self.max_connections_per_source,
         );
+        c.allocator_stats = Some(jemalloc_stats);
         c
     }
 }
@@ -237,5 +257,22 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tikv_jemalloc_ctl::opt;
+
+    /// The options the memory figures were measured with are the ones this build runs with
+    /// (`.cargo/config.toml` and the workspace's jemalloc features).
+    #[test]
+    fn jemalloc_runs_with_its_background_thread_and_no_thread_caches() {
+        if std::env::var_os("MALLOC_CONF").is_some() {
+            return; // an operator's override; nothing to check
+        }
+        assert_eq!(opt::background_thread::read().ok(), Some(true));
+        assert_eq!(opt::tcache::read().ok(), Some(false));
+        assert!(super::jemalloc_stats().is_some_and(|s| s.allocated > 0));
     }
 }

@@ -76,6 +76,22 @@ async fn enrol_bind_restart_and_go_down() {
     let token = JoinToken::parse(&key).unwrap();
     impostor_refused(&token).await;
 
+    // The binary's allocator counts itself on /metrics: what the program holds, within the
+    // pages it uses; something resident.
+    let m = testkit::api::metric_samples(&cp.metrics_url).await;
+    let kind = |k: &str| {
+        m.get(&format!("edgeplane_allocator_bytes{{kind=\"{k}\"}}"))
+            .copied()
+    };
+    let (allocated, active, resident) = (kind("allocated"), kind("active"), kind("resident"));
+    let (Some(allocated), Some(active), Some(resident)) = (allocated, active, resident) else {
+        panic!("no allocator counts on /metrics: {m:?}");
+    };
+    assert!(
+        0.0 < allocated && allocated <= active && 0.0 < resident,
+        "allocated {allocated}, active {active}, resident {resident}"
+    );
+
     // Restart the control plane on the same data dir: environment, binding and refusal hold,
     // and the agent (which kept retrying meanwhile) is up again.
     cp.stop();

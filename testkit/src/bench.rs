@@ -72,10 +72,22 @@ where
 /// Resident memory of process `pid`, in bytes (`VmRSS` of `/proc/<pid>/status`); `None` once
 /// it is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// Of [`rss_bytes`]: the anonymous part (`RssAnon`: heap, stacks, what the process itself
+/// holds) and the file-backed part (`RssFile`: the binary's code and data pages read in as they
+/// are first used, shared with the page cache and dropped by the kernel under pressure).
+pub fn rss_parts(pid: u32) -> Option<(u64, u64)> {
+    Some((status_bytes(pid, "RssAnon")?, status_bytes(pid, "RssFile")?))
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .trim()
         .strip_suffix("kB")?
         .trim()

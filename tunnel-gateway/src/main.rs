@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 
 // As in the control plane: jemalloc's background thread gives memory back after bursts of
-// TLS handshakes, also while the process is idle.
+// TLS handshakes, also while the process is idle; it serves C code's malloc (aws-lc) too and
+// runs without thread caches (.cargo/config.toml).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

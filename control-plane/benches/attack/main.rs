@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testkit::agent::AgentProcess;
-use testkit::bench::{open_fds, rss_bytes};
+use testkit::bench::{open_fds, rss_bytes, rss_parts};
 use testkit::{CpProcess, Engine};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -136,6 +136,8 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
     let mut rows = Vec::new();
     for name in chosen {
         let before = rss_bytes(pid).expect("control plane alive");
+        let parts_before = rss_parts(pid).unwrap_or_default();
+        let allocator_before = allocator(&cp).await;
         let refused_before = refusals(&cp).await;
         let stop = CancellationToken::new();
         let tally = Arc::new(Tally::default());
@@ -190,6 +192,8 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
             after = rss_bytes(pid).unwrap_or(0);
         }
         let settle_secs = settled_at.elapsed().as_secs_f64();
+        let parts_after = rss_parts(pid).unwrap_or_default();
+        let allocator_after = allocator(&cp).await;
         let refused_after = refusals(&cp).await;
         let answers: serde_json::Map<String, Value> = tally
             .answers
@@ -226,7 +230,13 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
                 "after_mib": mib(after),
                 "settle_secs": settle_secs,
                 "within_10_percent": after as f64 <= before as f64 * 1.10,
+                "anon_before_mib": mib(parts_before.0),
+                "anon_after_mib": mib(parts_after.0),
+                "file_before_mib": mib(parts_before.1),
+                "file_after_mib": mib(parts_after.1),
             },
+            // What the program holds against what the allocator keeps, before and after.
+            "allocator_mib": { "before": allocator_before, "after": allocator_after },
         });
         print_row(&row);
         rows.push(row);
@@ -255,6 +265,21 @@ async fn metrics(cp: &CpProcess) -> std::collections::BTreeMap<String, f64> {
     testkit::api::try_metric_samples(&testkit::http(), &cp.metrics_url)
         .await
         .unwrap_or_default()
+}
+
+/// jemalloc's counts from `/metrics` (`edgeplane_allocator_bytes`), in MiB by kind.
+async fn allocator(cp: &CpProcess) -> Value {
+    let kinds: serde_json::Map<String, Value> = metrics(cp)
+        .await
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let kind = k
+                .strip_prefix("edgeplane_allocator_bytes{kind=\"")?
+                .strip_suffix("\"}")?;
+            Some((kind.to_owned(), json!(mib(v as u64))))
+        })
+        .collect();
+    Value::Object(kinds)
 }
 
 fn sample(samples: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
@@ -317,6 +342,21 @@ fn print_row(r: &Value) {
         } else {
             "  NOT BACK"
         },
+    );
+    let a = &r["allocator_mib"];
+    println!(
+        "    of rss: anonymous {} -> {} MiB, file-backed {} -> {} MiB; jemalloc: allocated {} -> {} \
+         MiB, resident {} -> {} MiB, metadata {} -> {} MiB",
+        m["anon_before_mib"],
+        m["anon_after_mib"],
+        m["file_before_mib"],
+        m["file_after_mib"],
+        a["before"]["allocated"],
+        a["after"]["allocated"],
+        a["before"]["resident"],
+        a["after"]["resident"],
+        a["before"]["metadata"],
+        a["after"]["metadata"],
     );
     for f in p["failures"].as_array().into_iter().flatten().take(5) {
         println!("    ! {}", f.as_str().unwrap_or_default());

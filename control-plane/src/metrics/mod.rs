@@ -44,6 +44,27 @@ pub struct Metrics {
     admission: parking_lot::Mutex<Option<Arc<Admission>>>,
     /// The fleet's map sizes, read at scrape time (`None` once the fleet is gone).
     fleet: parking_lot::Mutex<Option<FleetSizesFn>>,
+    /// The allocator's own counts, read at scrape time (set by the binary that chose it).
+    allocator: parking_lot::Mutex<Option<AllocatorStatsFn>>,
+}
+
+/// Reads the process's allocator, if the binary installed one that counts: `None` when it
+/// cannot be read.
+pub type AllocatorStatsFn = fn() -> Option<AllocatorStats>;
+
+/// What the allocator holds, in bytes, as jemalloc counts it: what the program holds
+/// (`allocated`), the pages those allocations sit in (`active`), what is in RAM (`resident`,
+/// with freed pages not purged yet and the allocator's own `metadata`), and address space
+/// kept mapped but given back (`retained`). `resident` against `allocated` tells memory the
+/// program holds from memory the allocator has not returned yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorStats {
+    pub allocated: u64,
+    pub active: u64,
+    pub resident: u64,
+    pub metadata: u64,
+    pub mapped: u64,
+    pub retained: u64,
 }
 
 type FleetSizesFn = Box<dyn Fn() -> Option<FleetSizes> + Send + Sync>;
@@ -211,7 +232,13 @@ impl Metrics {
             },
             admission: parking_lot::Mutex::new(None),
             fleet: parking_lot::Mutex::new(None),
+            allocator: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Reads the allocator's counts into every scrape.
+    pub fn watch_allocator(&self, stats: AllocatorStatsFn) {
+        *self.allocator.lock() = Some(stats);
     }
 
     /// Reads the connection counts of `admission` into every scrape.
@@ -263,6 +290,20 @@ impl Metrics {
                  # HELP edgeplane_fleet_checkins_in_flight Check-ins and uploads holding one of their environment's in-flight slots, summed\n\
                  # TYPE edgeplane_fleet_checkins_in_flight gauge\nedgeplane_fleet_checkins_in_flight {}",
                 f.tunnels, f.tunnel_waiters, f.wanted, f.unknown, f.in_flight
+            );
+        }
+        if let Some(a) = self.allocator.lock().and_then(|read| read()) {
+            let _ = writeln!(
+                text,
+                "# HELP edgeplane_allocator_bytes Memory as the allocator counts it: allocated (held by the program), active (pages those allocations use), resident (in RAM, with freed pages not purged yet and metadata), metadata (the allocator's own), mapped, retained (address space kept but given back)\n\
+                 # TYPE edgeplane_allocator_bytes gauge\n\
+                 edgeplane_allocator_bytes{{kind=\"allocated\"}} {}\n\
+                 edgeplane_allocator_bytes{{kind=\"active\"}} {}\n\
+                 edgeplane_allocator_bytes{{kind=\"resident\"}} {}\n\
+                 edgeplane_allocator_bytes{{kind=\"metadata\"}} {}\n\
+                 edgeplane_allocator_bytes{{kind=\"mapped\"}} {}\n\
+                 edgeplane_allocator_bytes{{kind=\"retained\"}} {}",
+                a.allocated, a.active, a.resident, a.metadata, a.mapped, a.retained
             );
         }
         let _ = writeln!(
@@ -327,6 +368,44 @@ mod tests {
         *sizes.lock() = None;
         let text = m.render(&stats, 0);
         assert_eq!(sample(&text, "edgeplane_fleet_checkins_in_flight"), None);
+        assert!(text.contains("edgeplane_fleet_agents_seen 0"));
+    }
+
+    #[test]
+    fn allocator_counts_are_in_every_scrape_once_watched() {
+        let m = Metrics::new();
+        let stats = AgentStats::default();
+        let text = m.render(&stats, 0);
+        assert!(
+            !text.contains("edgeplane_allocator_bytes"),
+            "none watched yet"
+        );
+        m.watch_allocator(|| {
+            Some(AllocatorStats {
+                allocated: 1,
+                active: 2,
+                resident: 3,
+                metadata: 4,
+                mapped: 5,
+                retained: 6,
+            })
+        });
+        let text = m.render(&stats, 0);
+        for (kind, want) in [
+            ("allocated", 1.0),
+            ("active", 2.0),
+            ("resident", 3.0),
+            ("metadata", 4.0),
+            ("mapped", 5.0),
+            ("retained", 6.0),
+        ] {
+            let name = format!("edgeplane_allocator_bytes{{kind=\"{kind}\"}}");
+            assert_eq!(sample(&text, &name), Some(want), "{name} in\n{text}");
+        }
+        // An allocator that cannot be read leaves its lines out, the rest still renders.
+        m.watch_allocator(|| None);
+        let text = m.render(&stats, 0);
+        assert!(!text.contains("edgeplane_allocator_bytes"));
         assert!(text.contains("edgeplane_fleet_agents_seen 0"));
     }
 }
