@@ -4,7 +4,9 @@
 //! The rules. A series is judged on the rows after the warm-up, by the least-squares line
 //! through them: its `change` is the growth that line shows over the judged span.
 //! - Memory (`rss_mib`) is flat when it changes by less than 10 % of its median, or by less
-//!   than 8 MiB (allocator noise at this size).
+//!   than 8 MiB (allocator noise at this size). What the program holds (`allocated_mib`,
+//!   jemalloc's count: live data, without the allocator's free pages) is flat when it changes
+//!   by less than 10 % of its median, or by less than 1 MiB.
 //! - Counts of things held (`fds`, `threads`, `actors`, `connections_*`, `held_queued`, the
 //!   fleet's maps, `in_flight`, gateway tunnels and streams) are flat when they change by
 //!   less than 5 % of their maximum plus 2 (one tunnel more or less is not a leak).
@@ -120,12 +122,14 @@ pub(crate) fn write_json(
 #[derive(Clone, Copy)]
 enum Rule {
     Memory,
+    Live,
     Count,
     Latency,
 }
 
 const SERIES: &[(&str, Rule)] = &[
     ("rss_mib", Rule::Memory),
+    ("allocated_mib", Rule::Live),
     ("fds", Rule::Count),
     ("threads", Rule::Count),
     ("actors", Rule::Count),
@@ -171,6 +175,7 @@ fn judge(name: &str, rule: Rule, rows: &[&Row]) -> Value {
     let change = t.map_or(0.0, |t| t.change);
     let allowed = match rule {
         Rule::Memory => (0.10 * med).max(8.0),
+        Rule::Live => (0.10 * med).max(1.0),
         Rule::Count => 0.05 * max + 2.0,
         Rule::Latency => 0.5 * med + 100.0,
     };

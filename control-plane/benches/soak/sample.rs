@@ -157,6 +157,14 @@ impl Sampler {
         for (col, name) in GAUGES {
             row.put(col, m.get(*name).copied().unwrap_or(f64::NAN));
         }
+        // What the program holds against what the allocator keeps resident.
+        for (col, kind) in [
+            ("allocated_mib", "allocated"),
+            ("allocator_resident_mib", "resident"),
+        ] {
+            let bytes = m.get(&format!("edgeplane_allocator_bytes{{kind=\"{kind}\"}}"));
+            row.put(col, bytes.map_or(f64::NAN, |b| b / (1024.0 * 1024.0)));
+        }
         // Check-ins by result, per second over the window; `held_share` is the held part of
         // the check-ins not answered with credentials (the old defect: holds stopped being held).
         let checkins = metric_delta(&self.before, &m, CHECKINS);
