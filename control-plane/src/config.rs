@@ -27,7 +27,7 @@ pub struct Config {
     /// Image named in install commands.
     pub agent_image: String,
     pub limits: Limits,
-    /// Reads the allocator's counts for `/metrics` (`edgeplane_allocator_bytes`); the binary
+    /// Reads the allocator's counts for `/metrics` (`edgeplane_allocator_*_bytes`); the binary
     /// that chose the allocator sets it.
     pub allocator_stats: Option<crate::metrics::AllocatorStatsFn>,
 }

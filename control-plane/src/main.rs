@@ -205,6 +205,20 @@ async fn ready_agent_commands(p: &Prepared, api: SocketAddr, key_expr: &str) {
     }
 }
 
+/// The memory figures (docs/benchmarks.md) hold for jemalloc without thread caches, as
+/// `.cargo/config.toml` builds it; a build without that file, or `MALLOC_CONF`, can turn them
+/// back on. Says so at start.
+fn warn_if_thread_caches() {
+    if tikv_jemalloc_ctl::opt::tcache::read().unwrap_or(false) {
+        tracing::warn!(
+            malloc_conf = ?tikv_jemalloc_ctl::config::malloc_conf::read().ok(),
+            "jemalloc runs with thread caches: memory freed after a burst may stay with idle \
+             threads (build from the repository, whose .cargo/config.toml turns them off, or \
+             set MALLOC_CONF=tcache:false)"
+        );
+    }
+}
+
 #[actix_web::main]
 async fn main() {
     tracing_subscriber::fmt()
@@ -213,6 +227,7 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    warn_if_thread_caches();
     // One line, as operators read it: every error here names its cause in its own message.
     if let Err(e) = run(Cli::parse()).await {
         eprintln!("control-plane: {e}");
@@ -267,12 +282,20 @@ mod tests {
     /// The options the memory figures were measured with are the ones this build runs with
     /// (`.cargo/config.toml` and the workspace's jemalloc features).
     #[test]
-    fn jemalloc_runs_with_its_background_thread_and_no_thread_caches() {
-        if std::env::var_os("MALLOC_CONF").is_some() {
-            return; // an operator's override; nothing to check
+    fn jemalloc_is_built_with_its_background_thread_and_no_thread_caches() {
+        // Compiled in, whatever MALLOC_CONF says.
+        let conf = tikv_jemalloc_ctl::config::malloc_conf::read().unwrap_or_default();
+        for option in ["background_thread:true", "tcache:false"] {
+            assert!(
+                conf.split(',').any(|o| o == option),
+                "{option} not in {conf:?}"
+            );
         }
-        assert_eq!(opt::background_thread::read().ok(), Some(true));
-        assert_eq!(opt::tcache::read().ok(), Some(false));
+        // And in effect, unless MALLOC_CONF overrides them.
+        if std::env::var_os("MALLOC_CONF").is_none() {
+            assert_eq!(opt::background_thread::read().ok(), Some(true));
+            assert_eq!(opt::tcache::read().ok(), Some(false));
+        }
         assert!(super::jemalloc_stats().is_some_and(|s| s.allocated > 0));
     }
 }

@@ -136,7 +136,7 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
     let mut rows = Vec::new();
     for name in chosen {
         let before = rss_bytes(pid).expect("control plane alive");
-        let parts_before = rss_parts(pid).unwrap_or_default();
+        let parts_before = rss_parts(pid);
         let allocator_before = allocator(&cp).await;
         let refused_before = refusals(&cp).await;
         let stop = CancellationToken::new();
@@ -192,7 +192,7 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
             after = rss_bytes(pid).unwrap_or(0);
         }
         let settle_secs = settled_at.elapsed().as_secs_f64();
-        let parts_after = rss_parts(pid).unwrap_or_default();
+        let parts_after = rss_parts(pid);
         let allocator_after = allocator(&cp).await;
         let refused_after = refusals(&cp).await;
         let answers: serde_json::Map<String, Value> = tally
@@ -230,10 +230,11 @@ async fn run(attackers: tokio::runtime::Handle) -> Value {
                 "after_mib": mib(after),
                 "settle_secs": settle_secs,
                 "within_10_percent": after as f64 <= before as f64 * 1.10,
-                "anon_before_mib": mib(parts_before.0),
-                "anon_after_mib": mib(parts_after.0),
-                "file_before_mib": mib(parts_before.1),
-                "file_after_mib": mib(parts_after.1),
+                // `null` where /proc could not be read.
+                "anon_before_mib": parts_before.map(|p| mib(p.0)),
+                "anon_after_mib": parts_after.map(|p| mib(p.0)),
+                "file_before_mib": parts_before.map(|p| mib(p.1)),
+                "file_after_mib": parts_after.map(|p| mib(p.1)),
             },
             // What the program holds against what the allocator keeps, before and after.
             "allocator_mib": { "before": allocator_before, "after": allocator_after },
@@ -267,15 +268,15 @@ async fn metrics(cp: &CpProcess) -> std::collections::BTreeMap<String, f64> {
         .unwrap_or_default()
 }
 
-/// jemalloc's counts from `/metrics` (`edgeplane_allocator_bytes`), in MiB by kind.
+/// jemalloc's counts from `/metrics` (`edgeplane_allocator_<kind>_bytes`), in MiB by kind.
 async fn allocator(cp: &CpProcess) -> Value {
     let kinds: serde_json::Map<String, Value> = metrics(cp)
         .await
         .into_iter()
         .filter_map(|(k, v)| {
             let kind = k
-                .strip_prefix("edgeplane_allocator_bytes{kind=\"")?
-                .strip_suffix("\"}")?;
+                .strip_prefix("edgeplane_allocator_")?
+                .strip_suffix("_bytes")?;
             Some((kind.to_owned(), json!(mib(v as u64))))
         })
         .collect();

@@ -162,7 +162,7 @@ impl Sampler {
             ("allocated_mib", "allocated"),
             ("allocator_resident_mib", "resident"),
         ] {
-            let bytes = m.get(&format!("edgeplane_allocator_bytes{{kind=\"{kind}\"}}"));
+            let bytes = m.get(&format!("edgeplane_allocator_{kind}_bytes"));
             row.put(col, bytes.map_or(f64::NAN, |b| b / (1024.0 * 1024.0)));
         }
         // Check-ins by result, per second over the window; `held_share` is the held part of

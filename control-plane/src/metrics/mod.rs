@@ -293,18 +293,45 @@ impl Metrics {
             );
         }
         if let Some(a) = self.allocator.lock().and_then(|read| read()) {
-            let _ = writeln!(
-                text,
-                "# HELP edgeplane_allocator_bytes Memory as the allocator counts it: allocated (held by the program), active (pages those allocations use), resident (in RAM, with freed pages not purged yet and metadata), metadata (the allocator's own), mapped, retained (address space kept but given back)\n\
-                 # TYPE edgeplane_allocator_bytes gauge\n\
-                 edgeplane_allocator_bytes{{kind=\"allocated\"}} {}\n\
-                 edgeplane_allocator_bytes{{kind=\"active\"}} {}\n\
-                 edgeplane_allocator_bytes{{kind=\"resident\"}} {}\n\
-                 edgeplane_allocator_bytes{{kind=\"metadata\"}} {}\n\
-                 edgeplane_allocator_bytes{{kind=\"mapped\"}} {}\n\
-                 edgeplane_allocator_bytes{{kind=\"retained\"}} {}",
-                a.allocated, a.active, a.resident, a.metadata, a.mapped, a.retained
-            );
+            for (name, help, v) in [
+                (
+                    "allocated",
+                    "Bytes the program holds, as the allocator counts them",
+                    a.allocated,
+                ),
+                (
+                    "active",
+                    "Bytes of the allocator's pages in use (allocations and their slack)",
+                    a.active,
+                ),
+                (
+                    "resident",
+                    "Bytes of the allocator's pages in RAM, metadata included (an upper bound)",
+                    a.resident,
+                ),
+                (
+                    "metadata",
+                    "Bytes of the allocator's own bookkeeping",
+                    a.metadata,
+                ),
+                (
+                    "mapped",
+                    "Bytes of the allocator's mappings in use",
+                    a.mapped,
+                ),
+                (
+                    "retained",
+                    "Bytes of address space the allocator keeps mapped but gave back to the OS",
+                    a.retained,
+                ),
+            ] {
+                let _ = writeln!(
+                    text,
+                    "# HELP edgeplane_allocator_{name}_bytes {help}\n\
+                     # TYPE edgeplane_allocator_{name}_bytes gauge\n\
+                     edgeplane_allocator_{name}_bytes {v}"
+                );
+            }
         }
         let _ = writeln!(
             text,
@@ -376,10 +403,7 @@ mod tests {
         let m = Metrics::new();
         let stats = AgentStats::default();
         let text = m.render(&stats, 0);
-        assert!(
-            !text.contains("edgeplane_allocator_bytes"),
-            "none watched yet"
-        );
+        assert!(!text.contains("edgeplane_allocator_"), "none watched yet");
         m.watch_allocator(|| {
             Some(AllocatorStats {
                 allocated: 1,
@@ -399,13 +423,13 @@ mod tests {
             ("mapped", 5.0),
             ("retained", 6.0),
         ] {
-            let name = format!("edgeplane_allocator_bytes{{kind=\"{kind}\"}}");
+            let name = format!("edgeplane_allocator_{kind}_bytes");
             assert_eq!(sample(&text, &name), Some(want), "{name} in\n{text}");
         }
         // An allocator that cannot be read leaves its lines out, the rest still renders.
         m.watch_allocator(|| None);
         let text = m.render(&stats, 0);
-        assert!(!text.contains("edgeplane_allocator_bytes"));
+        assert!(!text.contains("edgeplane_allocator_"));
         assert!(text.contains("edgeplane_fleet_agents_seen 0"));
     }
 }
