@@ -285,6 +285,8 @@ mod tests {
     fn jemalloc_is_built_with_its_background_thread_and_no_thread_caches() {
         // Compiled in, whatever MALLOC_CONF says.
         let conf = tikv_jemalloc_ctl::config::malloc_conf::read().unwrap_or_default();
+        // tikv-jemalloc-ctl hands the C string over with its terminating NUL.
+        let conf = conf.trim_end_matches('\0');
         for option in ["background_thread:true", "tcache:false"] {
             assert!(
                 conf.split(',').any(|o| o == option),

@@ -137,5 +137,15 @@ mod tests {
         assert!(threads(pid).is_some_and(|n| n >= 1));
         assert_eq!(cpu_seconds(u32::MAX), None);
         assert_eq!(threads(u32::MAX), None);
+        let rss = rss_bytes(pid).expect("our own VmRSS");
+        let (anon, file) = rss_parts(pid).expect("our own RssAnon and RssFile");
+        assert!(anon > 0 && file > 0, "anonymous {anon}, file-backed {file}");
+        // VmRSS is their sum with RssShmem, read a moment apart: allow a few pages of drift.
+        assert!(
+            anon + file <= rss + (1 << 20),
+            "{anon} + {file} against {rss}"
+        );
+        assert_eq!(rss_bytes(u32::MAX), None);
+        assert_eq!(rss_parts(u32::MAX), None);
     }
 }
