@@ -211,7 +211,9 @@ async fn ready_agent_commands(p: &Prepared, api: SocketAddr, key_expr: &str) {
 fn warn_if_thread_caches() {
     if tikv_jemalloc_ctl::opt::tcache::read().unwrap_or(false) {
         tracing::warn!(
-            malloc_conf = ?tikv_jemalloc_ctl::config::malloc_conf::read().ok(),
+            malloc_conf = tikv_jemalloc_ctl::config::malloc_conf::read()
+                .unwrap_or_default()
+                .trim_end_matches('\0'),
             "jemalloc runs with thread caches: memory freed after a burst may stay with idle \
              threads (build from the repository, whose .cargo/config.toml turns them off, or \
              set MALLOC_CONF=tcache:false)"

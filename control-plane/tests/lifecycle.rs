@@ -78,8 +78,9 @@ async fn enrol_bind_restart_and_go_down() {
 
     // The binary's allocator counts itself on /metrics: what the program holds, within the
     // pages it uses; something resident.
-    let m = testkit::api::metric_samples(&cp.metrics_url).await;
-    let kind = |k: &str| m.get(&format!("edgeplane_allocator_{k}_bytes")).copied();
+    let samples = testkit::api::metric_samples(&cp.metrics_url).await;
+    let m = testkit::api::allocator_bytes(&samples);
+    let kind = |k: &str| m.get(k).copied();
     let (allocated, active, resident) = (kind("allocated"), kind("active"), kind("resident"));
     let (Some(allocated), Some(active), Some(resident)) = (allocated, active, resident) else {
         panic!("no allocator counts on /metrics: {m:?}");

@@ -223,6 +223,22 @@ pub fn metric_sum(m: &std::collections::BTreeMap<String, f64>, prefix: &str) -> 
         .sum()
 }
 
+/// The allocator's counts among `samples` (`edgeplane_allocator_<kind>_bytes`), in bytes by
+/// kind (`allocated`, `active`, `resident`, ...).
+pub fn allocator_bytes(
+    samples: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<&str, f64> {
+    samples
+        .iter()
+        .filter_map(|(k, v)| {
+            let kind = k
+                .strip_prefix("edgeplane_allocator_")?
+                .strip_suffix("_bytes")?;
+            Some((kind, *v))
+        })
+        .collect()
+}
+
 /// Waits until `<metrics_url>/readyz` answers 2xx (at most 10 s).
 pub async fn wait_ready(metrics_url: &str) {
     let client = http();

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testkit::agent::AgentProcess;
+use testkit::api::allocator_bytes;
 use testkit::bench::{open_fds, rss_bytes, rss_parts};
 use testkit::{CpProcess, Engine};
 use tokio_util::sync::CancellationToken;
@@ -270,15 +271,9 @@ async fn metrics(cp: &CpProcess) -> std::collections::BTreeMap<String, f64> {
 
 /// jemalloc's counts from `/metrics` (`edgeplane_allocator_<kind>_bytes`), in MiB by kind.
 async fn allocator(cp: &CpProcess) -> Value {
-    let kinds: serde_json::Map<String, Value> = metrics(cp)
-        .await
+    let kinds: serde_json::Map<String, Value> = allocator_bytes(&metrics(cp).await)
         .into_iter()
-        .filter_map(|(k, v)| {
-            let kind = k
-                .strip_prefix("edgeplane_allocator_")?
-                .strip_suffix("_bytes")?;
-            Some((kind.to_owned(), json!(mib(v as u64))))
-        })
+        .map(|(kind, v)| (kind.to_owned(), json!(mib(v as u64))))
         .collect();
     Value::Object(kinds)
 }

@@ -1,7 +1,7 @@
 //! One row of the time series: the control plane from `/proc` and `/metrics`, the real
 //! agents' memory, and the wake-ups of the window.
 
-use testkit::api::{metric_delta, metric_sum};
+use testkit::api::{allocator_bytes, metric_delta, metric_sum};
 use testkit::bench::{cpu_seconds, open_fds, rss_bytes, threads};
 use testkit::stats::{percentile, round3};
 
@@ -158,11 +158,12 @@ impl Sampler {
             row.put(col, m.get(*name).copied().unwrap_or(f64::NAN));
         }
         // What the program holds against what the allocator keeps resident.
+        let allocator = allocator_bytes(&m);
         for (col, kind) in [
             ("allocated_mib", "allocated"),
             ("allocator_resident_mib", "resident"),
         ] {
-            let bytes = m.get(&format!("edgeplane_allocator_{kind}_bytes"));
+            let bytes = allocator.get(kind);
             row.put(col, bytes.map_or(f64::NAN, |b| b / (1024.0 * 1024.0)));
         }
         // Check-ins by result, per second over the window; `held_share` is the held part of

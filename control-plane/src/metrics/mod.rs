@@ -292,7 +292,8 @@ impl Metrics {
                 f.tunnels, f.tunnel_waiters, f.wanted, f.unknown, f.in_flight
             );
         }
-        if let Some(a) = self.allocator.lock().and_then(|read| read()) {
+        let allocator = *self.allocator.lock();
+        if let Some(a) = allocator.and_then(|read| read()) {
             for (name, help, v) in [
                 (
                     "allocated",
