@@ -129,10 +129,18 @@ impl DockerProxy {
 
     async fn handle(&self, req: Request<Incoming>, ticket: Option<&Ticket>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let res = match self.forward(req, ticket).await {
+        let mut res = match self.forward(req, ticket).await {
             Ok(res) => res,
             Err(e) => error_response(e),
         };
+        // As on actix's side (`front`): a connection whose request proved nothing gets no
+        // other.
+        if ticket.is_some_and(Ticket::is_pending) {
+            res.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
         let class = match res.status().as_u16() {
             100..=199 => "1xx",
             200..=299 => "2xx",

@@ -23,6 +23,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A body sent without `Content-Length` where one is required (agent routes).
+    #[error("{0}")]
+    LengthRequired(String),
     /// A request (body) that did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
@@ -117,6 +120,7 @@ impl ApiError {
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
             Self::PayloadTooLarge(_) => 413,
+            Self::LengthRequired(_) => 411,
             Self::RequestTimeout(_) => 408,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
@@ -170,6 +174,7 @@ impl ApiError {
             | Self::NotFound(_)
             | Self::Conflict(_)
             | Self::PayloadTooLarge(_)
+            | Self::LengthRequired(_)
             | Self::RequestTimeout(_)
             | Self::Internal(_) => None,
         }

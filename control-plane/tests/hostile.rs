@@ -12,7 +12,7 @@ use gateway::admission::AdmissionLimits;
 use serde_json::json;
 use testkit::hostile::{answer_within, closed_within, connect_from, tls_from};
 use testkit::{ControlPlane, ADMIN_KEY};
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use uuid::Uuid;
 
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -117,7 +117,8 @@ async fn a_source_hoarding_connections_is_refused_while_others_are_served() {
 
 #[actix_web::test]
 async fn a_head_proves_nothing_so_stalled_bodies_stay_within_the_pending_bound() {
-    // The attack that took 1.7 GB: complete heads announcing 1 MiB bodies, then one byte.
+    // The attack that took 1.7 GB: complete heads announcing 1 MiB bodies, then one byte (to
+    // the snapshot route, which takes bodies that large).
     let cp = ControlPlane::start_with(|c| {
         c.limits.admission = AdmissionLimits {
             max_connections: 1_000,
@@ -131,8 +132,9 @@ async fn a_head_proves_nothing_so_stalled_bodies_stay_within_the_pending_bound()
     let api = api_addr(&cp);
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
-         Content-Length: 1048576\r\n\r\n0",
-        proto::wire::CHECKIN_PATH
+         Content-Length: {}\r\n\r\n0",
+        proto::snapshot::SNAPSHOT_PATH,
+        proto::snapshot::MAX_UPLOAD_FRAME,
     );
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -160,6 +162,83 @@ async fn a_head_proves_nothing_so_stalled_bodies_stay_within_the_pending_bound()
     // (The agent keeps its connection: four pending and at least the agent's, proved.)
     assert!(cp.metric("edgeplane_connections_open").await >= 5.0);
     drop(held);
+    cp.stop().await;
+}
+
+#[actix_web::test]
+async fn a_connection_that_proved_nothing_gets_one_answer() {
+    let cp = ControlPlane::start().await;
+    let api = api_addr(&cp);
+    // Anonymous: answered, then closed (kept alive, it would hold actix's buffers for the
+    // keep-alive time and stay pending).
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut answer))
+        .await
+        .expect("closed after its answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // A failed proof gets its refusal, and the same.
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(b"GET /api/endpoints HTTP/1.1\r\nHost: x\r\nx-api-key: wrong\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = answer_within(&mut tls, WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // The same on the hyper side (a Docker hijack's connection).
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(
+        b"POST /api/endpoints/1/docker/v1.41/exec/x/start HTTP/1.1\r\nHost: x\r\n\
+          x-api-key: wrong\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    // (hyper closes without TLS's close_notify: an unexpected EOF, after the answer.)
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer))
+        .await
+        .expect("closed after its answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    // An agent's body without its length is refused before it is read.
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n0",
+            proto::wire::CHECKIN_PATH
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = answer_within(&mut tls, WAIT).await;
+    assert!(answer.starts_with("HTTP/1.1 411"), "{answer}");
+    // A proved one stays open for more: two answers on one connection (the second asks to
+    // close, so the answers end).
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    let get = |close: &str| {
+        format!("GET /api/endpoints HTTP/1.1\r\nHost: x\r\nx-api-key: {ADMIN_KEY}\r\n{close}\r\n")
+    };
+    let both = format!("{}{}", get(""), get("Connection: close\r\n"));
+    tls.write_all(both.as_bytes()).await.unwrap();
+    let answers = answer_within(&mut tls, WAIT).await;
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
     cp.stop().await;
 }
 
@@ -249,7 +328,8 @@ async fn silent_slow_and_stalled_clients_are_let_go_at_their_deadlines() {
         .unwrap();
     trickle_until_closed(&mut tls, "a head").await;
 
-    // A whole head announcing a body that stalls: 408, and the connection is let go.
+    // A whole head announcing a body that stalls: 408, and the connection is let go (by the
+    // front, which reads an agent's first body before actix serves the connection)...
     let mut tls = tls_from(ATTACKER, api).await.unwrap();
     tls.write_all(
         format!(
@@ -264,16 +344,41 @@ async fn silent_slow_and_stalled_clients_are_let_go_at_their_deadlines() {
     tls.flush().await.unwrap();
     let answer = answer_within(&mut tls, WAIT).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("stalled for 1 s"), "{answer}");
 
-    // A keep-alive connection whose second request trickles is let go too.
+    // ... and by actix, on a connection that proved itself (an agent's later requests).
     let mut tls = tls_from(ATTACKER, api).await.unwrap();
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
-        .await
-        .unwrap();
+    tls.write_all(
+        format!(
+            "GET /api/endpoints HTTP/1.1\r\nHost: x\r\nx-api-key: {ADMIN_KEY}\r\n\r\n\
+             POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789",
+            proto::wire::CHECKIN_PATH
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let answers = answer_within(&mut tls, WAIT).await;
+    assert!(answers.starts_with("HTTP/1.1 200"), "{answers}");
+    assert!(answers.contains("HTTP/1.1 408"), "{answers}");
+
+    // A kept-alive connection (proved: an unproved one gets one answer, then is closed)
+    // whose second request trickles is let go too.
+    let mut tls = tls_from(ATTACKER, api).await.unwrap();
+    tls.write_all(
+        format!(
+            "GET /api/endpoints HTTP/1.1\r\nHost: x\r\nx-api-key: {ADMIN_KEY}\r\n\r\n\
+             GET /healthz HTTP/1.1\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     trickle_until_closed(&mut tls, "a second head").await;
 
     // Each was let go by its own deadline, and counted so.
-    for stage in ["first_byte", "first_request", "next_request"] {
+    for stage in ["first_byte", "first_request", "agent_body", "next_request"] {
         let n = cp
             .metric(&format!(
                 "edgeplane_api_connections_timed_out_total{{stage=\"{stage}\"}}"

@@ -5,8 +5,10 @@
 //!     cargo bench -p control-plane --bench attack        # or scripts/attack
 //!
 //! Scenarios (`scenarios::ALL`): idle TCP connections and unfinished TLS handshakes on the API
-//! port and on the tunnel port, slow request heads, stalled bodies (a head announcing 1 MiB,
-//! then one byte), garbage check-ins and uploads aimed at the real agent's environment, and
+//! port and on the tunnel port, slow request heads, stalled bodies (a head announcing 1 MiB
+//! to the upload route, then one byte), oversized bodies (1 MiB announced to a check-in's
+//! route, refused at once: a flood of handshakes and refusals), garbage check-ins and uploads
+//! aimed at the real agent's environment, and
 //! zstd bombs (without and with the key). Each runs for `ATTACK_SECONDS` (30) from
 //! `ATTACK_SOURCES` (40) loopback sources with `ATTACK_CONNECTIONS` (4000) connections, or
 //! `ATTACK_FLOODS` (32) request senders; `ATTACK_ONLY` picks scenarios (comma-separated, run

@@ -29,6 +29,7 @@ pub const ALL: &[&str] = &[
     "unfinished_tls_tunnel",
     "slow_head",
     "stalled_body",
+    "oversized_body",
     "garbage_env",
     "bomb",
 ];
@@ -88,6 +89,7 @@ pub async fn run(
         "unfinished_tls_tunnel" => hold(tunnel, sizes, stop, tally, unfinished_tls).await,
         "slow_head" => hold(api, sizes, stop, tally, slow_head).await,
         "stalled_body" => hold(api, sizes, stop, tally, stalled_body).await,
+        "oversized_body" => hold(api, sizes, stop, tally, oversized_body).await,
         "garbage_env" => flood(target, sizes, stop, tally, garbage_frames).await,
         "bomb" => flood(target, sizes, stop, tally, bombs).await,
         other => panic!("no scenario {other:?}; known: {ALL:?}"),
@@ -163,15 +165,34 @@ async fn slow_head(tcp: TcpStream) {
 }
 
 /// TLS, a complete head announcing a 1 MiB body, one byte of it, then nothing (the attack
-/// that took 1.7 GB before issue 10).
+/// that took 1.7 GB before issue 10). To the snapshot route, which takes bodies that large:
+/// a check-in's route refuses the announcement at once.
 async fn stalled_body(tcp: TcpStream) {
     let Ok(mut tls) = tls_over(tcp).await else {
         return;
     };
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n0",
+        proto::snapshot::SNAPSHOT_PATH,
+        proto::snapshot::MAX_UPLOAD_FRAME,
+    );
+    if tls.write_all(head.as_bytes()).await.is_ok() && tls.flush().await.is_ok() {
+        let _ = closed_within(&mut tls, Duration::from_secs(3600)).await;
+    }
+}
+
+/// TLS, then a check-in's head announcing a 1 MiB body (over the route's 16 KiB), one byte of
+/// it, and waiting: refused at once, so this is a flood of TLS handshakes, each with a
+/// request and its refusal.
+async fn oversized_body(tcp: TcpStream) {
+    let Ok(mut tls) = tls_over(tcp).await else {
+        return;
+    };
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
          Content-Length: 1048576\r\n\r\n0",
-        proto::wire::CHECKIN_PATH
+        proto::wire::CHECKIN_PATH,
     );
     if tls.write_all(head.as_bytes()).await.is_ok() && tls.flush().await.is_ok() {
         let _ = closed_within(&mut tls, Duration::from_secs(3600)).await;

@@ -35,34 +35,81 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// How long an agent's request body may take in all, however steadily it arrives (a 1 MiB
 /// upload over a 64 kbit/s link takes about two minutes).
-const AGENT_BODY_TOTAL: Duration = Duration::from_secs(300);
+pub const AGENT_BODY_TOTAL: Duration = Duration::from_secs(300);
 
-/// Reads a body of at most `limit` bytes; larger ones are refused before they are read (when
-/// announced) or as soon as they pass the limit. Memory grows with what arrives, never with
-/// what is announced. A sender that stalls is let go: each chunk must follow the one before
-/// (or the head) within `idle`, and the whole body must arrive within [`AGENT_BODY_TOTAL`].
+/// The largest body each agent route takes. The front reads the first request of a
+/// connection to one of these whole, within this, before actix serves it
+/// ([`crate::front`]); the handlers refuse more.
+pub fn body_limit(path: &str) -> Option<usize> {
+    use proto::wire::{CHECKIN_PATH, HELD_CHECKIN_PATH};
+    if path == CHECKIN_PATH
+        || path == HELD_CHECKIN_PATH
+        || path == proto::tunnel::TUNNEL_REQUEST_PATH
+    {
+        Some(MAX_CONTROL_FRAME)
+    } else if path == proto::snapshot::SNAPSHOT_PATH {
+        Some(MAX_UPLOAD_FRAME)
+    } else if path == proto::async_mode::ASYNC_PATH {
+        Some(MAX_ASYNC_FRAME)
+    } else {
+        None
+    }
+}
+
+/// The length of an agent request's body as its head announces it (`content_length`; none
+/// and not `chunked` is an empty body), if it can be read: within the route's `limit`, and
+/// not chunked (agents always send the length). The actix handlers and the front (for a
+/// connection's first request) refuse alike.
+pub fn announced_body(
+    limit: usize,
+    content_length: Option<usize>,
+    chunked: bool,
+) -> Result<usize, ApiError> {
+    if chunked {
+        return Err(ApiError::LengthRequired(
+            "agent request body without a Content-Length".into(),
+        ));
+    }
+    let n = content_length.unwrap_or(0);
+    if n > limit {
+        return Err(body_too_large(limit));
+    }
+    Ok(n)
+}
+
+fn body_too_large(limit: usize) -> ApiError {
+    ApiError::PayloadTooLarge(format!("agent request body larger than {limit} bytes"))
+}
+
+/// Reads the body of an agent request, of at most its route's [`body_limit`]; larger ones are
+/// refused before they are read (when announced) or as soon as they pass the limit, and a
+/// chunked one at once (agents always send the length; the front reads an announced body
+/// before actix gets the connection, so a stalled one costs little). Memory grows with
+/// what arrives, never with what is announced. A sender that stalls is let go: each chunk
+/// must follow the one before (or the head) within `idle`, and the whole body must arrive
+/// within [`AGENT_BODY_TOTAL`].
 async fn read_limited(
     req: &HttpRequest,
     mut payload: web::Payload,
-    limit: usize,
     idle: Duration,
 ) -> Result<Bytes, ApiError> {
     /// What is reserved before anything arrives: a check-in's whole body.
     const FIRST_RESERVE: usize = 4 * 1024;
-    let too_large =
-        || ApiError::PayloadTooLarge(format!("agent request body larger than {limit} bytes"));
     let stalled = |why: String| ApiError::RequestTimeout(format!("agent request body {why}"));
-    let announced = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if announced.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
+    let limit = body_limit(req.path()).unwrap_or(MAX_CONTROL_FRAME);
+    let too_large = || body_too_large(limit);
+    // (actix refused a malformed length already.)
+    let headers = req.headers();
+    let announced = announced_body(
+        limit,
+        headers
+            .get(actix_web::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok()),
+        headers.contains_key(actix_web::http::header::TRANSFER_ENCODING),
+    )?;
     let read = async {
-        let mut body =
-            web::BytesMut::with_capacity(announced.unwrap_or(64).min(limit).min(FIRST_RESERVE));
+        let mut body = web::BytesMut::with_capacity(announced.min(FIRST_RESERVE));
         loop {
             let next = tokio::time::timeout(idle, payload.next())
                 .await
@@ -120,13 +167,7 @@ async fn answer(
 ) -> Result<HttpResponse, ApiError> {
     // Held check-ins are timed by the hold, not by the server's work: not in the histogram.
     let timer = (kind != CheckinKind::Held).then(|| state.metrics.checkin_seconds.start_timer());
-    let body = read_limited(
-        &req,
-        payload,
-        MAX_CONTROL_FRAME,
-        state.limits.agent_body_timeout,
-    )
-    .await?;
+    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
     let (checkin, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME)
         .map_err(|e| {
             state
@@ -169,13 +210,7 @@ async fn upload_snapshot(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(
-        &req,
-        payload,
-        MAX_UPLOAD_FRAME,
-        state.limits.agent_body_timeout,
-    )
-    .await?;
+    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
     let (upload, _unverified) = proto::proof::open::<SnapshotUpload>(&body, MAX_UPLOAD_FRAME)
         .map_err(|e| ApiError::BadRequest(format!("snapshot upload: {e}")))?;
     let id = upload.endpoint_id;
@@ -222,13 +257,7 @@ async fn async_tick(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(
-        &req,
-        payload,
-        MAX_ASYNC_FRAME,
-        state.limits.agent_body_timeout,
-    )
-    .await?;
+    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
     let (tick, _unverified) =
         proto::proof::open::<AsyncRequest>(&body, MAX_ASYNC_FRAME).map_err(|e| {
             state

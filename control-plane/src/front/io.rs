@@ -1,5 +1,5 @@
-//! The API port's stream wrappers: [`Prefixed`] puts back the first request head the front
-//! sniffed, [`Timed`] bounds how long a kept-alive connection may take over its next request
+//! The API port's first reads and stream wrappers: the first request head (and an agent's
+//! body) read by the front, [`Prefixed`] puts them back, [`Timed`] bounds how long a kept-alive connection may take over its next request
 //! head ([`HeadClock`]).
 
 use std::cell::Cell;
@@ -12,11 +12,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::body::{BodySize, MessageBody};
+use actix_web::ResponseError as _;
 use bytes::{Buf, Bytes};
 use gateway::admission::Ticket;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::error::ApiError;
 
 /// A request head longer than this is not sniffed further (it goes to actix, which refuses
 /// it with its own limits).
@@ -24,20 +27,117 @@ const SNIFF_LIMIT: usize = 16 * 1024;
 
 /// Reads until the first request's head is complete (or the limit, or EOF). An agent's
 /// check-in head arrives in one TLS record, so this is one read in practice.
-pub(super) async fn read_request_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Bytes> {
+pub(super) async fn read_request_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(512);
     loop {
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= SNIFF_LIMIT {
-            return Ok(Bytes::from(buf));
+        if head_end(&buf).is_some() || buf.len() >= SNIFF_LIMIT {
+            return Ok(buf);
         }
         let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             if buf.is_empty() {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
             }
-            return Ok(Bytes::from(buf));
+            return Ok(buf);
         }
     }
+}
+
+/// Where the request head at the start of `buf` ends (after its blank line).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+/// How many bytes the first request in `buf` takes, head and body, when it goes to an agent
+/// route: the front reads that body itself, or refuses it at once as the route would (too
+/// large for [`crate::api::body_limit`], chunked). `None` for every other route, and for a
+/// head actix refuses on its own (a length that is not a number, two lengths).
+///
+/// Why: a stalled body held in actix costs a connection ~36 KiB (its dispatcher's two 8 KiB
+/// buffers, the request, the handler waiting on the payload) against ~14 KiB for one still
+/// sending its head; buffered here it costs what arrived.
+pub(super) fn agent_request_len(buf: &[u8]) -> Option<Result<usize, ApiError>> {
+    let end = head_end(buf)?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut start = lines.next()?.split(' ');
+    let (_method, target) = (start.next()?, start.next()?);
+    let limit = crate::api::body_limit(target.split('?').next()?)?;
+    let (mut length, mut chunked) = (None, false);
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let n = value.trim().parse::<usize>().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    Some(crate::api::announced_body(limit, length, chunked).map(|body| end + body))
+}
+
+/// Reads on until `buf` holds `len` bytes, or the stream ends (the request is then incomplete
+/// and whoever parses it says so). Memory grows with what arrives. Each read must come within
+/// `idle` of the one before and the whole within `total`; past either, an error of kind
+/// [`io::ErrorKind::TimedOut`].
+pub(super) async fn read_to_len<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut buf: Vec<u8>,
+    len: usize,
+    idle: Duration,
+    total: Duration,
+) -> io::Result<Vec<u8>> {
+    let stalled = |what: String| io::Error::new(io::ErrorKind::TimedOut, what);
+    let read = async {
+        while buf.len() < len {
+            let want = (len - buf.len()) as u64;
+            let n = tokio::time::timeout(idle, (&mut *r).take(want).read_buf(&mut buf))
+                .await
+                .map_err(|_| stalled(format!("stalled for {} s", idle.as_secs())))??;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(buf)
+    };
+    tokio::time::timeout(total, read)
+        .await
+        .map_err(|_| stalled(format!("not complete within {} s", total.as_secs())))?
+}
+
+/// Writes `error` as the connection's last answer (`Connection: close`), for the front's own
+/// refusals before actix or hyper serve it, then lingers while the peer still sends (as
+/// actix does: closing on unread bytes resets the connection, and the peer may lose the
+/// answer); a second in all.
+pub(super) async fn answer_and_close<S: AsyncRead + AsyncWrite + Unpin>(
+    w: &mut S,
+    error: &ApiError,
+) {
+    let body = error.body();
+    let status = error.status_code();
+    let answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default(),
+        body.len(),
+    );
+    let write = async {
+        w.write_all(answer.as_bytes()).await?;
+        w.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while w.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -270,6 +370,112 @@ write_through!(Timed);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_front_reads_an_agent_body_announced_within_its_route_limit_and_refuses_the_rest() {
+        let req = |target: &str, headers: &str| {
+            format!("POST {target} HTTP/1.1\r\nHost: x\r\n{headers}\r\n")
+        };
+        let c = proto::wire::CHECKIN_PATH;
+        let len = |r: &str| agent_request_len(r.as_bytes()).map(|r| r.map_err(|e| e.status()));
+        let r = req(c, "Content-Length: 100\r\n");
+        assert_eq!(len(&r), Some(Ok(r.len() + 100)));
+        // Case and spaces as HTTP allows; a query; the same length twice.
+        let r = req(
+            &format!("{c}?x=1"),
+            "content-length:  100 \r\nCONTENT-LENGTH: 100\r\n",
+        );
+        assert_eq!(len(&r), Some(Ok(r.len() + 100)));
+        // Over the route's limit (a check-in's is 16 KiB, a snapshot's 1 MiB).
+        let big = format!(
+            "Content-Length: {}\r\n",
+            proto::codec::MAX_CONTROL_FRAME + 1
+        );
+        assert_eq!(len(&req(c, &big)), Some(Err(413)));
+        let r = req(proto::snapshot::SNAPSHOT_PATH, &big);
+        assert_eq!(
+            len(&r),
+            Some(Ok(r.len() + proto::codec::MAX_CONTROL_FRAME + 1))
+        );
+        // No length: an empty body. Chunked, even with a length: 411.
+        let r = req(c, "");
+        assert_eq!(len(&r), Some(Ok(r.len())));
+        for headers in [
+            "Transfer-Encoding: chunked\r\n",
+            "Content-Length: 10\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert_eq!(len(&req(c, headers)), Some(Err(411)), "{headers:?}");
+        }
+        // Not an agent route, a length that is not a number or two of them (actix answers
+        // 400), no head end yet, not text: not the front's to read.
+        for (target, headers) in [
+            ("/api/endpoints", "Content-Length: 100\r\n"),
+            (c, "Content-Length: -1\r\n"),
+            (c, "Content-Length: 100\r\nContent-Length: 101\r\n"),
+        ] {
+            assert_eq!(len(&req(target, headers)), None, "{target} {headers:?}");
+        }
+        assert_eq!(len("POST /edge/c HTTP/1.1\r\nContent-Length: 1\r\n"), None);
+        assert!(agent_request_len(&[0xff, b'\r', b'\n', b'\r', b'\n']).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_body_is_read_as_it_arrives_within_its_deadlines() {
+        let (idle, total) = (Duration::from_secs(10), Duration::from_secs(300));
+        // Arrives in pieces: read to the length and not a byte further (the next request).
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for piece in [&b"abc"[..], b"defg", b"hij-next request"] {
+                tokio::time::sleep(Duration::from_secs(9)).await;
+                client.write_all(piece).await.unwrap();
+            }
+            client
+        });
+        let got = read_to_len(&mut server, b"head".to_vec(), 14, idle, total)
+            .await
+            .unwrap();
+        assert_eq!(got, b"headabcdefghij");
+        let mut rest = [0u8; 13];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"-next request");
+        drop(writer.await.unwrap());
+
+        // Stalls: let go at the idle deadline, with what arrived dropped.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"ab").await.unwrap();
+        let t0 = Instant::now();
+        let e = read_to_len(&mut server, Vec::new(), 10, idle, total)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t0.elapsed(), idle);
+        assert!(e.to_string().contains("stalled for 10 s"), "{e}");
+
+        // Trickles, each byte in time: let go at the total deadline.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let trickle = tokio::spawn(async move {
+            while client.write_all(b"x").await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(9)).await;
+            }
+        });
+        let t0 = Instant::now();
+        let e = read_to_len(&mut server, Vec::new(), 1000, idle, total)
+            .await
+            .unwrap_err();
+        assert_eq!(t0.elapsed(), total);
+        assert!(e.to_string().contains("not complete within 300 s"), "{e}");
+        drop(server);
+        trickle.await.unwrap();
+
+        // Ends early: what arrived, for the parser to refuse.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"ab").await.unwrap();
+        drop(client);
+        let got = read_to_len(&mut server, Vec::new(), 10, idle, total)
+            .await
+            .unwrap();
+        assert_eq!(got, b"ab");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_head_after_an_answer_is_due_by_the_sooner_of_its_two_clocks() {

@@ -88,6 +88,7 @@ where
     let deadlines = Deadlines {
         first_byte: limits.first_byte_timeout,
         first_request: limits.first_request_timeout,
+        agent_body: limits.agent_body_timeout,
         keep_alive,
     };
     // actix's own bound per worker stays at ours (which is process-wide) or below.
@@ -117,14 +118,29 @@ where
                     if let Some(clock) = &clock {
                         clock.serving();
                     }
+                    let proof = req.conn_data::<Proof>().cloned();
                     let answer = app.call(req);
                     async move {
+                        let answer = answer.await;
+                        // A connection whose request proved nothing (asked once the handler
+                        // is done) gets no other: kept alive, it would hold its dispatcher's
+                        // buffers for the keep-alive time on anyone's behalf.
+                        let unproved = proof.is_some_and(|Proof(t)| t.is_pending());
+                        let last = |head: &mut actix_http::ResponseHead| {
+                            if unproved {
+                                head.set_connection_type(actix_http::ConnectionType::Close);
+                            }
+                        };
                         // Answered once the whole body is out (a Docker log stream may run
                         // for hours), not when the handler returns.
-                        match answer.await {
-                            Ok(res) => Ok(actix_http::Response::from(res)
-                                .map_body(|_, body| io::Answered::new(body, clock))),
-                            Err(res) => {
+                        match answer {
+                            Ok(res) => {
+                                let mut res = actix_http::Response::from(res);
+                                last(res.head_mut());
+                                Ok(res.map_body(|_, body| io::Answered::new(body, clock)))
+                            }
+                            Err(mut res) => {
+                                last(res.head_mut());
                                 Err(res.map_body(|_, body| io::Answered::new(body, clock).boxed()))
                             }
                         }
@@ -200,6 +216,9 @@ where
 struct Deadlines {
     first_byte: Duration,
     first_request: Duration,
+    /// Between two reads of an agent's first body (the whole within
+    /// [`crate::api::AGENT_BODY_TOTAL`]).
+    agent_body: Duration,
     keep_alive: Duration,
 }
 
@@ -217,28 +236,23 @@ where
     S: Service<(ApiStream, Option<std::net::SocketAddr>)>,
     S::Error: std::fmt::Debug,
 {
-    let Conn {
-        acceptor,
-        proxy,
-        ticket,
-        deadlines,
-        metrics,
-    } = conn;
-    let timed_out = |stage: &str| metrics.timed_out.with_label_values(&[stage]).inc();
     // Small answers must leave at once (Nagle would hold them for the peer's delayed ACK).
     let _ = tcp.set_nodelay(true);
     let peer = tcp.peer_addr().ok();
     // A client that connects and sends nothing is let go soon: a TLS client speaks first.
     let mut one = [0u8; 1];
     let first_byte = tokio::select! {
-        () = ticket.evicted() => return,
-        r = tokio::time::timeout(deadlines.first_byte, tcp.peek(&mut one)) => r,
+        () = conn.ticket.evicted() => return,
+        r = tokio::time::timeout(conn.deadlines.first_byte, tcp.peek(&mut one)) => r,
     };
     match first_byte {
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return,
         Err(_) => {
-            timed_out("first_byte");
+            conn.metrics
+                .timed_out
+                .with_label_values(&["first_byte"])
+                .inc();
             tracing::debug!(peer = ?peer, "nothing sent within the first-byte timeout");
             return;
         }
@@ -247,6 +261,23 @@ where
     // and TLS, hyper and actix's dispatcher each hold kilobytes inline. A connection that
     // has sent nothing (the cheapest to open by the thousand) holds only the small future
     // that waits for its first byte; each later stage allocates what it needs when it starts.
+    Box::pin(serve_tls(tcp, peer, h1, conn)).await;
+}
+
+/// [`serve`] once the first byte is in: TLS, the first request, then hyper or actix.
+async fn serve_tls<S>(tcp: TcpStream, peer: Option<std::net::SocketAddr>, h1: Rc<S>, conn: Conn)
+where
+    S: Service<(ApiStream, Option<std::net::SocketAddr>)>,
+    S::Error: std::fmt::Debug,
+{
+    let Conn {
+        acceptor,
+        proxy,
+        ticket,
+        deadlines,
+        metrics,
+    } = conn;
+    let timed_out = |stage: &str| metrics.timed_out.with_label_values(&[stage]).inc();
     let first = tokio::select! {
         () = ticket.evicted() => return,
         r = tokio::time::timeout(deadlines.first_request, Box::pin(async {
@@ -255,7 +286,7 @@ where
             Ok::<_, std::io::Error>((tls, head))
         })) => r,
     };
-    let (tls, head) = match first {
+    let (mut tls, mut head) = match first {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::debug!(peer = ?peer, error = %e, "connection closed before its first request");
@@ -267,12 +298,47 @@ where
             return;
         }
     };
-    // Still pending: a complete head proves nothing. The request that authenticates (an
+    // An agent's body is read here, before actix builds its dispatcher for the connection:
+    // what a stalled one holds meanwhile is what arrived (see `io::agent_request_len`).
+    if let Some(first) = io::agent_request_len(&head) {
+        let len = match first {
+            Ok(len) => len,
+            Err(refused) => {
+                io::answer_and_close(&mut tls, &refused).await;
+                return;
+            }
+        };
+        let read = tokio::select! {
+            () = ticket.evicted() => return,
+            r = Box::pin(io::read_to_len(
+                &mut tls,
+                head,
+                len,
+                deadlines.agent_body,
+                crate::api::AGENT_BODY_TOTAL,
+            )) => r,
+        };
+        match read {
+            Ok(whole) => head = whole,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                timed_out("agent_body");
+                tracing::debug!(peer = ?peer, error = %e, "agent request body not in time");
+                let why = crate::error::ApiError::RequestTimeout(format!("agent request body {e}"));
+                io::answer_and_close(&mut tls, &why).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(peer = ?peer, error = %e, "connection closed in its first body");
+                return;
+            }
+        }
+    }
+    // Still pending: a complete request proves nothing. The request that authenticates (an
     // admin key, an agent's proof) marks the ticket; until then the connection counts
     // against the pending bounds, and is dropped with them.
     let ticket = Arc::new(ticket);
     let docker = is_docker_hijack(&head);
-    let io = Prefixed::new(head, tls);
+    let io = Prefixed::new(head.into(), tls);
     if docker {
         Box::pin(proxy.serve_connection(io, Some(ticket))).await;
     } else {
