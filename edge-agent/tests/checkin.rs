@@ -122,6 +122,41 @@ async fn persistent_clock_skew_is_retried_only_once() {
 }
 
 #[tokio::test]
+async fn a_replay_refusal_is_signed_again_once() {
+    // Another node of the swarm signed the same frame in the same millisecond: sign anew.
+    let cp = fake().await;
+    let (_, token) = cp.create_env(5);
+    let replay = r#"{"message":"this request was already seen (replay)","code":"replay"}"#;
+    cp.script_answer(401, replay);
+    let mut c = client(&token, Uuid::new_v4());
+    c.checkin().await.expect("signed again");
+    let seen = cp.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [401, 200]
+    );
+    let ts = |i: usize| seen[i].request.as_ref().map(|r| r.timestamp_lo);
+    assert!(
+        ts(1) > ts(0),
+        "a fresh timestamp: {:?} then {:?}",
+        ts(0),
+        ts(1)
+    );
+    // Twice in a row is not a collision: refused.
+    cp.script_answer(401, replay);
+    cp.script_answer(401, replay);
+    let err = c.checkin().await.expect_err("replayed twice");
+    assert!(matches!(
+        err,
+        CheckinError::Refused {
+            code: RefusalCode::Replay,
+            ..
+        }
+    ));
+    assert_eq!(cp.seen().len(), 4);
+}
+
+#[tokio::test]
 async fn another_edge_id_is_refused_until_the_association_is_reset() {
     let cp = fake().await;
     let (id, token) = cp.create_env(5);

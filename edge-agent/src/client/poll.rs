@@ -302,9 +302,12 @@ impl PollClient {
 
     /// One check-in on `route`: connect if needed, send, read the answer. A `clock_skew`
     /// refusal is fixed and retried at once (once); a kept-alive connection found dead before
-    /// answering is replaced at once (once). Times out after [`PollClient::timeout_for`]. A
-    /// server that does not know held check-ins (404 without an agent error code) gets a plain
-    /// check-in at once, and only plain ones from then on.
+    /// answering is replaced at once (once); a `replay` refusal (this process never signs the
+    /// same millisecond twice, so another node of the same swarm, one Edge ID and key, signed
+    /// the same frame in the same millisecond) is signed again after a pause of 1-4 ms
+    /// (once). Times out after [`PollClient::timeout_for`]. A server that does not know held
+    /// check-ins (404 without an agent error code) gets a plain check-in at once, and only
+    /// plain ones from then on.
     pub async fn checkin_via(
         &mut self,
         route: CheckinRoute,
@@ -528,6 +531,7 @@ impl PollClient {
         let mut skew_fixed = false;
         let mut stale_replaced = false;
         let mut id_resent = false;
+        let mut replay_resigned = false;
         loop {
             let result = match prepare(self) {
                 Ok(prepared) => match tokio::time::timeout(timeout, self.attempt(prepared)).await {
@@ -561,6 +565,18 @@ impl PollClient {
             {
                 if !id_resent {
                     id_resent = true;
+                    continue;
+                }
+            }
+            if let CheckinError::Refused {
+                code: RefusalCode::Replay,
+                ..
+            } = &error
+            {
+                if !replay_resigned {
+                    replay_resigned = true;
+                    let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 1..=4);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                     continue;
                 }
             }
