@@ -80,6 +80,9 @@ pub struct Limits {
     /// Each chunk of an agent's request body must follow the one before (or the head)
     /// within this.
     pub agent_body_timeout: Duration,
+    /// Bytes buffered at once, process-wide, for agents' first bodies that proved nothing
+    /// yet (an upload's proof is its last byte); see `front::budget`.
+    pub pending_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -101,6 +104,7 @@ impl Default for Limits {
             first_byte_timeout: gateway::FIRST_BYTE_TIMEOUT,
             first_request_timeout: Duration::from_secs(10),
             agent_body_timeout: Duration::from_secs(10),
+            pending_body_bytes: crate::front::DEFAULT_PENDING_BODY_BYTES,
         }
     }
 }

@@ -59,42 +59,6 @@ pub fn engine_target(rest: &str, query: Option<&str>) -> String {
     }
 }
 
-/// Whether a connection's first request head (request line and headers, possibly cut) is a
-/// Docker hijack: a Docker path with `Connection: Upgrade` and an `Upgrade` header. Only
-/// those connections go to hyper; everything else, Docker calls included, is actix's.
-pub fn is_docker_hijack(head: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(head) else {
-        return false;
-    };
-    let mut lines = text.split("\r\n");
-    let Some(line) = lines.next() else {
-        return false;
-    };
-    let mut parts = line.split(' ');
-    let (Some(_method), Some(target)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    let path = target.split('?').next().unwrap_or_default();
-    if docker_path(path).is_none() {
-        return false;
-    }
-    let (mut connection_upgrade, mut upgrade) = (false, false);
-    for l in lines {
-        let Some((name, value)) = l.split_once(':') else {
-            continue;
-        };
-        let name = name.trim();
-        if name.eq_ignore_ascii_case("connection") {
-            connection_upgrade |= value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
-        }
-    }
-    connection_upgrade && upgrade
-}
-
 pub struct DockerProxy {
     pub fleet: Arc<Fleet>,
     pub store: SharedStore,
@@ -510,17 +474,6 @@ mod tests {
         assert_eq!(docker_path("/api/endpoints/x/docker/_ping"), None);
         assert_eq!(docker_path("/api/endpoints/7"), None);
         assert_eq!(docker_path("/edge/c"), None);
-        assert!(is_docker_hijack(
-            b"POST /api/endpoints/12/docker/v1.41/exec/abc/start HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
-        ));
-        assert!(!is_docker_hijack(
-            b"GET /api/endpoints/12/docker/_ping?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"
-        ));
-        assert!(!is_docker_hijack(
-            b"POST /edge/c HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
-        ));
-        assert!(!is_docker_hijack(b"garbage"));
-        assert!(!is_docker_hijack(b""));
         assert_eq!(engine_target("", None), "/");
         assert_eq!(engine_target("/_ping", Some("a=1")), "/_ping?a=1");
     }

@@ -94,6 +94,11 @@ struct Cli {
     /// Connections one source address (an IPv6 /64) holds at once. Default: 8192.
     #[arg(long, env = "EDGEPLANE_MAX_CONNECTIONS_PER_SOURCE")]
     max_connections_per_source: Option<usize>,
+    /// Bytes buffered at once for agents' request bodies that proved nothing yet (an
+    /// upload's proof comes with its last byte); past it the slowest is let go or the newest
+    /// answered 503. Default: 64 MiB.
+    #[arg(long, env = "EDGEPLANE_MAX_PENDING_BODY_BYTES")]
+    max_pending_body_bytes: Option<usize>,
 }
 
 impl Cli {
@@ -128,6 +133,9 @@ impl Cli {
             self.max_connections,
             self.max_connections_per_source,
         );
+        if let Some(bytes) = self.max_pending_body_bytes {
+            c.limits.pending_body_bytes = bytes;
+        }
         c.allocator_stats = Some(jemalloc_stats);
         c
     }

@@ -166,6 +166,89 @@ async fn a_head_proves_nothing_so_stalled_bodies_stay_within_the_pending_bound()
 }
 
 #[actix_web::test]
+async fn trickled_uploads_past_the_pending_body_budget_make_room_for_a_faster_one() {
+    // Anonymous until its last byte (the proof is the body), an upload may take 1 MiB: the
+    // bytes all such bodies hold at once are bounded. Four tricklers fill the budget.
+    const BUDGET: usize = 256 * 1024;
+    let cp = ControlPlane::start_with(|c| {
+        c.limits.pending_body_bytes = BUDGET;
+        c.limits.agent_body_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let api = api_addr(&cp);
+    let head = |len: usize| {
+        format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: {len}\r\n\r\n",
+            proto::snapshot::SNAPSHOT_PATH,
+        )
+    };
+    let held = "edgeplane_api_pending_body_bytes";
+    let mut tricklers = Vec::new();
+    for _ in 0..4 {
+        let mut tls = tls_from(ATTACKER, api).await.unwrap();
+        tls.write_all(head(proto::snapshot::MAX_UPLOAD_FRAME).as_bytes())
+            .await
+            .unwrap();
+        tls.write_all(&[0u8; 60 * 1024]).await.unwrap();
+        tls.flush().await.unwrap();
+        tricklers.push(tls);
+    }
+    // Each holds 64 KiB (its buffer doubles from 4 KiB, charged before it grows).
+    testkit::eventually(WAIT, "the budget full", || async {
+        (cp.metric(held).await == BUDGET as f64).then_some(())
+    })
+    .await;
+
+    // A faster upload on a fresh connection: refused while the tricklers are young, then
+    // read whole (and refused by the handler as the garbage it is, not as 503) once the
+    // slowest of them had its time and was let go for it.
+    let body = vec![7u8; 20 * 1024];
+    let status = testkit::eventually(WAIT, "a faster upload read whole", || {
+        let (head, body) = (head(body.len()), body.clone());
+        async move {
+            let mut tls = tls_from(Ipv4Addr::LOCALHOST, api).await.ok()?;
+            tls.write_all(head.as_bytes()).await.ok()?;
+            tls.write_all(&body).await.ok()?;
+            tls.flush().await.ok()?;
+            let answer = answer_within(&mut tls, WAIT).await;
+            let status = answer.split(' ').nth(1)?.to_owned();
+            if status == "503" {
+                assert!(answer.contains("\"busy\""), "{answer}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return None;
+            }
+            Some(status)
+        }
+    })
+    .await;
+    assert!(status == "400" || status == "401", "{status}");
+    assert!(
+        cp.metric("edgeplane_api_pending_bodies_dropped_total{why=\"slowest\"}")
+            .await
+            >= 1.0
+    );
+    // The trickler let go was told so.
+    let mut told = 0;
+    for tls in &mut tricklers {
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), tls.read(&mut [0u8; 1])).await
+        {
+            told += usize::from(n > 0);
+        }
+    }
+    assert!(told >= 1, "no trickler got its 503");
+    assert!(cp.metric(held).await <= BUDGET as f64);
+    admin_get_ok(&cp).await;
+    drop(tricklers);
+    testkit::eventually(WAIT, "every byte back", || async {
+        (cp.metric(held).await == 0.0).then_some(())
+    })
+    .await;
+    cp.stop().await;
+}
+
+#[actix_web::test]
 async fn a_connection_that_proved_nothing_gets_one_answer() {
     let cp = ControlPlane::start().await;
     let api = api_addr(&cp);

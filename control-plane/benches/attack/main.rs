@@ -6,7 +6,8 @@
 //!
 //! Scenarios (`scenarios::ALL`): idle TCP connections and unfinished TLS handshakes on the API
 //! port and on the tunnel port, slow request heads, stalled bodies (a head announcing 1 MiB
-//! to the upload route, then one byte), oversized bodies (1 MiB announced to a check-in's
+//! to the upload route, then one byte), trickled uploads (32 KiB every 2 s of a 1 MiB one, against
+//! the budget of pending bodies), oversized bodies (1 MiB announced to a check-in's
 //! route, refused at once: a flood of handshakes and refusals), garbage check-ins and uploads
 //! aimed at the real agent's environment, and
 //! zstd bombs (without and with the key). Each runs for `ATTACK_SECONDS` (30) from

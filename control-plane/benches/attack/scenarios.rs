@@ -29,6 +29,7 @@ pub const ALL: &[&str] = &[
     "unfinished_tls_tunnel",
     "slow_head",
     "stalled_body",
+    "trickled_upload",
     "oversized_body",
     "garbage_env",
     "bomb",
@@ -89,6 +90,7 @@ pub async fn run(
         "unfinished_tls_tunnel" => hold(tunnel, sizes, stop, tally, unfinished_tls).await,
         "slow_head" => hold(api, sizes, stop, tally, slow_head).await,
         "stalled_body" => hold(api, sizes, stop, tally, stalled_body).await,
+        "trickled_upload" => hold(api, sizes, stop, tally, trickled_upload).await,
         "oversized_body" => hold(api, sizes, stop, tally, oversized_body).await,
         "garbage_env" => flood(target, sizes, stop, tally, garbage_frames).await,
         "bomb" => flood(target, sizes, stop, tally, bombs).await,
@@ -179,6 +181,38 @@ async fn stalled_body(tcp: TcpStream) {
     );
     if tls.write_all(head.as_bytes()).await.is_ok() && tls.flush().await.is_ok() {
         let _ = closed_within(&mut tls, Duration::from_secs(3600)).await;
+    }
+}
+
+/// TLS, a head announcing 1 MiB to the upload route, then 32 KiB every 2 s (each in time for
+/// the per-read deadline): anonymous until its last byte, each would hold a little more for
+/// the five minutes a body may take (2,436 pending places, 1.2 GB after 30 s) but for the
+/// process-wide budget of pending bodies.
+async fn trickled_upload(tcp: TcpStream) {
+    let Ok(mut tls) = tls_over(tcp).await else {
+        return;
+    };
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\n\r\n",
+        proto::snapshot::SNAPSHOT_PATH,
+        proto::snapshot::MAX_UPLOAD_FRAME,
+    );
+    if tls.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let chunk = [0u8; 32 * 1024];
+    loop {
+        if tls.write_all(&chunk).await.is_err() || tls.flush().await.is_err() {
+            return;
+        }
+        // Reads (what the server answers) while it waits; done once the server closes.
+        if closed_within(&mut tls, Duration::from_secs(2))
+            .await
+            .is_some()
+        {
+            return;
+        }
     }
 }
 

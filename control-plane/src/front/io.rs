@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::budget::{Exhausted, Share};
 use crate::error::ApiError;
 
 /// A request head longer than this is not sniffed further (it goes to actix, which refuses
@@ -50,6 +51,37 @@ fn head_end(buf: &[u8]) -> Option<usize> {
         .map(|at| at + 4)
 }
 
+/// A connection's first request head as the front sniffs it (possibly cut short: only the
+/// lines that arrived): the request target's path and the header lines. The one parser of
+/// the front's routing decisions; actix and hyper parse the request again, strictly.
+struct SniffedHead<'a> {
+    path: &'a str,
+    headers: std::str::Split<'a, &'static str>,
+}
+
+impl<'a> SniffedHead<'a> {
+    /// `None` when `head` is not UTF-8 or has no request line with a target.
+    fn parse(head: &'a [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(head).ok()?;
+        let mut lines = text.split("\r\n");
+        let mut start = lines.next()?.split(' ');
+        let (_method, target) = (start.next()?, start.next()?);
+        let path = target.split('?').next()?;
+        Some(Self {
+            path,
+            headers: lines,
+        })
+    }
+
+    /// Header names (trimmed) and values (untrimmed), in order; lines without a colon (the
+    /// blank line that ends the head, a line cut short) are skipped.
+    fn headers(self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.headers
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim(), value))
+    }
+}
+
 /// How many bytes the first request in `buf` takes, head and body, when it goes to an agent
 /// route: the front reads that body itself, or refuses it at once as the route would (too
 /// large for [`crate::api::body_limit`], chunked). `None` for every other route, and for a
@@ -60,17 +92,10 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 /// sending its head; buffered here it costs what arrived.
 pub(super) fn agent_request_len(buf: &[u8]) -> Option<Result<usize, ApiError>> {
     let end = head_end(buf)?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let mut start = lines.next()?.split(' ');
-    let (_method, target) = (start.next()?, start.next()?);
-    let limit = crate::api::body_limit(target.split('?').next()?)?;
+    let head = SniffedHead::parse(&buf[..end])?;
+    let limit = crate::api::body_limit(head.path)?;
     let (mut length, mut chunked) = (None, false);
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let name = name.trim();
+    for (name, value) in head.headers() {
         if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = true;
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -84,20 +109,57 @@ pub(super) fn agent_request_len(buf: &[u8]) -> Option<Result<usize, ApiError>> {
     Some(crate::api::announced_body(limit, length, chunked).map(|body| end + body))
 }
 
+/// Whether a connection's first request head (request line and headers, possibly cut) is a
+/// Docker hijack: a Docker path with `Connection: Upgrade` and an `Upgrade` header. Only
+/// those connections go to hyper; everything else, Docker calls included, is actix's.
+pub(super) fn is_docker_hijack(head: &[u8]) -> bool {
+    let Some(head) = SniffedHead::parse(head) else {
+        return false;
+    };
+    if crate::docker_proxy::docker_path(head.path).is_none() {
+        return false;
+    }
+    let (mut connection_upgrade, mut upgrade) = (false, false);
+    for (name, value) in head.headers() {
+        if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    connection_upgrade && upgrade
+}
+
 /// Reads on until `buf` holds `len` bytes, or the stream ends (the request is then incomplete
-/// and whoever parses it says so). Memory grows with what arrives. Each read must come within
-/// `idle` of the one before and the whole within `total`; past either, an error of kind
+/// and whoever parses it says so). Memory grows with what arrives (doubling, never past
+/// `len`), each step charged to `share` before it is allocated; when the budget refuses, an
+/// error of kind [`io::ErrorKind::OutOfMemory`]. Each read must come within `idle` of the one
+/// before and the whole within `total`; past either, an error of kind
 /// [`io::ErrorKind::TimedOut`].
 pub(super) async fn read_to_len<R: AsyncRead + Unpin>(
     r: &mut R,
     mut buf: Vec<u8>,
     len: usize,
+    share: &Share,
     idle: Duration,
     total: Duration,
 ) -> io::Result<Vec<u8>> {
     let stalled = |what: String| io::Error::new(io::ErrorKind::TimedOut, what);
+    let refused = |e: Exhausted| io::Error::new(io::ErrorKind::OutOfMemory, e);
     let read = async {
+        share
+            .grow(buf.capacity(), Instant::now())
+            .map_err(refused)?;
         while buf.len() < len {
+            if buf.len() == buf.capacity() {
+                let grown = (buf.capacity() * 2).max(4096).min(len);
+                share
+                    .grow(grown - buf.capacity(), Instant::now())
+                    .map_err(refused)?;
+                buf.reserve_exact(grown - buf.len());
+            }
             let want = (len - buf.len()) as u64;
             let n = tokio::time::timeout(idle, (&mut *r).take(want).read_buf(&mut buf))
                 .await
@@ -371,6 +433,36 @@ write_through!(Timed);
 mod tests {
     use super::*;
 
+    /// A share of a budget that never refuses.
+    fn share() -> Share {
+        super::super::budget::budget(usize::MAX).share(Instant::now())
+    }
+
+    #[test]
+    fn only_a_docker_path_with_both_upgrade_headers_is_a_hijack() {
+        assert!(is_docker_hijack(
+            b"POST /api/endpoints/12/docker/v1.41/exec/abc/start HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+        ));
+        // Cut short after its headers, and a token list.
+        assert!(is_docker_hijack(
+            b"POST /api/endpoints/1/docker/containers/x/attach?stream=1 HTTP/1.1\r\nconnection: keep-alive, upgrade\r\nupgrade: tcp"
+        ));
+        assert!(!is_docker_hijack(
+            b"GET /api/endpoints/12/docker/_ping?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"
+        ));
+        assert!(!is_docker_hijack(
+            b"POST /api/endpoints/12/docker/exec/abc/start HTTP/1.1\r\nConnection: Upgrade\r\n\r\n"
+        ));
+        assert!(!is_docker_hijack(
+            b"POST /edge/c HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+        ));
+        assert!(!is_docker_hijack(b"garbage"));
+        assert!(!is_docker_hijack(b""));
+        assert!(!is_docker_hijack(
+            b"\xff\xfe /api/endpoints/1/docker HTTP/1.1\r\n"
+        ));
+    }
+
     #[test]
     fn the_front_reads_an_agent_body_announced_within_its_route_limit_and_refuses_the_rest() {
         let req = |target: &str, headers: &str| {
@@ -431,7 +523,7 @@ mod tests {
             }
             client
         });
-        let got = read_to_len(&mut server, b"head".to_vec(), 14, idle, total)
+        let got = read_to_len(&mut server, b"head".to_vec(), 14, &share(), idle, total)
             .await
             .unwrap();
         assert_eq!(got, b"headabcdefghij");
@@ -444,7 +536,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"ab").await.unwrap();
         let t0 = Instant::now();
-        let e = read_to_len(&mut server, Vec::new(), 10, idle, total)
+        let e = read_to_len(&mut server, Vec::new(), 10, &share(), idle, total)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
@@ -459,7 +551,7 @@ mod tests {
             }
         });
         let t0 = Instant::now();
-        let e = read_to_len(&mut server, Vec::new(), 1000, idle, total)
+        let e = read_to_len(&mut server, Vec::new(), 1000, &share(), idle, total)
             .await
             .unwrap_err();
         assert_eq!(t0.elapsed(), total);
@@ -471,10 +563,26 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"ab").await.unwrap();
         drop(client);
-        let got = read_to_len(&mut server, Vec::new(), 10, idle, total)
+        let got = read_to_len(&mut server, Vec::new(), 10, &share(), idle, total)
             .await
             .unwrap();
         assert_eq!(got, b"ab");
+
+        // Over its budget: refused before the buffer grows past it, charged as it grows.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let budget = super::super::budget::budget(8192);
+        let share = budget.share(Instant::now());
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&[7u8; 20_000]).await;
+        });
+        let e = read_to_len(&mut server, Vec::new(), 20_000, &share, idle, total)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::OutOfMemory, "{e}");
+        assert_eq!(budget.used(), 8192, "4 KiB, then 8; 16 refused");
+        drop((server, share));
+        assert_eq!(budget.used(), 0);
+        writer.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

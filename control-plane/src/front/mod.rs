@@ -19,15 +19,19 @@ use actix_service::{
 use actix_web::body::MessageBody as _;
 use actix_web::dev::{AppConfig, ServiceResponse};
 use actix_web::App;
+use budget::BodyBudget;
 use gateway::admission::{Admission, Refused, Ticket};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Limits;
-use crate::docker_proxy::{is_docker_hijack, DockerProxy};
+use crate::docker_proxy::DockerProxy;
+use crate::error::ApiError;
 
+mod budget;
 mod io;
 
+pub use budget::DEFAULT_PENDING_BODY_BYTES;
 pub use io::{HeadClock, Prefixed, Timed};
 
 /// The stream actix serves: TLS, the sniffed head put back, the next heads' deadlines.
@@ -56,6 +60,10 @@ pub struct FrontMetrics {
     /// Connections let go at a deadline, by stage: `first_byte`, `first_request`,
     /// `next_request`.
     pub timed_out: prometheus::IntCounterVec,
+    /// Bytes buffered now for first bodies that proved nothing yet (see [`budget`]).
+    pub pending_body_bytes: prometheus::IntGauge,
+    /// Such bodies refused (`full`) or let go for a faster one (`slowest`).
+    pub pending_bodies_dropped: prometheus::IntCounterVec,
 }
 
 /// Builds the API server. `app` makes one actix `App` per worker. Every connection is
@@ -91,6 +99,12 @@ where
         agent_body: limits.agent_body_timeout,
         keep_alive,
     };
+    // One budget for the process: actix's workers are threads of it.
+    let bodies = BodyBudget::new(
+        limits.pending_body_bytes,
+        metrics.pending_body_bytes.clone(),
+        metrics.pending_bodies_dropped.clone(),
+    );
     // actix's own bound per worker stays at ours (which is process-wide) or below.
     let per_worker = limits
         .max_connections_per_worker
@@ -163,12 +177,14 @@ where
             let proxy = Arc::clone(&proxy);
             let admission = Arc::clone(&admission);
             let metrics = metrics.clone();
+            let bodies = Arc::clone(&bodies);
             fn_factory(move || {
                 let h1 = h1.new_service(());
                 let acceptor = acceptor.clone();
                 let proxy = Arc::clone(&proxy);
                 let admission = Arc::clone(&admission);
                 let metrics = metrics.clone();
+                let bodies = Arc::clone(&bodies);
                 async move {
                     let h1 = Rc::new(h1.await.map_err(|e| {
                         tracing::error!(error = ?e, "cannot start the api service");
@@ -182,6 +198,7 @@ where
                             .map_err(|_| Refused::Full)
                             .and_then(|peer| admission.admit(peer.ip()));
                         let metrics = metrics.clone();
+                        let bodies = Arc::clone(&bodies);
                         async move {
                             match admitted {
                                 Ok(ticket) => {
@@ -191,6 +208,7 @@ where
                                         ticket,
                                         deadlines,
                                         metrics,
+                                        bodies,
                                     };
                                     serve(tcp, h1, conn).await;
                                 }
@@ -229,6 +247,7 @@ struct Conn {
     ticket: Ticket,
     deadlines: Deadlines,
     metrics: FrontMetrics,
+    bodies: Arc<BodyBudget>,
 }
 
 async fn serve<S>(tcp: TcpStream, h1: Rc<S>, conn: Conn)
@@ -276,6 +295,7 @@ where
         ticket,
         deadlines,
         metrics,
+        bodies,
     } = conn;
     let timed_out = |stage: &str| metrics.timed_out.with_label_values(&[stage]).inc();
     let first = tokio::select! {
@@ -308,22 +328,38 @@ where
                 return;
             }
         };
+        let share = bodies.share(tokio::time::Instant::now());
         let read = tokio::select! {
             () = ticket.evicted() => return,
+            () = share.evicted() => {
+                let why = ApiError::Unavailable(
+                    "let go for a faster upload (the server holds as many pending request \
+                     bodies as it may); send it again later"
+                        .into(),
+                );
+                io::answer_and_close(&mut tls, &why).await;
+                return;
+            }
             r = Box::pin(io::read_to_len(
                 &mut tls,
                 head,
                 len,
+                &share,
                 deadlines.agent_body,
                 crate::api::AGENT_BODY_TOTAL,
             )) => r,
         };
         match read {
             Ok(whole) => head = whole,
+            Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+                tracing::debug!(peer = ?peer, "agent request body refused: pending body budget spent");
+                io::answer_and_close(&mut tls, &ApiError::Unavailable(e.to_string())).await;
+                return;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 timed_out("agent_body");
                 tracing::debug!(peer = ?peer, error = %e, "agent request body not in time");
-                let why = crate::error::ApiError::RequestTimeout(format!("agent request body {e}"));
+                let why = ApiError::RequestTimeout(format!("agent request body {e}"));
                 io::answer_and_close(&mut tls, &why).await;
                 return;
             }
@@ -337,7 +373,7 @@ where
     // admin key, an agent's proof) marks the ticket; until then the connection counts
     // against the pending bounds, and is dropped with them.
     let ticket = Arc::new(ticket);
-    let docker = is_docker_hijack(&head);
+    let docker = io::is_docker_hijack(&head);
     let io = Prefixed::new(head.into(), tls);
     if docker {
         Box::pin(proxy.serve_connection(io, Some(ticket))).await;

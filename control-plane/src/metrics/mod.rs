@@ -187,13 +187,29 @@ impl Metrics {
             Opts::new(
                 "edgeplane_api_connections_timed_out_total",
                 "Connections to the API port let go at a deadline, by stage: first_byte (nothing \
-                 sent), first_request (no TLS and first head in time), next_request (a kept-alive \
-                 connection's next head not complete in time)",
+                 sent), first_request (no TLS and first head in time), agent_body (an agent's first \
+                 body stalled), next_request (a kept-alive connection's next head not complete \
+                 in time)",
             ),
             &["stage"],
         ));
+        let api_pending_body_bytes = must(IntGauge::new(
+            "edgeplane_api_pending_body_bytes",
+            "Bytes buffered now for agents' first request bodies that proved nothing yet \
+             (bounded by --max-pending-body-bytes)",
+        ));
+        let api_pending_bodies_dropped = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_api_pending_bodies_dropped_total",
+                "Agents' first request bodies answered 503 for the pending body budget: full \
+                 (refused, nothing slower to let go), slowest (let go for a faster one)",
+            ),
+            &["why"],
+        ));
         for c in [
             Box::new(checkins.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_pending_body_bytes.clone()),
+            Box::new(api_pending_bodies_dropped.clone()),
             Box::new(api_connections_refused.clone()),
             Box::new(api_connections_timed_out.clone()),
             Box::new(async_snapshots.clone()),
@@ -229,6 +245,8 @@ impl Metrics {
             front: crate::front::FrontMetrics {
                 refused: api_connections_refused,
                 timed_out: api_connections_timed_out,
+                pending_body_bytes: api_pending_body_bytes,
+                pending_bodies_dropped: api_pending_bodies_dropped,
             },
             admission: parking_lot::Mutex::new(None),
             fleet: parking_lot::Mutex::new(None),
