@@ -174,6 +174,11 @@ impl Drop for Share {
         if let Some(h) = s.shares.remove(&self.id) {
             s.used -= h.bytes;
         }
+        // The map grows to the pending bound under attack (~200 KiB); give that back after.
+        if s.shares.capacity() > 64 && s.shares.len() * 4 < s.shares.capacity() {
+            let keep = s.shares.len() * 2;
+            s.shares.shrink_to(keep);
+        }
         b.held.set(s.used as i64);
     }
 }
