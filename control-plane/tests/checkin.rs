@@ -395,8 +395,9 @@ async fn held_check_ins_are_counted_until_pruned_and_unknown_ids_are_cached() {
         node.checkin().await.unwrap();
         nodes.push(node);
     }
-    // One after the other: nodes of one swarm sign with the same key and Edge ID, so two
-    // requests signed in the same millisecond would be the same frame (a replay).
+    // One after the other, as fast as the gauge shows each: nodes of one swarm sign with the
+    // same key and Edge ID, so two of them may sign the same frame in the same millisecond
+    // (a replay); the one refused signs again, still without its agent info, and is held too.
     let mut waiting = Vec::new();
     for (k, mut node) in nodes.into_iter().enumerate() {
         waiting.push(actix_web::rt::spawn(async move {

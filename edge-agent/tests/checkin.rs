@@ -127,20 +127,29 @@ async fn a_replay_refusal_is_signed_again_once() {
     let cp = fake().await;
     let (_, token) = cp.create_env(5);
     let replay = r#"{"message":"this request was already seen (replay)","code":"replay"}"#;
-    cp.script_answer(401, replay);
     let mut c = client(&token, Uuid::new_v4());
+    c.checkin().await.expect("first");
+    cp.script_answer(401, replay);
     c.checkin().await.expect("signed again");
     let seen = cp.seen();
     assert_eq!(
         seen.iter().map(|s| s.status).collect::<Vec<_>>(),
-        [401, 200]
+        [200, 401, 204],
+        "the one signed again is answered as unchanged"
     );
-    let ts = |i: usize| seen[i].request.as_ref().map(|r| r.timestamp_lo);
+    let request = |i: usize| seen[i].request.as_ref().expect("a decoded request");
     assert!(
-        ts(1) > ts(0),
-        "a fresh timestamp: {:?} then {:?}",
-        ts(0),
-        ts(1)
+        request(2).timestamp_lo > request(1).timestamp_lo,
+        "a fresh timestamp: {} then {}",
+        request(1).timestamp_lo,
+        request(2).timestamp_lo
+    );
+    // A collision is not an error that calls for the agent info again: the request is
+    // signed anew as it was (a held check-in with agent info would not be held).
+    assert!(request(0).agent.is_some(), "the first check-in carries it");
+    assert!(
+        request(1).agent.is_none() && request(2).agent.is_none(),
+        "signed again without it"
     );
     // Twice in a row is not a collision: refused.
     cp.script_answer(401, replay);
@@ -153,7 +162,11 @@ async fn a_replay_refusal_is_signed_again_once() {
             ..
         }
     ));
-    assert_eq!(cp.seen().len(), 4);
+    assert_eq!(cp.seen().len(), 5);
+    // That was an error: the next check-in carries the agent info.
+    c.checkin().await.expect("after the error");
+    let last = cp.seen().pop().and_then(|s| s.request).expect("request");
+    assert!(last.agent.is_some(), "first check-in after an error");
 }
 
 #[tokio::test]

@@ -547,8 +547,21 @@ impl PollClient {
                 }
                 Err(e) => e,
             };
-            // "The first check-in after any error" carries the agent info again.
-            self.send_agent_info = true;
+            // "The first check-in after any error" carries the agent info again, but not the
+            // one signed again after a replay: that is another node of the swarm signing in
+            // the same millisecond, not a sign the server lost us, and a held check-in with
+            // agent info is answered at once instead of held.
+            let collision = !replay_resigned
+                && matches!(
+                    error,
+                    CheckinError::Refused {
+                        code: RefusalCode::Replay,
+                        ..
+                    }
+                );
+            if !collision {
+                self.send_agent_info = true;
+            }
             if error.breaks_connection() {
                 self.conn = None;
             }
