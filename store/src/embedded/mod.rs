@@ -23,6 +23,10 @@
 //! admin key set, keeping the newest snapshot of an existing environment) is atomic simply by
 //! happening inside one write transaction.
 //!
+//! Every transaction runs on the store's own [`THREADS`](workers::THREADS) threads
+//! (`store-<n>`), fed through a bounded queue ([`workers`]); dropping the store waits for them,
+//! so its file is closed when it is gone.
+//!
 //! What only lives as long as a lease (tunnel grants, tunnel locations, gateway
 //! registrations) is not written to disk at all: it sits in memory behind a mutex, each entry
 //! with an [`Instant`](std::time::Instant) deadline that every read checks, and expired entries are purged now and
@@ -37,6 +41,7 @@ mod commands;
 mod environments;
 mod leases;
 mod records;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,6 +83,9 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(10);
 const LONGEST_LEASE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 pub struct EmbeddedStore {
+    /// Runs every transaction on the store's own threads ([`workers`]).
+    workers: workers::Workers,
+    #[cfg(test)]
     db: Arc<Database>,
     path: PathBuf,
     changes: broadcast::Sender<Change>,
@@ -121,8 +129,11 @@ impl EmbeddedStore {
 
         tracing::info!(path = %path.display(), "opened embedded store");
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let db = Arc::new(db);
         Ok(Self {
-            db: Arc::new(db),
+            workers: workers::Workers::start(Arc::clone(&db), workers::THREADS)?,
+            #[cfg(test)]
+            db,
             path,
             changes,
             leases: Mutex::new(Leases::new()),
@@ -135,16 +146,13 @@ impl EmbeddedStore {
         self.leases.lock()
     }
 
-    /// Runs blocking redb work off the async threads.
+    /// Runs blocking redb work off the async threads, on the store's own ([`workers`]).
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StoreError::unavailable_by("embedded store task failed", e))?
+        self.workers.run(f).await
     }
 
     /// Runs `f` in one write transaction. `f` returns its result and whether it changed
