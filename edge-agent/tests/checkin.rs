@@ -151,6 +151,21 @@ async fn a_replay_refusal_is_signed_again_once() {
         request(1).agent.is_none() && request(2).agent.is_none(),
         "signed again without it"
     );
+    // A first check-in that collides: signed again, still with the agent info.
+    let (_, other) = cp.create_env(5);
+    let mut fresh = client(&other, Uuid::new_v4());
+    cp.script_answer(401, replay);
+    let before = cp.seen().len();
+    fresh.checkin().await.expect("signed again");
+    let seen = cp.seen();
+    let (refused, taken) = (&seen[before], &seen[before + 1]);
+    assert_eq!((refused.status, taken.status), (401, 200));
+    assert!(
+        [refused, taken]
+            .iter()
+            .all(|s| s.request.as_ref().is_some_and(|r| r.agent.is_some())),
+        "both carry the agent info"
+    );
     // Twice in a row is not a collision: refused.
     cp.script_answer(401, replay);
     cp.script_answer(401, replay);
@@ -162,7 +177,7 @@ async fn a_replay_refusal_is_signed_again_once() {
             ..
         }
     ));
-    assert_eq!(cp.seen().len(), 5);
+    assert_eq!(cp.seen().len(), 7);
     // That was an error: the next check-in carries the agent info.
     c.checkin().await.expect("after the error");
     let last = cp.seen().pop().and_then(|s| s.request).expect("request");

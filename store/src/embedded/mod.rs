@@ -23,9 +23,9 @@
 //! admin key set, keeping the newest snapshot of an existing environment) is atomic simply by
 //! happening inside one write transaction.
 //!
-//! Every transaction runs on the store's own [`THREADS`](workers::THREADS) threads
-//! (`store-<n>`), fed through a bounded queue ([`workers`]); dropping the store waits for them,
-//! so its file is closed when it is gone.
+//! Every transaction runs on the store's own [`READERS`](workers::READERS) + 1 threads, writes
+//! on `store-write` and reads on `store-read-<n>`, each side fed through a bounded queue
+//! ([`workers`]); dropping the store waits for them, so its file is closed when it is gone.
 //!
 //! What only lives as long as a lease (tunnel grants, tunnel locations, gateway
 //! registrations) is not written to disk at all: it sits in memory behind a mutex, each entry
@@ -43,6 +43,7 @@ mod leases;
 mod records;
 mod workers;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,7 +132,7 @@ impl EmbeddedStore {
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         let db = Arc::new(db);
         Ok(Self {
-            workers: workers::Workers::start(Arc::clone(&db), workers::THREADS)?,
+            workers: workers::Workers::start(Arc::clone(&db), workers::READERS)?,
             #[cfg(test)]
             db,
             path,
@@ -146,13 +147,14 @@ impl EmbeddedStore {
         self.leases.lock()
     }
 
-    /// Runs blocking redb work off the async threads, on the store's own ([`workers`]).
+    /// Runs blocking redb reads off the async threads, on the store's reader threads
+    /// ([`workers`]). Writes go through [`EmbeddedStore::write`].
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
-        self.workers.run(f).await
+        self.workers.read(f).await
     }
 
     /// Runs `f` in one write transaction. `f` returns its result and whether it changed
@@ -164,18 +166,27 @@ impl EmbeddedStore {
         F: FnOnce(&WriteTransaction) -> Result<(T, bool), StoreError> + Send + 'static,
         T: Send + 'static,
     {
-        self.blocking(move |db| {
-            let mut tx = db.begin_write().map_err(db_err)?;
-            tx.set_durability(durability);
-            let (out, changed) = f(&tx)?;
-            if changed {
-                tx.commit().map_err(db_err)?;
-            } else {
-                tx.abort().map_err(db_err)?;
-            }
-            Ok(out)
-        })
-        .await
+        self.workers
+            .write(move |db| {
+                let mut tx = db.begin_write().map_err(db_err)?;
+                tx.set_durability(durability);
+                // A panic inside the transaction is caught here, while `tx` is alive, so that
+                // it is aborted the ordinary way when it drops: redb skips its abort for a
+                // transaction dropped during an unwinding (2.6 still frees the writer slot
+                // then, as the test below shows either way; this does not depend on it).
+                let (out, changed) =
+                    catch_unwind(AssertUnwindSafe(|| f(&tx))).map_err(|_| {
+                        tracing::error!("an embedded store write panicked; it was aborted");
+                        StoreError::unavailable("embedded store write panicked")
+                    })??;
+                if changed {
+                    tx.commit().map_err(db_err)?;
+                } else {
+                    tx.abort().map_err(db_err)?;
+                }
+                Ok(out)
+            })
+            .await
     }
 }
 
@@ -292,5 +303,42 @@ mod tests {
         let meta = tx.open_table(META).expect("meta");
         let probe = meta.get("probe").expect("get").expect("the record is kept");
         assert_eq!(probe.value(), b"kept");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_is_aborted_and_the_next_one_goes_through() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let put = |key: &'static str, panics: bool| {
+            store.write(Durability::Immediate, move |tx| {
+                tx.open_table(META)
+                    .map_err(db_err)?
+                    .insert(key, b"value".as_slice())
+                    .map_err(db_err)?;
+                assert!(!panics, "a bug inside the transaction");
+                Ok(((), true))
+            })
+        };
+        // More panics than there are threads: none may keep redb's writer slot, nor leave
+        // its insert for the next transaction to commit.
+        for _ in 0..workers::READERS + 2 {
+            let failed = put("ghost", true).await;
+            assert!(failed.is_err());
+        }
+        let done = tokio::time::timeout(Duration::from_secs(10), put("probe", false)).await;
+        done.expect("the writer slot is free").expect("write");
+        let get = |key: &'static str| {
+            store.blocking(move |db| {
+                let tx = db.begin_read().map_err(db_err)?;
+                let meta = tx.open_table(META).map_err(db_err)?;
+                let found = meta.get(key).map_err(db_err)?.is_some();
+                Ok(found)
+            })
+        };
+        assert!(get("probe").await.expect("read"), "the good write is there");
+        assert!(
+            !get("ghost").await.expect("read"),
+            "the panicked ones are not"
+        );
     }
 }
