@@ -1,5 +1,5 @@
 //! The embedded store's own threads. redb blocks, so its work runs off the async threads: on a
-//! fixed set of threads fed through one bounded queue, not on Tokio's blocking pool. That pool
+//! fixed set of threads fed through bounded queues, not on Tokio's blocking pool. That pool
 //! starts a thread for each task that finds every thread busy (up to 512 per runtime) and lets
 //! one go after 10 s idle; the control plane has one runtime per actix worker, each with its
 //! own pool, so its thread count followed the store's load (a soak saw it step 18 → 22 for no
