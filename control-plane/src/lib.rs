@@ -269,6 +269,7 @@ impl Prepared {
                     )
                     .configure(api::configure)
             },
+            state.clone(),
             listeners.api,
             Arc::clone(&tls),
             &limits,

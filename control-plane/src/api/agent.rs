@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt as _;
 use proto::async_mode::{
     AsyncAnswer, AsyncIntervals, AsyncRequest, Command, SnapshotReport, MAX_ASYNC_ANSWER,
@@ -19,18 +20,75 @@ use store::{EnvId, SnapshotPut, StoredSnapshot};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::fleet::CheckinKind;
+use crate::fleet::{Checkin, CheckinKind};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource(proto::wire::CHECKIN_PATH).route(web::post().to(checkin)))
-        .service(web::resource(proto::wire::HELD_CHECKIN_PATH).route(web::post().to(held)))
-        .service(
-            web::resource(proto::tunnel::TUNNEL_REQUEST_PATH).route(web::post().to(ask_tunnel)),
-        )
-        .service(
-            web::resource(proto::snapshot::SNAPSHOT_PATH).route(web::post().to(upload_snapshot)),
-        )
-        .service(web::resource(proto::async_mode::ASYNC_PATH).route(web::post().to(async_tick)));
+    for route in AgentRoute::ALL {
+        cfg.service(web::resource(route.path()).route(web::post().to(
+            move |state: web::Data<AppState>, req: HttpRequest, payload: web::Payload| {
+                actix_route(route, state, req, payload)
+            },
+        )));
+    }
+}
+
+/// An agent route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentRoute {
+    /// `/edge/c`: a check-in answered at once.
+    Checkin,
+    /// `/edge/h`: a check-in whose idle answer may be held.
+    Held,
+    /// `/edge/t`: a check-in asking for tunnel credentials.
+    Tunnel,
+    /// `/edge/s`: a snapshot upload.
+    Snapshot,
+    /// `/edge/a`: an async-mode tick.
+    Async,
+}
+
+impl AgentRoute {
+    pub const ALL: [AgentRoute; 5] = [
+        AgentRoute::Checkin,
+        AgentRoute::Held,
+        AgentRoute::Tunnel,
+        AgentRoute::Snapshot,
+        AgentRoute::Async,
+    ];
+
+    /// The route at `path` (without its query), if it is an agent's.
+    pub fn of(path: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.path() == path)
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            AgentRoute::Checkin => proto::wire::CHECKIN_PATH,
+            AgentRoute::Held => proto::wire::HELD_CHECKIN_PATH,
+            AgentRoute::Tunnel => proto::tunnel::TUNNEL_REQUEST_PATH,
+            AgentRoute::Snapshot => proto::snapshot::SNAPSHOT_PATH,
+            AgentRoute::Async => proto::async_mode::ASYNC_PATH,
+        }
+    }
+
+    /// The largest body the route takes.
+    pub fn body_limit(self) -> usize {
+        match self {
+            AgentRoute::Checkin | AgentRoute::Held | AgentRoute::Tunnel => MAX_CONTROL_FRAME,
+            AgentRoute::Snapshot => MAX_UPLOAD_FRAME,
+            AgentRoute::Async => MAX_ASYNC_FRAME,
+        }
+    }
+}
+
+/// What an agent route answers when it succeeds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentAnswer {
+    /// `204` with an empty reason phrase: nothing new.
+    NoContent,
+    /// `200` with an empty reason phrase and this body (no content type: the agent knows
+    /// what it asked for, and every byte is metered).
+    Body(Vec<u8>),
 }
 
 /// How long an agent's request body may take in all, however steadily it arrives (a 1 MiB
@@ -38,22 +96,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub const AGENT_BODY_TOTAL: Duration = Duration::from_secs(300);
 
 /// The largest body each agent route takes. The front reads the first request of a
-/// connection to one of these whole, within this, before actix serves it
+/// connection to one of these whole, within this, before anything else serves it
 /// ([`crate::front`]); the handlers refuse more.
 pub fn body_limit(path: &str) -> Option<usize> {
-    use proto::wire::{CHECKIN_PATH, HELD_CHECKIN_PATH};
-    if path == CHECKIN_PATH
-        || path == HELD_CHECKIN_PATH
-        || path == proto::tunnel::TUNNEL_REQUEST_PATH
-    {
-        Some(MAX_CONTROL_FRAME)
-    } else if path == proto::snapshot::SNAPSHOT_PATH {
-        Some(MAX_UPLOAD_FRAME)
-    } else if path == proto::async_mode::ASYNC_PATH {
-        Some(MAX_ASYNC_FRAME)
-    } else {
-        None
-    }
+    AgentRoute::of(path).map(AgentRoute::body_limit)
 }
 
 /// The length of an agent request's body as its head announces it (`content_length`; none
@@ -135,41 +181,51 @@ async fn read_limited(
         })?
 }
 
+/// An agent route served by actix (a connection whose first request went elsewhere; the
+/// front's agent lane serves the others): the body read within bounds, then [`serve`].
+async fn actix_route(
+    route: AgentRoute,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
+    let answer = serve(&state, route, body, || crate::front::proved(&req)).await?;
+    Ok(match answer {
+        AgentAnswer::NoContent => HttpResponse::NoContent().reason("").finish(),
+        AgentAnswer::Body(bytes) => HttpResponse::Ok().reason("").body(bytes),
+    })
+}
+
+/// Serves one agent request whose whole body is `body`: the one implementation behind the
+/// actix routes and the front's agent lane. `proved` is called once the request proved
+/// itself (its frame verified), before the answer is known. Boxed as the route's own
+/// future: a held check-in keeps what it needs while it waits, not room for an async tick.
+pub fn serve<'a>(
+    state: &'a AppState,
+    route: AgentRoute,
+    body: Bytes,
+    proved: impl FnOnce() + 'a,
+) -> LocalBoxFuture<'a, Result<AgentAnswer, ApiError>> {
+    match route {
+        AgentRoute::Checkin => Box::pin(checkin(state, CheckinKind::Poll, body, proved)),
+        AgentRoute::Held => Box::pin(checkin(state, CheckinKind::Held, body, proved)),
+        AgentRoute::Tunnel => Box::pin(checkin(state, CheckinKind::AskTunnel, body, proved)),
+        AgentRoute::Snapshot => Box::pin(upload_snapshot(state, body, proved)),
+        AgentRoute::Async => Box::pin(async_tick(state, body, proved)),
+    }
+}
+
 async fn checkin(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    answer(CheckinKind::Poll, state, req, payload).await
-}
-
-async fn held(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    answer(CheckinKind::Held, state, req, payload).await
-}
-
-async fn ask_tunnel(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    answer(CheckinKind::AskTunnel, state, req, payload).await
-}
-
-async fn answer(
+    state: &AppState,
     kind: CheckinKind,
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+    body: Bytes,
+    proved: impl FnOnce(),
+) -> Result<AgentAnswer, ApiError> {
     // Held check-ins are timed by the hold, not by the server's work: not in the histogram.
     let timer = (kind != CheckinKind::Held).then(|| state.metrics.checkin_seconds.start_timer());
-    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
-    let (checkin, _unverified) = proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME)
-        .map_err(|e| {
+    let (checkin, _) =
+        proto::proof::open::<CheckinRequest>(&body, MAX_CONTROL_FRAME).map_err(|e| {
             state
                 .metrics
                 .checkins
@@ -177,16 +233,18 @@ async fn answer(
                 .inc();
             ApiError::BadRequest(format!("check-in body: {e}"))
         })?;
-    let answer = state
-        .fleet
-        .checkin(kind, checkin, body, || crate::front::proved(&req))
-        .await?;
+    // Boxed: the actor's part is over at once; a held check-in keeps only its hold.
+    let checkin = Box::pin(state.fleet.checkin(kind, checkin, body, proved)).await?;
+    let answer = match checkin {
+        Checkin::Now(answer) => answer,
+        Checkin::Held(hold) => hold.answer().await,
+    };
     if answer.unchanged {
         // Nothing new: no body, no content-length (204 has none). Saves ~16 bytes per poll.
         if let Some(t) = timer {
             t.observe_duration();
         }
-        return Ok(HttpResponse::NoContent().reason("").finish());
+        return Ok(AgentAnswer::NoContent);
     }
     let bytes = codec::encode(&CheckinAnswer {
         status: answer.status,
@@ -198,19 +256,16 @@ async fn answer(
     if let Some(t) = timer {
         t.observe_duration();
     }
-    // No content-type and an empty reason phrase (RFC 9112 allows it; clients ignore it): the
-    // agent knows what it asked for, and every byte is metered.
-    Ok(HttpResponse::Ok().reason("").body(bytes))
+    Ok(AgentAnswer::Body(bytes))
 }
 
 /// A snapshot from the agent: verified like a check-in, decompressed within bounds, kept
 /// unless a newer one is already stored. `204` when stored.
 async fn upload_snapshot(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
+    state: &AppState,
+    body: Bytes,
+    proved: impl FnOnce(),
+) -> Result<AgentAnswer, ApiError> {
     let (upload, _unverified) = proto::proof::open::<SnapshotUpload>(&body, MAX_UPLOAD_FRAME)
         .map_err(|e| ApiError::BadRequest(format!("snapshot upload: {e}")))?;
     let id = upload.endpoint_id;
@@ -218,7 +273,7 @@ async fn upload_snapshot(
         .fleet
         .verify_upload(id, body.clone(), upload.edge_id, upload.timestamp_ms)
         .await?;
-    crate::front::proved(&req);
+    proved();
     // Decoding proves the body is a well-formed snapshot before anything is stored.
     let snap = proto::snapshot::decompress(&upload.body)
         .map_err(|e| ApiError::BadRequest(format!("snapshot upload: {e}")))?;
@@ -244,7 +299,7 @@ async fn upload_snapshot(
             )));
         }
     }
-    Ok(HttpResponse::NoContent().reason("").finish())
+    Ok(AgentAnswer::NoContent)
 }
 
 /// An async-mode tick: verified like a check-in (proof, freshness, replay, binding; the
@@ -253,11 +308,10 @@ async fn upload_snapshot(
 /// A corrupt snapshot report is a 400 that leaves the stored snapshot as it was; one that
 /// cannot be applied (unknown base) is answered with `need_full_snapshot`.
 async fn async_tick(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(&req, payload, state.limits.agent_body_timeout).await?;
+    state: &AppState,
+    body: Bytes,
+    proved: impl FnOnce(),
+) -> Result<AgentAnswer, ApiError> {
     let (tick, _unverified) =
         proto::proof::open::<AsyncRequest>(&body, MAX_ASYNC_FRAME).map_err(|e| {
             state
@@ -276,10 +330,10 @@ async fn async_tick(
     );
     let answer = state
         .fleet
-        .checkin(CheckinKind::Async, tick.checkin, body, || {
-            crate::front::proved(&req);
-        })
-        .await?;
+        .checkin(CheckinKind::Async, tick.checkin, body, proved)
+        .await?
+        .answer()
+        .await;
     let now = now_ms();
     if !tick.results.is_empty() {
         state.store.finish_commands(id, &tick.results, now).await?;
@@ -309,7 +363,7 @@ async fn async_tick(
                 SnapshotReport::Delta(_) => "delta",
                 SnapshotReport::Unchanged { .. } => "unchanged",
             };
-            let outcome = apply_report(&state, id, report, request_ms, now).await;
+            let outcome = apply_report(state, id, report, request_ms, now).await;
             let label = match &outcome {
                 Ok((_, true)) => "need_full",
                 Ok((Some(_), false)) => "stored",
@@ -366,7 +420,7 @@ async fn async_tick(
         commands,
     })
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(HttpResponse::Ok().reason("").body(bytes))
+    Ok(AgentAnswer::Body(bytes))
 }
 
 /// Applies a snapshot report: `(digest now held, full snapshot needed)`.

@@ -22,7 +22,9 @@ use store::SharedStore;
 
 pub use crate::auth::AdminKeys;
 pub use crate::error::ApiError;
-pub use agent::{announced_body, body_limit, AGENT_BODY_TOTAL};
+pub use agent::{
+    announced_body, body_limit, serve as serve_agent, AgentAnswer, AgentRoute, AGENT_BODY_TOTAL,
+};
 
 use crate::config::Limits;
 use crate::fleet::Fleet;

@@ -135,6 +135,49 @@ impl Drop for InFlight {
     }
 }
 
+/// What the actor made of a check-in.
+pub enum Checkin {
+    Now(Answer),
+    /// Await [`Hold::answer`]. (Kept apart from the actor's part, which is over in
+    /// microseconds: a held check-in keeps only this for most of an interval; boxed, so
+    /// moving it on costs no room in the futures it passes through.)
+    Held(Box<Hold>),
+}
+
+impl Checkin {
+    /// The answer, once it is due.
+    pub async fn answer(self) -> Answer {
+        match self {
+            Checkin::Now(answer) => answer,
+            Checkin::Held(hold) => hold.answer().await,
+        }
+    }
+}
+
+/// A held check-in: its idle answer is due at `until`, unless a tunnel grant comes first on
+/// `wake` (dropping it tells the actor the holder left).
+pub struct Hold {
+    fleet: Arc<Fleet>,
+    id: EnvId,
+    /// When the check-in arrived.
+    now: u64,
+    answer: Answer,
+    wake: oneshot::Receiver<Answer>,
+    until: tokio::time::Instant,
+}
+
+impl Hold {
+    /// (Fields used in place, not bound anew: an async fn's bindings are slots of its own.)
+    pub async fn answer(self: Box<Self>) -> Answer {
+        let answer = match tokio::time::timeout_at(self.until, self.wake).await {
+            Ok(Ok(grant)) => grant,
+            _ => self.answer,
+        };
+        self.fleet.answered(self.id, self.now);
+        answer
+    }
+}
+
 pub struct Fleet {
     store: SharedStore,
     actors: DashMap<EnvId, Handle>,
@@ -324,17 +367,18 @@ impl Fleet {
         &self.store
     }
 
-    /// Handles one verified-later check-in: routes it to the environment's actor, and for a
-    /// held check-in waits until its answer is due or a tunnel grant comes. `proven` runs once
-    /// the frame passed the cheap checks (its MAC holds: it comes from the join secret's
-    /// holder), before any hold.
+    /// Handles one verified-later check-in: routes it to the environment's actor, whose
+    /// answer is ready at once or, for a held check-in, held ([`Checkin::Held`]: due at the
+    /// end of the interval, or when a tunnel grant comes). `proven` runs once the frame passed
+    /// the cheap checks (its MAC holds: it comes from the join secret's holder), before any
+    /// hold.
     pub async fn checkin(
         self: &Arc<Self>,
         kind: CheckinKind,
         req: CheckinRequest,
         frame: Bytes,
         proven: impl FnOnce(),
-    ) -> Result<Answer, CheckinError> {
+    ) -> Result<Checkin, CheckinError> {
         let id = req.endpoint_id;
         let handle = self.actor(id).await?;
         let now = now_ms();
@@ -380,29 +424,37 @@ impl Fleet {
             _ => Err(CheckinError::Busy(id)),
         };
         drop(in_flight);
-        let result = match result {
+        match result {
             Ok(actor::Reply {
                 answer,
                 held: Some(wake),
-            }) => {
-                // Held: an idle answer is due at the end of the interval, unless the tunnel
-                // is wanted first. Dropping `wake` tells the actor we left.
-                match tokio::time::timeout(hold_for, wake).await {
-                    Ok(Ok(grant)) => Ok(grant),
-                    _ => Ok(answer),
-                }
+            }) => Ok(Checkin::Held(Box::new(Hold {
+                fleet: Arc::clone(self),
+                id,
+                now,
+                answer,
+                wake,
+                until: tokio::time::Instant::now() + hold_for,
+            }))),
+            Ok(reply) => {
+                self.answered(id, now);
+                Ok(Checkin::Now(reply.answer))
             }
-            Ok(reply) => Ok(reply.answer),
-            Err(e) => Err(e),
-        };
-        match &result {
-            // Not for an environment deleted while this check-in was in flight.
-            Ok(_) if self.actors.contains_key(&id) => self.stats.answered(id, now),
-            Ok(_) => {}
-            Err(CheckinError::Refused(_)) => self.stats.refused(id),
-            Err(_) => {}
+            Err(e) => {
+                if let CheckinError::Refused(_) = e {
+                    self.stats.refused(id);
+                }
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// Counts an answered check-in of `id` sent at `now` (not for an environment deleted
+    /// while it was in flight).
+    fn answered(&self, id: EnvId, now: u64) {
+        if self.actors.contains_key(&id) {
+            self.stats.answered(id, now);
+        }
     }
 
     /// Counts a refusal decided before the actor, as the actor counts its own.

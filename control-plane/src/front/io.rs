@@ -12,10 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::body::{BodySize, MessageBody};
-use actix_web::ResponseError as _;
 use bytes::{Buf, Bytes};
 use gateway::admission::Ticket;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -24,7 +23,7 @@ use crate::error::ApiError;
 
 /// A request head longer than this is not sniffed further (it goes to actix, which refuses
 /// it with its own limits).
-const SNIFF_LIMIT: usize = 16 * 1024;
+pub(super) const SNIFF_LIMIT: usize = 16 * 1024;
 
 /// Reads until the first request's head is complete (or the limit, or EOF). An agent's
 /// check-in head arrives in one TLS record, so this is one read in practice.
@@ -134,30 +133,31 @@ pub(super) fn is_docker_hijack(head: &[u8]) -> bool {
 
 /// Reads on until `buf` holds `len` bytes, or the stream ends (the request is then incomplete
 /// and whoever parses it says so). Memory grows with what arrives (doubling, never past
-/// `len`), each step charged to `share` before it is allocated; when the budget refuses, an
-/// error of kind [`io::ErrorKind::OutOfMemory`]. Each read must come within `idle` of the one
+/// `len`), each step charged to `share` (if any: a connection that proved itself has none)
+/// before it is allocated; when the budget refuses, an error of kind
+/// [`io::ErrorKind::OutOfMemory`]. Each read must come within `idle` of the one
 /// before and the whole within `total`; past either, an error of kind
 /// [`io::ErrorKind::TimedOut`].
 pub(super) async fn read_to_len<R: AsyncRead + Unpin>(
     r: &mut R,
     mut buf: Vec<u8>,
     len: usize,
-    share: &Share,
+    share: Option<&Share>,
     idle: Duration,
     total: Duration,
 ) -> io::Result<Vec<u8>> {
     let stalled = |what: String| io::Error::new(io::ErrorKind::TimedOut, what);
     let refused = |e: Exhausted| io::Error::new(io::ErrorKind::OutOfMemory, e);
     let read = async {
-        share
-            .grow(buf.capacity(), Instant::now())
-            .map_err(refused)?;
+        let charge = |bytes: usize| match share {
+            Some(share) => share.grow(bytes, Instant::now()).map_err(refused),
+            None => Ok(()),
+        };
+        charge(buf.capacity())?;
         while buf.len() < len {
             if buf.len() == buf.capacity() {
                 let grown = (buf.capacity() * 2).max(4096).min(len);
-                share
-                    .grow(grown - buf.capacity(), Instant::now())
-                    .map_err(refused)?;
+                charge(grown - buf.capacity())?;
                 buf.reserve_exact(grown - buf.len());
             }
             let want = (len - buf.len()) as u64;
@@ -173,33 +173,6 @@ pub(super) async fn read_to_len<R: AsyncRead + Unpin>(
     tokio::time::timeout(total, read)
         .await
         .map_err(|_| stalled(format!("not complete within {} s", total.as_secs())))?
-}
-
-/// Writes `error` as the connection's last answer (`Connection: close`), for the front's own
-/// refusals before actix or hyper serve it, then lingers while the peer still sends (as
-/// actix does: closing on unread bytes resets the connection, and the peer may lose the
-/// answer); a second in all.
-pub(super) async fn answer_and_close<S: AsyncRead + AsyncWrite + Unpin>(
-    w: &mut S,
-    error: &ApiError,
-) {
-    let body = error.body();
-    let status = error.status_code();
-    let answer = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or_default(),
-        body.len(),
-    );
-    let write = async {
-        w.write_all(answer.as_bytes()).await?;
-        w.shutdown().await?;
-        let mut sink = [0u8; 512];
-        while w.read(&mut sink).await? > 0 {}
-        Ok::<_, io::Error>(())
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -432,6 +405,7 @@ write_through!(Timed);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt as _;
 
     /// A share of a budget that never refuses.
     fn share() -> Share {
@@ -523,9 +497,16 @@ mod tests {
             }
             client
         });
-        let got = read_to_len(&mut server, b"head".to_vec(), 14, &share(), idle, total)
-            .await
-            .unwrap();
+        let got = read_to_len(
+            &mut server,
+            b"head".to_vec(),
+            14,
+            Some(&share()),
+            idle,
+            total,
+        )
+        .await
+        .unwrap();
         assert_eq!(got, b"headabcdefghij");
         let mut rest = [0u8; 13];
         server.read_exact(&mut rest).await.unwrap();
@@ -536,7 +517,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"ab").await.unwrap();
         let t0 = Instant::now();
-        let e = read_to_len(&mut server, Vec::new(), 10, &share(), idle, total)
+        let e = read_to_len(&mut server, Vec::new(), 10, Some(&share()), idle, total)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
@@ -551,7 +532,7 @@ mod tests {
             }
         });
         let t0 = Instant::now();
-        let e = read_to_len(&mut server, Vec::new(), 1000, &share(), idle, total)
+        let e = read_to_len(&mut server, Vec::new(), 1000, Some(&share()), idle, total)
             .await
             .unwrap_err();
         assert_eq!(t0.elapsed(), total);
@@ -563,7 +544,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"ab").await.unwrap();
         drop(client);
-        let got = read_to_len(&mut server, Vec::new(), 10, &share(), idle, total)
+        let got = read_to_len(&mut server, Vec::new(), 10, Some(&share()), idle, total)
             .await
             .unwrap();
         assert_eq!(got, b"ab");
@@ -575,7 +556,7 @@ mod tests {
         let writer = tokio::spawn(async move {
             let _ = client.write_all(&[7u8; 20_000]).await;
         });
-        let e = read_to_len(&mut server, Vec::new(), 20_000, &share, idle, total)
+        let e = read_to_len(&mut server, Vec::new(), 20_000, Some(&share), idle, total)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::OutOfMemory, "{e}");

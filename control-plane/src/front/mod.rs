@@ -24,18 +24,25 @@ use gateway::admission::{Admission, Refused, Ticket};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::api::AppState;
 use crate::config::Limits;
 use crate::docker_proxy::DockerProxy;
 use crate::error::ApiError;
 
 mod budget;
 mod io;
+mod lane;
 
 pub use budget::DEFAULT_PENDING_BODY_BYTES;
 pub use io::{HeadClock, Prefixed, Timed};
 
+/// A connection's TLS stream, once the handshake is done. Boxed: it is over a kilobyte, and
+/// moved from stage to stage, each of which would otherwise keep a slot of that size in its
+/// future for the connection's life.
+type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+
 /// The stream actix serves: TLS, the sniffed head put back, the next heads' deadlines.
-type ApiStream = Timed<Prefixed<tokio_rustls::server::TlsStream<TcpStream>>>;
+type ApiStream = Timed<Prefixed<Tls>>;
 
 /// A connection's admission ticket, in its requests' connection data: whatever authenticates
 /// a request marks it proved ([`proved`]), and only then the connection stops counting as
@@ -66,13 +73,16 @@ pub struct FrontMetrics {
     pub pending_bodies_dropped: prometheus::IntCounterVec,
 }
 
-/// Builds the API server. `app` makes one actix `App` per worker. Every connection is
+/// Builds the API server. `app` makes one actix `App` per worker; `state` serves agents'
+/// connections without it ([`lane`]). Every connection is
 /// admitted by `admission` first (dropped at once over its bounds), must send its first byte
 /// within `first_byte_timeout` and finish TLS and its first request head within
 /// `first_request_timeout`; only then it stops counting as pending. Every later request head
 /// of a kept-alive connection is due as [`HeadClock`] says.
+#[allow(clippy::too_many_arguments)]
 pub fn api_server<F, T, B>(
     app: F,
+    state: actix_web::web::Data<AppState>,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: &Limits,
@@ -99,6 +109,11 @@ where
         agent_body: limits.agent_body_timeout,
         keep_alive,
     };
+    let lane = Arc::new(lane::Lane {
+        state,
+        deadlines,
+        timed_out: metrics.timed_out.clone(),
+    });
     // One budget for the process: actix's workers are threads of it.
     let bodies = BodyBudget::new(
         limits.pending_body_bytes,
@@ -178,6 +193,7 @@ where
             let admission = Arc::clone(&admission);
             let metrics = metrics.clone();
             let bodies = Arc::clone(&bodies);
+            let lane = Arc::clone(&lane);
             fn_factory(move || {
                 let h1 = h1.new_service(());
                 let acceptor = acceptor.clone();
@@ -185,6 +201,7 @@ where
                 let admission = Arc::clone(&admission);
                 let metrics = metrics.clone();
                 let bodies = Arc::clone(&bodies);
+                let lane = Arc::clone(&lane);
                 async move {
                     let h1 = Rc::new(h1.await.map_err(|e| {
                         tracing::error!(error = ?e, "cannot start the api service");
@@ -199,6 +216,7 @@ where
                             .and_then(|peer| admission.admit(peer.ip()));
                         let metrics = metrics.clone();
                         let bodies = Arc::clone(&bodies);
+                        let lane = Arc::clone(&lane);
                         async move {
                             match admitted {
                                 Ok(ticket) => {
@@ -209,6 +227,7 @@ where
                                         deadlines,
                                         metrics,
                                         bodies,
+                                        lane,
                                     };
                                     serve(tcp, h1, conn).await;
                                 }
@@ -248,6 +267,7 @@ struct Conn {
     deadlines: Deadlines,
     metrics: FrontMetrics,
     bodies: Arc<BodyBudget>,
+    lane: Arc<lane::Lane>,
 }
 
 async fn serve<S>(tcp: TcpStream, h1: Rc<S>, conn: Conn)
@@ -279,96 +299,153 @@ where
     // Boxed, here and below: a connection's task is as large as its future's largest state,
     // and TLS, hyper and actix's dispatcher each hold kilobytes inline. A connection that
     // has sent nothing (the cheapest to open by the thousand) holds only the small future
-    // that waits for its first byte; each later stage allocates what it needs when it starts.
-    Box::pin(serve_tls(tcp, peer, h1, conn)).await;
+    // that waits for its first byte; each later stage allocates what it needs when it
+    // starts, and gives it back when it ends: the handshake's and the first request's state
+    // is gone before the connection settles down to serve requests for hours.
+    let Some(first) = Box::pin(first_request(tcp, peer, &conn)).await else {
+        return;
+    };
+    // Agents' requests are served by the lane; actix (or hyper) gets the connection only if
+    // another route follows. The lane's future is the one a held agent's connection keeps
+    // for hours: it owns the stream and little else.
+    let (tls, head) = if first.agent {
+        match Box::pin(lane::serve(first.tls, first.head, &conn.lane, &conn.ticket)).await {
+            lane::LaneEnd::Closed => return,
+            lane::LaneEnd::Handoff(tls, rest) => (tls, rest),
+        }
+    } else {
+        (first.tls, first.head)
+    };
+    Box::pin(serve_other(tls, head, peer, h1, conn)).await;
 }
 
-/// [`serve`] once the first byte is in: TLS, the first request, then hyper or actix.
-async fn serve_tls<S>(tcp: TcpStream, peer: Option<std::net::SocketAddr>, h1: Rc<S>, conn: Conn)
-where
-    S: Service<(ApiStream, Option<std::net::SocketAddr>)>,
-    S::Error: std::fmt::Debug,
-{
+/// A connection whose TLS and first request are in.
+struct First {
+    tls: Tls,
+    /// The first request head, and for an agent route its whole body.
+    head: Vec<u8>,
+    /// The first request goes to an agent route (and was read whole).
+    agent: bool,
+}
+
+/// [`serve`] once the first byte is in: TLS and the first request (an agent's body
+/// included), or `None` when the connection was answered (refused) or went away.
+async fn first_request(
+    tcp: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    conn: &Conn,
+) -> Option<First> {
     let Conn {
         acceptor,
-        proxy,
         ticket,
         deadlines,
         metrics,
         bodies,
+        ..
     } = conn;
     let timed_out = |stage: &str| metrics.timed_out.with_label_values(&[stage]).inc();
     let first = tokio::select! {
-        () = ticket.evicted() => return,
-        r = tokio::time::timeout(deadlines.first_request, Box::pin(async {
-            let mut tls = acceptor.accept(tcp).await?;
+        () = ticket.evicted() => return None,
+        r = tokio::time::timeout(deadlines.first_request, async {
+            let mut tls = Box::new(acceptor.accept(tcp).await?);
             let head = io::read_request_head(&mut tls).await?;
             Ok::<_, std::io::Error>((tls, head))
-        })) => r,
+        }) => r,
     };
-    let (mut tls, mut head) = match first {
+    let (mut tls, head) = match first {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::debug!(peer = ?peer, error = %e, "connection closed before its first request");
-            return;
+            return None;
         }
         Err(_) => {
             timed_out("first_request");
             tracing::debug!(peer = ?peer, "no request within the first-request timeout");
-            return;
+            return None;
         }
     };
-    // An agent's body is read here, before actix builds its dispatcher for the connection:
-    // what a stalled one holds meanwhile is what arrived (see `io::agent_request_len`).
-    if let Some(first) = io::agent_request_len(&head) {
-        let len = match first {
-            Ok(len) => len,
-            Err(refused) => {
-                io::answer_and_close(&mut tls, &refused).await;
-                return;
-            }
-        };
-        let share = bodies.share(tokio::time::Instant::now());
-        let read = tokio::select! {
-            () = ticket.evicted() => return,
-            () = share.evicted() => {
-                let why = ApiError::Unavailable(
-                    "let go for a faster upload (the server holds as many pending request \
-                     bodies as it may); send it again later"
-                        .into(),
-                );
-                io::answer_and_close(&mut tls, &why).await;
-                return;
-            }
-            r = Box::pin(io::read_to_len(
-                &mut tls,
-                head,
-                len,
-                &share,
-                deadlines.agent_body,
-                crate::api::AGENT_BODY_TOTAL,
-            )) => r,
-        };
-        match read {
-            Ok(whole) => head = whole,
-            Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
-                tracing::debug!(peer = ?peer, "agent request body refused: pending body budget spent");
-                io::answer_and_close(&mut tls, &ApiError::Unavailable(e.to_string())).await;
-                return;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                timed_out("agent_body");
-                tracing::debug!(peer = ?peer, error = %e, "agent request body not in time");
-                let why = ApiError::RequestTimeout(format!("agent request body {e}"));
-                io::answer_and_close(&mut tls, &why).await;
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(peer = ?peer, error = %e, "connection closed in its first body");
-                return;
-            }
+    // An agent's body is read here, before anything else serves the connection: what a
+    // stalled one holds meanwhile is what arrived (see `io::agent_request_len`).
+    let Some(first) = io::agent_request_len(&head) else {
+        return Some(First {
+            tls,
+            head,
+            agent: false,
+        });
+    };
+    let len = match first {
+        Ok(len) => len,
+        Err(refused) => {
+            lane::answer_and_close(&mut tls, &Err(refused)).await;
+            return None;
         }
-    }
+    };
+    let share = bodies.share(tokio::time::Instant::now());
+    let read = tokio::select! {
+        () = ticket.evicted() => return None,
+        () = share.evicted() => {
+            let why = ApiError::Unavailable(
+                "let go for a faster upload (the server holds as many pending request \
+                 bodies as it may); send it again later"
+                    .into(),
+            );
+            lane::answer_and_close(&mut tls, &Err(why)).await;
+            return None;
+        }
+        r = io::read_to_len(
+            &mut tls,
+            head,
+            len,
+            Some(&share),
+            deadlines.agent_body,
+            crate::api::AGENT_BODY_TOTAL,
+        ) => r,
+    };
+    let why = match read {
+        Ok(whole) => {
+            return Some(First {
+                tls,
+                head: whole,
+                agent: true,
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+            tracing::debug!(peer = ?peer, "agent request body refused: pending body budget spent");
+            ApiError::Unavailable(e.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            timed_out("agent_body");
+            tracing::debug!(peer = ?peer, error = %e, "agent request body not in time");
+            ApiError::RequestTimeout(format!("agent request body {e}"))
+        }
+        Err(e) => {
+            tracing::debug!(peer = ?peer, error = %e, "connection closed in its first body");
+            return None;
+        }
+    };
+    lane::answer_and_close(&mut tls, &Err(why)).await;
+    None
+}
+
+/// Serves a connection with hyper (a Docker hijack) or actix, from the request at the start
+/// of `head` on.
+async fn serve_other<S>(
+    tls: Tls,
+    head: Vec<u8>,
+    peer: Option<std::net::SocketAddr>,
+    h1: Rc<S>,
+    conn: Conn,
+) where
+    S: Service<(ApiStream, Option<std::net::SocketAddr>)>,
+    S::Error: std::fmt::Debug,
+{
+    let Conn {
+        proxy,
+        ticket,
+        deadlines,
+        metrics,
+        ..
+    } = conn;
     // Still pending: a complete request proves nothing. The request that authenticates (an
     // admin key, an agent's proof) marks the ticket; until then the connection counts
     // against the pending bounds, and is dropped with them.
