@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod directory;
 pub mod docker_proxy;
 pub mod error;
 pub mod fleet;
@@ -195,9 +196,11 @@ impl Prepared {
             Arc::clone(&metrics),
             limits.clone(),
         );
+        let directory = directory::Directory::new(Arc::clone(&store), Arc::clone(&fleet));
         let state = web::Data::new(AppState {
             store: Arc::clone(&store),
             fleet: Arc::clone(&fleet),
+            directory: Arc::clone(&directory),
             metrics: Arc::clone(&metrics),
             admin: admin.clone(),
             public,
@@ -208,6 +211,7 @@ impl Prepared {
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let background = actix_rt::spawn(Arc::clone(&fleet).run_background(stop_rx.clone()));
+        let directory_task = actix_rt::spawn(directory.run(stop_rx.clone()));
         let keys_task = actix_rt::spawn(watch_admin_keys(Arc::clone(&store), admin, stop_rx));
 
         // One admission for the process's public ports: one bound of connections below the
@@ -314,6 +318,7 @@ impl Prepared {
         let _ = stop_tx.send(true);
         let _ = background.await;
         let _ = keys_task.await;
+        let _ = directory_task.await;
         for t in [api_task, metrics_task] {
             if let Ok(Err(e)) = t.await {
                 return Err(RunError::Server(e));

@@ -78,6 +78,12 @@ struct Cli {
     /// Agent image named in install commands.
     #[arg(long, env = "EDGEPLANE_AGENT_IMAGE")]
     agent_image: Option<String>,
+    /// Share the API port with other control-plane processes of this node (SO_REUSEPORT):
+    /// one process holds at most its open-file limit of agents, so a node runs several, on
+    /// one Redis like any replicas; the kernel spreads agents' connections over them. Each
+    /// keeps its own --metrics-addr and --tunnel-addr (or runs --no-embedded-gateway).
+    #[arg(long, env = "EDGEPLANE_REUSE_PORT")]
+    reuse_port: bool,
     /// HTTP keep-alive for agent connections, seconds (must exceed check-in intervals).
     #[arg(long, env = "EDGEPLANE_KEEP_ALIVE", default_value_t = 120)]
     keep_alive: u64,
@@ -248,19 +254,26 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let api_addr = cli.api_addr;
     let metrics_addr = cli.metrics_addr;
+    let reuse_port = cli.reuse_port;
     let config = cli.into_config();
-    let bind = |flag: &str, addr: SocketAddr| {
-        gateway::listen::bind(addr)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {flag} {addr}: {e}"))
+    let bind = |flag: &str, addr: SocketAddr, shared: bool| {
+        gateway::listen::bind_with(addr, shared).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse && reuse_port {
+                " (with --reuse-port only --api-addr is shared: give each process its own)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot listen on {flag} {addr}: {e}{hint}")
+        })
     };
     let tunnel = if config.embedded_gateway {
-        Some(bind("--tunnel-addr", config.tunnel_addr)?)
+        Some(bind("--tunnel-addr", config.tunnel_addr, false)?)
     } else {
         None
     };
     let listeners = Listeners {
-        api: bind("--api-addr", api_addr)?,
-        metrics: bind("--metrics-addr", metrics_addr)?,
+        api: bind("--api-addr", api_addr, reuse_port)?,
+        metrics: bind("--metrics-addr", metrics_addr, false)?,
         tunnel,
     };
     let prepared = prepare(config, listeners).await?;

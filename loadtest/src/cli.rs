@@ -63,9 +63,15 @@ pub struct Args {
     #[arg(long)]
     pub report: Option<PathBuf>,
 
-    /// Pid of the control plane, to report its memory and CPU (/proc).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Pid of the control plane, to report its memory and CPU (/proc); several, comma
+    /// separated (the processes of one node sharing its port), are summed.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+
+    /// Redis of the control planes under test (cluster mode): its commands per second in
+    /// the steady window, by command, and its memory are reported.
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
 
     /// Start a control plane on free loopback ports and test it [default path: the
     /// control-plane binary next to this one].
@@ -243,7 +249,10 @@ mod tests {
         ]);
         let a = parse(&full).unwrap();
         assert_eq!(a.report, Some(PathBuf::from("r.json")));
-        assert_eq!(a.server_pid, Some(42));
+        assert_eq!(a.server_pid, vec![42]);
+        let mut several = BASE.to_vec();
+        several.extend(["--server-pid", "1,2,3"]);
+        assert_eq!(parse(&several).unwrap().server_pid, vec![1, 2, 3]);
         assert!(a.insecure && a.keep && a.held);
         let p = a.plan().unwrap();
         assert_eq!(p.ramp, Duration::from_secs(10));

@@ -6,10 +6,12 @@
 //! * [`sim`]: the simulated agents.
 //! * [`worker`]: child processes for runs above one process's socket limit.
 //! * [`server`]: the server under test (spawned, and read from `/proc`).
+//! * [`redis_info`]: the Redis of a cluster under test, sampled around the steady window.
 //! * [`report`]: measurements, merging and the JSON report.
 
 pub mod admin;
 pub mod cli;
+pub mod redis_info;
 pub mod report;
 pub mod server;
 pub mod sim;
@@ -75,13 +77,13 @@ async fn run_against(
     plan: &Plan,
     spawned: Option<&SpawnedServer>,
 ) -> anyhow::Result<Report> {
-    let (target, api_key, insecure, pid) = match spawned {
-        Some(s) => (s.target.clone(), s.api_key.clone(), true, Some(s.pid)),
+    let (target, api_key, insecure, pids) = match spawned {
+        Some(s) => (s.target.clone(), s.api_key.clone(), true, vec![s.pid]),
         None => (
             args.target.clone().context("--target is required")?,
             args.api_key.clone().context("--api-key is required")?,
             args.insecure,
-            args.server_pid,
+            args.server_pid.clone(),
         ),
     };
     let target_url = url::Url::parse(&target).with_context(|| format!("--target {target:?}"))?;
@@ -110,7 +112,11 @@ async fn run_against(
         created.len()
     );
 
-    let outcome = measure(plan, &created, &target_url, args.sources, pid).await;
+    let redis = match &args.redis_url {
+        Some(url) => Some(redis_info::RedisInfo::connect(url).await?),
+        None => None,
+    };
+    let outcome = measure(plan, &created, &target_url, args.sources, &pids, redis).await;
 
     if args.keep {
         eprintln!("keeping {} environments (--keep)", created.len());
@@ -130,7 +136,7 @@ async fn run_against(
         );
     }
 
-    let (sim, server) = outcome?;
+    let (sim, server, redis) = outcome?;
     let facts = RunFacts {
         mode: if plan.async_mode { "async" } else { "standard" }.to_owned(),
         held: plan.held,
@@ -139,6 +145,7 @@ async fn run_against(
         create_secs,
         workers: plan.workers,
         server,
+        redis,
         target,
     };
     Ok(Report::build(&sim, &facts))
@@ -150,11 +157,12 @@ async fn measure(
     created: &[admin::CreatedEnvironment],
     target: &url::Url,
     sources: u8,
-    pid: Option<u32>,
-) -> anyhow::Result<(report::SimResult, ServerFacts)> {
+    pids: &[u32],
+    redis: Option<redis_info::RedisInfo>,
+) -> anyhow::Result<(report::SimResult, ServerFacts, Option<report::RedisFacts>)> {
     let keys: Vec<String> = created.iter().map(|e| e.edge_key.clone()).collect();
     let sources = sim::loopback_sources(target.host_str().unwrap_or(""), sources);
-    let rss_before = pid.and_then(server::rss_bytes);
+    let rss_before = server::rss_sum(pids);
 
     // Workers need a moment to start and build their clients before the ramp begins.
     let lead = if plan.workers > 1 {
@@ -176,7 +184,8 @@ async fn measure(
     } else {
         timeline.end
     };
-    let sampler = tokio::spawn(sample_server(pid, timeline, rss_at));
+    let sampler = tokio::spawn(sample_server(pids.to_vec(), timeline, rss_at));
+    let redis_sampler = redis.map(|r| tokio::spawn(r.sample(timeline.ramp_end, timeline.end)));
     let progress_slots = Arc::new(Mutex::new(vec![Progress::default(); plan.workers as usize]));
     let live = Arc::new(Live::default());
     let display = tokio::spawn(show_progress(
@@ -226,37 +235,50 @@ async fn measure(
     };
     display.abort();
     let (cpu_seconds, rss_after) = sampler.await.unwrap_or((None, None));
+    let redis = match redis_sampler {
+        Some(s) => match s.await {
+            Ok(Ok(facts)) => Some(facts),
+            Ok(Err(e)) => {
+                eprintln!("redis not sampled: {e:#}");
+                None
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
     Ok((
         sim?,
         ServerFacts {
             rss_before,
             rss_after,
             cpu_seconds,
+            processes: pids.len(),
         },
+        redis,
     ))
 }
 
-/// CPU used by the server inside the steady window, and its memory at `rss_at` (the window's
-/// end, or just before it).
+/// CPU used by the server's processes inside the steady window, and their memory at
+/// `rss_at` (the window's end, or just before it), summed.
 async fn sample_server(
-    pid: Option<u32>,
+    pids: Vec<u32>,
     timeline: Timeline,
     rss_at: Instant,
 ) -> (Option<f64>, Option<u64>) {
-    let Some(pid) = pid else {
+    if pids.is_empty() {
         return (None, None);
-    };
+    }
     tokio::time::sleep_until(timeline.ramp_end).await;
-    let cpu_start = server::cpu_seconds(pid);
+    let cpu_start = server::cpu_sum(&pids);
     let mut rss = None;
     if rss_at < timeline.end {
         tokio::time::sleep_until(rss_at).await;
-        rss = server::rss_bytes(pid);
+        rss = server::rss_sum(&pids);
     }
     tokio::time::sleep_until(timeline.end).await;
-    let cpu_end = server::cpu_seconds(pid);
+    let cpu_end = server::cpu_sum(&pids);
     if rss_at >= timeline.end {
-        rss = server::rss_bytes(pid);
+        rss = server::rss_sum(&pids);
     }
     let cpu = match (cpu_start, cpu_end) {
         (Some(a), Some(b)) => Some((b - a).max(0.0)),

@@ -227,13 +227,25 @@ impl LatencyMs {
     }
 }
 
-/// Figures about the server process, when its pid is known.
+/// Figures about the server's processes (summed), when their pids are known.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ServerFacts {
     pub rss_before: Option<u64>,
     pub rss_after: Option<u64>,
     /// CPU seconds (user + system) spent inside the steady window.
     pub cpu_seconds: Option<f64>,
+    /// How many processes these figures sum.
+    pub processes: usize,
+}
+
+/// What the steady window cost the cluster's Redis (`--redis-url`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RedisFacts {
+    pub commands_per_sec: f64,
+    /// Calls by command inside the window.
+    pub commands: BTreeMap<String, u64>,
+    /// `used_memory` at the end of the window.
+    pub used_memory_bytes: Option<u64>,
 }
 
 /// Facts about the run that the simulation does not know.
@@ -247,6 +259,7 @@ pub struct RunFacts {
     pub create_secs: f64,
     pub workers: u32,
     pub server: ServerFacts,
+    pub redis: Option<RedisFacts>,
     pub target: String,
 }
 
@@ -277,6 +290,15 @@ pub struct Report {
     pub server_rss_per_agent_bytes: Option<f64>,
     pub server_cpu_seconds: Option<f64>,
     pub polls_per_server_cpu_second: Option<f64>,
+    /// Server CPU seconds per 1,000 check-ins in the window.
+    #[serde(default)]
+    pub server_cpu_seconds_per_1000_polls: Option<f64>,
+    /// Server processes whose memory and CPU are summed (`--server-pid a,b,c`).
+    #[serde(default)]
+    pub server_processes: usize,
+    /// The cluster's Redis in the window (`--redis-url`).
+    #[serde(default)]
+    pub redis: Option<RedisFacts>,
     /// Length of the steady window (after the ramp), seconds.
     pub duration_secs: f64,
     pub ramp_secs: f64,
@@ -357,6 +379,12 @@ impl Report {
             server_rss_per_agent_bytes: rss_per_agent,
             server_cpu_seconds: server.cpu_seconds.map(round3),
             polls_per_server_cpu_second: polls_per_cpu,
+            server_cpu_seconds_per_1000_polls: server
+                .cpu_seconds
+                .filter(|_| sim.polls > 0)
+                .map(|cpu| round3(cpu * 1000.0 / sim.polls as f64)),
+            server_processes: server.processes,
+            redis: facts.redis.clone(),
             duration_secs: round3(secs),
             ramp_secs: round3(facts.ramp_secs),
             interval_secs: facts.interval_secs,
@@ -415,12 +443,28 @@ impl Report {
         if let Some(rss) = self.server_rss_bytes {
             let _ = writeln!(
                 s,
-                "server rss {} MiB (before {} MiB, {} B/agent), cpu {} s, polls per cpu-second {}",
+                "server rss {} MiB (before {} MiB, {} B/agent{}), cpu {} s, polls per cpu-second {}, cpu-s per 1000 polls {}",
                 rss / (1 << 20),
                 self.server_rss_bytes_before.map_or(0, |b| b / (1 << 20)),
                 self.server_rss_per_agent_bytes.unwrap_or(0.0),
+                if self.server_processes > 1 {
+                    format!(", {} processes", self.server_processes)
+                } else {
+                    String::new()
+                },
                 self.server_cpu_seconds.unwrap_or(0.0),
-                self.polls_per_server_cpu_second.unwrap_or(0.0)
+                self.polls_per_server_cpu_second.unwrap_or(0.0),
+                self.server_cpu_seconds_per_1000_polls.unwrap_or(0.0)
+            );
+        }
+        if let Some(r) = &self.redis {
+            let top: Vec<String> = r.commands.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(
+                s,
+                "redis {:.1} commands/s ({}), used memory {} MiB",
+                r.commands_per_sec,
+                top.join(", "),
+                r.used_memory_bytes.map_or(0, |b| b / (1 << 20))
             );
         }
         let _ = write!(s, "environments created in {} s", self.create_secs);
@@ -520,6 +564,7 @@ mod tests {
                 rss_before: Some(10_000_000),
                 rss_after: Some(12_000_000),
                 cpu_seconds: Some(0.5),
+                processes: 1,
             },
             interval_secs: 5,
             ..RunFacts::default()
@@ -531,6 +576,7 @@ mod tests {
         assert_eq!(r.bytes_written_per_agent_per_sec, 60.0);
         assert_eq!(r.server_rss_per_agent_bytes, Some(20_000.0));
         assert_eq!(r.polls_per_server_cpu_second, Some(400.0));
+        assert_eq!(r.server_cpu_seconds_per_1000_polls, Some(2.5));
         assert_eq!(r.server_rss_bytes, Some(12_000_000));
 
         // Unknown server: no server figures, and no division by zero anywhere.

@@ -12,6 +12,19 @@ use tokio::process::{Child, Command};
 /// architecture Linux supports today (it is fixed by the user-space ABI, not `CONFIG_HZ`).
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
+/// Resident memory of several processes together (`None` when none can be read; a process
+/// that cannot be read counts 0).
+pub fn rss_sum(pids: &[u32]) -> Option<u64> {
+    let each: Vec<u64> = pids.iter().filter_map(|&p| rss_bytes(p)).collect();
+    (!each.is_empty()).then(|| each.iter().sum())
+}
+
+/// CPU time of several processes together, as [`rss_sum`] reads memory.
+pub fn cpu_sum(pids: &[u32]) -> Option<f64> {
+    let each: Vec<f64> = pids.iter().filter_map(|&p| cpu_seconds(p)).collect();
+    (!each.is_empty()).then(|| each.iter().sum())
+}
+
 /// Resident memory of a process, in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

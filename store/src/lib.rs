@@ -116,6 +116,10 @@ pub trait TunnelStore: Backend {
     async fn cluster_secret(&self) -> Result<[u8; 32], StoreError>;
 }
 
+/// The latest heartbeat time a store keeps (2^53 - 1 ms since the epoch, the year 287,396):
+/// the Redis backend keeps times as sorted-set scores, which are doubles.
+pub const MAX_HEARTBEAT_MS: u64 = (1 << 53) - 1;
+
 /// Environments, their Edge ID bindings and their heartbeats.
 #[async_trait]
 pub trait EnvironmentStore: Send + Sync + 'static {
@@ -125,6 +129,9 @@ pub trait EnvironmentStore: Send + Sync + 'static {
         new: Vec<NewEnvironment>,
     ) -> Result<Vec<Environment>, StoreError>;
     async fn get_environment(&self, id: EnvId) -> Result<Option<Environment>, StoreError>;
+    /// Several environments in one read, in the order of `ids` (`None` where absent).
+    async fn get_environments(&self, ids: &[EnvId])
+        -> Result<Vec<Option<Environment>>, StoreError>;
     /// Every environment, ordered by id.
     async fn list_environments(&self) -> Result<Vec<Environment>, StoreError>;
     /// Replaces every field but `id`, `edge_id`, `join_secret` and `created_at_ms`, keeping
@@ -155,10 +162,16 @@ pub trait EnvironmentStore: Send + Sync + 'static {
     ) -> Result<Option<Environment>, StoreError>;
 
     /// Records last check-in times (ms since epoch) in one batch; a time never moves backwards.
-    /// Heartbeats of unknown environments are dropped.
+    /// Heartbeats of unknown environments, and times past [`MAX_HEARTBEAT_MS`], are dropped.
     async fn record_heartbeats(&self, beats: &[(EnvId, u64)]) -> Result<(), StoreError>;
     /// Last check-in times, in the order of `ids`.
     async fn heartbeats(&self, ids: &[EnvId]) -> Result<Vec<Option<u64>>, StoreError>;
+    /// Every environment whose last check-in is at `since_ms` or later, with that time: what
+    /// changed since an earlier read (callers allow for heartbeats written behind, which
+    /// arrive a flush period or so after their time). Unordered.
+    async fn heartbeats_since(&self, since_ms: u64) -> Result<Vec<(EnvId, u64)>, StoreError>;
+    /// How many [`EnvironmentStore::heartbeats_since`] would return, without returning them.
+    async fn count_heartbeats_since(&self, since_ms: u64) -> Result<u64, StoreError>;
 }
 
 /// The small administrative records: groups and tags, default settings, admin key hashes.

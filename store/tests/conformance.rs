@@ -270,6 +270,36 @@ async fn get_and_list_environments(b: &dyn Backend) {
     assert_eq!(store.list_environments().await.expect("list"), created);
     let max = created.iter().map(|e| e.id).max().expect("non-empty");
     assert_eq!(store.get_environment(max + 1).await.expect("get"), None);
+
+    // Several at once, in the order asked, absent ones as `None`, a bound one with its
+    // Edge ID.
+    let edge = Uuid::new_v4();
+    assert_eq!(
+        store
+            .bind_edge_id(created[3].id, edge, &created[3].join_secret)
+            .await
+            .expect("bind"),
+        BindOutcome::Bound
+    );
+    let bound = store
+        .get_environment(created[3].id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(bound.edge_id, Some(edge));
+    assert!(store.get_environments(&[]).await.expect("none").is_empty());
+    assert_eq!(
+        store
+            .get_environments(&[created[5].id, max + 1, created[3].id, created[5].id])
+            .await
+            .expect("several"),
+        vec![
+            Some(created[5].clone()),
+            None,
+            Some(bound),
+            Some(created[5].clone())
+        ]
+    );
 }
 
 async fn update_replaces_fields_but_not_identity(b: &dyn Backend) {
@@ -921,28 +951,60 @@ async fn heartbeats_keep_the_max_and_drop_unknown_environments(b: &dyn Backend) 
         vec![Some(250), Some(150), Some(250), Some(10)]
     );
 
-    // The whole u64 range compares exactly: these differ by less than a double can tell.
+    // What changed since a time: every environment last seen then or later, with its time.
+    let mut since = store.heartbeats_since(150).await.expect("since");
+    since.sort_unstable();
+    assert_eq!(since, vec![(a, 150), (bb, 250)]);
+    let mut all = store.heartbeats_since(0).await.expect("since");
+    all.sort_unstable();
+    assert_eq!(all, vec![(a, 150), (bb, 250), (c, 10)]);
+    assert!(store.heartbeats_since(251).await.expect("since").is_empty());
+    for (since, n) in [(0, 3), (150, 2), (151, 1), (251, 0)] {
+        assert_eq!(
+            store.count_heartbeats_since(since).await.expect("count"),
+            n,
+            "since {since}"
+        );
+    }
+
+    // Times compare exactly up to the bound (2^53 ms, some 285,000 years): these differ by
+    // less than most of that range could tell. Later ones are dropped.
+    let top = store::MAX_HEARTBEAT_MS;
     store
-        .record_heartbeats(&[(a, u64::MAX - 2)])
+        .record_heartbeats(&[(a, top - 2)])
         .await
         .expect("heartbeats");
     store
-        .record_heartbeats(&[(a, u64::MAX - 3), (a, u64::MAX - 1)])
+        .record_heartbeats(&[(a, top - 3), (a, top - 1)])
         .await
         .expect("heartbeats");
     assert_eq!(
         store.heartbeats(&[a]).await.expect("hb"),
-        vec![Some(u64::MAX - 1)]
+        vec![Some(top - 1)]
     );
     store
-        .record_heartbeats(&[(a, u64::MAX - 2)])
+        .record_heartbeats(&[(a, top - 2), (bb, top + 1), (bb, u64::MAX)])
         .await
         .expect("heartbeats");
     assert_eq!(
-        store.heartbeats(&[a]).await.expect("hb"),
-        vec![Some(u64::MAX - 1)]
+        store.heartbeats(&[a, bb]).await.expect("hb"),
+        vec![Some(top - 1), Some(250)]
+    );
+    assert_eq!(
+        store.heartbeats_since(top - 1).await.expect("since"),
+        vec![(a, top - 1)]
     );
     assert_eq!(store.heartbeats(&[unknown]).await.expect("hb"), vec![None]);
+
+    // A deleted environment takes its heartbeat with it.
+    assert!(store.delete_environment(a).await.expect("delete"));
+    assert_eq!(store.heartbeats(&[a]).await.expect("hb"), vec![None]);
+    assert!(store
+        .heartbeats_since(0)
+        .await
+        .expect("since")
+        .iter()
+        .all(|(id, _)| *id != a));
 }
 
 async fn named_collections(b: &dyn Backend) {
@@ -2499,7 +2561,7 @@ async fn redis_keys_all_carry_the_prefix() {
         &grant_key,
         "ep-test:groups",
         "ep-test:groups:names",
-        "ep-test:heartbeat",
+        "ep-test:heartbeats",
         "ep-test:seq:env",
         "ep-test:seq:groups",
         "ep-test:seq:tags",
@@ -2628,6 +2690,64 @@ async fn redis_large_epochs_stay_exact() {
         .await
         .expect("release"));
     assert!(store.release_tunnel(7, loc.epoch).await.expect("release"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_moves_heartbeats_of_earlier_versions_into_their_sorted_set() {
+    let server = RedisServer::start();
+    let created = {
+        let store = RedisStore::connect(&server.url(), PREFIX)
+            .await
+            .expect("connect");
+        let created = store
+            .create_environments(vec![new_env("old-a"), new_env("old-b")])
+            .await
+            .expect("create");
+        store
+            .record_heartbeats(&[(created[1].id, 9_000)])
+            .await
+            .expect("heartbeats");
+        created
+    };
+    // What earlier versions wrote: a hash of decimal times, one of them older than the time
+    // the sorted set holds already.
+    let mut conn = raw(&server).await;
+    let old = format!("{PREFIX}heartbeat");
+    let _: () = redis::cmd("HSET")
+        .arg(&old)
+        .arg(created[0].id)
+        .arg("1733480000123")
+        .arg(created[1].id)
+        .arg("5000")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect");
+    assert_eq!(
+        store
+            .heartbeats(&[created[0].id, created[1].id])
+            .await
+            .expect("hb"),
+        vec![Some(1_733_480_000_123), Some(9_000)]
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&old)
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0, "the old hash is gone");
+    // Once moved, a replica starting again changes nothing.
+    drop(
+        RedisStore::connect(&server.url(), PREFIX)
+            .await
+            .expect("connect"),
+    );
+    assert_eq!(
+        store.heartbeats(&[created[0].id]).await.expect("hb"),
+        vec![Some(1_733_480_000_123)]
+    );
 }
 
 /// The fields of a hash, sorted.
@@ -2880,7 +3000,7 @@ async fn redis_errors_are_mapped() {
         "{corrupt:?}"
     );
     let _: () = redis::cmd("SET")
-        .arg(format!("{PREFIX}heartbeat"))
+        .arg(format!("{PREFIX}heartbeats"))
         .arg("wrong type")
         .query_async(&mut conn)
         .await

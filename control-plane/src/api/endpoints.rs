@@ -11,7 +11,8 @@ use store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings}
 use uuid::Uuid;
 
 use super::{json, ApiError, AppState};
-use crate::fleet::{liveness, Liveness, TunnelState};
+use crate::directory::Query;
+use crate::fleet::{liveness, Intervals, Liveness, TunnelState};
 
 const MAX_NAME: usize = 255;
 const MAX_CHECKIN_INTERVAL: u32 = 3600;
@@ -63,38 +64,6 @@ pub(crate) fn rfc3339(ms: u64) -> String {
         .unwrap_or_default()
 }
 
-/// Effective intervals of an environment given the settings.
-struct Intervals {
-    checkin: u32,
-    ping: u32,
-    snapshot: u32,
-    command: u32,
-}
-
-impl Intervals {
-    fn of(env: &Environment, s: &Settings) -> Self {
-        Self {
-            checkin: env.checkin_interval.unwrap_or(s.checkin_interval),
-            ping: env.ping_interval.unwrap_or(s.ping_interval),
-            snapshot: env.snapshot_interval.unwrap_or(s.snapshot_interval),
-            command: env.command_interval.unwrap_or(s.command_interval),
-        }
-    }
-
-    /// The interval that decides liveness: the check-in interval, or in async mode the
-    /// smallest enabled one.
-    fn liveness(&self, mode: EdgeMode) -> u32 {
-        match mode {
-            EdgeMode::Standard => self.checkin,
-            EdgeMode::Async => [self.ping, self.snapshot, self.command]
-                .into_iter()
-                .filter(|&i| i > 0)
-                .min()
-                .unwrap_or(self.ping),
-        }
-    }
-}
-
 impl AppState {
     /// Applies a stored change here, then tells every replica about it. Retried, because a lost
     /// notification leaves other replicas on the old record (an old key keeps working there)
@@ -104,6 +73,7 @@ impl AppState {
         // longer works here. Other replicas follow on the notification (the echo reloads
         // this replica once more, which is harmless).
         self.fleet.apply(&change).await;
+        self.directory.note(&change);
         let mut last = None;
         for attempt in 0..3u32 {
             match self.store.publish(change.clone()).await {
@@ -595,136 +565,105 @@ pub(crate) fn parse_num(field: &str, v: &str) -> Result<u64, ApiError> {
     })
 }
 
-struct Filter {
-    start: usize,
-    limit: usize,
-    search: Option<String>,
-    status: Option<Vec<Liveness>>,
-    mode: Option<EdgeMode>,
-    group_id: Option<u64>,
-    tag_ids: Vec<u64>,
-}
-
-impl Filter {
-    fn parse(q: ListQuery, max_page: usize) -> Result<Self, ApiError> {
-        let start = q
-            .start
-            .as_deref()
-            .map(|v| parse_num("start", v))
-            .transpose()?
-            .unwrap_or(0) as usize;
-        let limit = q
-            .limit
-            .as_deref()
-            .map(|v| parse_num("limit", v))
-            .transpose()?
-            .unwrap_or(100) as usize;
-        if limit == 0 || limit > max_page {
-            return Err(ApiError::BadRequest(format!(
-                "query parameter limit must be 1..={max_page}, got {limit}"
-            )));
-        }
-        let status = q
-            .status
-            .as_deref()
-            .map(|s| {
-                s.split(',')
-                    .map(|v| match v.trim() {
-                        "up" => Ok(Liveness::Up),
-                        "down" => Ok(Liveness::Down),
-                        "never" => Ok(Liveness::Never),
-                        other => Err(ApiError::BadRequest(format!(
-                            "query parameter status={other:?} must be up, down or never"
-                        ))),
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .transpose()?;
-        let mode = match q.mode.as_deref().map(str::trim) {
-            None => None,
-            Some("standard") => Some(EdgeMode::Standard),
-            Some("async") => Some(EdgeMode::Async),
-            Some(other) => {
-                return Err(ApiError::BadRequest(format!(
-                    "query parameter mode={other:?} must be standard or async"
-                )))
-            }
-        };
-        let group_id = q
-            .group_id
-            .as_deref()
-            .map(|v| parse_num("groupId", v))
-            .transpose()?;
-        let tag_ids = match q.tag_ids.as_deref() {
-            None | Some("") => vec![],
-            Some(list) => list
-                .split(',')
-                .map(|v| parse_num("tagIds", v))
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        let search = q
-            .search
-            .map(|s| s.trim().to_lowercase())
-            .filter(|s| !s.is_empty());
-        Ok(Self {
-            start,
-            limit,
-            search,
-            status,
-            mode,
-            group_id,
-            tag_ids,
+/// The list's query, validated.
+fn parse_query(q: ListQuery, max_page: usize) -> Result<Query, ApiError> {
+    let start = q
+        .start
+        .as_deref()
+        .map(|v| parse_num("start", v))
+        .transpose()?
+        .unwrap_or(0) as usize;
+    let limit = q
+        .limit
+        .as_deref()
+        .map(|v| parse_num("limit", v))
+        .transpose()?
+        .unwrap_or(100) as usize;
+    if limit == 0 || limit > max_page {
+        return Err(ApiError::BadRequest(format!(
+            "query parameter limit must be 1..={max_page}, got {limit}"
+        )));
+    }
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            s.split(',')
+                .map(|v| match v.trim() {
+                    "up" => Ok(Liveness::Up),
+                    "down" => Ok(Liveness::Down),
+                    "never" => Ok(Liveness::Never),
+                    other => Err(ApiError::BadRequest(format!(
+                        "query parameter status={other:?} must be up, down or never"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
-    }
-
-    fn matches_static(&self, e: &Environment) -> bool {
-        self.mode.is_none_or(|m| m == e.mode)
-            && self.group_id.is_none_or(|g| e.group_id == Some(g))
-            && self.tag_ids.iter().all(|t| e.tag_ids.contains(t))
-            && self.search.as_deref().is_none_or(|s| {
-                e.name.to_lowercase().contains(s)
-                    || e.edge_id.is_some_and(|u| u.to_string().contains(s))
-                    || e.id.to_string() == s
-            })
-    }
+        .transpose()?;
+    let mode = match q.mode.as_deref().map(str::trim) {
+        None => None,
+        Some("standard") => Some(EdgeMode::Standard),
+        Some("async") => Some(EdgeMode::Async),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter mode={other:?} must be standard or async"
+            )))
+        }
+    };
+    let group_id = q
+        .group_id
+        .as_deref()
+        .map(|v| parse_num("groupId", v))
+        .transpose()?;
+    let tag_ids = match q.tag_ids.as_deref() {
+        None | Some("") => vec![],
+        Some(list) => list
+            .split(',')
+            .map(|v| parse_num("tagIds", v))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let search = q
+        .search
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty());
+    Ok(Query {
+        start,
+        limit,
+        search,
+        status,
+        mode,
+        group_id,
+        tag_ids,
+    })
 }
 
 pub async fn list(
     state: web::Data<AppState>,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let filter = Filter::parse(q.into_inner(), state.limits.max_page)?;
+    let query = parse_query(q.into_inner(), state.limits.max_page)?;
     let settings = state.store.settings().await?;
-    let mut envs: Vec<Environment> = state
-        .store
-        .list_environments()
-        .await?
-        .into_iter()
-        .filter(|e| filter.matches_static(e))
-        .collect();
-    let beats = state
-        .store
-        .heartbeats(&envs.iter().map(|e| e.id).collect::<Vec<_>>())
-        .await?;
+    let page = state.directory.list(&query, &settings).await?;
+    // Only the page's records are read.
+    let ids: Vec<u64> = page.items.iter().map(|(id, _)| *id).collect();
+    let envs = state.store.get_environments(&ids).await?;
     let now = now_ms();
-    let mut views = Vec::new();
-    let mut total = 0usize;
-    // Status depends on heartbeats, so it is filtered after they are read; only the page
-    // is turned into views.
-    for (env, hb) in envs.drain(..).zip(beats) {
-        let last = state.last_seen(env.id, hb);
-        if let Some(want) = &filter.status {
-            let st = liveness(last, Intervals::of(&env, &settings).liveness(env.mode), now);
-            if !want.contains(&st) {
-                continue;
-            }
+    let mut views = Vec::with_capacity(envs.len());
+    for ((_, last), env) in page.items.iter().zip(envs) {
+        // (One deleted since the index read it is left out of the page.)
+        if let Some(env) = env {
+            views.push(state.view(&env, &settings, *last, now)?);
         }
-        if total >= filter.start && views.len() < filter.limit {
-            views.push(state.view(&env, &settings, last, now)?);
-        }
-        total += 1;
     }
     Ok(HttpResponse::Ok()
-        .insert_header(("X-Total-Count", total.to_string()))
+        .insert_header(("X-Total-Count", page.total.to_string()))
         .json(views))
+}
+
+/// Counts of the whole fleet: by status, by mode, and by group (`0`: in no group) with
+/// each group's statuses.
+pub async fn summary(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let settings = state.store.settings().await?;
+    let summary = state.directory.summary(&settings).await?;
+    Ok(HttpResponse::Ok().json(summary))
 }

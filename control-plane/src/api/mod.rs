@@ -41,6 +41,7 @@ pub struct PublicInfo {
 pub struct AppState {
     pub store: SharedStore,
     pub fleet: Arc<Fleet>,
+    pub directory: Arc<crate::directory::Directory>,
     pub metrics: Arc<Metrics>,
     pub admin: AdminKeys,
     pub public: PublicInfo,
@@ -66,6 +67,11 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/api/endpoints",
         summary: "Create an edge environment",
+    },
+    Route {
+        method: "GET",
+        path: "/api/endpoints/summary",
+        summary: "Counts of the whole fleet: total, by status (up, down, never), by mode, and by group (0: in no group) with each group's statuses",
     },
     Route {
         method: "POST",
@@ -218,6 +224,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::post().to(endpoints::create)),
             )
             .route("/endpoints/bulk", web::post().to(endpoints::create_bulk))
+            .route("/endpoints/summary", web::get().to(endpoints::summary))
             .service(
                 web::resource("/endpoints/{id}")
                     .route(web::get().to(endpoints::get))

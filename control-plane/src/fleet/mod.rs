@@ -22,7 +22,9 @@ use crate::config::Limits;
 use crate::metrics::{AgentStats, FleetSizes, Metrics};
 pub use actor::CREDENTIALS_TTL;
 use actor::{CheckinMsg, EnvActor, Reload, Shutdown, TunnelEvent, WantTunnel};
-pub use state::{liveness, Answer, CheckinKind, Liveness, Refusal, SharedGate};
+pub use state::{
+    grace_ms, liveness, Answer, CheckinKind, Intervals, Liveness, Refusal, SharedGate,
+};
 
 /// Held check-ins are answered this long before the agent's interval ends, so the agent's
 /// next check-in (at send time + interval) never waits for a late answer.

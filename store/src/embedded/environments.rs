@@ -47,6 +47,24 @@ impl EnvironmentStore for EmbeddedStore {
         .await
     }
 
+    async fn get_environments(
+        &self,
+        ids: &[EnvId],
+    ) -> Result<Vec<Option<Environment>>, StoreError> {
+        let ids = ids.to_vec();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(ENVIRONMENTS).map_err(db_err)?;
+            ids.into_iter()
+                .map(|id| match table.get(id).map_err(db_err)? {
+                    Some(v) => decode_env(id, v.value()).map(Some),
+                    None => Ok(None),
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn list_environments(&self) -> Result<Vec<Environment>, StoreError> {
         self.blocking(|db| {
             let tx = db.begin_read().map_err(db_err)?;
@@ -179,7 +197,7 @@ impl EnvironmentStore for EmbeddedStore {
             let mut hb = tx.open_table(HEARTBEATS).map_err(db_err)?;
             let mut changed = false;
             for (id, at) in beats {
-                if envs.get(id).map_err(db_err)?.is_none() {
+                if at > crate::MAX_HEARTBEAT_MS || envs.get(id).map_err(db_err)?.is_none() {
                     continue;
                 }
                 let current = hb.get(id).map_err(db_err)?.map(|v| v.value());
@@ -201,6 +219,28 @@ impl EnvironmentStore for EmbeddedStore {
             ids.into_iter()
                 .map(|id| Ok(hb.get(id).map_err(db_err)?.map(|v| v.value())))
                 .collect()
+        })
+        .await
+    }
+
+    async fn count_heartbeats_since(&self, since_ms: u64) -> Result<u64, StoreError> {
+        Ok(self.heartbeats_since(since_ms).await?.len() as u64)
+    }
+
+    /// A scan of the whole table (a single node's: its own agents' times are in the fleet's
+    /// memory as well).
+    async fn heartbeats_since(&self, since_ms: u64) -> Result<Vec<(EnvId, u64)>, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let hb = tx.open_table(HEARTBEATS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in hb.iter().map_err(db_err)? {
+                let (id, at) = entry.map_err(db_err)?;
+                if at.value() >= since_ms {
+                    out.push((id.value(), at.value()));
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -11,6 +11,18 @@ use super::record::{decode_edge_id, EnvRecord};
 use super::{parse_id, redis_err, unexpected, RedisStore, HEARTBEAT_CHUNK, RESET_RETRIES};
 use crate::{BindOutcome, EnvId, Environment, EnvironmentStore, NewEnvironment, StoreError};
 
+/// A heartbeat's score as the milliseconds it holds (whole, not negative, below 2^53).
+fn heartbeat_ms(id: EnvId, score: f64) -> Result<u64, StoreError> {
+    const MAX: f64 = crate::MAX_HEARTBEAT_MS as f64;
+    if (0.0..=MAX).contains(&score) && score.fract() == 0.0 {
+        Ok(score as u64)
+    } else {
+        Err(StoreError::corrupt(format!(
+            "heartbeat of environment {id}: {score}"
+        )))
+    }
+}
+
 #[async_trait]
 impl EnvironmentStore for RedisStore {
     async fn create_environments(
@@ -89,6 +101,46 @@ impl EnvironmentStore for RedisStore {
         Ok(Some(EnvRecord::decode(id, &record)?.into_env(id, edge_id)))
     }
 
+    async fn get_environments(
+        &self,
+        ids: &[EnvId],
+    ) -> Result<Vec<Option<Environment>>, StoreError> {
+        if ids.is_empty() {
+            // HMGET needs at least one field.
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let (records, bindings): (Vec<Option<String>>, Vec<Option<String>>) = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg(&self.keys.env)
+            .arg(ids)
+            .cmd("HMGET")
+            .arg(&self.keys.binding)
+            .arg(ids)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if records.len() != ids.len() || bindings.len() != ids.len() {
+            return Err(StoreError::corrupt(format!(
+                "HMGET returned {} records and {} bindings for {} ids",
+                records.len(),
+                bindings.len(),
+                ids.len()
+            )));
+        }
+        ids.iter()
+            .zip(records.into_iter().zip(bindings))
+            .map(|(&id, (record, binding))| {
+                let Some(record) = record else {
+                    return Ok(None);
+                };
+                let edge_id = binding.map(|b| decode_edge_id(id, &b)).transpose()?;
+                Ok(Some(EnvRecord::decode(id, &record)?.into_env(id, edge_id)))
+            })
+            .collect()
+    }
+
     async fn list_environments(&self) -> Result<Vec<Environment>, StoreError> {
         let mut conn = self.conn().await?;
         let (records, bindings): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
@@ -163,8 +215,8 @@ impl EnvironmentStore for RedisStore {
             .cmd("HDEL")
             .arg(&self.keys.binding)
             .arg(id)
-            .cmd("HDEL")
-            .arg(&self.keys.heartbeat)
+            .cmd("ZREM")
+            .arg(&self.keys.heartbeats)
             .arg(id)
             .cmd("DEL")
             .arg(self.keys.snapshot(id))
@@ -260,10 +312,15 @@ impl EnvironmentStore for RedisStore {
         if beats.is_empty() {
             return Ok(());
         }
+        let beats: Vec<(EnvId, u64)> = beats
+            .iter()
+            .copied()
+            .filter(|(_, at)| *at <= crate::MAX_HEARTBEAT_MS)
+            .collect();
         let mut conn = self.conn().await?;
         for chunk in beats.chunks(HEARTBEAT_CHUNK) {
             let mut call = self.scripts.heartbeats.prepare_invoke();
-            call.key(&self.keys.env).key(&self.keys.heartbeat);
+            call.key(&self.keys.env).key(&self.keys.heartbeats);
             for (id, at) in chunk {
                 call.arg(id).arg(at);
             }
@@ -276,32 +333,56 @@ impl EnvironmentStore for RedisStore {
 
     async fn heartbeats(&self, ids: &[EnvId]) -> Result<Vec<Option<u64>>, StoreError> {
         if ids.is_empty() {
-            // HMGET needs at least one field.
+            // ZMSCORE needs at least one member.
             return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
-        let values: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(&self.keys.heartbeat)
+        let values: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+            .arg(&self.keys.heartbeats)
             .arg(ids)
             .query_async(&mut conn)
             .await
             .map_err(redis_err)?;
         if values.len() != ids.len() {
             return Err(StoreError::corrupt(format!(
-                "HMGET returned {} values for {} fields",
+                "ZMSCORE returned {} values for {} members",
                 values.len(),
                 ids.len()
             )));
         }
         ids.iter()
             .zip(values)
-            .map(|(id, v)| {
-                v.map(|v| {
-                    v.parse().map_err(|_| {
-                        StoreError::corrupt(format!("heartbeat of environment {id}: {v:?}"))
-                    })
-                })
-                .transpose()
+            .map(|(id, v)| v.map(|v| heartbeat_ms(*id, v)).transpose())
+            .collect()
+    }
+
+    async fn count_heartbeats_since(&self, since_ms: u64) -> Result<u64, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("ZCOUNT")
+            .arg(&self.keys.heartbeats)
+            .arg(since_ms)
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn heartbeats_since(&self, since_ms: u64) -> Result<Vec<(EnvId, u64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let values: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(&self.keys.heartbeats)
+            .arg(since_ms)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        values
+            .into_iter()
+            .map(|(id, at)| {
+                let id = parse_id(&self.keys.heartbeats, &id)?;
+                Ok((id, heartbeat_ms(id, at)?))
             })
             .collect()
     }

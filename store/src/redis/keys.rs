@@ -8,7 +8,9 @@ use crate::{Collection, EnvId};
 pub(super) struct Keys {
     pub(super) env: String,
     pub(super) binding: String,
-    pub(super) heartbeat: String,
+    pub(super) heartbeats: String,
+    /// Where heartbeats were kept before (a hash), moved into `heartbeats` at connect.
+    pub(super) heartbeat_hash: String,
     pub(super) env_seq: String,
     pub(super) groups: String,
     pub(super) group_names: String,
@@ -34,7 +36,8 @@ impl Keys {
         Self {
             env: format!("{prefix}env"),
             binding: format!("{prefix}binding"),
-            heartbeat: format!("{prefix}heartbeat"),
+            heartbeats: format!("{prefix}heartbeats"),
+            heartbeat_hash: format!("{prefix}heartbeat"),
             env_seq: format!("{prefix}seq:env"),
             groups: format!("{prefix}groups"),
             group_names: format!("{prefix}groups:names"),

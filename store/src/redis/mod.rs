@@ -8,7 +8,7 @@
 //! | --------------------------- | ------- | ------------------------------------------------ |
 //! | `edgeplane:env`             | hash    | env id -> JSON of the record *without* `edge_id` |
 //! | `edgeplane:binding`         | hash    | env id -> bound Edge ID (UUID text)              |
-//! | `edgeplane:heartbeat`       | hash    | env id -> last check-in, ms since the epoch      |
+//! | `edgeplane:heartbeats`      | sorted set | env ids scored by their last check-in, ms since the epoch (read by id, and by time for what changed since) |
 //! | `edgeplane:seq:env`         | string  | last environment id handed out (INCRBY)          |
 //! | `edgeplane:groups`          | hash    | group id -> name                                 |
 //! | `edgeplane:groups:names`    | hash    | group name -> id (uniqueness index)              |
@@ -166,8 +166,28 @@ impl RedisStore {
         // Fail fast on a wrong address or password rather than at the first request (dropping
         // the store on error also stops the pub/sub task).
         store.ping().await?;
+        store.migrate().await?;
         tracing::info!(prefix, "connected to redis store");
         Ok(store)
+    }
+
+    /// Brings what earlier versions stored into today's layout: heartbeats from their hash
+    /// into the sorted set. Atomic (a script), and a no-op once done, so every replica may
+    /// run it at start.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let moved: i64 = self
+            .scripts
+            .migrate_heartbeats
+            .key(&self.keys.heartbeat_hash)
+            .key(&self.keys.heartbeats)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        if moved > 0 {
+            tracing::info!(moved, "heartbeats moved to their sorted set");
+        }
+        Ok(())
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {

@@ -28,6 +28,8 @@ pub(super) struct Scripts {
     pub(super) reset: Script,
     /// Records heartbeats of existing environments, never moving one backwards.
     pub(super) heartbeats: Script,
+    /// Moves heartbeats from the hash of earlier versions into the sorted set.
+    pub(super) migrate_heartbeats: Script,
     /// Creates a group or tag under a name not yet taken.
     pub(super) create_named: Script,
     /// Renames a group or tag unless the name is taken.
@@ -53,6 +55,7 @@ impl Scripts {
             update: Script::new(include_str!("lua/update.lua")),
             reset: Script::new(include_str!("lua/reset.lua")),
             heartbeats: Script::new(include_str!("lua/heartbeats.lua")),
+            migrate_heartbeats: Script::new(include_str!("lua/migrate_heartbeats.lua")),
             create_named: Script::new(include_str!("lua/create_named.lua")),
             rename_named: Script::new(include_str!("lua/rename_named.lua")),
             delete_named: Script::new(include_str!("lua/delete_named.lua")),

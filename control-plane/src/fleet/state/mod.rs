@@ -503,13 +503,68 @@ pub enum Liveness {
     Never,
 }
 
+/// Effective intervals of an environment given the settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Intervals {
+    pub checkin: u32,
+    pub ping: u32,
+    pub snapshot: u32,
+    pub command: u32,
+}
+
+impl Intervals {
+    pub fn of(env: &store::Environment, s: &store::Settings) -> Self {
+        Self::of_own(Self::own(env), s)
+    }
+
+    /// An environment's own intervals (check-in, ping, snapshot, command; `None`: the
+    /// settings' default).
+    pub fn own(env: &store::Environment) -> [Option<u32>; 4] {
+        [
+            env.checkin_interval,
+            env.ping_interval,
+            env.snapshot_interval,
+            env.command_interval,
+        ]
+    }
+
+    pub fn of_own(
+        [checkin, ping, snapshot, command]: [Option<u32>; 4],
+        s: &store::Settings,
+    ) -> Self {
+        Self {
+            checkin: checkin.unwrap_or(s.checkin_interval),
+            ping: ping.unwrap_or(s.ping_interval),
+            snapshot: snapshot.unwrap_or(s.snapshot_interval),
+            command: command.unwrap_or(s.command_interval),
+        }
+    }
+
+    /// The interval that decides liveness: the check-in interval, or in async mode the
+    /// smallest enabled one.
+    pub fn liveness(&self, mode: store::EdgeMode) -> u32 {
+        match mode {
+            store::EdgeMode::Standard => self.checkin,
+            store::EdgeMode::Async => [self.ping, self.snapshot, self.command]
+                .into_iter()
+                .filter(|&i| i > 0)
+                .min()
+                .unwrap_or(self.ping),
+        }
+    }
+}
+
+/// How long after its last check-in an environment at `interval_secs` is still `up`.
+pub fn grace_ms(interval_secs: u32) -> u64 {
+    (2 * u64::from(interval_secs) + 20) * 1000
+}
+
 /// `up` while `now - last <= 2 * interval + 20 s`.
 pub fn liveness(last_checkin_ms: Option<u64>, interval_secs: u32, now_ms: u64) -> Liveness {
     match last_checkin_ms {
         None => Liveness::Never,
         Some(last) => {
-            let grace_ms = (2 * u64::from(interval_secs) + 20) * 1000;
-            if now_ms.saturating_sub(last) <= grace_ms {
+            if now_ms.saturating_sub(last) <= grace_ms(interval_secs) {
                 Liveness::Up
             } else {
                 Liveness::Down
