@@ -9,13 +9,15 @@
 //! admin reads their own writes), and dropped after [`IDLE_DROP`] without queries: a replica
 //! nobody asks holds nothing.
 //!
-//! Last check-ins are refreshed at most once per [`REFRESH`], and only where the answer could
-//! have changed: an environment known to be `up` until some time stays `up` until then (its
-//! heartbeats only move forward), so only those that look `down` or `never` are asked again,
-//! by id or, when they are the larger part of the fleet, by asking the store what checked in
-//! recently ([`EnvironmentStore::heartbeats_since`](store::EnvironmentStore)), whichever
-//! reads less. This replica's own agents' check-ins come from the fleet's memory, fresher
-//! than the store's write-behind.
+//! Last check-ins are refreshed in the background once per [`REFRESH`] while the index is in
+//! use (a query never waits for it, and the index is never locked across a store read), and
+//! only where the answer could have changed: an environment known to be `up` until some time
+//! stays `up` until then (its heartbeats only move forward), so only those that look `down`
+//! or `never` are asked again, by id or, when they are the larger part of the fleet, by
+//! asking the store what checked in recently
+//! ([`EnvironmentStore::heartbeats_since`](store::EnvironmentStore)), whichever reads less.
+//! This replica's own agents' check-ins come from the fleet's memory, fresher than the
+//! store's write-behind.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -126,22 +128,16 @@ impl Entry {
         grace_ms(Intervals::of_own(self.own, settings).liveness(self.mode))
     }
 
-    fn matches(&self, id: EnvId, q: &Query) -> bool {
+    fn matches(&self, id: EnvId, q: &Query, search: Option<&Search<'_>>) -> bool {
         q.mode.is_none_or(|m| m == self.mode)
             && q.group_id.is_none_or(|g| self.group_id == Some(g))
             && q.tag_ids.iter().all(|t| self.tag_ids.contains(t))
-            && q.search.as_deref().is_none_or(|s| {
-                self.name.contains(s)
-                    || self.edge_id.is_some_and(|u| u.to_string().contains(s))
-                    || id.to_string() == s
-            })
+            && search.is_none_or(|s| s.matches(id, self))
     }
 }
 
 struct Index {
     entries: BTreeMap<EnvId, Entry>,
-    /// When last check-ins were last read from the store.
-    refreshed: Option<Instant>,
     used: Instant,
 }
 
@@ -153,11 +149,36 @@ struct Pending {
     rebuild: bool,
 }
 
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.deleted.is_empty() && !self.rebuild
+    }
+
+    /// Puts back what a failed update took (what was noted since wins).
+    fn merge_back(&mut self, old: Pending) {
+        for id in old.changed {
+            if !self.deleted.contains(&id) {
+                self.changed.insert(id);
+            }
+        }
+        for id in old.deleted {
+            if !self.changed.contains(&id) {
+                self.deleted.insert(id);
+            }
+        }
+        self.rebuild |= old.rebuild;
+    }
+}
+
 pub struct Directory {
     store: SharedStore,
     fleet: Arc<Fleet>,
-    /// Queries take turns (each is milliseconds); `None` until first use.
-    index: tokio::sync::Mutex<Option<Index>>,
+    /// `None` until first use, and once dropped idle. Locked for in-memory work only, never
+    /// across a store read.
+    index: Mutex<Option<Index>>,
+    /// Turns at bringing the index up to date (building it, applying noted changes), so that
+    /// two queries never apply reads of one environment out of order.
+    updating: tokio::sync::Mutex<()>,
     pending: Mutex<Pending>,
 }
 
@@ -166,24 +187,34 @@ impl Directory {
         Arc::new(Self {
             store,
             fleet,
-            index: tokio::sync::Mutex::new(None),
+            index: Mutex::new(None),
+            updating: tokio::sync::Mutex::new(()),
             pending: Mutex::new(Pending::default()),
         })
     }
 
-    /// Notes change notifications for the next query and drops an idle index, until
-    /// `shutdown`.
+    /// Notes change notifications for the next query, refreshes last check-ins while the
+    /// index is in use, and drops it once idle, until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut changes = self.store.subscribe();
-        let mut idle = tokio::time::interval(IDLE_DROP / 4);
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = idle.tick() => {
-                    let mut index = self.index.lock().await;
-                    if index.as_ref().is_some_and(|i| i.used.elapsed() >= IDLE_DROP) {
-                        *index = None;
-                        tracing::debug!("environment index dropped after its idle time");
+                _ = tick.tick() => {
+                    let idle = self.index.lock().as_ref().map(|i| i.used.elapsed());
+                    match idle {
+                        Some(idle) if idle >= IDLE_DROP => {
+                            *self.index.lock() = None;
+                            tracing::debug!("environment index dropped after its idle time");
+                        }
+                        Some(_) => {
+                            if let Err(e) = self.refresh().await {
+                                tracing::debug!(error = %e, "environment index not refreshed");
+                            }
+                        }
+                        None => {}
                     }
                 }
                 change = changes.recv() => match change {
@@ -221,21 +252,23 @@ impl Directory {
 
     /// A page of the environments `q` asks for, in id order, and how many matched.
     pub async fn list(&self, q: &Query, settings: &Settings) -> Result<Page, StoreError> {
-        let mut guard = self.current(settings).await?;
+        self.update().await?;
+        let mut guard = self.index.lock();
         let index = guard.as_mut().ok_or_else(unbuilt)?;
+        index.used = Instant::now();
         let now = proto::clock::now_ms();
+        let search = q.search.as_deref().map(Search::new);
         let mut page = Page {
             total: 0,
             items: Vec::new(),
         };
         for (&id, e) in &index.entries {
-            if !e.matches(id, q) {
+            if !e.matches(id, q, search.as_ref()) {
                 continue;
             }
             let last = self.last(id, e);
             if let Some(want) = &q.status {
-                let grace = e.grace(settings);
-                if !want.contains(&status(last, grace, now)) {
+                if !want.contains(&status(last, e.grace(settings), now)) {
                     continue;
                 }
             }
@@ -249,8 +282,10 @@ impl Directory {
 
     /// Counts by status, mode and group over every environment.
     pub async fn summary(&self, settings: &Settings) -> Result<Summary, StoreError> {
-        let mut guard = self.current(settings).await?;
+        self.update().await?;
+        let mut guard = self.index.lock();
         let index = guard.as_mut().ok_or_else(unbuilt)?;
+        index.used = Instant::now();
         let now = proto::clock::now_ms();
         let mut s = Summary::default();
         for (&id, e) in &index.entries {
@@ -274,28 +309,26 @@ impl Directory {
         }
     }
 
-    /// The index, built or brought up to date: changes applied, last check-ins refreshed.
-    async fn current(
-        &self,
-        settings: &Settings,
-    ) -> Result<tokio::sync::MutexGuard<'_, Option<Index>>, StoreError> {
-        let mut guard = self.index.lock().await;
+    /// Builds the index, or applies the changes noted since the last query.
+    async fn update(&self) -> Result<(), StoreError> {
+        let _turn = self.updating.lock().await;
         let pending = std::mem::take(&mut *self.pending.lock());
-        let index = match guard.as_mut() {
-            Some(index) if !pending.rebuild => {
-                self.apply(index, pending).await?;
-                index
-            }
-            _ => {
-                *guard = None;
-                guard.insert(self.build().await?)
-            }
-        };
-        index.used = Instant::now();
-        if index.refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            self.refresh(index, settings).await?;
+        let built = self.index.lock().is_some();
+        if built && pending.is_empty() {
+            return Ok(());
         }
-        Ok(guard)
+        let result = if !built || pending.rebuild {
+            self.build().await.map(|index| {
+                *self.index.lock() = Some(index);
+            })
+        } else {
+            self.apply(&pending).await
+        };
+        if result.is_err() {
+            // Not lost: taken again by the next query.
+            self.pending.lock().merge_back(pending);
+        }
+        result
     }
 
     async fn build(&self) -> Result<Index, StoreError> {
@@ -315,34 +348,21 @@ impl Directory {
         );
         Ok(Index {
             entries,
-            refreshed: Some(Instant::now()),
             used: Instant::now(),
         })
     }
 
     /// Applies noted changes: deleted ones go, changed ones are read again (with their last
     /// check-in).
-    async fn apply(&self, index: &mut Index, pending: Pending) -> Result<(), StoreError> {
+    async fn apply(&self, pending: &Pending) -> Result<(), StoreError> {
+        let ids: Vec<EnvId> = pending.changed.iter().copied().collect();
+        let envs = self.store.get_environments(&ids).await?;
+        let seen = self.store.heartbeats(&ids).await?;
+        let mut guard = self.index.lock();
+        let index = guard.as_mut().ok_or_else(unbuilt)?;
         for id in &pending.deleted {
             index.entries.remove(id);
         }
-        if pending.changed.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<EnvId> = pending.changed.into_iter().collect();
-        let read = async {
-            let envs = self.store.get_environments(&ids).await?;
-            let seen = self.store.heartbeats(&ids).await?;
-            Ok::<_, StoreError>((envs, seen))
-        };
-        let (envs, seen) = match read.await {
-            Ok(x) => x,
-            Err(e) => {
-                // Not lost: asked again next time.
-                self.pending.lock().changed.extend(ids);
-                return Err(e);
-            }
-        };
         for ((id, env), seen) in ids.iter().zip(envs).zip(seen) {
             match env {
                 Some(env) => {
@@ -359,40 +379,84 @@ impl Directory {
     /// Reads last check-ins where they could have changed what a list shows: the
     /// environments that do not look `up` now (one that does stays `up` at least until its
     /// known check-in's grace ends).
-    async fn refresh(&self, index: &mut Index, settings: &Settings) -> Result<(), StoreError> {
+    async fn refresh(&self) -> Result<(), StoreError> {
+        let settings = self.store.settings().await?;
         let now = proto::clock::now_ms();
-        let mut stale = Vec::new();
-        let mut widest = 0u64;
-        for (&id, e) in &index.entries {
-            let grace = e.grace(settings);
-            if status(self.last(id, e), grace, now) != Liveness::Up {
-                stale.push(id);
-                widest = widest.max(grace);
-            }
-        }
-        if !stale.is_empty() {
-            // A check-in that would make one of them `up` now is at `now - widest` or later.
-            let since = now.saturating_sub(widest + WRITE_BEHIND_SLACK_MS);
-            let recent = self.store.count_heartbeats_since(since).await?;
-            if recent < stale.len() as u64 {
-                for (id, at) in self.store.heartbeats_since(since).await? {
-                    if let Some(e) = index.entries.get_mut(&id) {
-                        e.seen = e.seen.max(Some(at));
-                    }
-                }
-            } else {
-                for chunk in stale.chunks(10_000) {
-                    let seen = self.store.heartbeats(chunk).await?;
-                    for (id, at) in chunk.iter().zip(seen) {
-                        if let Some(e) = index.entries.get_mut(id) {
-                            e.seen = e.seen.max(at);
-                        }
-                    }
+        let (stale, widest) = {
+            let guard = self.index.lock();
+            let Some(index) = guard.as_ref() else {
+                return Ok(());
+            };
+            let mut stale = Vec::new();
+            let mut widest = 0u64;
+            for (&id, e) in &index.entries {
+                let grace = e.grace(&settings);
+                if status(self.last(id, e), grace, now) != Liveness::Up {
+                    stale.push(id);
+                    widest = widest.max(grace);
                 }
             }
+            (stale, widest)
+        };
+        if stale.is_empty() {
+            return Ok(());
         }
-        index.refreshed = Some(Instant::now());
+        // A check-in that would make one of them `up` now is at `now - widest` or later.
+        let since = now.saturating_sub(widest + WRITE_BEHIND_SLACK_MS);
+        let recent = self.store.count_heartbeats_since(since).await?;
+        let seen: Vec<(EnvId, Option<u64>)> = if recent < stale.len() as u64 {
+            self.store
+                .heartbeats_since(since)
+                .await?
+                .into_iter()
+                .map(|(id, at)| (id, Some(at)))
+                .collect()
+        } else {
+            let mut seen = Vec::with_capacity(stale.len());
+            for chunk in stale.chunks(10_000) {
+                let at = self.store.heartbeats(chunk).await?;
+                seen.extend(chunk.iter().copied().zip(at));
+            }
+            seen
+        };
+        let mut guard = self.index.lock();
+        if let Some(index) = guard.as_mut() {
+            for (id, at) in seen {
+                if let Some(e) = index.entries.get_mut(&id) {
+                    e.seen = e.seen.max(at);
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+/// A search text, prepared once per list: an id when it is a number, and whether it could
+/// be part of an Edge ID at all (hex digits and dashes).
+struct Search<'a> {
+    text: &'a str,
+    id: Option<u64>,
+    edge_id: bool,
+}
+
+impl<'a> Search<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            id: text.parse().ok(),
+            edge_id: text.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
+        }
+    }
+
+    fn matches(&self, id: EnvId, e: &Entry) -> bool {
+        if self.id == Some(id) || e.name.contains(self.text) {
+            return true;
+        }
+        let Some(edge) = e.edge_id.filter(|_| self.edge_id) else {
+            return false;
+        };
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        edge.hyphenated().encode_lower(&mut buf).contains(self.text)
     }
 }
 
@@ -412,6 +476,54 @@ fn unbuilt() -> StoreError {
 mod tests {
     use super::*;
     use crate::fleet::liveness;
+
+    fn entry(name: &str, edge_id: Option<Uuid>) -> Entry {
+        Entry {
+            name: name.to_lowercase().into_boxed_str(),
+            edge_id,
+            mode: EdgeMode::Standard,
+            group_id: None,
+            tag_ids: Box::new([]),
+            own: [None; 4],
+            seen: None,
+        }
+    }
+
+    #[test]
+    fn search_matches_the_name_the_edge_id_or_the_id() {
+        let edge = Uuid::parse_str("a1b2c3d4-0000-4000-8000-00000000beef").expect("uuid");
+        let e = entry("Shop-0420", Some(edge));
+        let hit = |text: &str, id: EnvId| Search::new(text).matches(id, &e);
+        // (Search text is lowercase by the time it gets here.)
+        assert!(hit("shop-04", 1));
+        assert!(hit("420", 1), "digits of the name");
+        assert!(
+            hit("beef", 1) && hit("c3d4-0000", 1),
+            "a piece of the Edge ID"
+        );
+        assert!(hit("77", 77), "the id");
+        assert!(!hit("77", 78));
+        assert!(!hit("kiosk", 1));
+        assert!(
+            !hit("c3d4 0000", 1),
+            "not hex: the Edge ID is not looked at"
+        );
+        assert!(!Search::new("beef").matches(1, &entry("shop", None)));
+    }
+
+    #[test]
+    fn what_a_failed_update_took_goes_back_without_undoing_later_notes() {
+        let mut now = Pending::default();
+        now.deleted.insert(1);
+        now.changed.insert(3);
+        let mut old = Pending::default();
+        old.changed.extend([1, 2]);
+        old.deleted.insert(3);
+        now.merge_back(old);
+        assert_eq!(now.changed, HashSet::from([2, 3]));
+        assert_eq!(now.deleted, HashSet::from([1]));
+        assert!(!now.rebuild);
+    }
 
     #[test]
     fn status_follows_the_liveness_rule() {
