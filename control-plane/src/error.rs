@@ -222,12 +222,54 @@ impl ResponseError for ApiError {
     }
 }
 
+/// At most one line a second for failures that come once per request: a store that is down
+/// fails every request at once, and a line for each (49,000 a minute under load) would bury
+/// the log and cost the CPU the rest needs. The next line says how many were left out.
+struct Throttle {
+    second: std::sync::atomic::AtomicU64,
+    quiet: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Self {
+        Self {
+            second: std::sync::atomic::AtomicU64::new(0),
+            quiet: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when this one may be written.
+    fn admit(&self) -> Option<u64> {
+        self.admit_at(proto::clock::now_ms() / 1000)
+    }
+
+    fn admit_at(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let last = self.second.load(Ordering::Relaxed);
+        if last != now
+            && self
+                .second
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.quiet.swap(0, Ordering::Relaxed));
+        }
+        self.quiet.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+static STORE_UNAVAILABLE: Throttle = Throttle::new();
+static CHECKIN_STORE_FAILED: Throttle = Throttle::new();
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(m) => ApiError::Conflict(m),
             e @ StoreError::Unavailable { .. } => {
-                tracing::warn!(error = %e.detail(), "store unavailable");
+                if let Some(left_out) = STORE_UNAVAILABLE.admit() {
+                    tracing::warn!(error = %e.detail(), left_out, "store unavailable");
+                }
                 ApiError::Unavailable(format!("store unavailable: {}", e.detail()))
             }
             e @ StoreError::Corrupt { .. } => {
@@ -250,7 +292,9 @@ impl From<CheckinError> for ApiError {
             }
             // Agents are not told the store's internals; the log has them.
             CheckinError::Store(e) => {
-                tracing::warn!(error = %e, "check-in failed on the store");
+                if let Some(left_out) = CHECKIN_STORE_FAILED.admit() {
+                    tracing::warn!(error = %e, left_out, "check-in failed on the store");
+                }
                 ApiError::Unavailable(
                     "the control plane cannot reach its store; retry later".into(),
                 )
@@ -297,6 +341,17 @@ mod tests {
             "{}",
             skew.body()
         );
+    }
+
+    #[test]
+    fn a_throttled_line_is_written_once_a_second_and_counts_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.admit_at(100), Some(0));
+        assert_eq!(t.admit_at(100), None);
+        assert_eq!(t.admit_at(100), None);
+        assert_eq!(t.admit_at(101), Some(2));
+        assert_eq!(t.admit_at(101), None);
+        assert_eq!(t.admit_at(105), Some(1));
     }
 
     #[test]

@@ -228,8 +228,14 @@ impl Poller {
             }
             Err(err) => {
                 self.failing = true;
-                let delay =
-                    retry::retry_delay(&err, interval, &mut self.backoff, &mut rand::thread_rng());
+                let held = !was_plain;
+                let delay = retry::after_failure(
+                    &err,
+                    held,
+                    interval,
+                    &mut self.backoff,
+                    &mut rand::thread_rng(),
+                );
                 let retry_in = humantime::format_duration(round_ms(delay));
                 match self.throttle.failure(&log_key(&err), now.into_std()) {
                     LogDecision::Changed => warn!(

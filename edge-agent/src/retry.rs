@@ -87,6 +87,29 @@ pub fn retry_delay<R: Rng + ?Sized>(
     }
 }
 
+/// How long to wait after `err` on a check-in that was held (`held`): [`retry_delay`], except
+/// when the held check-in's connection broke. Then the server went away (a restart, a replica
+/// killed, a load balancer reset) under the whole fleet at once, and a retry within the first
+/// second would bring the whole fleet back within that second: thousands of TLS handshakes
+/// together, more than a server takes at once. The agent comes back at a random point of its
+/// interval instead (its next check-in was due within it anyway, so it loses nothing, and it
+/// stays `up`: the grace is two intervals and 20 s), which spreads the fleet's reconnections
+/// over an interval. Later failures back off as usual.
+pub fn after_failure<R: Rng + ?Sized>(
+    err: &CheckinError,
+    held: bool,
+    interval: Duration,
+    backoff: &mut Backoff,
+    rng: &mut R,
+) -> Duration {
+    let delay = retry_delay(err, interval, backoff, rng);
+    if held && err.breaks_connection() {
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        return Duration::from_millis(rng.gen_range(0..=interval_ms));
+    }
+    delay
+}
+
 /// What to log about the latest check-in, decided by [`LogThrottle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogDecision {
@@ -233,6 +256,35 @@ mod tests {
             Duration::from_secs(120)
         );
         assert_eq!(b.ceiling(Duration::from_secs(60)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_broken_held_check_in_comes_back_somewhere_in_its_interval() {
+        let interval = Duration::from_secs(5);
+        let broken = CheckinError::Timeout(Duration::from_secs(1));
+        let mut r = rng();
+        let delays: Vec<Duration> = (0..2000)
+            .map(|_| after_failure(&broken, true, interval, &mut Backoff::default(), &mut r))
+            .collect();
+        assert!(delays.iter().all(|d| *d <= interval));
+        // Spread over the whole interval, not the first second of backoff.
+        let late = delays
+            .iter()
+            .filter(|d| **d > Duration::from_secs(4))
+            .count();
+        assert!((300..500).contains(&late), "{late} of 2000 after 4 s");
+        // A plain check-in, or a refusal, follows the usual rules.
+        let mut b = Backoff::default();
+        assert!(after_failure(&broken, false, interval, &mut b, &mut r) <= Duration::from_secs(1));
+        let err = refused(RefusalCode::EdgeIdMismatch);
+        assert_eq!(
+            after_failure(&err, true, interval, &mut Backoff::default(), &mut r),
+            Duration::from_secs(30)
+        );
+        // The backoff still counts the failure: the next one backs off further.
+        let mut b = Backoff::default();
+        after_failure(&broken, true, interval, &mut b, &mut r);
+        assert_eq!(b.ceiling(Duration::from_secs(60)), Duration::from_secs(2));
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub struct Args {
     #[arg(long)]
     pub report: Option<PathBuf>,
 
+    /// Append a JSON line here every second while agents run: time since the start, phase,
+    /// agents connected, check-ins and errors so far (refusals apart). For watching a fault
+    /// scenario as it happens.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+
     /// Pid of the control plane, to report its memory and CPU (/proc); several, comma
     /// separated (the processes of one node sharing its port), are summed.
     #[arg(long, value_delimiter = ',')]

@@ -116,7 +116,23 @@ async fn run_against(
         Some(url) => Some(redis_info::RedisInfo::connect(url).await?),
         None => None,
     };
-    let outcome = measure(plan, &created, &target_url, args.sources, &pids, redis).await;
+    let timeline_file = match &args.timeline {
+        Some(path) => Some(
+            std::fs::File::create(path)
+                .with_context(|| format!("--timeline {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let outcome = measure(
+        plan,
+        &created,
+        &target_url,
+        args.sources,
+        &pids,
+        redis,
+        timeline_file,
+    )
+    .await;
 
     if args.keep {
         eprintln!("keeping {} environments (--keep)", created.len());
@@ -159,6 +175,7 @@ async fn measure(
     sources: u8,
     pids: &[u32],
     redis: Option<redis_info::RedisInfo>,
+    timeline_file: Option<std::fs::File>,
 ) -> anyhow::Result<(report::SimResult, ServerFacts, Option<report::RedisFacts>)> {
     let keys: Vec<String> = created.iter().map(|e| e.edge_key.clone()).collect();
     let sources = sim::loopback_sources(target.host_str().unwrap_or(""), sources);
@@ -194,6 +211,7 @@ async fn measure(
         live.clone(),
         progress_slots.clone(),
         plan.workers > 1,
+        timeline_file,
     ));
 
     let sim = if plan.workers > 1 {
@@ -293,7 +311,9 @@ async fn show_progress(
     live: Arc<Live>,
     slots: Arc<Mutex<Vec<Progress>>>,
     from_workers: bool,
+    mut file: Option<std::fs::File>,
 ) {
+    use std::io::Write as _;
     let total = timeline
         .end
         .saturating_duration_since(timeline.start)
@@ -305,8 +325,10 @@ async fn show_progress(
     let mut last_polls = 0u64;
     let mut last_at = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut n = 0u64;
     loop {
         tick.tick().await;
+        n += 1;
         let p = if from_workers {
             Progress::sum(slots.lock().iter())
         } else {
@@ -317,7 +339,9 @@ async fn show_progress(
             / now.duration_since(last_at).as_secs_f64().max(0.001);
         last_polls = p.polls_total;
         last_at = now;
-        let phase = if now < timeline.ramp_end {
+        let phase = if now < timeline.start {
+            "start"
+        } else if now < timeline.ramp_end {
             "ramp"
         } else {
             "steady"
@@ -327,5 +351,19 @@ async fn show_progress(
             "{phase} connected {}/{agents} polls/s {rate:.0} errors {} p99 {:.1} ms",
             p.connected, p.errors, p.p99_ms
         ));
+        if let Some(f) = file.as_mut().filter(|_| n.is_multiple_of(2)) {
+            let line = serde_json::json!({
+                "unix_ms": edge_agent::clock::unix_now_ms(),
+                "since_start_s": now.saturating_duration_since(timeline.start).as_secs_f64(),
+                "phase": phase,
+                "connected": p.connected,
+                "polls_total": p.polls_total,
+                "errors": p.errors,
+                "refused": p.refused,
+            });
+            if writeln!(f, "{line}").is_err() {
+                file = None;
+            }
+        }
     }
 }

@@ -73,6 +73,8 @@ pub struct SimResult {
     /// Held check-ins only: how long after the end of the expected hold (interval − 250 ms)
     /// each steady-window answer came, microseconds.
     pub hold_overshoot_us: Histogram<u64>,
+    /// CPU seconds the simulating process(es) spent inside the steady window.
+    pub client_cpu_seconds: Option<f64>,
 }
 
 impl SimResult {
@@ -93,6 +95,7 @@ impl SimResult {
             steady_secs: 0.0,
             held_early: 0,
             hold_overshoot_us: new_latency_histogram(),
+            client_cpu_seconds: None,
         }
     }
 
@@ -118,6 +121,10 @@ impl SimResult {
         // Workers measure the same window; keep the longest so rates are not overstated.
         self.steady_secs = self.steady_secs.max(other.steady_secs);
         self.held_early += other.held_early;
+        self.client_cpu_seconds = match (self.client_cpu_seconds, other.client_cpu_seconds) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         self.hold_overshoot_us.auto(true);
         self.hold_overshoot_us
             .add(&other.hold_overshoot_us)
@@ -142,6 +149,7 @@ impl SimResult {
             steady_secs: self.steady_secs,
             held_early: self.held_early,
             hold_overshoot_us_hdr_v2_base64: Some(histogram_to_base64(&self.hold_overshoot_us)?),
+            client_cpu_seconds: self.client_cpu_seconds,
         })
     }
 }
@@ -166,6 +174,8 @@ pub struct SimResultWire {
     pub held_early: u64,
     #[serde(default)]
     pub hold_overshoot_us_hdr_v2_base64: Option<String>,
+    #[serde(default)]
+    pub client_cpu_seconds: Option<f64>,
 }
 
 impl SimResultWire {
@@ -189,6 +199,7 @@ impl SimResultWire {
                 Some(text) => histogram_from_base64(text)?,
                 None => new_latency_histogram(),
             },
+            client_cpu_seconds: self.client_cpu_seconds,
         })
     }
 }
@@ -290,6 +301,10 @@ pub struct Report {
     pub server_rss_per_agent_bytes: Option<f64>,
     pub server_cpu_seconds: Option<f64>,
     pub polls_per_server_cpu_second: Option<f64>,
+    /// CPU seconds the load generator itself (all its processes) spent in the window: on a
+    /// machine shared by both sides, what the server could not have.
+    #[serde(default)]
+    pub client_cpu_seconds: Option<f64>,
     /// Server CPU seconds per 1,000 check-ins in the window.
     #[serde(default)]
     pub server_cpu_seconds_per_1000_polls: Option<f64>,
@@ -384,6 +399,7 @@ impl Report {
                 .filter(|_| sim.polls > 0)
                 .map(|cpu| round3(cpu * 1000.0 / sim.polls as f64)),
             server_processes: server.processes,
+            client_cpu_seconds: sim.client_cpu_seconds.map(round3),
             redis: facts.redis.clone(),
             duration_secs: round3(secs),
             ramp_secs: round3(facts.ramp_secs),
@@ -456,6 +472,9 @@ impl Report {
                 self.polls_per_server_cpu_second.unwrap_or(0.0),
                 self.server_cpu_seconds_per_1000_polls.unwrap_or(0.0)
             );
+        }
+        if let Some(cpu) = self.client_cpu_seconds {
+            let _ = writeln!(s, "load generator cpu {cpu} s in the window");
         }
         if let Some(r) = &self.redis {
             let top: Vec<String> = r.commands.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use edge_agent::client::{agent_info, AsyncTick};
-use edge_agent::retry::{retry_delay, Backoff};
+use edge_agent::retry::{after_failure, retry_delay, Backoff};
 use edge_agent::{ByteCounters, CheckinRoute, PollClient, PollOptions};
 use hdrhistogram::Histogram;
 use parking_lot::{Mutex, MutexGuard};
@@ -84,6 +84,8 @@ pub struct Live {
     polls_total: AtomicU64,
     steady_polls: AtomicU64,
     errors: AtomicU64,
+    /// Of those, refusals (the server said no: a 4xx with a code).
+    refused: AtomicU64,
     handshake_bytes_sum: AtomicU64,
     handshakes: AtomicU64,
     steady_reconnects: AtomicU64,
@@ -100,6 +102,7 @@ impl Default for Live {
             polls_total: AtomicU64::new(0),
             steady_polls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             handshake_bytes_sum: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
             steady_reconnects: AtomicU64::new(0),
@@ -117,6 +120,9 @@ pub struct Progress {
     pub connected: i64,
     pub polls_total: u64,
     pub errors: u64,
+    /// Of the errors, refusals (a 4xx with a code).
+    #[serde(default)]
+    pub refused: u64,
     pub p99_ms: f64,
 }
 
@@ -129,6 +135,7 @@ impl Progress {
                 connected: acc.connected + p.connected,
                 polls_total: acc.polls_total + p.polls_total,
                 errors: acc.errors + p.errors,
+                refused: acc.refused + p.refused,
                 p99_ms: acc.p99_ms.max(p.p99_ms),
             })
     }
@@ -145,6 +152,7 @@ impl Live {
             connected: self.connected.load(Ordering::Relaxed),
             polls_total: self.polls_total.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
             p99_ms: if h.is_empty() {
                 0.0
             } else {
@@ -166,6 +174,9 @@ impl Live {
         if *up {
             *up = false;
             self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        if matches!(err, edge_agent::CheckinError::Refused { .. }) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
         }
         self.error(err.kind());
     }
@@ -250,8 +261,10 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
     tokio::time::sleep_until(plan.timeline.ramp_end).await;
     let window_start = Instant::now();
     let before = sum_bytes(&counters);
+    let cpu_before = crate::server::cpu_seconds(std::process::id());
     tokio::time::sleep_until(plan.timeline.end).await;
     let after = sum_bytes(&counters);
+    let cpu_after = crate::server::cpu_seconds(std::process::id());
     let steady_secs = window_start.elapsed().as_secs_f64();
 
     for task in tasks {
@@ -279,6 +292,7 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
     result.steady_secs = steady_secs;
     result.held_early = live.held_early.load(Ordering::Relaxed);
     result.hold_overshoot_us = lock(&live.hold_overshoot_us).clone();
+    result.client_cpu_seconds = cpu_before.zip(cpu_after).map(|(a, b)| (b - a).max(0.0));
     Ok(result)
 }
 
@@ -362,9 +376,11 @@ async fn agent_loop(
             }
             Err(err) => {
                 live.went_down(&mut up, &err);
+                // As the real agent: a broken held check-in comes back within its interval.
                 next = done
-                    + retry_delay(
+                    + after_failure(
                         &err,
+                        route == CheckinRoute::Held,
                         client.interval(),
                         &mut backoff,
                         &mut rand::thread_rng(),
@@ -499,18 +515,20 @@ mod tests {
             connected: 3,
             polls_total: 10,
             errors: 1,
+            refused: 1,
             p99_ms: 2.0,
         };
         let b = Progress {
             connected: 4,
             polls_total: 5,
-            errors: 0,
+            errors: 2,
+            refused: 1,
             p99_ms: 7.5,
         };
         let s = Progress::sum([&a, &b]);
         assert_eq!(s.connected, 7);
         assert_eq!(s.polls_total, 15);
-        assert_eq!(s.errors, 1);
+        assert_eq!((s.errors, s.refused), (3, 2));
         assert_eq!(s.p99_ms, 7.5);
     }
 

@@ -235,6 +235,7 @@ mod tests {
             connected: 1,
             polls_total: 2,
             errors: 3,
+            refused: 1,
             p99_ms: 4.5,
         });
         let text = serde_json::to_string(&line).unwrap();

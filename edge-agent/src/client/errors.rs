@@ -107,8 +107,9 @@ impl CheckinError {
         }
     }
 
-    /// Whether the connection can no longer be trusted and must be re-established.
-    pub(super) fn breaks_connection(&self) -> bool {
+    /// Whether the connection can no longer be trusted and must be re-established (the
+    /// server, or the way to it, went away).
+    pub fn breaks_connection(&self) -> bool {
         matches!(
             self,
             Self::Resolve { .. }
