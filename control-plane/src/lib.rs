@@ -82,15 +82,33 @@ pub struct Prepared {
     listeners: Listeners,
 }
 
-pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, RunError> {
+/// Opens the store: the embedded one in the data dir, or Redis, waiting while it cannot be
+/// reached (see [`connect_redis`]); `metrics` answers readiness probes meanwhile.
+pub async fn open_store(config: &Config, metrics: &TcpListener) -> Result<SharedStore, RunError> {
     bootstrap::private_dir(&config.data_dir).map_err(|source| RunError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let store: SharedStore = match &config.redis_url {
-        Some(url) => Arc::new(store::redis::RedisStore::connect(url, &config.redis_prefix).await?),
+    Ok(match &config.redis_url {
+        Some(url) => Arc::new(connect_redis(url, &config.redis_prefix, metrics).await?),
         None => Arc::new(store::embedded::EmbeddedStore::open(&config.data_dir)?),
-    };
+    })
+}
+
+/// [`open_store`], then [`prepare_on`].
+pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, RunError> {
+    let store = open_store(&config, &listeners.metrics).await?;
+    prepare_on(config, store, listeners).await
+}
+
+/// Loads TLS material and bootstraps the admin key on an open store. A binary binds its API
+/// port only now (after [`open_store`]): a process sharing the port with others
+/// (`--reuse-port`) must not take connections it cannot serve while it waits for Redis.
+pub async fn prepare_on(
+    config: Config,
+    store: SharedStore,
+    listeners: Listeners,
+) -> Result<Prepared, RunError> {
     let api_addr = listeners.api.local_addr().map_err(RunError::Listen)?;
     let public_url = config
         .public_url
@@ -156,6 +174,101 @@ pub async fn prepare(config: Config, listeners: Listeners) -> Result<Prepared, R
         tls: tls.server_config,
         listeners,
     })
+}
+
+/// Connects to Redis, waiting while it cannot be reached: a replica started while Redis is
+/// down (or before it, as a whole cluster comes up) becomes ready when Redis does, instead of
+/// exiting. Meanwhile its metrics listener answers `/healthz` 200 and `/readyz` 503 with the
+/// reason, so an orchestrator sees a live replica that is not ready. An invalid URL fails at
+/// once.
+async fn connect_redis(
+    url: &str,
+    prefix: &str,
+    metrics: &TcpListener,
+) -> Result<store::redis::RedisStore, RunError> {
+    store::redis::check_url(url).map_err(RunError::Config)?;
+    let mut waiting: Option<tokio::task::JoinHandle<()>> = None;
+    let mut delay = std::time::Duration::from_millis(250);
+    let mut attempts = 0u64;
+    let result = loop {
+        match store::redis::RedisStore::connect(url, prefix).await {
+            Ok(store) => break Ok(store),
+            Err(e) if e.retry_may_help() => {
+                attempts += 1;
+                let reason = e.detail();
+                // Once, then once a minute or so.
+                if attempts == 1 || attempts.is_multiple_of(12) {
+                    tracing::warn!(
+                        redis = %store::redis::redact_url(url),
+                        error = %reason,
+                        attempts,
+                        "waiting for redis"
+                    );
+                }
+                if waiting.is_none() {
+                    waiting = match metrics.try_clone() {
+                        Ok(l) => Some(tokio::spawn(not_ready_yet(l, reason))),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "metrics listener not served while waiting");
+                            None
+                        }
+                    };
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    if let Some(w) = waiting {
+        w.abort();
+        let _ = w.await;
+        if result.is_ok() {
+            tracing::info!(attempts, "redis reachable: starting");
+        }
+    }
+    result
+}
+
+/// Answers the metrics listener while the store is not there yet: `/healthz` 200 (the
+/// process is alive), everything else 503 with `reason`.
+async fn not_ready_yet(listener: TcpListener, reason: String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let reason = reason.clone();
+        tokio::spawn(async move {
+            let mut head = [0u8; 1024];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut head))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let live = head[..n].starts_with(b"GET /healthz ");
+            let (status, body) = if live {
+                ("200 OK", "ok\n".to_owned())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    format!("waiting for the store: {reason}\n"),
+                )
+            };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
 }
 
 impl Prepared {

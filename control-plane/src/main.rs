@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use control_plane::bootstrap::AdminKeySource;
 use control_plane::config::{Config, TlsSource};
-use control_plane::{prepare, Listeners, Prepared};
+use control_plane::{open_store, prepare_on, Listeners, Prepared};
 
 // jemalloc with its background thread: memory freed after a burst (thousands of TLS
 // handshakes, an attack's connections) goes back to the OS within 10-20 s even while the
@@ -266,17 +266,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot listen on {flag} {addr}: {e}{hint}")
         })
     };
+    let metrics = bind("--metrics-addr", metrics_addr, false)?;
     let tunnel = if config.embedded_gateway {
         Some(bind("--tunnel-addr", config.tunnel_addr, false)?)
     } else {
         None
     };
+    // The store first (it may wait for Redis, a stop signal meanwhile ends the process
+    // cleanly), then the API port: a process sharing it with others (--reuse-port) takes no
+    // connection it cannot serve yet.
+    let store = tokio::select! {
+        store = open_store(&config, &metrics) => store?,
+        () = shutdown_signal() => return Ok(()),
+    };
     let listeners = Listeners {
         api: bind("--api-addr", api_addr, reuse_port)?,
-        metrics: bind("--metrics-addr", metrics_addr, false)?,
+        metrics,
         tunnel,
     };
-    let prepared = prepare(config, listeners).await?;
+    let prepared = prepare_on(config, store, listeners).await?;
     let key_expr = banner(&prepared, api_addr);
     ready_agent_commands(&prepared, api_addr, &key_expr).await;
     prepared.serve(shutdown_signal()).await?;

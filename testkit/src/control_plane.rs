@@ -347,7 +347,9 @@ impl CpProcess {
         panic!("control-plane did not start: {failures:#?}");
     }
 
-    async fn try_start(data_dir: &Path, api_port: u16, extra: &[&str]) -> Result<Self, String> {
+    /// Starts the binary on `api_port` without waiting for it to be ready (a replica started
+    /// while its store is down): see [`CpProcess::ready_within`].
+    pub fn launch(data_dir: &Path, api_port: u16, extra: &[&str]) -> Self {
         let metrics_port = free_port();
         let child = Command::new(bin("control-plane"))
             .args(["--data-dir", &data_dir.display().to_string()])
@@ -360,27 +362,52 @@ impl CpProcess {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn control-plane");
-        let mut p = Self {
+        Self {
             url: format!("https://127.0.0.1:{api_port}"),
             metrics_url: format!("http://127.0.0.1:{metrics_port}"),
             child,
-        };
+        }
+    }
+
+    /// Whether `/readyz` answered 200 within `limit` (false at once if the process exited).
+    pub async fn ready_within(&mut self, limit: Duration) -> bool {
         let client = api::http();
-        let readyz = format!("{}/readyz", p.metrics_url);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let readyz = format!("{}/readyz", self.metrics_url);
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                return Err(format!("exited with {status} before it was ready"));
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
             }
             if let Ok(r) = client.get(&readyz).send().await {
                 if r.status().is_success() {
-                    return Ok(p);
+                    return true;
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err("not ready within 10 s".to_owned());
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The status `path` on the metrics listener answers now (`None`: no answer).
+    pub async fn probe(&self, path: &str) -> Option<u16> {
+        api::http()
+            .get(format!("{}{path}", self.metrics_url))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    async fn try_start(data_dir: &Path, api_port: u16, extra: &[&str]) -> Result<Self, String> {
+        let mut p = Self::launch(data_dir, api_port, extra);
+        if p.ready_within(Duration::from_secs(10)).await {
+            return Ok(p);
+        }
+        match p.child.try_wait() {
+            Ok(Some(status)) => Err(format!("exited with {status} before it was ready")),
+            _ => Err("not ready within 10 s".to_owned()),
         }
     }
 

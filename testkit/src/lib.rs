@@ -16,7 +16,8 @@
 //!   shared self-signed certificate, [`wait`]: `eventually`, `bounded`, free ports,
 //!   [`process`]: the workspace's binaries, [`bench`]: what benches share, [`stats`]:
 //!   percentiles, summaries and trends of bench samples, [`hostile`]: what attackers do to a
-//!   port (connections from a chosen source, TLS trusting anything).
+//!   port (connections from a chosen source, TLS trusting anything), [`faults`]: faults under
+//!   load (a replica killed, Redis stopped, a restart) as scenarios tests and benches share.
 //!
 //! Dev-only: it unwraps and panics freely, since a failure to set up is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -30,6 +31,7 @@ pub mod control_plane;
 pub mod docker_cli;
 pub mod engine;
 pub mod fake;
+pub mod faults;
 pub mod gateway;
 pub mod hostile;
 pub mod process;

@@ -1,5 +1,6 @@
-//! A throwaway `redis-server` on a free port of 127.0.0.1, without persistence, killed on
-//! drop. One per test keeps tests independent and lets them run in parallel.
+//! A throwaway `redis-server` on a free port of 127.0.0.1, without persistence (or with an
+//! append-only file, for outages), killed on drop. One per test keeps tests independent and
+//! lets them run in parallel.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -20,6 +21,8 @@ pub struct RedisServer {
     port: u16,
     // Working dir of the server (and its log); removed on drop, after the process is gone.
     dir: tempfile::TempDir,
+    /// Persistence as `ops/redis.md` recommends (AOF, fsync every second).
+    aof: bool,
 }
 
 impl RedisServer {
@@ -27,34 +30,28 @@ impl RedisServer {
     ///
     /// Panics if `redis-server` is not installed or does not come up.
     pub fn start() -> RedisServer {
+        Self::start_persisting(false)
+    }
+
+    /// [`RedisServer::start`] with an append-only file (`appendfsync everysec`), as
+    /// `ops/redis.md` recommends: what it held survives [`RedisServer::stop`] and
+    /// [`RedisServer::restart`].
+    pub fn start_with_aof() -> RedisServer {
+        Self::start_persisting(true)
+    }
+
+    fn start_persisting(aof: bool) -> RedisServer {
         let mut last_failure = String::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
             let dir = tempfile::tempdir().expect("create a temp dir for redis-server");
-            let log = dir.path().join("redis.log");
-            let spawned = Command::new("redis-server")
-                .arg("--port")
-                .arg(port.to_string())
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", ""])
-                .args(["--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .arg("--logfile")
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match spawned {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "`redis-server` is not installed (not found on PATH); the Redis tests need \
-                     a real server: run `apt-get install -y redis-server`"
-                ),
-                Err(e) => panic!("cannot spawn redis-server: {e}"),
+            let child = spawn(port, &dir, aof);
+            let mut server = RedisServer {
+                child,
+                port,
+                dir,
+                aof,
             };
-            let mut server = RedisServer { child, port, dir };
             match server.wait_until_ready() {
                 Ok(()) => return server,
                 // Dropping `server` kills the process; try another port.
@@ -62,6 +59,26 @@ impl RedisServer {
             }
         }
         panic!("redis-server did not start after {START_ATTEMPTS} attempts: {last_failure}");
+    }
+
+    /// Stops the server the way an operator does (`SHUTDOWN` on SIGTERM: the AOF is
+    /// written out), and waits until it is gone.
+    pub fn stop(&mut self) {
+        crate::process::terminate(&mut self.child, READY_TIMEOUT);
+    }
+
+    /// Starts the server again on the same port and data (after [`RedisServer::stop`]), and
+    /// returns once it answers PING (having loaded its AOF).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(self.port, &self.dir, self.aof);
+        if let Err(why) = self.wait_until_ready() {
+            panic!(
+                "redis-server did not come back: {why}; log:\n{}",
+                self.log()
+            );
+        }
     }
 
     /// `redis://127.0.0.1:<port>/`
@@ -97,6 +114,36 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+fn spawn(port: u16, dir: &tempfile::TempDir, aof: bool) -> Child {
+    let log = dir.path().join("redis.log");
+    let spawned = Command::new("redis-server")
+        .arg("--port")
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(if aof {
+            ["--appendonly", "yes", "--appendfsync", "everysec"].as_slice()
+        } else {
+            ["--appendonly", "no"].as_slice()
+        })
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "`redis-server` is not installed (not found on PATH); the Redis tests need \
+             a real server: run `apt-get install -y redis-server`"
+        ),
+        Err(e) => panic!("cannot spawn redis-server: {e}"),
     }
 }
 

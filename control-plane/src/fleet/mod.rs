@@ -654,33 +654,56 @@ impl Fleet {
     }
 
     async fn reload(self: &Arc<Self>, id: EnvId) {
+        if !self.actors.contains_key(&id) {
+            return;
+        }
+        match self.store.get_environment(id).await {
+            Ok(env) => self.reloaded(id, env).await,
+            Err(e) => self.not_reloaded(&[id], &e).await,
+        }
+    }
+
+    /// Hands a live actor its record as read again (`None`: deleted meanwhile, it stops).
+    async fn reloaded(self: &Arc<Self>, id: EnvId, env: Option<store::Environment>) {
         let Some(addr) = self.actors.get(&id).map(|h| h.addr.clone()) else {
             return;
         };
-        match self.store.get_environment(id).await {
-            Ok(Some(env)) => {
+        match env {
+            Some(env) => {
                 let _ = addr.send(Reload(Box::new(env))).await;
             }
-            Ok(None) => {
+            None => {
                 self.actors.remove(&id);
                 self.stats.forget(id);
-                let _ = addr.send(Shutdown).await;
-            }
-            Err(e) => {
-                // Without the new record the actor could keep an old secret: stop it, so the
-                // next check-in rebuilds it from the store.
-                tracing::warn!(env = id, error = %e, "cannot reload environment; dropping its actor");
-                self.actors.remove(&id);
                 let _ = addr.send(Shutdown).await;
             }
         }
     }
 
-    /// After a lagged notification stream: every actor reloads.
+    /// Without the new record an actor could keep an old secret: stop it, so that the next
+    /// check-in rebuilds it from the store.
+    async fn not_reloaded(self: &Arc<Self>, ids: &[EnvId], e: &StoreError) {
+        tracing::warn!(environments = ids.len(), error = %e, "cannot reload environments; dropping their actors");
+        for id in ids {
+            if let Some((_, h)) = self.actors.remove(id) {
+                let _ = h.addr.send(Shutdown).await;
+            }
+        }
+    }
+
+    /// After a lagged notification stream: every actor reloads, its record read in batches
+    /// (a replica holding 20,000 agents reads them in 20 round trips, not 20,000).
     pub async fn reload_all(self: &Arc<Self>) {
         let ids: Vec<EnvId> = self.actors.iter().map(|e| *e.key()).collect();
-        for id in ids {
-            self.reload(id).await;
+        for chunk in ids.chunks(1000) {
+            match self.store.get_environments(chunk).await {
+                Ok(envs) => {
+                    for (id, env) in chunk.iter().zip(envs) {
+                        self.reloaded(*id, env).await;
+                    }
+                }
+                Err(e) => self.not_reloaded(chunk, &e).await,
+            }
         }
         self.unknown.clear();
     }

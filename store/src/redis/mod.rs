@@ -269,6 +269,15 @@ fn unexpected(what: &str, v: &Value) -> StoreError {
     StoreError::corrupt(format!("{what}: unexpected script reply {v:?}"))
 }
 
+/// Whether `url` is a Redis URL this backend can use (checked before waiting for a Redis that
+/// may not be up yet: a typing error should not look like an outage). The error never
+/// contains the URL (it may hold a password).
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| format!("invalid redis url ({}): {e}", redact_url(url)))
+}
+
 /// A Redis URL with its password (if any) replaced, for logs and `Debug`.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
