@@ -11,9 +11,9 @@
 //!
 //! Last check-ins are refreshed in the background once per [`REFRESH`] while the index is in
 //! use (a query never waits for it, and the index is never locked across a store read), and
-//! only where the answer could have changed: an environment known to be `up` until some time
-//! stays `up` until then (its heartbeats only move forward), so only those that look `down`
-//! or `never` are asked again, by id or, when they are the larger part of the fleet, by
+//! only where the answer could change: an environment known to be `up` until some time stays
+//! `up` until then (its heartbeats only move forward), so only those that look `down` or
+//! `never`, or will in a few seconds, are asked again, by id or, when they are the larger part of the fleet, by
 //! asking the store what checked in recently
 //! ([`EnvironmentStore::heartbeats_since`](store::EnvironmentStore)), whichever reads less.
 //! This replica's own agents' check-ins come from the fleet's memory, fresher than the
@@ -35,6 +35,10 @@ use crate::fleet::{grace_ms, Fleet, Intervals, Liveness};
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// An index without queries for this long is dropped.
 pub const IDLE_DROP: Duration = Duration::from_secs(600);
+/// An entry is read again this long before its known check-in's grace ends: a live agent's
+/// newer check-in is found before its environment would look `down` for a moment (the refresh
+/// runs once per [`REFRESH`]).
+const EXPIRY_MARGIN_MS: u64 = 3 * REFRESH.as_millis() as u64;
 /// Changed environments remembered between queries; past it the next query rebuilds.
 const MAX_PENDING: usize = 4096;
 /// Heartbeats are written behind, in batches: one may land in the store this long after
@@ -376,9 +380,9 @@ impl Directory {
         Ok(())
     }
 
-    /// Reads last check-ins where they could have changed what a list shows: the
-    /// environments that do not look `up` now (one that does stays `up` at least until its
-    /// known check-in's grace ends).
+    /// Reads last check-ins where they could have changed what a list shows soon: the
+    /// environments that will not look `up` in [`EXPIRY_MARGIN_MS`] (one that will stays
+    /// `up` until then at least: heartbeats only move forward).
     async fn refresh(&self) -> Result<(), StoreError> {
         let settings = self.store.settings().await?;
         let now = proto::clock::now_ms();
@@ -391,7 +395,7 @@ impl Directory {
             let mut widest = 0u64;
             for (&id, e) in &index.entries {
                 let grace = e.grace(&settings);
-                if status(self.last(id, e), grace, now) != Liveness::Up {
+                if status(self.last(id, e), grace, now + EXPIRY_MARGIN_MS) != Liveness::Up {
                     stale.push(id);
                     widest = widest.max(grace);
                 }

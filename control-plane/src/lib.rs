@@ -374,6 +374,8 @@ impl Prepared {
 
         let api_state = state.clone();
         let proxy_data = web::Data::from(Arc::clone(&proxy));
+        // Agents' connections end at once when the server stops (see `front::lane`).
+        let stopping = CancellationToken::new();
         let api = front::api_server(
             move || {
                 App::new()
@@ -393,6 +395,7 @@ impl Prepared {
             proxy,
             admission,
             metrics.front.clone(),
+            stopping.clone(),
         )
         .map_err(RunError::Listen)?;
 
@@ -422,6 +425,10 @@ impl Prepared {
 
         shutdown.await;
         tracing::info!("shutting down");
+        // No new connections, then agents' connections told to come back later (a held
+        // check-in answered now, `connection: close`), then the rest given their grace.
+        api_handle.pause().await;
+        stopping.cancel();
         api_handle.stop(true).await;
         metrics_handle.stop(true).await;
         gateway_stop.cancel();

@@ -30,8 +30,15 @@ pub struct Args {
 
     /// Admin API key (header X-API-Key).
     #[arg(long, env = "EDGEPLANE_ADMIN_API_KEY", hide_env_values = true,
-          required_unless_present_any = ["spawn_server", "worker_spec"])]
+          required_unless_present_any = ["spawn_server", "worker_spec", "synthetic_pin"])]
     pub api_key: Option<String>,
+
+    /// No admin API: agents use join keys made up here (environment ids 1..N, random
+    /// secrets), pinning the server certificate of this SHA-256 (hex), for a server that
+    /// answers any check-in, such as a plain TLS server answering 204 (a baseline to compare
+    /// the control plane's cost with). Plain check-ins only.
+    #[arg(long, value_name = "SHA256_HEX", conflicts_with_all = ["spawn_server", "held"])]
+    pub synthetic_pin: Option<String>,
 
     /// Number of simulated agents (one environment each).
     #[arg(long, required_unless_present = "worker_spec")]

@@ -77,6 +77,9 @@ async fn run_against(
     plan: &Plan,
     spawned: Option<&SpawnedServer>,
 ) -> anyhow::Result<Report> {
+    if let Some(pin) = &args.synthetic_pin {
+        return run_synthetic(args, plan, pin).await;
+    }
     let (target, api_key, insecure, pids) = match spawned {
         Some(s) => (s.target.clone(), s.api_key.clone(), true, vec![s.pid]),
         None => (
@@ -116,13 +119,7 @@ async fn run_against(
         Some(url) => Some(redis_info::RedisInfo::connect(url).await?),
         None => None,
     };
-    let timeline_file = match &args.timeline {
-        Some(path) => Some(
-            std::fs::File::create(path)
-                .with_context(|| format!("--timeline {}", path.display()))?,
-        ),
-        None => None,
-    };
+    let timeline_file = open_timeline(args)?;
     let outcome = measure(
         plan,
         &created,
@@ -159,6 +156,63 @@ async fn run_against(
         interval_secs: plan.interval.as_secs(),
         ramp_secs: plan.ramp.as_secs_f64(),
         create_secs,
+        workers: plan.workers,
+        server,
+        redis,
+        target,
+    };
+    Ok(Report::build(&sim, &facts))
+}
+
+/// The `--timeline` file, created.
+fn open_timeline(args: &Args) -> anyhow::Result<Option<std::fs::File>> {
+    args.timeline
+        .as_ref()
+        .map(|path| {
+            std::fs::File::create(path).with_context(|| format!("--timeline {}", path.display()))
+        })
+        .transpose()
+}
+
+/// [`run`] with join keys made up here (`--synthetic-pin`): no admin API, nothing to create
+/// or delete.
+async fn run_synthetic(args: &Args, plan: &Plan, pin: &str) -> anyhow::Result<Report> {
+    let target = args.target.clone().context("--target is required")?;
+    let target_url = url::Url::parse(&target).with_context(|| format!("--target {target:?}"))?;
+    let fingerprint: [u8; 32] = hex::decode(pin.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("--synthetic-pin must be a SHA-256 in hex (64 digits)")?;
+    let created: Vec<admin::CreatedEnvironment> = (1..=plan.agents)
+        .map(|id| admin::CreatedEnvironment {
+            id,
+            edge_key: JoinToken {
+                api_url: target.clone(),
+                tunnel_addr: "127.0.0.1:9".to_owned(),
+                tunnel_fingerprint: fingerprint,
+                endpoint_id: id,
+                secret: proto::token::JoinSecret::generate(),
+            }
+            .encode(),
+        })
+        .collect();
+    let timeline_file = open_timeline(args)?;
+    let (sim, server, redis) = measure(
+        plan,
+        &created,
+        &target_url,
+        args.sources,
+        &args.server_pid,
+        None,
+        timeline_file,
+    )
+    .await?;
+    let facts = RunFacts {
+        mode: "synthetic".to_owned(),
+        held: false,
+        interval_secs: plan.interval.as_secs(),
+        ramp_secs: plan.ramp.as_secs_f64(),
+        create_secs: 0.0,
         workers: plan.workers,
         server,
         redis,

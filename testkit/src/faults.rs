@@ -653,10 +653,32 @@ pub async fn restart(scale: Scale) -> Outcome {
         .unwrap_or(after.clone());
     let (down, never, unread) = watch.worst(ready_ms + scale.interval * 1_000 * 2);
     drop(watch);
+    // What the new process refused, let go or timed out while the fleet came back.
+    let server: serde_json::Map<String, Value> = crate::api::metric_samples(&cp.metrics_url)
+        .await
+        .into_iter()
+        .filter(|(k, v)| {
+            *v > 0.0
+                && [
+                    "edgeplane_api_connections_refused_total",
+                    "edgeplane_connections_evicted_total",
+                    "edgeplane_api_connections_timed_out_total",
+                    "edgeplane_api_pending_bodies_dropped_total",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (k, json!(v)))
+        .collect();
     let report = load.finish().await;
     drop(cp);
 
     let mut problems = Vec::new();
+    if stopped_in > scale.interval() {
+        problems.push(format!(
+            "stopping took {stopped_in:?}, more than an interval (the held check-ins waited)"
+        ));
+    }
     match recovered {
         Some(d) if d <= scale.interval() * 2 => {}
         Some(d) => problems.push(format!("all agents back {d:?} after the restart")),
@@ -693,6 +715,7 @@ pub async fn restart(scale: Scale) -> Outcome {
             "errors_during_restart": at_ready.errors - before.errors,
             "errors_after_ready": after.errors - at_ready.errors,
             "refused": after.refused - before.refused,
+            "server_refusals": server,
             "load_test": {"errors": report["errors"], "errors_by_kind": report["errors_by_kind"]},
         }),
         problems,

@@ -325,6 +325,11 @@ pub struct Timed<S> {
     evicted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     sleep: Option<Pin<Box<Sleep>>>,
     on_timeout: prometheus::IntCounter,
+    /// Completes when the server stops: a connection waiting for its next request head ends
+    /// then (one being served finishes first; its answer says `connection: close`). Polled on
+    /// every read, whatever the phase, so that its waker is in place when it fires.
+    stopping: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    stopped: bool,
 }
 
 impl<S> Timed<S> {
@@ -344,7 +349,16 @@ impl<S> Timed<S> {
             evicted,
             sleep: None,
             on_timeout,
+            stopping: None,
+            stopped: false,
         }
+    }
+
+    /// Ends the connection between requests once `stopping` is cancelled (the server stops:
+    /// kept-alive admin connections go at once instead of after the stop's grace).
+    pub fn until(mut self, stopping: &tokio_util::sync::CancellationToken) -> Self {
+        self.stopping = Some(Box::pin(stopping.clone().cancelled_owned()));
+        self
     }
 
     pub fn clock(&self) -> &Rc<HeadClock> {
@@ -376,7 +390,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for Timed<S> {
                 this.evicted = None;
             }
         }
+        if let Some(stopping) = &mut this.stopping {
+            if stopping.as_mut().poll(cx).is_ready() {
+                this.stopping = None;
+                this.stopped = true;
+            }
+        }
         if let Some(due) = this.clock.due() {
+            if this.stopped {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the server is stopping",
+                )));
+            }
             let sleep = this
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
@@ -602,6 +628,32 @@ mod tests {
         // ... and its end starts the wait for the next head.
         drop(body);
         assert_eq!(clock.due(), Some(Instant::now() + Duration::from_secs(120)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_a_connection_between_requests_not_one_being_served() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let clock = HeadClock::new(Duration::from_secs(120), Duration::from_secs(10));
+        let counter = prometheus::IntCounter::new("t", "t").expect("counter");
+        let admission = gateway::admission::Admission::new(
+            gateway::admission::AdmissionLimits::with_totals(10, None),
+        );
+        let ticket = Arc::new(admission.admit([127, 0, 0, 1].into()).expect("admitted"));
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let mut timed = Timed::new(server, Rc::clone(&clock), ticket, counter).until(&stopping);
+        let mut buf = [0u8; 64];
+        // Being served (a held check-in, a log stream): the stop does not cut it.
+        let stop_then_write = async {
+            tokio::task::yield_now().await;
+            stopping.cancel();
+            client.write_all(b"more").await.expect("write");
+        };
+        let (got, ()) = tokio::join!(timed.read(&mut buf), stop_then_write);
+        assert_eq!(&buf[..got.expect("read while serving")], b"more");
+        // Answered: the next read fails at once, whatever the keep-alive says.
+        clock.answered(Instant::now());
+        let err = timed.read(&mut [0u8; 8]).await.expect_err("stopping");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,6 +49,11 @@ pub(super) struct Lane {
     pub state: web::Data<AppState>,
     pub deadlines: Deadlines,
     pub timed_out: prometheus::IntCounterVec,
+    /// The server is stopping: a held check-in is answered at once (`204`, nothing new) and
+    /// every connection closed after its answer, so a restart takes a moment instead of the
+    /// longest hold, and the agents, answered, come back on their own schedules (spread over
+    /// an interval) instead of all at once after an error.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// How a connection left the lane.
@@ -168,7 +173,11 @@ where
             if buf.capacity() - buf.len() < HEAD_RESERVE / 2 {
                 buf.reserve(HEAD_RESERVE);
             }
-            match tokio::time::timeout_at(due, io.read_buf(&mut buf)).await {
+            let read = tokio::select! {
+                () = lane.stopping.cancelled(), if buf.is_empty() => return LaneEnd::Closed,
+                r = tokio::time::timeout_at(due, io.read_buf(&mut buf)) => r,
+            };
+            match read {
                 Ok(Ok(0) | Err(_)) => return LaneEnd::Closed,
                 Ok(Ok(_)) => {}
                 Err(_) => {
@@ -246,11 +255,17 @@ where
     // With bytes already waiting, or room left by a read that filled the buffer, the peer is
     // not watched (TLS may hold more): this answer comes when it comes.
     let mut watching = buf.is_empty();
+    // (On a connection that proved itself: an unproved one is only let go.)
+    let held = route == AgentRoute::Held;
     loop {
         tokio::select! {
             biased;
             a = &mut answer => return Some(a),
             () = ticket.evicted(), if ticket.is_pending() => return None,
+            // Stopping: a held check-in's answer is nothing new, now.
+            () = lane.stopping.cancelled(), if held => {
+                return (!ticket.is_pending()).then_some(Ok(AgentAnswer::NoContent));
+            }
             r = io.read_buf(buf), if watching => match r {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => watching = false,

@@ -89,6 +89,7 @@ pub fn api_server<F, T, B>(
     proxy: Arc<DockerProxy>,
     admission: Arc<Admission>,
     metrics: FrontMetrics,
+    stopping: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<Server>
 where
     F: Fn() -> App<T> + Send + Clone + 'static,
@@ -113,6 +114,7 @@ where
         state,
         deadlines,
         timed_out: metrics.timed_out.clone(),
+        stopping,
     });
     // One budget for the process: actix's workers are threads of it.
     let bodies = BodyBudget::new(
@@ -133,6 +135,7 @@ where
         .shutdown_timeout(10)
         .disable_signals()
         .listen("api", listener, move || {
+            let stopping = lane.stopping.clone();
             // Each request marks its connection's clock: served from its head on, its next
             // head due once it is answered.
             let app = actix_service::apply_fn_factory(
@@ -142,21 +145,23 @@ where
                         .map_err(|e: actix_web::Error| e.error_response()),
                     |_| AppConfig::default(),
                 ),
-                |req: actix_http::Request, app| {
+                move |req: actix_http::Request, app| {
                     let clock = req.conn_data::<Rc<HeadClock>>().cloned();
                     if let Some(clock) = &clock {
                         clock.serving();
                     }
                     let proof = req.conn_data::<Proof>().cloned();
                     let answer = app.call(req);
+                    let stopping = stopping.clone();
                     async move {
                         let answer = answer.await;
                         // A connection whose request proved nothing (asked once the handler
                         // is done) gets no other: kept alive, it would hold its dispatcher's
-                        // buffers for the keep-alive time on anyone's behalf.
+                        // buffers for the keep-alive time on anyone's behalf. Nor does any
+                        // once the server is stopping.
                         let unproved = proof.is_some_and(|Proof(t)| t.is_pending());
                         let last = |head: &mut actix_http::ResponseHead| {
-                            if unproved {
+                            if unproved || stopping.is_cancelled() {
                                 head.set_connection_type(actix_http::ConnectionType::Close);
                             }
                         };
@@ -444,6 +449,7 @@ async fn serve_other<S>(
         ticket,
         deadlines,
         metrics,
+        lane,
         ..
     } = conn;
     // Still pending: a complete request proves nothing. The request that authenticates (an
@@ -457,7 +463,7 @@ async fn serve_other<S>(
     } else {
         let clock = HeadClock::new(deadlines.keep_alive, deadlines.first_request);
         let on_timeout = metrics.timed_out.with_label_values(&["next_request"]);
-        let io = Timed::new(io, clock, ticket, on_timeout);
+        let io = Timed::new(io, clock, ticket, on_timeout).until(&lane.stopping);
         if let Err(e) = Box::pin(h1.call((io, peer))).await {
             tracing::debug!(peer = ?peer, error = ?e, "api connection ended with an error");
         }

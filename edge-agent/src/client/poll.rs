@@ -172,6 +172,12 @@ struct Prepared {
     uri: Uri,
     body: Vec<u8>,
     answer_limit: usize,
+    /// Whether a kept-alive connection found dead before the answer is replaced at once:
+    /// not for a held check-in, which was in flight for up to an interval, so its connection
+    /// did not die idle under it; the server (or the way to it) went away, under every agent
+    /// at once, and the agent's loop spreads the fleet's retries over an interval instead
+    /// (`retry::after_failure`).
+    replace_stale: bool,
 }
 
 /// A successful (2xx) answer.
@@ -302,7 +308,8 @@ impl PollClient {
 
     /// One check-in on `route`: connect if needed, send, read the answer. A `clock_skew`
     /// refusal is fixed and retried at once (once); a kept-alive connection found dead before
-    /// answering is replaced at once (once); a `replay` refusal (this process never signs the
+    /// answering is replaced at once (once; not under a held check-in, see
+    /// `Prepared::replace_stale`); a `replay` refusal (this process never signs the
     /// same millisecond twice, so another node of the same swarm, one Edge ID and key, signed
     /// the same frame in the same millisecond) is signed again after a pause of 1-4 ms
     /// (once). Times out after [`PollClient::timeout_for`]. A server that does not know held
@@ -375,6 +382,7 @@ impl PollClient {
             uri: self.target.checkin_uri(route).clone(),
             body,
             answer_limit: MAX_CONTROL_FRAME,
+            replace_stale: route != CheckinRoute::Held,
         })
     }
 
@@ -404,6 +412,7 @@ impl PollClient {
             uri: self.target.async_tick.clone(),
             body,
             answer_limit: MAX_ASYNC_ANSWER,
+            replace_stale: true,
         })
     }
 
@@ -441,6 +450,7 @@ impl PollClient {
             uri: self.target.snapshot.clone(),
             body,
             answer_limit: MAX_ERROR_BODY,
+            replace_stale: true,
         })
     }
 
@@ -635,6 +645,7 @@ impl PollClient {
             uri,
             body,
             answer_limit,
+            replace_stale,
         } = prepared;
         let body_len = body.len();
         let mut req = Request::new(Full::new(Bytes::from(body)));
@@ -645,7 +656,7 @@ impl PollClient {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
 
         let response = sender.send_request(req).await.map_err(|e| {
-            let stale = reused && is_dead_connection(&e);
+            let stale = reused && replace_stale && is_dead_connection(&e);
             AttemptError {
                 error: CheckinError::Http(e),
                 stale_reuse: stale,
