@@ -166,35 +166,34 @@ impl EnvActor {
         answer: Answer,
         reply: oneshot::Sender<Result<Reply, CheckinError>>,
         now: u64,
-    ) -> ResponseActFuture<Self, ()> {
+    ) -> Option<ResponseActFuture<Self, ()>> {
         if answer.status == EdgeStatus::Required {
             let (sealed, put) = match self.issue(now) {
                 Ok(x) => x,
                 Err(e) => {
                     self.state.release_grant();
                     self.finish(reply, Err(e));
-                    return Self::done();
+                    return None;
                 }
             };
-            return Box::pin(
-                put.into_actor(self)
-                    .map(move |result, act, _ctx| match result {
-                        Ok(()) => act.finish(
-                            reply,
-                            Ok(Reply {
-                                answer: Answer {
-                                    tunnel: Some(sealed),
-                                    ..answer
-                                },
-                                held: None,
-                            }),
-                        ),
-                        Err(e) => {
-                            act.state.release_grant();
-                            act.finish(reply, Err(e));
-                        }
-                    }),
-            );
+            return Some(Box::pin(put.into_actor(self).map(
+                move |result, act, _ctx| match result {
+                    Ok(()) => act.finish(
+                        reply,
+                        Ok(Reply {
+                            answer: Answer {
+                                tunnel: Some(sealed),
+                                ..answer
+                            },
+                            held: None,
+                        }),
+                    ),
+                    Err(e) => {
+                        act.state.release_grant();
+                        act.finish(reply, Err(e));
+                    }
+                },
+            )));
         }
         let mut answer = answer;
         if kind == CheckinKind::Async {
@@ -212,7 +211,7 @@ impl EnvActor {
             None
         };
         self.finish(reply, Ok(Reply { answer, held }));
-        Self::done()
+        None
     }
 
     fn result_name(r: &Result<Reply, CheckinError>) -> &'static str {
@@ -256,24 +255,26 @@ pub(super) struct CheckinMsg {
 }
 
 impl Handler<CheckinMsg> for EnvActor {
-    // `AtomicResponse`, not `ResponseActFuture`: actix runs the latter with `ctx.spawn`, which
-    // lets the next message in while the bind is in flight (a second first check-in would bind
-    // again, a `Reload` of a reset could be overwritten by a stale outcome). `AtomicResponse`
-    // runs it with `ctx.wait`, so nothing else is handled until the outcome is applied.
-    type Result = AtomicResponse<Self, ()>;
+    // Answers decided from memory (nearly all) are given in the handler itself. The two that
+    // need the store (a first check-in's bind, issuing credentials) run with `ctx.wait`, not
+    // `ctx.spawn`: the latter would let the next message in while the bind is in flight (a
+    // second first check-in would bind again, a `Reload` of a reset could be overwritten by
+    // a stale outcome); with `ctx.wait` nothing else is handled until the outcome is applied.
+    type Result = ();
 
-    fn handle(&mut self, msg: CheckinMsg, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: CheckinMsg, ctx: &mut Self::Context) {
         let default_interval = self.fleet.defaults.checkin();
         let kind = msg.kind;
         match self
             .state
             .checkin_as(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
         {
-            Verdict::Answer(a) => AtomicResponse::new(self.respond(kind, a, msg.reply, msg.now_ms)),
-            Verdict::Refuse(r) => {
-                self.finish(msg.reply, Err(CheckinError::Refused(r)));
-                AtomicResponse::new(Self::done())
+            Verdict::Answer(a) => {
+                if let Some(pending) = self.respond(kind, a, msg.reply, msg.now_ms) {
+                    ctx.wait(pending);
+                }
             }
+            Verdict::Refuse(r) => self.finish(msg.reply, Err(CheckinError::Refused(r))),
             Verdict::Bind(edge_id) => {
                 // First check-in: bind atomically in the store (another replica may race us),
                 // holding this actor's mailbox until the outcome is applied. The proof was
@@ -283,7 +284,7 @@ impl Handler<CheckinMsg> for EnvActor {
                 let id = self.state.id();
                 let join_secret = self.state.join_secret().to_owned();
                 let fut = async move { store.bind_edge_id(id, edge_id, &join_secret).await };
-                AtomicResponse::new(Box::pin(fut.into_actor(self).then(
+                ctx.wait(Box::pin(fut.into_actor(self).then(
                     move |outcome, act, _ctx| {
                         let result = match outcome {
                             Ok(BindOutcome::Bound) => {
@@ -317,14 +318,16 @@ impl Handler<CheckinMsg> for EnvActor {
                             Err(e) => Err(CheckinError::Store(e)),
                         };
                         match result {
-                            Ok(a) => act.respond(kind, a, msg.reply, msg.now_ms),
+                            Ok(a) => act
+                                .respond(kind, a, msg.reply, msg.now_ms)
+                                .unwrap_or_else(Self::done),
                             Err(e) => {
                                 act.finish(msg.reply, Err(e));
                                 Self::done()
                             }
                         }
                     },
-                )))
+                )));
             }
         }
     }
@@ -362,11 +365,13 @@ impl EnvActor {
         reply: oneshot::Sender<Result<Reply, CheckinError>>,
         result: Result<Reply, CheckinError>,
     ) {
-        self.fleet
-            .metrics
-            .checkins
-            .with_label_values(&[Self::result_name(&result)])
-            .inc();
+        let metrics = &self.fleet.metrics;
+        match Self::result_name(&result) {
+            "idle" => metrics.checkins_by_result.idle.inc(),
+            "held" => metrics.checkins_by_result.held.inc(),
+            "required" => metrics.checkins_by_result.required.inc(),
+            other => metrics.checkins.with_label_values(&[other]).inc(),
+        }
         if let Err(CheckinError::Refused(super::Refusal::EdgeIdMismatch)) = &result {
             tracing::warn!(
                 env = self.state.id(),

@@ -20,6 +20,9 @@ pub use agents::{render_agents, AgentStat, AgentStats};
 pub struct Metrics {
     registry: Registry,
     pub checkins: IntCounterVec,
+    /// `checkins` of the results every steady check-in counts, looked up once (a lookup by
+    /// label hashes the label and takes a lock, per check-in), exported from the start.
+    pub checkins_by_result: CheckinResults,
     pub checkin_seconds: Histogram,
     pub actors: IntGauge,
     /// Entries of the environments' held check-in queues, summed: live holds and ended ones
@@ -68,6 +71,13 @@ pub struct AllocatorStats {
 }
 
 type FleetSizesFn = Box<dyn Fn() -> Option<FleetSizes> + Send + Sync>;
+
+/// The counters of [`Metrics::checkins`] for the common results.
+pub struct CheckinResults {
+    pub idle: IntCounter,
+    pub held: IntCounter,
+    pub required: IntCounter,
+}
 
 /// What the fleet keeps per environment besides its actor, counted at scrape time: each is
 /// bounded by the environments known here (or, for `unknown`, by the negative cache).
@@ -229,6 +239,11 @@ impl Metrics {
         }
         Self {
             registry,
+            checkins_by_result: CheckinResults {
+                idle: checkins.with_label_values(&["idle"]),
+                held: checkins.with_label_values(&["held"]),
+                required: checkins.with_label_values(&["required"]),
+            },
             checkins,
             checkin_seconds,
             actors,
