@@ -296,7 +296,13 @@ async fn a_held_check_in_is_let_go_with_its_connection() {
     let cp = ControlPlane::start().await;
     // A minute's interval: the hold would last 59.75 s.
     let mut agent = Agent::new(&cp, 60).await;
-    let open_before = cp.metric("edgeplane_connections_open").await;
+    // The connection that created the environment is closed by its client, but the server
+    // counts it until it sees the close: wait for none to be open.
+    let open_before = 0.0;
+    testkit::eventually(WAIT, "no connection open", || async {
+        (cp.metric("edgeplane_connections_open").await == open_before).then_some(())
+    })
+    .await;
 
     let mut tls = tls_from(LOCAL, api_addr(&cp)).await.unwrap();
     tls.write_all(&agent.request(Route::Checkin, proto::wire::CHECKIN_PATH, 60))
