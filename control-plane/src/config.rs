@@ -68,6 +68,9 @@ pub struct Limits {
     pub max_bulk: usize,
     /// How long a Docker API request waits for the agent to open its tunnel (then 504).
     pub tunnel_wait: Duration,
+    /// How long an engine connection (a tunnel stream) is kept idle for the next Docker call
+    /// to the same environment. An idle one keeps its tunnel open on the agent's side.
+    pub engine_idle: Duration,
     /// Lease of the embedded gateway's tunnel locations and registration.
     pub gateway_lease: Duration,
     /// Connections of the public ports (API and embedded gateway share them): all, per
@@ -99,6 +102,7 @@ impl Default for Limits {
             max_page: 1000,
             max_bulk: 1000,
             tunnel_wait: Duration::from_secs(15),
+            engine_idle: Duration::from_secs(5),
             gateway_lease: Duration::from_secs(15),
             admission: gateway::admission::AdmissionLimits::from_process(),
             first_byte_timeout: gateway::FIRST_BYTE_TIMEOUT,

@@ -7,10 +7,12 @@
 //! the docker CLI opens a fresh connection for every hijack, and points all its calls at one
 //! base path, so its connections are Docker connections from the first byte.
 //!
-//! Per request: check the admin key; refuse async environments; ensure the tunnel (wanted on
-//! every replica, bounded wait, 504 with the reason when the agent does not come); open a
-//! stream through the local or a remote gateway; send the request with hyper's client over
-//! it, streaming both bodies; on `101` splice the two upgraded connections.
+//! Per request: check the admin key; refuse unknown and async environments (from memory once
+//! a call went there: [`Fleet::edge_mode`]); ensure the tunnel (wanted on every replica,
+//! bounded wait, 504 with the reason when the agent does not come); take an idle engine
+//! connection through that tunnel ([`engine_pool`]) or open a stream through the local or a
+//! remote gateway; send the request with hyper's client over it, streaming both bodies; on
+//! `101` splice the two upgraded connections.
 
 use std::io;
 use std::pin::Pin;
@@ -21,17 +23,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gateway::admission::Ticket;
 use gateway::{Dialer, OpenError, TunnelStream};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use proto::clock::now_ms;
 use proto::tunnel::{decode_body, frame_len, StreamOpen, MAX_TUNNEL_FRAME};
-use store::{EdgeMode, EnvId, SharedStore, TunnelLocation};
+use store::{EdgeMode, EnvId, TunnelLocation};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::auth::AdminKeys;
+use crate::engine_pool::{self, EngineBody};
 use crate::error::{ApiError, ProxyError};
 use crate::fleet::{liveness, Fleet, Liveness, TunnelError};
 use crate::metrics::Metrics;
@@ -61,13 +65,14 @@ pub fn engine_target(rest: &str, query: Option<&str>) -> String {
 
 pub struct DockerProxy {
     pub fleet: Arc<Fleet>,
-    pub store: SharedStore,
     pub admin: AdminKeys,
     pub metrics: Arc<Metrics>,
     /// Streams through this process's gateway (embedded mode) or dial sessions to others.
     pub dialer: Arc<Dialer>,
     /// How long a request waits for the agent to open its tunnel.
     pub wait: Duration,
+    /// How long an engine connection is kept idle for the next call ([`engine_pool`]).
+    pub engine_idle: Duration,
 }
 
 impl DockerProxy {
@@ -190,6 +195,12 @@ impl DockerProxy {
     /// demand) and returns the engine's answer, its body still streaming. The caller has
     /// checked the admin key. With `Connection: Upgrade` in `headers` the answer may be `101`;
     /// the engine side of the upgrade is then `hyper::upgrade::on(&mut answer)`.
+    ///
+    /// A call other than an upgrade goes over an idle engine connection of this thread's
+    /// [`engine_pool`] when one is there for the tunnel's epoch, and its connection goes back
+    /// there once the answer is read. A kept connection that turns out dead before the request
+    /// left is replaced by a new one; after, only a request without a body that changes
+    /// nothing (`GET`, `HEAD`) is sent again.
     pub async fn exchange<B>(
         &self,
         id: EnvId,
@@ -199,36 +210,71 @@ impl DockerProxy {
         body: B,
     ) -> Result<Response<Incoming>, ProxyError>
     where
-        B: hyper::body::Body + 'static,
-        B::Data: Send,
+        B: hyper::body::Body<Data = Bytes> + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let env = self
-            .store
-            .get_environment(id)
-            .await?
-            .ok_or(ProxyError::NotFound(id))?;
-        if env.mode == EdgeMode::Async {
-            return Err(ProxyError::Async(id));
+        match self.fleet.edge_mode(id).await? {
+            None => return Err(ProxyError::NotFound(id)),
+            Some(EdgeMode::Async) => return Err(ProxyError::Async(id)),
+            Some(EdgeMode::Standard) => {}
         }
+        let upgrade = is_upgrade(headers);
+        let bodiless = has_no_body(headers);
+        let resendable =
+            !upgrade && matches!(method, hyper::Method::GET | hyper::Method::HEAD) && bodiless;
+        let request = |body: EngineBody| {
+            let mut out = Request::builder()
+                .method(method.clone())
+                .uri(target)
+                .version(hyper::Version::HTTP_11);
+            if let Some(h) = out.headers_mut() {
+                copy_headers(headers, h, upgrade);
+                h.insert(header::HOST, HeaderValue::from_static("docker"));
+            }
+            out.body(body)
+                .map_err(|e| ProxyError::BadRequest(e.to_string()))
+        };
+        // Framing says there is no body: none is sent, whatever the caller's stream would say
+        // (an actix payload's unknown length would go out chunked).
+        let mut out = request(if bodiless {
+            empty_body()
+        } else {
+            Box::pin(body.map_err(Into::into))
+        })?;
+
         let wake = Instant::now();
-        let (loc, stream) = self.connect(id).await?;
+        let loc = self
+            .fleet
+            .ensure_tunnel(id, self.wait, None)
+            .await
+            .map_err(|e| self.tunnel_error(id, e))?;
+        if !upgrade {
+            if let Some(mut sender) =
+                engine_pool::take(id, loc.epoch, self.engine_idle, &self.metrics.engine_idle)
+            {
+                self.metrics
+                    .tunnel_wait_seconds
+                    .observe(wake.elapsed().as_secs_f64());
+                self.metrics.engine_connections_reused.inc();
+                match sender.try_send_request(out).await {
+                    Ok(res) => {
+                        self.give_back(id, loc.epoch, sender);
+                        return Ok(res);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // It never left: send it on a new connection.
+                        Some(unsent) => out = unsent,
+                        None if resendable => out = request(empty_body())?,
+                        None => return Err(from_hyper(id, &loc, e.into_error())),
+                    },
+                }
+            }
+        }
+        let (loc, stream) = self.connect(id, loc).await?;
         self.metrics
             .tunnel_wait_seconds
             .observe(wake.elapsed().as_secs_f64());
-
-        let upgrade = is_upgrade(headers);
-        let mut out = Request::builder()
-            .method(method)
-            .uri(target)
-            .version(hyper::Version::HTTP_11);
-        if let Some(h) = out.headers_mut() {
-            copy_headers(headers, h, upgrade);
-            h.insert(header::HOST, HeaderValue::from_static("docker"));
-        }
-        let out = out
-            .body(body)
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        self.metrics.engine_connections_opened.inc();
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(Opened::new(stream)))
                 .await
@@ -240,20 +286,35 @@ impl DockerProxy {
                 tracing::debug!(error = %e, "tunnel stream to the engine ended with an error");
             }
         });
-        sender
+        let res = sender
             .send_request(out)
             .await
-            .map_err(|e| from_hyper(id, &loc, e))
+            .map_err(|e| from_hyper(id, &loc, e))?;
+        if !upgrade && res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            self.give_back(id, loc.epoch, sender);
+        }
+        Ok(res)
     }
 
-    /// A stream to the agent of `id`: ensures the tunnel, opens a stream where it is; if
-    /// that gateway turns out dead or no longer holds it, waits for a newer tunnel once.
-    async fn connect(&self, id: EnvId) -> Result<(TunnelLocation, TunnelStream), ProxyError> {
-        let loc = self
-            .fleet
-            .ensure_tunnel(id, self.wait, None)
-            .await
-            .map_err(|e| self.tunnel_error(id, e))?;
+    fn give_back(&self, id: EnvId, epoch: u64, sender: SendRequest<EngineBody>) {
+        if !self.engine_idle.is_zero() {
+            engine_pool::give_back(
+                id,
+                epoch,
+                sender,
+                self.engine_idle,
+                self.metrics.engine_idle.clone(),
+            );
+        }
+    }
+
+    /// A stream to the agent of `id` through the tunnel at `loc`; if that gateway turns out
+    /// dead or no longer holds it, waits for a newer tunnel once.
+    async fn connect(
+        &self,
+        id: EnvId,
+        loc: TunnelLocation,
+    ) -> Result<(TunnelLocation, TunnelStream), ProxyError> {
         match self.open(&loc).await {
             Ok(s) => Ok((loc, s)),
             Err(e) => {
@@ -337,6 +398,19 @@ pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, upgrade: bool) {
         }
         to.append(HeaderName::clone(name), value.clone());
     }
+}
+
+fn empty_body() -> EngineBody {
+    Box::pin(Empty::new().map_err(|never| match never {}))
+}
+
+/// Whether a request with `headers` has no body (HTTP/1.1 framing: neither a length above 0
+/// nor a transfer coding).
+fn has_no_body(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
 }
 
 fn empty() -> ProxyBody {

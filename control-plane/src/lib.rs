@@ -13,6 +13,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod directory;
 pub mod docker_proxy;
+pub mod engine_pool;
 pub mod error;
 pub mod fleet;
 pub mod front;
@@ -365,11 +366,11 @@ impl Prepared {
         }
         let proxy = Arc::new(DockerProxy {
             fleet: Arc::clone(&fleet),
-            store: Arc::clone(&store),
             admin: state.admin.clone(),
             metrics: Arc::clone(&metrics),
             dialer: Arc::new(dialer),
             wait: limits.tunnel_wait,
+            engine_idle: limits.engine_idle,
         });
 
         let api_state = state.clone();

@@ -93,6 +93,11 @@ struct Cli {
     /// How long a Docker API request waits for the agent's tunnel before answering 504.
     #[arg(long, env = "EDGEPLANE_TUNNEL_WAIT", default_value = "15s", value_parser = humantime::parse_duration)]
     tunnel_wait: std::time::Duration,
+    /// How long an engine connection through a tunnel is kept idle for the next Docker call
+    /// to the same environment (0: none kept). An idle one keeps its tunnel from counting as
+    /// inactive on the agent (`EDGE_INACTIVITY_TIMEOUT`).
+    #[arg(long, env = "EDGEPLANE_ENGINE_IDLE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    engine_idle_timeout: std::time::Duration,
     /// Connections held at once on the API and tunnel ports together. Default: the open-file
     /// limit less 512.
     #[arg(long, env = "EDGEPLANE_MAX_CONNECTIONS")]
@@ -135,6 +140,7 @@ impl Cli {
             c.limits.workers = w.max(1);
         }
         c.limits.tunnel_wait = self.tunnel_wait;
+        c.limits.engine_idle = self.engine_idle_timeout;
         c.limits.admission = gateway::admission::AdmissionLimits::configured(
             self.max_connections,
             self.max_connections_per_source,

@@ -79,6 +79,30 @@ async fn the_docker_cli_works_through_the_tunnel() {
     );
     let v: Value = r.json().await.unwrap();
     assert!(v["Version"].as_str().is_some(), "{v}");
+
+    // Calls one after the other reuse one engine connection through the tunnel: no stream
+    // opened, no engine connection made on the agent's side per call.
+    let engine_connections = |how: &'static str| {
+        let url = cp.metrics_url.clone();
+        async move {
+            testkit::api::metric(
+                &url,
+                &format!("edgeplane_docker_engine_connections_total{{how=\"{how}\"}}"),
+            )
+            .await
+        }
+    };
+    let (opened, reused) = (
+        engine_connections("opened").await,
+        engine_connections("reused").await,
+    );
+    let client = http();
+    for _ in 0..20 {
+        let (status, body) = testkit::api::docker_get_with(&client, &cp.url, id, "/_ping").await;
+        assert_eq!((status, body.as_str()), (200, "OK"));
+    }
+    assert!(engine_connections("opened").await - opened <= 1.0);
+    assert!(engine_connections("reused").await - reused >= 19.0);
     let out = docker
         .ok(&["run", "--rm", IMAGE, "echo", "hello-through-the-tunnel"])
         .await;
@@ -183,7 +207,20 @@ async fn the_docker_cli_works_through_the_tunnel() {
     let all = docker.ok(&["ps", "-a"]).await;
     assert!(!all.contains("ep-web"), "{all}");
 
-    // Idle: the agent sends a snapshot and closes the tunnel after the inactivity timeout ...
+    // Idle engine connections are let go after `--engine-idle-timeout` (5 s), which lets
+    // the tunnel count as idle ...
+    eventually(
+        Duration::from_secs(15),
+        "idle engine connections let go",
+        || async {
+            (testkit::api::metric(&cp.metrics_url, "edgeplane_docker_engine_connections_idle")
+                .await
+                == 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // ... and the agent sends a snapshot and closes the tunnel after the inactivity timeout ...
     eventually(
         Duration::from_secs(30),
         "tunnel closed after inactivity",

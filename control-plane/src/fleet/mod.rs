@@ -15,7 +15,7 @@ use dashmap::DashMap;
 use parking_lot::RwLock;
 use proto::clock::now_ms;
 use proto::wire::CheckinRequest;
-use store::{Change, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
+use store::{Change, EdgeMode, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
 use tokio::sync::{broadcast, oneshot, Notify};
 
 use crate::config::Limits;
@@ -188,6 +188,9 @@ pub struct Fleet {
     epoch: AtomicU64,
     /// Unknown ids and when to forget them, to refuse probes without a store read each time.
     unknown: DashMap<EnvId, u64>,
+    /// Edge modes of environments that Docker calls went to, so a call through an open tunnel
+    /// reads no store: an entry goes with the environment's change notification.
+    modes: DashMap<EnvId, EdgeMode>,
     pub stats: AgentStats,
     pub defaults: Defaults,
     agent_secret: Option<Arc<str>>,
@@ -204,6 +207,8 @@ pub struct Fleet {
 }
 
 const UNKNOWN_TTL_MS: u64 = 30_000;
+/// Edge modes remembered at most (the cache starts again when full).
+const MAX_MODES: usize = 200_000;
 
 impl Fleet {
     pub fn new(
@@ -232,6 +237,7 @@ impl Fleet {
             actors: DashMap::new(),
             epoch: AtomicU64::new(0),
             unknown: DashMap::new(),
+            modes: DashMap::new(),
             stats: AgentStats::default(),
             defaults: Defaults::new(settings),
             agent_secret: agent_secret.map(Arc::from),
@@ -251,6 +257,7 @@ impl Fleet {
             tunnel_waiters: self.tunnel_waiters.len(),
             wanted: self.wanted.len(),
             unknown: self.unknown.len(),
+            modes: self.modes.len(),
             in_flight: self
                 .actors
                 .iter()
@@ -527,6 +534,35 @@ impl Fleet {
         Ok(handle)
     }
 
+    /// The edge mode of environment `id` (`None`: there is no such environment), for Docker
+    /// calls: from memory when a call went there before and no change arrived since, so a
+    /// call through an open tunnel costs no store read. Unknown ids share the check-ins'
+    /// negative cache.
+    pub async fn edge_mode(&self, id: EnvId) -> Result<Option<EdgeMode>, StoreError> {
+        if let Some(mode) = self.modes.get(&id).map(|m| *m) {
+            return Ok(Some(mode));
+        }
+        let now = now_ms();
+        if self.unknown.get(&id).is_some_and(|until| *until > now) {
+            return Ok(None);
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let Some(env) = self.store.get_environment(id).await? else {
+            self.remember_unknown(id, now);
+            return Ok(None);
+        };
+        if self.modes.len() >= MAX_MODES {
+            self.modes.clear();
+        }
+        self.modes.insert(id, env.mode);
+        // A change that arrived during the read found nothing to remove: the entry may be
+        // older than it, so it goes (inserted first, checked after, no window between).
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            self.modes.remove(&id);
+        }
+        Ok(Some(env.mode))
+    }
+
     /// Remembers an unknown id; when the cache is full, expired entries go first, then all
     /// (a flood of distinct ids must not push every probe through to the store).
     fn remember_unknown(&self, id: EnvId, now: u64) {
@@ -622,10 +658,12 @@ impl Fleet {
             Change::Environment(id) => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.unknown.remove(id);
+                self.modes.remove(id);
                 self.reload(*id).await;
             }
             Change::EnvironmentDeleted(id) => {
                 self.epoch.fetch_add(1, Ordering::AcqRel);
+                self.modes.remove(id);
                 self.stats.forget(*id);
                 self.tunnels.remove(id);
                 self.wanted.remove(id);
@@ -644,6 +682,7 @@ impl Fleet {
                 // the settings, every live actor and the tunnel view may be stale.
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.tunnels.clear();
+                self.modes.clear();
                 match self.store.settings().await {
                     Ok(s) => self.defaults.set(&s),
                     Err(e) => tracing::warn!(error = %e, "cannot reload settings"),

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     pub docker_requests: IntCounterVec,
     pub tunnel_wait_seconds: Histogram,
+    /// Docker calls that opened an engine connection (a tunnel stream) and that reused one.
+    pub engine_connections_opened: IntCounter,
+    pub engine_connections_reused: IntCounter,
+    /// Engine connections kept idle for the next call (`engine_pool`).
+    pub engine_idle: IntGauge,
     /// Async snapshot reports by kind (`full`, `delta`, `unchanged`) and outcome (`stored`,
     /// `need_full`, `bad`).
     pub async_snapshots: IntCounterVec,
@@ -91,6 +96,8 @@ pub struct FleetSizes {
     pub wanted: usize,
     /// The negative cache of unknown environment ids.
     pub unknown: usize,
+    /// Edge modes of environments that Docker calls went to.
+    pub modes: usize,
     /// Check-ins (and uploads) inside an actor's in-flight slots, summed over environments.
     pub in_flight: usize,
 }
@@ -172,6 +179,18 @@ impl Metrics {
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
         ));
+        let engine_connections = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_docker_engine_connections_total",
+                "Docker calls by how they reached the engine: over a new tunnel stream and \
+                 engine connection (opened) or an idle one kept from a call before (reused)",
+            ),
+            &["how"],
+        ));
+        let engine_idle = must(IntGauge::new(
+            "edgeplane_docker_engine_connections_idle",
+            "Engine connections (each a tunnel stream) kept idle for the next Docker call",
+        ));
         let async_snapshots = must(IntCounterVec::new(
             Opts::new(
                 "edgeplane_async_snapshot_reports_total",
@@ -226,6 +245,8 @@ impl Metrics {
             Box::new(async_commands.clone()),
             Box::new(docker_requests.clone()),
             Box::new(tunnel_wait_seconds.clone()),
+            Box::new(engine_connections.clone()),
+            Box::new(engine_idle.clone()),
             Box::new(checkin_seconds.clone()),
             Box::new(actors.clone()),
             Box::new(held_checkins.clone()),
@@ -255,6 +276,9 @@ impl Metrics {
             admin_requests,
             docker_requests,
             tunnel_wait_seconds,
+            engine_connections_opened: engine_connections.with_label_values(&["opened"]),
+            engine_connections_reused: engine_connections.with_label_values(&["reused"]),
+            engine_idle,
             async_snapshots,
             async_commands,
             front: crate::front::FrontMetrics {
@@ -314,15 +338,16 @@ impl Metrics {
         if let Some(f) = self.fleet.lock().as_ref().and_then(|sizes| sizes()) {
             let _ = writeln!(
                 text,
-                "# HELP edgeplane_fleet_entries Entries of the fleet's per-environment maps besides the actors: tunnels (open, as reported), tunnel_waiters (environments with proxy requests waiting), wanted (tunnel wishes), unknown (negative cache)\n\
+                "# HELP edgeplane_fleet_entries Entries of the fleet's per-environment maps besides the actors: tunnels (open, as reported), tunnel_waiters (environments with proxy requests waiting), wanted (tunnel wishes), unknown (negative cache), modes (of environments Docker calls went to)\n\
                  # TYPE edgeplane_fleet_entries gauge\n\
                  edgeplane_fleet_entries{{map=\"tunnels\"}} {}\n\
                  edgeplane_fleet_entries{{map=\"tunnel_waiters\"}} {}\n\
                  edgeplane_fleet_entries{{map=\"wanted\"}} {}\n\
                  edgeplane_fleet_entries{{map=\"unknown\"}} {}\n\
+                 edgeplane_fleet_entries{{map=\"modes\"}} {}\n\
                  # HELP edgeplane_fleet_checkins_in_flight Check-ins and uploads holding one of their environment's in-flight slots, summed\n\
                  # TYPE edgeplane_fleet_checkins_in_flight gauge\nedgeplane_fleet_checkins_in_flight {}",
-                f.tunnels, f.tunnel_waiters, f.wanted, f.unknown, f.in_flight
+                f.tunnels, f.tunnel_waiters, f.wanted, f.unknown, f.modes, f.in_flight
             );
         }
         let allocator = *self.allocator.lock();
@@ -409,6 +434,7 @@ mod tests {
             tunnel_waiters: 2,
             wanted: 3,
             unknown: 4,
+            modes: 6,
             in_flight: 5,
         })));
         let read = Arc::clone(&sizes);
@@ -420,6 +446,7 @@ mod tests {
             ("edgeplane_fleet_entries{map=\"tunnel_waiters\"}", 2.0),
             ("edgeplane_fleet_entries{map=\"wanted\"}", 3.0),
             ("edgeplane_fleet_entries{map=\"unknown\"}", 4.0),
+            ("edgeplane_fleet_entries{map=\"modes\"}", 6.0),
             ("edgeplane_fleet_checkins_in_flight", 5.0),
             ("edgeplane_fleet_held_checkins", 7.0),
         ] {
