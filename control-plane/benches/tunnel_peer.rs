@@ -11,13 +11,14 @@
 //!   through edgeplane (HTTPS to the control plane, then the tunnel), interleaved so all see
 //!   the same machine; the overhead is each p50 less the direct p50. CPU per request: the
 //!   tunnel's processes (control plane and agent; rathole's server and client) over the loop,
-//!   divided by the requests (each process serves only its side's requests). The API front
-//!   alone: `GET` of an unknown environment's `_ping` (404) on its own kept-alive connection.
+//!   divided by the requests (each process serves only its side's requests). Then the API
+//!   front alone: `GET` of an unknown environment's `_ping` (404) on its own kept-alive
+//!   connection, as many, latency and the control plane's CPU.
 //! - bulk: one `GET /bulk?bytes=N` at a time through each, alternating, the best of the runs
 //!   (MB/s) and the tunnel processes' CPU per GB.
 //! - what the agent's side leaves behind: sockets in `TIME_WAIT` towards the engine's port.
 //!
-//! Settings (`PEER_<NAME>` or `--name value`): `PINGS` (5000), `BYTES` (1073741824),
+//! Settings (`PEER_<NAME>` or `--name value`): `PINGS` (20000), `BYTES` (1073741824),
 //! `BULK_RUNS` (3). Prints a summary and, as the last line, one JSON object with every figure
 //! (also written to `bench-results/tunnel-peer.json`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -219,7 +220,7 @@ fn main() {
         return;
     }
     let given = testkit::bench::settings("PEER_");
-    let pings = testkit::bench::number(&given, "pings", 5000) as usize;
+    let pings = testkit::bench::number(&given, "pings", 20000) as usize;
     let bytes = testkit::bench::number(&given, "bytes", 1 << 30);
     let bulk_runs = testkit::bench::number(&given, "bulk_runs", 3) as usize;
     let rathole = std::env::var("RATHOLE").unwrap_or_else(|_| "rathole".to_owned());
@@ -287,18 +288,30 @@ fn main() {
 
         let engine_port = engine.port();
         let tw_before = time_wait_towards(engine_port);
-        let (mut d, mut o, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut d, mut o, mut r) = (Vec::new(), Vec::new(), Vec::new());
         let (o0, r0) = (cpu(&ours), cpu(&rathole_pids));
+        let (cp0, agent0) = (cpu(&ours[..1]), cpu(&ours[1..]));
         let started = Instant::now();
         for _ in 0..pings {
             d.push(ping(&c_direct, &direct_url, 200).await);
             o.push(ping(&c_ours, &via_ours, 200).await);
             r.push(ping(&c_rathole, &via_rathole, 200).await);
-            f.push(ping(&c_front, &missing, 404).await);
         }
         let elapsed = started.elapsed().as_secs_f64();
         let (o_cpu, r_cpu) = (cpu(&ours) - o0, cpu(&rathole_pids) - r0);
+        let per_request = |s: f64| round3(s / pings as f64 * 1e6);
+        let cpu_split = json!({
+            "control_plane": per_request(cpu(&ours[..1]) - cp0),
+            "agent": per_request(cpu(&ours[1..]) - agent0),
+        });
         let time_wait = time_wait_towards(engine_port).saturating_sub(tw_before);
+        // The API front alone, on its own (its CPU is not the tunnel's).
+        let mut f = Vec::new();
+        let f0 = cpu(&ours[..1]);
+        for _ in 0..pings {
+            f.push(ping(&c_front, &missing, 404).await);
+        }
+        let front_cpu_us = round3((cpu(&ours[..1]) - f0) / pings as f64 * 1e6);
         let (ds, os, rs_, fs) = (summary(d), summary(o), summary(r), summary(f));
         let p50 = |v: &Value| v["p50_ms"].as_f64().unwrap();
         let over_ours = round3((p50(&os) - p50(&ds)) * 1e3);
@@ -308,14 +321,17 @@ fn main() {
         println!("small requests: {pings} sequential GET /_ping each, interleaved, {elapsed:.1} s");
         println!("  direct to the engine:  p50 {} ms, p99 {} ms", ds["p50_ms"], ds["p99_ms"]);
         println!(
-            "  through edgeplane:     p50 {} ms, p99 {} ms (+{over_ours} µs p50), CPU {cpu_ours_us} µs per request",
-            os["p50_ms"], os["p99_ms"]
+            "  through edgeplane:     p50 {} ms, p99 {} ms (+{over_ours} µs p50), CPU {cpu_ours_us} µs per request (control plane {}, agent {})",
+            os["p50_ms"], os["p99_ms"], cpu_split["control_plane"], cpu_split["agent"]
         );
         println!(
             "  through rathole:       p50 {} ms, p99 {} ms (+{over_rathole} µs p50), CPU {cpu_rathole_us} µs per request",
             rs_["p50_ms"], rs_["p99_ms"]
         );
-        println!("  edgeplane's API front alone (404): p50 {} ms, p99 {} ms", fs["p50_ms"], fs["p99_ms"]);
+        println!(
+            "  edgeplane's API front alone (404, on its own): p50 {} ms, p99 {} ms, CPU {front_cpu_us} µs per request",
+            fs["p50_ms"], fs["p99_ms"]
+        );
         println!("  sockets left in TIME_WAIT towards the engine: {time_wait}");
 
         // Bulk, alternating; the best run of each.
@@ -364,9 +380,10 @@ fn main() {
         cp.stop();
         json!({
             "pings": pings,
-            "direct": ds, "edgeplane": os, "rathole": rs_, "edgeplane_front_404": fs,
+            "direct": ds, "edgeplane": os, "rathole": rs_, "edgeplane_front_404": fs, "edgeplane_front_404_cpu_us": front_cpu_us,
             "overhead_p50_us": {"edgeplane": over_ours, "rathole": over_rathole},
             "cpu_per_request_us": {"edgeplane": cpu_ours_us, "rathole": cpu_rathole_us},
+            "edgeplane_cpu_per_request_us": cpu_split,
             "time_wait_towards_engine": time_wait,
             "engine_connections": {"opened": opened, "reused": reused},
             "bulk_bytes": bytes,

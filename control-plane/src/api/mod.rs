@@ -218,6 +218,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .wrap(from_fn(auth::require_admin_key))
             // Outermost: counts refusals by the key check too, and only admin requests.
             .wrap(from_fn(count_requests))
+            // First: the busiest route, and every pattern tried before a match is a regex
+            // run (patterns with a segment are; their paths never overlap this one's).
+            .route(
+                "/endpoints/{id}/docker{tail:(/.*)?}",
+                web::route().to(docker::proxy),
+            )
             .service(
                 web::resource("/endpoints")
                     .route(web::get().to(endpoints::list))
@@ -244,10 +250,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 web::resource("/endpoints/{id}/commands")
                     .route(web::get().to(commands::list))
                     .route(web::post().to(commands::queue)),
-            )
-            .route(
-                "/endpoints/{id}/docker{tail:(/.*)?}",
-                web::route().to(docker::proxy),
             )
             .configure(catalog::configure)
             .route("/openapi.json", web::get().to(openapi::document))
