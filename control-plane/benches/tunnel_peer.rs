@@ -75,23 +75,6 @@ async fn ping(c: &reqwest::Client, url: &str, expect: u16) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }
 
-/// Reads one `GET` answer to the end: (bytes, seconds).
-async fn bulk(c: &reqwest::Client, url: &str) -> (u64, f64) {
-    let t0 = Instant::now();
-    let mut r = c
-        .get(url)
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .expect("bulk");
-    assert_eq!(r.status(), 200, "{url}");
-    let mut n = 0u64;
-    while let Some(chunk) = r.chunk().await.expect("bulk body") {
-        n += chunk.len() as u64;
-    }
-    (n, t0.elapsed().as_secs_f64())
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -344,7 +327,8 @@ fn main() {
                 (&bulk_rathole, &c_rathole, &rathole_pids[..], &mut best_r),
             ] {
                 let c0 = cpu(pids);
-                let (n, secs) = bulk(c, url).await;
+                let (n, took) = testkit::bench::get_to_end(c, url).await;
+                let secs = took.as_secs_f64();
                 assert_eq!(n, bytes);
                 let mbps = n as f64 / secs / 1e6;
                 let cpu_per_gb = (cpu(pids) - c0) / (n as f64 / 1e9);

@@ -126,6 +126,24 @@ pub fn threads(pid: u32) -> Option<usize> {
         .ok()
 }
 
+/// Reads one `GET` answer (200 expected, the admin key sent) to the end: body bytes, and the
+/// time from sending to the last byte.
+pub async fn get_to_end(c: &reqwest::Client, url: &str) -> (u64, std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    let mut r = c
+        .get(url)
+        .header("X-API-Key", crate::ADMIN_KEY)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 200, "{url}");
+    let mut n = 0u64;
+    while let Some(chunk) = r.chunk().await.expect("body") {
+        n += chunk.len() as u64;
+    }
+    (n, t0.elapsed())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,23 +67,6 @@ pub(crate) async fn overhead_phase(
 // ---------------------------------------------------------------------------------------------
 // Phase 3: throughput
 
-/// Reads one `GET` answer to the end; returns (body bytes, time from send to last byte).
-pub(crate) async fn bulk(c: &reqwest::Client, url: &str) -> (u64, Duration) {
-    let t0 = Instant::now();
-    let mut r = c
-        .get(url)
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .expect("bulk");
-    assert_eq!(r.status(), 200, "{url}");
-    let mut n = 0u64;
-    while let Some(chunk) = r.chunk().await.expect("bulk body") {
-        n += chunk.len() as u64;
-    }
-    (n, t0.elapsed())
-}
-
 pub(crate) async fn throughput_phase(
     s: &Settings,
     cp: &ControlPlane,
@@ -97,7 +80,7 @@ pub(crate) async fn throughput_phase(
     );
     let to_engine = format!("http://{engine}/bulk?bytes={}", s.bytes);
     // Warm: tunnel open, connection up.
-    let _ = bulk(
+    let _ = testkit::bench::get_to_end(
         &c,
         &format!("{}/api/endpoints/{id}/docker/bulk?bytes=1048576", cp.url),
     )
@@ -106,11 +89,11 @@ pub(crate) async fn throughput_phase(
     let mut proxied = Vec::new();
     let mut cpu = Vec::new();
     for _ in 0..s.bulk_runs {
-        let (n, t) = bulk(&c, &to_engine).await;
+        let (n, t) = testkit::bench::get_to_end(&c, &to_engine).await;
         assert_eq!(n, s.bytes, "direct body length");
         direct.push(mb_per_s(n, t));
         let before = thread_cpu();
-        let (n, t) = bulk(&c, &via_tunnel).await;
+        let (n, t) = testkit::bench::get_to_end(&c, &via_tunnel).await;
         let after = thread_cpu();
         assert_eq!(n, s.bytes, "proxied body length");
         proxied.push(mb_per_s(n, t));
