@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use serde_json::{json, Value};
 use testkit::agent::AgentProcess;
-use testkit::bench::{cpu_seconds, on_thread};
+use testkit::bench::{cpu_seconds, get_ms as ping, on_thread};
+use testkit::stats::{round3, summary};
 use testkit::{free_port, CpProcess, ADMIN_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -60,37 +61,6 @@ fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client")
-}
-
-async fn ping(c: &reqwest::Client, url: &str, expect: u16) -> f64 {
-    let t0 = Instant::now();
-    let r = c
-        .get(url)
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .expect("ping");
-    assert_eq!(r.status().as_u16(), expect, "{url}");
-    let _ = r.bytes().await.expect("ping body");
-    t0.elapsed().as_secs_f64() * 1e3
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn summary(mut v: Vec<f64>) -> Value {
-    v.sort_by(f64::total_cmp);
-    json!({
-        "p50_ms": round3(percentile(&v, 0.5)),
-        "p99_ms": round3(percentile(&v, 0.99)),
-        "mean_ms": round3(v.iter().sum::<f64>() / v.len() as f64),
-    })
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 fn cpu(pids: &[u32]) -> f64 {
@@ -295,7 +265,7 @@ fn main() {
             f.push(ping(&c_front, &missing, 404).await);
         }
         let front_cpu_us = round3((cpu(&ours[..1]) - f0) / pings as f64 * 1e6);
-        let (ds, os, rs_, fs) = (summary(d), summary(o), summary(r), summary(f));
+        let (ds, os, rs_, fs) = (summary(&d), summary(&o), summary(&r), summary(&f));
         let p50 = |v: &Value| v["p50_ms"].as_f64().unwrap();
         let over_ours = round3((p50(&os) - p50(&ds)) * 1e3);
         let over_rathole = round3((p50(&rs_) - p50(&ds)) * 1e3);

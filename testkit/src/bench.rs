@@ -144,6 +144,20 @@ pub async fn get_to_end(c: &reqwest::Client, url: &str) -> (u64, std::time::Dura
     (n, t0.elapsed())
 }
 
+/// One `GET` (the admin key sent, `expect` the status) read to the end: milliseconds.
+pub async fn get_ms(c: &reqwest::Client, url: &str, expect: u16) -> f64 {
+    let t0 = std::time::Instant::now();
+    let r = c
+        .get(url)
+        .header("X-API-Key", crate::ADMIN_KEY)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), expect, "{url}");
+    let _ = r.bytes().await.expect("body");
+    crate::stats::ms(t0.elapsed())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,18 +14,7 @@ pub(crate) async fn overhead_phase(
     let via_tunnel = format!("{}/api/endpoints/{id}/docker/_ping", cp.url);
     let missing = format!("{}/api/endpoints/999999/docker/_ping", cp.url);
     let to_engine = format!("http://{engine}/_ping");
-    async fn ping(c: &reqwest::Client, url: &str, expect: u16) -> f64 {
-        let t0 = Instant::now();
-        let r = c
-            .get(url)
-            .header("X-API-Key", ADMIN_KEY)
-            .send()
-            .await
-            .expect("ping");
-        assert_eq!(r.status().as_u16(), expect, "{url}");
-        let _ = r.bytes().await.expect("ping body");
-        ms(t0.elapsed())
-    }
+    use testkit::bench::get_ms as ping;
     // Warm-up: the first proxied ping opens the tunnel; connections and caches get warm.
     for _ in 0..200 {
         ping(&proxied, &via_tunnel, 200).await;

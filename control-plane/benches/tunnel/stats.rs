@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub(crate) use testkit::stats::{line, ms, round3, summary};
+pub(crate) use testkit::stats::{line, round3, summary};
 
 pub(crate) fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     (bytes as f64 / 1e6 / d.as_secs_f64() * 10.0).round() / 10.0
