@@ -25,15 +25,10 @@ const TAGS: u64 = 20;
 const BULK: u64 = 1000;
 
 async fn admin(client: &reqwest::Client, cp: &CpProcess, path: &str, body: Value) -> Value {
-    let r = client
-        .post(cp.api(path))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
+    let (status, answer) =
+        testkit::api::admin_json(client, reqwest::Method::POST, &cp.api(path), &body).await;
+    assert!(status.is_success(), "{path}: {status}");
+    answer
 }
 
 /// Times `n` GETs of `path`: the samples (ms) and the last answer's total count (or body).

@@ -6,15 +6,7 @@ use serde_json::{json, Value};
 use testkit::{http, ControlPlane, ADMIN_KEY};
 
 async fn post(cp: &ControlPlane, path: &str, body: Value) -> (StatusCode, Value) {
-    let r = http()
-        .post(cp.api(path))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
+    testkit::api::admin_json(&http(), reqwest::Method::POST, &cp.api(path), &body).await
 }
 
 async fn get(cp: &ControlPlane, path: &str) -> (StatusCode, Value, Option<String>) {

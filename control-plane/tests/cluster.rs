@@ -12,23 +12,6 @@ use testkit::RedisServer;
 use testkit::{eventually, http, ControlPlane, ADMIN_KEY};
 use uuid::Uuid;
 
-/// Replicas share one certificate (its fingerprint is in every join key), as in production.
-async fn replica(redis: &RedisServer, tls: Option<&ControlPlane>) -> ControlPlane {
-    let url = redis.url();
-    let files = tls.map(|first| control_plane::config::TlsSource::Files {
-        cert: first.data_dir.join("tls-cert.pem"),
-        key: first.data_dir.join("tls-key.pem"),
-    });
-    ControlPlane::start_with(move |c| {
-        c.redis_url = Some(url);
-        if let Some(files) = files {
-            c.tls = files;
-        }
-        c.limits.heartbeat_flush = Duration::from_millis(200);
-    })
-    .await
-}
-
 async fn env(cp: &ControlPlane, id: u64) -> Value {
     testkit::get_env(&cp.url, id).await
 }
@@ -60,8 +43,8 @@ async fn until_refused(client: &mut PollClient, want: RefusalCode, what: &str) {
 #[actix_web::test]
 async fn changes_on_one_replica_reach_agents_at_another() {
     let redis = RedisServer::start();
-    let a = replica(&redis, None).await;
-    let b = replica(&redis, Some(&a)).await;
+    let a = ControlPlane::replica(&redis, None).await;
+    let b = ControlPlane::replica(&redis, Some(&a)).await;
 
     let r = http()
         .post(a.api("/api/endpoints"))

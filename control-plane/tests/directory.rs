@@ -13,32 +13,10 @@ use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn replica(redis: &RedisServer, tls: Option<&ControlPlane>) -> ControlPlane {
-    let url = redis.url();
-    let files = tls.map(|first| control_plane::config::TlsSource::Files {
-        cert: first.data_dir.join("tls-cert.pem"),
-        key: first.data_dir.join("tls-key.pem"),
-    });
-    ControlPlane::start_with(move |c| {
-        c.redis_url = Some(url);
-        if let Some(files) = files {
-            c.tls = files;
-        }
-        c.limits.heartbeat_flush = Duration::from_millis(200);
-    })
-    .await
-}
-
 async fn admin(cp: &ControlPlane, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let r = http()
-        .request(method, cp.api(path))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap_or(Value::Null)
+    let (status, answer) = testkit::api::admin_json(&http(), method, &cp.api(path), &body).await;
+    assert!(status.is_success(), "{path}: {status}");
+    answer
 }
 
 /// The ids a list answers, and its `X-Total-Count`.
@@ -76,8 +54,8 @@ async fn summary(cp: &ControlPlane) -> Value {
 #[actix_web::test]
 async fn lists_and_counts_follow_changes_and_check_ins_on_every_replica() {
     let redis = RedisServer::start();
-    let a = replica(&redis, None).await;
-    let b = replica(&redis, Some(&a)).await;
+    let a = ControlPlane::replica(&redis, None).await;
+    let b = ControlPlane::replica(&redis, Some(&a)).await;
 
     let group = admin(
         &a,

@@ -27,6 +27,25 @@ pub fn http_with_timeout(timeout: Duration) -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// An admin request with a JSON body: the status and the JSON answer (`Null` when the answer
+/// is not JSON).
+pub async fn admin_json(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: &Value,
+) -> (reqwest::StatusCode, Value) {
+    let r = client
+        .request(method, url)
+        .header("X-API-Key", ADMIN_KEY)
+        .json(body)
+        .send()
+        .await
+        .expect("admin request");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
 /// `GET /api/endpoints/{id}` on the control plane at `base_url`, as JSON.
 pub async fn get_env(base_url: &str, id: u64) -> Value {
     get_env_with(&http(), base_url, id)

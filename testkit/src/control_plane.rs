@@ -225,6 +225,24 @@ impl ControlPlane {
         Self::builder().configure(tweak).start().await
     }
 
+    /// A replica on `redis` (heartbeats flushed every 200 ms); with `tls`, sharing that
+    /// replica's certificate (its fingerprint is in every join key), as in production.
+    pub async fn replica(redis: &crate::RedisServer, tls: Option<&ControlPlane>) -> Self {
+        let url = redis.url();
+        let files = tls.map(|first| TlsSource::Files {
+            cert: first.data_dir.join("tls-cert.pem"),
+            key: first.data_dir.join("tls-key.pem"),
+        });
+        Self::start_with(move |c| {
+            c.redis_url = Some(url);
+            if let Some(files) = files {
+                c.tls = files;
+            }
+            c.limits.heartbeat_flush = Duration::from_millis(200);
+        })
+        .await
+    }
+
     /// Starts on an existing data dir (restart tests).
     pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config) + Send + 'static) -> Self {
         Self::builder().in_dir(dir).configure(tweak).start().await

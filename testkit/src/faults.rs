@@ -126,6 +126,21 @@ impl Load {
     }
 
     /// The timeline so far.
+    /// [`Self::start`], then waits until every agent is connected (within the ramp and two
+    /// minutes) and for three intervals more, so every agent holds a check-in on its replica.
+    pub async fn steady(target: &str, scale: Scale, run: Duration) -> Self {
+        let load = Self::start(target, scale, run);
+        let n = scale.agents as i64;
+        load.until(
+            scale.ramp + Duration::from_secs(120),
+            "every agent connected",
+            |p| p.connected == n,
+        )
+        .await;
+        tokio::time::sleep(scale.interval() * 3).await;
+        load
+    }
+
     pub fn points(&self) -> Vec<Point> {
         read_points(&self.timeline)
     }
@@ -325,16 +340,8 @@ pub async fn replica_kill(scale: Scale, replicas: usize) -> Outcome {
         procs.push(node.replica().await);
     }
     let run = scale.ramp + scale.observe * 2 + Duration::from_secs(10);
-    let load = Load::start(&node.url(), scale, run);
+    let load = Load::steady(&node.url(), scale, run).await;
     let n = scale.agents as i64;
-    load.until(
-        scale.ramp + Duration::from_secs(120),
-        "every agent connected",
-        |p| p.connected == n,
-    )
-    .await;
-    // A few intervals of steady state, so every agent holds a check-in on its replica.
-    tokio::time::sleep(scale.interval() * 3).await;
     let bound_before = bound(&node.redis_url).await;
     let watch = Watch::start(procs[0].url.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -426,15 +433,7 @@ pub async fn redis_outage(scale: Scale, outage: Duration) -> Outcome {
     let mut node = Node::new(&redis);
     let procs = [node.replica().await, node.replica().await];
     let run = scale.ramp + outage + scale.observe * 2 + Duration::from_secs(20);
-    let load = Load::start(&node.url(), scale, run);
-    let n = scale.agents as i64;
-    load.until(
-        scale.ramp + Duration::from_secs(120),
-        "every agent connected",
-        |p| p.connected == n,
-    )
-    .await;
-    tokio::time::sleep(scale.interval() * 3).await;
+    let load = Load::steady(&node.url(), scale, run).await;
 
     // Commands queued for an async environment before the outage.
     let client = http();
@@ -616,15 +615,8 @@ pub async fn restart(scale: Scale) -> Outcome {
     let args = ["--tunnel-addr", tunnel.as_str()];
     let cp = CpProcess::spawn_at(dir.path(), port, &args).await;
     let run = scale.ramp + scale.observe * 2 + Duration::from_secs(20);
-    let load = Load::start(&cp.url, scale, run);
+    let load = Load::steady(&cp.url, scale, run).await;
     let n = scale.agents as i64;
-    load.until(
-        scale.ramp + Duration::from_secs(120),
-        "every agent connected",
-        |p| p.connected == n,
-    )
-    .await;
-    tokio::time::sleep(scale.interval() * 3).await;
     let before = load.last().expect("a point");
     let stop_at = Instant::now();
     let stopped_ms = proto::clock::now_ms();
