@@ -22,6 +22,10 @@ use crate::metrics::{kind, result};
 use crate::server::{store_call, EndReason, Gateway, Tunnel, WRITE_TIMEOUT};
 use crate::MAX_STREAMS_PER_SESSION;
 
+/// Frames the gateway writes in a row leave as one TLS record of at most this much (a
+/// record's plaintext limit): a small Docker call's header and body, one write instead of two.
+const COALESCE_BYTES: usize = 16 * 1024;
+
 const BAD_CREDENTIALS_MSG: &str = "unknown, already used or expired tunnel credentials";
 const STORE_DOWN_MSG: &str = "tunnel gateway cannot reach its store; try again later";
 
@@ -247,7 +251,7 @@ impl Gateway {
         let mux::Session {
             opener,
             mut inbound,
-        } = mux::spawn(tls, Mode::Client);
+        } = mux::spawn_coalescing(tls, Mode::Client, COALESCE_BYTES);
         let control = tokio::select! {
             () = self.stopping() => None,
             r = tokio::time::timeout(self.config().handshake_timeout, inbound.recv()) => r.ok().flatten(),

@@ -247,6 +247,113 @@ where
     spawn(tokio::io::BufWriter::with_capacity(capacity, io), mode)
 }
 
+/// Like [`spawn`], with a write buffer that exists only while it holds bytes
+/// ([`Coalesce`]): a frame's header and body, and frames yamux writes in a row, leave as one
+/// TLS record and one `write`, and an idle session keeps no buffer. For gateways, which hold
+/// many idle tunnels.
+pub fn spawn_coalescing<T>(io: T, mode: Mode, capacity: usize) -> Session
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    spawn(Coalesce::new(io, capacity), mode)
+}
+
+/// A write buffer allocated when bytes arrive and released once they are written out (on
+/// flush, or when the next write would not fit). Writes of `capacity` bytes or more pass
+/// through once the buffer is empty. Reads pass through.
+#[derive(Debug)]
+pub struct Coalesce<W> {
+    inner: W,
+    buf: Vec<u8>,
+    /// How much of `buf` is written out already.
+    written: usize,
+    capacity: usize,
+}
+
+impl<W> Coalesce<W> {
+    pub fn new(inner: W, capacity: usize) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            written: 0,
+            capacity,
+        }
+    }
+
+    /// Bytes held, not yet written out.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.written
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Coalesce<W> {
+    /// Writes out what is held, then lets the buffer go.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.buf.len() {
+            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..]) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.buf = Vec::new();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Coalesce<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.buffered() + data.len() > this.capacity {
+            match this.poll_drain(cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other.map(|r| r.map(|()| 0)),
+            }
+        }
+        if data.len() >= this.capacity {
+            return Pin::new(&mut this.inner).poll_write(cx, data);
+        }
+        if this.buf.capacity() == 0 {
+            this.buf.reserve_exact(this.capacity);
+        }
+        this.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Coalesce<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
 /// Starts a yamux session over `io` on a new tokio task. The session ends when the peer closes
 /// or fails, or on [`Opener::close`]; then every stream fails and [`Opener::closed`] completes.
 pub fn spawn<T>(io: T, mode: Mode) -> Session
@@ -595,5 +702,68 @@ mod tests {
             gateway.await.unwrap(),
             ControlEnd::PeerClosing(CloseReason::Inactive)
         );
+    }
+    /// Records each `write` it gets, taking at most `per_write` bytes of each.
+    struct Writes {
+        writes: Vec<Vec<u8>>,
+        per_write: usize,
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = data.len().min(self.per_write);
+            self.writes.push(data[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn coalesced_writes_leave_together_and_the_buffer_goes_with_them() {
+        let mut w = Coalesce::new(
+            Writes {
+                writes: Vec::new(),
+                per_write: usize::MAX,
+            },
+            64,
+        );
+        w.write_all(b"header-12b").await.unwrap();
+        w.write_all(b"body").await.unwrap();
+        assert!(w.inner.writes.is_empty(), "held until flushed");
+        w.flush().await.unwrap();
+        assert_eq!(w.inner.writes, vec![b"header-12bbody".to_vec()]);
+        assert_eq!(w.buf.capacity(), 0, "no buffer while idle");
+
+        // Over the capacity: what is held goes first, then a large write passes through.
+        w.write_all(b"small").await.unwrap();
+        w.write_all(&[7u8; 100]).await.unwrap();
+        assert_eq!(w.inner.writes.len(), 3);
+        assert_eq!(w.inner.writes[1], b"small".to_vec());
+        assert_eq!(w.inner.writes[2], vec![7u8; 100]);
+    }
+
+    #[tokio::test]
+    async fn partial_writes_of_the_buffer_lose_nothing() {
+        let mut w = Coalesce::new(
+            Writes {
+                writes: Vec::new(),
+                per_write: 3,
+            },
+            64,
+        );
+        w.write_all(b"abcdefgh").await.unwrap();
+        w.write_all(b"ij").await.unwrap();
+        w.shutdown().await.unwrap();
+        assert_eq!(w.inner.writes.concat(), b"abcdefghij".to_vec());
+        assert_eq!(w.buffered(), 0);
     }
 }
