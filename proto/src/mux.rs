@@ -322,9 +322,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Coalesce<W> {
         if data.len() >= this.capacity {
             return Pin::new(&mut this.inner).poll_write(cx, data);
         }
-        if this.buf.capacity() == 0 {
-            this.buf.reserve_exact(this.capacity);
-        }
+        // Grown as needed, not reserved whole: a small call's frames take a few hundred
+        // bytes, and an allocation of the whole capacity (and its release at every flush) is
+        // an allocator's slow path.
         this.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
