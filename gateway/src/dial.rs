@@ -1,5 +1,6 @@
 //! The control-plane side of dial sessions: TLS (pinned to the gateway certificate's
-//! fingerprint) + `Hello::Dial` + yamux to a separate gateway, one session per `dial_addr`.
+//! fingerprint) + `Hello::Dial` + yamux to a separate gateway: one session per `dial_addr`,
+//! more (up to [`MAX_DIAL_SESSIONS`]) while the open ones are full.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use proto::tunnel::{DialRequest, Hello, HelloAnswer, HANDSHAKE_TIMEOUT};
 use rustls::pki_types::ServerName;
 use store::{SharedTunnelStore, StoreError, TunnelLocation};
 use tokio::net::TcpStream;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::server::Gateway;
@@ -43,9 +44,15 @@ struct DialSession {
     streams: Arc<Semaphore>,
 }
 
-/// One slot per `dial_addr`; its async lock is held while (re)connecting, so concurrent
-/// callers share one new session instead of each dialling.
-type Slot = Arc<tokio::sync::Mutex<Option<DialSession>>>;
+/// Dial sessions one replica keeps to one gateway at most. Each carries
+/// [`MAX_STREAMS_PER_SESSION`] streams at once, so together about 3,800: the Docker calls in
+/// flight plus the idle engine connections kept for the next call, across every tunnel the
+/// gateway holds (a fleet-wide operation touches hundreds of them at once).
+pub const MAX_DIAL_SESSIONS: usize = 16;
+
+/// The sessions to one `dial_addr`; its async lock is held while one is picked and while a
+/// new one connects, so concurrent callers share a new session instead of each dialling.
+type Slot = Arc<tokio::sync::Mutex<Vec<DialSession>>>;
 
 /// Opens streams to agents whose tunnels other gateways hold (see the module docs).
 pub struct Dialer {
@@ -90,19 +97,19 @@ impl Dialer {
             }
         }
         let slot = self.slot(&loc.dial_addr);
-        let session = self.session(&slot, &loc.dial_addr, None).await?;
-        match open_on(&session, loc).await {
+        let (session, permit) = self.session(&slot, &loc.dial_addr, None).await?;
+        match open_on(&session, permit, loc).await {
             Err(OpenError::Closed) => {
-                let session = self
+                let (session, permit) = self
                     .session(&slot, &loc.dial_addr, Some(session.id))
                     .await?;
-                open_on(&session, loc).await
+                open_on(&session, permit, loc).await
             }
             other => other,
         }
     }
 
-    /// Drops the session to `dial_addr` (if any), so the next stream dials anew. For callers
+    /// Drops the sessions to `dial_addr` (if any), so the next stream dials anew. For callers
     /// that saw a stream time out: a gateway that vanished without closing its connection is
     /// otherwise only noticed when TCP gives up.
     pub fn discard_session(&self, dial_addr: &str) {
@@ -111,50 +118,60 @@ impl Dialer {
             return;
         };
         // A slot locked right now is being (re)connected: that session is fresh anyway.
-        let Ok(mut session) = slot.try_lock() else {
+        let Ok(mut sessions) = slot.try_lock() else {
             return;
         };
-        if let Some(s) = session.take() {
+        for s in sessions.drain(..) {
             s.opener.close();
         }
     }
 
-    /// Dial sessions currently open (for tests and metrics).
+    /// Dial sessions currently open, to every gateway (for tests and metrics).
     pub fn open_sessions(&self) -> usize {
         let slots: Vec<Slot> = self.sessions.lock().values().cloned().collect();
         slots
             .iter()
-            .filter(|s| {
-                s.try_lock()
-                    .is_ok_and(|s| s.as_ref().is_some_and(|s| !s.opener.is_closed()))
-            })
-            .count()
+            .filter_map(|s| s.try_lock().ok())
+            .map(|s| s.iter().filter(|s| !s.opener.is_closed()).count())
+            .sum()
     }
 
     fn slot(&self, addr: &str) -> Slot {
         Arc::clone(self.sessions.lock().entry(addr.to_owned()).or_default())
     }
 
-    /// The live session in `slot`, or a new one. `failed`: the session that just failed us,
-    /// which is replaced even if it still looks alive (unless another caller replaced it
-    /// meanwhile).
+    /// A live session in `slot` with room for a stream, and that room: the first that has
+    /// some (so streams gather on few sessions), else a new session while there are fewer than
+    /// [`MAX_DIAL_SESSIONS`], else [`OpenError::Busy`]. `failed`: the session that just failed
+    /// us, which is dropped even if it still looks alive.
     async fn session(
         &self,
         slot: &Slot,
         addr: &str,
         failed: Option<u64>,
-    ) -> Result<DialSession, OpenError> {
-        let mut guard = slot.lock().await;
-        if let Some(s) = guard.take() {
-            if !s.opener.is_closed() && failed != Some(s.id) {
-                *guard = Some(s.clone());
-                return Ok(s);
+    ) -> Result<(DialSession, OwnedSemaphorePermit), OpenError> {
+        let mut sessions = slot.lock().await;
+        sessions.retain(|s| {
+            let keep = !s.opener.is_closed() && failed != Some(s.id);
+            if !keep {
+                s.opener.close();
             }
-            s.opener.close();
+            keep
+        });
+        for s in sessions.iter() {
+            if let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() {
+                return Ok((s.clone(), permit));
+            }
+        }
+        if sessions.len() >= MAX_DIAL_SESSIONS {
+            return Err(OpenError::Busy);
         }
         let session = self.connect(addr).await?;
-        *guard = Some(session.clone());
-        Ok(session)
+        let permit = Arc::clone(&session.streams)
+            .try_acquire_owned()
+            .map_err(|_| OpenError::Busy)?;
+        sessions.push(session.clone());
+        Ok((session, permit))
     }
 
     async fn secret(&self) -> Result<[u8; 32], OpenError> {
@@ -230,10 +247,11 @@ impl Dialer {
     }
 }
 
-async fn open_on(session: &DialSession, loc: &TunnelLocation) -> Result<TunnelStream, OpenError> {
-    let permit = Arc::clone(&session.streams)
-        .try_acquire_owned()
-        .map_err(|_| OpenError::Busy)?;
+async fn open_on(
+    session: &DialSession,
+    permit: OwnedSemaphorePermit,
+    loc: &TunnelLocation,
+) -> Result<TunnelStream, OpenError> {
     let mut stream = session.opener.open().await?;
     let req = DialRequest {
         endpoint_id: loc.env,

@@ -87,7 +87,7 @@ use std::time::Duration;
 use admission::Admission;
 
 pub use agent::{check_grant, GrantRefusal};
-pub use dial::Dialer;
+pub use dial::{Dialer, MAX_DIAL_SESSIONS};
 pub use metrics::GatewayMetrics;
 pub use server::Gateway;
 pub use stream::TunnelStream;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::admission::{Admission, AdmissionCounts, AdmissionLimits};
-use gateway::{pinned_client_config, Dialer, Gateway, GatewayConfig, OpenError};
+use gateway::{
+    pinned_client_config, Dialer, Gateway, GatewayConfig, OpenError, MAX_STREAMS_PER_SESSION,
+};
 use proto::mux::{self, ControlEnd, Mode, Opener};
 use proto::tunnel::{CloseReason, Hello, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal};
 use rustls::pki_types::ServerName;
@@ -785,6 +787,35 @@ async fn at_its_tunnel_limit_the_gateway_refuses_without_burning_credentials() {
         let _agent = TestAgent::connect(h.addr(), h.fingerprint, env, edge_id, token)
             .await
             .expect_accepted();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dial_session_is_joined_by_another_one() {
+    bounded(async {
+        let h = Harness::start().await;
+        let (env_a, _agent_a) = h.open_tunnel().await;
+        let (env_b, _agent_b) = h.open_tunnel().await;
+        let loc_a = h.location(env_a).await.unwrap();
+        let loc_b = h.location(env_b).await.unwrap();
+        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store) as _);
+
+        // One session carries as many streams as it may, all to one tunnel...
+        let mut held = Vec::new();
+        for _ in 0..MAX_STREAMS_PER_SESSION {
+            held.push(dialer.open_stream(&loc_a).await.unwrap());
+        }
+        assert_eq!(dialer.open_sessions(), 1);
+        // ...so streams to another tunnel of the same gateway go on a second session instead
+        // of being refused as busy.
+        for _ in 0..20 {
+            let mut s = dialer.open_stream(&loc_b).await.unwrap();
+            roundtrip(&mut s, b"on the second session").await;
+        }
+        assert_eq!(dialer.open_sessions(), 2);
+        assert_eq!(h.handshakes("dial", "accepted"), 2);
+        drop(held);
     })
     .await;
 }
