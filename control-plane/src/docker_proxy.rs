@@ -317,6 +317,11 @@ impl DockerProxy {
     ) -> Result<(TunnelLocation, TunnelStream), ProxyError> {
         match self.open(&loc).await {
             Ok(s) => Ok((loc, s)),
+            // The tunnel is fine, only full: waiting for a new one would not help.
+            Err(OpenError::Busy) => Err(ProxyError::Busy(format!(
+                "the tunnel of environment {id} (through gateway {}) carries too many streams at once; try again",
+                loc.gateway_id
+            ))),
             Err(e) => {
                 tracing::info!(env = id, gateway = %loc.gateway_id, epoch = loc.epoch, error = %e,
                     "tunnel location is stale; waiting for a new tunnel");
@@ -453,6 +458,10 @@ fn error_response(e: ProxyError) -> Response<ProxyBody> {
     if e.closes_connection() {
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(secs) = e.retry_after() {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     res
 }

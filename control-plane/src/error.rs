@@ -94,6 +94,10 @@ pub enum ProxyError {
     /// The tunnel or its gateway failed.
     #[error("{0}")]
     BadGateway(String),
+    /// The tunnel, or this replica's sessions to its gateway, carry as many streams as they
+    /// may right now.
+    #[error("{0}")]
+    Busy(String),
     /// The agent could not reach its engine.
     #[error("{0}")]
     EngineUnreachable(String),
@@ -146,7 +150,7 @@ impl ApiError {
                 ProxyError::BadRequest(_) => 400,
                 ProxyError::Timeout(_) => 504,
                 ProxyError::BadGateway(_) | ProxyError::EngineUnreachable(_) => 502,
-                ProxyError::Store(_) => 503,
+                ProxyError::Store(_) | ProxyError::Busy(_) => 503,
             },
         }
     }
@@ -167,6 +171,7 @@ impl ApiError {
                 ProxyError::BadRequest(_) => RefusalCode::BadRequest.kind(),
                 ProxyError::Timeout(_) => "tunnel_timeout",
                 ProxyError::BadGateway(_) => "tunnel_failed",
+                ProxyError::Busy(_) => "tunnel_busy",
                 ProxyError::EngineUnreachable(_) => "engine_unreachable",
                 ProxyError::Store(_) => "store_unavailable",
             }),
@@ -182,7 +187,11 @@ impl ApiError {
 
     /// Seconds to come back after, for load shedding.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, Self::Unavailable(_)).then_some(1)
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Proxy(ProxyError::Busy(_))
+        )
+        .then_some(1)
     }
 
     /// Whether the connection must close after this answer (the wrong kind of connection).
@@ -372,5 +381,10 @@ mod tests {
         let e = ApiError::from(ProxyError::Misdirected);
         assert_eq!((e.status(), e.code()), (421, Some("misdirected")));
         assert!(e.closes_connection());
+        let e = ApiError::from(ProxyError::Busy("full".into()));
+        assert_eq!(
+            (e.status(), e.code(), e.retry_after()),
+            (503, Some("tunnel_busy"), Some(1))
+        );
     }
 }

@@ -298,7 +298,7 @@ impl Fleet {
     /// The location of `id`'s tunnel, opening it if needed: tells every replica the tunnel is
     /// wanted (the one holding the agent's check-in answers it) and waits at most `wait` for a
     /// gateway to report it open. A location with an epoch `<= stale` is not good enough (the
-    /// caller found it dead).
+    /// caller found it dead): every replica is told that one is closed.
     pub async fn ensure_tunnel(
         self: &Arc<Self>,
         id: EnvId,
@@ -306,6 +306,15 @@ impl Fleet {
         stale: Option<u64>,
     ) -> Result<TunnelLocation, TunnelError> {
         let fresh = |loc: &TunnelLocation| stale.is_none_or(|e| loc.epoch > e);
+        if let Some(epoch) = stale {
+            // The caller found that tunnel dead or gone. A gateway that died says nothing, and
+            // an actor that still thinks it open would never hand out credentials again.
+            let closed = Change::TunnelClosed { env: id, epoch };
+            self.apply(&closed).await;
+            if let Err(e) = self.store.publish(closed).await {
+                tracing::warn!(env = id, error = %e, "cannot tell other replicas a tunnel is gone");
+            }
+        }
         if let Some(loc) = self.tunnels.get(&id).map(|l| l.clone()).filter(fresh) {
             return Ok(loc);
         }
@@ -504,12 +513,19 @@ impl Fleet {
                 return Err(e.into());
             }
         };
-        let state = state::EnvState::new(&env, self.agent_secret.as_deref()).map_err(|e| {
+        let mut state = state::EnvState::new(&env, self.agent_secret.as_deref()).map_err(|e| {
             CheckinError::Broken {
                 id,
                 reason: e.to_string(),
             }
         })?;
+        // What this replica heard before the environment had an actor here: an open tunnel,
+        // or an operator waiting for one (its notification found no actor to tell).
+        if let Some(epoch) = self.tunnels.get(&id).map(|l| l.epoch) {
+            state.set_open(Some(epoch));
+        } else if let Some(until) = self.wanted.get(&id).map(|u| *u) {
+            state.want_tunnel(until);
+        }
         let mut started = false;
         let handle = self
             .actors
