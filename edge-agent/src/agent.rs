@@ -88,6 +88,7 @@ where
         tls: tls::tunnel_config(config.token.tunnel_fingerprint)?,
         docker,
         inactivity_timeout: config.inactivity_timeout,
+        local_addr: None,
     };
     let slot = Arc::new(CredentialSlot::default());
     let stop = CancellationToken::new();

@@ -610,6 +610,7 @@ async fn a_gateway_with_another_certificate_gets_no_hello() {
         // The handshake alone: a precise error, and nothing sent after TLS.
         let err = edge_agent::tunnel::handshake(
             &gw.addr.to_string(),
+            None,
             &edge_agent::tls::tunnel_config(token.tunnel_fingerprint).expect("tls"),
             &Hello::Agent {
                 endpoint_id: id,

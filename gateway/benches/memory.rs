@@ -291,7 +291,7 @@ async fn open_tunnel(
         edge_id,
         token,
     };
-    let established = edge_agent::tunnel::handshake(addr, tls, &hello)
+    let established = edge_agent::tunnel::handshake(addr, None, tls, &hello)
         .await
         .with_context(|| format!("tunnel of environment {env}"))?;
     let mux::Session { opener, inbound } = mux::spawn(established.stream, Mode::Server);

@@ -66,6 +66,18 @@ pub struct Args {
     #[arg(long)]
     pub held: bool,
 
+    /// Agents also keep the real agent's tunnel (`edge_agent::tunnel::supervise`): when the
+    /// control plane asks for it (an operator's Docker call), an agent opens it to a gateway,
+    /// comes back through another when it is lost, and carries its streams to this engine
+    /// (a DOCKER_HOST: `tcp://127.0.0.1:2375`, `unix:///run/podman/podman.sock`). With --held.
+    #[arg(long, value_name = "DOCKER_HOST", requires = "held")]
+    pub tunnel_engine: Option<String>,
+
+    /// The agents' EDGE_INACTIVITY_TIMEOUT with --tunnel-engine, seconds: an open tunnel
+    /// without streams this long is closed by its agent.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub tunnel_inactivity: u64,
+
     /// Write the JSON report here (otherwise it goes to stdout after the summary).
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -130,6 +142,15 @@ pub struct Plan {
     pub held: bool,
     /// `--mode async`.
     pub async_mode: bool,
+    /// `--tunnel-engine`: agents keep tunnels.
+    pub tunnels: Option<Tunnels>,
+}
+
+/// Agents keep tunnels to `engine` (a `DOCKER_HOST`), closed after `inactivity` without streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnels {
+    pub engine: String,
+    pub inactivity: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -149,6 +170,8 @@ pub enum PlanError {
     },
     #[error("--workers {0} is more than --agents")]
     MoreWorkersThanAgents(u32),
+    #[error("--tunnel-engine: {0}")]
+    TunnelEngine(String),
 }
 
 impl Args {
@@ -187,6 +210,20 @@ impl Args {
             });
         }
         let ramp = self.ramp.unwrap_or_else(|| self.interval.min(10));
+        let tunnels = match &self.tunnel_engine {
+            Some(engine) => {
+                edge_agent::docker::DockerHost::parse(engine)
+                    .map_err(|e| PlanError::TunnelEngine(e.to_string()))?;
+                if self.tunnel_inactivity == 0 {
+                    return Err(PlanError::Zero("tunnel-inactivity"));
+                }
+                Some(Tunnels {
+                    engine: engine.clone(),
+                    inactivity: Duration::from_secs(self.tunnel_inactivity),
+                })
+            }
+            None => None,
+        };
         Ok(Plan {
             agents,
             duration: Duration::from_secs(duration),
@@ -195,6 +232,7 @@ impl Args {
             workers,
             held: self.held,
             async_mode: self.mode == Mode::Async,
+            tunnels,
         })
     }
 }
@@ -242,6 +280,7 @@ mod tests {
                 workers: 1,
                 held: false,
                 async_mode: false,
+                tunnels: None,
             }
         );
         let mut full = BASE.to_vec();
@@ -299,6 +338,35 @@ mod tests {
         assert!(parse(&args).unwrap().plan().unwrap().async_mode);
         args.push("--held");
         assert_eq!(parse(&args).unwrap().plan(), Err(PlanError::HeldAsync));
+    }
+
+    #[test]
+    fn tunnels_need_held_check_ins_and_a_valid_engine() {
+        let mut args = BASE.to_vec();
+        args.extend(["--tunnel-engine", "tcp://127.0.0.1:2375"]);
+        assert!(parse(&args).is_err(), "--tunnel-engine without --held");
+        args.push("--held");
+        let p = parse(&args).unwrap().plan().unwrap();
+        assert_eq!(
+            p.tunnels,
+            Some(Tunnels {
+                engine: "tcp://127.0.0.1:2375".into(),
+                inactivity: Duration::from_secs(300),
+            })
+        );
+        args.extend(["--tunnel-inactivity", "0"]);
+        assert_eq!(
+            parse(&args).unwrap().plan(),
+            Err(PlanError::Zero("tunnel-inactivity"))
+        );
+        let mut bad = BASE.to_vec();
+        bad.extend(["--held", "--tunnel-engine", "ftp://engine"]);
+        let err = parse(&bad).unwrap().plan().unwrap_err();
+        assert!(
+            matches!(&err, PlanError::TunnelEngine(m) if !m.is_empty()),
+            "{err}"
+        );
+        assert!(parse(&BASE).unwrap().plan().unwrap().tunnels.is_none());
     }
 
     #[test]

@@ -279,6 +279,11 @@ async fn measure(
             first_index: 0,
             held: plan.held,
             async_mode: plan.async_mode,
+            tunnel_engine: plan.tunnels.as_ref().map(|t| t.engine.clone()),
+            tunnel_inactivity_ms: plan
+                .tunnels
+                .as_ref()
+                .map_or(0, |t| t.inactivity.as_millis() as u64),
         };
         worker::run_workers(worker::split(&keys, plan.workers, &base), progress_slots).await
     } else {
@@ -300,6 +305,7 @@ async fn measure(
                 first_index: 0,
                 held: plan.held,
                 async_mode: plan.async_mode,
+                tunnels: plan.tunnels.clone(),
             },
             live,
         )

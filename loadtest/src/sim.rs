@@ -15,17 +15,23 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use edge_agent::client::{agent_info, AsyncTick};
+use edge_agent::docker::{DockerClient, DockerHost};
+use edge_agent::home::Home;
 use edge_agent::retry::{after_failure, retry_delay, Backoff};
+use edge_agent::tunnel::{self, CredentialSlot, TunnelSettings};
 use edge_agent::{ByteCounters, CheckinRoute, PollClient, PollOptions};
 use hdrhistogram::Histogram;
 use parking_lot::{Mutex, MutexGuard};
 use proto::async_mode::SnapshotReport;
+use proto::seal::SealKey;
 use proto::snapshot::{Container, EngineInfo, Snapshot, COMPOSE_PROJECT_LABEL};
 use proto::JoinToken;
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
+use crate::cli::Tunnels;
 use crate::report::{new_latency_histogram, SimResult};
 
 /// When things happen, shared by every agent (and every worker process).
@@ -62,6 +68,8 @@ pub struct SimPlan {
     pub held: bool,
     /// Async agents (see [`async_loop`]).
     pub async_mode: bool,
+    /// Held agents keep the real agent's tunnel too (see [`simulate`]).
+    pub tunnels: Option<Tunnels>,
 }
 
 /// How much shorter than the interval the server holds an idle held check-in
@@ -208,11 +216,22 @@ pub fn loopback_sources(target_host: &str, k: u8) -> Vec<IpAddr> {
     (1..=k).map(|i| IpAddr::from([127, 0, 0, i])).collect()
 }
 
-/// Runs the agents of `plan` until the end of its timeline.
+/// Runs the agents of `plan` until the end of its timeline. With [`SimPlan::tunnels`], each
+/// agent also runs the real agent's tunnel supervisor: credentials from its check-ins open a
+/// tunnel to a gateway (from the agent's source address), whose streams go to the engine.
 pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResult> {
     let agents = plan.tokens.len();
     // One TLS configuration per server certificate: shares parsed roots and resumption cache.
     let mut tls: HashMap<[u8; 32], Arc<rustls::ClientConfig>> = HashMap::new();
+    let mut tunnel_tls: HashMap<[u8; 32], Arc<rustls::ClientConfig>> = HashMap::new();
+    let engine = match &plan.tunnels {
+        Some(t) => {
+            Some(DockerHost::parse(&t.engine).with_context(|| "--tunnel-engine".to_owned())?)
+        }
+        None => None,
+    };
+    let stop_tunnels = CancellationToken::new();
+    let mut supervisors = Vec::new();
     let mut counters = Vec::with_capacity(agents);
     let mut tasks = Vec::with_capacity(agents);
     let ramp = plan
@@ -229,14 +248,48 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
                 c
             }
         };
-        let mut options = PollOptions::new(uuid::Uuid::new_v4());
+        let edge_id = uuid::Uuid::new_v4();
+        let mut options = PollOptions::new(edge_id);
         options.local_addr = source_for(&plan.sources, index);
         options.tls_config = Some(config);
         options.initial_interval = plan.interval;
         options.agent_info = agent_info(format!("lt-agent-{index}"));
         counters.push(options.counters.clone());
+        let local_addr = options.local_addr;
         let client = PollClient::new(token, options)
             .with_context(|| format!("agent {index}: cannot build its client"))?;
+        let slot = match (&plan.tunnels, &engine) {
+            (Some(t), Some(docker)) if !plan.async_mode => {
+                let tls = match tunnel_tls.get(&token.tunnel_fingerprint) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = edge_agent::tls::tunnel_config(token.tunnel_fingerprint)?;
+                        tunnel_tls.insert(token.tunnel_fingerprint, c.clone());
+                        c
+                    }
+                };
+                let settings = TunnelSettings {
+                    endpoint_id: token.endpoint_id,
+                    edge_id,
+                    seal: SealKey::derive(&token.secret, &edge_id),
+                    default_gateway: token.tunnel_addr.clone(),
+                    tls,
+                    docker: docker.clone(),
+                    inactivity_timeout: t.inactivity,
+                    local_addr,
+                };
+                let home = Arc::new(Home::new(&client, DockerClient::new(docker.clone())));
+                let slot = Arc::new(CredentialSlot::default());
+                supervisors.push(tokio::spawn(tunnel::supervise(
+                    settings,
+                    home,
+                    slot.clone(),
+                    stop_tunnels.clone(),
+                )));
+                Some(slot)
+            }
+            _ => None,
+        };
         let offset_ms = u64::try_from(ramp.as_millis()).unwrap_or(u64::MAX);
         let first = plan.timeline.start
             + Duration::from_millis(rand::thread_rng().gen_range(0..offset_ms.max(1)));
@@ -253,6 +306,7 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
                 first,
                 plan.timeline,
                 plan.held,
+                slot,
                 live.clone(),
             )));
         }
@@ -271,6 +325,13 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
         // A panicked agent task is a bug worth seeing, but not worth losing the run for.
         if let Err(e) = task.await {
             tracing::error!(error = %e, "agent task failed");
+        }
+    }
+    // Tunnels close with `Closing(Shutdown)`, as when an agent stops.
+    stop_tunnels.cancel();
+    for task in supervisors {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "tunnel supervisor failed");
         }
     }
 
@@ -305,12 +366,14 @@ fn sum_bytes(counters: &[Arc<ByteCounters>]) -> (u64, u64) {
 
 /// One agent: first check-in at `first`, then every interval the server asks for, with the
 /// agent's own retry policy on errors, until the end of the timeline. `held`: held check-ins
-/// once settled, scheduled from their send time (see the module docs).
+/// once settled, scheduled from their send time (see the module docs). `tunnel`: where tunnel
+/// credentials go (the agent's tunnel supervisor).
 async fn agent_loop(
     mut client: PollClient,
     first: Instant,
     timeline: Timeline,
     held: bool,
+    tunnel: Option<Arc<CredentialSlot>>,
     live: Arc<Live>,
 ) {
     let mut backoff = Backoff::default();
@@ -335,7 +398,13 @@ async fn agent_loop(
         let done = Instant::now();
         let steady = started >= timeline.ramp_end && done <= timeline.end;
         match result {
-            Ok(outcome) => {
+            Ok(mut outcome) => {
+                // An answer that brings credentials ends its hold early on purpose.
+                let credentials = outcome.tunnel.take();
+                let asked = credentials.is_some();
+                if let (Some(slot), Some(sealed)) = (&tunnel, credentials) {
+                    slot.put(sealed);
+                }
                 if let Some(conn) = outcome.connection {
                     if !connected_once {
                         live.handshake_bytes_sum
@@ -353,7 +422,7 @@ async fn agent_loop(
                     let took = done - started;
                     let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
                     lock(&live.latency_us).saturating_record(us.max(1));
-                    if route == CheckinRoute::Held {
+                    if route == CheckinRoute::Held && !asked {
                         if took + EARLY_TOLERANCE < hold {
                             live.held_early.fetch_add(1, Ordering::Relaxed);
                         } else {

@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::cli::Tunnels;
 use crate::report::{SimResult, SimResultWire};
 use crate::sim::{self, Live, Progress, SimPlan, Timeline};
 
@@ -39,6 +40,11 @@ pub struct WorkerSpec {
     /// `--mode async`.
     #[serde(default)]
     pub async_mode: bool,
+    /// `--tunnel-engine` (with `--tunnel-inactivity`): agents keep tunnels.
+    #[serde(default)]
+    pub tunnel_engine: Option<String>,
+    #[serde(default)]
+    pub tunnel_inactivity_ms: u64,
 }
 
 /// One line of worker output.
@@ -86,6 +92,10 @@ pub async fn run_worker(spec_path: &Path) -> anyhow::Result<()> {
         first_index: spec.first_index,
         held: spec.held,
         async_mode: spec.async_mode,
+        tunnels: spec.tunnel_engine.map(|engine| Tunnels {
+            engine,
+            inactivity: Duration::from_millis(spec.tunnel_inactivity_ms),
+        }),
     };
     let live = Arc::new(Live::default());
     let reporter = {
@@ -213,6 +223,8 @@ mod tests {
             first_index: 0,
             held: true,
             async_mode: false,
+            tunnel_engine: None,
+            tunnel_inactivity_ms: 0,
         }
     }
 

@@ -2,12 +2,14 @@
 //! then the one-time credentials in a hello and the gateway's answer, all within the
 //! handshake timeout; `open_any` tries the gateways the credentials name, in order.
 
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use proto::mux::{read_frame, write_frame};
 use proto::tunnel::{Hello, HelloAnswer, HANDSHAKE_TIMEOUT};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -35,18 +37,42 @@ fn server_name(addr: &str) -> Option<ServerName<'static>> {
     ServerName::try_from(host.to_owned()).ok()
 }
 
-/// Opens a tunnel connection to the gateway at `addr` (`host:port`) and presents `hello`.
-/// `tls` must pin the gateway certificate ([`crate::tls::tunnel_config`]): on a mismatch
-/// nothing is sent after the TLS handshake.
+/// TCP to `addr`, from `local` when given (and of the same family).
+async fn connect(addr: &str, local: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address found");
+    for remote in tokio::net::lookup_host(addr).await? {
+        let socket = if remote.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if local.is_ipv4() == remote.is_ipv4() {
+            socket.bind(SocketAddr::new(local, 0))?;
+        }
+        match socket.connect(remote).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Opens a tunnel connection to the gateway at `addr` (`host:port`), from `local` when given,
+/// and presents `hello`. `tls` must pin the gateway certificate
+/// ([`crate::tls::tunnel_config`]): on a mismatch nothing is sent after the TLS handshake.
 pub async fn handshake(
     addr: &str,
+    local: Option<IpAddr>,
     tls: &Arc<rustls::ClientConfig>,
     hello: &Hello,
 ) -> Result<Established, TunnelError> {
     let name = server_name(addr).ok_or_else(|| TunnelError::BadAddress {
         addr: addr.to_owned(),
     })?;
-    let tcp = match tokio::time::timeout(GATEWAY_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+    let tcp = match tokio::time::timeout(GATEWAY_CONNECT_TIMEOUT, connect(addr, local)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(source)) => {
             return Err(TunnelError::Connect {
@@ -130,7 +156,7 @@ pub(super) async fn open_any(
     };
     let mut errors = Vec::new();
     for addr in gateways {
-        match handshake(addr, &settings.tls, &hello).await {
+        match handshake(addr, settings.local_addr, &settings.tls, &hello).await {
             Ok(established) => return Ok(established),
             Err(e) => {
                 let next = e.try_next();

@@ -18,6 +18,7 @@
 //! This module holds what they share: the settings, the constants, the errors and why a
 //! tunnel ended.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ pub struct TunnelSettings {
     pub tls: Arc<rustls::ClientConfig>,
     pub docker: DockerHost,
     pub inactivity_timeout: Duration,
+    /// Local address to bind before connecting to a gateway (load tests spread agents over
+    /// 127.0.0.0/8); `None`: the system's choice.
+    pub local_addr: Option<IpAddr>,
 }
 
 /// Why a tunnel could not be opened through one gateway. Each names the gateway and says
