@@ -5,9 +5,10 @@
 //!     scripts/faults                                   # all, 10,000 agents
 //!     FAULTS_ONLY=replica_kill,restart FAULTS_AGENTS=15000 cargo bench -p control-plane --bench faults
 //!
-//! Settings (`FAULTS_<NAME>` or `--name`): `only` (replica_kill, redis_outage, restart),
-//! `agents` (10000), `interval` (5 s), `ramp` (20 s), `observe` (30 s: how long the fleet is
-//! watched after the fault), `outage` (30 s, Redis down), `replicas` (3, for replica_kill).
+//! Settings (`FAULTS_<NAME>` or `--name`): `only` (replica_kill, redis_outage, restart,
+//! gateway_kill), `agents` (10000), `interval` (5 s), `ramp` (20 s), `observe` (30 s: how long
+//! the fleet is watched after the fault), `outage` (30 s, Redis down), `replicas` (3, for
+//! replica_kill), `tunnels` (1000: open through the gateway that gateway_kill kills).
 //! Each scenario prints one JSON line with its figures and the problems it saw against its
 //! goal (none when the goal held).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -30,11 +31,12 @@ fn main() {
     };
     let outage = Duration::from_secs(number(&given, "outage", 30));
     let replicas = number(&given, "replicas", 3) as usize;
+    let tunnels = number(&given, "tunnels", 1000) as usize;
     let only: Vec<String> = given
         .get("only")
         .map(|s| s.split(',').map(|s| s.trim().to_owned()).collect())
         .unwrap_or_else(|| {
-            ["replica_kill", "redis_outage", "restart"]
+            ["replica_kill", "redis_outage", "restart", "gateway_kill"]
                 .map(str::to_owned)
                 .to_vec()
         });
@@ -51,6 +53,7 @@ fn main() {
                 "replica_kill" => faults::replica_kill(scale, replicas).await,
                 "redis_outage" => faults::redis_outage(scale, outage).await,
                 "restart" => faults::restart(scale).await,
+                "gateway_kill" => faults::gateway_kill(scale, tunnels).await,
                 other => panic!("unknown scenario {other:?}"),
             }
         });

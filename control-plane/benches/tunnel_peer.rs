@@ -23,26 +23,16 @@
 //! (also written to `bench-results/tunnel-peer.json`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use serde_json::{json, Value};
 use testkit::agent::AgentProcess;
-use testkit::bench::{cpu_seconds, get_ms as ping, on_thread};
+use testkit::bench::{cpu_seconds, get_ms as ping};
 use testkit::stats::{round3, summary};
 use testkit::{free_port, CpProcess, ADMIN_KEY};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-#[path = "tunnel/engine.rs"]
-#[allow(dead_code)]
-mod engine;
-
-pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// A child process killed on drop.
 struct Killed(Child);
@@ -179,7 +169,7 @@ fn main() {
     let rathole = std::env::var("RATHOLE").unwrap_or_else(|_| "rathole".to_owned());
     let _ = testkit::api::http(); // installs the TLS provider
 
-    let engine = engine::start_engine();
+    let engine = testkit::mini_engine::start();
     let dir = tempfile::tempdir().unwrap();
     let visitor = free_port();
     let (rs, rc) = start_rathole(&rathole, dir.path(), engine, visitor);

@@ -38,3 +38,9 @@ async fn a_restart_under_load_costs_no_error_once_the_new_process_is_ready() {
     let _turn = ONE_AT_A_TIME.lock().await;
     assert_held(&faults::restart(Scale::small()).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_of_a_killed_gateway_come_back_through_another() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    assert_held(&faults::gateway_kill(Scale::small(), 100).await);
+}

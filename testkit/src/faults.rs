@@ -20,6 +20,7 @@ use tokio::process::{Child, Command};
 use crate::api::{http, ADMIN_KEY};
 use crate::cert::TestCert;
 use crate::control_plane::CpProcess;
+use crate::gateway::{GatewayArgs, GatewayProcess};
 use crate::process::bin;
 use crate::redis::RedisServer;
 use crate::wait::free_port;
@@ -82,16 +83,22 @@ pub struct Load {
     child: Child,
     timeline: PathBuf,
     report: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Load {
     /// Agents with held check-ins against `target` for `run` after their ramp (the load test
     /// creates their environments first and deletes them at the end).
     pub fn start(target: &str, scale: Scale, run: Duration) -> Self {
+        Self::start_with(target, scale, run, &[])
+    }
+
+    /// [`Self::start`] with more `loadtest` arguments (`--tunnel-engine ...`).
+    pub fn start_with(target: &str, scale: Scale, run: Duration, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for the load test");
         let timeline = dir.path().join("timeline.jsonl");
         let report = dir.path().join("report.json");
+        let log = std::fs::File::create(dir.path().join("loadtest.log")).expect("load test log");
         let child = Command::new(bin("loadtest"))
             .args([
                 "--target",
@@ -108,12 +115,13 @@ impl Load {
             // Many sources: a fleet is many addresses (the per-source bounds are not the
             // point here).
             .args(["--sources", "64"])
+            .args(extra)
             .arg("--timeline")
             .arg(&timeline)
             .arg("--report")
             .arg(&report)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn loadtest");
@@ -121,15 +129,19 @@ impl Load {
             child,
             timeline,
             report,
-            _dir: dir,
+            dir,
         }
     }
 
-    /// The timeline so far.
     /// [`Self::start`], then waits until every agent is connected (within the ramp and two
     /// minutes) and for three intervals more, so every agent holds a check-in on its replica.
     pub async fn steady(target: &str, scale: Scale, run: Duration) -> Self {
-        let load = Self::start(target, scale, run);
+        Self::steady_with(target, scale, run, &[]).await
+    }
+
+    /// [`Self::steady`] with more `loadtest` arguments.
+    pub async fn steady_with(target: &str, scale: Scale, run: Duration, extra: &[&str]) -> Self {
+        let load = Self::start_with(target, scale, run, extra);
         let n = scale.agents as i64;
         load.until(
             scale.ramp + Duration::from_secs(120),
@@ -141,6 +153,12 @@ impl Load {
         load
     }
 
+    /// The last `n` lines of the load test's log (its agents' warnings).
+    pub fn log_tail(&self, n: usize) -> Vec<String> {
+        tail(&self.dir.path().join("loadtest.log"), n)
+    }
+
+    /// The timeline so far.
     pub fn points(&self) -> Vec<Point> {
         read_points(&self.timeline)
     }
@@ -181,6 +199,16 @@ impl Load {
         serde_json::from_slice(&std::fs::read(&self.report).expect("load test report"))
             .expect("report JSON")
     }
+}
+
+/// The last `n` lines of the file at `path`.
+fn tail(path: &Path, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| (*l).to_owned())
+        .collect()
 }
 
 fn read_points(path: &Path) -> Vec<Point> {
@@ -712,4 +740,240 @@ pub async fn restart(scale: Scale) -> Outcome {
         }),
         problems,
     }
+}
+
+/// How the tunnels of `ids` look in the store: how many are held by `gateway`, and how many
+/// have no live location at all.
+async fn tunnels_at(
+    store: &store::redis::RedisStore,
+    ids: &[u64],
+    gateway: &str,
+) -> (usize, usize) {
+    use store::TunnelStore as _;
+    let Ok(locations) = store.tunnel_locations(ids).await else {
+        return (0, ids.len());
+    };
+    let held = locations
+        .iter()
+        .filter(|l| l.as_ref().is_some_and(|l| l.gateway_id == gateway))
+        .count();
+    let none = locations.iter().filter(|l| l.is_none()).count();
+    (held, none)
+}
+
+/// `GET /_ping` through the control plane to each of `ids`, 64 at a time: the answers that
+/// were not `200 OK`, and the latency of each call (ms, sorted).
+async fn ping_all(url: &str, ids: &[u64]) -> (Vec<String>, Vec<f64>) {
+    let client = http();
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut calls = tokio::task::JoinSet::new();
+    for &id in ids {
+        let (client, gate) = (client.clone(), Arc::clone(&gate));
+        let url = format!("{url}/api/endpoints/{id}/docker/_ping");
+        calls.spawn(async move {
+            let _turn = gate.acquire_owned().await.expect("semaphore");
+            let t = Instant::now();
+            let r = client.get(&url).header("X-API-Key", ADMIN_KEY).send().await;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            let failure = match r {
+                Ok(r) if r.status().is_success() => match r.text().await {
+                    Ok(body) if body == "OK" => None,
+                    Ok(body) => Some(format!("{id}: answered {body:?}")),
+                    Err(e) => Some(format!("{id}: {e}")),
+                },
+                Ok(r) => Some(format!(
+                    "{id}: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                )),
+                Err(e) => Some(format!("{id}: {e}")),
+            };
+            (failure, ms)
+        });
+    }
+    let mut failures = Vec::new();
+    let mut latencies = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        let (failure, ms) = done.expect("ping task");
+        failures.extend(failure);
+        latencies.push(ms);
+    }
+    latencies.sort_by(f64::total_cmp);
+    (failures, latencies)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    (sorted[i] * 10.0).round() / 10.0
+}
+
+/// kill -9 a gateway holding `tunnels` open tunnels (of agents of the `loadtest` binary, which
+/// run the real agent's tunnel supervisor, under `scale.agents` agents with held check-ins on
+/// two replicas): the tunnels are back through the other gateway within two intervals, every
+/// one of them carries a Docker call again, and the check-ins never noticed.
+pub async fn gateway_kill(scale: Scale, tunnels: usize) -> Outcome {
+    let redis = RedisServer::start();
+    let mut node = Node::new(&redis);
+    let (cert, key) = (node.cert.cert.clone(), node.cert.key.clone());
+    let gateway = |id: &str| GatewayArgs {
+        id: id.to_owned(),
+        port: 0,
+        redis_url: redis.url(),
+        redis_prefix: "edgeplane:".to_owned(),
+        cert: cert.clone(),
+        key: key.clone(),
+        // The production default: the killed gateway stays registered (and its agents may try
+        // it first) until this runs out.
+        lease: "15s".to_owned(),
+        rust_log: "warn".to_owned(),
+    };
+    // Only one gateway at first, so that it holds every tunnel.
+    let mut first = GatewayProcess::start(&gateway("gw-a")).await;
+    let procs = [node.replica().await, node.replica().await];
+    let engine = crate::mini_engine::start();
+    let run = scale.ramp + scale.observe * 2 + Duration::from_secs(30);
+    let load = Load::steady_with(
+        &node.url(),
+        scale,
+        run,
+        &["--tunnel-engine", &format!("tcp://{engine}")],
+    )
+    .await;
+    let url = procs[0].url.clone();
+    let observer = store::redis::RedisStore::connect(&node.redis_url, "edgeplane:")
+        .await
+        .expect("connect to redis");
+
+    // The operator's Docker calls open the tunnels.
+    let listed: Vec<Value> = http()
+        .get(format!("{url}/api/endpoints?start=0&limit={tunnels}"))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("list environments")
+        .json()
+        .await
+        .expect("environments JSON");
+    let ids: Vec<u64> = listed.iter().filter_map(|e| e["id"].as_u64()).collect();
+    assert_eq!(ids.len(), tunnels, "environments to open tunnels to");
+    let t = Instant::now();
+    let (open_failures, open_ms) = ping_all(&url, &ids).await;
+    let opened_in = t.elapsed();
+    let (held_before, _) = tunnels_at(&observer, &ids, "gw-a").await;
+
+    // A second gateway, known to every replica (they list live gateways every 2 s).
+    let second = GatewayProcess::start(&gateway("gw-b")).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = load.last().expect("a point");
+
+    let killed_at = proto::clock::now_ms();
+    let t = Instant::now();
+    first.kill();
+    let mut back = None;
+    let mut most_missing = 0;
+    let (mut held_after, mut missing) = (0, ids.len());
+    while t.elapsed() < scale.observe {
+        (held_after, missing) = tunnels_at(&observer, &ids, "gw-b").await;
+        most_missing = most_missing.max(ids.len() - held_after);
+        if held_after == ids.len() {
+            back = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every tunnel carries a call again.
+    let (after_failures, after_ms) = ping_all(&url, &ids).await;
+    let after = load.last().expect("a point");
+    let second_open = metric_at(second.metrics, "edgeplane_gateway_tunnels_open").await;
+    let logs = json!({
+        // Every agent of the killed gateway says it lost its tunnel: the rest is news.
+        "loadtest": load
+            .log_tail(usize::MAX)
+            .into_iter()
+            .filter(|l| !l.contains("tunnel lost"))
+            .take(60)
+            .collect::<Vec<_>>(),
+        "gw-a": tail(first.log_path(), 30),
+        "gw-b": tail(second.log_path(), 30),
+    });
+    let report = load.finish().await;
+
+    let mut problems = Vec::new();
+    if !open_failures.is_empty() {
+        problems.push(format!(
+            "{} calls failed while opening the tunnels, e.g. {:?}",
+            open_failures.len(),
+            &open_failures[..open_failures.len().min(3)]
+        ));
+    }
+    if held_before != tunnels {
+        problems.push(format!(
+            "gw-a held {held_before} of {tunnels} tunnels before the kill"
+        ));
+    }
+    match back {
+        Some(d) if d <= scale.interval() * 2 => {}
+        Some(d) => problems.push(format!(
+            "tunnels all back after {d:?}, more than two intervals"
+        )),
+        None => problems.push(format!(
+            "within {:?} only {held_after} of {tunnels} tunnels were back on gw-b ({missing} had no location)",
+            scale.observe
+        )),
+    }
+    if !after_failures.is_empty() {
+        problems.push(format!(
+            "{} calls failed after the tunnels came back, e.g. {:?}",
+            after_failures.len(),
+            &after_failures[..after_failures.len().min(3)]
+        ));
+    }
+    if after.errors > before.errors {
+        problems.push(format!(
+            "{} check-ins failed after the kill (the gateway is not on their path)",
+            after.errors - before.errors
+        ));
+    }
+    let mut figures = json!({
+            "agents": scale.agents,
+            "interval_secs": scale.interval,
+            "tunnels": tunnels,
+            "opened_in_secs": secs(opened_in),
+            "open_call_ms": {"p50": quantile(&open_ms, 0.5), "p99": quantile(&open_ms, 0.99)},
+            "held_by_killed_gateway": held_before,
+            "all_back_after_secs": back.map(secs),
+            "most_missing": most_missing,
+            "back_on_other_gateway": held_after,
+            "other_gateway_tunnels_open": second_open,
+            "call_after_ms": {"p50": quantile(&after_ms, 0.5), "p99": quantile(&after_ms, 0.99)},
+            "calls_failed_after": after_failures.len(),
+            "checkin_errors_after_kill": after.errors - before.errors,
+            "killed_at_ms": killed_at,
+            "load_test": {"errors": report["errors"], "errors_by_kind": report["errors_by_kind"]},
+    });
+    if !problems.is_empty() {
+        figures["logs"] = logs;
+    }
+    Outcome {
+        name: "gateway_kill",
+        figures,
+        problems,
+    }
+}
+
+/// One sample of a gateway's metrics listener.
+async fn metric_at(metrics: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = http()
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -2,7 +2,8 @@
 //! it instead of copying a harness.
 //!
 //! * [`redis::RedisServer`]: a throwaway `redis-server` on a free port.
-//! * [`engine::Engine`]: Podman's Docker API service with a tiny local image.
+//! * [`engine::Engine`]: Podman's Docker API service with a tiny local image;
+//!   [`mini_engine`]: a few Docker API answers on plain TCP, for benches and load tests.
 //! * [`control_plane::ControlPlane`] (in-process, on an actix system of its own) and
 //!   [`control_plane::CpProcess`] (the real binary).
 //! * [`gateway::GatewayProcess`]: the real `tunnel-gateway` binary.
@@ -34,6 +35,7 @@ pub mod fake;
 pub mod faults;
 pub mod gateway;
 pub mod hostile;
+pub mod mini_engine;
 pub mod process;
 pub mod redis;
 pub mod stats;

@@ -1,7 +1,7 @@
 //! The tunnel, measured end to end in one process: a real control plane (embedded store and
 //! gateway, on its own actix system thread), real edge agents (each on its own current-thread
-//! runtime, as the agent binary runs), and a tiny HTTP/1.1 "engine" written here
-//! (`GET /_ping`, `GET /bulk?bytes=N`, and just enough for the agent's snapshot).
+//! runtime, as the agent binary runs), and a tiny HTTP/1.1 engine (`testkit::mini_engine`:
+//! `GET /_ping`, `GET /bulk?bytes=N`, and just enough for the agent's snapshot).
 //!
 //!     cargo bench -p control-plane --bench tunnel
 //!
@@ -31,12 +31,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rand::Rng as _;
 use serde_json::{json, Value};
 use testkit::agent::AgentThread;
@@ -45,21 +43,19 @@ use testkit::{ControlPlane, ADMIN_KEY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-mod engine;
 mod hops;
 mod operator;
 mod proxy;
 mod stats;
 mod wake;
 
-use engine::*;
 use hops::*;
 use operator::*;
 use proxy::*;
 use stats::*;
 use wake::*;
 
-pub(crate) const CHUNK: usize = 256 * 1024;
+pub(crate) use testkit::mini_engine::CHUNK;
 
 // ---------------------------------------------------------------------------------------------
 // Settings
@@ -160,7 +156,7 @@ fn main() {
         s.json()
     );
     let tmp = tempfile::tempdir().expect("tempdir");
-    let engine = start_engine();
+    let engine = testkit::mini_engine::start();
     let mut report = serde_json::Map::new();
     report.insert("bench".into(), json!("tunnel"));
     report.insert("cores".into(), json!(cores));
