@@ -29,6 +29,21 @@ pub use state::{
 /// Held check-ins are answered this long before the agent's interval ends, so the agent's
 /// next check-in (at send time + interval) never waits for a late answer.
 const HOLD_MARGIN: Duration = Duration::from_millis(250);
+/// Holds end on this grid (rounded up, well within [`HOLD_MARGIN`]): the check-ins whose holds
+/// end within one step are answered in one wake-up of their worker instead of one each, which
+/// at a thousand check-ins a second is most of a worker's wake-ups.
+const HOLD_GRID: Duration = Duration::from_millis(20);
+
+/// `at` rounded up to the next point of [`HOLD_GRID`] (counted from the first call).
+fn on_hold_grid(at: tokio::time::Instant) -> tokio::time::Instant {
+    static BASE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(tokio::time::Instant::now);
+    let grid = HOLD_GRID.as_nanos();
+    let since = at.saturating_duration_since(base).as_nanos();
+    let steps = since.div_ceil(grid);
+    let rounded = u64::try_from(steps * grid).unwrap_or(u64::MAX);
+    base + Duration::from_nanos(rounded)
+}
 /// How often the list of live gateways handed out with credentials is refreshed.
 const GATEWAY_REFRESH: Duration = Duration::from_secs(2);
 
@@ -452,7 +467,7 @@ impl Fleet {
                 now,
                 answer,
                 wake,
-                until: tokio::time::Instant::now() + hold_for,
+                until: on_hold_grid(tokio::time::Instant::now() + hold_for),
             }))),
             Ok(reply) => {
                 self.answered(id, now);
@@ -844,5 +859,29 @@ impl Fleet {
             }
         }
         self.flush_heartbeats().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_end_on_the_grid_never_early_and_at_most_one_step_late() {
+        let now = tokio::time::Instant::now();
+        let first = on_hold_grid(now);
+        for ms in [0u64, 1, 7, 19, 20, 21, 4750, 4751] {
+            let want = now + Duration::from_millis(ms);
+            let got = on_hold_grid(want);
+            assert!(got >= want, "{ms} ms: rounded earlier");
+            assert!(got - want < HOLD_GRID, "{ms} ms: more than a step late");
+            // Points of the grid are a whole number of steps apart.
+            let apart = (got - first).as_nanos();
+            assert_eq!(apart % HOLD_GRID.as_nanos(), 0, "{ms} ms: off the grid");
+        }
+        // Deadlines within one step share one wake-up.
+        let a = on_hold_grid(first + Duration::from_millis(1));
+        let b = on_hold_grid(first + Duration::from_millis(19));
+        assert_eq!(a, b);
     }
 }
