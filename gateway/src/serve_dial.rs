@@ -8,7 +8,7 @@ use std::time::Duration;
 use proto::mux::{self, Mode};
 use proto::tunnel::{DialRequest, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal};
 use subtle::ConstantTimeEq;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -119,6 +119,18 @@ impl Gateway {
                 return;
             }
         };
+        // The agent hears of a stream with its first frame (yamux sets SYN on it), and a
+        // close sent before any byte carries no SYN: the agent never learns of that stream and
+        // never closes it, so waiting for it would hold the stream and its place on the
+        // tunnel for good. A stream the dialer gives up on before its first byte ends here.
+        let mut first = [0u8; 4096];
+        let n = match stream.read(&mut first).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if agent.write_all(&first[..n]).await.is_err() {
+            return;
+        }
         if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut agent).await {
             tracing::debug!(env = req.endpoint_id, error = %e, "dial stream ended with an error");
         }

@@ -1218,3 +1218,33 @@ async fn a_connection_that_sends_nothing_is_dropped_at_the_first_byte_deadline()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_stream_given_up_before_its_first_byte_lets_go_of_the_tunnel() {
+    bounded(async {
+        let h = Harness::start().await;
+        let (env, _agent) = h.open_tunnel().await;
+        let loc = h.location(env).await.unwrap();
+        let dialer = Dialer::new(h.fingerprint, Arc::clone(&h.store) as _);
+        // Streams that sent their request and nothing else (a caller gone at once). The agent
+        // never hears of them (yamux announces a stream with its first byte): the gateway
+        // must not wait for the agent to close them.
+        let mut given_up = Vec::new();
+        for _ in 0..20 {
+            given_up.push(dialer.open_stream(&loc).await.unwrap());
+        }
+        wait_for("the gateway to open them", || async {
+            h.gw.metrics().streams_open.get() == 20
+        })
+        .await;
+        drop(given_up);
+        wait_for("the gateway to let go of them", || async {
+            h.gw.metrics().streams_open.get() == 0
+        })
+        .await;
+        // The tunnel still carries streams.
+        let mut s = dialer.open_stream(&loc).await.unwrap();
+        roundtrip(&mut s, b"after").await;
+    })
+    .await;
+}
