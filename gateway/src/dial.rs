@@ -141,9 +141,10 @@ impl Dialer {
     }
 
     /// A live session in `slot` with room for a stream, and that room: the first that has
-    /// some (so streams gather on few sessions), else a new session while there are fewer than
-    /// [`MAX_DIAL_SESSIONS`], else [`OpenError::Busy`]. `failed`: the session that just failed
-    /// us, which is dropped even if it still looks alive.
+    /// some (so streams gather on few sessions; the idle ones after it are closed), else a new
+    /// session while there are fewer than [`MAX_DIAL_SESSIONS`], else [`OpenError::Busy`].
+    /// `failed`: the session that just failed us, which is dropped even if it still looks
+    /// alive.
     async fn session(
         &self,
         slot: &Slot,
@@ -158,10 +159,26 @@ impl Dialer {
             }
             keep
         });
-        for s in sessions.iter() {
+        let mut picked = None;
+        for (i, s) in sessions.iter().enumerate() {
             if let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() {
-                return Ok((s.clone(), permit));
+                picked = Some((i, s.clone(), permit));
+                break;
             }
+        }
+        if let Some((i, session, permit)) = picked {
+            // Sessions opened for a burst that carry nothing now go (those after the one
+            // picked: streams gather on the first with room, so they are the spare ones).
+            let mut at = 0;
+            sessions.retain(|s| {
+                at += 1;
+                let spare = at - 1 > i && s.streams.available_permits() == MAX_STREAMS_PER_SESSION;
+                if spare {
+                    s.opener.close();
+                }
+                !spare
+            });
+            return Ok((session, permit));
         }
         if sessions.len() >= MAX_DIAL_SESSIONS {
             return Err(OpenError::Busy);

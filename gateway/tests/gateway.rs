@@ -815,7 +815,17 @@ async fn a_full_dial_session_is_joined_by_another_one() {
         }
         assert_eq!(dialer.open_sessions(), 2);
         assert_eq!(h.handshakes("dial", "accepted"), 2);
+
+        // Once the first has room again, the spare one goes with the next stream.
         drop(held);
+        wait_for("the gateway to let go of the streams", || async {
+            h.gw.metrics().streams_open.get() == 0
+        })
+        .await;
+        let mut s = dialer.open_stream(&loc_b).await.unwrap();
+        roundtrip(&mut s, b"on the first again").await;
+        assert_eq!(dialer.open_sessions(), 1);
+        assert_eq!(h.handshakes("dial", "accepted"), 2);
     })
     .await;
 }
