@@ -221,7 +221,7 @@ pub fn loopback_sources(target_host: &str, k: u8) -> Vec<IpAddr> {
 /// tunnel to a gateway (from the agent's source address), whose streams go to the engine.
 pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResult> {
     let agents = plan.tokens.len();
-    // One TLS configuration per server certificate: shares parsed roots and resumption cache.
+    // One TLS configuration per server certificate (see `cached`), for check-ins and tunnels.
     let mut tls: HashMap<[u8; 32], Arc<rustls::ClientConfig>> = HashMap::new();
     let mut tunnel_tls: HashMap<[u8; 32], Arc<rustls::ClientConfig>> = HashMap::new();
     let engine = match &plan.tunnels {
@@ -240,14 +240,9 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
         .saturating_duration_since(plan.timeline.start);
     for (i, token) in plan.tokens.iter().enumerate() {
         let index = plan.first_index + i;
-        let config = match tls.get(&token.tunnel_fingerprint) {
-            Some(c) => c.clone(),
-            None => {
-                let c = edge_agent::tls::client_config(token.tunnel_fingerprint, false)?;
-                tls.insert(token.tunnel_fingerprint, c.clone());
-                c
-            }
-        };
+        let config = cached(&mut tls, token.tunnel_fingerprint, |fp| {
+            edge_agent::tls::client_config(fp, false)
+        })?;
         let edge_id = uuid::Uuid::new_v4();
         let mut options = PollOptions::new(edge_id);
         options.local_addr = source_for(&plan.sources, index);
@@ -260,14 +255,11 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
             .with_context(|| format!("agent {index}: cannot build its client"))?;
         let slot = match (&plan.tunnels, &engine) {
             (Some(t), Some(docker)) if !plan.async_mode => {
-                let tls = match tunnel_tls.get(&token.tunnel_fingerprint) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = edge_agent::tls::tunnel_config(token.tunnel_fingerprint)?;
-                        tunnel_tls.insert(token.tunnel_fingerprint, c.clone());
-                        c
-                    }
-                };
+                let tls = cached(
+                    &mut tunnel_tls,
+                    token.tunnel_fingerprint,
+                    edge_agent::tls::tunnel_config,
+                )?;
                 let settings = TunnelSettings {
                     endpoint_id: token.endpoint_id,
                     edge_id,
@@ -355,6 +347,21 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
     result.hold_overshoot_us = lock(&live.hold_overshoot_us).clone();
     result.client_cpu_seconds = cpu_before.zip(cpu_after).map(|(a, b)| (b - a).max(0.0));
     Ok(result)
+}
+
+/// The TLS configuration for `fingerprint` from `cache`, built by `build` the first time: one
+/// per server certificate shares parsed roots and the resumption cache.
+fn cached<E>(
+    cache: &mut HashMap<[u8; 32], Arc<rustls::ClientConfig>>,
+    fingerprint: [u8; 32],
+    build: impl FnOnce([u8; 32]) -> Result<Arc<rustls::ClientConfig>, E>,
+) -> Result<Arc<rustls::ClientConfig>, E> {
+    if let Some(c) = cache.get(&fingerprint) {
+        return Ok(c.clone());
+    }
+    let c = build(fingerprint)?;
+    cache.insert(fingerprint, c.clone());
+    Ok(c)
 }
 
 fn sum_bytes(counters: &[Arc<ByteCounters>]) -> (u64, u64) {
