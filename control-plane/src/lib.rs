@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod front;
 pub mod metrics;
 pub mod tls;
+pub mod workers;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -335,6 +336,8 @@ impl Prepared {
 
         // The embedded tunnel gateway (single node), on the certificate agents pin.
         let gateway_stop = CancellationToken::new();
+        // Its tunnels run on the API's worker threads (see `workers`).
+        let workers = Arc::new(workers::Workers::default());
         let gateway = if config.embedded_gateway {
             let listener = match listeners.tunnel {
                 Some(l) => l,
@@ -349,7 +352,8 @@ impl Prepared {
             )
             .with_lease(limits.gateway_lease)
             .with_first_byte_timeout(limits.first_byte_timeout)
-            .with_admission(Arc::clone(&admission));
+            .with_admission(Arc::clone(&admission))
+            .with_spawner(Arc::clone(&workers) as _);
             Some(
                 Gateway::bind_std(gw, listener, Arc::clone(&store) as _, metrics.registry())
                     .await?,
@@ -397,6 +401,7 @@ impl Prepared {
             admission,
             metrics.front.clone(),
             stopping.clone(),
+            workers,
         )
         .map_err(RunError::Listen)?;
 
@@ -430,12 +435,30 @@ impl Prepared {
         // check-in answered now, `connection: close`), then the rest given their grace.
         api_handle.pause().await;
         stopping.cancel();
-        api_handle.stop(true).await;
-        metrics_handle.stop(true).await;
+        // The embedded gateway's tunnels run on the API's workers and would end with them,
+        // without a word to their agents: Docker calls through them are given the API's grace
+        // to finish, then the gateway closes its tunnels, then the API stops.
+        if let Some(g) = &gateway {
+            let idle = metrics.engine_idle.clone();
+            let calls = &g.metrics().streams_open;
+            let drained = tokio::time::timeout(front::SHUTDOWN_GRACE, async {
+                while calls.get() > idle.get() {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            });
+            if drained.await.is_err() {
+                tracing::warn!(
+                    streams = calls.get() - idle.get(),
+                    "docker calls through tunnels still running: cut"
+                );
+            }
+        }
         gateway_stop.cancel();
         if let Some(t) = gateway_task {
             let _ = t.await;
         }
+        api_handle.stop(true).await;
+        metrics_handle.stop(true).await;
         let _ = stop_tx.send(true);
         let _ = background.await;
         let _ = keys_task.await;

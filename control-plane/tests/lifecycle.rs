@@ -129,3 +129,63 @@ async fn enrol_bind_restart_and_go_down() {
     .await;
     cp.stop();
 }
+
+/// A graceful stop with tunnels open on the embedded gateway (whose tunnels run on the API's
+/// worker threads): a Docker call in flight through a tunnel is answered to its last byte,
+/// then the tunnels close and the process exits, without waiting out the grace for the
+/// engine connections kept idle for the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_lets_docker_calls_through_tunnels_finish() {
+    const BYTES: usize = 32 * 1024 * 1024;
+    let engine = testkit::mini_engine::start();
+    let data = tempfile::tempdir().unwrap();
+    let tunnel_port = testkit::free_port();
+    let mut cp = CpProcess::spawn(
+        data.path(),
+        &["--tunnel-addr", &format!("127.0.0.1:{tunnel_port}")],
+    )
+    .await;
+    let (id, key) =
+        testkit::api::create_env_key(&cp.url, json!({ "name": "stopping", "checkinInterval": 1 }))
+            .await;
+    let _agent = Agent::standard(&key, &format!("tcp://{engine}"), "5m");
+    eventually(Duration::from_secs(15), "agent up", || async {
+        (env(&cp.url, id).await["status"] == "up").then_some(())
+    })
+    .await;
+    // The tunnel opens; this call's engine connection is kept for the next one.
+    let (status, body) = testkit::api::docker_get(&cp.url, id, "/_ping").await;
+    assert_eq!((status, body.as_str()), (200, "OK"));
+
+    let mut answer = http()
+        .get(cp.api(&format!("/api/endpoints/{id}/docker/bulk?bytes={BYTES}")))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut received = answer.chunk().await.unwrap().map_or(0, |c| c.len());
+    assert!(received > 0 && received < BYTES);
+
+    let stopped_at = std::time::Instant::now();
+    cp.sigterm();
+    loop {
+        match answer.chunk().await {
+            Ok(Some(chunk)) => received += chunk.len(),
+            Ok(None) => break,
+            Err(e) => panic!("the call in flight was cut after {received} bytes: {e}"),
+        }
+    }
+    assert_eq!(received, BYTES, "the call in flight was cut");
+    let status = tokio::task::spawn_blocking(move || cp.exited_within(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the control plane did not exit");
+    assert!(status.success(), "{status}");
+    // The drain waits for calls, not for the idle engine connections (10 s grace).
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(9),
+        "stopping took {:?}",
+        stopped_at.elapsed()
+    );
+}

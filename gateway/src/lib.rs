@@ -139,6 +139,22 @@ pub struct GatewayConfig {
     /// limit. A process with several public ports (the control plane with its embedded
     /// gateway) shares one.
     pub admission: Option<Arc<Admission>>,
+    /// Where accepted connections run; `None`: `tokio::spawn` on the accepting runtime.
+    pub spawner: Option<Arc<dyn Spawn>>,
+}
+
+/// A connection's future and where it may run: it re-registers its socket with the runtime
+/// that polls it, so any runtime of the process will do.
+pub type ConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Places accepted connections on runtimes of the embedding process. The control plane puts
+/// each tunnel on one of its API worker threads, so a Docker call served there drives the
+/// tunnel's session without waking another thread, and the tunnels' TLS is spread over the
+/// workers instead of all on the thread that accepts.
+pub trait Spawn: Send + Sync {
+    /// Runs `task` somewhere, or hands it back when there is nowhere to run it (the caller
+    /// then spawns it itself).
+    fn spawn(&self, task: ConnectionTask) -> Result<(), ConnectionTask>;
 }
 
 impl GatewayConfig {
@@ -160,6 +176,7 @@ impl GatewayConfig {
             handshake_timeout: proto::tunnel::HANDSHAKE_TIMEOUT,
             first_byte_timeout: FIRST_BYTE_TIMEOUT,
             admission: None,
+            spawner: None,
         }
     }
 }
@@ -189,6 +206,11 @@ impl GatewayConfig {
         self.admission = Some(admission);
         self
     }
+
+    pub fn with_spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
+        self.spawner = Some(spawner);
+        self
+    }
 }
 
 /// Six random lowercase hex characters, to make gateway ids unique per process
@@ -209,6 +231,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("handshake_timeout", &self.handshake_timeout)
             .field("first_byte_timeout", &self.first_byte_timeout)
             .field("admission", &self.admission.as_ref().map(|a| a.limits()))
+            .field("spawner", &self.spawner.is_some())
             .finish_non_exhaustive()
     }
 }

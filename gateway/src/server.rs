@@ -428,7 +428,30 @@ impl Gateway {
             }
         };
         let gw = Arc::clone(self);
-        self.spawn_tracked(gw.connection(tcp, peer, ticket));
+        let Some(spawner) = &self.config.spawner else {
+            return self.spawn_tracked(gw.connection(tcp, peer, ticket));
+        };
+        // The socket moves to the runtime that will poll it.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand an accepted connection over");
+                return;
+            }
+        };
+        let guard = self.tasks.enter();
+        let task: crate::ConnectionTask = Box::pin(async move {
+            let _guard = guard;
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => gw.connection(tcp, peer, ticket).await,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot take an accepted connection over")
+                }
+            }
+        });
+        if let Err(task) = spawner.spawn(task) {
+            tokio::spawn(task);
+        }
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, ticket: Ticket) {

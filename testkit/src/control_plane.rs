@@ -453,6 +453,25 @@ impl CpProcess {
             .expect("api port")
     }
 
+    /// SIGTERM, without waiting: see [`CpProcess::exited_within`].
+    pub fn sigterm(&self) {
+        crate::process::sigterm(&self.child);
+    }
+
+    /// Its exit status once it exited, if it did within `limit` (a blocking wait).
+    pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return None,
+            }
+        }
+    }
+
     /// SIGTERM, then wait for the exit (graceful: final heartbeat flush).
     pub fn stop(mut self) {
         terminate(&mut self.child, Duration::from_secs(30));

@@ -110,15 +110,20 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Sends SIGTERM, then SIGKILL if the process has not exited within `grace`; `true` if it
-/// exited by itself.
-pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+/// Sends SIGTERM to `child` (a graceful stop), without waiting.
+pub fn sigterm(child: &Child) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// Sends SIGTERM, then SIGKILL if the process has not exited within `grace`; `true` if it
+/// exited by itself.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    sigterm(child);
     let graceful = wait_exit(child, grace);
     if !graceful {
         let _ = child.kill();

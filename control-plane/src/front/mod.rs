@@ -36,6 +36,10 @@ mod lane;
 pub use budget::DEFAULT_PENDING_BODY_BYTES;
 pub use io::{HeadClock, Prefixed, Timed};
 
+/// A graceful stop waits this long for open connections, and for Docker calls through the
+/// embedded gateway's tunnels before it closes them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A connection's TLS stream, once the handshake is done. Boxed: it is over a kilobyte, and
 /// moved from stage to stage, each of which would otherwise keep a slot of that size in its
 /// future for the connection's life.
@@ -78,7 +82,8 @@ pub struct FrontMetrics {
 /// admitted by `admission` first (dropped at once over its bounds), must send its first byte
 /// within `first_byte_timeout` and finish TLS and its first request head within
 /// `first_request_timeout`; only then it stops counting as pending. Every later request head
-/// of a kept-alive connection is due as [`HeadClock`] says.
+/// of a kept-alive connection is due as [`HeadClock`] says. Each worker registers itself in
+/// `workers` as it starts.
 #[allow(clippy::too_many_arguments)]
 pub fn api_server<F, T, B>(
     app: F,
@@ -90,6 +95,7 @@ pub fn api_server<F, T, B>(
     admission: Arc<Admission>,
     metrics: FrontMetrics,
     stopping: tokio_util::sync::CancellationToken,
+    workers: Arc<crate::workers::Workers>,
 ) -> std::io::Result<Server>
 where
     F: Fn() -> App<T> + Send + Clone + 'static,
@@ -130,9 +136,9 @@ where
         .workers(limits.workers)
         .backlog(4096)
         .max_concurrent_connections(per_worker)
-        // A graceful stop waits this long for open connections (kept-alive agents, held
-        // check-ins, hijacked Docker sessions), then closes them.
-        .shutdown_timeout(10)
+        // A graceful stop waits for open connections (kept-alive agents, held check-ins,
+        // hijacked Docker sessions), then closes them.
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         .disable_signals()
         .listen("api", listener, move || {
             let stopping = lane.stopping.clone();
@@ -199,7 +205,10 @@ where
             let metrics = metrics.clone();
             let bodies = Arc::clone(&bodies);
             let lane = Arc::clone(&lane);
+            let workers = Arc::clone(&workers);
             fn_factory(move || {
+                // On the worker's thread, as it starts its services.
+                workers.register_current();
                 let h1 = h1.new_service(());
                 let acceptor = acceptor.clone();
                 let proxy = Arc::clone(&proxy);
