@@ -73,6 +73,9 @@ pub struct DockerProxy {
     pub wait: Duration,
     /// How long an engine connection is kept idle for the next call ([`engine_pool`]).
     pub engine_idle: Duration,
+    /// The API's workers, where the embedded gateway's tunnels run (`None` without one): a
+    /// call that wakes a tunnel asks for it on its own thread.
+    pub workers: Option<Arc<crate::workers::Workers>>,
 }
 
 impl DockerProxy {
@@ -243,6 +246,11 @@ impl DockerProxy {
         })?;
 
         let wake = Instant::now();
+        if let Some(workers) = &self.workers {
+            if !self.dialer.has_local_tunnel(id) {
+                workers.want_tunnel_here(id);
+            }
+        }
         let loc = self
             .fleet
             .ensure_tunnel(id, self.wait, None)

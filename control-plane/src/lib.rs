@@ -375,6 +375,7 @@ impl Prepared {
             dialer: Arc::new(dialer),
             wait: limits.tunnel_wait,
             engine_idle: limits.engine_idle,
+            workers: gateway.as_ref().map(|_| Arc::clone(&workers)),
         });
 
         let api_state = state.clone();

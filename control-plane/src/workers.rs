@@ -1,23 +1,35 @@
 //! The API server's worker threads as places to run the embedded gateway's tunnels
-//! ([`gateway::Spawn`]): each worker registers itself when it starts its services, and each
-//! accepted tunnel connection goes to the next one in turn. A Docker call served on the thread
-//! that drives its tunnel's session wakes no other thread on its way (the embedded gateway
-//! used to run every tunnel on the thread that accepts them: two cross-thread wake-ups each
-//! way per call, and all tunnels' TLS on one core).
+//! ([`gateway::Spawn`]): each worker registers itself when it starts its services. An accepted
+//! tunnel connection goes to the next one in turn for its handshake; once its hello names the
+//! environment, the tunnel moves to the worker whose Docker call asked for it
+//! ([`Workers::want_tunnel_here`]), so that call, and the others its kept-alive connection
+//! makes, wake no other thread on their way through the tunnel. (The embedded gateway used to
+//! run every tunnel on the thread that accepts them: two cross-thread wake-ups each way per
+//! call, and all tunnels' TLS on one core.)
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use actix_rt::ArbiterHandle;
 use gateway::{ConnectionTask, Spawn};
 use parking_lot::Mutex;
+use store::EnvId;
 
-/// The API workers that started, in the order they did.
+/// A wish for a tunnel's thread is forgotten after this (its agent never came, or came to
+/// another replica's gateway).
+const WISH_TTL: Duration = Duration::from_secs(120);
+/// Past this many wishes, the old ones are swept out at the next.
+const WISHES_SWEPT_OVER: usize = 1024;
+
+/// The API workers that started, in the order they did, and where wanted tunnels should go.
 #[derive(Default)]
 pub struct Workers {
     arbiters: Mutex<Vec<(ThreadId, ArbiterHandle)>>,
     next: AtomicUsize,
+    wishes: Mutex<HashMap<EnvId, (ThreadId, Instant)>>,
 }
 
 impl Workers {
@@ -38,35 +50,78 @@ impl Workers {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A Docker call on this thread waits for `env`'s tunnel: it should run here.
+    pub fn want_tunnel_here(&self, env: EnvId) {
+        let now = Instant::now();
+        let mut wishes = self.wishes.lock();
+        if wishes.len() >= WISHES_SWEPT_OVER {
+            wishes.retain(|_, (_, at)| now.duration_since(*at) < WISH_TTL);
+            // Only hints: a flood of fresh ones (calls to many environments whose tunnels
+            // are elsewhere) is dropped whole rather than swept at every call.
+            if wishes.len() >= WISHES_SWEPT_OVER {
+                wishes.clear();
+            }
+        }
+        wishes.insert(env, (std::thread::current().id(), now));
+    }
+
+    /// The worker wished for `env`'s tunnel, taking the wish.
+    fn wished(&self, env: EnvId) -> Option<ArbiterHandle> {
+        let (thread, at) = self.wishes.lock().remove(&env)?;
+        if at.elapsed() >= WISH_TTL || thread == std::thread::current().id() {
+            return None;
+        }
+        let arbiters = self.arbiters.lock();
+        arbiters
+            .iter()
+            .find(|(t, _)| *t == thread)
+            .map(|(_, h)| h.clone())
+    }
+}
+
+/// Sends `task` to `arbiter`; hands it back if that arbiter stopped (it drops what it is sent,
+/// so the task travels in a slot it is taken from on arrival).
+fn send(arbiter: &ArbiterHandle, task: ConnectionTask) -> Result<(), ConnectionTask> {
+    let slot = Arc::new(Mutex::new(Some(task)));
+    let mine = Arc::clone(&slot);
+    let sent = arbiter.spawn(async move {
+        let task = mine.lock().take();
+        if let Some(task) = task {
+            task.await;
+        }
+    });
+    if sent {
+        return Ok(());
+    }
+    let task = slot.lock().take();
+    task.map_or(Ok(()), Err)
 }
 
 impl Spawn for Workers {
     /// The next worker in turn; a stopped one (the server is stopping) is skipped, and with
     /// none left the task comes back.
-    fn spawn(&self, task: ConnectionTask) -> Result<(), ConnectionTask> {
+    fn spawn(&self, mut task: ConnectionTask) -> Result<(), ConnectionTask> {
         let arbiters: Vec<ArbiterHandle> = {
             let a = self.arbiters.lock();
             a.iter().map(|(_, h)| h.clone()).collect()
         };
         let first = self.next.fetch_add(1, Ordering::Relaxed);
-        // The task travels in a slot: a stopped arbiter drops what it was sent, and the
-        // slot keeps it for the next one.
-        let slot = Arc::new(Mutex::new(Some(task)));
         for i in 0..arbiters.len() {
-            let arbiter = &arbiters[(first + i) % arbiters.len()];
-            let mine = Arc::clone(&slot);
-            let sent = arbiter.spawn(async move {
-                let task = mine.lock().take();
-                if let Some(task) = task {
-                    task.await;
-                }
-            });
-            if sent {
-                return Ok(());
+            match send(&arbiters[(first + i) % arbiters.len()], task) {
+                Ok(()) => return Ok(()),
+                Err(back) => task = back,
             }
         }
-        let task = slot.lock().take();
-        task.map_or(Ok(()), Err)
+        Err(task)
+    }
+
+    /// To the worker wished for, if another one; otherwise it stays.
+    fn spawn_tunnel(&self, env: EnvId, task: ConnectionTask) -> Result<(), ConnectionTask> {
+        match self.wished(env) {
+            Some(arbiter) => send(&arbiter, task),
+            None => Err(task),
+        }
     }
 }
 
@@ -108,6 +163,29 @@ mod tests {
         assert_eq!(ran_on[1], ran_on[3]);
         assert!(ran_on.iter().all(|t| registered.contains(t)));
 
+        // A tunnel goes to the worker whose call wished for it, once; without a wish, or
+        // wished for from where it is, it stays.
+        let here: ConnectionTask = Box::pin(async {});
+        assert!(workers.spawn_tunnel(7, here).is_err());
+        let w = Arc::clone(&workers);
+        assert!(arbiters[1].spawn(async move { w.want_tunnel_here(7) }));
+        let tx2 = tx.clone();
+        assert!(arbiters[1].spawn(async move {
+            let _ = tx2.send(std::thread::current().id());
+        }));
+        let wisher = rx.recv().unwrap();
+        let sent = tx.clone();
+        let task: ConnectionTask = Box::pin(async move {
+            let _ = sent.send(std::thread::current().id());
+        });
+        assert!(workers.spawn_tunnel(7, task).is_ok());
+        assert_eq!(rx.recv().unwrap(), wisher);
+        let again: ConnectionTask = Box::pin(async {});
+        assert!(
+            workers.spawn_tunnel(7, again).is_err(),
+            "a wish is taken once"
+        );
+
         for a in arbiters {
             a.stop();
             a.join().unwrap();
@@ -117,5 +195,15 @@ mod tests {
             workers.spawn(task).is_err(),
             "no worker runs: the task comes back"
         );
+    }
+
+    /// Wishes for tunnels that never come here do not pile up.
+    #[test]
+    fn wishes_stay_bounded() {
+        let workers = Workers::default();
+        for env in 0..(WISHES_SWEPT_OVER as u64 * 5) {
+            workers.want_tunnel_here(env);
+            assert!(workers.wishes.lock().len() <= WISHES_SWEPT_OVER);
+        }
     }
 }

@@ -12,7 +12,6 @@ use proto::mux::{self, ControlEnd, Mode, MuxStream, Opener};
 use proto::tunnel::{CloseReason, HelloAnswer, HelloRefusal};
 use sha2::{Digest, Sha256};
 use store::{Change, EnvId, StoreError, TunnelGrant, TunnelLocation};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use uuid::Uuid;
@@ -20,6 +19,7 @@ use uuid::Uuid;
 use crate::admission::Ticket;
 use crate::metrics::{kind, result};
 use crate::server::{store_call, EndReason, Gateway, Tunnel, WRITE_TIMEOUT};
+use crate::Socket;
 use crate::MAX_STREAMS_PER_SESSION;
 
 /// Frames the gateway writes in a row leave as one TLS record of at most this much (a
@@ -142,7 +142,7 @@ impl Gateway {
     /// Serves one agent's hello to the end of its tunnel.
     pub(crate) async fn agent(
         self: Arc<Self>,
-        tls: TlsStream<TcpStream>,
+        tls: TlsStream<Socket>,
         peer: SocketAddr,
         hello: AgentHello,
         ticket: Ticket,
@@ -225,7 +225,7 @@ impl Gateway {
         self.hold(location, opener, control, claimed_at, peer).await;
     }
 
-    async fn refuse_agent(&self, tls: TlsStream<TcpStream>, refusal: Refusal) {
+    async fn refuse_agent(&self, tls: TlsStream<Socket>, refusal: Refusal) {
         self.refuse(tls, kind::AGENT, refusal.code, refusal.message)
             .await;
     }
@@ -234,7 +234,7 @@ impl Gateway {
     /// for the agent's control stream. Any further stream the agent opens is refused.
     async fn start_session(
         &self,
-        mut tls: TlsStream<TcpStream>,
+        mut tls: TlsStream<Socket>,
         epoch: u64,
     ) -> Result<(Opener, MuxStream), SetupFailure> {
         let accepted = HelloAnswer::Accepted {

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use proto::mux::{self, Mode, Opener};
 use proto::tunnel::{DialRequest, Hello, HelloAnswer, HANDSHAKE_TIMEOUT};
 use rustls::pki_types::ServerName;
-use store::{SharedTunnelStore, StoreError, TunnelLocation};
+use store::{EnvId, SharedTunnelStore, StoreError, TunnelLocation};
 use tokio::net::TcpStream;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
@@ -85,6 +85,13 @@ impl Dialer {
     pub fn with_local(mut self, gateway: Arc<Gateway>) -> Self {
         self.local = Some(gateway);
         self
+    }
+
+    /// Whether this process's own gateway holds a tunnel of `env` now.
+    pub fn has_local_tunnel(&self, env: EnvId) -> bool {
+        self.local
+            .as_ref()
+            .is_some_and(|gw| gw.tunnel_epoch(env).is_some())
     }
 
     /// Opens a stream to the agent of `loc` through its gateway (writing the `DialRequest`

@@ -77,6 +77,7 @@ pub mod listen;
 mod metrics;
 mod serve_dial;
 mod server;
+mod socket;
 mod stream;
 pub mod tls;
 
@@ -90,10 +91,11 @@ pub use agent::{check_grant, GrantRefusal};
 pub use dial::{Dialer, MAX_DIAL_SESSIONS};
 pub use metrics::GatewayMetrics;
 pub use server::Gateway;
+pub use socket::Socket;
 pub use stream::TunnelStream;
 pub use tls::pinned_client_config;
 
-use store::StoreError;
+use store::{EnvId, StoreError};
 
 /// Default lease of tunnel locations and of the gateway registration.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
@@ -152,9 +154,13 @@ pub type ConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()>
 /// tunnel's session without waking another thread, and the tunnels' TLS is spread over the
 /// workers instead of all on the thread that accepts.
 pub trait Spawn: Send + Sync {
-    /// Runs `task` somewhere, or hands it back when there is nowhere to run it (the caller
-    /// then spawns it itself).
+    /// Runs `task` (an accepted connection) somewhere, or hands it back when there is nowhere
+    /// to run it (the caller then spawns it itself).
     fn spawn(&self, task: ConnectionTask) -> Result<(), ConnectionTask>;
+
+    /// Runs `task`, the rest of environment `env`'s tunnel once its hello is in, where calls
+    /// to it are best served; hands it back when that is here (the caller runs it on).
+    fn spawn_tunnel(&self, env: EnvId, task: ConnectionTask) -> Result<(), ConnectionTask>;
 }
 
 impl GatewayConfig {

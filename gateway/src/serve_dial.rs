@@ -9,18 +9,18 @@ use proto::mux::{self, Mode};
 use proto::tunnel::{DialRequest, HelloAnswer, HelloRefusal, StreamOpen, StreamRefusal};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::admission::Ticket;
 use crate::metrics::{kind, result, GaugeGuard};
 use crate::server::{Gateway, WRITE_TIMEOUT};
+use crate::Socket;
 use crate::{OpenError, TunnelStream, DIAL_REQUEST_TIMEOUT};
 
 impl Gateway {
     pub(crate) async fn dial_session(
         self: Arc<Self>,
-        mut tls: TlsStream<TcpStream>,
+        mut tls: TlsStream<Socket>,
         peer: SocketAddr,
         secret: [u8; 32],
         ticket: Ticket,

@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::{Admission, AdmissionLimits, Ticket};
 use crate::agent::AgentHello;
 use crate::metrics::{kind, result, GatewayMetrics, GaugeGuard};
-use crate::{with_port, GatewayConfig, GatewayError, OpenError, TunnelStream, STORE_TIMEOUT};
+use crate::{
+    with_port, ConnectionTask, GatewayConfig, GatewayError, OpenError, Socket, TunnelStream,
+    STORE_TIMEOUT,
+};
 
 /// Shortest lease accepted (renewals run every third of it).
 const MIN_LEASE: Duration = Duration::from_millis(150);
@@ -479,7 +482,7 @@ impl Gateway {
         let handshake = async {
             let mut tls = self
                 .acceptor
-                .accept(tcp)
+                .accept(Socket::new(tcp))
                 .await
                 .map_err(HandshakeFailure::Tls)?;
             let hello: Hello = mux::read_frame(&mut tls)
@@ -533,7 +536,24 @@ impl Gateway {
                     edge_id,
                     token,
                 };
-                Box::pin(self.agent(tls, peer, hello, ticket)).await;
+                let Some(spawner) = self.config.spawner.clone() else {
+                    return Box::pin(self.agent(tls, peer, hello, ticket)).await;
+                };
+                // The tunnel goes on to where calls to it are served, if that is elsewhere.
+                let guard = self.tasks.enter();
+                let mut tls = tls;
+                let rest: ConnectionTask = Box::pin(async move {
+                    let _guard = guard;
+                    match tls.get_mut().0.rehome() {
+                        Ok(()) => self.agent(tls, peer, hello, ticket).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot move a tunnel connection")
+                        }
+                    }
+                });
+                if let Err(rest) = spawner.spawn_tunnel(endpoint_id, rest) {
+                    rest.await;
+                }
             }
             Hello::Dial { secret } => {
                 Box::pin(self.dial_session(tls, peer, secret, ticket)).await;
@@ -544,7 +564,7 @@ impl Gateway {
     /// Answers a refused hello and closes the connection.
     pub(crate) async fn refuse(
         &self,
-        mut tls: TlsStream<TcpStream>,
+        mut tls: TlsStream<Socket>,
         kind: &str,
         code: HelloRefusal,
         message: &str,
