@@ -8,6 +8,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -242,16 +243,18 @@ impl Inbound {
 
 /// Like [`spawn`], with a write buffer of `capacity` bytes between yamux and `io`.
 ///
-/// yamux writes a frame's 12-byte header and its body separately; over TLS that is two records
-/// and two `write`s per frame. Buffered, consecutive frames leave together (yamux flushes
-/// whenever it has nothing more to send, so nothing waits in the buffer). The agent uses it
-/// for its one tunnel: a third less CPU per byte sent (`cargo bench -p control-plane --bench
-/// tunnel`, hops). Not for gateways: the buffer is allocated for the session's life.
+/// yamux writes a frame's 12-byte header and its body separately, and flushes after every
+/// frame; over TLS that is two records and two `write`s per frame. Buffered, with yamux's
+/// flushes put off until it has nothing more to do ([`Deferred`]), the frames of one turn of
+/// the session leave together: a bulk answer in writes of `capacity` instead of one per
+/// frame. The agent uses it for its one tunnel. Not for gateways: the buffer is allocated for
+/// the session's life.
 pub fn spawn_buffered<T>(io: T, mode: Mode, capacity: usize) -> Session
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    spawn(tokio::io::BufWriter::with_capacity(capacity, io), mode)
+    let (io, flush) = Deferred::new(tokio::io::BufWriter::with_capacity(capacity, io));
+    start(io, mode, Some(flush))
 }
 
 /// Like [`spawn`], with a write buffer that exists only while it holds bytes
@@ -262,7 +265,74 @@ pub fn spawn_coalescing<T>(io: T, mode: Mode, capacity: usize) -> Session
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    spawn(Coalesce::new(io, capacity), mode)
+    let (io, flush) = Deferred::new(Coalesce::new(io, capacity));
+    start(io, mode, Some(flush))
+}
+
+/// The session driver's flush of a [`Deferred`] buffer: ready with whether yamux should get
+/// another turn (a write was refused since the last flush).
+type Flush = Box<dyn FnMut(&mut Context<'_>) -> Poll<io::Result<bool>> + Send>;
+
+/// A write buffer shared by yamux, which writes into it and whose flushes do nothing, and by
+/// the session's driver, which flushes it once yamux has nothing more to do (see [`drive`]).
+/// Both use it from the driver's task, one after the other.
+struct Deferred<W>(Arc<parking_lot::Mutex<Shared<W>>>);
+
+struct Shared<W> {
+    inner: W,
+    /// A write was refused (the buffer full, the socket too): yamux holds on to that frame
+    /// until it is polled again.
+    refused: bool,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Deferred<W> {
+    fn new(inner: W) -> (Self, Flush) {
+        let shared = Arc::new(parking_lot::Mutex::new(Shared {
+            inner,
+            refused: false,
+        }));
+        let mine = Arc::clone(&shared);
+        let flush: Flush = Box::new(move |cx| {
+            let mut s = mine.lock();
+            let flushed = Pin::new(&mut s.inner).poll_flush(cx);
+            flushed.map_ok(|()| std::mem::take(&mut s.refused))
+        });
+        (Self(shared), flush)
+    }
+}
+
+impl<W: AsyncRead + Unpin> AsyncRead for Deferred<W> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().inner).poll_read(cx, buf)
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Deferred<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut s = self.0.lock();
+        let wrote = Pin::new(&mut s.inner).poll_write(cx, data);
+        if wrote.is_pending() {
+            s.refused = true;
+        }
+        wrote
+    }
+
+    /// Put off: the driver flushes once yamux is done for now.
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().inner).poll_shutdown(cx)
+    }
 }
 
 /// A write buffer allocated when bytes arrive and released once they are written out (on
@@ -367,6 +437,13 @@ pub fn spawn<T>(io: T, mode: Mode) -> Session
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    start(io, mode, None)
+}
+
+fn start<T>(io: T, mode: Mode, flush: Option<Flush>) -> Session
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut config = yamux::Config::default();
     // In this order: each setter asserts window >= streams * 256 KiB.
     config.set_max_num_streams(MAX_STREAMS);
@@ -377,7 +454,14 @@ where
     let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
     let close = CancellationToken::new();
     let done = CancellationToken::new();
-    tokio::spawn(drive(conn, req_rx, in_tx, close.clone(), done.clone()));
+    tokio::spawn(drive(
+        conn,
+        req_rx,
+        in_tx,
+        close.clone(),
+        done.clone(),
+        flush,
+    ));
     Session {
         opener: Opener {
             requests: req_tx,
@@ -394,6 +478,7 @@ async fn drive<T>(
     inbound: mpsc::Sender<Box<MuxStream>>,
     close: CancellationToken,
     done: CancellationToken,
+    mut flush: Option<Flush>,
 ) where
     T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
 {
@@ -445,7 +530,21 @@ async fn drive<T>(
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // yamux is done for now: what it wrote leaves together. If that
+                    // cannot all go now, the socket wakes this task; if it did and yamux
+                    // holds a frame the full buffer refused, yamux gets another turn.
+                    if let Some(flush) = flush.as_mut() {
+                        match flush(cx) {
+                            Poll::Ready(Err(e)) => {
+                                return Poll::Ready(Err(yamux::ConnectionError::Io(e)))
+                            }
+                            Poll::Ready(Ok(true)) => cx.waker().wake_by_ref(),
+                            Poll::Ready(Ok(false)) | Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     })
@@ -773,5 +872,84 @@ mod tests {
         w.shutdown().await.unwrap();
         assert_eq!(w.inner.writes.concat(), b"abcdefghij".to_vec());
         assert_eq!(w.buffered(), 0);
+    }
+
+    /// Counts the writes that reach it.
+    struct Counted {
+        inner: tokio::io::DuplexStream,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let wrote = Pin::new(&mut self.inner).poll_write(cx, data);
+            if wrote.is_ready() {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            wrote
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// yamux flushes after every frame; a buffered session's frames of one turn still leave
+    /// in one write (a bulk answer in a few large writes, not one per frame), and all of them.
+    #[tokio::test]
+    async fn buffered_sessions_send_the_frames_of_a_turn_in_one_write() {
+        const BYTES: usize = 1 << 20;
+        for coalescing in [false, true] {
+            let (a, b) = tokio::io::duplex(4 * BYTES);
+            let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = Counted {
+                inner: b,
+                writes: Arc::clone(&writes),
+            };
+            let client = spawn(a, Mode::Client);
+            let mut server = if coalescing {
+                spawn_coalescing(counted, Mode::Server, 64 * 1024)
+            } else {
+                spawn_buffered(counted, Mode::Server, 64 * 1024)
+            };
+            let mut ours = client.opener.open().await.unwrap();
+            write_frame(&mut ours, &Control::Ping(1)).await.unwrap();
+            let mut theirs = server.inbound.recv().await.unwrap();
+            let _: Control = read_frame(&mut theirs).await.unwrap();
+
+            let before = writes.load(std::sync::atomic::Ordering::Relaxed);
+            let writer = tokio::spawn(async move {
+                theirs.write_all(&vec![1u8; BYTES]).await.unwrap();
+                theirs.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            ours.read_to_end(&mut got).await.unwrap();
+            writer.await.unwrap();
+            assert_eq!(got.len(), BYTES);
+            assert!(got.iter().all(|b| *b == 1));
+            let n = writes.load(std::sync::atomic::Ordering::Relaxed) - before;
+            let frames = BYTES / FRAME_BODY;
+            assert!(
+                n * 3 <= frames,
+                "coalescing {coalescing}: {n} writes for {frames} frames"
+            );
+        }
     }
 }
