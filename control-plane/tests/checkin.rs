@@ -296,13 +296,18 @@ async fn heartbeats_are_written_behind_in_batches_and_survive_restart() {
 }
 
 #[actix_web::test]
-async fn frames_without_the_key_never_take_an_environments_slots() {
-    // No room at all: anything that reached the bound would be 503. Frames signed with another
-    // key are refused by the cheap checks before that, with what is wrong with them.
+async fn steady_check_ins_need_no_room_at_the_actor_and_bad_frames_are_told_why() {
+    // No room at all at the environment's actor: anything sent there would be 503. Frames
+    // signed with another key are refused with what is wrong with them, and a bound agent's
+    // check-ins and uploads are decided in place, never queued, so they are answered.
     let cp = ControlPlane::start_with(|c| c.limits.actor_mailbox = 0).await;
     let edge = Uuid::new_v4();
     // Pre-assigned: bound without a check-in (which could not get through here).
-    let (_, token) = create(&cp, json!({"name": "k", "edgeId": edge})).await;
+    let (_, token) = create(
+        &cp,
+        json!({"name": "k", "edgeId": edge, "checkinInterval": 1}),
+    )
+    .await;
     let wrong = JoinSecret::generate();
     for _ in 0..50 {
         let (s, v) = raw(&cp, frame(&token, &wrong, edge, now_ms())).await;
@@ -321,15 +326,19 @@ async fn frames_without_the_key_never_take_an_environments_slots() {
         (s, v["code"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("clock_skew"))
     );
-    // ... while the real agent's check-ins and uploads do reach the bound (and are busy here:
-    // uploads count like check-ins, none queue).
+    // ... while the real agent's check-ins (held ones too) and uploads are answered.
     let mut agent = client(&token, edge, None);
-    assert!(matches!(
-        agent.checkin().await,
-        Err(CheckinError::Busy { .. })
-    ));
+    let out = agent.checkin().await.unwrap();
+    assert_eq!(out.status, EdgeStatus::Idle);
+    let out = agent
+        .checkin_via(edge_agent::CheckinRoute::Held)
+        .await
+        .unwrap();
+    assert_eq!(out.status, EdgeStatus::Idle);
     let snapshot = proto::snapshot::compress(&proto::snapshot::Snapshot::default()).unwrap();
-    match agent.upload_snapshot(&snapshot).await {
+    agent.upload_snapshot(&snapshot).await.unwrap();
+    // What needs the actor does not get through: a tunnel's credentials.
+    match agent.checkin_via(edge_agent::CheckinRoute::AskTunnel).await {
         Err(CheckinError::Busy { .. }) => {}
         other => panic!("expected busy, got {other:?}"),
     }

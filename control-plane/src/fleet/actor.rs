@@ -1,4 +1,8 @@
-//! The thin actix shell around [`EnvState`]: one per environment, bounded mailbox.
+//! An environment's shared state ([`Env`]: the state machine and its held check-ins) and the
+//! thin actix shell around it. Steady check-ins are decided by the fleet in place, under the
+//! state's lock ([`Env::answer`]); the actor does what needs the store or a timer (a first
+//! check-in's bind, tunnel credentials, offering held check-ins a grant) and applies admin
+//! events, one at a time, through its bounded mailbox.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -6,16 +10,18 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use proto::clock::now_ms;
 use proto::wire::{CheckinRequest, EdgeStatus, SealedCredentials, TunnelCredentials};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use store::{BindOutcome, Environment, TunnelGrant};
+use store::{BindOutcome, EnvId, Environment, TunnelGrant};
 use tokio::sync::oneshot;
 
 use super::state::held::HeldQueue;
 use super::state::{CheckinKind, EnvState, Verdict};
 use super::{Answer, CheckinError, Fleet};
+use crate::metrics::Metrics;
 
 /// How long one-time tunnel credentials live (the agent connects within milliseconds).
 pub const CREDENTIALS_TTL: Duration = Duration::from_secs(30);
@@ -28,31 +34,88 @@ pub(super) struct Reply {
     pub held: Option<oneshot::Receiver<Answer>>,
 }
 
-pub(super) struct EnvActor {
-    state: EnvState,
-    fleet: Arc<Fleet>,
-    held: HeldQueue<oneshot::Sender<Answer>>,
+/// An environment's state machine and held check-ins, shared by its actor and the fleet's
+/// check-in path. The lock is held for a decision only, never across an `.await`.
+pub(super) struct Env {
+    pub state: EnvState,
+    pub held: HeldQueue<oneshot::Sender<Answer>>,
     /// `held.len()` as last added to the fleet-wide gauge.
     held_counted: usize,
 }
 
-impl EnvActor {
-    pub(super) fn new(state: EnvState, fleet: Arc<Fleet>) -> Self {
-        let held = HeldQueue::new(fleet.limits.held_per_env);
-        Self {
+pub(super) type SharedEnv = Arc<Mutex<Env>>;
+
+impl Env {
+    pub(super) fn new(state: EnvState, held_per_env: usize) -> SharedEnv {
+        Arc::new(Mutex::new(Self {
             state,
-            fleet,
-            held,
+            held: HeldQueue::new(held_per_env),
             held_counted: 0,
-        }
+        }))
     }
 
     /// Brings `edgeplane_fleet_held_checkins` up to date with this queue's length.
-    fn count_held(&mut self) {
+    fn count_held(&mut self, metrics: &Metrics) {
         let now = self.held.len();
-        let gauge = &self.fleet.metrics.held_checkins;
-        gauge.add(now as i64 - self.held_counted as i64);
+        metrics
+            .held_checkins
+            .add(now as i64 - self.held_counted as i64);
         self.held_counted = now;
+    }
+
+    /// The reply to a check-in decided without credentials: an async tick's intervals filled
+    /// in, an idle held check-in parked (unless the environment holds as many as it may).
+    pub(super) fn answer(&mut self, kind: CheckinKind, mut answer: Answer, fleet: &Fleet) -> Reply {
+        if kind == CheckinKind::Async {
+            answer.async_intervals =
+                Some(self.state.async_intervals(fleet.defaults.async_intervals()));
+        }
+        let held = if kind == CheckinKind::Held && answer.unchanged {
+            let (tx, rx) = oneshot::channel();
+            let held = self.held.hold(tx, answer.interval_secs).is_ok();
+            self.count_held(&fleet.metrics);
+            held.then_some(rx)
+        } else {
+            None
+        };
+        Reply { answer, held }
+    }
+}
+
+/// Counts a check-in's outcome (`edgeplane_checkin_requests_total`), and says so when another
+/// Edge ID knocks at a bound environment.
+pub(super) fn count_result(metrics: &Metrics, id: EnvId, result: &Result<Reply, CheckinError>) {
+    let name = match result {
+        Ok(r) if r.answer.status == EdgeStatus::Required => "required",
+        Ok(r) if r.held.is_some() => "held",
+        Ok(_) => "idle",
+        Err(CheckinError::Refused(r)) => r.code().kind(),
+        Err(_) => "error",
+    };
+    match name {
+        "idle" => metrics.checkins_by_result.idle.inc(),
+        "held" => metrics.checkins_by_result.held.inc(),
+        "required" => metrics.checkins_by_result.required.inc(),
+        other => metrics.checkins.with_label_values(&[other]).inc(),
+    }
+    if let Err(CheckinError::Refused(super::Refusal::EdgeIdMismatch)) = result {
+        tracing::warn!(
+            env = id,
+            "check-in from another edge id refused (environment is bound; reset the association to rebind)"
+        );
+    }
+}
+
+pub(super) struct EnvActor {
+    id: EnvId,
+    env: SharedEnv,
+    fleet: Arc<Fleet>,
+}
+
+impl EnvActor {
+    pub(super) fn new(env: SharedEnv, fleet: Arc<Fleet>) -> Self {
+        let id = env.lock().state.id();
+        Self { id, env, fleet }
     }
 
     /// Makes one-time credentials for the bound agent: the sealed form for the answer, and
@@ -67,19 +130,18 @@ impl EnvActor {
         ),
         CheckinError,
     > {
-        let id = self.state.id();
+        let id = self.id;
         let broken = |reason: &str| CheckinError::Broken {
             id,
             reason: reason.to_owned(),
         };
-        let key = self
-            .state
-            .seal_key()
-            .ok_or_else(|| broken("tunnel credentials need a bound edge id"))?;
-        let edge_id = self
-            .state
-            .edge_id()
-            .ok_or_else(|| broken("tunnel credentials need a bound edge id"))?;
+        let (key, edge_id) = {
+            let env = self.env.lock();
+            (env.state.seal_key(), env.state.edge_id())
+        };
+        let (Some(key), Some(edge_id)) = (key, edge_id) else {
+            return Err(broken("tunnel credentials need a bound edge id"));
+        };
         let mut token = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut token);
         let expires_ms = now + CREDENTIALS_TTL.as_millis() as u64;
@@ -117,16 +179,21 @@ impl EnvActor {
     /// credentials; if its agent never connects, offers again when the grant window ends.
     fn wake_one(&mut self, ctx: &mut Context<Self>) {
         let now = now_ms();
-        let offered = self.held.offer(&mut self.state, now);
-        self.count_held();
+        let offered = {
+            let mut env = self.env.lock();
+            let env = &mut *env;
+            let offered = env.held.offer(&mut env.state, now);
+            env.count_held(&self.fleet.metrics);
+            offered
+        };
         let Some(held) = offered else {
             return;
         };
         let (sealed, put) = match self.issue(now) {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(env = self.state.id(), error = %e, "cannot issue tunnel credentials");
-                self.state.release_grant();
+                tracing::warn!(env = self.id, error = %e, "cannot issue tunnel credentials");
+                self.env.lock().state.release_grant();
                 return;
             }
         };
@@ -147,19 +214,20 @@ impl EnvActor {
                     .with_label_values(&["required"])
                     .inc();
                 // If this agent never opens the tunnel, give the next one a turn.
-                if let Some(at) = HeldQueue::<oneshot::Sender<Answer>>::reoffer_at(&act.state) {
+                let again = HeldQueue::<oneshot::Sender<Answer>>::reoffer_at(&act.env.lock().state);
+                if let Some(at) = again {
                     let after = Duration::from_millis(at.saturating_sub(now) + 50);
                     ctx.run_later(after, |act, ctx| act.wake_one(ctx));
                 }
             } else {
-                act.state.release_grant();
+                act.env.lock().state.release_grant();
                 act.wake_one(ctx);
             }
         }));
     }
 
-    /// Sends a decided answer: issues credentials first when it says `Required`, or parks a
-    /// held check-in.
+    /// Sends a decided answer: issues credentials first when it says `Required`, or answers
+    /// (or parks) it as [`Env::answer`] does.
     fn respond(
         &mut self,
         kind: CheckinKind,
@@ -171,7 +239,7 @@ impl EnvActor {
             let (sealed, put) = match self.issue(now) {
                 Ok(x) => x,
                 Err(e) => {
-                    self.state.release_grant();
+                    self.env.lock().state.release_grant();
                     self.finish(reply, Err(e));
                     return None;
                 }
@@ -189,39 +257,15 @@ impl EnvActor {
                         }),
                     ),
                     Err(e) => {
-                        act.state.release_grant();
+                        act.env.lock().state.release_grant();
                         act.finish(reply, Err(e));
                     }
                 },
             )));
         }
-        let mut answer = answer;
-        if kind == CheckinKind::Async {
-            answer.async_intervals = Some(
-                self.state
-                    .async_intervals(self.fleet.defaults.async_intervals()),
-            );
-        }
-        let held = if kind == CheckinKind::Held && answer.unchanged {
-            let (tx, rx) = oneshot::channel();
-            let held = self.held.hold(tx, answer.interval_secs).is_ok();
-            self.count_held();
-            held.then_some(rx)
-        } else {
-            None
-        };
-        self.finish(reply, Ok(Reply { answer, held }));
+        let result = self.env.lock().answer(kind, answer, &self.fleet);
+        self.finish(reply, Ok(result));
         None
-    }
-
-    fn result_name(r: &Result<Reply, CheckinError>) -> &'static str {
-        match r {
-            Ok(r) if r.answer.status == EdgeStatus::Required => "required",
-            Ok(r) if r.held.is_some() => "held",
-            Ok(_) => "idle",
-            Err(CheckinError::Refused(r)) => r.code().kind(),
-            Err(_) => "error",
-        }
     }
 }
 
@@ -233,17 +277,21 @@ impl Actor for EnvActor {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        self.fleet
-            .metrics
-            .held_checkins
-            .sub(self.held_counted as i64);
-        self.held_counted = 0;
-        self.fleet.actor_stopped(self.state.id(), &ctx.address());
+        {
+            let mut env = self.env.lock();
+            self.fleet
+                .metrics
+                .held_checkins
+                .sub(env.held_counted as i64);
+            env.held_counted = 0;
+        }
+        self.fleet.actor_stopped(self.id, &ctx.address());
     }
 }
 
-/// One check-in; the answer goes back on `reply` so the sender can use `try_send` and fail
-/// fast on a full mailbox.
+/// A check-in the fleet could not decide in place: a first check-in (its Edge ID is bound
+/// here). The answer goes back on `reply` so the sender can use `try_send` and fail fast on a
+/// full mailbox.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(super) struct CheckinMsg {
@@ -255,20 +303,26 @@ pub(super) struct CheckinMsg {
 }
 
 impl Handler<CheckinMsg> for EnvActor {
-    // Answers decided from memory (nearly all) are given in the handler itself. The two that
-    // need the store (a first check-in's bind, issuing credentials) run with `ctx.wait`, not
-    // `ctx.spawn`: the latter would let the next message in while the bind is in flight (a
-    // second first check-in would bind again, a `Reload` of a reset could be overwritten by
-    // a stale outcome); with `ctx.wait` nothing else is handled until the outcome is applied.
+    // Decided again here: an earlier first check-in may have bound the environment since
+    // this one was sent. What needs the store (the bind, issuing credentials) runs with
+    // `ctx.wait`, not `ctx.spawn`: the latter would let the next message in while the bind is
+    // in flight (a second first check-in would bind again, a `Reload` of a reset could be
+    // overwritten by a stale outcome); with `ctx.wait` nothing else is handled until the
+    // outcome is applied. (Check-ins decided in place meanwhile find no binding and come
+    // here too.)
     type Result = ();
 
     fn handle(&mut self, msg: CheckinMsg, ctx: &mut Self::Context) {
         let default_interval = self.fleet.defaults.checkin();
         let kind = msg.kind;
-        match self
-            .state
-            .checkin_as(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
-        {
+        let verdict = self.env.lock().state.checkin_as(
+            kind,
+            &msg.req,
+            &msg.frame,
+            msg.now_ms,
+            default_interval,
+        );
+        match verdict {
             Verdict::Answer(a) => {
                 if let Some(pending) = self.respond(kind, a, msg.reply, msg.now_ms) {
                     ctx.wait(pending);
@@ -281,8 +335,8 @@ impl Handler<CheckinMsg> for EnvActor {
                 // verified with this state's join secret, so the store binds only if it still
                 // holds that secret: a reset landing meanwhile must not be bound by the old key.
                 let store = Arc::clone(self.fleet.store());
-                let id = self.state.id();
-                let join_secret = self.state.join_secret().to_owned();
+                let id = self.id;
+                let join_secret = self.env.lock().state.join_secret().to_owned();
                 let fut = async move { store.bind_edge_id(id, edge_id, &join_secret).await };
                 ctx.wait(Box::pin(fut.into_actor(self).then(
                     move |outcome, act, _ctx| {
@@ -292,15 +346,15 @@ impl Handler<CheckinMsg> for EnvActor {
                                 // never above debug.
                                 tracing::info!(env = id, "edge id bound on first check-in");
                                 tracing::debug!(env = id, %edge_id, "bound edge id");
-                                act.state.set_binding(edge_id);
+                                act.env.lock().state.set_binding(edge_id);
                                 act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
                             Ok(BindOutcome::AlreadyBound) => {
-                                act.state.set_binding(edge_id);
+                                act.env.lock().state.set_binding(edge_id);
                                 act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
                             Ok(BindOutcome::BoundToOther(other)) => {
-                                act.state.set_binding(other);
+                                act.env.lock().state.set_binding(other);
                                 act.retry(kind, &msg.req, &msg.frame, msg.now_ms, default_interval)
                             }
                             Ok(BindOutcome::SecretChanged) => {
@@ -347,14 +401,16 @@ impl EnvActor {
         now_ms: u64,
         default_interval: u32,
     ) -> Result<Answer, CheckinError> {
-        match self
+        let verdict = self
+            .env
+            .lock()
             .state
-            .checkin_as(kind, req, frame, now_ms, default_interval)
-        {
+            .checkin_as(kind, req, frame, now_ms, default_interval);
+        match verdict {
             Verdict::Answer(a) => Ok(a),
             Verdict::Refuse(r) => Err(CheckinError::Refused(r)),
             Verdict::Bind(_) => Err(CheckinError::Broken {
-                id: self.state.id(),
+                id: self.id,
                 reason: "binding did not hold".into(),
             }),
         }
@@ -365,21 +421,30 @@ impl EnvActor {
         reply: oneshot::Sender<Result<Reply, CheckinError>>,
         result: Result<Reply, CheckinError>,
     ) {
-        let metrics = &self.fleet.metrics;
-        match Self::result_name(&result) {
-            "idle" => metrics.checkins_by_result.idle.inc(),
-            "held" => metrics.checkins_by_result.held.inc(),
-            "required" => metrics.checkins_by_result.required.inc(),
-            other => metrics.checkins.with_label_values(&[other]).inc(),
-        }
-        if let Err(CheckinError::Refused(super::Refusal::EdgeIdMismatch)) = &result {
-            tracing::warn!(
-                env = self.state.id(),
-                "check-in from another edge id refused (environment is bound; reset the association to rebind)"
-            );
-        }
+        count_result(&self.fleet.metrics, self.id, &result);
         // The requester may have given up (timeout); nothing to do then.
         let _ = reply.send(result);
+    }
+}
+
+/// A check-in the fleet decided in place whose answer carries tunnel credentials (its grant
+/// is taken): the actor issues them, stores the grant, then answers on `reply`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Issue {
+    pub kind: CheckinKind,
+    pub answer: Answer,
+    pub now_ms: u64,
+    pub reply: oneshot::Sender<Result<Reply, CheckinError>>,
+}
+
+impl Handler<Issue> for EnvActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Issue, ctx: &mut Self::Context) {
+        if let Some(pending) = self.respond(msg.kind, msg.answer, msg.reply, msg.now_ms) {
+            ctx.wait(pending);
+        }
     }
 }
 
@@ -391,10 +456,12 @@ impl Handler<Reload> for EnvActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) {
-        if let Err(e) = self
+        let reloaded = self
+            .env
+            .lock()
             .state
-            .reload(&msg.0, self.fleet.agent_secret.as_deref())
-        {
+            .reload(&msg.0, self.fleet.agent_secret.as_deref());
+        if let Err(e) = reloaded {
             tracing::error!(error = %e, "cannot apply reloaded environment; stopping its actor");
             ctx.stop();
         }
@@ -409,31 +476,8 @@ impl Handler<SetRequired> for EnvActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetRequired, ctx: &mut Self::Context) {
-        self.state.set_required(msg.0);
+        self.env.lock().state.set_required(msg.0);
         self.wake_one(ctx);
-    }
-}
-
-/// Verifies a signed upload against this environment's keys and binding; the answer goes back
-/// on `reply`, so the sender can use `try_send` and fail fast on a full mailbox.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(super) struct VerifyUpload {
-    pub frame: Bytes,
-    pub edge_id: uuid::Uuid,
-    pub timestamp_ms: u64,
-    pub reply: oneshot::Sender<Result<(), super::Refusal>>,
-}
-
-impl Handler<VerifyUpload> for EnvActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: VerifyUpload, _ctx: &mut Self::Context) {
-        let result = self
-            .state
-            .verify_upload(&msg.frame, msg.edge_id, msg.timestamp_ms, now_ms());
-        // The requester may have given up (timeout); nothing to do then.
-        let _ = msg.reply.send(result);
     }
 }
 
@@ -446,7 +490,7 @@ impl Handler<WantTunnel> for EnvActor {
     type Result = ();
 
     fn handle(&mut self, msg: WantTunnel, ctx: &mut Self::Context) {
-        self.state.want_tunnel(msg.0);
+        self.env.lock().state.want_tunnel(msg.0);
         self.wake_one(ctx);
     }
 }
@@ -464,10 +508,17 @@ impl Handler<TunnelEvent> for EnvActor {
 
     fn handle(&mut self, msg: TunnelEvent, ctx: &mut Self::Context) {
         match msg {
-            TunnelEvent::Opened(epoch) => self.state.set_open(Some(epoch)),
+            TunnelEvent::Opened(epoch) => self.env.lock().state.set_open(Some(epoch)),
             TunnelEvent::Closed(epoch) => {
-                if self.state.open_epoch() == Some(epoch) {
-                    self.state.set_open(None);
+                let closed = {
+                    let mut env = self.env.lock();
+                    let ours = env.state.open_epoch() == Some(epoch);
+                    if ours {
+                        env.state.set_open(None);
+                    }
+                    ours
+                };
+                if closed {
                     self.wake_one(ctx);
                 }
             }

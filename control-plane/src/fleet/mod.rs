@@ -14,17 +14,16 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::RwLock;
 use proto::clock::now_ms;
-use proto::wire::CheckinRequest;
+use proto::wire::{CheckinRequest, EdgeStatus};
 use store::{Change, EdgeMode, EnvId, Settings, SharedStore, StoreError, TunnelLocation};
 use tokio::sync::{broadcast, oneshot, Notify};
 
 use crate::config::Limits;
 use crate::metrics::{AgentStats, FleetSizes, Metrics};
 pub use actor::CREDENTIALS_TTL;
-use actor::{CheckinMsg, EnvActor, Reload, Shutdown, TunnelEvent, WantTunnel};
-pub use state::{
-    grace_ms, liveness, Answer, CheckinKind, Intervals, Liveness, Refusal, SharedGate,
-};
+use actor::{CheckinMsg, Env, EnvActor, Reload, SharedEnv, Shutdown, TunnelEvent, WantTunnel};
+use state::Verdict;
+pub use state::{grace_ms, liveness, Answer, CheckinKind, Intervals, Liveness, Refusal};
 
 /// Held check-ins are answered this long before the agent's interval ends, so the agent's
 /// next check-in (at send time + interval) never waits for a late answer.
@@ -122,14 +121,15 @@ impl Defaults {
     }
 }
 
-/// A live actor and the number of check-ins queued for it. actix's `try_send` on a fresh
-/// `Addr` clone never reports a full mailbox, so the bound is enforced here.
+/// A live actor, its environment's shared state, and the number of check-ins queued for the
+/// actor. actix's `try_send` on a fresh `Addr` clone never reports a full mailbox, so the
+/// bound is enforced here.
 #[derive(Clone)]
 struct Handle {
     addr: Addr<EnvActor>,
     in_flight: Arc<AtomicUsize>,
-    /// The environment's keys and binding, to refuse a request before it counts.
-    gate: SharedGate,
+    /// What steady check-ins are decided with, in place.
+    env: SharedEnv,
 }
 
 impl Handle {
@@ -400,11 +400,12 @@ impl Fleet {
         &self.store
     }
 
-    /// Handles one verified-later check-in: routes it to the environment's actor, whose
-    /// answer is ready at once or, for a held check-in, held ([`Checkin::Held`]: due at the
-    /// end of the interval, or when a tunnel grant comes). `proven` runs once the frame passed
-    /// the cheap checks (its MAC holds: it comes from the join secret's holder), before any
-    /// hold.
+    /// Handles one check-in: judged by the environment's state in place (proof, freshness,
+    /// replay, binding), so a steady one costs no message; a first check-in (to bind) or one
+    /// whose answer carries tunnel credentials goes on to the environment's actor. The answer
+    /// is ready at once or, for a held check-in, held ([`Checkin::Held`]: due at the end of
+    /// the interval, or when a tunnel grant comes). `proven` runs once the frame passed the
+    /// cheap checks (its MAC holds: it comes from the join secret's holder), before any hold.
     pub async fn checkin(
         self: &Arc<Self>,
         kind: CheckinKind,
@@ -415,48 +416,107 @@ impl Fleet {
         let id = req.endpoint_id;
         let handle = self.actor(id).await?;
         let now = now_ms();
-        // What is cheap to check first: a frame without the join secret is refused here and
-        // never takes one of the environment's slots, so it cannot make the real agent busy.
-        let precheck = handle
-            .gate
-            .read()
-            .check_checkin(kind, &req, &frame, now)
-            .map(|_| ());
-        if let Err(refusal) = precheck {
-            return Err(self.refused_early(id, refusal));
-        }
-        proven();
-        // The slot bounds the actor's queue; a held check-in gives it back once the actor has
-        // answered, so holds (bounded on their own) never use up the slots bursts need.
-        let in_flight = handle
-            .slot(self.limits.actor_mailbox)
-            .ok_or(CheckinError::Busy(id))?;
-        let addr = handle.addr;
-        let (tx, rx) = oneshot::channel();
         let hold_for =
             Duration::from_secs(u64::from(req.interval_secs)).saturating_sub(HOLD_MARGIN);
-        let msg = CheckinMsg {
-            kind,
-            req,
-            frame,
-            now_ms: now,
-            reply: tx,
+        let verdict = {
+            let mut env = handle.env.lock();
+            match env.state.check_checkin(kind, &req, &frame, now) {
+                Ok(claimed) => {
+                    Ok(env
+                        .state
+                        .decide(kind, &req, &frame, claimed, now, self.defaults.checkin()))
+                }
+                Err(refusal) => Err(refusal),
+            }
         };
-        match addr.try_send(msg) {
+        // A frame without the join secret is refused here and never takes one of the
+        // environment's slots, so it cannot make the real agent busy.
+        let verdict = verdict.map_err(|refusal| self.refused_early(id, refusal))?;
+        proven();
+        let result = match verdict {
+            Verdict::Answer(answer) if answer.status != EdgeStatus::Required => {
+                let reply = handle.env.lock().answer(kind, answer, self);
+                Ok(reply)
+            }
+            Verdict::Refuse(refusal) => Err(CheckinError::Refused(refusal)),
+            Verdict::Answer(answer) => {
+                let (tx, rx) = oneshot::channel();
+                let msg = actor::Issue {
+                    kind,
+                    answer,
+                    now_ms: now,
+                    reply: tx,
+                };
+                // Never sent: let another check-in have the grant (the actor releases it
+                // itself when it cannot deliver).
+                let release = || handle.env.lock().state.release_grant();
+                let result = self.to_actor(id, &handle, msg, rx, release).await;
+                return self.settle(id, now, hold_for, result);
+            }
+            Verdict::Bind(_) => {
+                let (tx, rx) = oneshot::channel();
+                let msg = CheckinMsg {
+                    kind,
+                    req,
+                    frame,
+                    now_ms: now,
+                    reply: tx,
+                };
+                let result = self.to_actor(id, &handle, msg, rx, || ()).await;
+                return self.settle(id, now, hold_for, result);
+            }
+        };
+        actor::count_result(&self.metrics, id, &result);
+        self.settle(id, now, hold_for, result)
+    }
+
+    /// Sends `msg` to the environment's actor within its in-flight bound and waits for the
+    /// answer it sends on `rx`: `Busy` when the bound is reached, the actor is gone or does
+    /// not answer in time. `not_sent` runs when the actor never got the message.
+    async fn to_actor<M>(
+        &self,
+        id: EnvId,
+        handle: &Handle,
+        msg: M,
+        rx: oneshot::Receiver<Result<actor::Reply, CheckinError>>,
+        not_sent: impl FnOnce(),
+    ) -> Result<actor::Reply, CheckinError>
+    where
+        M: Message<Result = ()> + Send + 'static,
+        EnvActor: Handler<M>,
+    {
+        let Some(_in_flight) = handle.slot(self.limits.actor_mailbox) else {
+            not_sent();
+            return Err(CheckinError::Busy(id));
+        };
+        match handle.addr.try_send(msg) {
             Ok(()) => {}
-            Err(SendError::Full(_)) => return Err(CheckinError::Busy(id)),
+            Err(SendError::Full(_)) => {
+                not_sent();
+                return Err(CheckinError::Busy(id));
+            }
             Err(SendError::Closed(_)) => {
+                not_sent();
                 // The actor stopped between lookup and send (idle sweep): forget it; the
                 // agent retries and a fresh one is started.
                 self.actors.remove_if(&id, |_, h| !h.addr.connected());
                 return Err(CheckinError::Busy(id));
             }
         }
-        let result = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
             Ok(Ok(result)) => result,
             _ => Err(CheckinError::Busy(id)),
-        };
-        drop(in_flight);
+        }
+    }
+
+    /// What a decided check-in becomes: its answer now, or held until `hold_for` from now.
+    fn settle(
+        self: &Arc<Self>,
+        id: EnvId,
+        now: u64,
+        hold_for: Duration,
+        result: Result<actor::Reply, CheckinError>,
+    ) -> Result<Checkin, CheckinError> {
         match result {
             Ok(actor::Reply {
                 answer,
@@ -549,11 +609,11 @@ impl Fleet {
                 started = true;
                 self.metrics.actor_starts.inc();
                 self.metrics.actors.inc();
-                let gate = state.gate();
+                let env = Env::new(state, self.limits.held_per_env);
                 Handle {
-                    addr: EnvActor::new(state, Arc::clone(self)).start(),
+                    addr: EnvActor::new(Arc::clone(&env), Arc::clone(self)).start(),
                     in_flight: Arc::new(AtomicUsize::new(0)),
-                    gate,
+                    env,
                 }
             })
             .clone();
@@ -606,8 +666,8 @@ impl Fleet {
         self.unknown.insert(id, now + UNKNOWN_TTL_MS);
     }
 
-    /// Verifies a signed upload of `id`'s agent (proof, binding, freshness), with the cheap
-    /// checks first and within the environment's in-flight bound, as a check-in.
+    /// Verifies a signed upload of `id`'s agent (proof, binding, freshness) with its
+    /// environment's state, in place.
     pub async fn verify_upload(
         self: &Arc<Self>,
         id: EnvId,
@@ -616,34 +676,13 @@ impl Fleet {
         timestamp_ms: u64,
     ) -> Result<(), CheckinError> {
         let handle = self.actor(id).await?;
-        let precheck = handle
-            .gate
-            .read()
-            .check_upload(&frame, edge_id, timestamp_ms, now_ms());
-        if let Err(refusal) = precheck {
-            return Err(self.refused_early(id, refusal));
-        }
-        let _in_flight = handle
-            .slot(self.limits.actor_mailbox)
-            .ok_or(CheckinError::Busy(id))?;
-        let (tx, rx) = oneshot::channel();
-        let msg = actor::VerifyUpload {
-            frame,
-            edge_id,
-            timestamp_ms,
-            reply: tx,
-        };
-        if handle.addr.try_send(msg).is_err() {
-            return Err(CheckinError::Busy(id));
-        }
-        let result = match tokio::time::timeout(Duration::from_secs(10), rx).await {
-            Ok(Ok(result)) => result,
-            _ => return Err(CheckinError::Busy(id)),
-        };
-        result.map_err(|r| {
-            self.stats.refused(id);
-            CheckinError::Refused(r)
-        })
+        let checked =
+            handle
+                .env
+                .lock()
+                .state
+                .verify_upload(&frame, edge_id, timestamp_ms, now_ms());
+        checked.map_err(|refusal| self.refused_early(id, refusal))
     }
 
     /// Wanted for good or not at all (tests and tools); operators' requests use

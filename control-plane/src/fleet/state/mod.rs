@@ -418,7 +418,7 @@ impl EnvState {
         self.checkin_as(CheckinKind::Poll, req, frame, now_ms, default_interval)
     }
 
-    /// Decides on one check-in of any kind.
+    /// Decides on one check-in of any kind: [`Self::check_checkin`], then [`Self::decide`].
     pub fn checkin_as(
         &mut self,
         kind: CheckinKind,
@@ -427,10 +427,35 @@ impl EnvState {
         now_ms: u64,
         default_interval: u32,
     ) -> Verdict {
-        let claimed = match self.gate.read().check_checkin(kind, req, frame, now_ms) {
-            Ok(claimed) => claimed,
-            Err(refusal) => return Verdict::Refuse(refusal),
-        };
+        match self.check_checkin(kind, req, frame, now_ms) {
+            Ok(claimed) => self.decide(kind, req, frame, claimed, now_ms, default_interval),
+            Err(refusal) => Verdict::Refuse(refusal),
+        }
+    }
+
+    /// What a check-in is judged by first ([`Gate::check_checkin`]): the Edge ID it claims,
+    /// when its MAC holds and its clock is inside the window.
+    pub fn check_checkin(
+        &self,
+        kind: CheckinKind,
+        req: &CheckinRequest,
+        frame: &[u8],
+        now_ms: u64,
+    ) -> Result<Uuid, Refusal> {
+        self.gate.read().check_checkin(kind, req, frame, now_ms)
+    }
+
+    /// Decides on a check-in that passed [`Self::check_checkin`] as `claimed`: mode, replay,
+    /// binding, then the answer (a grant taken here starts the grant window).
+    pub fn decide(
+        &mut self,
+        kind: CheckinKind,
+        req: &CheckinRequest,
+        frame: &[u8],
+        claimed: Uuid,
+        now_ms: u64,
+        default_interval: u32,
+    ) -> Verdict {
         let timestamp_ms =
             proto::wire::request_timestamp(req.timestamp_lo, req.timestamp_hi, now_ms);
         let route_mode = if kind == CheckinKind::Async {
