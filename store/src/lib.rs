@@ -9,8 +9,8 @@
 //! The records are plain data in [`model`]. The interface is cut by domain, so a consumer can
 //! hold just the slice it needs: [`Backend`] (name, liveness, change notifications),
 //! [`TunnelStore`] (grants, tunnel locations, gateway registrations, the cluster secret: all a
-//! tunnel gateway needs), [`EnvironmentStore`], [`CatalogStore`], [`SnapshotStore`] and
-//! [`CommandStore`]. [`Store`] is all of them; `Arc<dyn Store>` coerces to `Arc<dyn
+//! tunnel gateway needs), [`EnvironmentStore`], [`CatalogStore`], [`EdgeGroupStore`],
+//! [`SnapshotStore`] and [`CommandStore`]. [`Store`] is all of them; `Arc<dyn Store>` coerces to `Arc<dyn
 //! TunnelStore>`.
 //!
 //! Only this crate knows key names, table names and serialised layouts. Nothing on the agent
@@ -140,8 +140,8 @@ pub trait EnvironmentStore: Send + Sync + 'static {
     /// [`EnvironmentStore::reset_association`] can neither undo the binding nor bring back
     /// the old secret. `false` if absent.
     async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError>;
-    /// Deletes the environment, its binding, its heartbeat, its snapshot and its commands.
-    /// `false` if absent.
+    /// Deletes the environment, its binding, its heartbeat, its snapshot, its commands and its
+    /// places in static edge groups, in one atomic step. `false` if absent.
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError>;
     /// Binds `edge_id` if the environment is unbound and its join secret is still
     /// `join_secret` (the one the caller verified the agent's proof with), all in one atomic
@@ -201,6 +201,24 @@ pub trait CatalogStore: Send + Sync + 'static {
     /// is revoked. Readers see either the old set or the new one, never a mix or an empty
     /// set in between.
     async fn replace_admin_key_hashes(&self, hashes: &[[u8; 32]]) -> Result<(), StoreError>;
+}
+
+/// Edge groups: the sets of environments edge stacks target. Few (tens to hundreds), each
+/// static (its members kept per member) or dynamic (tags; members computed by the caller).
+#[async_trait]
+pub trait EdgeGroupStore: Send + Sync + 'static {
+    /// Creates `group` under a fresh id (its `id` is ignored). Static members that are not
+    /// environments are left out, in the same atomic step, so no group ever lists an
+    /// environment that is gone. `Conflict` when another group has the name.
+    async fn create_edge_group(&self, group: &EdgeGroup) -> Result<EdgeGroup, StoreError>;
+    async fn edge_group(&self, id: u64) -> Result<Option<EdgeGroup>, StoreError>;
+    /// Every edge group, by id.
+    async fn list_edge_groups(&self) -> Result<Vec<EdgeGroup>, StoreError>;
+    /// Replaces group `group.id` (name, kind, tags and members, as on create); `None` when
+    /// there is no such group, `Conflict` when another group has the name.
+    async fn update_edge_group(&self, group: &EdgeGroup) -> Result<Option<EdgeGroup>, StoreError>;
+    /// `false` if absent.
+    async fn delete_edge_group(&self, id: u64) -> Result<bool, StoreError>;
 }
 
 /// The latest snapshot of each environment's engine.
@@ -265,12 +283,17 @@ pub trait CommandStore: Send + Sync + 'static {
 
 /// All of shared state: what a control-plane replica holds.
 pub trait Store:
-    TunnelStore + EnvironmentStore + CatalogStore + SnapshotStore + CommandStore
+    TunnelStore + EnvironmentStore + CatalogStore + EdgeGroupStore + SnapshotStore + CommandStore
 {
 }
 
 impl<T> Store for T where
-    T: TunnelStore + EnvironmentStore + CatalogStore + SnapshotStore + CommandStore
+    T: TunnelStore
+        + EnvironmentStore
+        + CatalogStore
+        + EdgeGroupStore
+        + SnapshotStore
+        + CommandStore
 {
 }
 
@@ -282,6 +305,7 @@ pub mod prelude {
     pub use crate::Backend as _;
     pub use crate::CatalogStore as _;
     pub use crate::CommandStore as _;
+    pub use crate::EdgeGroupStore as _;
     pub use crate::EnvironmentStore as _;
     pub use crate::SnapshotStore as _;
     pub use crate::TunnelStore as _;

@@ -1,5 +1,5 @@
-//! The domain records every replica and gateway shares: environments, groups and tags,
-//! settings, tunnel grants and locations, gateway registrations, snapshots, async commands,
+//! The domain records every replica and gateway shares: environments, groups and tags, edge
+//! groups, settings, tunnel grants and locations, gateway registrations, snapshots, async commands,
 //! and the change notifications that travel between replicas. Plain data: how each backend
 //! lays them out is its own business.
 
@@ -191,6 +191,66 @@ pub enum Collection {
 pub struct Named {
     pub id: u64,
     pub name: String,
+}
+
+/// How the tags of a dynamic edge group select environments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagMatch {
+    /// Any one of the tags.
+    #[default]
+    Any,
+    /// Every one of them.
+    All,
+}
+
+/// A named set of environments that edge stacks target: static (a list of environments) or
+/// dynamic (the environments whose tags match, computed by the control plane).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeGroup {
+    pub id: u64,
+    pub name: String,
+    pub dynamic: bool,
+    /// Dynamic groups: the tags that select members.
+    pub tag_ids: Vec<u64>,
+    pub tag_match: TagMatch,
+    /// Static groups: the members, ascending. A deleted environment leaves every group with
+    /// it, in the same atomic step as its deletion.
+    pub environment_ids: Vec<EnvId>,
+}
+
+/// The stored form of an [`EdgeGroup`] without its id and members (kept apart, per member).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeGroupRecord {
+    pub name: String,
+    pub dynamic: bool,
+    #[serde(default)]
+    pub tag_ids: Vec<u64>,
+    #[serde(default)]
+    pub tag_match: TagMatch,
+}
+
+impl EdgeGroup {
+    pub fn record(&self) -> EdgeGroupRecord {
+        EdgeGroupRecord {
+            name: self.name.clone(),
+            dynamic: self.dynamic,
+            tag_ids: self.tag_ids.clone(),
+            tag_match: self.tag_match,
+        }
+    }
+
+    pub fn from_record(id: u64, r: EdgeGroupRecord, environment_ids: Vec<EnvId>) -> Self {
+        Self {
+            id,
+            name: r.name,
+            dynamic: r.dynamic,
+            tag_ids: r.tag_ids,
+            tag_match: r.tag_match,
+            environment_ids,
+        }
+    }
 }
 
 /// Default intervals, in seconds.

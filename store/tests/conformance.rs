@@ -16,9 +16,9 @@ use store::embedded::EmbeddedStore;
 use store::prelude::*;
 use store::redis::RedisStore;
 use store::{
-    BindOutcome, Change, Collection, CommandState, EdgeMode, Environment, GatewayInfo,
+    BindOutcome, Change, Collection, CommandState, EdgeGroup, EdgeMode, Environment, GatewayInfo,
     NewEnvironment, Settings, SnapshotPut, Store, StoreError, StoredCommand, StoredSnapshot,
-    TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV,
+    TagMatch, TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV,
     MAX_COMMAND_ID, MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 use testkit::RedisServer;
@@ -153,6 +153,9 @@ conformance!(
     unfinished_commands_are_capped,
     commands_are_refused_for_missing_environments_and_deleted_with_them,
     concurrent_queueing_hands_out_distinct_ids,
+    edge_groups_crud_with_unique_names,
+    static_edge_groups_keep_only_environments_and_lose_deleted_ones,
+    edge_groups_survive_reopen,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3089,4 +3092,200 @@ async fn redis_errors_are_mapped() {
         matches!(gone, Err(StoreError::Unavailable { .. })),
         "{gone:?}"
     );
+}
+
+fn edge_group(name: &str, dynamic: bool, tag_ids: &[u64], envs: &[u64]) -> EdgeGroup {
+    EdgeGroup {
+        id: 0,
+        name: name.to_owned(),
+        dynamic,
+        tag_ids: tag_ids.to_vec(),
+        tag_match: TagMatch::All,
+        environment_ids: envs.to_vec(),
+    }
+}
+
+async fn edge_groups_crud_with_unique_names(b: &dyn Backend) {
+    let store = b.open().await;
+    assert!(store.list_edge_groups().await.expect("list").is_empty());
+    let kiosks = store
+        .create_edge_group(&edge_group("kiosks", true, &[3, 1], &[]))
+        .await
+        .expect("create");
+    assert!(kiosks.id > 0);
+    assert_eq!(
+        (kiosks.tag_ids.as_slice(), kiosks.tag_match),
+        (&[3, 1][..], TagMatch::All)
+    );
+    let tills = store
+        .create_edge_group(&edge_group("tills", false, &[], &[]))
+        .await
+        .expect("create");
+    assert!(tills.id > kiosks.id);
+    let dup = store
+        .create_edge_group(&edge_group("kiosks", false, &[], &[]))
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    assert_eq!(
+        store.edge_group(kiosks.id).await.expect("get"),
+        Some(kiosks.clone())
+    );
+    assert_eq!(store.edge_group(9_999).await.expect("get"), None);
+
+    // Replacing: a new name frees the old one; another group's name is refused.
+    let mut renamed = kiosks.clone();
+    renamed.name = "screens".into();
+    renamed.tag_match = TagMatch::Any;
+    assert_eq!(
+        store.update_edge_group(&renamed).await.expect("update"),
+        Some(renamed.clone())
+    );
+    let mut clash = tills.clone();
+    clash.name = "screens".into();
+    let clash = store.update_edge_group(&clash).await;
+    assert!(matches!(clash, Err(StoreError::Conflict(_))), "{clash:?}");
+    // Its own name again is no conflict.
+    assert_eq!(
+        store.update_edge_group(&renamed).await.expect("update"),
+        Some(renamed.clone())
+    );
+    let mut ghost = renamed.clone();
+    ghost.id = 9_999;
+    ghost.name = "ghost".into();
+    assert_eq!(store.update_edge_group(&ghost).await.expect("update"), None);
+    let again = store
+        .create_edge_group(&edge_group("kiosks", false, &[], &[]))
+        .await
+        .expect("the old name is free");
+    assert_eq!(
+        store.list_edge_groups().await.expect("list"),
+        vec![renamed.clone(), tills.clone(), again.clone()]
+    );
+
+    assert!(store.delete_edge_group(renamed.id).await.expect("delete"));
+    assert!(!store.delete_edge_group(renamed.id).await.expect("again"));
+    assert_eq!(store.edge_group(renamed.id).await.expect("get"), None);
+    store
+        .create_edge_group(&edge_group("screens", true, &[1], &[]))
+        .await
+        .expect("a deleted group's name is free");
+    let ids: Vec<u64> = store
+        .list_edge_groups()
+        .await
+        .expect("list")
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "by id: {ids:?}");
+    assert!(!ids.contains(&renamed.id), "ids are not reused");
+}
+
+async fn static_edge_groups_keep_only_environments_and_lose_deleted_ones(b: &dyn Backend) {
+    let store = b.open().await;
+    let envs = store
+        .create_environments(vec![new_env("a"), new_env("b"), new_env("c")])
+        .await
+        .expect("create");
+    let (a, bb, c) = (envs[0].id, envs[1].id, envs[2].id);
+    // Unknown ids are left out; duplicates collapse; members come back ascending.
+    let group = store
+        .create_edge_group(&edge_group("tills", false, &[], &[c, 9_999, a, c]))
+        .await
+        .expect("create");
+    assert_eq!(group.environment_ids, vec![a, c]);
+    let other = store
+        .create_edge_group(&edge_group("all", false, &[], &[a, bb, c]))
+        .await
+        .expect("create");
+    assert_eq!(other.environment_ids, vec![a, bb, c]);
+
+    // Replacing the members replaces them.
+    let mut changed = group.clone();
+    changed.environment_ids = vec![bb, c];
+    let changed = store
+        .update_edge_group(&changed)
+        .await
+        .expect("update")
+        .expect("present");
+    assert_eq!(changed.environment_ids, vec![bb, c]);
+
+    // A deleted environment leaves every group it was in, and nothing else.
+    assert!(store.delete_environment(c).await.expect("delete"));
+    let left: Vec<Vec<u64>> = store
+        .list_edge_groups()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|g| g.environment_ids)
+        .collect();
+    assert_eq!(left, vec![vec![bb], vec![a, bb]]);
+    assert_eq!(
+        store
+            .edge_group(other.id)
+            .await
+            .expect("get")
+            .expect("present")
+            .environment_ids,
+        vec![a, bb]
+    );
+    // ... and a group asked to hold it later does not.
+    let mut back = changed.clone();
+    back.environment_ids = vec![c, bb];
+    let back = store
+        .update_edge_group(&back)
+        .await
+        .expect("update")
+        .expect("present");
+    assert_eq!(back.environment_ids, vec![bb]);
+
+    // A deleted group takes its members with it; its environments stay.
+    assert!(store.delete_edge_group(other.id).await.expect("delete"));
+    assert!(store.get_environment(a).await.expect("get").is_some());
+    assert!(store.delete_environment(a).await.expect("delete a"));
+    assert!(store.delete_environment(bb).await.expect("delete b"));
+    assert_eq!(
+        store
+            .edge_group(group.id)
+            .await
+            .expect("get")
+            .expect("present")
+            .environment_ids,
+        Vec::<u64>::new()
+    );
+}
+
+async fn edge_groups_survive_reopen(b: &dyn Backend) {
+    let envs;
+    let group;
+    {
+        let store = b.open().await;
+        envs = store
+            .create_environments(vec![new_env("a"), new_env("b")])
+            .await
+            .expect("create");
+        group = store
+            .create_edge_group(&edge_group("tills", false, &[], &[envs[1].id]))
+            .await
+            .expect("create");
+    }
+    let store = b.open().await;
+    assert_eq!(
+        store.edge_group(group.id).await.expect("get"),
+        Some(group.clone())
+    );
+    let next = store
+        .create_edge_group(&edge_group("screens", true, &[2], &[]))
+        .await
+        .expect("create");
+    assert!(next.id > group.id, "the id counter survives too");
+    // Membership by environment survives as well: deleting it still leaves the group.
+    assert!(store.delete_environment(envs[1].id).await.expect("delete"));
+    assert!(store
+        .edge_group(group.id)
+        .await
+        .expect("get")
+        .expect("present")
+        .environment_ids
+        .is_empty());
 }

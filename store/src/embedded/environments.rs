@@ -126,6 +126,7 @@ impl EnvironmentStore for EmbeddedStore {
                 .map_err(db_err)?
                 .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                 .map_err(db_err)?;
+            super::edge_groups::forget_environment(tx, id)?;
             Ok((true, true))
         })
         .await

@@ -14,6 +14,9 @@
 //! | `snapshots`        | id (`u64`)          | `taken_ms`, `received_ms` (`u64` little-endian each), then the body |
 //! | `commands`         | (env id, command id)| JSON of [`StoredCommand`](crate::StoredCommand); ids from [`next_command_id`](crate::next_command_id), with gaps; finished ones beyond the newest [`KEEP_FINISHED_COMMANDS_PER_ENV`](crate::KEEP_FINISHED_COMMANDS_PER_ENV) pruned when queueing |
 //! |                    | (env id, 0)         | the queue's counts: unfinished, finished (`u64` little-endian each) |
+//! | `edge_groups`      | id (`u64`)          | JSON of [`EdgeGroupRecord`](crate::EdgeGroupRecord) (no members) |
+//! | `edge_group_members` | (group id, env id) | `()`: a static group's members            |
+//! | `env_edge_groups`  | (env id, group id)  | `()`: the same by environment, so a deleted environment leaves its groups in its own transaction |
 //!
 //! The `meta` table also holds `cluster_secret`: the 32 random bytes of
 //! [`TunnelStore::cluster_secret`](crate::TunnelStore::cluster_secret), created by the first caller.
@@ -38,6 +41,7 @@
 
 mod catalog;
 mod commands;
+mod edge_groups;
 mod environments;
 mod leases;
 mod records;
@@ -68,11 +72,20 @@ const ADMIN_KEY_HASHES: TableDefinition<'_, &[u8; 32], ()> =
 const HEARTBEATS: TableDefinition<'_, u64, u64> = TableDefinition::new("heartbeats");
 const SNAPSHOTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("snapshots");
 const COMMANDS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("commands");
+/// Edge group id -> its record (JSON); members are keys of the next two tables.
+const EDGE_GROUPS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("edge_groups");
+/// (edge group, environment) of static groups.
+const EDGE_GROUP_MEMBERS: TableDefinition<'_, (u64, u64), ()> =
+    TableDefinition::new("edge_group_members");
+/// (environment, edge group): the same, by environment.
+const ENV_EDGE_GROUPS: TableDefinition<'_, (u64, u64), ()> =
+    TableDefinition::new("env_edge_groups");
 
 // Keys of the `meta` table.
 const META_NEXT_ENV_ID: &str = "next_id:environments";
 const META_NEXT_GROUP_ID: &str = "next_id:groups";
 const META_NEXT_TAG_ID: &str = "next_id:tags";
+const META_NEXT_EDGE_GROUP_ID: &str = "next_id:edge_groups";
 const META_SETTINGS: &str = "settings";
 const META_CLUSTER_SECRET: &str = "cluster_secret";
 
@@ -126,6 +139,9 @@ impl EmbeddedStore {
         tx.open_table(HEARTBEATS).map_err(db_err)?;
         tx.open_table(SNAPSHOTS).map_err(db_err)?;
         tx.open_table(COMMANDS).map_err(db_err)?;
+        tx.open_table(EDGE_GROUPS).map_err(db_err)?;
+        tx.open_table(EDGE_GROUP_MEMBERS).map_err(db_err)?;
+        tx.open_table(ENV_EDGE_GROUPS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
 
         tracing::info!(path = %path.display(), "opened embedded store");

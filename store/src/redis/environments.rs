@@ -204,25 +204,23 @@ impl EnvironmentStore for RedisStore {
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
         let (ids, finished, commands) = self.keys.commands(id);
-        // MULTI/EXEC: `PUT_SNAPSHOT_LUA` and `QUEUE_COMMAND_LUA` check that the environment
-        // exists, so a snapshot or command stored concurrently is either deleted here or
-        // refused.
-        let (removed, _, _, _, _): (i64, i64, i64, i64, i64) = redis::pipe()
-            .atomic()
-            .cmd("HDEL")
-            .arg(&self.keys.env)
+        // One script: `put_snapshot.lua`, `queue_command.lua` and `put_edge_group.lua` check
+        // that the environment exists, so a snapshot, command or membership stored
+        // concurrently is either deleted here or refused.
+        let removed: i64 = self
+            .scripts
+            .delete_env
+            .key(&self.keys.env)
+            .key(&self.keys.binding)
+            .key(&self.keys.heartbeats)
+            .key(self.keys.snapshot(id))
+            .key(commands)
+            .key(ids)
+            .key(finished)
+            .key(self.keys.env_edge_groups(id))
             .arg(id)
-            .cmd("HDEL")
-            .arg(&self.keys.binding)
-            .arg(id)
-            .cmd("ZREM")
-            .arg(&self.keys.heartbeats)
-            .arg(id)
-            .cmd("DEL")
-            .arg(self.keys.snapshot(id))
-            .cmd("DEL")
-            .arg(&[commands, ids, finished])
-            .query_async(&mut conn)
+            .arg(&self.keys.edge_group_members)
+            .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
         Ok(removed == 1)

@@ -29,6 +29,13 @@ pub(super) struct Keys {
     pub(super) gateway: String,
     pub(super) gateways: String,
     pub(super) changes: String,
+    pub(super) edge_groups: String,
+    pub(super) edge_group_names: String,
+    pub(super) edge_group_seq: String,
+    /// + group id: a static edge group's members.
+    pub(super) edge_group_members: String,
+    /// + env id: the static edge groups an environment is in.
+    pub(super) env_edge_groups: String,
 }
 
 impl Keys {
@@ -57,6 +64,11 @@ impl Keys {
             gateway: format!("{prefix}gateway:"),
             gateways: format!("{prefix}gateways"),
             changes: format!("{prefix}changes"),
+            edge_groups: format!("{prefix}edge_groups"),
+            edge_group_names: format!("{prefix}edge_groups:names"),
+            edge_group_seq: format!("{prefix}seq:edge_groups"),
+            edge_group_members: format!("{prefix}edge_group:"),
+            env_edge_groups: format!("{prefix}env_edge_groups:"),
         }
     }
 
@@ -70,6 +82,14 @@ impl Keys {
     pub(super) fn commands(&self, env: EnvId) -> (String, String, String) {
         let base = format!("{}{env}", self.commands);
         (format!("{base}:ids"), format!("{base}:finished"), base)
+    }
+
+    pub(super) fn edge_group_members(&self, group: u64) -> String {
+        format!("{}{group}", self.edge_group_members)
+    }
+
+    pub(super) fn env_edge_groups(&self, env: EnvId) -> String {
+        format!("{}{env}", self.env_edge_groups)
     }
 
     pub(super) fn grant(&self, token_hash: &[u8; 32]) -> String {

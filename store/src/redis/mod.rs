@@ -29,6 +29,11 @@
 //! | `edgeplane:gateway:{id}`    | string  | JSON of a [`GatewayInfo`](crate::GatewayInfo), PX TTL (its lease)    |
 //! | `edgeplane:gateways`        | set     | ids of registered gateways (pruned when their key has expired) |
 //! | `edgeplane:changes`         | channel | pub/sub channel of JSON-encoded [`Change`](crate::Change)s      |
+//! | `edgeplane:edge_groups`     | hash    | edge group id -> JSON of [`EdgeGroupRecord`](crate::EdgeGroupRecord) (no members) |
+//! | `edgeplane:edge_groups:names` | hash  | edge group name -> id (uniqueness index)         |
+//! | `edgeplane:seq:edge_groups` | string  | last edge group id handed out                    |
+//! | `edgeplane:edge_group:{id}` | sorted set | a static edge group's members, env ids scored by id |
+//! | `edgeplane:env_edge_groups:{id}` | set | the static edge groups an environment is in (so its deletion leaves them, `lua/delete_env.lua`) |
 //!
 //! The binding lives apart from the record so that binding ends in a single HSETNX and a
 //! concurrent [`EnvironmentStore::update_environment`](crate::EnvironmentStore::update_environment) (which rewrites the record) can never undo it.
@@ -61,6 +66,7 @@
 
 mod catalog;
 mod commands;
+mod edge_groups;
 mod environments;
 mod keys;
 mod pubsub;
