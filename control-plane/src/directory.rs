@@ -19,12 +19,12 @@
 //! This replica's own agents' check-ins come from the fleet's memory, fresher than the
 //! store's write-behind.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use store::{Change, EdgeMode, EnvId, Environment, Settings, SharedStore, StoreError};
+use store::{Change, EdgeMode, EnvId, Environment, Settings, SharedStore, StoreError, TagMatch};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -142,7 +142,99 @@ impl Entry {
 
 struct Index {
     entries: BTreeMap<EnvId, Entry>,
+    /// Tag id -> the environments with it: dynamic edge groups' members without a scan.
+    by_tag: HashMap<u64, BTreeSet<EnvId>>,
     used: Instant,
+}
+
+impl Index {
+    fn new(entries: BTreeMap<EnvId, Entry>) -> Self {
+        let mut by_tag: HashMap<u64, BTreeSet<EnvId>> = HashMap::new();
+        for (&id, e) in &entries {
+            for &t in e.tag_ids.iter() {
+                by_tag.entry(t).or_default().insert(id);
+            }
+        }
+        Self {
+            entries,
+            by_tag,
+            used: Instant::now(),
+        }
+    }
+
+    fn insert(&mut self, id: EnvId, e: Entry) {
+        self.remove(id);
+        for &t in e.tag_ids.iter() {
+            self.by_tag.entry(t).or_default().insert(id);
+        }
+        self.entries.insert(id, e);
+    }
+
+    fn remove(&mut self, id: EnvId) {
+        let Some(old) = self.entries.remove(&id) else {
+            return;
+        };
+        for t in old.tag_ids.iter() {
+            if let Some(ids) = self.by_tag.get_mut(t) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_tag.remove(t);
+                }
+            }
+        }
+    }
+
+    /// The environments with any (or all) of `tags`, ascending, and how many in all; a page
+    /// of them from `start`.
+    fn tagged(
+        &self,
+        tags: &[u64],
+        how: TagMatch,
+        start: usize,
+        limit: usize,
+    ) -> (usize, Vec<EnvId>) {
+        let empty = BTreeSet::new();
+        let mut sets: Vec<&BTreeSet<EnvId>> = tags
+            .iter()
+            .map(|t| self.by_tag.get(t).unwrap_or(&empty))
+            .collect();
+        if sets.is_empty() {
+            return (0, Vec::new());
+        }
+        let mut total = 0;
+        let mut page = Vec::new();
+        let mut take = |id: EnvId| {
+            if total >= start && page.len() < limit {
+                page.push(id);
+            }
+            total += 1;
+        };
+        match how {
+            TagMatch::All => {
+                sets.sort_unstable_by_key(|s| s.len());
+                let (smallest, rest) = sets.split_at(1);
+                for &id in smallest[0] {
+                    if rest.iter().all(|s| s.contains(&id)) {
+                        take(id);
+                    }
+                }
+            }
+            TagMatch::Any => {
+                // A merge of the sorted sets, each id once.
+                let mut heads: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
+                while let Some(next) = heads.iter_mut().filter_map(|h| h.peek().copied()).min() {
+                    let next = *next;
+                    for h in &mut heads {
+                        if h.peek() == Some(&&next) {
+                            h.next();
+                        }
+                    }
+                    take(next);
+                }
+            }
+        }
+        (total, page)
+    }
 }
 
 /// Changes noted since the last query.
@@ -284,6 +376,30 @@ impl Directory {
         Ok(page)
     }
 
+    /// A page of the environments a dynamic edge group selects (with any or all of `tags`),
+    /// in id order, and how many it selects: from the index by tag, not a scan.
+    pub async fn tagged(
+        &self,
+        tags: &[u64],
+        how: TagMatch,
+        start: usize,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        self.update().await?;
+        let mut guard = self.index.lock();
+        let index = guard.as_mut().ok_or_else(unbuilt)?;
+        index.used = Instant::now();
+        let (total, ids) = index.tagged(tags, how, start, limit);
+        let items = ids
+            .into_iter()
+            .map(|id| {
+                let last = index.entries.get(&id).and_then(|e| self.last(id, e));
+                (id, last)
+            })
+            .collect();
+        Ok(Page { total, items })
+    }
+
     /// Counts by status, mode and group over every environment.
     pub async fn summary(&self, settings: &Settings) -> Result<Summary, StoreError> {
         self.update().await?;
@@ -350,10 +466,7 @@ impl Directory {
             took_ms = started.elapsed().as_millis() as u64,
             "environment index built"
         );
-        Ok(Index {
-            entries,
-            used: Instant::now(),
-        })
+        Ok(Index::new(entries))
     }
 
     /// Applies noted changes: deleted ones go, changed ones are read again (with their last
@@ -365,16 +478,12 @@ impl Directory {
         let mut guard = self.index.lock();
         let index = guard.as_mut().ok_or_else(unbuilt)?;
         for id in &pending.deleted {
-            index.entries.remove(id);
+            index.remove(*id);
         }
         for ((id, env), seen) in ids.iter().zip(envs).zip(seen) {
             match env {
-                Some(env) => {
-                    index.entries.insert(*id, Entry::of(&env, seen));
-                }
-                None => {
-                    index.entries.remove(id);
-                }
+                Some(env) => index.insert(*id, Entry::of(&env, seen)),
+                None => index.remove(*id),
             }
         }
         Ok(())
@@ -513,6 +622,42 @@ mod tests {
             "not hex: the Edge ID is not looked at"
         );
         assert!(!Search::new("beef").matches(1, &entry("shop", None)));
+    }
+
+    #[test]
+    fn tags_select_members_through_the_index_and_follow_changes() {
+        let tagged = |tags: &[u64]| {
+            let mut e = entry("e", None);
+            e.tag_ids = tags.to_vec().into_boxed_slice();
+            e
+        };
+        let mut index = Index::new(BTreeMap::from([
+            (1, tagged(&[10])),
+            (2, tagged(&[10, 20])),
+            (3, tagged(&[20])),
+            (4, tagged(&[])),
+            (5, tagged(&[10, 20, 30])),
+        ]));
+        let all = |ix: &Index, tags: &[u64], how| ix.tagged(tags, how, 0, 100);
+        assert_eq!(all(&index, &[10], TagMatch::Any), (3, vec![1, 2, 5]));
+        assert_eq!(all(&index, &[10, 20], TagMatch::Any), (4, vec![1, 2, 3, 5]));
+        assert_eq!(all(&index, &[20, 10], TagMatch::All), (2, vec![2, 5]));
+        assert_eq!(all(&index, &[10, 99], TagMatch::All), (0, vec![]));
+        assert_eq!(all(&index, &[99], TagMatch::Any), (0, vec![]));
+        assert_eq!(all(&index, &[], TagMatch::Any), (0, vec![]));
+        // Pages of the whole, in id order.
+        assert_eq!(
+            index.tagged(&[10, 20], TagMatch::Any, 1, 2),
+            (4, vec![2, 3])
+        );
+        assert_eq!(index.tagged(&[10, 20], TagMatch::Any, 4, 2), (4, vec![]));
+        // A tag taken off, one put on, an environment deleted: members follow.
+        index.insert(2, tagged(&[20]));
+        index.insert(4, tagged(&[10]));
+        index.remove(5);
+        assert_eq!(all(&index, &[10], TagMatch::Any), (2, vec![1, 4]));
+        assert_eq!(all(&index, &[10, 20], TagMatch::All), (0, vec![]));
+        assert!(!index.by_tag.contains_key(&30), "no empty sets left behind");
     }
 
     #[test]

@@ -106,6 +106,22 @@ async fn delete(
             noun(**coll)
         )));
     }
+    if **coll == Collection::Tags {
+        // A dynamic edge group selecting by it would silently select less (or nothing).
+        let groups: Vec<String> = state
+            .store
+            .list_edge_groups()
+            .await?
+            .into_iter()
+            .filter(|g| g.dynamic && g.tag_ids.contains(&id))
+            .map(|g| g.name)
+            .collect();
+        if !groups.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "tag {id} selects the members of edge group(s) {groups:?}; change them first"
+            )));
+        }
+    }
     if !state.store.delete_named(**coll, id).await? {
         return Err(ApiError::NotFound(format!(
             "{} {id} does not exist",

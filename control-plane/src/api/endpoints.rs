@@ -644,20 +644,30 @@ pub async fn list(
     let query = parse_query(q.into_inner(), state.limits.max_page)?;
     let settings = state.store.settings().await?;
     let page = state.directory.list(&query, &settings).await?;
-    // Only the page's records are read.
+    let views = page_views(&state, &page, &settings).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", page.total.to_string()))
+        .json(views))
+}
+
+/// The environments of a page, as the list shows them: only the page's records are read
+/// (one deleted since the page was made is left out).
+pub(crate) async fn page_views(
+    state: &AppState,
+    page: &crate::directory::Page,
+    settings: &Settings,
+) -> Result<Vec<EnvView>, ApiError> {
     let ids: Vec<u64> = page.items.iter().map(|(id, _)| *id).collect();
     let envs = state.store.get_environments(&ids).await?;
     let now = now_ms();
     let mut views = Vec::with_capacity(envs.len());
-    for ((_, last), env) in page.items.iter().zip(envs) {
-        // (One deleted since the index read it is left out of the page.)
+    for ((id, last), env) in page.items.iter().zip(envs) {
         if let Some(env) = env {
-            views.push(state.view(&env, &settings, *last, now)?);
+            let last = state.last_seen(*id, *last);
+            views.push(state.view(&env, settings, last, now)?);
         }
     }
-    Ok(HttpResponse::Ok()
-        .insert_header(("X-Total-Count", page.total.to_string()))
-        .json(views))
+    Ok(views)
 }
 
 /// Counts of the whole fleet: by status, by mode, and by group (`0`: in no group) with

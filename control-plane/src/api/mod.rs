@@ -8,6 +8,7 @@ mod catalog;
 mod commands;
 mod compose;
 mod docker;
+mod edge_groups;
 mod endpoints;
 mod install;
 mod openapi;
@@ -170,6 +171,36 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/api/edge_groups",
+        summary: "List edge groups (?start=&limit=); X-Total-Count holds the total",
+    },
+    Route {
+        method: "POST",
+        path: "/api/edge_groups",
+        summary: "Create an edge group: {name, dynamic, tagIds and match (any|all) for a dynamic one, environmentIds for a static one}",
+    },
+    Route {
+        method: "GET",
+        path: "/api/edge_groups/{id}",
+        summary: "Get one edge group",
+    },
+    Route {
+        method: "PATCH",
+        path: "/api/edge_groups/{id}",
+        summary: "Change an edge group (any of its fields)",
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/edge_groups/{id}",
+        summary: "Delete an edge group",
+    },
+    Route {
+        method: "GET",
+        path: "/api/edge_groups/{id}/environments",
+        summary: "The group's current members, as environments (?start=&limit=); X-Total-Count holds the total",
+    },
+    Route {
+        method: "GET",
         path: "/api/settings",
         summary: "Default intervals",
     },
@@ -252,6 +283,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route(web::post().to(commands::queue)),
             )
             .configure(catalog::configure)
+            .configure(edge_groups::configure)
             .route("/openapi.json", web::get().to(openapi::document))
             .default_service(web::to(not_found)),
     )

@@ -37,6 +37,17 @@ fn schemas() -> Value {
             "envVars": {"type": "array", "items": {"type": "string"}},
             "allowSelfSigned": {"type": "boolean"}}},
         "Named": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"}}},
+        "EdgeGroup": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"}, "dynamic": {"type": "boolean"},
+            "tagIds": {"type": "array", "items": {"type": "integer"}},
+            "match": {"type": "string", "enum": ["any", "all"]},
+            "environmentIds": {"type": "array", "items": {"type": "integer"}}}},
+        "EdgeGroupBody": {"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 255},
+            "dynamic": {"type": "boolean", "description": "by tags (true) or a list of environments (false, the default)"},
+            "tagIds": {"type": "array", "maxItems": 64, "items": {"type": "integer"}, "description": "dynamic groups: 1 to 64 tags"},
+            "match": {"type": "string", "enum": ["any", "all"], "description": "dynamic groups: any (default) or all of the tags, over each environment's tags"},
+            "environmentIds": {"type": "array", "maxItems": 100000, "items": {"type": "integer"}, "description": "static groups: existing environments"}}},
         "Settings": {"type": "object", "properties": {
             "checkinInterval": interval, "pingInterval": interval,
             "snapshotInterval": interval, "commandInterval": interval}}
@@ -66,6 +77,14 @@ fn parameters(path: &str, method: &str) -> Vec<Value> {
             ps.push(json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}}));
         }
     }
+    if method == "GET" && (path == "/api/edge_groups" || path.ends_with("/environments")) {
+        for (name, desc) in [
+            ("start", "offset of the first item (default 0)"),
+            ("limit", "page size, 1..=1000 (default 100)"),
+        ] {
+            ps.push(json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "integer", "minimum": 0}}));
+        }
+    }
     if path.ends_with("/install") {
         ps.push(json!({"name": "platform", "in": "query", "schema": {"type": "string", "enum": ["docker", "swarm", "kubernetes", "nomad"]}}));
     }
@@ -85,6 +104,9 @@ pub fn build() -> Value {
             ),
             ("/api/endpoints/{id}", "PATCH") => Some(json!({"type": "object"})),
             ("/api/settings", "PATCH") => Some(json!({"$ref": "#/components/schemas/Settings"})),
+            ("/api/edge_groups" | "/api/edge_groups/{id}", "POST" | "PATCH") => {
+                Some(json!({"$ref": "#/components/schemas/EdgeGroupBody"}))
+            }
             (p, "POST" | "PATCH") if p.starts_with("/api/groups") || p.starts_with("/api/tags") => {
                 Some(
                     json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),

@@ -1,0 +1,310 @@
+//! `/api/edge_groups`: the sets of environments edge stacks target. Static groups list their
+//! environments (kept by the store, which drops a deleted environment from every group in the
+//! same step); dynamic groups select by tags, `any` or `all` of them, and their members are
+//! computed from the directory's index by tag, so they follow tag changes without any action.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use store::{Collection, EdgeGroup, EnvId, TagMatch};
+
+use super::endpoints::{page_views, parse_num};
+use super::{json, ApiError, AppState};
+
+const MAX_NAME: usize = 255;
+/// Tags a dynamic group may select by.
+const MAX_TAGS: usize = 64;
+/// Environments a static group may list (the body limit allows about this many).
+pub const MAX_STATIC_MEMBERS: usize = 100_000;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/edge_groups")
+            .route(web::get().to(list))
+            .route(web::post().to(create)),
+    )
+    .service(
+        web::resource("/edge_groups/{id}")
+            .route(web::get().to(get))
+            .route(web::patch().to(patch))
+            .route(web::delete().to(delete)),
+    )
+    .route("/edge_groups/{id}/environments", web::get().to(members));
+}
+
+/// An edge group as the API shows it.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupView {
+    pub id: u64,
+    pub name: String,
+    pub dynamic: bool,
+    /// Dynamic groups: the tags that select members.
+    pub tag_ids: Vec<u64>,
+    #[serde(rename = "match")]
+    pub tag_match: TagMatch,
+    /// Static groups: the members.
+    pub environment_ids: Vec<EnvId>,
+}
+
+impl From<EdgeGroup> for GroupView {
+    fn from(g: EdgeGroup) -> Self {
+        Self {
+            id: g.id,
+            name: g.name,
+            dynamic: g.dynamic,
+            tag_ids: g.tag_ids,
+            tag_match: g.tag_match,
+            environment_ids: g.environment_ids,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupBody {
+    name: Option<String>,
+    dynamic: Option<bool>,
+    tag_ids: Option<Vec<u64>>,
+    #[serde(rename = "match")]
+    tag_match: Option<TagMatch>,
+    environment_ids: Option<Vec<EnvId>>,
+}
+
+impl GroupBody {
+    /// `base` with this body's fields applied; a group that changes kind drops what belonged
+    /// to the other kind unless the body sets it (and then it is refused below).
+    fn apply(self, mut g: EdgeGroup) -> Result<EdgeGroup, ApiError> {
+        if let Some(name) = self.name {
+            let name = name.trim();
+            if name.is_empty() || name.len() > MAX_NAME {
+                return Err(ApiError::BadRequest(format!(
+                    "name must be 1..={MAX_NAME} bytes"
+                )));
+            }
+            name.clone_into(&mut g.name);
+        }
+        if let Some(dynamic) = self.dynamic {
+            if dynamic != g.dynamic {
+                g.tag_ids.clear();
+                g.environment_ids.clear();
+            }
+            g.dynamic = dynamic;
+        }
+        if let Some(mut tags) = self.tag_ids {
+            tags.sort_unstable();
+            tags.dedup();
+            g.tag_ids = tags;
+        }
+        if let Some(m) = self.tag_match {
+            g.tag_match = m;
+        }
+        if let Some(mut ids) = self.environment_ids {
+            ids.sort_unstable();
+            ids.dedup();
+            g.environment_ids = ids;
+        }
+        if g.dynamic {
+            if g.tag_ids.is_empty() || g.tag_ids.len() > MAX_TAGS {
+                return Err(ApiError::BadRequest(format!(
+                    "a dynamic group selects by 1..={MAX_TAGS} tagIds"
+                )));
+            }
+            if !g.environment_ids.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "a dynamic group has no environmentIds: its tags select its members".into(),
+                ));
+            }
+        } else {
+            if !g.tag_ids.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "a static group has no tagIds: it lists its environmentIds".into(),
+                ));
+            }
+            if g.environment_ids.len() > MAX_STATIC_MEMBERS {
+                return Err(ApiError::BadRequest(format!(
+                    "a static group lists at most {MAX_STATIC_MEMBERS} environmentIds"
+                )));
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// Refuses tags and environments that do not exist, naming them (the store also drops
+/// environments deleted meanwhile, so a group never lists one that is gone).
+async fn check_references(state: &AppState, g: &EdgeGroup) -> Result<(), ApiError> {
+    if !g.tag_ids.is_empty() {
+        let tags = state.store.list_named(Collection::Tags).await?;
+        let unknown: Vec<u64> = g
+            .tag_ids
+            .iter()
+            .copied()
+            .filter(|t| !tags.iter().any(|n| n.id == *t))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::BadRequest(format!("unknown tagIds: {unknown:?}")));
+        }
+    }
+    let mut unknown = Vec::new();
+    for chunk in g.environment_ids.chunks(1000) {
+        let found = state.store.get_environments(chunk).await?;
+        unknown.extend(
+            chunk
+                .iter()
+                .zip(found)
+                .filter(|(_, e)| e.is_none())
+                .map(|(id, _)| *id)
+                .take(20),
+        );
+        if unknown.len() >= 20 {
+            break;
+        }
+    }
+    if !unknown.is_empty() {
+        unknown.truncate(20);
+        return Err(ApiError::BadRequest(format!(
+            "unknown environmentIds: {unknown:?}"
+        )));
+    }
+    Ok(())
+}
+
+async fn create(
+    state: web::Data<AppState>,
+    body: web::Json<GroupBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if body.name.is_none() {
+        return Err(ApiError::BadRequest("name is required".into()));
+    }
+    let blank = EdgeGroup {
+        id: 0,
+        name: String::new(),
+        dynamic: body.dynamic.unwrap_or(false),
+        tag_ids: Vec::new(),
+        tag_match: TagMatch::Any,
+        environment_ids: Vec::new(),
+    };
+    let group = body.apply(blank)?;
+    check_references(&state, &group).await?;
+    let created = state.store.create_edge_group(&group).await?;
+    tracing::info!(
+        group = created.id,
+        dynamic = created.dynamic,
+        "edge group created"
+    );
+    Ok(json(StatusCode::CREATED, &GroupView::from(created)))
+}
+
+async fn existing(state: &AppState, id: u64) -> Result<EdgeGroup, ApiError> {
+    state
+        .store
+        .edge_group(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("edge group {id} does not exist")))
+}
+
+async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &GroupView::from(existing(&state, *id).await?),
+    ))
+}
+
+async fn patch(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    body: web::Json<GroupBody>,
+) -> Result<HttpResponse, ApiError> {
+    let group = body.into_inner().apply(existing(&state, *id).await?)?;
+    check_references(&state, &group).await?;
+    let updated = state
+        .store
+        .update_edge_group(&group)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("edge group {} does not exist", group.id)))?;
+    Ok(json(StatusCode::OK, &GroupView::from(updated)))
+}
+
+async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    if !state.store.delete_edge_group(*id).await? {
+        return Err(ApiError::NotFound(format!(
+            "edge group {id} does not exist"
+        )));
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize, Debug)]
+pub struct PageQuery {
+    start: Option<String>,
+    limit: Option<String>,
+}
+
+impl PageQuery {
+    fn bounds(&self, max_page: usize) -> Result<(usize, usize), ApiError> {
+        let num = |field: &str, v: &Option<String>, default: u64| {
+            v.as_deref()
+                .map(|v| parse_num(field, v))
+                .transpose()
+                .map(|n| n.unwrap_or(default) as usize)
+        };
+        let start = num("start", &self.start, 0)?;
+        let limit = num("limit", &self.limit, 100)?;
+        if limit == 0 || limit > max_page {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter limit must be 1..={max_page}, got {limit}"
+            )));
+        }
+        Ok((start, limit))
+    }
+}
+
+async fn list(
+    state: web::Data<AppState>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (start, limit) = q.bounds(state.limits.max_page)?;
+    let groups = state.store.list_edge_groups().await?;
+    let total = groups.len();
+    let page: Vec<GroupView> = groups
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(GroupView::from)
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(page))
+}
+
+/// A page of the group's current members, as environments (the list's view of each), and
+/// how many there are in `X-Total-Count`.
+async fn members(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (start, limit) = q.bounds(state.limits.max_page)?;
+    let group = existing(&state, *id).await?;
+    let settings = state.store.settings().await?;
+    let page = if group.dynamic {
+        state
+            .directory
+            .tagged(&group.tag_ids, group.tag_match, start, limit)
+            .await?
+    } else {
+        let ids = &group.environment_ids;
+        let items: Vec<EnvId> = ids.iter().copied().skip(start).take(limit).collect();
+        let last = state.store.heartbeats(&items).await?;
+        crate::directory::Page {
+            total: ids.len(),
+            items: items.into_iter().zip(last).collect(),
+        }
+    };
+    let views = page_views(&state, &page, &settings).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", page.total.to_string()))
+        .json(views))
+}
