@@ -142,30 +142,61 @@ impl Entry {
 
 struct Index {
     entries: BTreeMap<EnvId, Entry>,
-    /// Tag id -> the environments with it: dynamic edge groups' members without a scan.
+    /// Tag id -> the environments with it as their own: with `by_group` and `group_tags`,
+    /// dynamic edge groups' members without a scan.
     by_tag: HashMap<u64, BTreeSet<EnvId>>,
+    /// Group id -> its environments.
+    by_group: HashMap<u64, BTreeSet<EnvId>>,
+    /// Group id -> its tags (which count as its environments' own).
+    group_tags: HashMap<u64, Box<[u64]>>,
     used: Instant,
 }
 
+/// Adds `id` to the set of `key`.
+fn index_add(map: &mut HashMap<u64, BTreeSet<EnvId>>, key: u64, id: EnvId) {
+    map.entry(key).or_default().insert(id);
+}
+
+/// Takes `id` from the set of `key`, and the set when it is empty.
+fn index_take(map: &mut HashMap<u64, BTreeSet<EnvId>>, key: u64, id: EnvId) {
+    if let Some(ids) = map.get_mut(&key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            map.remove(&key);
+        }
+    }
+}
+
 impl Index {
-    fn new(entries: BTreeMap<EnvId, Entry>) -> Self {
-        let mut by_tag: HashMap<u64, BTreeSet<EnvId>> = HashMap::new();
-        for (&id, e) in &entries {
-            for &t in e.tag_ids.iter() {
-                by_tag.entry(t).or_default().insert(id);
-            }
-        }
-        Self {
-            entries,
-            by_tag,
+    fn new(entries: BTreeMap<EnvId, Entry>, group_tags: BTreeMap<u64, Vec<u64>>) -> Self {
+        let mut index = Self {
+            entries: BTreeMap::new(),
+            by_tag: HashMap::new(),
+            by_group: HashMap::new(),
+            group_tags: HashMap::new(),
             used: Instant::now(),
+        };
+        index.set_group_tags(group_tags);
+        for (id, e) in entries {
+            index.insert(id, e);
         }
+        index
+    }
+
+    fn set_group_tags(&mut self, group_tags: BTreeMap<u64, Vec<u64>>) {
+        self.group_tags = group_tags
+            .into_iter()
+            .map(|(g, tags)| (g, tags.into_boxed_slice()))
+            .collect();
     }
 
     fn insert(&mut self, id: EnvId, e: Entry) {
         self.remove(id);
         for &t in e.tag_ids.iter() {
-            self.by_tag.entry(t).or_default().insert(id);
+            index_add(&mut self.by_tag, t, id);
+        }
+        if let Some(g) = e.group_id {
+            index_add(&mut self.by_group, g, id);
         }
         self.entries.insert(id, e);
     }
@@ -174,18 +205,35 @@ impl Index {
         let Some(old) = self.entries.remove(&id) else {
             return;
         };
-        for t in old.tag_ids.iter() {
-            if let Some(ids) = self.by_tag.get_mut(t) {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    self.by_tag.remove(t);
-                }
-            }
+        for &t in old.tag_ids.iter() {
+            index_take(&mut self.by_tag, t, id);
+        }
+        if let Some(g) = old.group_id {
+            index_take(&mut self.by_group, g, id);
         }
     }
 
-    /// The environments with any (or all) of `tags`, ascending, and how many in all; a page
-    /// of them from `start`.
+    /// Whether environment `e` has tag `t`, as its own or its group's.
+    fn has_tag(&self, e: &Entry, t: u64) -> bool {
+        e.tag_ids.contains(&t)
+            || e.group_id
+                .and_then(|g| self.group_tags.get(&g))
+                .is_some_and(|tags| tags.contains(&t))
+    }
+
+    /// The sorted sets whose union is the environments with tag `t`: those with it as their
+    /// own, and those of each group with it.
+    fn with_tag(&self, t: u64) -> Vec<&BTreeSet<EnvId>> {
+        let groups = self
+            .group_tags
+            .iter()
+            .filter(|(_, tags)| tags.contains(&t))
+            .filter_map(|(g, _)| self.by_group.get(g));
+        self.by_tag.get(&t).into_iter().chain(groups).collect()
+    }
+
+    /// The environments with any (or all) of `tags`, their own or their group's, ascending,
+    /// and how many in all; a page of them from `start`.
     fn tagged(
         &self,
         tags: &[u64],
@@ -193,14 +241,6 @@ impl Index {
         start: usize,
         limit: usize,
     ) -> (usize, Vec<EnvId>) {
-        let empty = BTreeSet::new();
-        let mut sets: Vec<&BTreeSet<EnvId>> = tags
-            .iter()
-            .map(|t| self.by_tag.get(t).unwrap_or(&empty))
-            .collect();
-        if sets.is_empty() {
-            return (0, Vec::new());
-        }
         let mut total = 0;
         let mut page = Vec::new();
         let mut take = |id: EnvId| {
@@ -209,28 +249,32 @@ impl Index {
             }
             total += 1;
         };
-        match how {
-            TagMatch::All => {
-                sets.sort_unstable_by_key(|s| s.len());
-                let (smallest, rest) = sets.split_at(1);
-                for &id in smallest[0] {
-                    if rest.iter().all(|s| s.contains(&id)) {
-                        take(id);
-                    }
+        // For `all`, the candidates are those with the rarest tag, each checked for the rest.
+        let sets: Vec<&BTreeSet<EnvId>> = match how {
+            TagMatch::Any => tags.iter().flat_map(|&t| self.with_tag(t)).collect(),
+            TagMatch::All => tags
+                .iter()
+                .map(|&t| self.with_tag(t))
+                .min_by_key(|sets| sets.iter().map(|s| s.len()).sum::<usize>())
+                .unwrap_or_default(),
+        };
+        // A merge of the sorted sets, each id once.
+        let mut heads: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
+        while let Some(&next) = heads.iter_mut().filter_map(|h| h.peek().copied()).min() {
+            for h in &mut heads {
+                if h.peek() == Some(&&next) {
+                    h.next();
                 }
             }
-            TagMatch::Any => {
-                // A merge of the sorted sets, each id once.
-                let mut heads: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
-                while let Some(next) = heads.iter_mut().filter_map(|h| h.peek().copied()).min() {
-                    let next = *next;
-                    for h in &mut heads {
-                        if h.peek() == Some(&&next) {
-                            h.next();
-                        }
-                    }
-                    take(next);
-                }
+            let wanted = match how {
+                TagMatch::Any => true,
+                TagMatch::All => self
+                    .entries
+                    .get(&next)
+                    .is_some_and(|e| tags.iter().all(|&t| self.has_tag(e, t))),
+            };
+            if wanted {
+                take(next);
             }
         }
         (total, page)
@@ -242,12 +286,14 @@ impl Index {
 struct Pending {
     changed: HashSet<EnvId>,
     deleted: HashSet<EnvId>,
+    /// Groups' tags are read again.
+    catalog: bool,
     rebuild: bool,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.deleted.is_empty() && !self.rebuild
+        self.changed.is_empty() && self.deleted.is_empty() && !self.catalog && !self.rebuild
     }
 
     /// Puts back what a failed update took (what was noted since wins).
@@ -262,6 +308,7 @@ impl Pending {
                 self.deleted.insert(id);
             }
         }
+        self.catalog |= old.catalog;
         self.rebuild |= old.rebuild;
     }
 }
@@ -335,6 +382,7 @@ impl Directory {
                 p.changed.remove(id);
                 p.deleted.insert(*id);
             }
+            Change::Catalog => p.catalog = true,
             Change::Resync => p.rebuild = true,
             _ => return,
         }
@@ -466,7 +514,8 @@ impl Directory {
             took_ms = started.elapsed().as_millis() as u64,
             "environment index built"
         );
-        Ok(Index::new(entries))
+        let group_tags = self.store.group_tags().await?;
+        Ok(Index::new(entries, group_tags))
     }
 
     /// Applies noted changes: deleted ones go, changed ones are read again (with their last
@@ -475,8 +524,15 @@ impl Directory {
         let ids: Vec<EnvId> = pending.changed.iter().copied().collect();
         let envs = self.store.get_environments(&ids).await?;
         let seen = self.store.heartbeats(&ids).await?;
+        let group_tags = match pending.catalog {
+            true => Some(self.store.group_tags().await?),
+            false => None,
+        };
         let mut guard = self.index.lock();
         let index = guard.as_mut().ok_or_else(unbuilt)?;
+        if let Some(group_tags) = group_tags {
+            index.set_group_tags(group_tags);
+        }
         for id in &pending.deleted {
             index.remove(*id);
         }
@@ -631,13 +687,16 @@ mod tests {
             e.tag_ids = tags.to_vec().into_boxed_slice();
             e
         };
-        let mut index = Index::new(BTreeMap::from([
-            (1, tagged(&[10])),
-            (2, tagged(&[10, 20])),
-            (3, tagged(&[20])),
-            (4, tagged(&[])),
-            (5, tagged(&[10, 20, 30])),
-        ]));
+        let mut index = Index::new(
+            BTreeMap::from([
+                (1, tagged(&[10])),
+                (2, tagged(&[10, 20])),
+                (3, tagged(&[20])),
+                (4, tagged(&[])),
+                (5, tagged(&[10, 20, 30])),
+            ]),
+            BTreeMap::new(),
+        );
         let all = |ix: &Index, tags: &[u64], how| ix.tagged(tags, how, 0, 100);
         assert_eq!(all(&index, &[10], TagMatch::Any), (3, vec![1, 2, 5]));
         assert_eq!(all(&index, &[10, 20], TagMatch::Any), (4, vec![1, 2, 3, 5]));
@@ -658,6 +717,26 @@ mod tests {
         assert_eq!(all(&index, &[10], TagMatch::Any), (2, vec![1, 4]));
         assert_eq!(all(&index, &[10, 20], TagMatch::All), (0, vec![]));
         assert!(!index.by_tag.contains_key(&30), "no empty sets left behind");
+
+        // A group's tags count as its environments' own.
+        let in_group = |tags: &[u64], group| {
+            let mut e = tagged(tags);
+            e.group_id = Some(group);
+            e
+        };
+        index.insert(6, in_group(&[], 7));
+        index.insert(7, in_group(&[20], 7));
+        index.insert(8, in_group(&[10], 8));
+        index.set_group_tags(BTreeMap::from([(7, vec![10]), (9, vec![20])]));
+        assert_eq!(all(&index, &[10], TagMatch::Any), (5, vec![1, 4, 6, 7, 8]));
+        assert_eq!(all(&index, &[10, 20], TagMatch::All), (1, vec![7]));
+        // The group's tags change: so do its environments'.
+        index.set_group_tags(BTreeMap::from([(8, vec![20])]));
+        assert_eq!(all(&index, &[10], TagMatch::Any), (3, vec![1, 4, 8]));
+        assert_eq!(all(&index, &[10, 20], TagMatch::All), (1, vec![8]));
+        index.remove(8);
+        assert!(!index.by_group.contains_key(&8));
+        assert_eq!(all(&index, &[20], TagMatch::Any), (3, vec![2, 3, 7]));
     }
 
     #[test]

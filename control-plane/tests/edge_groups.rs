@@ -113,6 +113,51 @@ async fn dynamic_groups_follow_tags_and_static_groups_lose_deleted_environments(
     assert_eq!(members(&cp, any, "").await, (vec![a, c, d], 3));
     assert_eq!(members(&cp, all, "").await, (vec![d], 1));
 
+    // A group's tags count as its environments' own, and follow changes to the group.
+    let shops = create(
+        &cp,
+        "/api/groups",
+        json!({"name": "shops", "tagIds": [lobby]}),
+    )
+    .await;
+    let e = create(
+        &cp,
+        "/api/endpoints",
+        json!({"name": "e", "groupId": shops}),
+    )
+    .await;
+    assert_eq!(members(&cp, any, "").await, (vec![a, c, d, e], 4));
+    assert_eq!(members(&cp, all, "").await, (vec![d], 1));
+    let (s, v) = call(
+        &cp,
+        Method::PATCH,
+        &format!("/api/groups/{shops}"),
+        json!({"tagIds": [lobby, kiosk]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut both = vec![kiosk, lobby];
+    both.sort_unstable();
+    assert_eq!(v["tagIds"], json!(both));
+    assert_eq!(members(&cp, all, "").await, (vec![d, e], 2));
+    let (s, v) = call(
+        &cp,
+        Method::PATCH,
+        &format!("/api/groups/{shops}"),
+        json!({"tagIds": []}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(members(&cp, any, "").await, (vec![a, c, d], 3));
+    let (s, _) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/endpoints/{e}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
     // Static: the listed environments; unknown ones are refused by id.
     let (s, v) = call(
         &cp,
@@ -149,6 +194,32 @@ async fn dynamic_groups_follow_tags_and_static_groups_lose_deleted_environments(
     assert_eq!(g["environmentIds"], json!([a]));
     assert_eq!(members(&cp, tills, "").await, (vec![a], 1));
     assert_eq!(members(&cp, any, "").await, (vec![a, d], 2));
+
+    // Neither can a tag of a group.
+    let (s, v) = call(
+        &cp,
+        Method::PATCH,
+        &format!("/api/groups/{shops}"),
+        json!({"tagIds": [kiosk]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/tags/{kiosk}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/groups/{shops}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
 
     // A tag that selects a group's members cannot be deleted from under it.
     let (s, v) = call(

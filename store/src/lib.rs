@@ -190,6 +190,12 @@ pub trait CatalogStore: Send + Sync + 'static {
     /// delete a group or tag still in use, and callers must check that first. That check is
     /// not atomic with the delete, so readers must still tolerate unknown ids.
     async fn delete_named(&self, coll: Collection, id: u64) -> Result<bool, StoreError>;
+    /// The tags of every group that has any, by group id (a group's tags count as its
+    /// environments' own for dynamic edge groups).
+    async fn group_tags(&self) -> Result<std::collections::BTreeMap<u64, Vec<u64>>, StoreError>;
+    /// Replaces a group's tags (kept sorted, without duplicates); `false` when there is no
+    /// such group. Deleting the group deletes its tags.
+    async fn set_group_tags(&self, group: u64, tags: &[u64]) -> Result<bool, StoreError>;
 
     /// Settings, or the defaults when none were stored.
     async fn settings(&self) -> Result<Settings, StoreError>;

@@ -436,6 +436,8 @@ pub enum Change {
     EnvironmentDeleted(EnvId),
     Settings,
     AdminKeys,
+    /// Groups or their tags changed: what selects a dynamic edge group's members.
+    Catalog,
     /// Notifications may have been missed: reload everything. Sent by the store itself to its
     /// local subscribers, e.g. by the Redis backend after re-subscribing to a lost channel.
     Resync,

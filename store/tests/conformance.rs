@@ -156,6 +156,7 @@ conformance!(
     edge_groups_crud_with_unique_names,
     static_edge_groups_keep_only_environments_and_lose_deleted_ones,
     edge_groups_survive_reopen,
+    group_tags_are_set_cleared_and_go_with_their_group,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1255,7 +1256,12 @@ async fn publish_reaches_every_subscriber_exactly_once(b: &dyn Backend) {
     }
 
     // Every variant survives the trip.
-    for change in [Change::Settings, Change::AdminKeys, Change::Resync] {
+    for change in [
+        Change::Settings,
+        Change::AdminKeys,
+        Change::Catalog,
+        Change::Resync,
+    ] {
         first.publish(change.clone()).await.expect("publish");
         for rx in &mut subs {
             assert_eq!(next_change(rx).await, change);
@@ -3288,4 +3294,45 @@ async fn edge_groups_survive_reopen(b: &dyn Backend) {
         .expect("present")
         .environment_ids
         .is_empty());
+}
+
+async fn group_tags_are_set_cleared_and_go_with_their_group(b: &dyn Backend) {
+    let store = b.open().await;
+    assert!(store.group_tags().await.expect("read").is_empty());
+    let shops = store
+        .create_named(Collection::Groups, "shops")
+        .await
+        .expect("group");
+    let depots = store
+        .create_named(Collection::Groups, "depots")
+        .await
+        .expect("group");
+    // Sorted, without duplicates.
+    assert!(store
+        .set_group_tags(shops.id, &[7, 3, 7])
+        .await
+        .expect("set"));
+    assert!(store.set_group_tags(depots.id, &[3]).await.expect("set"));
+    assert!(!store.set_group_tags(9_999, &[3]).await.expect("no group"));
+    assert_eq!(
+        store.group_tags().await.expect("read"),
+        [(shops.id, vec![3, 7]), (depots.id, vec![3])].into()
+    );
+    // Cleared: the group has none.
+    assert!(store.set_group_tags(depots.id, &[]).await.expect("clear"));
+    assert_eq!(
+        store.group_tags().await.expect("read"),
+        [(shops.id, vec![3, 7])].into()
+    );
+    // A deleted group's tags go with it; a tag's deletion leaves groups alone (the API refuses
+    // to delete a tag in use).
+    assert!(store
+        .delete_named(Collection::Groups, shops.id)
+        .await
+        .expect("delete"));
+    assert!(store.group_tags().await.expect("read").is_empty());
+    assert!(!store
+        .set_group_tags(shops.id, &[1])
+        .await
+        .expect("deleted group"));
 }

@@ -1,4 +1,5 @@
-//! `/api/groups`, `/api/tags` (named collections) and `/api/settings`.
+//! `/api/groups`, `/api/tags` (named collections; groups also carry tags, which count as
+//! their environments' own for dynamic edge groups) and `/api/settings`.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
@@ -38,9 +39,48 @@ fn noun(c: Collection) -> &'static str {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NameBody {
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamedBody {
+    name: Option<String>,
+    /// Groups only: tags its environments get as if their own (dynamic edge groups).
+    tag_ids: Option<Vec<u64>>,
+}
+
+/// A group or tag as the API shows it: a group with its tags.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NamedView {
+    id: u64,
     name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag_ids: Option<Vec<u64>>,
+}
+
+/// Groups' tags may only name tags that exist (at most 64).
+async fn check_group_tags(
+    state: &AppState,
+    coll: Collection,
+    tags: Option<&[u64]>,
+) -> Result<(), ApiError> {
+    let Some(tags) = tags else {
+        return Ok(());
+    };
+    if coll == Collection::Tags {
+        return Err(ApiError::BadRequest("a tag has no tagIds".into()));
+    }
+    if tags.len() > 64 {
+        return Err(ApiError::BadRequest("a group has at most 64 tagIds".into()));
+    }
+    let known = state.store.list_named(Collection::Tags).await?;
+    let unknown: Vec<u64> = tags
+        .iter()
+        .copied()
+        .filter(|t| !known.iter().any(|n| n.id == *t))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ApiError::BadRequest(format!("unknown tagIds: {unknown:?}")));
+    }
+    Ok(())
 }
 
 fn clean_name(n: &str) -> Result<String, ApiError> {
@@ -55,33 +95,101 @@ async fn list(
     state: web::Data<AppState>,
     coll: web::Data<Collection>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(json(StatusCode::OK, &state.store.list_named(**coll).await?))
+    let named = state.store.list_named(**coll).await?;
+    let mut tags = match **coll {
+        Collection::Groups => Some(state.store.group_tags().await?),
+        Collection::Tags => None,
+    };
+    let views: Vec<NamedView> = named
+        .into_iter()
+        .map(|n| NamedView {
+            tag_ids: tags.as_mut().map(|t| t.remove(&n.id).unwrap_or_default()),
+            id: n.id,
+            name: n.name,
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &views))
 }
 
 async fn create(
     state: web::Data<AppState>,
     coll: web::Data<Collection>,
-    body: web::Json<NameBody>,
+    body: web::Json<NamedBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let named = state
-        .store
-        .create_named(**coll, &clean_name(&body.name)?)
-        .await?;
-    Ok(json(StatusCode::CREATED, &named))
+    let body = body.into_inner();
+    let name = clean_name(body.name.as_deref().unwrap_or_default())?;
+    check_group_tags(&state, **coll, body.tag_ids.as_deref()).await?;
+    let named = state.store.create_named(**coll, &name).await?;
+    let mut tag_ids = (**coll == Collection::Groups).then(Vec::new);
+    if let Some(tags) = body.tag_ids.filter(|t| !t.is_empty()) {
+        state.store.set_group_tags(named.id, &tags).await?;
+        state.publish(Change::Catalog).await?;
+        tag_ids = Some(sorted(tags));
+    }
+    let view = NamedView {
+        id: named.id,
+        name: named.name,
+        tag_ids,
+    };
+    Ok(json(StatusCode::CREATED, &view))
+}
+
+fn sorted(mut tags: Vec<u64>) -> Vec<u64> {
+    tags.sort_unstable();
+    tags.dedup();
+    tags
 }
 
 async fn rename(
     state: web::Data<AppState>,
     coll: web::Data<Collection>,
     id: web::Path<u64>,
-    body: web::Json<NameBody>,
+    body: web::Json<NamedBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let named = state
-        .store
-        .rename_named(**coll, *id, &clean_name(&body.name)?)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("{} {} does not exist", noun(**coll), id)))?;
-    Ok(json(StatusCode::OK, &named))
+    let body = body.into_inner();
+    let id = *id;
+    let missing = || ApiError::NotFound(format!("{} {} does not exist", noun(**coll), id));
+    check_group_tags(&state, **coll, body.tag_ids.as_deref()).await?;
+    let name = match body.name.as_deref() {
+        Some(name) => {
+            let name = clean_name(name)?;
+            state
+                .store
+                .rename_named(**coll, id, &name)
+                .await?
+                .ok_or_else(missing)?
+                .name
+        }
+        None => {
+            state
+                .store
+                .list_named(**coll)
+                .await?
+                .into_iter()
+                .find(|n| n.id == id)
+                .ok_or_else(missing)?
+                .name
+        }
+    };
+    let tag_ids = match (**coll, body.tag_ids) {
+        (Collection::Tags, _) => None,
+        (Collection::Groups, Some(tags)) => {
+            if !state.store.set_group_tags(id, &tags).await? {
+                return Err(missing());
+            }
+            state.publish(Change::Catalog).await?;
+            Some(sorted(tags))
+        }
+        (Collection::Groups, None) => Some(
+            state
+                .store
+                .group_tags()
+                .await?
+                .remove(&id)
+                .unwrap_or_default(),
+        ),
+    };
+    Ok(json(StatusCode::OK, &NamedView { id, name, tag_ids }))
 }
 
 async fn delete(
@@ -107,6 +215,19 @@ async fn delete(
         )));
     }
     if **coll == Collection::Tags {
+        let groups: Vec<u64> = state
+            .store
+            .group_tags()
+            .await?
+            .into_iter()
+            .filter(|(_, tags)| tags.contains(&id))
+            .map(|(g, _)| g)
+            .collect();
+        if !groups.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "tag {id} is a tag of group(s) {groups:?}; change them first"
+            )));
+        }
         // A dynamic edge group selecting by it would silently select less (or nothing).
         let groups: Vec<String> = state
             .store
@@ -127,6 +248,9 @@ async fn delete(
             "{} {id} does not exist",
             noun(**coll)
         )));
+    }
+    if **coll == Collection::Groups {
+        state.publish(Change::Catalog).await?;
     }
     Ok(HttpResponse::NoContent().finish())
 }

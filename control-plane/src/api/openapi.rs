@@ -107,11 +107,12 @@ pub fn build() -> Value {
             ("/api/edge_groups" | "/api/edge_groups/{id}", "POST" | "PATCH") => {
                 Some(json!({"$ref": "#/components/schemas/EdgeGroupBody"}))
             }
-            (p, "POST" | "PATCH") if p.starts_with("/api/groups") || p.starts_with("/api/tags") => {
-                Some(
-                    json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),
-                )
-            }
+            (p, "POST" | "PATCH") if p.starts_with("/api/groups") => Some(
+                json!({"type": "object", "additionalProperties": false, "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 255}, "tagIds": {"type": "array", "maxItems": 64, "items": {"type": "integer"}, "description": "tags the group's environments get as if their own (dynamic edge groups)"}}}),
+            ),
+            (p, "POST" | "PATCH") if p.starts_with("/api/tags") => Some(
+                json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}),
+            ),
             _ => None,
         };
         let mut op = json!({

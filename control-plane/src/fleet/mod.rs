@@ -746,7 +746,7 @@ impl Fleet {
                 Ok(s) => self.defaults.set(&s),
                 Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
             },
-            Change::AdminKeys => {}
+            Change::AdminKeys | Change::Catalog => {}
             Change::Resync => {
                 // Notifications may have been missed (e.g. the store's pub/sub reconnected):
                 // the settings, every live actor and the tunnel view may be stale.

@@ -1,14 +1,14 @@
 //! [`CatalogStore`] on redb: groups and tags, settings, admin key hashes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use redb::{Durability, ReadableTable, TableDefinition};
 
 use super::records::reserve_ids;
 use super::{
-    db_err, EmbeddedStore, ADMIN_KEY_HASHES, GROUPS, META, META_NEXT_GROUP_ID, META_NEXT_TAG_ID,
-    META_SETTINGS, TAGS,
+    db_err, EmbeddedStore, ADMIN_KEY_HASHES, GROUPS, GROUP_TAGS, META, META_NEXT_GROUP_ID,
+    META_NEXT_TAG_ID, META_SETTINGS, TAGS,
 };
 use crate::{CatalogStore, Collection, Named, Settings, StoreError};
 
@@ -116,7 +116,54 @@ impl CatalogStore for EmbeddedStore {
                 .remove(id)
                 .map_err(db_err)?
                 .is_some();
+            if existed && coll == Collection::Groups {
+                tx.open_table(GROUP_TAGS)
+                    .map_err(db_err)?
+                    .remove(id)
+                    .map_err(db_err)?;
+            }
             Ok((existed, existed))
+        })
+        .await
+    }
+
+    async fn group_tags(&self) -> Result<BTreeMap<u64, Vec<u64>>, StoreError> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(GROUP_TAGS).map_err(db_err)?;
+            let mut out = BTreeMap::new();
+            for entry in table.iter().map_err(db_err)? {
+                let (id, tags) = entry.map_err(db_err)?;
+                let tags: Vec<u64> = serde_json::from_slice(tags.value()).map_err(|e| {
+                    StoreError::corrupt_by(format!("tags of group {}", id.value()), e)
+                })?;
+                out.insert(id.value(), tags);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn set_group_tags(&self, group: u64, tags: &[u64]) -> Result<bool, StoreError> {
+        let tags: BTreeSet<u64> = tags.iter().copied().collect();
+        let bytes = serde_json::to_vec(&tags).map_err(|e| StoreError::corrupt_by("tags", e))?;
+        self.write(Durability::Immediate, move |tx| {
+            if tx
+                .open_table(GROUPS)
+                .map_err(db_err)?
+                .get(group)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Ok((false, false));
+            }
+            let mut table = tx.open_table(GROUP_TAGS).map_err(db_err)?;
+            if tags.is_empty() {
+                table.remove(group).map_err(db_err)?;
+            } else {
+                table.insert(group, bytes.as_slice()).map_err(db_err)?;
+            }
+            Ok((true, true))
         })
         .await
     }

@@ -9,6 +9,7 @@
 //! | `environments`     | id (`u64`)          | JSON of [`Environment`](crate::Environment), edge_id included    |
 //! | `meta`             | name (`&str`)       | `next_id:*`: `u64` little-endian; `settings`: JSON of [`Settings`](crate::Settings) |
 //! | `groups`, `tags`   | id (`u64`)          | name (`&str`)                                |
+//! | `group_tags`       | group id (`u64`)    | JSON list of its tag ids (groups with tags only) |
 //! | `admin_key_hashes` | SHA-256 (`[u8; 32]`)| `()`                                         |
 //! | `heartbeats`       | id (`u64`)          | ms since the epoch (`u64`)                   |
 //! | `snapshots`        | id (`u64`)          | `taken_ms`, `received_ms` (`u64` little-endian each), then the body |
@@ -67,6 +68,8 @@ const ENVIRONMENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("envi
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const GROUPS: TableDefinition<'_, u64, &str> = TableDefinition::new("groups");
 const TAGS: TableDefinition<'_, u64, &str> = TableDefinition::new("tags");
+/// Group id -> its tag ids (JSON list), for groups that have any.
+const GROUP_TAGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("group_tags");
 const ADMIN_KEY_HASHES: TableDefinition<'_, &[u8; 32], ()> =
     TableDefinition::new("admin_key_hashes");
 const HEARTBEATS: TableDefinition<'_, u64, u64> = TableDefinition::new("heartbeats");
@@ -135,6 +138,7 @@ impl EmbeddedStore {
         tx.open_table(META).map_err(db_err)?;
         tx.open_table(GROUPS).map_err(db_err)?;
         tx.open_table(TAGS).map_err(db_err)?;
+        tx.open_table(GROUP_TAGS).map_err(db_err)?;
         tx.open_table(ADMIN_KEY_HASHES).map_err(db_err)?;
         tx.open_table(HEARTBEATS).map_err(db_err)?;
         tx.open_table(SNAPSHOTS).map_err(db_err)?;

@@ -1,7 +1,7 @@
 //! [`CatalogStore`] on Redis: groups and tags (with a name index for uniqueness), settings,
 //! admin key hashes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use deadpool_redis::redis;
@@ -96,11 +96,53 @@ impl CatalogStore for RedisStore {
             .delete_named
             .key(ids)
             .key(names)
+            .key(match coll {
+                Collection::Groups => self.keys.group_tags.as_str(),
+                Collection::Tags => ids,
+            })
             .arg(id)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
         Ok(deleted == 1)
+    }
+
+    async fn group_tags(&self) -> Result<BTreeMap<u64, Vec<u64>>, StoreError> {
+        let mut conn = self.conn().await?;
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&self.keys.group_tags)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        all.into_iter()
+            .map(|(id, json)| {
+                let id = parse_id(&self.keys.group_tags, &id)?;
+                let tags = serde_json::from_str(&json)
+                    .map_err(|e| StoreError::corrupt_by(format!("tags of group {id}"), e))?;
+                Ok((id, tags))
+            })
+            .collect()
+    }
+
+    async fn set_group_tags(&self, group: u64, tags: &[u64]) -> Result<bool, StoreError> {
+        let tags: BTreeSet<u64> = tags.iter().copied().collect();
+        let json = if tags.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&tags).map_err(|e| StoreError::corrupt_by("tags", e))?
+        };
+        let mut conn = self.conn().await?;
+        let set: i64 = self
+            .scripts
+            .set_group_tags
+            .key(&self.keys.groups)
+            .key(&self.keys.group_tags)
+            .arg(group)
+            .arg(json)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(set == 1)
     }
 
     async fn settings(&self) -> Result<Settings, StoreError> {

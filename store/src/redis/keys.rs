@@ -15,6 +15,8 @@ pub(super) struct Keys {
     pub(super) groups: String,
     pub(super) group_names: String,
     pub(super) group_seq: String,
+    /// group id -> JSON list of its tag ids.
+    pub(super) group_tags: String,
     pub(super) tags: String,
     pub(super) tag_names: String,
     pub(super) tag_seq: String,
@@ -49,6 +51,7 @@ impl Keys {
             groups: format!("{prefix}groups"),
             group_names: format!("{prefix}groups:names"),
             group_seq: format!("{prefix}seq:groups"),
+            group_tags: format!("{prefix}groups:tags"),
             tags: format!("{prefix}tags"),
             tag_names: format!("{prefix}tags:names"),
             tag_seq: format!("{prefix}seq:tags"),

@@ -13,6 +13,7 @@
 //! | `edgeplane:groups`          | hash    | group id -> name                                 |
 //! | `edgeplane:groups:names`    | hash    | group name -> id (uniqueness index)              |
 //! | `edgeplane:seq:groups`      | string  | last group id handed out                         |
+//! | `edgeplane:groups:tags`     | hash    | group id -> JSON list of its tag ids (groups with tags only) |
 //! | `edgeplane:tags`            | hash    | tag id -> name                                   |
 //! | `edgeplane:tags:names`      | hash    | tag name -> id (uniqueness index)                |
 //! | `edgeplane:seq:tags`        | string  | last tag id handed out                           |

@@ -36,6 +36,8 @@ pub(super) struct Scripts {
     pub(super) rename_named: Script,
     /// Deletes a group or tag and its name.
     pub(super) delete_named: Script,
+    /// Sets or clears an existing group's tags.
+    pub(super) set_group_tags: Script,
     /// Creates or replaces an edge group and its static members (existing environments only).
     pub(super) put_edge_group: Script,
     /// Deletes an edge group, its name and its members.
@@ -65,6 +67,7 @@ impl Scripts {
             create_named: Script::new(include_str!("lua/create_named.lua")),
             rename_named: Script::new(include_str!("lua/rename_named.lua")),
             delete_named: Script::new(include_str!("lua/delete_named.lua")),
+            set_group_tags: Script::new(include_str!("lua/set_group_tags.lua")),
             put_edge_group: Script::new(include_str!("lua/put_edge_group.lua")),
             delete_edge_group: Script::new(include_str!("lua/delete_edge_group.lua")),
             delete_env: Script::new(include_str!("lua/delete_env.lua")),
