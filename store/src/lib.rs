@@ -10,7 +10,7 @@
 //! hold just the slice it needs: [`Backend`] (name, liveness, change notifications),
 //! [`TunnelStore`] (grants, tunnel locations, gateway registrations, the cluster secret: all a
 //! tunnel gateway needs), [`EnvironmentStore`], [`CatalogStore`], [`EdgeGroupStore`],
-//! [`SnapshotStore`] and [`CommandStore`]. [`Store`] is all of them; `Arc<dyn Store>` coerces to `Arc<dyn
+//! [`EdgeStackStore`], [`SnapshotStore`] and [`CommandStore`]. [`Store`] is all of them; `Arc<dyn Store>` coerces to `Arc<dyn
 //! TunnelStore>`.
 //!
 //! Only this crate knows key names, table names and serialised layouts. Nothing on the agent
@@ -227,6 +227,43 @@ pub trait EdgeGroupStore: Send + Sync + 'static {
     async fn delete_edge_group(&self, id: u64) -> Result<bool, StoreError>;
 }
 
+/// Edge stacks: versioned compose files targeted at edge groups.
+#[async_trait]
+pub trait EdgeStackStore: Send + Sync + 'static {
+    /// Creates `stack` (its `id` and `version` ignored) with `compose` as version 1, at
+    /// `stack.created_ms`. `Conflict` when another stack has the name.
+    async fn create_edge_stack(
+        &self,
+        stack: &EdgeStack,
+        compose: &str,
+    ) -> Result<EdgeStack, StoreError>;
+    async fn edge_stack(&self, id: u64) -> Result<Option<EdgeStack>, StoreError>;
+    /// Every edge stack, by id.
+    async fn list_edge_stacks(&self) -> Result<Vec<EdgeStack>, StoreError>;
+    /// Replaces the targets and variables of stack `stack.id` (not its name, version or
+    /// versions); `None` when there is no such stack.
+    async fn update_edge_stack(&self, stack: &EdgeStack) -> Result<Option<EdgeStack>, StoreError>;
+    /// Adds `compose` as version `after + 1`, if the stack's newest version is still `after`
+    /// (`Conflict` otherwise: another change came first), pruning versions beyond the newest
+    /// [`MAX_STACK_VERSIONS`]. `None` when there is no such stack.
+    async fn add_stack_version(
+        &self,
+        id: u64,
+        after: u32,
+        compose: &str,
+        now_ms: u64,
+    ) -> Result<Option<EdgeStack>, StoreError>;
+    /// The kept versions of a stack, newest first (empty for no stack).
+    async fn stack_versions(&self, id: u64) -> Result<Vec<StackVersion>, StoreError>;
+    async fn stack_version(
+        &self,
+        id: u64,
+        version: u32,
+    ) -> Result<Option<StackVersion>, StoreError>;
+    /// Deletes the stack and its versions; `false` if absent.
+    async fn delete_edge_stack(&self, id: u64) -> Result<bool, StoreError>;
+}
+
 /// The latest snapshot of each environment's engine.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + 'static {
@@ -289,7 +326,13 @@ pub trait CommandStore: Send + Sync + 'static {
 
 /// All of shared state: what a control-plane replica holds.
 pub trait Store:
-    TunnelStore + EnvironmentStore + CatalogStore + EdgeGroupStore + SnapshotStore + CommandStore
+    TunnelStore
+    + EnvironmentStore
+    + CatalogStore
+    + EdgeGroupStore
+    + EdgeStackStore
+    + SnapshotStore
+    + CommandStore
 {
 }
 
@@ -298,6 +341,7 @@ impl<T> Store for T where
         + EnvironmentStore
         + CatalogStore
         + EdgeGroupStore
+        + EdgeStackStore
         + SnapshotStore
         + CommandStore
 {
@@ -312,6 +356,7 @@ pub mod prelude {
     pub use crate::CatalogStore as _;
     pub use crate::CommandStore as _;
     pub use crate::EdgeGroupStore as _;
+    pub use crate::EdgeStackStore as _;
     pub use crate::EnvironmentStore as _;
     pub use crate::SnapshotStore as _;
     pub use crate::TunnelStore as _;

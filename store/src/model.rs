@@ -253,6 +253,68 @@ impl EdgeGroup {
     }
 }
 
+/// Versions of one edge stack kept at most; older ones are pruned as new ones are added (the
+/// current one is never pruned).
+pub const MAX_STACK_VERSIONS: u32 = 100;
+
+/// An edge stack: a compose file, versioned, deployed to the environments of its edge groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeStack {
+    pub id: u64,
+    /// Unique; on the device the compose project is `edge_<name>`.
+    pub name: String,
+    pub edge_group_ids: Vec<u64>,
+    /// Substituted into the compose file (`${NAME}`), per environment with its own values.
+    pub variables: std::collections::BTreeMap<String, String>,
+    /// The newest version: 1 on create, one more per new compose file.
+    pub version: u32,
+    pub created_ms: u64,
+}
+
+/// The stored form of an [`EdgeStack`] without its id and version (kept apart, so that a new
+/// version is a compare-and-set on a number).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeStackRecord {
+    pub name: String,
+    #[serde(default)]
+    pub edge_group_ids: Vec<u64>,
+    #[serde(default)]
+    pub variables: std::collections::BTreeMap<String, String>,
+    pub created_ms: u64,
+}
+
+impl EdgeStack {
+    pub fn record(&self) -> EdgeStackRecord {
+        EdgeStackRecord {
+            name: self.name.clone(),
+            edge_group_ids: self.edge_group_ids.clone(),
+            variables: self.variables.clone(),
+            created_ms: self.created_ms,
+        }
+    }
+
+    pub fn from_record(id: u64, version: u32, r: EdgeStackRecord) -> Self {
+        Self {
+            id,
+            name: r.name,
+            edge_group_ids: r.edge_group_ids,
+            variables: r.variables,
+            version,
+            created_ms: r.created_ms,
+        }
+    }
+}
+
+/// One kept version of an edge stack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StackVersion {
+    pub version: u32,
+    pub compose: String,
+    pub created_ms: u64,
+}
+
 /// Default intervals, in seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

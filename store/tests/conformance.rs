@@ -16,10 +16,11 @@ use store::embedded::EmbeddedStore;
 use store::prelude::*;
 use store::redis::RedisStore;
 use store::{
-    BindOutcome, Change, Collection, CommandState, EdgeGroup, EdgeMode, Environment, GatewayInfo,
-    NewEnvironment, Settings, SnapshotPut, Store, StoreError, StoredCommand, StoredSnapshot,
-    TagMatch, TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV,
-    MAX_COMMAND_ID, MAX_UNFINISHED_COMMANDS_PER_ENV,
+    BindOutcome, Change, Collection, CommandState, EdgeGroup, EdgeMode, EdgeStack, Environment,
+    GatewayInfo, NewEnvironment, Settings, SnapshotPut, Store, StoreError, StoredCommand,
+    StoredSnapshot, TagMatch, TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS,
+    KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_STACK_VERSIONS,
+    MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 use testkit::RedisServer;
 use tokio::sync::broadcast;
@@ -157,6 +158,8 @@ conformance!(
     static_edge_groups_keep_only_environments_and_lose_deleted_ones,
     edge_groups_survive_reopen,
     group_tags_are_set_cleared_and_go_with_their_group,
+    edge_stacks_crud_with_unique_names,
+    stack_versions_are_compare_and_set_kept_and_pruned,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3335,4 +3338,178 @@ async fn group_tags_are_set_cleared_and_go_with_their_group(b: &dyn Backend) {
         .set_group_tags(shops.id, &[1])
         .await
         .expect("deleted group"));
+}
+
+fn edge_stack(name: &str, groups: &[u64]) -> EdgeStack {
+    EdgeStack {
+        id: 0,
+        name: name.to_owned(),
+        edge_group_ids: groups.to_vec(),
+        variables: [("TZ".to_owned(), "UTC".to_owned())].into(),
+        version: 0,
+        created_ms: 1_800_000_000_000,
+    }
+}
+
+async fn edge_stacks_crud_with_unique_names(b: &dyn Backend) {
+    let store = b.open().await;
+    assert!(store.list_edge_stacks().await.expect("list").is_empty());
+    let web = store
+        .create_edge_stack(&edge_stack("web", &[1, 2]), "services: {}")
+        .await
+        .expect("create");
+    assert!(web.id > 0);
+    assert_eq!(web.version, 1);
+    assert_eq!(web.edge_group_ids, vec![1, 2]);
+    let dup = store.create_edge_stack(&edge_stack("web", &[]), "x").await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let db = store
+        .create_edge_stack(&edge_stack("db", &[]), "db: {}")
+        .await
+        .expect("create");
+    assert!(db.id > web.id);
+    assert_eq!(
+        store.edge_stack(web.id).await.expect("get"),
+        Some(web.clone())
+    );
+    assert_eq!(store.edge_stack(9_999).await.expect("get"), None);
+    assert_eq!(
+        store.list_edge_stacks().await.expect("list"),
+        vec![web.clone(), db.clone()]
+    );
+
+    // Targets and variables change; the name, the version and the file do not.
+    let mut retarget = web.clone();
+    retarget.edge_group_ids = vec![3];
+    retarget.variables.clear();
+    retarget.name = "renamed".into();
+    retarget.version = 42;
+    let updated = store
+        .update_edge_stack(&retarget)
+        .await
+        .expect("update")
+        .expect("present");
+    assert_eq!(
+        (
+            updated.name.as_str(),
+            updated.version,
+            updated.edge_group_ids.as_slice()
+        ),
+        ("web", 1, &[3][..])
+    );
+    assert!(updated.variables.is_empty());
+    assert_eq!(store.edge_stack(web.id).await.expect("get"), Some(updated));
+    let mut ghost = web.clone();
+    ghost.id = 9_999;
+    assert_eq!(store.update_edge_stack(&ghost).await.expect("update"), None);
+
+    // Deleted with its versions; its name is free again.
+    assert!(store.delete_edge_stack(web.id).await.expect("delete"));
+    assert!(!store.delete_edge_stack(web.id).await.expect("again"));
+    assert_eq!(store.edge_stack(web.id).await.expect("get"), None);
+    assert!(store
+        .stack_versions(web.id)
+        .await
+        .expect("versions")
+        .is_empty());
+    let again = store
+        .create_edge_stack(&edge_stack("web", &[]), "v1")
+        .await
+        .expect("the name is free");
+    assert!(again.id > db.id, "ids are not reused");
+    assert_eq!(
+        store
+            .stack_versions(again.id)
+            .await
+            .expect("versions")
+            .len(),
+        1
+    );
+}
+
+async fn stack_versions_are_compare_and_set_kept_and_pruned(b: &dyn Backend) {
+    let store = b.open().await;
+    let stack = store
+        .create_edge_stack(&edge_stack("web", &[1]), "file 1")
+        .await
+        .expect("create");
+    let v2 = store
+        .add_stack_version(stack.id, 1, "file 2", 1_800_000_000_500)
+        .await
+        .expect("add")
+        .expect("present");
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.edge_group_ids, vec![1], "the rest stays");
+    // Another change came first: refused, nothing added.
+    let stale = store.add_stack_version(stack.id, 1, "lost", 1).await;
+    assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+    assert_eq!(
+        store
+            .add_stack_version(9_999, 1, "x", 1)
+            .await
+            .expect("none"),
+        None
+    );
+    let versions = store.stack_versions(stack.id).await.expect("versions");
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| (v.version, v.compose.as_str(), v.created_ms))
+            .collect::<Vec<_>>(),
+        vec![
+            (2, "file 2", 1_800_000_000_500),
+            (1, "file 1", stack.created_ms)
+        ]
+    );
+    assert_eq!(
+        store
+            .stack_version(stack.id, 1)
+            .await
+            .expect("get")
+            .map(|v| v.compose),
+        Some("file 1".to_owned())
+    );
+    assert_eq!(store.stack_version(stack.id, 3).await.expect("get"), None);
+
+    // Concurrent new versions from the same base: exactly one wins.
+    let tries = (0..8).map(|i| {
+        let store = Arc::clone(&store);
+        let id = stack.id;
+        tokio::spawn(async move {
+            store
+                .add_stack_version(id, 2, &format!("race {i}"), 2)
+                .await
+        })
+    });
+    let mut won = 0;
+    for t in tries {
+        match t.await.expect("task") {
+            Ok(Some(s)) => {
+                assert_eq!(s.version, 3);
+                won += 1;
+            }
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+
+    // Past the bound the oldest go; the newest ones stay.
+    let mut at = 3;
+    while at < MAX_STACK_VERSIONS + 5 {
+        store
+            .add_stack_version(stack.id, at, &format!("file {}", at + 1), 3)
+            .await
+            .expect("add")
+            .expect("present");
+        at += 1;
+    }
+    let versions = store.stack_versions(stack.id).await.expect("versions");
+    assert_eq!(versions.len(), MAX_STACK_VERSIONS as usize);
+    assert_eq!(versions[0].version, at);
+    assert_eq!(
+        versions.last().map(|v| v.version),
+        Some(at - MAX_STACK_VERSIONS + 1)
+    );
+    assert_eq!(store.stack_version(stack.id, 1).await.expect("get"), None);
 }

@@ -17,6 +17,8 @@
 //! |                    | (env id, 0)         | the queue's counts: unfinished, finished (`u64` little-endian each) |
 //! | `edge_groups`      | id (`u64`)          | JSON of [`EdgeGroupRecord`](crate::EdgeGroupRecord) (no members) |
 //! | `edge_group_members` | (group id, env id) | `()`: a static group's members            |
+//! | `edge_stacks`      | id (`u64`)          | JSON of the stack's record and its newest `version` |
+//! | `stack_versions`   | (stack id, version) | JSON of a [`StackVersion`](crate::StackVersion); the newest [`MAX_STACK_VERSIONS`](crate::MAX_STACK_VERSIONS) kept |
 //! | `env_edge_groups`  | (env id, group id)  | `()`: the same by environment, so a deleted environment leaves its groups in its own transaction |
 //!
 //! The `meta` table also holds `cluster_secret`: the 32 random bytes of
@@ -43,6 +45,7 @@
 mod catalog;
 mod commands;
 mod edge_groups;
+mod edge_stacks;
 mod environments;
 mod leases;
 mod records;
@@ -83,12 +86,18 @@ const EDGE_GROUP_MEMBERS: TableDefinition<'_, (u64, u64), ()> =
 /// (environment, edge group): the same, by environment.
 const ENV_EDGE_GROUPS: TableDefinition<'_, (u64, u64), ()> =
     TableDefinition::new("env_edge_groups");
+/// Edge stack id -> its record and newest version (JSON).
+const EDGE_STACKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("edge_stacks");
+/// (edge stack, version) -> the version (JSON of a `StackVersion`).
+const STACK_VERSIONS: TableDefinition<'_, (u64, u64), &[u8]> =
+    TableDefinition::new("stack_versions");
 
 // Keys of the `meta` table.
 const META_NEXT_ENV_ID: &str = "next_id:environments";
 const META_NEXT_GROUP_ID: &str = "next_id:groups";
 const META_NEXT_TAG_ID: &str = "next_id:tags";
 const META_NEXT_EDGE_GROUP_ID: &str = "next_id:edge_groups";
+const META_NEXT_EDGE_STACK_ID: &str = "next_id:edge_stacks";
 const META_SETTINGS: &str = "settings";
 const META_CLUSTER_SECRET: &str = "cluster_secret";
 
@@ -146,6 +155,8 @@ impl EmbeddedStore {
         tx.open_table(EDGE_GROUPS).map_err(db_err)?;
         tx.open_table(EDGE_GROUP_MEMBERS).map_err(db_err)?;
         tx.open_table(ENV_EDGE_GROUPS).map_err(db_err)?;
+        tx.open_table(EDGE_STACKS).map_err(db_err)?;
+        tx.open_table(STACK_VERSIONS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
 
         tracing::info!(path = %path.display(), "opened embedded store");

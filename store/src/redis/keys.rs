@@ -38,6 +38,13 @@ pub(super) struct Keys {
     pub(super) edge_group_members: String,
     /// + env id: the static edge groups an environment is in.
     pub(super) env_edge_groups: String,
+    pub(super) edge_stacks: String,
+    pub(super) edge_stack_names: String,
+    /// stack id -> its newest version.
+    pub(super) edge_stack_version: String,
+    pub(super) edge_stack_seq: String,
+    /// + stack id: its versions.
+    pub(super) edge_stack_versions: String,
 }
 
 impl Keys {
@@ -72,6 +79,11 @@ impl Keys {
             edge_group_seq: format!("{prefix}seq:edge_groups"),
             edge_group_members: format!("{prefix}edge_group:"),
             env_edge_groups: format!("{prefix}env_edge_groups:"),
+            edge_stacks: format!("{prefix}edge_stacks"),
+            edge_stack_names: format!("{prefix}edge_stacks:names"),
+            edge_stack_version: format!("{prefix}edge_stacks:version"),
+            edge_stack_seq: format!("{prefix}seq:edge_stacks"),
+            edge_stack_versions: format!("{prefix}edge_stack_versions:"),
         }
     }
 
@@ -93,6 +105,10 @@ impl Keys {
 
     pub(super) fn env_edge_groups(&self, env: EnvId) -> String {
         format!("{}{env}", self.env_edge_groups)
+    }
+
+    pub(super) fn edge_stack_versions(&self, stack: u64) -> String {
+        format!("{}{stack}", self.edge_stack_versions)
     }
 
     pub(super) fn grant(&self, token_hash: &[u8; 32]) -> String {

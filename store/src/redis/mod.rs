@@ -34,6 +34,11 @@
 //! | `edgeplane:edge_groups:names` | hash  | edge group name -> id (uniqueness index)         |
 //! | `edgeplane:seq:edge_groups` | string  | last edge group id handed out                    |
 //! | `edgeplane:edge_group:{id}` | sorted set | a static edge group's members, env ids scored by id |
+//! | `edgeplane:edge_stacks`     | hash    | edge stack id -> JSON of [`EdgeStackRecord`](crate::EdgeStackRecord) |
+//! | `edgeplane:edge_stacks:names` | hash  | edge stack name -> id (uniqueness index)         |
+//! | `edgeplane:edge_stacks:version` | hash | edge stack id -> its newest version (the compare-and-set of a new one) |
+//! | `edgeplane:seq:edge_stacks` | string  | last edge stack id handed out                    |
+//! | `edgeplane:edge_stack_versions:{id}` | hash | version -> JSON of a [`StackVersion`](crate::StackVersion); the newest [`MAX_STACK_VERSIONS`](crate::MAX_STACK_VERSIONS) kept |
 //! | `edgeplane:env_edge_groups:{id}` | set | the static edge groups an environment is in (so its deletion leaves them, `lua/delete_env.lua`) |
 //!
 //! The binding lives apart from the record so that binding ends in a single HSETNX and a
@@ -68,6 +73,7 @@
 mod catalog;
 mod commands;
 mod edge_groups;
+mod edge_stacks;
 mod environments;
 mod keys;
 mod pubsub;

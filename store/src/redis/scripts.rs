@@ -44,6 +44,14 @@ pub(super) struct Scripts {
     pub(super) delete_edge_group: Script,
     /// Deletes an environment and all that is its, edge group memberships included.
     pub(super) delete_env: Script,
+    /// Creates an edge stack with version 1 under a name not yet taken.
+    pub(super) create_edge_stack: Script,
+    /// Replaces an existing edge stack's record.
+    pub(super) update_edge_stack: Script,
+    /// Compare-and-set of an edge stack's next version, pruning the oldest.
+    pub(super) add_stack_version: Script,
+    /// Deletes an edge stack with its versions.
+    pub(super) delete_edge_stack: Script,
 }
 
 impl Scripts {
@@ -71,6 +79,10 @@ impl Scripts {
             put_edge_group: Script::new(include_str!("lua/put_edge_group.lua")),
             delete_edge_group: Script::new(include_str!("lua/delete_edge_group.lua")),
             delete_env: Script::new(include_str!("lua/delete_env.lua")),
+            create_edge_stack: Script::new(include_str!("lua/create_edge_stack.lua")),
+            update_edge_stack: Script::new(include_str!("lua/update_edge_stack.lua")),
+            add_stack_version: Script::new(include_str!("lua/add_stack_version.lua")),
+            delete_edge_stack: Script::new(include_str!("lua/delete_edge_stack.lua")),
         }
     }
 }
