@@ -182,7 +182,7 @@ impl EdgeStackStore for RedisStore {
             .values()
             .map(|json| decode_version(id, json))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        out.sort_unstable_by(|a, b| b.version.cmp(&a.version));
+        out.sort_unstable_by_key(|v| std::cmp::Reverse(v.version));
         Ok(out)
     }
 
