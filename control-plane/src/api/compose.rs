@@ -178,6 +178,207 @@ pub fn parse(yaml: &str) -> Result<Vec<ServiceSpec>, String> {
         .collect()
 }
 
+/// An edge stack's compose file, as far as it is checked when it is stored: what edge users
+/// write (several services, `depends_on` ordering, named networks and volumes, `environment`,
+/// `restart`, `healthcheck`); values may hold `${VARIABLE}`s, which are only known per
+/// environment, so they are checked for shape, not content.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StackFile {
+    #[allow(dead_code)]
+    version: Option<serde_yaml::Value>,
+    #[allow(dead_code)]
+    name: Option<String>,
+    services: BTreeMap<String, StackService>,
+    networks: Option<BTreeMap<String, Option<serde_yaml::Value>>>,
+    volumes: Option<BTreeMap<String, Option<serde_yaml::Value>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct StackService {
+    image: String,
+    command: Option<Words>,
+    entrypoint: Option<Words>,
+    environment: Option<ListOrMap>,
+    labels: Option<ListOrMap>,
+    ports: Option<Vec<Port>>,
+    restart: Option<String>,
+    volumes: Option<Vec<String>>,
+    depends_on: Option<DependsOn>,
+    networks: Option<Networks>,
+    healthcheck: Option<Healthcheck>,
+    user: Option<String>,
+    working_dir: Option<String>,
+    hostname: Option<String>,
+    privileged: Option<bool>,
+    devices: Option<Vec<String>>,
+    network_mode: Option<String>,
+    stop_grace_period: Option<String>,
+    pull_policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DependsOn {
+    List(Vec<String>),
+    /// `service: {condition: service_started | service_healthy | service_completed_successfully}`
+    Map(BTreeMap<String, Condition>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Condition {
+    condition: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Networks {
+    List(Vec<String>),
+    Map(BTreeMap<String, Option<serde_yaml::Value>>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Healthcheck {
+    test: Option<Words>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    retries: Option<serde_yaml::Value>,
+    start_period: Option<String>,
+    disable: Option<bool>,
+}
+
+/// Checks an edge stack's compose file: its shape (unknown keys refused by name), at least one
+/// service, each with an image, `depends_on` naming services of the file without a cycle,
+/// networks declared at the top level, `restart` and `pull_policy` values compose knows.
+pub fn check_stack_file(yaml: &str) -> Result<(), String> {
+    if yaml.len() > MAX_COMPOSE_BYTES {
+        return Err(format!(
+            "the compose file has {} bytes, more than {MAX_COMPOSE_BYTES}",
+            yaml.len()
+        ));
+    }
+    let file: StackFile = serde_yaml::from_str(yaml).map_err(|e| format!("compose file: {e}"))?;
+    if file.services.is_empty() {
+        return Err("compose file: no services".into());
+    }
+    let declared = file.networks.unwrap_or_default();
+    let volumes = file.volumes.unwrap_or_default();
+    let mut after: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, s) in &file.services {
+        if s.image.trim().is_empty() {
+            return Err(format!("service {name}: image is empty"));
+        }
+        if let Some(r) = s.restart.as_deref() {
+            let known = ["no", "always", "on-failure", "unless-stopped"];
+            if !r.contains("${")
+                && !known
+                    .iter()
+                    .any(|k| r == *k || r.starts_with("on-failure:"))
+            {
+                return Err(format!(
+                    "service {name}: restart {r:?} is not one of no, always, on-failure[:n], unless-stopped"
+                ));
+            }
+        }
+        if let Some(p) = s.pull_policy.as_deref() {
+            if !["missing", "always", "never", "if_not_present"].contains(&p) {
+                return Err(format!(
+                    "service {name}: pull_policy {p:?} is not one of missing, always, never"
+                ));
+            }
+        }
+        let deps: Vec<&str> = match &s.depends_on {
+            None => Vec::new(),
+            Some(DependsOn::List(l)) => l.iter().map(String::as_str).collect(),
+            Some(DependsOn::Map(m)) => {
+                for (dep, c) in m {
+                    if let Some(c) = c.condition.as_deref() {
+                        let known = [
+                            "service_started",
+                            "service_healthy",
+                            "service_completed_successfully",
+                        ];
+                        if !known.contains(&c) {
+                            return Err(format!(
+                                "service {name}: depends_on {dep}: condition {c:?} is not one of {known:?}"
+                            ));
+                        }
+                    }
+                }
+                m.keys().map(String::as_str).collect()
+            }
+        };
+        for dep in &deps {
+            if !file.services.contains_key(*dep) {
+                return Err(format!(
+                    "service {name}: depends_on {dep:?}, which is not a service of this file"
+                ));
+            }
+        }
+        after.insert(name, deps);
+        let nets: Vec<&str> = match &s.networks {
+            None => Vec::new(),
+            Some(Networks::List(l)) => l.iter().map(String::as_str).collect(),
+            Some(Networks::Map(m)) => m.keys().map(String::as_str).collect(),
+        };
+        for net in nets {
+            if net != "default" && !declared.contains_key(net) {
+                return Err(format!(
+                    "service {name}: network {net:?} is not declared under networks"
+                ));
+            }
+        }
+        for v in s.volumes.iter().flatten() {
+            let source = v.split(':').next().unwrap_or_default();
+            let named = v.contains(':')
+                && !source.is_empty()
+                && !source.contains("${")
+                && !source.starts_with(['/', '.', '~']);
+            if named && !volumes.contains_key(source) {
+                return Err(format!(
+                    "service {name}: volume {source:?} is not declared under volumes"
+                ));
+            }
+        }
+        for p in s.ports.iter().flatten() {
+            match p {
+                Port::Text(t) if t.contains("${") => {}
+                other => {
+                    let text = match other {
+                        Port::Number(n) => Port::Number(*n),
+                        Port::Text(t) => Port::Text(t.clone()),
+                    };
+                    parse_port(text).map_err(|e| format!("service {name}: {e}"))?;
+                }
+            }
+        }
+    }
+    // `depends_on` must be an order: no service waits, through others, for itself.
+    let mut done: Vec<&str> = Vec::new();
+    while done.len() < after.len() {
+        let ready: Vec<&str> = after
+            .iter()
+            .filter(|(n, deps)| !done.contains(n) && deps.iter().all(|d| done.contains(d)))
+            .map(|(n, _)| *n)
+            .collect();
+        if ready.is_empty() {
+            let stuck: Vec<&str> = after
+                .keys()
+                .copied()
+                .filter(|n| !done.contains(n))
+                .collect();
+            return Err(format!("depends_on goes round in a circle among {stuck:?}"));
+        }
+        done.extend(ready);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -219,6 +420,113 @@ volumes:
             services[1].command.as_deref(),
             Some(&["sleep".to_owned(), "600".to_owned()][..])
         );
+    }
+
+    #[test]
+    fn stack_files_take_what_edge_users_write_and_refuse_what_cannot_run() {
+        let file = r#"
+services:
+  db:
+    image: postgres:16
+    restart: unless-stopped
+    environment:
+      POSTGRES_PASSWORD: ${DB_PASSWORD}
+    volumes: ["pgdata:/var/lib/postgresql/data"]
+    networks: [back]
+    healthcheck:
+      test: ["CMD", "pg_isready"]
+      interval: 10s
+      timeout: 3s
+      retries: 5
+  app:
+    image: registry.local/app:${APP_TAG}
+    depends_on:
+      db: {condition: service_healthy}
+    networks: [back, front]
+    ports: ["${APP_PORT}:8080", "9090:9090"]
+  proxy:
+    image: caddy:2
+    depends_on: [app]
+    networks: [front]
+networks:
+  back: {}
+  front:
+volumes:
+  pgdata:
+"#;
+        check_stack_file(file).unwrap();
+        for (bad, says) in [
+            ("services: {}", "no services"),
+            (
+                "services:
+  a:
+    image: x
+    build: .
+",
+                "build",
+            ),
+            (
+                "services:
+  a:
+    image: x
+    depends_on: [b]
+",
+                "not a service",
+            ),
+            (
+                "services:
+  a:
+    image: x
+    depends_on: [b]
+  b:
+    image: y
+    depends_on: [a]
+",
+                "circle",
+            ),
+            (
+                "services:
+  a:
+    image: x
+    networks: [lan]
+",
+                "not declared",
+            ),
+            (
+                "services:
+  a:
+    image: x
+    restart: sometimes
+",
+                "restart",
+            ),
+            (
+                "services:
+  a:
+    image: x
+    depends_on:
+      b: {condition: soon}
+  b:
+    image: y
+",
+                "condition",
+            ),
+            (
+                r#"services:
+  a:
+    image: x
+    ports: ["80:http"]
+"#,
+                "not a port number",
+            ),
+            (
+                "services:\n  a:\n    image: x\n    volumes: [\"data:/d\", \"/srv:/s\"]\n",
+                "not declared under volumes",
+            ),
+        ] {
+            let e = check_stack_file(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -228,6 +228,19 @@ async fn patch(
 }
 
 async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    let stacks: Vec<String> = state
+        .store
+        .list_edge_stacks()
+        .await?
+        .into_iter()
+        .filter(|s| s.edge_group_ids.contains(&id))
+        .map(|s| s.name)
+        .collect();
+    if !stacks.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "edge group {id} is targeted by edge stack(s) {stacks:?}; change them first"
+        )));
+    }
     if !state.store.delete_edge_group(*id).await? {
         return Err(ApiError::NotFound(format!(
             "edge group {id} does not exist"

@@ -9,6 +9,7 @@ mod commands;
 mod compose;
 mod docker;
 mod edge_groups;
+mod edge_stacks;
 mod endpoints;
 mod install;
 mod openapi;
@@ -201,6 +202,41 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/api/edge_stacks",
+        summary: "List edge stacks (?start=&limit=); X-Total-Count holds the total",
+    },
+    Route {
+        method: "POST",
+        path: "/api/edge_stacks",
+        summary: "Create an edge stack: {name, compose, edgeGroupIds, variables}; 201 with its id and version 1",
+    },
+    Route {
+        method: "GET",
+        path: "/api/edge_stacks/{id}",
+        summary: "Get one edge stack",
+    },
+    Route {
+        method: "PUT",
+        path: "/api/edge_stacks/{id}",
+        summary: "Change an edge stack: a new compose makes the next version; edgeGroupIds and variables change in place",
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/edge_stacks/{id}",
+        summary: "Delete an edge stack and its versions",
+    },
+    Route {
+        method: "GET",
+        path: "/api/edge_stacks/{id}/versions",
+        summary: "The kept versions of an edge stack, newest first",
+    },
+    Route {
+        method: "GET",
+        path: "/api/edge_stacks/{id}/versions/{n}",
+        summary: "One kept version of an edge stack, with its compose file",
+    },
+    Route {
+        method: "GET",
         path: "/api/settings",
         summary: "Default intervals",
     },
@@ -284,6 +320,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             )
             .configure(catalog::configure)
             .configure(edge_groups::configure)
+            .configure(edge_stacks::configure)
             .route("/openapi.json", web::get().to(openapi::document))
             .default_service(web::to(not_found)),
     )

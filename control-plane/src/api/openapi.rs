@@ -42,6 +42,16 @@ fn schemas() -> Value {
             "tagIds": {"type": "array", "items": {"type": "integer"}},
             "match": {"type": "string", "enum": ["any", "all"]},
             "environmentIds": {"type": "array", "items": {"type": "integer"}}}},
+        "EdgeStack": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "name": {"type": "string"}, "version": {"type": "integer"},
+            "edgeGroupIds": {"type": "array", "items": {"type": "integer"}},
+            "variables": {"type": "object", "additionalProperties": {"type": "string"}},
+            "createdAt": {"type": "string", "format": "date-time"}}},
+        "EdgeStackBody": {"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,57}$", "description": "required on create; cannot change"},
+            "compose": {"type": "string", "maxLength": 65536, "description": "the compose file; on PUT, a new one makes the next version"},
+            "edgeGroupIds": {"type": "array", "minItems": 1, "maxItems": 64, "items": {"type": "integer"}},
+            "variables": {"type": "object", "maxProperties": 128, "additionalProperties": {"type": "string", "maxLength": 4096}, "description": "substituted for ${NAME}; names starting with EDGE_ are set per environment"}}},
         "EdgeGroupBody": {"type": "object", "additionalProperties": false, "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 255},
             "dynamic": {"type": "boolean", "description": "by tags (true) or a list of environments (false, the default)"},
@@ -77,7 +87,16 @@ fn parameters(path: &str, method: &str) -> Vec<Value> {
             ps.push(json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}}));
         }
     }
-    if method == "GET" && (path == "/api/edge_groups" || path.ends_with("/environments")) {
+    if path.contains("{n}") {
+        ps.push(
+            json!({"name": "n", "in": "path", "required": true, "description": "version", "schema": {"type": "integer", "minimum": 1}}),
+        );
+    }
+    if method == "GET"
+        && (path == "/api/edge_groups"
+            || path == "/api/edge_stacks"
+            || path.ends_with("/environments"))
+    {
         for (name, desc) in [
             ("start", "offset of the first item (default 0)"),
             ("limit", "page size, 1..=1000 (default 100)"),
@@ -104,6 +123,9 @@ pub fn build() -> Value {
             ),
             ("/api/endpoints/{id}", "PATCH") => Some(json!({"type": "object"})),
             ("/api/settings", "PATCH") => Some(json!({"$ref": "#/components/schemas/Settings"})),
+            ("/api/edge_stacks" | "/api/edge_stacks/{id}", "POST" | "PUT") => {
+                Some(json!({"$ref": "#/components/schemas/EdgeStackBody"}))
+            }
             ("/api/edge_groups" | "/api/edge_groups/{id}", "POST" | "PATCH") => {
                 Some(json!({"$ref": "#/components/schemas/EdgeGroupBody"}))
             }

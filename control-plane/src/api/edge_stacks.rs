@@ -1,0 +1,346 @@
+//! `/api/edge_stacks`: compose files, versioned, targeted at edge groups. Every new compose
+//! file is a new version (kept, listable; the newest [`store::MAX_STACK_VERSIONS`]); a new
+//! version is a compare-and-set on the one it follows, so two admins' concurrent edits
+//! never overwrite each other silently. (Delivery to the agents, statuses and rollouts are
+//! built on these records.)
+
+use std::collections::BTreeMap;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use proto::clock::now_ms;
+use serde::{Deserialize, Serialize};
+use store::{EdgeStack, StackVersion};
+
+use super::compose::check_stack_file;
+use super::endpoints::{parse_num, rfc3339};
+use super::{json, ApiError, AppState};
+
+/// Longest stack name: the compose project on the device is `edge_<name>`.
+const MAX_NAME: usize = 58;
+const MAX_GROUPS: usize = 64;
+const MAX_VARIABLES: usize = 128;
+const MAX_VALUE: usize = 4096;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/edge_stacks")
+            .route(web::get().to(list))
+            .route(web::post().to(create)),
+    )
+    .service(
+        web::resource("/edge_stacks/{id}")
+            .route(web::get().to(get))
+            .route(web::put().to(update))
+            .route(web::delete().to(delete)),
+    )
+    .route("/edge_stacks/{id}/versions", web::get().to(versions))
+    .route("/edge_stacks/{id}/versions/{n}", web::get().to(version));
+}
+
+/// An edge stack as the API shows it.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct StackView {
+    pub id: u64,
+    pub name: String,
+    /// The newest version.
+    pub version: u32,
+    pub edge_group_ids: Vec<u64>,
+    pub variables: BTreeMap<String, String>,
+    pub created_at: String,
+}
+
+impl From<EdgeStack> for StackView {
+    fn from(s: EdgeStack) -> Self {
+        Self {
+            id: s.id,
+            name: s.name,
+            version: s.version,
+            edge_group_ids: s.edge_group_ids,
+            variables: s.variables,
+            created_at: rfc3339(s.created_ms),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct VersionView {
+    version: u32,
+    created_at: String,
+    /// Only when one version is asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compose: Option<String>,
+}
+
+impl VersionView {
+    fn of(v: StackVersion, with_file: bool) -> Self {
+        Self {
+            version: v.version,
+            created_at: rfc3339(v.created_ms),
+            compose: with_file.then_some(v.compose),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StackBody {
+    name: Option<String>,
+    compose: Option<String>,
+    edge_group_ids: Option<Vec<u64>>,
+    variables: Option<BTreeMap<String, String>>,
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "name {name:?} must be 1..={MAX_NAME} of a-z, 0-9, '-' and '_', starting with a letter or digit (the compose project is edge_<name>)"
+        )))
+    }
+}
+
+fn check_variables(vars: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if vars.len() > MAX_VARIABLES {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_VARIABLES} variables"
+        )));
+    }
+    for (k, v) in vars {
+        let name_ok = k
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            return Err(ApiError::BadRequest(format!(
+                "variable name {k:?} must be letters, digits and '_', not starting with a digit"
+            )));
+        }
+        if k.starts_with("EDGE_") {
+            return Err(ApiError::BadRequest(format!(
+                "variable {k}: names starting with EDGE_ are set per environment"
+            )));
+        }
+        if v.len() > MAX_VALUE {
+            return Err(ApiError::BadRequest(format!(
+                "variable {k}: value longer than {MAX_VALUE} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn check_groups(state: &AppState, groups: &[u64]) -> Result<Vec<u64>, ApiError> {
+    let mut groups = groups.to_vec();
+    groups.sort_unstable();
+    groups.dedup();
+    if groups.is_empty() || groups.len() > MAX_GROUPS {
+        return Err(ApiError::BadRequest(format!(
+            "edgeGroupIds must name 1..={MAX_GROUPS} edge groups"
+        )));
+    }
+    let known = state.store.list_edge_groups().await?;
+    let unknown: Vec<u64> = groups
+        .iter()
+        .copied()
+        .filter(|g| !known.iter().any(|k| k.id == *g))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "unknown edgeGroupIds: {unknown:?}"
+        )));
+    }
+    Ok(groups)
+}
+
+fn check_compose(compose: &str) -> Result<(), ApiError> {
+    check_stack_file(compose).map_err(ApiError::BadRequest)
+}
+
+async fn create(
+    state: web::Data<AppState>,
+    body: web::Json<StackBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let (Some(name), Some(compose), Some(groups)) = (body.name, body.compose, body.edge_group_ids)
+    else {
+        return Err(ApiError::BadRequest(
+            "name, compose and edgeGroupIds are required".into(),
+        ));
+    };
+    check_name(&name)?;
+    check_compose(&compose)?;
+    let variables = body.variables.unwrap_or_default();
+    check_variables(&variables)?;
+    let edge_group_ids = check_groups(&state, &groups).await?;
+    let stack = EdgeStack {
+        id: 0,
+        name,
+        edge_group_ids,
+        variables,
+        version: 0,
+        created_ms: now_ms(),
+    };
+    let created = state.store.create_edge_stack(&stack, &compose).await?;
+    tracing::info!(stack = created.id, name = %created.name, "edge stack created");
+    Ok(json(StatusCode::CREATED, &StackView::from(created)))
+}
+
+async fn existing(state: &AppState, id: u64) -> Result<EdgeStack, ApiError> {
+    state
+        .store
+        .edge_stack(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))
+}
+
+async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &StackView::from(existing(&state, *id).await?),
+    ))
+}
+
+/// A new compose file makes the next version; new targets or variables apply to the stack
+/// (and so to the newest version's deployment).
+async fn update(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    body: web::Json<StackBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let mut stack = existing(&state, *id).await?;
+    if body.name.as_ref().is_some_and(|n| *n != stack.name) {
+        return Err(ApiError::BadRequest(
+            "a stack's name cannot change (it names the compose project on every device)".into(),
+        ));
+    }
+    if let Some(compose) = &body.compose {
+        check_compose(compose)?;
+    }
+    if let Some(vars) = &body.variables {
+        check_variables(vars)?;
+    }
+    let groups = match &body.edge_group_ids {
+        Some(g) => Some(check_groups(&state, g).await?),
+        None => None,
+    };
+    if groups.is_some() || body.variables.is_some() {
+        if let Some(g) = groups {
+            stack.edge_group_ids = g;
+        }
+        if let Some(v) = body.variables {
+            stack.variables = v;
+        }
+        stack = state
+            .store
+            .update_edge_stack(&stack)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))?;
+    }
+    if let Some(compose) = body.compose {
+        let after = stack.version;
+        stack = state
+            .store
+            .add_stack_version(stack.id, after, &compose, now_ms())
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))?;
+        tracing::info!(
+            stack = stack.id,
+            version = stack.version,
+            "edge stack version added"
+        );
+    }
+    Ok(json(StatusCode::OK, &StackView::from(stack)))
+}
+
+async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
+    if !state.store.delete_edge_stack(*id).await? {
+        return Err(ApiError::NotFound(format!(
+            "edge stack {id} does not exist"
+        )));
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize, Debug)]
+pub struct PageQuery {
+    start: Option<String>,
+    limit: Option<String>,
+}
+
+async fn list(
+    state: web::Data<AppState>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let start = q
+        .start
+        .as_deref()
+        .map(|v| parse_num("start", v))
+        .transpose()?
+        .unwrap_or(0) as usize;
+    let limit = q
+        .limit
+        .as_deref()
+        .map(|v| parse_num("limit", v))
+        .transpose()?
+        .unwrap_or(100) as usize;
+    if limit == 0 || limit > state.limits.max_page {
+        return Err(ApiError::BadRequest(format!(
+            "query parameter limit must be 1..={}, got {limit}",
+            state.limits.max_page
+        )));
+    }
+    let stacks = state.store.list_edge_stacks().await?;
+    let total = stacks.len();
+    let page: Vec<StackView> = stacks
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(StackView::from)
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(page))
+}
+
+/// The kept versions, newest first (without their files).
+async fn versions(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+) -> Result<HttpResponse, ApiError> {
+    existing(&state, *id).await?;
+    let versions: Vec<VersionView> = state
+        .store
+        .stack_versions(*id)
+        .await?
+        .into_iter()
+        .map(|v| VersionView::of(v, false))
+        .collect();
+    Ok(json(StatusCode::OK, &versions))
+}
+
+/// One kept version with its compose file.
+async fn version(
+    state: web::Data<AppState>,
+    path: web::Path<(u64, u32)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, n) = path.into_inner();
+    existing(&state, id).await?;
+    let v = state
+        .store
+        .stack_version(id, n)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} keeps no version {n}")))?;
+    Ok(json(StatusCode::OK, &VersionView::of(v, true)))
+}

@@ -1,0 +1,211 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Edge stacks through the admin API: versions, checks of the compose file and of what it
+//! targets, and what is refused (the store's conformance suite covers both backends).
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use testkit::{http, ControlPlane};
+
+async fn call(cp: &ControlPlane, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+    testkit::api::admin_json(&http(), method, &cp.api(path), &body).await
+}
+
+fn message(v: &Value) -> String {
+    v["message"].as_str().unwrap_or_default().to_owned()
+}
+
+const V1: &str = "services:\n  web:\n    image: nginx:1.27\n    restart: always\n";
+const V2: &str = "services:\n  db:\n    image: postgres:16\n  web:\n    image: nginx:1.27\n    depends_on: [db]\n    environment:\n      SITE: ${EDGE_ENV_NAME}\n";
+
+#[actix_web::test]
+async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
+    let cp = ControlPlane::start().await;
+    let (s, g) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_groups",
+        json!({"name": "all"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{g}");
+    let group = g["id"].as_u64().unwrap();
+
+    let (s, v) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_stacks",
+        json!({"name": "signage", "compose": V1, "edgeGroupIds": [group], "variables": {"TZ": "UTC"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["version"], 1);
+    let id = v["id"].as_u64().unwrap();
+
+    // A new file is the next version; the old one is kept.
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"compose": V2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["variables"], json!({"TZ": "UTC"}));
+    let (s, v) = call(
+        &cp,
+        Method::GET,
+        &format!("/api/edge_stacks/{id}/versions"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let listed: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, vec![2, 1]);
+    assert!(v[0].get("compose").is_none(), "the list carries no files");
+    let (s, v) = call(
+        &cp,
+        Method::GET,
+        &format!("/api/edge_stacks/{id}/versions/1"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!((s, v["compose"].as_str()), (StatusCode::OK, Some(V1)));
+    let (s, _) = call(
+        &cp,
+        Method::GET,
+        &format!("/api/edge_stacks/{id}/versions/9"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Variables change in place, not as a version; the name never changes.
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"variables": {}}),
+    )
+    .await;
+    assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(2)), "{v}");
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"name": "other"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // What cannot run, or targets nothing that exists, is refused with the reason, and
+    // changes nothing.
+    for (body, status, says) in [
+        (
+            json!({"name": "x", "compose": V1}),
+            StatusCode::BAD_REQUEST,
+            "required",
+        ),
+        (
+            json!({"name": "Bad Name", "compose": V1, "edgeGroupIds": [group]}),
+            StatusCode::BAD_REQUEST,
+            "a-z",
+        ),
+        (
+            json!({"name": "x", "compose": "services:\n  a:\n    image: y\n    build: .\n", "edgeGroupIds": [group]}),
+            StatusCode::BAD_REQUEST,
+            "build",
+        ),
+        (
+            json!({"name": "x", "compose": "services:\n  a:\n    image: y\n    depends_on: [b]\n", "edgeGroupIds": [group]}),
+            StatusCode::BAD_REQUEST,
+            "depends_on",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [4242]}),
+            StatusCode::BAD_REQUEST,
+            "4242",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": []}),
+            StatusCode::BAD_REQUEST,
+            "edgeGroupIds",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "variables": {"EDGE_ID": "1"}}),
+            StatusCode::BAD_REQUEST,
+            "EDGE_",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "rollout": {}}),
+            StatusCode::BAD_REQUEST,
+            "rollout",
+        ),
+        (
+            json!({"name": "signage", "compose": V1, "edgeGroupIds": [group]}),
+            StatusCode::CONFLICT,
+            "already exists",
+        ),
+    ] {
+        let (s, v) = call(&cp, Method::POST, "/api/edge_stacks", body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(message(&v).contains(says), "{body}: {v}");
+    }
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"compose": "services: {}"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (_, v) = call(
+        &cp,
+        Method::GET,
+        &format!("/api/edge_stacks/{id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(v["version"], 2, "a refused file makes no version");
+
+    // The group it targets cannot go while it does.
+    let (s, v) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/edge_groups/{group}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(message(&v).contains("signage"), "{v}");
+
+    let (s, _) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/edge_stacks/{id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    for path in [
+        format!("/api/edge_stacks/{id}"),
+        format!("/api/edge_stacks/{id}/versions"),
+    ] {
+        let (s, _) = call(&cp, Method::GET, &path, Value::Null).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+    }
+    let (s, _) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/edge_groups/{group}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    cp.stop().await;
+}
