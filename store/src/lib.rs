@@ -10,7 +10,7 @@
 //! hold just the slice it needs: [`Backend`] (name, liveness, change notifications),
 //! [`TunnelStore`] (grants, tunnel locations, gateway registrations, the cluster secret: all a
 //! tunnel gateway needs), [`EnvironmentStore`], [`CatalogStore`], [`EdgeGroupStore`],
-//! [`EdgeStackStore`], [`SnapshotStore`] and [`CommandStore`]. [`Store`] is all of them; `Arc<dyn Store>` coerces to `Arc<dyn
+//! [`EdgeStackStore`], [`StackStatusStore`], [`SnapshotStore`] and [`CommandStore`]. [`Store`] is all of them; `Arc<dyn Store>` coerces to `Arc<dyn
 //! TunnelStore>`.
 //!
 //! Only this crate knows key names, table names and serialised layouts. Nothing on the agent
@@ -140,8 +140,9 @@ pub trait EnvironmentStore: Send + Sync + 'static {
     /// [`EnvironmentStore::reset_association`] can neither undo the binding nor bring back
     /// the old secret. `false` if absent.
     async fn update_environment(&self, env: &Environment) -> Result<bool, StoreError>;
-    /// Deletes the environment, its binding, its heartbeat, its snapshot, its commands and its
-    /// places in static edge groups, in one atomic step. `false` if absent.
+    /// Deletes the environment, its binding, its heartbeat, its snapshot, its commands, its
+    /// places in static edge groups and its edge stack statuses, in one atomic step. `false`
+    /// if absent.
     async fn delete_environment(&self, id: EnvId) -> Result<bool, StoreError>;
     /// Binds `edge_id` if the environment is unbound and its join secret is still
     /// `join_secret` (the one the caller verified the agent's proof with), all in one atomic
@@ -260,8 +261,36 @@ pub trait EdgeStackStore: Send + Sync + 'static {
         id: u64,
         version: u32,
     ) -> Result<Option<StackVersion>, StoreError>;
-    /// Deletes the stack and its versions; `false` if absent.
+    /// Deletes the stack, its versions and its statuses; `false` if absent.
     async fn delete_edge_stack(&self, id: u64) -> Result<bool, StoreError>;
+}
+
+/// Per-environment statuses of edge stacks: one small record per (stack, environment),
+/// written in batches, with counts per status and version kept as they change (never a
+/// record of the whole fleet rewritten per update).
+#[async_trait]
+pub trait StackStatusStore: Send + Sync + 'static {
+    /// Records statuses of `stack`'s environments in one batch. A report older than the one
+    /// stored for its environment (`updated_ms`) is dropped; so are reports for environments
+    /// that do not exist (any more). Counts follow in the same atomic step.
+    async fn record_stack_statuses(
+        &self,
+        stack: u64,
+        statuses: &[StackStatus],
+    ) -> Result<(), StoreError>;
+    /// The counts of `stack`, by status then version (only non-zero ones).
+    async fn stack_status_counts(&self, stack: u64) -> Result<Vec<StatusCount>, StoreError>;
+    /// A page of `stack`'s statuses (those at `status`, or all), by environment id, and how
+    /// many there are in all.
+    async fn stack_statuses(
+        &self,
+        stack: u64,
+        status: Option<DeployStatus>,
+        start: u64,
+        limit: u64,
+    ) -> Result<(Vec<StackStatus>, u64), StoreError>;
+    /// Forgets the statuses of `envs` for `stack` (no longer targeted, and removed).
+    async fn forget_stack_statuses(&self, stack: u64, envs: &[EnvId]) -> Result<(), StoreError>;
 }
 
 /// The latest snapshot of each environment's engine.
@@ -331,6 +360,7 @@ pub trait Store:
     + CatalogStore
     + EdgeGroupStore
     + EdgeStackStore
+    + StackStatusStore
     + SnapshotStore
     + CommandStore
 {
@@ -342,6 +372,7 @@ impl<T> Store for T where
         + CatalogStore
         + EdgeGroupStore
         + EdgeStackStore
+        + StackStatusStore
         + SnapshotStore
         + CommandStore
 {
@@ -359,6 +390,7 @@ pub mod prelude {
     pub use crate::EdgeStackStore as _;
     pub use crate::EnvironmentStore as _;
     pub use crate::SnapshotStore as _;
+    pub use crate::StackStatusStore as _;
     pub use crate::TunnelStore as _;
 }
 /// The slice a tunnel gateway holds.

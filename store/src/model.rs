@@ -315,6 +315,67 @@ pub struct StackVersion {
     pub created_ms: u64,
 }
 
+/// Where an edge stack stands on one environment, as its agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DeployStatus {
+    /// Targeted; the agent has not said it knows.
+    Pending,
+    Acknowledged,
+    ImagesPulled,
+    Deploying,
+    /// Its containers are up (and healthy where a healthcheck exists) for the settle time.
+    Running,
+    Error,
+    Removing,
+    Removed,
+}
+
+impl DeployStatus {
+    pub const ALL: [DeployStatus; 8] = [
+        DeployStatus::Pending,
+        DeployStatus::Acknowledged,
+        DeployStatus::ImagesPulled,
+        DeployStatus::Deploying,
+        DeployStatus::Running,
+        DeployStatus::Error,
+        DeployStatus::Removing,
+        DeployStatus::Removed,
+    ];
+
+    /// A small number for keys and indexes.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+}
+
+/// One environment's status for one edge stack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StackStatus {
+    pub env: EnvId,
+    pub status: DeployStatus,
+    /// The version the status is about.
+    pub version: u32,
+    /// The engine's message, with `Error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the agent saw it (ms since the epoch): an older report never replaces a newer one.
+    pub updated_ms: u64,
+}
+
+/// How many environments of a stack are at a status with a version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StatusCount {
+    pub status: DeployStatus,
+    pub version: u32,
+    pub count: u64,
+}
+
 /// Default intervals, in seconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -16,10 +16,10 @@ use store::embedded::EmbeddedStore;
 use store::prelude::*;
 use store::redis::RedisStore;
 use store::{
-    BindOutcome, Change, Collection, CommandState, EdgeGroup, EdgeMode, EdgeStack, Environment,
-    GatewayInfo, NewEnvironment, Settings, SnapshotPut, Store, StoreError, StoredCommand,
-    StoredSnapshot, TagMatch, TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS,
-    KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_STACK_VERSIONS,
+    BindOutcome, Change, Collection, CommandState, DeployStatus, EdgeGroup, EdgeMode, EdgeStack,
+    Environment, GatewayInfo, NewEnvironment, Settings, SnapshotPut, StackStatus, StatusCount,
+    Store, StoreError, StoredCommand, StoredSnapshot, TagMatch, TunnelGrant, TunnelLocation,
+    COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_STACK_VERSIONS,
     MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 use testkit::RedisServer;
@@ -160,6 +160,7 @@ conformance!(
     group_tags_are_set_cleared_and_go_with_their_group,
     edge_stacks_crud_with_unique_names,
     stack_versions_are_compare_and_set_kept_and_pruned,
+    stack_statuses_are_counted_paged_and_go_with_their_environment_or_stack,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -3512,4 +3513,136 @@ async fn stack_versions_are_compare_and_set_kept_and_pruned(b: &dyn Backend) {
         Some(at - MAX_STACK_VERSIONS + 1)
     );
     assert_eq!(store.stack_version(stack.id, 1).await.expect("get"), None);
+}
+
+fn status(env: u64, status: DeployStatus, version: u32, at: u64) -> StackStatus {
+    StackStatus {
+        env,
+        status,
+        version,
+        error: (status == DeployStatus::Error).then(|| format!("pull of env {env} failed")),
+        updated_ms: at,
+    }
+}
+
+async fn stack_statuses_are_counted_paged_and_go_with_their_environment_or_stack(b: &dyn Backend) {
+    use DeployStatus::{Error, Pending, Running};
+    let store = b.open().await;
+    let envs: Vec<u64> = store
+        .create_environments((0..5).map(|i| new_env(&format!("e{i}"))).collect())
+        .await
+        .expect("create")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let stack = store
+        .create_edge_stack(&edge_stack("web", &[]), "v1")
+        .await
+        .expect("stack")
+        .id;
+    let counts = |v: &[(DeployStatus, u32, u64)]| -> Vec<StatusCount> {
+        v.iter()
+            .map(|&(status, version, count)| StatusCount {
+                status,
+                version,
+                count,
+            })
+            .collect()
+    };
+    // A batch: unknown environments and stacks are dropped.
+    let mut batch: Vec<StackStatus> = envs.iter().map(|&e| status(e, Pending, 1, 10)).collect();
+    batch.push(status(9_999, Running, 1, 10));
+    store
+        .record_stack_statuses(stack, &batch)
+        .await
+        .expect("record");
+    store
+        .record_stack_statuses(9_999, &[status(envs[0], Running, 1, 10)])
+        .await
+        .expect("no such stack: nothing");
+    assert_eq!(
+        store.stack_status_counts(stack).await.expect("counts"),
+        counts(&[(Pending, 1, 5)])
+    );
+    assert!(store
+        .stack_status_counts(9_999)
+        .await
+        .expect("counts")
+        .is_empty());
+
+    // Newer reports move the counts; an older one changes nothing.
+    store
+        .record_stack_statuses(
+            stack,
+            &[
+                status(envs[0], Running, 1, 20),
+                status(envs[1], Running, 1, 20),
+                status(envs[2], Error, 2, 20),
+                status(envs[1], Pending, 1, 15),
+            ],
+        )
+        .await
+        .expect("record");
+    assert_eq!(
+        store.stack_status_counts(stack).await.expect("counts"),
+        counts(&[(Pending, 1, 2), (Running, 1, 2), (Error, 2, 1)])
+    );
+
+    // Pages, all or by status, by environment id, with totals.
+    let (page, total) = store.stack_statuses(stack, None, 1, 2).await.expect("page");
+    assert_eq!(total, 5);
+    assert_eq!(
+        page.iter().map(|s| s.env).collect::<Vec<_>>(),
+        vec![envs[1], envs[2]]
+    );
+    let (errors, total) = store
+        .stack_statuses(stack, Some(Error), 0, 10)
+        .await
+        .expect("page");
+    assert_eq!(total, 1);
+    assert_eq!(errors, vec![status(envs[2], Error, 2, 20)]);
+    let (running, total) = store
+        .stack_statuses(stack, Some(Running), 1, 10)
+        .await
+        .expect("page");
+    assert_eq!((running.len(), total), (1, 2));
+    assert_eq!(running[0].env, envs[1]);
+
+    // Forgotten, deleted environment: out of the pages and the counts.
+    store
+        .forget_stack_statuses(stack, &[envs[3], 9_999])
+        .await
+        .expect("forget");
+    assert!(store.delete_environment(envs[0]).await.expect("delete"));
+    assert_eq!(
+        store.stack_status_counts(stack).await.expect("counts"),
+        counts(&[(Pending, 1, 1), (Running, 1, 1), (Error, 2, 1)])
+    );
+    let (all, total) = store
+        .stack_statuses(stack, None, 0, 10)
+        .await
+        .expect("page");
+    assert_eq!(total, 3);
+    assert_eq!(
+        all.iter().map(|s| s.env).collect::<Vec<_>>(),
+        vec![envs[1], envs[2], envs[4]]
+    );
+
+    // A deleted stack takes every status with it; its environments stay.
+    assert!(store.delete_edge_stack(stack).await.expect("delete"));
+    assert!(store
+        .stack_status_counts(stack)
+        .await
+        .expect("counts")
+        .is_empty());
+    assert_eq!(
+        store
+            .stack_statuses(stack, None, 0, 10)
+            .await
+            .expect("page"),
+        (vec![], 0)
+    );
+    assert!(store.get_environment(envs[1]).await.expect("get").is_some());
+    // ... and deleting an environment afterwards finds nothing left to undo.
+    assert!(store.delete_environment(envs[1]).await.expect("delete"));
 }

@@ -233,6 +233,7 @@ impl EdgeStackStore for EmbeddedStore {
                     .map_err(db_err)?
                     .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                     .map_err(db_err)?;
+                super::stack_status::forget_stack(tx, id)?;
             }
             Ok((existed, existed))
         })

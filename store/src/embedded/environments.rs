@@ -127,6 +127,7 @@ impl EnvironmentStore for EmbeddedStore {
                 .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                 .map_err(db_err)?;
             super::edge_groups::forget_environment(tx, id)?;
+            super::stack_status::forget_environment(tx, id)?;
             Ok((true, true))
         })
         .await

@@ -19,6 +19,10 @@
 //! | `edge_group_members` | (group id, env id) | `()`: a static group's members            |
 //! | `edge_stacks`      | id (`u64`)          | JSON of the stack's record and its newest `version` |
 //! | `stack_versions`   | (stack id, version) | JSON of a [`StackVersion`](crate::StackVersion); the newest [`MAX_STACK_VERSIONS`](crate::MAX_STACK_VERSIONS) kept |
+//! | `stack_status`     | (stack id, env id)  | JSON of a [`StackStatus`](crate::StackStatus) |
+//! | `stack_status_by`  | (stack, status code, env) | `()`: statuses by status, for paging |
+//! | `stack_counts`     | (stack, status code, version) | how many environments (`u64`), kept with every write |
+//! | `env_stacks`       | (env id, stack id)  | `()`: so a deleted environment's statuses go with it |
 //! | `env_edge_groups`  | (env id, group id)  | `()`: the same by environment, so a deleted environment leaves its groups in its own transaction |
 //!
 //! The `meta` table also holds `cluster_secret`: the 32 random bytes of
@@ -49,6 +53,7 @@ mod edge_stacks;
 mod environments;
 mod leases;
 mod records;
+mod stack_status;
 mod workers;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -91,6 +96,16 @@ const EDGE_STACKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("edge_
 /// (edge stack, version) -> the version (JSON of a `StackVersion`).
 const STACK_VERSIONS: TableDefinition<'_, (u64, u64), &[u8]> =
     TableDefinition::new("stack_versions");
+/// (edge stack, environment) -> its status (JSON of a `StackStatus`).
+const STACK_STATUS: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("stack_status");
+/// (edge stack, status code, environment): the statuses by status, for paging.
+const STACK_STATUS_BY: TableDefinition<'_, (u64, u64, u64), ()> =
+    TableDefinition::new("stack_status_by");
+/// (edge stack, status code, version) -> how many environments.
+const STACK_COUNTS: TableDefinition<'_, (u64, u64, u64), u64> =
+    TableDefinition::new("stack_counts");
+/// (environment, edge stack): the stacks an environment has a status of.
+const ENV_STACKS: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("env_stacks");
 
 // Keys of the `meta` table.
 const META_NEXT_ENV_ID: &str = "next_id:environments";
@@ -157,6 +172,10 @@ impl EmbeddedStore {
         tx.open_table(ENV_EDGE_GROUPS).map_err(db_err)?;
         tx.open_table(EDGE_STACKS).map_err(db_err)?;
         tx.open_table(STACK_VERSIONS).map_err(db_err)?;
+        tx.open_table(STACK_STATUS).map_err(db_err)?;
+        tx.open_table(STACK_STATUS_BY).map_err(db_err)?;
+        tx.open_table(STACK_COUNTS).map_err(db_err)?;
+        tx.open_table(ENV_STACKS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
 
         tracing::info!(path = %path.display(), "opened embedded store");

@@ -210,7 +210,10 @@ impl EdgeStackStore for RedisStore {
             .key(&self.keys.edge_stack_names)
             .key(&self.keys.edge_stack_version)
             .key(self.keys.edge_stack_versions(id))
+            .key(self.keys.stack_status(id))
+            .key(self.keys.stack_counts(id))
             .arg(id)
+            .arg(&self.keys.env_stacks)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;

@@ -218,8 +218,11 @@ impl EnvironmentStore for RedisStore {
             .key(ids)
             .key(finished)
             .key(self.keys.env_edge_groups(id))
+            .key(self.keys.env_stacks(id))
             .arg(id)
             .arg(&self.keys.edge_group_members)
+            .arg(&self.keys.stack_status)
+            .arg(&self.keys.stack_counts)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;

@@ -45,6 +45,12 @@ pub(super) struct Keys {
     pub(super) edge_stack_seq: String,
     /// + stack id: its versions.
     pub(super) edge_stack_versions: String,
+    /// + stack id: its statuses (and `:all`, `:by:<code>`).
+    pub(super) stack_status: String,
+    /// + stack id: its counts per status and version.
+    pub(super) stack_counts: String,
+    /// + env id: the stacks it has a status of.
+    pub(super) env_stacks: String,
 }
 
 impl Keys {
@@ -84,6 +90,9 @@ impl Keys {
             edge_stack_version: format!("{prefix}edge_stacks:version"),
             edge_stack_seq: format!("{prefix}seq:edge_stacks"),
             edge_stack_versions: format!("{prefix}edge_stack_versions:"),
+            stack_status: format!("{prefix}stack_status:"),
+            stack_counts: format!("{prefix}stack_counts:"),
+            env_stacks: format!("{prefix}env_stacks:"),
         }
     }
 
@@ -109,6 +118,18 @@ impl Keys {
 
     pub(super) fn edge_stack_versions(&self, stack: u64) -> String {
         format!("{}{stack}", self.edge_stack_versions)
+    }
+
+    pub(super) fn stack_status(&self, stack: u64) -> String {
+        format!("{}{stack}", self.stack_status)
+    }
+
+    pub(super) fn stack_counts(&self, stack: u64) -> String {
+        format!("{}{stack}", self.stack_counts)
+    }
+
+    pub(super) fn env_stacks(&self, env: EnvId) -> String {
+        format!("{}{env}", self.env_stacks)
     }
 
     pub(super) fn grant(&self, token_hash: &[u8; 32]) -> String {

@@ -39,6 +39,11 @@
 //! | `edgeplane:edge_stacks:version` | hash | edge stack id -> its newest version (the compare-and-set of a new one) |
 //! | `edgeplane:seq:edge_stacks` | string  | last edge stack id handed out                    |
 //! | `edgeplane:edge_stack_versions:{id}` | hash | version -> JSON of a [`StackVersion`](crate::StackVersion); the newest [`MAX_STACK_VERSIONS`](crate::MAX_STACK_VERSIONS) kept |
+//! | `edgeplane:stack_status:{id}` | hash | env id -> `code|version|updated_ms|` + JSON of its [`StackStatus`](crate::StackStatus) |
+//! | `edgeplane:stack_status:{id}:all` | sorted set | env ids with a status, scored by id (paging) |
+//! | `edgeplane:stack_status:{id}:by:{code}` | sorted set | env ids at one status (paging by status) |
+//! | `edgeplane:stack_counts:{id}` | hash | `code:version` -> how many environments, kept by the scripts |
+//! | `edgeplane:env_stacks:{id}` | set   | the stacks an environment has a status of (so its deletion takes them) |
 //! | `edgeplane:env_edge_groups:{id}` | set | the static edge groups an environment is in (so its deletion leaves them, `lua/delete_env.lua`) |
 //!
 //! The binding lives apart from the record so that binding ends in a single HSETNX and a
@@ -79,6 +84,7 @@ mod keys;
 mod pubsub;
 mod record;
 mod scripts;
+mod stack_status;
 mod tunnels;
 
 use std::time::Duration;

@@ -50,8 +50,12 @@ pub(super) struct Scripts {
     pub(super) update_edge_stack: Script,
     /// Compare-and-set of an edge stack's next version, pruning the oldest.
     pub(super) add_stack_version: Script,
-    /// Deletes an edge stack with its versions.
+    /// Deletes an edge stack with its versions and statuses.
     pub(super) delete_edge_stack: Script,
+    /// Records newer statuses of existing environments, with their counts.
+    pub(super) record_stack_statuses: Script,
+    /// Forgets environments' statuses of a stack, with their counts.
+    pub(super) forget_stack_statuses: Script,
 }
 
 impl Scripts {
@@ -83,6 +87,8 @@ impl Scripts {
             update_edge_stack: Script::new(include_str!("lua/update_edge_stack.lua")),
             add_stack_version: Script::new(include_str!("lua/add_stack_version.lua")),
             delete_edge_stack: Script::new(include_str!("lua/delete_edge_stack.lua")),
+            record_stack_statuses: Script::new(include_str!("lua/record_stack_statuses.lua")),
+            forget_stack_statuses: Script::new(include_str!("lua/forget_stack_statuses.lua")),
         }
     }
 }
