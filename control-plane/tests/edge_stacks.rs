@@ -209,3 +209,128 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     cp.stop().await;
 }
+
+#[actix_web::test]
+async fn a_stack_counts_its_targets_and_pages_their_statuses() {
+    use store::prelude::*;
+    use store::{DeployStatus, StackStatus};
+    let redis = testkit::RedisServer::start();
+    let cp = ControlPlane::replica(&redis, None).await;
+    // The agents' side of the statuses is not built yet: they are recorded here as a replica
+    // would record agents' reports.
+    let shared = store::redis::RedisStore::connect(&redis.url(), "edgeplane:")
+        .await
+        .unwrap();
+    let (_, t) = call(&cp, Method::POST, "/api/tags", json!({"name": "kiosk"})).await;
+    let tag = t["id"].as_u64().unwrap();
+    let mut envs = Vec::new();
+    for (name, tags) in [("a", json!([tag])), ("b", json!([tag])), ("c", json!([]))] {
+        let (s, v) = call(
+            &cp,
+            Method::POST,
+            "/api/endpoints",
+            json!({"name": name, "tagIds": tags}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        envs.push(v["id"].as_u64().unwrap());
+    }
+    let (_, g1) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_groups",
+        json!({"name": "kiosks", "dynamic": true, "tagIds": [tag]}),
+    )
+    .await;
+    let (_, g2) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_groups",
+        json!({"name": "few", "environmentIds": [envs[1], envs[2]]}),
+    )
+    .await;
+    let (s, v) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_stacks",
+        json!({"name": "signage", "compose": V1, "edgeGroupIds": [g1["id"], g2["id"]]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let stack_path = format!("/api/edge_stacks/{id}");
+    // Both groups, each environment once; nothing reported yet.
+    let v = call(&cp, Method::GET, &stack_path, Value::Null).await.1;
+    assert_eq!(
+        (v["targets"].as_u64(), &v["counts"]),
+        (Some(3), &json!({"pending": 3}))
+    );
+
+    let report = |env, status, error: Option<&str>| StackStatus {
+        env,
+        status,
+        version: 1,
+        error: error.map(str::to_owned),
+        updated_ms: 1_800_000_000_000,
+    };
+    shared
+        .record_stack_statuses(
+            id,
+            &[
+                report(envs[0], DeployStatus::Running, None),
+                report(envs[1], DeployStatus::Error, Some("pull access denied")),
+            ],
+        )
+        .await
+        .unwrap();
+    let v = call(&cp, Method::GET, &stack_path, Value::Null).await.1;
+    assert_eq!(v["counts"], json!({"pending": 1, "running": 1, "error": 1}));
+    let page = |query: &'static str| {
+        let cp = &cp;
+        async move {
+            let r = http()
+                .get(cp.api(&format!("/api/edge_stacks/{id}/status{query}")))
+                .header("X-API-Key", testkit::ADMIN_KEY)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let total = r
+                .headers()
+                .get("x-total-count")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, r.json::<Value>().await.unwrap(), total)
+        }
+    };
+    let (s, v, total) = page("?status=error").await;
+    assert_eq!((s, total.as_deref()), (StatusCode::OK, Some("1")));
+    assert_eq!(v[0]["environmentId"].as_u64(), Some(envs[1]));
+    assert_eq!(v[0]["error"], "pull access denied");
+    assert_eq!(v[0]["version"], 1);
+    let (_, v, total) = page("?status=pending").await;
+    assert_eq!(total.as_deref(), Some("1"));
+    assert_eq!(
+        (v[0]["environmentId"].as_u64(), &v[0]["version"]),
+        (Some(envs[2]), &Value::Null)
+    );
+    let (_, v, total) = page("?start=1&limit=1").await;
+    assert_eq!(total.as_deref(), Some("2"), "all reported statuses");
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let (s, v, _) = page("?status=fine").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // A new version: nothing is reported for it yet.
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"compose": V2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        call(&cp, Method::GET, &stack_path, Value::Null).await.1["counts"],
+        json!({"pending": 3})
+    );
+    cp.stop().await;
+}

@@ -35,6 +35,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::delete().to(delete)),
     )
     .route("/edge_stacks/{id}/versions", web::get().to(versions))
+    .route("/edge_stacks/{id}/status", web::get().to(statuses))
     .route("/edge_stacks/{id}/versions/{n}", web::get().to(version));
 }
 
@@ -204,11 +205,135 @@ async fn existing(state: &AppState, id: u64) -> Result<EdgeStack, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))
 }
 
+/// One stack with where it stands: how many environments it targets, and for its newest
+/// version how many are at each status (`pending`: targeted, nothing reported for it yet).
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct StackDetail {
+    #[serde(flatten)]
+    stack: StackView,
+    targets: usize,
+    counts: BTreeMap<&'static str, u64>,
+}
+
 async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
-    Ok(json(
-        StatusCode::OK,
-        &StackView::from(existing(&state, *id).await?),
-    ))
+    let stack = existing(&state, *id).await?;
+    let targeted = crate::targets::targeted_by(&state, &stack).await?;
+    let reported = state.store.stack_status_counts(stack.id).await?;
+    let counts = crate::targets::counts_for_version(targeted.len(), &reported, stack.version);
+    let detail = StackDetail {
+        targets: targeted.len(),
+        counts,
+        stack: StackView::from(stack),
+    };
+    Ok(json(StatusCode::OK, &detail))
+}
+
+#[derive(Deserialize, Debug)]
+pub struct StatusQuery {
+    status: Option<String>,
+    start: Option<String>,
+    limit: Option<String>,
+}
+
+/// One environment's status for a stack, as the API shows it.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct StatusView {
+    environment_id: u64,
+    status: &'static str,
+    /// The version the status is about (`null` for `pending`: none reported).
+    version: Option<u32>,
+    error: Option<String>,
+    updated_at: Option<String>,
+}
+
+/// A page of the stack's environments with their statuses (`?status=` one of them), by
+/// environment id; `X-Total-Count` holds how many.
+async fn statuses(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    q: web::Query<StatusQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let q = q.into_inner();
+    let num = |field: &str, v: &Option<String>, default: u64| {
+        v.as_deref()
+            .map(|v| parse_num(field, v))
+            .transpose()
+            .map(|n| n.unwrap_or(default))
+    };
+    let start = num("start", &q.start, 0)?;
+    let limit = num("limit", &q.limit, 100)?;
+    if limit == 0 || limit > state.limits.max_page as u64 {
+        return Err(ApiError::BadRequest(format!(
+            "query parameter limit must be 1..={}, got {limit}",
+            state.limits.max_page
+        )));
+    }
+    let wanted = match q.status.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(name) => Some(
+            store::DeployStatus::ALL
+                .into_iter()
+                .find(|s| crate::targets::status_name(*s) == name)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "query parameter status={name:?} must be one of pending, acknowledged, imagesPulled, deploying, running, error, removing, removed"
+                    ))
+                })?,
+        ),
+    };
+    let stack = existing(&state, *id).await?;
+    let (items, total) = if wanted == Some(store::DeployStatus::Pending) {
+        // Targeted, with nothing reported for the newest version (or a report of `pending`).
+        let targeted = crate::targets::targeted_by(&state, &stack).await?;
+        let (reported, _) = state
+            .store
+            .stack_statuses(stack.id, None, 0, u64::MAX)
+            .await?;
+        let settled: std::collections::HashSet<u64> = reported
+            .iter()
+            .filter(|s| s.version == stack.version && s.status != store::DeployStatus::Pending)
+            .map(|s| s.env)
+            .collect();
+        let pending: Vec<u64> = targeted
+            .into_iter()
+            .filter(|e| !settled.contains(e))
+            .collect();
+        let total = pending.len() as u64;
+        let page = pending
+            .into_iter()
+            .skip(usize::try_from(start).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|env| StatusView {
+                environment_id: env,
+                status: "pending",
+                version: None,
+                error: None,
+                updated_at: None,
+            })
+            .collect::<Vec<_>>();
+        (page, total)
+    } else {
+        let (page, total) = state
+            .store
+            .stack_statuses(stack.id, wanted, start, limit)
+            .await?;
+        let page = page
+            .into_iter()
+            .map(|s| StatusView {
+                environment_id: s.env,
+                status: crate::targets::status_name(s.status),
+                version: Some(s.version),
+                error: s.error,
+                updated_at: Some(rfc3339(s.updated_ms)),
+            })
+            .collect();
+        (page, total)
+    };
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(items))
 }
 
 /// A new compose file makes the next version; new targets or variables apply to the stack

@@ -213,7 +213,7 @@ pub const ROUTES: &[Route] = &[
     Route {
         method: "GET",
         path: "/api/edge_stacks/{id}",
-        summary: "Get one edge stack",
+        summary: "Get one edge stack, with how many environments it targets and, for its newest version, how many are at each status (counts)",
     },
     Route {
         method: "PUT",
@@ -224,6 +224,11 @@ pub const ROUTES: &[Route] = &[
         method: "DELETE",
         path: "/api/edge_stacks/{id}",
         summary: "Delete an edge stack and its versions",
+    },
+    Route {
+        method: "GET",
+        path: "/api/edge_stacks/{id}/status",
+        summary: "A page of the stack's environments with their status, version, error and time (?status=&start=&limit=); X-Total-Count holds the total",
     },
     Route {
         method: "GET",

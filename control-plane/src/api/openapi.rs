@@ -87,6 +87,9 @@ fn parameters(path: &str, method: &str) -> Vec<Value> {
             ps.push(json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}}));
         }
     }
+    if path.ends_with("/status") && method == "GET" {
+        ps.push(json!({"name": "status", "in": "query", "required": false, "schema": {"type": "string", "enum": ["pending", "acknowledged", "imagesPulled", "deploying", "running", "error", "removing", "removed"]}}));
+    }
     if path.contains("{n}") {
         ps.push(
             json!({"name": "n", "in": "path", "required": true, "description": "version", "schema": {"type": "integer", "minimum": 1}}),
@@ -95,7 +98,8 @@ fn parameters(path: &str, method: &str) -> Vec<Value> {
     if method == "GET"
         && (path == "/api/edge_groups"
             || path == "/api/edge_stacks"
-            || path.ends_with("/environments"))
+            || path.ends_with("/environments")
+            || path.ends_with("/status"))
     {
         for (name, desc) in [
             ("start", "offset of the first item (default 0)"),
