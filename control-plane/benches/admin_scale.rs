@@ -9,7 +9,12 @@
 //!     ADMIN_ENVS=25000 ADMIN_QUERIES=100 cargo bench -p control-plane --bench admin_scale
 //!
 //! The first list builds the replica's index (reported apart); the figures after it are the
-//! steady state. The last line is one JSON object with every figure.
+//! steady state. Then fleet operations (issue 12): a dynamic edge group selecting every
+//! tagged environment (half the fleet), a static one of 1,000, an edge stack targeting both,
+//! statuses for 60 % of its targets recorded as replicas would (running; error for ids ending
+//! in 01), and the
+//! stack's counts, its error page and the group's members asked the same way. The last line
+//! is one JSON object with every figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -201,6 +206,87 @@ async fn run(envs: u64, queries: u64) {
         ("page of 1000", "/api/endpoints?limit=1000".to_owned()),
     ];
     let mut figures = serde_json::Map::new();
+
+    // Fleet operations over the same fleet.
+    let dynamic = admin(
+        &client,
+        &cp,
+        "/api/edge_groups",
+        json!({"name": "tagged", "dynamic": true, "tagIds": (1..=TAGS).collect::<Vec<u64>>()}),
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    // Untagged ones: the static group adds to the dynamic one.
+    let few: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| id % 2 == 0)
+        .take(1000)
+        .collect();
+    let few_set: std::collections::HashSet<u64> = few.iter().copied().collect();
+    let fixed = admin(
+        &client,
+        &cp,
+        "/api/edge_groups",
+        json!({"name": "pilot", "environmentIds": few}),
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    let stack = admin(
+        &client,
+        &cp,
+        "/api/edge_stacks",
+        json!({"name": "signage", "compose": "services:\n  web:\n    image: nginx:1.27\n", "edgeGroupIds": [dynamic, fixed]}),
+    )
+    .await["id"]
+        .as_u64()
+        .unwrap();
+    let targets: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| (id - 1) % 2 == 0 || few_set.contains(id))
+        .collect();
+    let reports: Vec<store::StackStatus> = targets
+        .iter()
+        .filter(|id| *id % 10 < 6)
+        .map(|&env| store::StackStatus {
+            env,
+            status: if env % 100 == 1 {
+                store::DeployStatus::Error
+            } else {
+                store::DeployStatus::Running
+            },
+            version: 1,
+            error: (env % 100 == 1).then(|| "pull access denied".to_owned()),
+            updated_ms: now,
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in reports.chunks(1000) {
+        store::StackStatusStore::record_stack_statuses(&*store, stack, chunk)
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "{} statuses of {} targets recorded in {:.2} s",
+        reports.len(),
+        targets.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let fleet_ops = [
+        ("stack with counts", format!("/api/edge_stacks/{stack}")),
+        (
+            "stack errors page",
+            format!("/api/edge_stacks/{stack}/status?status=error&limit=100"),
+        ),
+        (
+            "dynamic group members",
+            format!("/api/edge_groups/{dynamic}/environments?start=10000&limit=100"),
+        ),
+    ];
+    let kinds: Vec<(&str, String)> = kinds.into_iter().chain(fleet_ops).collect();
     for (name, path) in &kinds {
         let (samples, last) = measure(&client, &cp, path, queries).await;
         let s = testkit::stats::summary(&samples);
