@@ -12,9 +12,8 @@
 //! steady state. Then fleet operations (issue 12): a dynamic edge group selecting every
 //! tagged environment (half the fleet), a static one of 1,000, an edge stack targeting both,
 //! statuses for 60 % of its targets recorded as replicas would (running; error for ids ending
-//! in 01), and the
-//! stack's counts, its error page and the group's members asked the same way. The last line
-//! is one JSON object with every figure.
+//! in 01), and the stack's counts, its error page and the group's members asked the same
+//! way. The last line is one JSON object with every figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
