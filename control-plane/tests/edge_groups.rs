@@ -5,7 +5,7 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use testkit::{http, ControlPlane, ADMIN_KEY};
+use testkit::{http, ControlPlane};
 
 async fn call(cp: &ControlPlane, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
     testkit::api::admin_json(&http(), method, &cp.api(path), &body).await
@@ -13,18 +13,7 @@ async fn call(cp: &ControlPlane, method: Method, path: &str, body: Value) -> (St
 
 /// A GET: the status, the JSON answer and `X-Total-Count`.
 async fn get(cp: &ControlPlane, path: &str) -> (StatusCode, Value, Option<u64>) {
-    let r = http()
-        .get(cp.api(path))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let total = r
-        .headers()
-        .get("x-total-count")
-        .map(|v| v.to_str().unwrap().parse().unwrap());
-    (status, r.json().await.unwrap_or(Value::Null), total)
+    testkit::api::admin_get(&http(), &cp.api(path)).await
 }
 
 async fn create(cp: &ControlPlane, path: &str, body: Value) -> u64 {

@@ -286,35 +286,22 @@ async fn a_stack_counts_its_targets_and_pages_their_statuses() {
     let v = call(&cp, Method::GET, &stack_path, Value::Null).await.1;
     assert_eq!(v["counts"], json!({"pending": 1, "running": 1, "error": 1}));
     let page = |query: &'static str| {
-        let cp = &cp;
-        async move {
-            let r = http()
-                .get(cp.api(&format!("/api/edge_stacks/{id}/status{query}")))
-                .header("X-API-Key", testkit::ADMIN_KEY)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            let total = r
-                .headers()
-                .get("x-total-count")
-                .map(|v| v.to_str().unwrap().to_owned());
-            (status, r.json::<Value>().await.unwrap(), total)
-        }
+        let url = cp.api(&format!("/api/edge_stacks/{id}/status{query}"));
+        async move { testkit::api::admin_get(&http(), &url).await }
     };
     let (s, v, total) = page("?status=error").await;
-    assert_eq!((s, total.as_deref()), (StatusCode::OK, Some("1")));
+    assert_eq!((s, total), (StatusCode::OK, Some(1)));
     assert_eq!(v[0]["environmentId"].as_u64(), Some(envs[1]));
     assert_eq!(v[0]["error"], "pull access denied");
     assert_eq!(v[0]["version"], 1);
     let (_, v, total) = page("?status=pending").await;
-    assert_eq!(total.as_deref(), Some("1"));
+    assert_eq!(total, Some(1));
     assert_eq!(
         (v[0]["environmentId"].as_u64(), &v[0]["version"]),
         (Some(envs[2]), &Value::Null)
     );
     let (_, v, total) = page("?start=1&limit=1").await;
-    assert_eq!(total.as_deref(), Some("2"), "all reported statuses");
+    assert_eq!(total, Some(2), "all reported statuses");
     assert_eq!(v.as_array().unwrap().len(), 1);
     let (s, v, _) = page("?status=fine").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");

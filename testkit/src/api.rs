@@ -46,6 +46,26 @@ pub async fn admin_json(
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// An admin GET: the status, the JSON answer (`Null` when not JSON) and `X-Total-Count`.
+pub async fn admin_get(
+    client: &reqwest::Client,
+    url: &str,
+) -> (reqwest::StatusCode, Value, Option<u64>) {
+    let r = client
+        .get(url)
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("admin request");
+    let status = r.status();
+    let total = r
+        .headers()
+        .get("x-total-count")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (status, r.json().await.unwrap_or(Value::Null), total)
+}
+
 /// `GET /api/endpoints/{id}` on the control plane at `base_url`, as JSON.
 pub async fn get_env(base_url: &str, id: u64) -> Value {
     get_env_with(&http(), base_url, id)

@@ -8,7 +8,7 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use store::{Collection, EdgeGroup, EnvId, TagMatch};
 
-use super::endpoints::{page_views, parse_num};
+use super::endpoints::{page_views, PageQuery};
 use super::{json, ApiError, AppState};
 
 const MAX_NAME: usize = 255;
@@ -247,31 +247,6 @@ async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRe
         )));
     }
     Ok(HttpResponse::NoContent().finish())
-}
-
-#[derive(Deserialize, Debug)]
-pub struct PageQuery {
-    start: Option<String>,
-    limit: Option<String>,
-}
-
-impl PageQuery {
-    fn bounds(&self, max_page: usize) -> Result<(usize, usize), ApiError> {
-        let num = |field: &str, v: &Option<String>, default: u64| {
-            v.as_deref()
-                .map(|v| parse_num(field, v))
-                .transpose()
-                .map(|n| n.unwrap_or(default) as usize)
-        };
-        let start = num("start", &self.start, 0)?;
-        let limit = num("limit", &self.limit, 100)?;
-        if limit == 0 || limit > max_page {
-            return Err(ApiError::BadRequest(format!(
-                "query parameter limit must be 1..={max_page}, got {limit}"
-            )));
-        }
-        Ok((start, limit))
-    }
 }
 
 async fn list(

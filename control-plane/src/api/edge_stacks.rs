@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use store::{EdgeStack, StackVersion};
 
 use super::compose::check_stack_file;
-use super::endpoints::{parse_num, rfc3339};
+use super::endpoints::{page_bounds, rfc3339, PageQuery};
 use super::{json, ApiError, AppState};
 
 /// Longest stack name: the compose project on the device is `edge_<name>`.
@@ -256,20 +256,11 @@ async fn statuses(
     q: web::Query<StatusQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let q = q.into_inner();
-    let num = |field: &str, v: &Option<String>, default: u64| {
-        v.as_deref()
-            .map(|v| parse_num(field, v))
-            .transpose()
-            .map(|n| n.unwrap_or(default))
-    };
-    let start = num("start", &q.start, 0)?;
-    let limit = num("limit", &q.limit, 100)?;
-    if limit == 0 || limit > state.limits.max_page as u64 {
-        return Err(ApiError::BadRequest(format!(
-            "query parameter limit must be 1..={}, got {limit}",
-            state.limits.max_page
-        )));
-    }
+    let (start, limit) = page_bounds(
+        q.start.as_deref(),
+        q.limit.as_deref(),
+        state.limits.max_page,
+    )?;
     let wanted = match q.status.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(name) => Some(
@@ -303,8 +294,8 @@ async fn statuses(
         let total = pending.len() as u64;
         let page = pending
             .into_iter()
-            .skip(usize::try_from(start).unwrap_or(usize::MAX))
-            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .skip(start)
+            .take(limit)
             .map(|env| StatusView {
                 environment_id: env,
                 status: "pending",
@@ -317,7 +308,7 @@ async fn statuses(
     } else {
         let (page, total) = state
             .store
-            .stack_statuses(stack.id, wanted, start, limit)
+            .stack_statuses(stack.id, wanted, start as u64, limit as u64)
             .await?;
         let page = page
             .into_iter()
@@ -398,34 +389,11 @@ async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRe
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Deserialize, Debug)]
-pub struct PageQuery {
-    start: Option<String>,
-    limit: Option<String>,
-}
-
 async fn list(
     state: web::Data<AppState>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let start = q
-        .start
-        .as_deref()
-        .map(|v| parse_num("start", v))
-        .transpose()?
-        .unwrap_or(0) as usize;
-    let limit = q
-        .limit
-        .as_deref()
-        .map(|v| parse_num("limit", v))
-        .transpose()?
-        .unwrap_or(100) as usize;
-    if limit == 0 || limit > state.limits.max_page {
-        return Err(ApiError::BadRequest(format!(
-            "query parameter limit must be 1..={}, got {limit}",
-            state.limits.max_page
-        )));
-    }
+    let (start, limit) = q.bounds(state.limits.max_page)?;
     let stacks = state.store.list_edge_stacks().await?;
     let total = stacks.len();
     let page: Vec<StackView> = stacks

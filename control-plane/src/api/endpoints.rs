@@ -565,25 +565,43 @@ pub(crate) fn parse_num(field: &str, v: &str) -> Result<u64, ApiError> {
     })
 }
 
-/// The list's query, validated.
-fn parse_query(q: ListQuery, max_page: usize) -> Result<Query, ApiError> {
-    let start = q
-        .start
-        .as_deref()
-        .map(|v| parse_num("start", v))
-        .transpose()?
-        .unwrap_or(0) as usize;
-    let limit = q
-        .limit
-        .as_deref()
-        .map(|v| parse_num("limit", v))
-        .transpose()?
-        .unwrap_or(100) as usize;
+/// A page's `start` (default 0) and `limit` (default 100, at most `max_page`), validated.
+pub(crate) fn page_bounds(
+    start: Option<&str>,
+    limit: Option<&str>,
+    max_page: usize,
+) -> Result<(usize, usize), ApiError> {
+    let num = |field: &str, v: Option<&str>, default: u64| {
+        v.map(|v| parse_num(field, v))
+            .transpose()
+            .map(|n| usize::try_from(n.unwrap_or(default)).unwrap_or(usize::MAX))
+    };
+    let start = num("start", start, 0)?;
+    let limit = num("limit", limit, 100)?;
     if limit == 0 || limit > max_page {
         return Err(ApiError::BadRequest(format!(
             "query parameter limit must be 1..={max_page}, got {limit}"
         )));
     }
+    Ok((start, limit))
+}
+
+/// `?start=&limit=` of a paged list.
+#[derive(Deserialize, Debug)]
+pub struct PageQuery {
+    start: Option<String>,
+    limit: Option<String>,
+}
+
+impl PageQuery {
+    pub(crate) fn bounds(&self, max_page: usize) -> Result<(usize, usize), ApiError> {
+        page_bounds(self.start.as_deref(), self.limit.as_deref(), max_page)
+    }
+}
+
+/// The list's query, validated.
+fn parse_query(q: ListQuery, max_page: usize) -> Result<Query, ApiError> {
+    let (start, limit) = page_bounds(q.start.as_deref(), q.limit.as_deref(), max_page)?;
     let status = q
         .status
         .as_deref()

@@ -4,7 +4,7 @@
 
 use redb::{Durability, ReadableTable, WriteTransaction};
 
-use super::records::reserve_ids;
+use super::records::{name_holder, reserve_ids};
 use super::{
     db_err, EmbeddedStore, EDGE_GROUPS, EDGE_GROUP_MEMBERS, ENVIRONMENTS, ENV_EDGE_GROUPS,
     META_NEXT_EDGE_GROUP_ID,
@@ -19,19 +19,13 @@ fn encode(r: &EdgeGroupRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(r).map_err(|e| StoreError::corrupt_by("edge group", e))
 }
 
-/// The group other than `except` named `name`, if any (groups are few: a scan).
+/// The other record than `except` named `name`, if any.
 fn named(
     table: &impl ReadableTable<u64, &'static [u8]>,
     name: &str,
     except: u64,
 ) -> Result<Option<u64>, StoreError> {
-    for entry in table.iter().map_err(db_err)? {
-        let (id, v) = entry.map_err(db_err)?;
-        if id.value() != except && decode(id.value(), v.value())?.name == name {
-            return Ok(Some(id.value()));
-        }
-    }
-    Ok(None)
+    name_holder(table, name, except, |id, bytes| Ok(decode(id, bytes)?.name))
 }
 
 fn taken(name: &str) -> StoreError {

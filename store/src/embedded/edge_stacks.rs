@@ -3,7 +3,7 @@
 
 use redb::{Durability, ReadableTable};
 
-use super::records::reserve_ids;
+use super::records::{name_holder, reserve_ids};
 use super::{db_err, EmbeddedStore, EDGE_STACKS, META_NEXT_EDGE_STACK_ID, STACK_VERSIONS};
 use crate::{
     EdgeStack, EdgeStackRecord, EdgeStackStore, StackVersion, StoreError, MAX_STACK_VERSIONS,
@@ -44,19 +44,13 @@ fn taken(name: &str) -> StoreError {
     StoreError::Conflict(format!("an edge stack named {name:?} already exists"))
 }
 
-/// The stack other than `except` named `name`, if any (stacks are few: a scan).
+/// The other record than `except` named `name`, if any.
 fn named(
     table: &impl ReadableTable<u64, &'static [u8]>,
     name: &str,
     except: u64,
 ) -> Result<Option<u64>, StoreError> {
-    for entry in table.iter().map_err(db_err)? {
-        let (id, v) = entry.map_err(db_err)?;
-        if id.value() != except && decode(id.value(), v.value())?.name == name {
-            return Ok(Some(id.value()));
-        }
-    }
-    Ok(None)
+    name_holder(table, name, except, |id, bytes| Ok(decode(id, bytes)?.name))
 }
 
 #[async_trait::async_trait]

@@ -140,3 +140,20 @@ pub(super) fn snapshot_too_short(env: EnvId, bytes: &[u8]) -> StoreError {
         bytes.len()
     ))
 }
+
+/// The record other than `except` whose name (by `name_of` of its bytes) is `name`, if any:
+/// a scan, for tables of tens to hundreds of records (edge groups, edge stacks).
+pub(super) fn name_holder(
+    table: &impl redb::ReadableTable<u64, &'static [u8]>,
+    name: &str,
+    except: u64,
+    name_of: impl Fn(u64, &[u8]) -> Result<String, StoreError>,
+) -> Result<Option<u64>, StoreError> {
+    for entry in table.iter().map_err(db_err)? {
+        let (id, v) = entry.map_err(db_err)?;
+        if id.value() != except && name_of(id.value(), v.value())? == name {
+            return Ok(Some(id.value()));
+        }
+    }
+    Ok(None)
+}
