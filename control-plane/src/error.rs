@@ -21,6 +21,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed, but it cannot be done with what is stored (a variable without a value).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     /// A body sent without `Content-Length` where one is required (agent routes).
@@ -123,6 +126,7 @@ impl ApiError {
             Self::Unauthorized(_) => 401,
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
+            Self::Unprocessable(_) => 422,
             Self::PayloadTooLarge(_) => 413,
             Self::LengthRequired(_) => 411,
             Self::RequestTimeout(_) => 408,
@@ -178,6 +182,7 @@ impl ApiError {
             Self::Unauthorized(_)
             | Self::NotFound(_)
             | Self::Conflict(_)
+            | Self::Unprocessable(_)
             | Self::PayloadTooLarge(_)
             | Self::LengthRequired(_)
             | Self::RequestTimeout(_)

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fleet;
 pub mod front;
 pub mod metrics;
+pub mod stack_vars;
 pub mod targets;
 pub mod tls;
 pub mod workers;

@@ -321,3 +321,95 @@ async fn a_stack_counts_its_targets_and_pages_their_statuses() {
     );
     cp.stop().await;
 }
+
+#[actix_web::test]
+async fn each_environment_gets_the_file_with_its_own_values() {
+    let cp = ControlPlane::start().await;
+    let (_, t) = call(
+        &cp,
+        Method::POST,
+        "/api/tags",
+        json!({"name": "site=berlin"}),
+    )
+    .await;
+    let (_, gt) = call(&cp, Method::POST, "/api/tags", json!({"name": "floor=2"})).await;
+    let (_, g) = call(
+        &cp,
+        Method::POST,
+        "/api/groups",
+        json!({"name": "shops", "tagIds": [gt["id"]]}),
+    )
+    .await;
+    let (_, e) = call(
+        &cp,
+        Method::POST,
+        "/api/endpoints",
+        json!({"name": "till-7", "tagIds": [t["id"]], "groupId": g["id"]}),
+    )
+    .await;
+    let env = e["id"].as_u64().unwrap();
+    let (_, group) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_groups",
+        json!({"name": "all", "environmentIds": [env]}),
+    )
+    .await;
+    let v1 = "services:\n  app:\n    image: app:${TAG}\n    environment:\n      SITE: ${EDGE_TAG_site}\n      FLOOR: ${EDGE_TAG_floor}\n      NAME: ${EDGE_ENV_NAME}\n      GROUP: ${EDGE_GROUP_NAME}\n      COST: $$5\n";
+    let (s, v) = call(
+        &cp,
+        Method::POST,
+        "/api/edge_stacks",
+        json!({"name": "app", "compose": v1, "edgeGroupIds": [group["id"]], "variables": {"TAG": "1.4"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let file = |query: String| {
+        let url = cp.api(&format!("/api/edge_stacks/{id}/file{query}"));
+        async move {
+            let r = http()
+                .get(url)
+                .header("X-API-Key", testkit::ADMIN_KEY)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    let (s, text) = file(format!("?environmentId={env}")).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(
+        text,
+        "services:\n  app:\n    image: app:1.4\n    environment:\n      SITE: berlin\n      FLOOR: 2\n      NAME: till-7\n      GROUP: shops\n      COST: $5\n"
+    );
+    // A value no environment has: the version is kept (it may come with a stack variable),
+    // and asking for the file names what is missing.
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"compose": "services:\n  app:\n    image: ${REGISTRY}/app\n"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, text) = file(format!("?environmentId={env}")).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    assert!(text.contains("REGISTRY is not set"), "{text}");
+    // An earlier version, asked for by number.
+    let (s, text) = file(format!("?environmentId={env}&version=1")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(text.contains("image: app:1.4"), "{text}");
+    for (query, status) in [
+        (String::new(), StatusCode::BAD_REQUEST),
+        ("?environmentId=999".to_owned(), StatusCode::NOT_FOUND),
+        (
+            format!("?environmentId={env}&version=9"),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (s, text) = file(query.clone()).await;
+        assert_eq!(s, status, "{query}: {text}");
+    }
+    cp.stop().await;
+}

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use store::{EdgeStack, StackVersion};
 
 use super::compose::check_stack_file;
-use super::endpoints::{page_bounds, rfc3339, PageQuery};
+use super::endpoints::{page_bounds, parse_num, rfc3339, PageQuery};
 use super::{json, ApiError, AppState};
 
 /// Longest stack name: the compose project on the device is `edge_<name>`.
@@ -36,6 +36,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .route("/edge_stacks/{id}/versions", web::get().to(versions))
     .route("/edge_stacks/{id}/status", web::get().to(statuses))
+    .route("/edge_stacks/{id}/file", web::get().to(file))
     .route("/edge_stacks/{id}/versions/{n}", web::get().to(version));
 }
 
@@ -436,4 +437,72 @@ async fn version(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} keeps no version {n}")))?;
     Ok(json(StatusCode::OK, &VersionView::of(v, true)))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct FileQuery {
+    environment_id: Option<String>,
+    version: Option<String>,
+}
+
+/// The compose file of a version (the newest by default) as one environment gets it: its
+/// variables substituted (`crate::stack_vars`). A value that cannot be had is a 422 naming it.
+async fn file(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    q: web::Query<FileQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let stack = existing(&state, *id).await?;
+    let env_id = q
+        .environment_id
+        .as_deref()
+        .ok_or_else(|| ApiError::BadRequest("query parameter environmentId is required".into()))
+        .and_then(|v| parse_num("environmentId", v))?;
+    let version = match q.version.as_deref() {
+        Some(v) => u32::try_from(parse_num("version", v)?)
+            .map_err(|_| ApiError::BadRequest(format!("version {v} does not exist")))?,
+        None => stack.version,
+    };
+    let env = state
+        .store
+        .get_environment(env_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("environment {env_id} does not exist")))?;
+    let compose = state
+        .store
+        .stack_version(stack.id, version)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "edge stack {} keeps no version {version}",
+                stack.id
+            ))
+        })?
+        .compose;
+    let groups = state.store.list_named(store::Collection::Groups).await?;
+    let tags = state.store.list_named(store::Collection::Tags).await?;
+    let group_tags = state.store.group_tags().await?;
+    let tag_name = |t: &u64| tags.iter().find(|n| n.id == *t).map(|n| n.name.clone());
+    let mut names: Vec<String> = env.tag_ids.iter().filter_map(tag_name).collect();
+    if let Some(g) = env.group_id {
+        names.extend(
+            group_tags
+                .get(&g)
+                .into_iter()
+                .flatten()
+                .filter_map(tag_name),
+        );
+    }
+    let group = env
+        .group_id
+        .and_then(|g| groups.iter().find(|n| n.id == g))
+        .map(|n| n.name.as_str());
+    let vars = crate::stack_vars::Vars::new(env.id, &env.name, group, &names, &stack.variables);
+    let rendered = vars
+        .render(&compose)
+        .map_err(|e| ApiError::Unprocessable(format!("environment {env_id}: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/yaml")
+        .body(rendered))
 }

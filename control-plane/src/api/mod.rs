@@ -232,6 +232,11 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/api/edge_stacks/{id}/file",
+        summary: "The compose file of a version (?version=, the newest by default) as one environment gets it (?environmentId=), its variables substituted; 422 names a variable without a value",
+    },
+    Route {
+        method: "GET",
         path: "/api/edge_stacks/{id}/versions",
         summary: "The kept versions of an edge stack, newest first",
     },

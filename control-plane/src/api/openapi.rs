@@ -90,6 +90,10 @@ fn parameters(path: &str, method: &str) -> Vec<Value> {
     if path.ends_with("/status") && method == "GET" {
         ps.push(json!({"name": "status", "in": "query", "required": false, "schema": {"type": "string", "enum": ["pending", "acknowledged", "imagesPulled", "deploying", "running", "error", "removing", "removed"]}}));
     }
+    if path.ends_with("/file") {
+        ps.push(json!({"name": "environmentId", "in": "query", "required": true, "schema": {"type": "integer"}}));
+        ps.push(json!({"name": "version", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1}}));
+    }
     if path.contains("{n}") {
         ps.push(
             json!({"name": "n", "in": "path", "required": true, "description": "version", "schema": {"type": "integer", "minimum": 1}}),
