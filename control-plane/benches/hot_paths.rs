@@ -23,6 +23,7 @@ fn env(secret: &JoinSecret, edge: Uuid) -> Environment {
         group_id: None,
         tag_ids: vec![],
         env_vars: vec![],
+        variables: Default::default(),
         allow_self_signed: false,
         join_secret: secret.to_text(),
         edge_id: Some(edge),

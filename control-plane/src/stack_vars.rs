@@ -4,6 +4,7 @@
 //! What `${NAME}` stands for, first found wins:
 //! - `EDGE_ENV_NAME`, `EDGE_ENV_ID`, `EDGE_GROUP_NAME` (empty without a group), `EDGE_TAGS`
 //!   (the environment's tag names and its group's, comma-separated);
+//! - the environment's own variables;
 //! - `EDGE_TAG_<key>` for each tag named `key=value` (`site=berlin` gives
 //!   `EDGE_TAG_site` = `berlin`), the environment's own before its group's;
 //! - the stack's variables.
@@ -23,12 +24,14 @@ pub struct Vars {
 
 impl Vars {
     /// The variables of environment `id` named `name`, in group `group` (its name), with
-    /// `tags` (names, its own then its group's), for a stack with `stack` variables.
+    /// `tags` (names, its own then its group's) and its own `variables`, for a stack with
+    /// `stack` variables.
     pub fn new(
         id: u64,
         name: &str,
         group: Option<&str>,
         tags: &[String],
+        variables: &BTreeMap<String, String>,
         stack: &BTreeMap<String, String>,
     ) -> Self {
         let mut values = stack.clone();
@@ -40,6 +43,7 @@ impl Vars {
                 }
             }
         }
+        values.extend(variables.iter().map(|(k, v)| (k.clone(), v.clone())));
         values.insert("EDGE_ENV_NAME".into(), name.to_owned());
         values.insert("EDGE_ENV_ID".into(), id.to_string());
         values.insert(
@@ -150,7 +154,16 @@ mod tests {
             "site=group-default".to_owned(),
             "floor = 3".to_owned(),
         ];
-        Vars::new(42, "till-7", Some("shops"), &tags, &stack)
+        let own = BTreeMap::from([("TAG".to_owned(), "1.5-pilot".to_owned())]);
+        let mut v = Vars::new(42, "till-7", Some("shops"), &tags, &BTreeMap::new(), &stack);
+        assert_eq!(v.render("${TAG}").unwrap(), "1.4");
+        v = Vars::new(42, "till-7", Some("shops"), &tags, &own, &stack);
+        assert_eq!(
+            v.render("${TAG}").unwrap(),
+            "1.5-pilot",
+            "its own over the stack's"
+        );
+        Vars::new(42, "till-7", Some("shops"), &tags, &BTreeMap::new(), &stack)
     }
 
     #[test]

@@ -396,10 +396,31 @@ async fn each_environment_gets_the_file_with_its_own_values() {
     let (s, text) = file(format!("?environmentId={env}")).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{text}");
     assert!(text.contains("REGISTRY is not set"), "{text}");
-    // An earlier version, asked for by number.
+    // An earlier version, asked for by number; the environment's own value over the stack's.
     let (s, text) = file(format!("?environmentId={env}&version=1")).await;
     assert_eq!(s, StatusCode::OK);
     assert!(text.contains("image: app:1.4"), "{text}");
+    let (s, v) = call(
+        &cp,
+        Method::PATCH,
+        &format!("/api/endpoints/{env}"),
+        json!({"variables": {"TAG": "2.0-pilot"}}),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["variables"]),
+        (StatusCode::OK, &json!({"TAG": "2.0-pilot"}))
+    );
+    let (_, text) = file(format!("?environmentId={env}&version=1")).await;
+    assert!(text.contains("image: app:2.0-pilot"), "{text}");
+    let (s, v) = call(
+        &cp,
+        Method::PATCH,
+        &format!("/api/endpoints/{env}"),
+        json!({"variables": {"EDGE_ENV_NAME": "x"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     for (query, status) in [
         (String::new(), StatusCode::BAD_REQUEST),
         ("?environmentId=999".to_owned(), StatusCode::NOT_FOUND),

@@ -213,6 +213,7 @@ async fn create_env(store: &SharedStore) -> EnvId {
             group_id: None,
             tag_ids: vec![],
             env_vars: vec![],
+            variables: Default::default(),
             allow_self_signed: false,
             join_secret: "c2VjcmV0".into(),
             edge_id: None,

@@ -34,6 +34,9 @@ pub struct Environment {
     pub tag_ids: Vec<u64>,
     /// Host variable names passed through to the agent by install commands.
     pub env_vars: Vec<String>,
+    /// This environment's values for edge stacks' `${NAME}`s (over the stacks' own).
+    #[serde(default)]
+    pub variables: std::collections::BTreeMap<String, String>,
     pub allow_self_signed: bool,
     /// The join secret, base64url (see `proto::token::JoinSecret`). It has to be kept, not
     /// hashed: the server verifies HMAC proofs with it and install commands re-issue the key.
@@ -60,6 +63,7 @@ pub struct NewEnvironment {
     pub group_id: Option<u64>,
     pub tag_ids: Vec<u64>,
     pub env_vars: Vec<String>,
+    pub variables: std::collections::BTreeMap<String, String>,
     pub allow_self_signed: bool,
     pub join_secret: String,
     pub edge_id: Option<Uuid>,
@@ -79,6 +83,7 @@ impl NewEnvironment {
             group_id: self.group_id,
             tag_ids: self.tag_ids,
             env_vars: self.env_vars,
+            variables: self.variables,
             allow_self_signed: self.allow_self_signed,
             join_secret: self.join_secret,
             edge_id: self.edge_id,
@@ -105,6 +110,7 @@ impl std::fmt::Debug for Environment {
             group_id,
             tag_ids,
             env_vars,
+            variables,
             allow_self_signed,
             join_secret: _,
             edge_id,
@@ -121,6 +127,7 @@ impl std::fmt::Debug for Environment {
             .field("group_id", group_id)
             .field("tag_ids", tag_ids)
             .field("env_vars", env_vars)
+            .field("variables", &variables.keys().collect::<Vec<_>>())
             .field("allow_self_signed", allow_self_signed)
             .field("join_secret", &format_args!("{REDACTED}"))
             .field("edge_id", edge_id)
@@ -141,6 +148,7 @@ impl std::fmt::Debug for NewEnvironment {
             group_id,
             tag_ids,
             env_vars,
+            variables,
             allow_self_signed,
             join_secret: _,
             edge_id,
@@ -156,6 +164,7 @@ impl std::fmt::Debug for NewEnvironment {
             .field("group_id", group_id)
             .field("tag_ids", tag_ids)
             .field("env_vars", env_vars)
+            .field("variables", &variables.keys().collect::<Vec<_>>())
             .field("allow_self_signed", allow_self_signed)
             .field("join_secret", &format_args!("{REDACTED}"))
             .field("edge_id", edge_id)
@@ -596,6 +605,7 @@ mod tests {
             group_id: Some(3),
             tag_ids: vec![4],
             env_vars: vec!["HTTP_PROXY".to_owned()],
+            variables: [("DB_PASSWORD".to_owned(), "hunter2".to_owned())].into(),
             allow_self_signed: false,
             join_secret: SECRET.to_owned(),
             edge_id: Some(Uuid::nil()),
@@ -643,6 +653,9 @@ mod tests {
         for text in [format!("{new:?}"), format!("{env:?}"), format!("{env:#?}")] {
             assert!(!text.contains(SECRET), "{text}");
             assert!(text.contains("join_secret: <redacted>"), "{text}");
+            // Variables may hold secrets too: their names only.
+            assert!(!text.contains("hunter2"), "{text}");
+            assert!(text.contains("DB_PASSWORD"), "{text}");
             // The other fields are all still there.
             assert!(text.contains("visible-name"), "{text}");
             assert!(text.contains("HTTP_PROXY"), "{text}");

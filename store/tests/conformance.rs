@@ -177,6 +177,7 @@ fn new_env(name: &str) -> NewEnvironment {
         group_id: Some(7),
         tag_ids: vec![1, 2],
         env_vars: vec!["HTTP_PROXY".to_owned()],
+        variables: [("SITE".to_owned(), "berlin".to_owned())].into(),
         allow_self_signed: false,
         join_secret: format!("secret-{name}"),
         edge_id: None,

@@ -111,7 +111,9 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-fn check_variables(vars: &BTreeMap<String, String>) -> Result<(), ApiError> {
+/// Variables of a stack or an environment: names of letters, digits and `_` (not starting
+/// with a digit, not `EDGE_*`: those are set per environment), values of at most 4 KiB.
+pub(crate) fn check_variables(vars: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if vars.len() > MAX_VARIABLES {
         return Err(ApiError::BadRequest(format!(
             "at most {MAX_VARIABLES} variables"
@@ -498,7 +500,14 @@ async fn file(
         .group_id
         .and_then(|g| groups.iter().find(|n| n.id == g))
         .map(|n| n.name.as_str());
-    let vars = crate::stack_vars::Vars::new(env.id, &env.name, group, &names, &stack.variables);
+    let vars = crate::stack_vars::Vars::new(
+        env.id,
+        &env.name,
+        group,
+        &names,
+        &env.variables,
+        &stack.variables,
+    );
     let rendered = vars
         .render(&compose)
         .map_err(|e| ApiError::Unprocessable(format!("environment {env_id}: {e}")))?;

@@ -38,6 +38,8 @@ pub struct EnvView {
     pub group_id: Option<u64>,
     pub tag_ids: Vec<u64>,
     pub env_vars: Vec<String>,
+    /// Values for edge stacks' `${NAME}`s.
+    pub variables: std::collections::BTreeMap<String, String>,
     pub allow_self_signed: bool,
     pub created_at: String,
     pub tunnel: TunnelView,
@@ -137,6 +139,7 @@ impl AppState {
             group_id: env.group_id,
             tag_ids: env.tag_ids.clone(),
             env_vars: env.env_vars.clone(),
+            variables: env.variables.clone(),
             allow_self_signed: env.allow_self_signed,
             created_at: rfc3339(env.created_at_ms),
             tunnel: {
@@ -194,6 +197,9 @@ pub struct CreateBody {
     edge_id: Option<Uuid>,
     #[serde(default)]
     env_vars: Vec<String>,
+    /// Values for edge stacks' `${NAME}`s.
+    #[serde(default)]
+    variables: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     allow_self_signed: bool,
 }
@@ -222,6 +228,7 @@ pub struct PatchBody {
     group_id: Option<Option<u64>>,
     tag_ids: Option<Vec<u64>>,
     env_vars: Option<Vec<String>>,
+    variables: Option<std::collections::BTreeMap<String, String>>,
     allow_self_signed: Option<bool>,
 }
 
@@ -294,7 +301,7 @@ fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
             return bad(format!("envVars entry {v:?} is not a valid variable name"));
         }
     }
-    Ok(())
+    super::edge_stacks::check_variables(&env.variables)
 }
 
 fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiError> {
@@ -311,6 +318,7 @@ fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiEr
         group_id: b.group_id,
         tag_ids,
         env_vars: b.env_vars,
+        variables: b.variables,
         allow_self_signed: b.allow_self_signed,
         join_secret: JoinSecret::generate().to_text(),
         edge_id: b.edge_id,
@@ -498,6 +506,9 @@ pub async fn patch(
     }
     if let Some(v) = p.env_vars {
         env.env_vars = v;
+    }
+    if let Some(v) = p.variables {
+        env.variables = v;
     }
     if let Some(v) = p.allow_self_signed {
         env.allow_self_signed = v;

@@ -35,6 +35,7 @@ fn schemas() -> Value {
             "groupId": {"type": "integer"}, "tagIds": {"type": "array", "items": {"type": "integer"}},
             "edgeId": {"type": "string", "format": "uuid"},
             "envVars": {"type": "array", "items": {"type": "string"}},
+            "variables": {"type": "object", "maxProperties": 128, "additionalProperties": {"type": "string", "maxLength": 4096}, "description": "values for edge stacks' ${NAME}s"},
             "allowSelfSigned": {"type": "boolean"}}},
         "Named": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"}}},
         "EdgeGroup": {"type": "object", "properties": {

@@ -322,6 +322,7 @@ mod tests {
                 group_id: None,
                 tag_ids: Vec::new(),
                 env_vars: Vec::new(),
+                variables: Default::default(),
                 allow_self_signed: false,
                 join_secret: "secret".to_owned(),
                 edge_id: None,

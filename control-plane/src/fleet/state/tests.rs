@@ -18,6 +18,7 @@ pub(super) fn env(edge_id: Option<Uuid>) -> (Environment, JoinSecret) {
         group_id: None,
         tag_ids: vec![],
         env_vars: vec![],
+        variables: Default::default(),
         allow_self_signed: false,
         join_secret: secret.to_text(),
         edge_id,
