@@ -258,6 +258,15 @@ impl Index {
                 .min_by_key(|sets| sets.iter().map(|s| s.len()).sum::<usize>())
                 .unwrap_or_default(),
         };
+        // Many sets (a tag carried by many groups): one union first, so that the merge below
+        // does not look at every set for every id.
+        let union: BTreeSet<EnvId>;
+        let sets = if sets.len() > 8 {
+            union = sets.iter().flat_map(|s| s.iter().copied()).collect();
+            vec![&union]
+        } else {
+            sets
+        };
         // A merge of the sorted sets, each id once.
         let mut heads: Vec<_> = sets.iter().map(|s| s.iter().peekable()).collect();
         while let Some(&next) = heads.iter_mut().filter_map(|h| h.peek().copied()).min() {

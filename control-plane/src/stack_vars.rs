@@ -38,7 +38,11 @@ impl Vars {
         for t in tags.iter().rev() {
             if let Some((k, v)) = t.split_once('=') {
                 let k = k.trim();
-                if !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                // (Values are substituted into YAML as text: none with a line break.)
+                if !k.is_empty()
+                    && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    && !v.chars().any(char::is_control)
+                {
                     values.insert(format!("EDGE_TAG_{k}"), v.trim().to_owned());
                 }
             }

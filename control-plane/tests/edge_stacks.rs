@@ -85,6 +85,35 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
+    // An edit of version 1 made while version 2 came: refused, nothing changes.
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"compose": V1, "baseVersion": 1, "variables": {"TZ": "CET"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (s, v) = call(
+        &cp,
+        Method::PUT,
+        &format!("/api/edge_stacks/{id}"),
+        json!({"baseVersion": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (_, v) = call(
+        &cp,
+        Method::GET,
+        &format!("/api/edge_stacks/{id}"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(
+        (v["version"].as_u64(), &v["variables"]),
+        (Some(2), &json!({"TZ": "UTC"}))
+    );
+
     // Variables change in place, not as a version; the name never changes.
     let (s, v) = call(
         &cp,
@@ -140,6 +169,11 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
             json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "variables": {"EDGE_ID": "1"}}),
             StatusCode::BAD_REQUEST,
             "EDGE_",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "variables": {"A": "1\n    privileged: true"}}),
+            StatusCode::BAD_REQUEST,
+            "line break",
         ),
         (
             json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "rollout": {}}),

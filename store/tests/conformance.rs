@@ -3570,6 +3570,14 @@ async fn stack_statuses_are_counted_paged_and_go_with_their_environment_or_stack
         .await
         .expect("counts")
         .is_empty());
+    // No page, only the total.
+    assert_eq!(
+        store
+            .stack_statuses(stack, None, 0, 0)
+            .await
+            .expect("count"),
+        (vec![], 5)
+    );
 
     // Newer reports move the counts; an older one changes nothing.
     store

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use proto::async_mode::{PortSpec, ServiceSpec};
 use serde::Deserialize;
 
+/// Services an edge stack may have.
+pub const MAX_STACK_SERVICES: usize = 64;
 /// Largest compose file accepted.
 pub const MAX_COMPOSE_BYTES: usize = 64 * 1024;
 
@@ -265,6 +267,12 @@ pub fn check_stack_file(yaml: &str) -> Result<(), String> {
     let file: StackFile = serde_yaml::from_str(yaml).map_err(|e| format!("compose file: {e}"))?;
     if file.services.is_empty() {
         return Err("compose file: no services".into());
+    }
+    if file.services.len() > MAX_STACK_SERVICES {
+        return Err(format!(
+            "compose file: {} services, more than {MAX_STACK_SERVICES}",
+            file.services.len()
+        ));
     }
     let declared = file.networks.unwrap_or_default();
     let volumes = file.volumes.unwrap_or_default();

@@ -91,6 +91,9 @@ impl VersionView {
 pub struct StackBody {
     name: Option<String>,
     compose: Option<String>,
+    /// On `PUT` with a new compose: the version it was edited from. Given, the new version
+    /// is refused (409) when another came first; absent, it follows the newest.
+    base_version: Option<u32>,
     edge_group_ids: Option<Vec<u64>>,
     variables: Option<BTreeMap<String, String>>,
 }
@@ -135,9 +138,21 @@ pub(crate) fn check_variables(vars: &BTreeMap<String, String>) -> Result<(), Api
                 "variable {k}: names starting with EDGE_ are set per environment"
             )));
         }
+        if k.len() > 128 {
+            return Err(ApiError::BadRequest(format!(
+                "variable name {k:?} is longer than 128 bytes"
+            )));
+        }
         if v.len() > MAX_VALUE {
             return Err(ApiError::BadRequest(format!(
                 "variable {k}: value longer than {MAX_VALUE} bytes"
+            )));
+        }
+        // Substituted into YAML as text: a line break or control character could change
+        // the file's structure, not just a value.
+        if v.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest(format!(
+                "variable {k}: the value holds a line break or control character"
             )));
         }
     }
@@ -354,6 +369,24 @@ async fn update(
         Some(g) => Some(check_groups(&state, g).await?),
         None => None,
     };
+    // The new version first: refused (another came first), nothing else changes either.
+    if let Some(compose) = body.compose {
+        let after = body.base_version.unwrap_or(stack.version);
+        stack = state
+            .store
+            .add_stack_version(stack.id, after, &compose, now_ms())
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))?;
+        tracing::info!(
+            stack = stack.id,
+            version = stack.version,
+            "edge stack version added"
+        );
+    } else if body.base_version.is_some() {
+        return Err(ApiError::BadRequest(
+            "baseVersion goes with a new compose".into(),
+        ));
+    }
     if groups.is_some() || body.variables.is_some() {
         if let Some(g) = groups {
             stack.edge_group_ids = g;
@@ -366,19 +399,6 @@ async fn update(
             .update_edge_stack(&stack)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))?;
-    }
-    if let Some(compose) = body.compose {
-        let after = stack.version;
-        stack = state
-            .store
-            .add_stack_version(stack.id, after, &compose, now_ms())
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))?;
-        tracing::info!(
-            stack = stack.id,
-            version = stack.version,
-            "edge stack version added"
-        );
     }
     Ok(json(StatusCode::OK, &StackView::from(stack)))
 }
@@ -510,6 +530,7 @@ async fn file(
     );
     let rendered = vars
         .render(&compose)
+        .and_then(|file| check_stack_file(&file).map(|()| file))
         .map_err(|e| ApiError::Unprocessable(format!("environment {env_id}: {e}")))?;
     Ok(HttpResponse::Ok()
         .content_type("application/yaml")

@@ -41,6 +41,9 @@ pub(super) struct Env {
     pub held: HeldQueue<oneshot::Sender<Answer>>,
     /// `held.len()` as last added to the fleet-wide gauge.
     held_counted: usize,
+    /// Its actor stopped: nothing will offer held check-ins a grant or apply reloads here
+    /// any more, so a request that still holds this state is told to come back (`busy`).
+    pub stopped: bool,
 }
 
 pub(super) type SharedEnv = Arc<Mutex<Env>>;
@@ -51,6 +54,7 @@ impl Env {
             state,
             held: HeldQueue::new(held_per_env),
             held_counted: 0,
+            stopped: false,
         }))
     }
 
@@ -284,6 +288,7 @@ impl Actor for EnvActor {
                 .held_checkins
                 .sub(env.held_counted as i64);
             env.held_counted = 0;
+            env.stopped = true;
         }
         self.fleet.actor_stopped(self.id, &ctx.address());
     }
@@ -435,6 +440,8 @@ pub(super) struct Issue {
     pub kind: CheckinKind,
     pub answer: Answer,
     pub now_ms: u64,
+    /// The gate's generation the check-in was judged under.
+    pub generation: u64,
     pub reply: oneshot::Sender<Result<Reply, CheckinError>>,
 }
 
@@ -442,6 +449,20 @@ impl Handler<Issue> for EnvActor {
     type Result = ();
 
     fn handle(&mut self, msg: Issue, ctx: &mut Self::Context) {
+        // A reload (a reset association) or a binding since the decision: the credentials
+        // would be sealed for another generation. The agent comes back and is judged anew.
+        let current = {
+            let mut env = self.env.lock();
+            let current = env.state.generation() == msg.generation;
+            if !current {
+                env.state.release_grant();
+            }
+            current
+        };
+        if !current {
+            self.finish(msg.reply, Err(CheckinError::Busy(self.id)));
+            return;
+        }
         if let Some(pending) = self.respond(msg.kind, msg.answer, msg.reply, msg.now_ms) {
             ctx.wait(pending);
         }

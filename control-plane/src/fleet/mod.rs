@@ -23,7 +23,9 @@ use crate::metrics::{AgentStats, FleetSizes, Metrics};
 pub use actor::CREDENTIALS_TTL;
 use actor::{CheckinMsg, Env, EnvActor, Reload, SharedEnv, Shutdown, TunnelEvent, WantTunnel};
 use state::Verdict;
-pub use state::{grace_ms, liveness, Answer, CheckinKind, Intervals, Liveness, Refusal};
+pub use state::{
+    grace_ms, liveness, Answer, CheckinKind, Intervals, Liveness, Refusal, SharedGate,
+};
 
 /// Held check-ins are answered this long before the agent's interval ends, so the agent's
 /// next check-in (at send time + interval) never waits for a late answer.
@@ -128,6 +130,9 @@ impl Defaults {
 struct Handle {
     addr: Addr<EnvActor>,
     in_flight: Arc<AtomicUsize>,
+    /// The environment's keys and binding: a request's proof is checked with them before
+    /// it takes the environment's lock.
+    gate: SharedGate,
     /// What steady check-ins are decided with, in place.
     env: SharedEnv,
 }
@@ -418,33 +423,64 @@ impl Fleet {
         let now = now_ms();
         let hold_for =
             Duration::from_secs(u64::from(req.interval_secs)).saturating_sub(HOLD_MARGIN);
-        let verdict = {
-            let mut env = handle.env.lock();
-            match env.state.check_checkin(kind, &req, &frame, now) {
-                Ok(claimed) => {
-                    Ok(env
-                        .state
-                        .decide(kind, &req, &frame, claimed, now, self.defaults.checkin()))
-                }
-                Err(refusal) => Err(refusal),
-            }
+        // The cheap checks first, outside the environment's lock: a flood of frames without
+        // the join secret never holds it, and never takes one of its slots, so it cannot
+        // make the real agent wait or busy.
+        let (checked, generation) = {
+            let gate = handle.gate.read();
+            (
+                gate.check_checkin(kind, &req, &frame, now),
+                gate.generation(),
+            )
         };
-        // A frame without the join secret is refused here and never takes one of the
-        // environment's slots, so it cannot make the real agent busy.
-        let verdict = verdict.map_err(|refusal| self.refused_early(id, refusal))?;
+        let claimed = checked.map_err(|refusal| self.refused_early(id, refusal))?;
         proven();
-        let result = match verdict {
-            Verdict::Answer(answer) if answer.status != EdgeStatus::Required => {
-                let reply = handle.env.lock().answer(kind, answer, self);
-                Ok(reply)
+        let (verdict, generation, reply) = {
+            let mut env = handle.env.lock();
+            if env.stopped {
+                // Its actor is gone (idle sweep, deletion, a failed reload): nothing would
+                // wake a hold here. The agent comes back to a fresh one.
+                drop(env);
+                self.actors
+                    .remove_if(&id, |_, h| Arc::ptr_eq(&h.env, &handle.env));
+                return Err(CheckinError::Busy(id));
             }
-            Verdict::Refuse(refusal) => Err(CheckinError::Refused(refusal)),
-            Verdict::Answer(answer) => {
+            // Reloaded or bound since the check: judged again by what holds now.
+            let (claimed, generation) = if env.state.generation() == generation {
+                (Ok(claimed), generation)
+            } else {
+                (
+                    env.state.check_checkin(kind, &req, &frame, now),
+                    env.state.generation(),
+                )
+            };
+            let verdict = match claimed {
+                Ok(claimed) => {
+                    env.state
+                        .decide(kind, &req, &frame, claimed, now, self.defaults.checkin())
+                }
+                Err(refusal) => Verdict::Refuse(refusal),
+            };
+            // Decided and parked in one turn of the lock, so a tunnel wanted in between
+            // finds this check-in held and offers it the grant.
+            let reply = match &verdict {
+                Verdict::Answer(answer) if answer.status != EdgeStatus::Required => {
+                    Some(env.answer(kind, answer.clone(), self))
+                }
+                _ => None,
+            };
+            (verdict, generation, reply)
+        };
+        let result = match (verdict, reply) {
+            (_, Some(reply)) => Ok(reply),
+            (Verdict::Refuse(refusal), _) => Err(CheckinError::Refused(refusal)),
+            (Verdict::Answer(answer), None) => {
                 let (tx, rx) = oneshot::channel();
                 let msg = actor::Issue {
                     kind,
                     answer,
                     now_ms: now,
+                    generation,
                     reply: tx,
                 };
                 // Never sent: let another check-in have the grant (the actor releases it
@@ -453,7 +489,7 @@ impl Fleet {
                 let result = self.to_actor(id, &handle, msg, rx, release).await;
                 return self.settle(id, now, hold_for, result);
             }
-            Verdict::Bind(_) => {
+            (Verdict::Bind(_), None) => {
                 let (tx, rx) = oneshot::channel();
                 let msg = CheckinMsg {
                     kind,
@@ -609,10 +645,12 @@ impl Fleet {
                 started = true;
                 self.metrics.actor_starts.inc();
                 self.metrics.actors.inc();
+                let gate = state.gate();
                 let env = Env::new(state, self.limits.held_per_env);
                 Handle {
                     addr: EnvActor::new(Arc::clone(&env), Arc::clone(self)).start(),
                     in_flight: Arc::new(AtomicUsize::new(0)),
+                    gate,
                     env,
                 }
             })
@@ -676,12 +714,10 @@ impl Fleet {
         timestamp_ms: u64,
     ) -> Result<(), CheckinError> {
         let handle = self.actor(id).await?;
-        let checked =
-            handle
-                .env
-                .lock()
-                .state
-                .verify_upload(&frame, edge_id, timestamp_ms, now_ms());
+        let checked = handle
+            .gate
+            .read()
+            .check_upload(&frame, edge_id, timestamp_ms, now_ms());
         checked.map_err(|refusal| self.refused_early(id, refusal))
     }
 

@@ -214,6 +214,7 @@ impl EdgeStackStore for RedisStore {
             .key(self.keys.stack_counts(id))
             .arg(id)
             .arg(&self.keys.env_stacks)
+            .arg(crate::DeployStatus::ALL.len())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;

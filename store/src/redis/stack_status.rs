@@ -86,14 +86,20 @@ impl StackStatusStore for RedisStore {
         start: u64,
         limit: u64,
     ) -> Result<(Vec<StackStatus>, u64), StoreError> {
-        if limit == 0 {
-            return Ok((Vec::new(), 0));
-        }
         let base = self.keys.stack_status(stack);
         let set = match status {
             None => format!("{base}:all"),
             Some(s) => format!("{base}:by:{}", s.code()),
         };
+        if limit == 0 {
+            let mut conn = self.conn().await?;
+            let total: u64 = redis::cmd("ZCARD")
+                .arg(&set)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            return Ok((Vec::new(), total));
+        }
         let stop = start.saturating_add(limit - 1).min(i64::MAX as u64);
         let mut conn = self.conn().await?;
         let (envs, total): (Vec<EnvId>, u64) = redis::pipe()

@@ -140,12 +140,20 @@ impl Keys {
 pub struct Gate {
     keys: Keys,
     edge_id: Option<Uuid>,
+    /// Bumped by every reload and binding: a request checked under an older generation is
+    /// judged again.
+    generation: u64,
 }
 
 /// The gate of one environment, shared by its actor and the fleet.
 pub type SharedGate = Arc<RwLock<Gate>>;
 
 impl Gate {
+    /// See [`Gate::generation`](Self): what a check was made under.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// A check-in of `kind`: the claimed Edge ID (sent, or the bound one), its MAC (which
     /// covers the route it came in on), its clock.
     pub fn check_checkin(
@@ -257,6 +265,7 @@ impl EnvState {
             gate: Arc::new(RwLock::new(Gate {
                 keys: Keys::derive(&secret, agent_secret),
                 edge_id: env.edge_id,
+                generation: 0,
             })),
             join_secret: env.join_secret.clone(),
             last_checkin_ms: None,
@@ -288,9 +297,11 @@ impl EnvState {
         ];
         self.join_secret.clone_from(&env.join_secret);
         // In place: the fleet holds this very gate.
-        *self.gate.write() = Gate {
+        let mut gate = self.gate.write();
+        *gate = Gate {
             keys: Keys::derive(&secret, agent_secret),
             edge_id: env.edge_id,
+            generation: gate.generation + 1,
         };
         Ok(())
     }
@@ -318,7 +329,14 @@ impl EnvState {
     }
 
     pub fn set_binding(&mut self, edge_id: Uuid) {
-        self.gate.write().edge_id = Some(edge_id);
+        let mut gate = self.gate.write();
+        gate.edge_id = Some(edge_id);
+        gate.generation += 1;
+    }
+
+    /// The gate's generation: changes with every reload and binding.
+    pub fn generation(&self) -> u64 {
+        self.gate.read().generation
     }
 
     /// Wanted for good (`true`) or not at all; tests and tools. Operators' requests use

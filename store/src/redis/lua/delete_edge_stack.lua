@@ -1,7 +1,8 @@
 -- Deletes an edge stack, its name, its newest-version entry, its versions and its statuses.
 -- KEYS: stacks hash, names hash, newest-version hash, the stack's versions hash, its status
 --       hash, its counts hash.
--- ARGV: id, env key prefix (+ env id: the set of stacks it has a status of).
+-- ARGV: id, env key prefix (+ env id: the set of stacks it has a status of), how many status
+--       codes there are (the `:by:<code>` sets are 0 to that - 1).
 -- Reply: 1 if it existed, else 0.
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return 0 end
@@ -14,5 +15,5 @@ for _, env in ipairs(redis.call('ZRANGE', KEYS[5] .. ':all', 0, -1)) do
   redis.call('SREM', ARGV[2] .. env, ARGV[1])
 end
 redis.call('DEL', KEYS[5], KEYS[5] .. ':all', KEYS[6])
-for code = 0, 15 do redis.call('DEL', KEYS[5] .. ':by:' .. code) end
+for code = 0, tonumber(ARGV[3]) - 1 do redis.call('DEL', KEYS[5] .. ':by:' .. code) end
 return 1
