@@ -253,18 +253,8 @@ async fn list(
     state: web::Data<AppState>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let (start, limit) = q.bounds(state.limits.max_page)?;
     let groups = state.store.list_edge_groups().await?;
-    let total = groups.len();
-    let page: Vec<GroupView> = groups
-        .into_iter()
-        .skip(start)
-        .take(limit)
-        .map(GroupView::from)
-        .collect();
-    Ok(HttpResponse::Ok()
-        .insert_header(("X-Total-Count", total.to_string()))
-        .json(page))
+    super::paged::<_, GroupView>(groups, &q, state.limits.max_page)
 }
 
 /// A page of the group's current members, as environments (the list's view of each), and

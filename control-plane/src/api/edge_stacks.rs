@@ -416,18 +416,8 @@ async fn list(
     state: web::Data<AppState>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let (start, limit) = q.bounds(state.limits.max_page)?;
     let stacks = state.store.list_edge_stacks().await?;
-    let total = stacks.len();
-    let page: Vec<StackView> = stacks
-        .into_iter()
-        .skip(start)
-        .take(limit)
-        .map(StackView::from)
-        .collect();
-    Ok(HttpResponse::Ok()
-        .insert_header(("X-Total-Count", total.to_string()))
-        .json(page))
+    super::paged::<_, StackView>(stacks, &q, state.limits.max_page)
 }
 
 /// The kept versions, newest first (without their files).

@@ -396,6 +396,26 @@ pub fn json_errors<B: MessageBody + 'static>(
     ))
 }
 
+/// A page of a small collection read whole (edge groups, edge stacks), each item shown as
+/// `V`, with the total in `X-Total-Count`.
+pub(crate) fn paged<T, V: From<T> + serde::Serialize>(
+    all: Vec<T>,
+    q: &endpoints::PageQuery,
+    max_page: usize,
+) -> Result<HttpResponse, ApiError> {
+    let (start, limit) = q.bounds(max_page)?;
+    let total = all.len();
+    let page: Vec<V> = all
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(V::from)
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(page))
+}
+
 /// JSON helper with the right status.
 pub(crate) fn json<T: serde::Serialize>(
     status: actix_web::http::StatusCode,
