@@ -148,6 +148,16 @@ impl Handle {
     }
 }
 
+/// What a check-in decided in place goes on to.
+enum Next {
+    Reply(actor::Reply),
+    Refused(Refusal),
+    /// Credentials: the actor issues them.
+    Issue(Answer),
+    /// A first check-in: the actor binds it.
+    Bind,
+}
+
 /// Decrements an in-flight count when the check-in ends, however it ends.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -435,7 +445,7 @@ impl Fleet {
         };
         let claimed = checked.map_err(|refusal| self.refused_early(id, refusal))?;
         proven();
-        let (verdict, generation, reply) = {
+        let (next, generation) = {
             let mut env = handle.env.lock();
             if env.stopped {
                 // Its actor is gone (idle sweep, deletion, a failed reload): nothing would
@@ -463,18 +473,20 @@ impl Fleet {
             };
             // Decided and parked in one turn of the lock, so a tunnel wanted in between
             // finds this check-in held and offers it the grant.
-            let reply = match &verdict {
+            let next = match verdict {
                 Verdict::Answer(answer) if answer.status != EdgeStatus::Required => {
-                    Some(env.answer(kind, answer.clone(), self))
+                    Next::Reply(env.answer(kind, answer, self))
                 }
-                _ => None,
+                Verdict::Answer(answer) => Next::Issue(answer),
+                Verdict::Refuse(refusal) => Next::Refused(refusal),
+                Verdict::Bind(_) => Next::Bind,
             };
-            (verdict, generation, reply)
+            (next, generation)
         };
-        let result = match (verdict, reply) {
-            (_, Some(reply)) => Ok(reply),
-            (Verdict::Refuse(refusal), _) => Err(CheckinError::Refused(refusal)),
-            (Verdict::Answer(answer), None) => {
+        let result = match next {
+            Next::Reply(reply) => Ok(reply),
+            Next::Refused(refusal) => Err(CheckinError::Refused(refusal)),
+            Next::Issue(answer) => {
                 let (tx, rx) = oneshot::channel();
                 let msg = actor::Issue {
                     kind,
@@ -489,7 +501,7 @@ impl Fleet {
                 let result = self.to_actor(id, &handle, msg, rx, release).await;
                 return self.settle(id, now, hold_for, result);
             }
-            (Verdict::Bind(_), None) => {
+            Next::Bind => {
                 let (tx, rx) = oneshot::channel();
                 let msg = CheckinMsg {
                     kind,
