@@ -74,6 +74,8 @@ pub struct AsyncAnswer {
     /// [`MAX_COMMANDS_PER_ANSWER`].
     #[serde(deserialize_with = "de::commands")]
     pub commands: Vec<Command>,
+    /// (Version 2.) As [`crate::wire::CheckinAnswer::desired`].
+    pub desired: Option<u64>,
 }
 
 /// Seconds; 0 turns that tick off.
@@ -770,6 +772,7 @@ mod tests {
             snapshot_ack: Some(2),
             need_full_snapshot: false,
             commands,
+            desired: None,
         };
         let frame = codec::encode(&answer).unwrap();
         assert!(frame.len() <= MAX_ASYNC_ANSWER, "{} bytes", frame.len());

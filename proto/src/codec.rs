@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Current protocol version, the first byte of every frame.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Oldest protocol version this build still reads.
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// Decode limit for small control messages (check-ins and their answers).
@@ -80,6 +80,32 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     out.push(PROTOCOL_VERSION);
     encode_into(msg, &mut out)?;
     Ok(out)
+}
+
+/// Encodes an answer for a peer whose request came as `peer_version`. Version 2 appended one
+/// optional field to the answers (`desired`, see [`crate::stacks`]); for a version-1 peer the
+/// caller leaves it `None`, which bincode writes as one zero byte at the very end, and that
+/// byte is left out: the frame is exactly what version 1 wrote.
+pub fn encode_for_peer<T: Serialize>(msg: &T, peer_version: u8) -> Result<Vec<u8>, CodecError> {
+    let mut out = encode(msg)?;
+    if peer_version < 2 {
+        if out.last() != Some(&0) {
+            return Err(CodecError::Encode(
+                "a version-1 peer cannot be told a desired state".into(),
+            ));
+        }
+        out.pop();
+        out[0] = peer_version;
+    }
+    Ok(out)
+}
+
+/// The protocol version of a frame (its first byte), if it has one this side speaks.
+pub fn frame_version(frame: &[u8]) -> Option<u8> {
+    frame
+        .first()
+        .copied()
+        .filter(|v| (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(v))
 }
 
 /// Appends the bincode payload of `msg` (no version byte) to `out`.
@@ -685,6 +711,7 @@ mod tests {
             interval_secs: 5,
             server_time_ms: None,
             tunnel: None,
+            desired: None,
         };
         let bytes = encode(&ans).unwrap();
         assert!(bytes.len() <= 6, "idle answer is {} bytes", bytes.len());
@@ -701,6 +728,7 @@ mod tests {
             interval_secs: 5,
             server_time_ms: Some(1),
             tunnel: None,
+            desired: None,
         };
         let good = encode(&ans).unwrap();
         assert_eq!(decode::<CheckinAnswer>(&[], 100), Err(CodecError::Empty));
@@ -736,6 +764,7 @@ mod tests {
             interval_secs: 5,
             server_time_ms: Some(1),
             tunnel: None,
+            desired: None,
         };
         let good = encode(&ans).unwrap();
         let read = |frame: &[u8], limit| decode_from_read::<CheckinAnswer>(frame, limit);
@@ -774,6 +803,7 @@ mod tests {
             interval_secs: 5,
             server_time_ms: Some(1_790_000_000_000),
             tunnel: None,
+            desired: None,
         })
         .unwrap();
         let failing_midway = (&good[..2]).chain(Broken);

@@ -12,6 +12,7 @@
 //! * [`seal`]: the AEAD that protects one-time tunnel credentials for one agent.
 //! * [`snapshot`]: snapshots of an agent's engine and their compressed upload.
 //! * [`async_mode`]: async mode's request, answer and commands (no tunnel; metered links).
+//! * [`stacks`]: edge stacks on the device: the desired state and status reports.
 //! * [`tunnel`]: the reverse tunnel's handshake, stream status and control messages.
 //! * [`mux`] (feature `mux`): yamux sessions driven by one task, tunnel frame I/O and the
 //!   control stream's liveness check.
@@ -29,6 +30,7 @@ pub mod proof;
 pub mod refusal;
 pub mod seal;
 pub mod snapshot;
+pub mod stacks;
 pub mod token;
 pub mod tunnel;
 pub mod wire;

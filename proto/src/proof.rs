@@ -44,15 +44,21 @@ pub enum Route {
     Snapshot = 4,
     /// [`crate::async_mode::ASYNC_PATH`].
     Async = 5,
+    /// [`crate::stacks::DESIRED_PATH`].
+    Desired = 6,
+    /// [`crate::stacks::STACK_REPORT_PATH`].
+    Report = 7,
 }
 
 impl Route {
-    pub const ALL: [Route; 5] = [
+    pub const ALL: [Route; 7] = [
         Route::Checkin,
         Route::Held,
         Route::Tunnel,
         Route::Snapshot,
         Route::Async,
+        Route::Desired,
+        Route::Report,
     ];
 
     /// The path of the route on the control plane.
@@ -63,6 +69,8 @@ impl Route {
             Route::Tunnel => crate::tunnel::TUNNEL_REQUEST_PATH,
             Route::Snapshot => crate::snapshot::SNAPSHOT_PATH,
             Route::Async => crate::async_mode::ASYNC_PATH,
+            Route::Desired => crate::stacks::DESIRED_PATH,
+            Route::Report => crate::stacks::STACK_REPORT_PATH,
         }
     }
 }

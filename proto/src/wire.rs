@@ -117,6 +117,9 @@ pub struct CheckinAnswer {
     pub server_time_ms: Option<u64>,
     /// One-time tunnel credentials sealed for this agent, when `status` is `Required`.
     pub tunnel: Option<SealedCredentials>,
+    /// (Version 2.) The digest of the stacks this environment should run, while the agent
+    /// has not acknowledged it (see [`crate::stacks`]); `None` otherwise.
+    pub desired: Option<u64>,
 }
 
 /// Tunnel credentials encrypted with [`crate::seal`].

@@ -570,6 +570,8 @@ pub enum Change {
     AdminKeys,
     /// Groups or their tags changed: what selects a dynamic edge group's members.
     Catalog,
+    /// Edge groups or edge stacks changed: what environments should run.
+    EdgeStacks,
     /// Notifications may have been missed: reload everything. Sent by the store itself to its
     /// local subscribers, e.g. by the Redis backend after re-subscribing to a lost channel.
     Resync,

@@ -14,12 +14,17 @@ use proto::async_mode::{
 };
 use proto::clock::now_ms;
 use proto::codec::{self, MAX_CONTROL_FRAME};
+use proto::proof::Route;
 use proto::snapshot::{DeltaError, Snapshot, SnapshotUpload, MAX_UPLOAD_FRAME};
+use proto::stacks::{
+    DesiredState, StackReport, StackSync, MAX_DESIRED_ANSWER, MAX_REPORT_FRAME, MAX_SYNC_FRAME,
+};
 use proto::wire::{CheckinAnswer, CheckinRequest};
 use store::{EnvId, SnapshotPut, StoredSnapshot};
 
 use super::AppState;
 use crate::error::ApiError;
+use crate::fleet::desired::EnvInputs;
 use crate::fleet::{Checkin, CheckinKind};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -45,15 +50,21 @@ pub enum AgentRoute {
     Snapshot,
     /// `/edge/a`: an async-mode tick.
     Async,
+    /// `/edge/d`: the desired stacks, fetched.
+    Desired,
+    /// `/edge/r`: stack statuses, reported.
+    Report,
 }
 
 impl AgentRoute {
-    pub const ALL: [AgentRoute; 5] = [
+    pub const ALL: [AgentRoute; 7] = [
         AgentRoute::Checkin,
         AgentRoute::Held,
         AgentRoute::Tunnel,
         AgentRoute::Snapshot,
         AgentRoute::Async,
+        AgentRoute::Desired,
+        AgentRoute::Report,
     ];
 
     /// The route at `path` (without its query), if it is an agent's.
@@ -68,6 +79,8 @@ impl AgentRoute {
             AgentRoute::Tunnel => proto::tunnel::TUNNEL_REQUEST_PATH,
             AgentRoute::Snapshot => proto::snapshot::SNAPSHOT_PATH,
             AgentRoute::Async => proto::async_mode::ASYNC_PATH,
+            AgentRoute::Desired => proto::stacks::DESIRED_PATH,
+            AgentRoute::Report => proto::stacks::STACK_REPORT_PATH,
         }
     }
 
@@ -77,6 +90,8 @@ impl AgentRoute {
             AgentRoute::Checkin | AgentRoute::Held | AgentRoute::Tunnel => MAX_CONTROL_FRAME,
             AgentRoute::Snapshot => MAX_UPLOAD_FRAME,
             AgentRoute::Async => MAX_ASYNC_FRAME,
+            AgentRoute::Desired => proto::stacks::MAX_SYNC_FRAME,
+            AgentRoute::Report => proto::stacks::MAX_REPORT_FRAME,
         }
     }
 }
@@ -213,6 +228,8 @@ pub fn serve<'a>(
         AgentRoute::Tunnel => Box::pin(checkin(state, CheckinKind::AskTunnel, body, proved)),
         AgentRoute::Snapshot => Box::pin(upload_snapshot(state, body, proved)),
         AgentRoute::Async => Box::pin(async_tick(state, body, proved)),
+        AgentRoute::Desired => Box::pin(desired(state, body, proved)),
+        AgentRoute::Report => Box::pin(stack_report(state, body, proved)),
     }
 }
 
@@ -233,6 +250,7 @@ async fn checkin(
                 .inc();
             ApiError::BadRequest(format!("check-in body: {e}"))
         })?;
+    let peer = codec::frame_version(&body).unwrap_or(1);
     // Boxed: the actor's part is over at once; a held check-in keeps only its hold.
     let checkin = Box::pin(state.fleet.checkin(kind, checkin, body, proved)).await?;
     let answer = match checkin {
@@ -246,12 +264,16 @@ async fn checkin(
         }
         return Ok(AgentAnswer::NoContent);
     }
-    let bytes = codec::encode(&CheckinAnswer {
-        status: answer.status,
-        interval_secs: answer.interval_secs,
-        server_time_ms: answer.server_time_ms,
-        tunnel: answer.tunnel,
-    })
+    let bytes = codec::encode_for_peer(
+        &CheckinAnswer {
+            status: answer.status,
+            interval_secs: answer.interval_secs,
+            server_time_ms: answer.server_time_ms,
+            tunnel: answer.tunnel,
+            desired: answer.desired,
+        },
+        peer,
+    )
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Some(t) = timer {
         t.observe_duration();
@@ -322,6 +344,7 @@ async fn async_tick(
             ApiError::BadRequest(format!("async request: {e}"))
         })?;
     let id = tick.checkin.endpoint_id;
+    let peer = codec::frame_version(&body).unwrap_or(1);
     // The agent's clock (server-corrected): the one snapshot times are kept in.
     let request_ms = proto::wire::request_timestamp(
         tick.checkin.timestamp_lo,
@@ -408,19 +431,121 @@ async fn async_tick(
             .inc_by(commands.len() as u64);
     }
     let [ping, snapshot, command] = state.fleet.defaults.async_intervals();
-    let bytes = codec::encode(&AsyncAnswer {
-        intervals: answer.async_intervals.unwrap_or(AsyncIntervals {
-            ping,
-            snapshot,
-            command,
-        }),
-        server_time_ms: answer.server_time_ms,
-        snapshot_ack,
-        need_full_snapshot,
-        commands,
-    })
+    let bytes = codec::encode_for_peer(
+        &AsyncAnswer {
+            intervals: answer.async_intervals.unwrap_or(AsyncIntervals {
+                ping,
+                snapshot,
+                command,
+            }),
+            server_time_ms: answer.server_time_ms,
+            snapshot_ack,
+            need_full_snapshot,
+            commands,
+            desired: answer.desired,
+        },
+        peer,
+    )
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(AgentAnswer::Body(bytes))
+}
+
+/// The stacks the agent's environment should run, rendered for it (`/edge/d`): verified like
+/// an upload, then each targeted stack's version read and rendered. A stack that cannot be
+/// rendered for this environment (a variable it lacks) is left out and recorded as its
+/// `error`, so the operator sees why; the rest go out.
+async fn desired(
+    state: &AppState,
+    body: Bytes,
+    proved: impl FnOnce(),
+) -> Result<AgentAnswer, ApiError> {
+    let (sync, _) = proto::proof::open::<StackSync>(&body, MAX_SYNC_FRAME)
+        .map_err(|e| ApiError::BadRequest(format!("desired-state request: {e}")))?;
+    let id = sync.endpoint_id;
+    state
+        .fleet
+        .verify_signed(Route::Desired, id, &body, sync.edge_id, sync.timestamp_ms)
+        .await?;
+    proved();
+    let env = state
+        .store
+        .get_environment(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("environment {id} does not exist")))?;
+    let catalog = state.fleet.catalog();
+    let inputs = EnvInputs::of(&env);
+    let mut stacks = Vec::new();
+    let mut failed = Vec::new();
+    for (stack, version) in catalog.stacks_for(&inputs) {
+        let Some(v) = state.store.stack_version(stack.id, version).await? else {
+            // Deleted meanwhile: its notification is on its way.
+            continue;
+        };
+        match catalog.render(&env, stack, version, &v.compose) {
+            Ok(s) => stacks.push(s),
+            Err(e) => {
+                state
+                    .metrics
+                    .desired_fetches
+                    .with_label_values(&["render_error"])
+                    .inc();
+                failed.push(proto::stacks::StackState {
+                    stack_id: stack.id,
+                    version,
+                    phase: proto::stacks::Phase::Error,
+                    error: Some(format!("cannot be rendered for this environment: {e}")),
+                    at_ms: now_ms(),
+                });
+            }
+        }
+    }
+    if !failed.is_empty() {
+        state.fleet.record_statuses(id, &failed)?;
+    }
+    state
+        .metrics
+        .desired_fetches
+        .with_label_values(&["ok"])
+        .inc();
+    let answer = DesiredState {
+        digest: catalog.digest(&inputs),
+        stacks,
+    };
+    let bytes = codec::encode(&answer).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if bytes.len() > MAX_DESIRED_ANSWER {
+        return Err(ApiError::Unprocessable(format!(
+            "environment {id}: its stacks take {} bytes, more than the {MAX_DESIRED_ANSWER} an agent reads",
+            bytes.len()
+        )));
+    }
+    Ok(AgentAnswer::Body(bytes))
+}
+
+/// Stack statuses from the agent (`/edge/r`), verified like an upload: the digest it carries
+/// is acknowledged (check-ins stop announcing it) and the statuses are queued for the next
+/// batch write. `204`.
+async fn stack_report(
+    state: &AppState,
+    body: Bytes,
+    proved: impl FnOnce(),
+) -> Result<AgentAnswer, ApiError> {
+    let (report, _) = proto::proof::open::<StackReport>(&body, MAX_REPORT_FRAME)
+        .map_err(|e| ApiError::BadRequest(format!("stack report: {e}")))?;
+    let id = report.sync.endpoint_id;
+    state
+        .fleet
+        .verify_signed(
+            Route::Report,
+            id,
+            &body,
+            report.sync.edge_id,
+            report.sync.timestamp_ms,
+        )
+        .await?;
+    proved();
+    state.fleet.record_statuses(id, &report.statuses)?;
+    state.fleet.acknowledge(id, report.digest).await?;
+    Ok(AgentAnswer::NoContent)
 }
 
 /// Applies a snapshot report: `(digest now held, full snapshot needed)`.

@@ -10,6 +10,10 @@
 use std::collections::BTreeMap;
 
 use proto::async_mode::{PortSpec, ServiceSpec};
+use proto::stacks::{
+    Condition as DepCondition, ContainerExtras, Dependency, Healthcheck, PullPolicy,
+    StackService as WireService, StackSpec,
+};
 use serde::Deserialize;
 
 /// Services an edge stack may have.
@@ -198,7 +202,6 @@ struct StackFile {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct StackService {
     image: String,
     command: Option<Words>,
@@ -210,7 +213,7 @@ struct StackService {
     volumes: Option<Vec<String>>,
     depends_on: Option<DependsOn>,
     networks: Option<Networks>,
-    healthcheck: Option<Healthcheck>,
+    healthcheck: Option<ComposeHealthcheck>,
     user: Option<String>,
     working_dir: Option<String>,
     hostname: Option<String>,
@@ -244,8 +247,7 @@ enum Networks {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct Healthcheck {
+struct ComposeHealthcheck {
     test: Option<Words>,
     interval: Option<String>,
     timeout: Option<String>,
@@ -385,6 +387,170 @@ pub fn check_stack_file(yaml: &str) -> Result<(), String> {
         done.extend(ready);
     }
     Ok(())
+}
+
+/// An edge stack's compose file, rendered for one environment (no `${...}` left), as the
+/// agent gets it: checked ([`check_stack_file`]) and turned into the engine API's terms.
+pub fn stack_spec(yaml: &str) -> Result<StackSpec, String> {
+    check_stack_file(yaml)?;
+    let file: StackFile = serde_yaml::from_str(yaml).map_err(|e| format!("compose file: {e}"))?;
+    let mut services = Vec::with_capacity(file.services.len());
+    for (name, s) in file.services {
+        let context = |e: String| format!("service {name}: {e}");
+        let depends_on = match s.depends_on {
+            None => Vec::new(),
+            Some(DependsOn::List(l)) => l
+                .into_iter()
+                .map(|service| Dependency {
+                    service,
+                    condition: DepCondition::Started,
+                })
+                .collect(),
+            Some(DependsOn::Map(m)) => m
+                .into_iter()
+                .map(|(service, c)| Dependency {
+                    service,
+                    condition: match c.condition.as_deref() {
+                        Some("service_healthy") => DepCondition::Healthy,
+                        Some("service_completed_successfully") => {
+                            DepCondition::CompletedSuccessfully
+                        }
+                        _ => DepCondition::Started,
+                    },
+                })
+                .collect(),
+        };
+        let networks = match s.networks {
+            None => Vec::new(),
+            Some(Networks::List(l)) => l,
+            Some(Networks::Map(m)) => m.into_keys().collect(),
+        };
+        let healthcheck = match s.healthcheck {
+            Some(h) if h.disable == Some(true) => Some(Healthcheck {
+                test: vec!["NONE".into()],
+                interval_ms: 0,
+                timeout_ms: 0,
+                retries: 0,
+                start_period_ms: 0,
+            }),
+            Some(h) => {
+                let test = match h.test {
+                    None => Vec::new(),
+                    Some(Words::Line(l)) => vec!["CMD-SHELL".into(), l],
+                    Some(Words::List(l)) => l,
+                };
+                let ms = |d: Option<String>, what: &str| {
+                    d.map(|d| duration_ms(&d).map_err(|e| format!("healthcheck {what}: {e}")))
+                        .transpose()
+                        .map(Option::unwrap_or_default)
+                };
+                let retries = match h.retries {
+                    None => 0,
+                    Some(serde_yaml::Value::Number(n)) => n
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| context("healthcheck retries is not a count".into()))?,
+                    Some(_) => return Err(context("healthcheck retries is not a count".into())),
+                };
+                Some(Healthcheck {
+                    test,
+                    interval_ms: ms(h.interval, "interval").map_err(context)?,
+                    timeout_ms: ms(h.timeout, "timeout").map_err(context)?,
+                    retries,
+                    start_period_ms: ms(h.start_period, "start_period").map_err(context)?,
+                })
+            }
+            None => None,
+        };
+        let pull = match s.pull_policy.as_deref() {
+            Some("always") => PullPolicy::Always,
+            Some("never") => PullPolicy::Never,
+            _ => PullPolicy::Missing,
+        };
+        let stop_grace_secs = s
+            .stop_grace_period
+            .map(|d| duration_ms(&d).map(|ms| u32::try_from(ms / 1000).unwrap_or(u32::MAX)))
+            .transpose()
+            .map_err(|e| context(format!("stop_grace_period: {e}")))?;
+        let container = ServiceSpec {
+            image: s.image,
+            command: s.command.map(Words::into_vec),
+            entrypoint: s.entrypoint.map(Words::into_vec),
+            environment: s
+                .environment
+                .map(ListOrMap::entries)
+                .transpose()
+                .map_err(context)?
+                .unwrap_or_default(),
+            ports: s
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .map(parse_port)
+                .collect::<Result<_, _>>()
+                .map_err(context)?,
+            labels: s
+                .labels
+                .map(ListOrMap::into_map)
+                .transpose()
+                .map_err(context)?
+                .unwrap_or_default(),
+            restart: s.restart,
+            volumes: s.volumes.unwrap_or_default(),
+            name: name.clone(),
+        };
+        services.push(WireService {
+            container,
+            depends_on,
+            networks,
+            healthcheck,
+            pull,
+            extras: ContainerExtras {
+                user: s.user,
+                working_dir: s.working_dir,
+                hostname: s.hostname,
+                privileged: s.privileged.unwrap_or(false),
+                devices: s.devices.unwrap_or_default(),
+                network_mode: s.network_mode,
+                stop_grace_secs,
+            },
+        });
+    }
+    Ok(StackSpec {
+        services,
+        networks: file.networks.unwrap_or_default().into_keys().collect(),
+        volumes: file.volumes.unwrap_or_default().into_keys().collect(),
+    })
+}
+
+/// A compose duration (`1m30s`, `10s`, `500ms`, `1h`) in milliseconds.
+fn duration_ms(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a duration such as 30s or 1m30s");
+    let mut total: u64 = 0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(bad()),
+        };
+        total = total
+            .checked_add(n.checked_mul(factor).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -534,6 +700,53 @@ volumes:
         ] {
             let e = check_stack_file(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_rendered_stack_file_becomes_the_agents_spec() {
+        let spec = stack_spec(
+            r#"
+services:
+  db:
+    image: postgres:16
+    healthcheck:
+      test: pg_isready
+      interval: 1m30s
+      timeout: 500ms
+      retries: 5
+    volumes: ["pgdata:/var/lib/postgresql/data"]
+    networks: [back]
+    pull_policy: never
+    stop_grace_period: 20s
+  app:
+    image: registry.local/app:1.2
+    depends_on:
+      db: {condition: service_healthy}
+    networks: [back]
+    privileged: true
+networks:
+  back:
+volumes:
+  pgdata:
+"#,
+        )
+        .unwrap();
+        assert_eq!(spec.networks, vec!["back"]);
+        assert_eq!(spec.volumes, vec!["pgdata"]);
+        let app = &spec.services[0];
+        assert_eq!(app.container.name, "app");
+        assert_eq!(app.depends_on[0].service, "db");
+        assert_eq!(app.depends_on[0].condition, DepCondition::Healthy);
+        assert!(app.extras.privileged);
+        let db = &spec.services[1];
+        let h = db.healthcheck.as_ref().unwrap();
+        assert_eq!(h.test, vec!["CMD-SHELL", "pg_isready"]);
+        assert_eq!((h.interval_ms, h.timeout_ms, h.retries), (90_000, 500, 5));
+        assert_eq!(db.pull, PullPolicy::Never);
+        assert_eq!(db.extras.stop_grace_secs, Some(20));
+        for bad in ["", "10", "5x", "1m5"] {
+            assert!(duration_ms(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -6,7 +6,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
-use store::{Collection, EdgeGroup, EnvId, TagMatch};
+use store::{Change, Collection, EdgeGroup, EnvId, TagMatch};
 
 use super::endpoints::{page_views, PageQuery};
 use super::{json, ApiError, AppState};
@@ -189,6 +189,7 @@ async fn create(
     let group = body.apply(blank)?;
     check_references(&state, &group).await?;
     let created = state.store.create_edge_group(&group).await?;
+    state.publish(Change::EdgeStacks).await?;
     tracing::info!(
         group = created.id,
         dynamic = created.dynamic,
@@ -224,6 +225,7 @@ async fn patch(
         .update_edge_group(&group)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("edge group {} does not exist", group.id)))?;
+    state.publish(Change::EdgeStacks).await?;
     Ok(json(StatusCode::OK, &GroupView::from(updated)))
 }
 
@@ -246,6 +248,7 @@ async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRe
             "edge group {id} does not exist"
         )));
     }
+    state.publish(Change::EdgeStacks).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 

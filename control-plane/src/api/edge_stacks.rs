@@ -10,7 +10,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use proto::clock::now_ms;
 use serde::{Deserialize, Serialize};
-use store::{EdgeStack, StackVersion};
+use store::{Change, EdgeStack, StackVersion};
 
 use super::compose::check_stack_file;
 use super::endpoints::{page_bounds, parse_num, rfc3339, PageQuery};
@@ -211,6 +211,7 @@ async fn create(
         created_ms: now_ms(),
     };
     let created = state.store.create_edge_stack(&stack, &compose).await?;
+    state.publish(Change::EdgeStacks).await?;
     tracing::info!(stack = created.id, name = %created.name, "edge stack created");
     Ok(json(StatusCode::CREATED, &StackView::from(created)))
 }
@@ -400,6 +401,7 @@ async fn update(
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("edge stack {id} does not exist")))?;
     }
+    state.publish(Change::EdgeStacks).await?;
     Ok(json(StatusCode::OK, &StackView::from(stack)))
 }
 
@@ -409,6 +411,7 @@ async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRe
             "edge stack {id} does not exist"
         )));
     }
+    state.publish(Change::EdgeStacks).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -492,35 +495,10 @@ async fn file(
             ))
         })?
         .compose;
-    let groups = state.store.list_named(store::Collection::Groups).await?;
-    let tags = state.store.list_named(store::Collection::Tags).await?;
-    let group_tags = state.store.group_tags().await?;
-    let tag_name = |t: &u64| tags.iter().find(|n| n.id == *t).map(|n| n.name.clone());
-    let mut names: Vec<String> = env.tag_ids.iter().filter_map(tag_name).collect();
-    if let Some(g) = env.group_id {
-        names.extend(
-            group_tags
-                .get(&g)
-                .into_iter()
-                .flatten()
-                .filter_map(tag_name),
-        );
-    }
-    let group = env
-        .group_id
-        .and_then(|g| groups.iter().find(|n| n.id == g))
-        .map(|n| n.name.as_str());
-    let vars = crate::stack_vars::Vars::new(
-        env.id,
-        &env.name,
-        group,
-        &names,
-        &env.variables,
-        &stack.variables,
-    );
-    let rendered = vars
-        .render(&compose)
-        .and_then(|file| check_stack_file(&file).map(|()| file))
+    let rendered = state
+        .fleet
+        .catalog()
+        .render_file(&env, &stack, &compose)
         .map_err(|e| ApiError::Unprocessable(format!("environment {env_id}: {e}")))?;
     Ok(HttpResponse::Ok()
         .content_type("application/yaml")

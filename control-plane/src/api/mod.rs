@@ -6,7 +6,7 @@ mod agent;
 mod auth;
 mod catalog;
 mod commands;
-mod compose;
+pub(crate) mod compose;
 mod docker;
 mod edge_groups;
 mod edge_stacks;

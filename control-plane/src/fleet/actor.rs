@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use store::{BindOutcome, EnvId, Environment, TunnelGrant};
 use tokio::sync::oneshot;
 
+use super::desired::{DesiredSync, EnvInputs};
 use super::state::held::HeldQueue;
 use super::state::{CheckinKind, EnvState, Verdict};
 use super::{Answer, CheckinError, Fleet};
@@ -38,7 +39,10 @@ pub(super) struct Reply {
 /// check-in path. The lock is held for a decision only, never across an `.await`.
 pub(super) struct Env {
     pub state: EnvState,
-    pub held: HeldQueue<oneshot::Sender<Answer>>,
+    pub held: HeldQueue<Waiter>,
+    /// What of the environment decides its desired stacks, and where its agent stands.
+    pub inputs: EnvInputs,
+    pub sync: DesiredSync,
     /// `held.len()` as last added to the fleet-wide gauge.
     held_counted: usize,
     /// Its actor stopped: nothing will offer held check-ins a grant or apply reloads here
@@ -49,10 +53,20 @@ pub(super) struct Env {
 pub(super) type SharedEnv = Arc<Mutex<Env>>;
 
 impl Env {
-    pub(super) fn new(state: EnvState, held_per_env: usize) -> SharedEnv {
+    pub(super) fn new(
+        state: EnvState,
+        held_per_env: usize,
+        inputs: EnvInputs,
+        digest: u64,
+    ) -> SharedEnv {
         Arc::new(Mutex::new(Self {
             state,
             held: HeldQueue::new(held_per_env),
+            inputs,
+            sync: DesiredSync {
+                digest,
+                acked: None,
+            },
             held_counted: 0,
             stopped: false,
         }))
@@ -68,21 +82,78 @@ impl Env {
     }
 
     /// The reply to a check-in decided without credentials: an async tick's intervals filled
-    /// in, an idle held check-in parked (unless the environment holds as many as it may).
-    pub(super) fn answer(&mut self, kind: CheckinKind, mut answer: Answer, fleet: &Fleet) -> Reply {
+    /// in, the desired-state digest while the agent has not acknowledged it (to agents that
+    /// speak protocol version 2, `peer_version`), an idle held check-in parked (unless the
+    /// environment holds as many as it may).
+    pub(super) fn answer(
+        &mut self,
+        kind: CheckinKind,
+        mut answer: Answer,
+        fleet: &Fleet,
+        peer_version: u8,
+    ) -> Reply {
         if kind == CheckinKind::Async {
             answer.async_intervals =
                 Some(self.state.async_intervals(fleet.defaults.async_intervals()));
         }
+        let speaks_stacks = peer_version >= 2;
+        if speaks_stacks {
+            if let Some(digest) = self.sync.announce() {
+                answer.desired = Some(digest);
+                answer.unchanged = false;
+            }
+        }
         let held = if kind == CheckinKind::Held && answer.unchanged {
             let (tx, rx) = oneshot::channel();
-            let held = self.held.hold(tx, answer.interval_secs).is_ok();
+            let waiter = Waiter { tx, speaks_stacks };
+            let held = self.held.hold(waiter, answer.interval_secs).is_ok();
             self.count_held(&fleet.metrics);
             held.then_some(rx)
         } else {
             None
         };
         Reply { answer, held }
+    }
+
+    /// Takes a new desired-state digest (0: no stacks); if the agent has to be told, held
+    /// check-ins that can understand it are answered with it at once.
+    pub(super) fn set_desired(&mut self, digest: u64, fleet: &Fleet) {
+        if self.sync.digest == digest {
+            return;
+        }
+        self.sync.digest = digest;
+        let Some(digest) = self.sync.announce() else {
+            return;
+        };
+        for held in self.held.take_if(|w| w.speaks_stacks) {
+            let _ = held.waiter.tx.send(Answer {
+                status: EdgeStatus::Idle,
+                interval_secs: held.interval_secs,
+                server_time_ms: None,
+                unchanged: false,
+                tunnel: None,
+                async_intervals: None,
+                desired: Some(digest),
+            });
+        }
+        self.count_held(&fleet.metrics);
+    }
+}
+
+/// The protocol version a signed request came in (1 for anything unreadable).
+pub(super) fn peer_version(frame: &[u8]) -> u8 {
+    proto::codec::frame_version(frame).unwrap_or(1)
+}
+
+/// A held check-in's way back: its answer, and whether its agent speaks of stacks.
+pub(super) struct Waiter {
+    pub tx: oneshot::Sender<Answer>,
+    pub speaks_stacks: bool,
+}
+
+impl super::state::held::Waiter for Waiter {
+    fn is_gone(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
@@ -209,8 +280,9 @@ impl EnvActor {
                 unchanged: false,
                 tunnel: Some(sealed),
                 async_intervals: None,
+                desired: None,
             };
-            let delivered = result.is_ok() && held.waiter.send(answer).is_ok();
+            let delivered = result.is_ok() && held.waiter.tx.send(answer).is_ok();
             if delivered {
                 act.fleet
                     .metrics
@@ -218,7 +290,7 @@ impl EnvActor {
                     .with_label_values(&["required"])
                     .inc();
                 // If this agent never opens the tunnel, give the next one a turn.
-                let again = HeldQueue::<oneshot::Sender<Answer>>::reoffer_at(&act.env.lock().state);
+                let again = HeldQueue::<Waiter>::reoffer_at(&act.env.lock().state);
                 if let Some(at) = again {
                     let after = Duration::from_millis(at.saturating_sub(now) + 50);
                     ctx.run_later(after, |act, ctx| act.wake_one(ctx));
@@ -238,6 +310,7 @@ impl EnvActor {
         answer: Answer,
         reply: oneshot::Sender<Result<Reply, CheckinError>>,
         now: u64,
+        peer_version: u8,
     ) -> Option<ResponseActFuture<Self, ()>> {
         if answer.status == EdgeStatus::Required {
             let (sealed, put) = match self.issue(now) {
@@ -267,7 +340,10 @@ impl EnvActor {
                 },
             )));
         }
-        let result = self.env.lock().answer(kind, answer, &self.fleet);
+        let result = self
+            .env
+            .lock()
+            .answer(kind, answer, &self.fleet, peer_version);
         self.finish(reply, Ok(result));
         None
     }
@@ -329,7 +405,8 @@ impl Handler<CheckinMsg> for EnvActor {
         );
         match verdict {
             Verdict::Answer(a) => {
-                if let Some(pending) = self.respond(kind, a, msg.reply, msg.now_ms) {
+                let peer = peer_version(&msg.frame);
+                if let Some(pending) = self.respond(kind, a, msg.reply, msg.now_ms, peer) {
                     ctx.wait(pending);
                 }
             }
@@ -378,7 +455,7 @@ impl Handler<CheckinMsg> for EnvActor {
                         };
                         match result {
                             Ok(a) => act
-                                .respond(kind, a, msg.reply, msg.now_ms)
+                                .respond(kind, a, msg.reply, msg.now_ms, peer_version(&msg.frame))
                                 .unwrap_or_else(Self::done),
                             Err(e) => {
                                 act.finish(msg.reply, Err(e));
@@ -463,7 +540,8 @@ impl Handler<Issue> for EnvActor {
             self.finish(msg.reply, Err(CheckinError::Busy(self.id)));
             return;
         }
-        if let Some(pending) = self.respond(msg.kind, msg.answer, msg.reply, msg.now_ms) {
+        // (Credentials only: the desired state waits for the next check-in.)
+        if let Some(pending) = self.respond(msg.kind, msg.answer, msg.reply, msg.now_ms, 1) {
             ctx.wait(pending);
         }
     }
@@ -477,11 +555,14 @@ impl Handler<Reload> for EnvActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) {
-        let reloaded = self
-            .env
-            .lock()
-            .state
-            .reload(&msg.0, self.fleet.agent_secret.as_deref());
+        let catalog = self.fleet.catalog();
+        let reloaded = {
+            let mut env = self.env.lock();
+            env.inputs = EnvInputs::of(&msg.0);
+            let digest = catalog.digest(&env.inputs);
+            env.set_desired(digest, &self.fleet);
+            env.state.reload(&msg.0, self.fleet.agent_secret.as_deref())
+        };
         if let Err(e) = reloaded {
             tracing::error!(error = %e, "cannot apply reloaded environment; stopping its actor");
             ctx.stop();

@@ -3,6 +3,7 @@
 //! write-behind. The check-in path touches only memory in the steady state.
 
 mod actor;
+pub mod desired;
 pub mod state;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ use crate::config::Limits;
 use crate::metrics::{AgentStats, FleetSizes, Metrics};
 pub use actor::CREDENTIALS_TTL;
 use actor::{CheckinMsg, Env, EnvActor, Reload, SharedEnv, Shutdown, TunnelEvent, WantTunnel};
+use desired::{Catalog, EnvInputs};
 use state::Verdict;
 pub use state::{
     grace_ms, liveness, Answer, CheckinKind, Intervals, Liveness, Refusal, SharedGate,
@@ -234,7 +236,26 @@ pub struct Fleet {
     wanted: DashMap<EnvId, u64>,
     /// Public addresses of the live gateways, handed to agents with their credentials.
     gateway_addrs: RwLock<Vec<String>>,
+    /// Edge stacks and groups, for the stacks each environment should run.
+    catalog: RwLock<Arc<Catalog>>,
+    /// Bumped with every catalog read, so an actor started meanwhile judges itself again.
+    catalog_epoch: AtomicU64,
+    /// The last catalog read failed: read again at the next sweep.
+    catalog_stale: std::sync::atomic::AtomicBool,
+    /// Stack statuses agents reported, written in batches with the heartbeats.
+    statuses: parking_lot::Mutex<PendingStatuses>,
 }
+
+/// Stack statuses waiting to be written, by stack; at most [`MAX_PENDING_STATUSES`].
+#[derive(Default)]
+struct PendingStatuses {
+    by_stack: std::collections::HashMap<u64, Vec<store::StackStatus>>,
+    len: usize,
+}
+
+/// Stack statuses held for the next write at most; past it, reports are refused with `busy`
+/// (the agent sends them again) rather than held without bound while the store is down.
+pub const MAX_PENDING_STATUSES: usize = 200_000;
 
 const UNKNOWN_TTL_MS: u64 = 30_000;
 /// Edge modes remembered at most (the cache starts again when full).
@@ -277,6 +298,10 @@ impl Fleet {
             tunnel_waiters: DashMap::new(),
             wanted: DashMap::new(),
             gateway_addrs: RwLock::new(Vec::new()),
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+            catalog_epoch: AtomicU64::new(0),
+            catalog_stale: std::sync::atomic::AtomicBool::new(true),
+            statuses: parking_lot::Mutex::new(PendingStatuses::default()),
         }
     }
 
@@ -475,7 +500,7 @@ impl Fleet {
             // finds this check-in held and offers it the grant.
             let next = match verdict {
                 Verdict::Answer(answer) if answer.status != EdgeStatus::Required => {
-                    Next::Reply(env.answer(kind, answer, self))
+                    Next::Reply(env.answer(kind, answer, self, actor::peer_version(&frame)))
                 }
                 Verdict::Answer(answer) => Next::Issue(answer),
                 Verdict::Refuse(refusal) => Next::Refused(refusal),
@@ -649,6 +674,9 @@ impl Fleet {
         } else if let Some(until) = self.wanted.get(&id).map(|u| *u) {
             state.want_tunnel(until);
         }
+        let catalog_epoch = self.catalog_epoch.load(Ordering::Acquire);
+        let inputs = EnvInputs::of(&env);
+        let digest = self.catalog().digest(&inputs);
         let mut started = false;
         let handle = self
             .actors
@@ -658,7 +686,7 @@ impl Fleet {
                 self.metrics.actor_starts.inc();
                 self.metrics.actors.inc();
                 let gate = state.gate();
-                let env = Env::new(state, self.limits.held_per_env);
+                let env = Env::new(state, self.limits.held_per_env, inputs, digest);
                 Handle {
                     addr: EnvActor::new(Arc::clone(&env), Arc::clone(self)).start(),
                     in_flight: Arc::new(AtomicUsize::new(0)),
@@ -671,6 +699,13 @@ impl Fleet {
             // A change arrived between our store read and the registration; it found no
             // actor to reload, so this one may hold an old record (e.g. a revoked secret).
             self.reload(id).await;
+        }
+        if started && self.catalog_epoch.load(Ordering::Acquire) != catalog_epoch {
+            // The catalog was read again while this actor was built.
+            let catalog = self.catalog();
+            let mut env = handle.env.lock();
+            let digest = catalog.digest(&env.inputs);
+            env.set_desired(digest, self);
         }
         Ok(handle)
     }
@@ -725,11 +760,32 @@ impl Fleet {
         edge_id: uuid::Uuid,
         timestamp_ms: u64,
     ) -> Result<(), CheckinError> {
+        self.verify_signed(
+            proto::proof::Route::Snapshot,
+            id,
+            &frame,
+            edge_id,
+            timestamp_ms,
+        )
+        .await
+    }
+
+    /// Verifies a signed request of `id`'s agent to `route` that carries its Edge ID and
+    /// full timestamp (proof, binding, freshness), in place.
+    pub async fn verify_signed(
+        self: &Arc<Self>,
+        route: proto::proof::Route,
+        id: EnvId,
+        frame: &[u8],
+        edge_id: uuid::Uuid,
+        timestamp_ms: u64,
+    ) -> Result<(), CheckinError> {
         let handle = self.actor(id).await?;
-        let checked = handle
-            .gate
-            .read()
-            .check_upload(&frame, edge_id, timestamp_ms, now_ms());
+        let checked =
+            handle
+                .gate
+                .read()
+                .check_signed(route, frame, edge_id, timestamp_ms, now_ms());
         checked.map_err(|refusal| self.refused_early(id, refusal))
     }
 
@@ -794,8 +850,10 @@ impl Fleet {
                 Ok(s) => self.defaults.set(&s),
                 Err(e) => tracing::warn!(error = %e, "cannot reload settings"),
             },
-            Change::AdminKeys | Change::Catalog => {}
+            Change::AdminKeys => {}
+            Change::Catalog | Change::EdgeStacks => self.reload_catalog().await,
             Change::Resync => {
+                self.reload_catalog().await;
                 // Notifications may have been missed (e.g. the store's pub/sub reconnected):
                 // the settings, every live actor and the tunnel view may be stale.
                 self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -865,6 +923,117 @@ impl Fleet {
         self.unknown.clear();
     }
 
+    /// The edge stacks and groups as last read.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.catalog.read())
+    }
+
+    /// Reads edge stacks and groups again and gives every live environment its desired
+    /// state's digest (answering held check-ins whose agents must hear of a change). On a
+    /// store error the old catalog stays, and the next sweep tries again.
+    pub async fn reload_catalog(&self) {
+        let catalog = match Catalog::load(&self.store).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["load_catalog"])
+                    .inc();
+                tracing::warn!(error = %e, "cannot read edge stacks; will try again");
+                self.catalog_stale.store(true, Ordering::Release);
+                return;
+            }
+        };
+        self.catalog_stale.store(false, Ordering::Release);
+        *self.catalog.write() = Arc::clone(&catalog);
+        self.catalog_epoch.fetch_add(1, Ordering::AcqRel);
+        let envs: Vec<SharedEnv> = self.actors.iter().map(|h| Arc::clone(&h.env)).collect();
+        for env in envs {
+            let mut env = env.lock();
+            let digest = catalog.digest(&env.inputs);
+            env.set_desired(digest, self);
+        }
+    }
+
+    /// `id`'s agent reported holding the desired state with `digest`.
+    pub async fn acknowledge(self: &Arc<Self>, id: EnvId, digest: u64) -> Result<(), CheckinError> {
+        let handle = self.actor(id).await?;
+        handle.env.lock().sync.acked = Some(digest);
+        Ok(())
+    }
+
+    /// Queues the stack statuses `id`'s agent reported for the next batch write.
+    pub fn record_statuses(
+        &self,
+        id: EnvId,
+        states: &[proto::stacks::StackState],
+    ) -> Result<(), CheckinError> {
+        let mut pending = self.statuses.lock();
+        if pending.len + states.len() > MAX_PENDING_STATUSES {
+            return Err(CheckinError::Busy(id));
+        }
+        for s in states {
+            let status = deploy_status(s.phase);
+            self.metrics
+                .stack_reports
+                .with_label_values(&[crate::targets::status_name(status)])
+                .inc();
+            pending
+                .by_stack
+                .entry(s.stack_id)
+                .or_default()
+                .push(store::StackStatus {
+                    env: id,
+                    status,
+                    version: s.version,
+                    error: s.error.clone(),
+                    updated_ms: s.at_ms,
+                });
+        }
+        pending.len += states.len();
+        Ok(())
+    }
+
+    /// Writes the queued stack statuses, one batch per stack. What fails is queued again
+    /// (within the bound) for the next flush.
+    pub async fn flush_statuses(&self) {
+        let batch = std::mem::take(&mut *self.statuses.lock());
+        for (stack, mut statuses) in batch.by_stack {
+            // A stack removed from a device leaves no status behind: the environment is no
+            // longer one of the stack's (its counts are of its targets).
+            let removed: Vec<EnvId> = statuses
+                .iter()
+                .filter(|s| s.status == store::DeployStatus::Removed)
+                .map(|s| s.env)
+                .collect();
+            statuses.retain(|s| s.status != store::DeployStatus::Removed);
+            if !removed.is_empty() {
+                if let Err(e) = self.store.forget_stack_statuses(stack, &removed).await {
+                    self.metrics
+                        .store_errors
+                        .with_label_values(&["forget_stack_statuses"])
+                        .inc();
+                    tracing::warn!(error = %e, stack, "cannot forget removed stack statuses");
+                }
+            }
+            if statuses.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.store.record_stack_statuses(stack, &statuses).await {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["record_stack_statuses"])
+                    .inc();
+                tracing::warn!(error = %e, stack, statuses = statuses.len(), "stack status write failed; will retry");
+                let mut pending = self.statuses.lock();
+                if pending.len + statuses.len() <= MAX_PENDING_STATUSES {
+                    pending.len += statuses.len();
+                    pending.by_stack.entry(stack).or_default().extend(statuses);
+                }
+            }
+        }
+    }
+
     /// Stops actors that saw no check-in for the idle limit; their state is in the store.
     pub fn sweep_idle(&self, now: u64) {
         let idle_ms = self.limits.actor_idle.as_millis() as u64;
@@ -929,9 +1098,17 @@ impl Fleet {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = flush.tick() => self.flush_heartbeats().await,
+                _ = flush.tick() => {
+                    self.flush_heartbeats().await;
+                    self.flush_statuses().await;
+                }
                 _ = gateways.tick() => self.refresh_gateways().await,
-                _ = sweep.tick() => self.sweep_idle(now_ms()),
+                _ = sweep.tick() => {
+                    self.sweep_idle(now_ms());
+                    if self.catalog_stale.load(Ordering::Acquire) {
+                        self.reload_catalog().await;
+                    }
+                }
                 change = changes.recv() => match change {
                     Ok(change) => self.apply(&change).await,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -946,6 +1123,23 @@ impl Fleet {
             }
         }
         self.flush_heartbeats().await;
+        self.flush_statuses().await;
+    }
+}
+
+/// A phase on the device as the store keeps it.
+pub fn deploy_status(phase: proto::stacks::Phase) -> store::DeployStatus {
+    use proto::stacks::Phase as P;
+    use store::DeployStatus as S;
+    match phase {
+        P::Pending => S::Pending,
+        P::Acknowledged => S::Acknowledged,
+        P::ImagesPulled => S::ImagesPulled,
+        P::Deploying => S::Deploying,
+        P::Running => S::Running,
+        P::Error => S::Error,
+        P::Removing => S::Removing,
+        P::Removed => S::Removed,
     }
 }
 

@@ -46,6 +46,10 @@ pub struct Metrics {
     /// Async commands by event: `queued`, `delivered` (each hand-out, repeats included),
     /// `result_ok`, `result_failed` (results received, retries included).
     pub async_commands: IntCounterVec,
+    /// Stack statuses agents reported, by status (exported for every status from the start).
+    pub stack_reports: IntCounterVec,
+    /// Desired states agents fetched, and those that could not be rendered for them.
+    pub desired_fetches: IntCounterVec,
     /// The API port's connections refused by admission and let go at deadlines.
     pub front: crate::front::FrontMetrics,
     /// The public ports' admission, read at scrape time.
@@ -205,6 +209,26 @@ impl Metrics {
             ),
             &["event"],
         ));
+        let stack_reports = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_stack_status_reports_total",
+                "Edge stack statuses reported by agents, by status",
+            ),
+            &["status"],
+        ));
+        for s in store::DeployStatus::ALL {
+            stack_reports.with_label_values(&[crate::targets::status_name(s)]);
+        }
+        let desired_fetches = must(IntCounterVec::new(
+            Opts::new(
+                "edgeplane_desired_state_fetches_total",
+                "Desired stack states fetched by agents (ok), and stacks that could not be rendered for an environment (render_error)",
+            ),
+            &["outcome"],
+        ));
+        for o in ["ok", "render_error"] {
+            desired_fetches.with_label_values(&[o]);
+        }
         let api_connections_refused = must(IntCounterVec::new(
             Opts::new(
                 "edgeplane_api_connections_refused_total",
@@ -243,6 +267,8 @@ impl Metrics {
             Box::new(api_connections_timed_out.clone()),
             Box::new(async_snapshots.clone()),
             Box::new(async_commands.clone()),
+            Box::new(stack_reports.clone()),
+            Box::new(desired_fetches.clone()),
             Box::new(docker_requests.clone()),
             Box::new(tunnel_wait_seconds.clone()),
             Box::new(engine_connections.clone()),
@@ -281,6 +307,8 @@ impl Metrics {
             engine_idle,
             async_snapshots,
             async_commands,
+            stack_reports,
+            desired_fetches,
             front: crate::front::FrontMetrics {
                 refused: api_connections_refused,
                 timed_out: api_connections_timed_out,

@@ -176,6 +176,7 @@ fn tunnel_answer(
         interval_secs,
         server_time_ms,
         tunnel: Some(sealed),
+        desired: None,
     };
     match codec::encode(&answer) {
         Ok(bytes) => (200, "application/octet-stream", bytes),
@@ -288,6 +289,7 @@ fn checkin_answer(
             interval_secs,
             server_time_ms,
             tunnel: None,
+            desired: None,
         };
         match codec::encode(&answer) {
             Ok(bytes) => (200, "application/octet-stream", bytes),

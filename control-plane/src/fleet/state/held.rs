@@ -79,6 +79,16 @@ impl<W: Waiter> HeldQueue<W> {
         state.grant_pending_until()
     }
 
+    /// Takes out the live held check-ins `pick` chooses (to answer them otherwise).
+    pub fn take_if(&mut self, mut pick: impl FnMut(&W) -> bool) -> Vec<Held<W>> {
+        self.prune();
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|h| pick(&h.waiter));
+        self.waiting = kept.into();
+        taken
+    }
+
     /// Check-ins still held.
     pub fn len(&self) -> usize {
         self.waiting.len()

@@ -105,6 +105,9 @@ pub struct Answer {
     pub tunnel: Option<SealedCredentials>,
     /// For async ticks: the environment's intervals (filled in by the actor).
     pub async_intervals: Option<AsyncIntervals>,
+    /// The desired-state digest, while the agent has not acknowledged it (filled in with
+    /// the environment's shared state, [`super::actor::Env::answer`]).
+    pub desired: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,18 +199,25 @@ impl Gate {
         timestamp_ms: u64,
         now_ms: u64,
     ) -> Result<(), Refusal> {
+        self.check_signed(Route::Snapshot, frame, edge_id, timestamp_ms, now_ms)
+    }
+
+    /// A signed request to `route` that carries its Edge ID and full timestamp (uploads,
+    /// desired-state fetches, stack reports): binding, proof, freshness.
+    pub fn check_signed(
+        &self,
+        route: Route,
+        frame: &[u8],
+        edge_id: Uuid,
+        timestamp_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
         match self.edge_id {
             None => return Err(Refusal::EdgeIdRequired),
             Some(bound) if bound != edge_id => return Err(Refusal::EdgeIdMismatch),
             Some(_) => {}
         }
-        if !proof::verify(
-            frame,
-            Route::Snapshot,
-            &self.keys.proof,
-            &edge_id,
-            timestamp_ms,
-        ) {
+        if !proof::verify(frame, route, &self.keys.proof, &edge_id, timestamp_ms) {
             return Err(Refusal::BadProof);
         }
         fresh(timestamp_ms, now_ms)
@@ -523,6 +533,7 @@ impl EnvState {
                 && kind != CheckinKind::Async,
             tunnel: None,
             async_intervals: None,
+            desired: None,
         })
     }
 

@@ -83,6 +83,7 @@ fn idle(interval: u32) -> Verdict {
         unchanged: interval == 5,
         tunnel: None,
         async_intervals: None,
+        desired: None,
     })
 }
 
@@ -172,6 +173,7 @@ fn replay_and_skew() {
             unchanged: false,
             tunnel: None,
             async_intervals: None,
+            desired: None,
         })
     );
 }
@@ -240,6 +242,7 @@ fn required_interval_mode_and_reload() {
             unchanged: false,
             tunnel: None,
             async_intervals: None,
+            desired: None,
         })
     );
     // Association reset: new secret, no binding. Old key is refused; new agent binds.
