@@ -48,6 +48,8 @@ pub enum AgentError {
     Tls(#[from] TlsSetupError),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+    #[error(transparent)]
+    Stacks(#[from] crate::stacks::StacksJournalError),
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -74,9 +76,31 @@ where
     options.agent_secret = config.agent_secret.clone();
     options.insecure = config.insecure_poll;
     let mut client = PollClient::new(&config.token, options)?;
+    // Edge stacks: a task of their own, fed with the digests answers announce.
+    let (desired, announced) = tokio::sync::watch::channel(None);
+    let stop = CancellationToken::new();
+    let reconciler = tokio::spawn(
+        crate::stacks::Reconciler::new(
+            client.sibling(),
+            DockerClient::new(docker.clone()),
+            crate::stacks::StacksJournal::open(&config.data_dir)?,
+            config.stack_settle,
+            announced,
+        )
+        .run(stop.clone()),
+    );
     if config.async_mode {
         let journal = crate::journal::Journal::open(&config.data_dir)?;
-        crate::async_agent::run(client, DockerClient::new(docker), journal, shutdown).await;
+        crate::async_agent::run(
+            client,
+            DockerClient::new(docker),
+            journal,
+            desired,
+            shutdown,
+        )
+        .await;
+        stop.cancel();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, reconciler).await;
         return Ok(());
     }
     let home = Arc::new(Home::new(&client, DockerClient::new(docker.clone())));
@@ -91,7 +115,6 @@ where
         local_addr: None,
     };
     let slot = Arc::new(CredentialSlot::default());
-    let stop = CancellationToken::new();
     let supervisor = tokio::spawn(tunnel::supervise(
         settings,
         home.clone(),
@@ -109,6 +132,13 @@ where
             result = client.checkin_via(route) => result,
         };
         home.set_interval(client.interval());
+        if let Ok(CheckinOutcome {
+            desired: Some(digest),
+            ..
+        }) = &result
+        {
+            desired.send_replace(Some(*digest));
+        }
         let next = poller.handle(result, client.interval(), sent_at, Instant::now());
         if next.first_success {
             // In the background: a slow engine must never delay check-ins.
@@ -125,6 +155,7 @@ where
     }
     stop.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, supervisor).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, reconciler).await;
     info!("edge agent stopped");
     Ok(())
 }
@@ -328,6 +359,7 @@ mod tests {
             }),
             connection: None,
             clock_corrected: false,
+            desired: None,
         })
     }
 

@@ -169,8 +169,14 @@ impl Snapshots {
 }
 
 /// Runs async mode until `shutdown` completes. Never gives up on its own.
-pub async fn run<F>(mut client: PollClient, docker: DockerClient, mut journal: Journal, shutdown: F)
-where
+/// Announced desired-stack digests go to `desired` (see [`crate::stacks`]).
+pub async fn run<F>(
+    mut client: PollClient,
+    docker: DockerClient,
+    mut journal: Journal,
+    desired: tokio::sync::watch::Sender<Option<u64>>,
+    shutdown: F,
+) where
     F: Future<Output = ()>,
 {
     let mut schedule = Schedule::new(Instant::now());
@@ -275,6 +281,9 @@ where
             );
         }
         connected = true;
+        if answer.desired.is_some() {
+            desired.send_replace(answer.desired);
+        }
         if let Err(e) = journal.acknowledge(&tick.results) {
             warn!(error = %e, "command journal not updated");
         }

@@ -16,6 +16,8 @@ pub const DEFAULT_DATA_DIR: &str = "/data";
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// Default of `EDGE_INACTIVITY_TIMEOUT`.
 pub const DEFAULT_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// How long a stack's containers must stay up before it counts as `running`.
+pub const DEFAULT_STACK_SETTLE: Duration = Duration::from_secs(10);
 
 /// The edgeplane edge agent: checks in with the control plane, never opens a port.
 ///
@@ -59,6 +61,11 @@ pub struct Args {
     /// An idle tunnel closes after this long, e.g. `5m` or `90s` [default: 5m].
     #[arg(long, env = "EDGE_INACTIVITY_TIMEOUT")]
     pub inactivity_timeout: Option<String>,
+
+    /// An edge stack counts as `running` once its containers have been up (and healthy,
+    /// where they have a healthcheck) this long, e.g. `10s` [default: 10s].
+    #[arg(long, env = "EDGE_STACK_SETTLE")]
+    pub stack_settle: Option<String>,
 }
 
 /// Validated agent configuration.
@@ -74,6 +81,8 @@ pub struct Config {
     pub inactivity_timeout: Duration,
     /// `EDGE_ASYNC=1`: no tunnel; pings, snapshots and commands on their own intervals.
     pub async_mode: bool,
+    /// How long a stack's containers must stay up before it counts as `running`.
+    pub stack_settle: Duration,
 }
 
 /// Why the configuration was refused. Each message is one line naming the variable.
@@ -91,6 +100,8 @@ pub enum ConfigError {
         "invalid EDGE_INACTIVITY_TIMEOUT: {value:?} is not a duration such as \"5m\" or \"90s\""
     )]
     InactivityTimeout { value: String },
+    #[error("invalid EDGE_STACK_SETTLE: {value:?} is not a duration such as \"10s\"")]
+    StackSettle { value: String },
     #[error("invalid DOCKER_HOST: {0}")]
     DockerHost(#[from] crate::docker::DockerHostError),
 }
@@ -113,6 +124,13 @@ impl Config {
                 .filter(|d| !d.is_zero())
                 .ok_or(ConfigError::InactivityTimeout { value })?,
         };
+        let stack_settle = match non_empty(args.stack_settle) {
+            None => DEFAULT_STACK_SETTLE,
+            Some(value) => humantime::parse_duration(value.trim())
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(3600))
+                .ok_or(ConfigError::StackSettle { value })?,
+        };
         let docker_host =
             non_empty(args.docker_host).unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned());
         crate::docker::DockerHost::parse(&docker_host)?;
@@ -128,6 +146,7 @@ impl Config {
             docker_host: docker_host.trim().to_owned(),
             inactivity_timeout,
             async_mode,
+            stack_settle,
         })
     }
 }
@@ -187,6 +206,7 @@ mod tests {
         assert_eq!(c.agent_secret, None);
         assert_eq!(c.docker_host, DEFAULT_DOCKER_HOST);
         assert_eq!(c.inactivity_timeout, Duration::from_secs(300));
+        assert_eq!(c.stack_settle, DEFAULT_STACK_SETTLE);
     }
 
     #[test]
@@ -201,9 +221,11 @@ mod tests {
             agent_secret: Some("s3cret".into()),
             docker_host: Some("tcp://127.0.0.1:2375".into()),
             inactivity_timeout: Some("90s".into()),
+            stack_settle: Some("2s".into()),
         })
         .unwrap();
         assert_eq!(c.edge_id, Some(id));
+        assert_eq!(c.stack_settle, Duration::from_secs(2));
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/agent"));
         assert!(c.insecure_poll);
         assert_eq!(c.agent_secret.as_deref(), Some("s3cret"));

@@ -14,6 +14,8 @@
 //! * [`tunnel`]: the reverse tunnel (handshake, streams to the engine, inactivity, recovery).
 //! * [`async_agent`]: async mode (`EDGE_ASYNC=1`): merged ticks, snapshot deltas, commands;
 //!   [`journal`]: what it must not forget across restarts (commands run, results unsent).
+//! * [`stacks`]: edge stacks on this device: the desired state fetched and journaled,
+//!   deployed through the engine, statuses reported ([`stacks::Reconciler`]).
 //! * [`agent`]: the loop that ties them together ([`run`]).
 
 pub mod agent;
@@ -26,6 +28,7 @@ pub mod edge_id;
 pub mod home;
 pub mod journal;
 pub mod retry;
+pub mod stacks;
 pub mod tls;
 pub mod tunnel;
 

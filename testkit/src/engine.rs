@@ -17,11 +17,23 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// An engine on Podman's shared storage (containers of other engines are visible).
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// An engine with storage and networks of its own, like a separate device: the same
+    /// container and network names can exist on several at once.
+    pub fn start_isolated() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(isolated: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for the engine");
         let out = Command::new(script())
             .arg("start")
             .arg(dir.path())
+            .args(isolated.then_some("isolated"))
             .stdin(Stdio::null())
             .output()
             .expect("run scripts/podman-engine");

@@ -45,6 +45,8 @@ pub(super) struct Target {
     ask_tunnel: Uri,
     pub(super) snapshot: Uri,
     pub(super) async_tick: Uri,
+    pub(super) desired: Uri,
+    pub(super) report: Uri,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
@@ -88,6 +90,8 @@ impl Target {
             ask_tunnel: route(TUNNEL_REQUEST_PATH)?,
             snapshot: route(SNAPSHOT_PATH)?,
             async_tick: route(ASYNC_PATH)?,
+            desired: route(proto::stacks::DESIRED_PATH)?,
+            report: route(proto::stacks::STACK_REPORT_PATH)?,
             tls,
         })
     }

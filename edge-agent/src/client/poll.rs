@@ -30,6 +30,10 @@ use super::{
 };
 use crate::clock::SharedClock;
 use crate::tls;
+use proto::stacks::{
+    DesiredState, StackReport, StackState, StackSync, MAX_DESIRED_ANSWER, MAX_REPORT_FRAME,
+    MAX_SYNC_FRAME,
+};
 
 /// The result of a successful check-in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,9 @@ pub struct CheckinOutcome {
     pub connection: Option<NewConnection>,
     /// The server corrected our clock during this check-in.
     pub clock_corrected: bool,
+    /// The digest of the stacks this environment should run, while the server has not heard
+    /// us acknowledge it (see [`proto::stacks`]).
+    pub desired: Option<u64>,
 }
 
 /// How to build a [`PollClient`]; start from [`PollOptions::new`].
@@ -437,6 +444,76 @@ impl PollClient {
         Ok(answer)
     }
 
+    /// Fetches the stacks this environment should run ([`proto::stacks::DESIRED_PATH`]).
+    pub async fn fetch_desired(&mut self) -> Result<DesiredState, CheckinError> {
+        self.call(
+            UPLOAD_TIMEOUT,
+            |c| {
+                let sync = c.stack_sync();
+                let body = c.sign(&sync, Route::Desired, sync.timestamp_ms, MAX_SYNC_FRAME)?;
+                Ok(Prepared {
+                    uri: c.target.desired.clone(),
+                    body,
+                    answer_limit: MAX_DESIRED_ANSWER,
+                    replace_stale: true,
+                })
+            },
+            |_, raw| {
+                if raw.status != StatusCode::OK {
+                    return Err(CheckinError::Protocol {
+                        status: raw.status.as_u16(),
+                        detail: "unexpected status".to_owned(),
+                    });
+                }
+                codec::decode(&raw.body, MAX_DESIRED_ANSWER).map_err(|e| CheckinError::Protocol {
+                    status: 200,
+                    detail: format!("undecodable desired state: {e}"),
+                })
+            },
+        )
+        .await
+        .map(|(state, _)| state)
+    }
+
+    /// Reports stack statuses, acknowledging the desired state `digest`
+    /// ([`proto::stacks::STACK_REPORT_PATH`]). Success is any 2xx (the server answers 204).
+    pub async fn report_stacks(
+        &mut self,
+        digest: u64,
+        statuses: &[StackState],
+    ) -> Result<(), CheckinError> {
+        self.call(
+            UPLOAD_TIMEOUT,
+            |c| {
+                let sync = c.stack_sync();
+                let ts = sync.timestamp_ms;
+                let report = StackReport {
+                    sync,
+                    digest,
+                    statuses: statuses.to_vec(),
+                };
+                let body = c.sign(&report, Route::Report, ts, MAX_REPORT_FRAME)?;
+                Ok(Prepared {
+                    uri: c.target.report.clone(),
+                    body,
+                    answer_limit: MAX_ERROR_BODY,
+                    replace_stale: true,
+                })
+            },
+            |_, _| Ok(()),
+        )
+        .await
+        .map(|((), _)| ())
+    }
+
+    fn stack_sync(&self) -> StackSync {
+        StackSync {
+            endpoint_id: self.endpoint_id,
+            edge_id: self.edge_id,
+            timestamp_ms: self.clock.next_timestamp(),
+        }
+    }
+
     fn prepare_upload(&mut self, compressed: &[u8]) -> Result<Prepared, CheckinError> {
         let timestamp_ms = self.clock.next_timestamp();
         let upload = SnapshotUpload {
@@ -501,6 +578,7 @@ impl PollClient {
                 tunnel: None,
                 connection,
                 clock_corrected: false,
+                desired: None,
             });
         }
         if status != StatusCode::OK {
@@ -526,6 +604,7 @@ impl PollClient {
             tunnel: answer.tunnel,
             connection,
             clock_corrected,
+            desired: answer.desired,
         })
     }
 

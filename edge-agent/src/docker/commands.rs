@@ -179,7 +179,7 @@ impl DockerClient {
 }
 
 /// The engine's `POST /containers/create` body for one service of a stack.
-fn container_spec(stack: &str, s: &ServiceSpec) -> Value {
+pub(super) fn container_spec(stack: &str, s: &ServiceSpec) -> Value {
     let mut labels: serde_json::Map<String, Value> = s
         .labels
         .iter()
@@ -229,7 +229,7 @@ fn container_spec(stack: &str, s: &ServiceSpec) -> Value {
 }
 
 /// The engine's `{"message"}` (or its raw answer), one line.
-fn engine_message(status: StatusCode, body: &[u8]) -> String {
+pub(super) fn engine_message(status: StatusCode, body: &[u8]) -> String {
     let message = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))

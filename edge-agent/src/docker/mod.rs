@@ -10,6 +10,7 @@
 //! * `client`: [`DockerClient`], the engine API client: a snapshot's `GET`s, one request per
 //!   command, [`DockerError`].
 //! * `commands`: async-mode commands as engine API calls ([`DockerClient::execute`]).
+//! * `stacks`: edge stacks deployed as compose would ([`DockerClient::deploy_stack_spec`]).
 //! * `snapshot`: the tolerant mapper from the engine's answers to a
 //!   [`Snapshot`](proto::snapshot::Snapshot) ([`map_snapshot`]).
 
@@ -19,10 +20,12 @@ mod client;
 mod commands;
 mod host;
 mod snapshot;
+mod stacks;
 
 pub use client::{DockerClient, DockerError};
 pub use host::{DockerHost, DockerHostError, EngineStream};
 pub use snapshot::{map_snapshot, EngineAnswers};
+pub use stacks::{config_hash, StackHealth, CONFIG_HASH_LABEL, VERSION_LABEL};
 
 /// Largest engine answer read (a big engine's container list is a few MiB).
 pub const MAX_ENGINE_ANSWER: usize = 32 * 1024 * 1024;
