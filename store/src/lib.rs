@@ -261,8 +261,21 @@ pub trait EdgeStackStore: Send + Sync + 'static {
         id: u64,
         version: u32,
     ) -> Result<Option<StackVersion>, StoreError>;
-    /// Deletes the stack, its versions and its statuses; `false` if absent.
+    /// Deletes the stack, its versions, its statuses and its rollout; `false` if absent.
     async fn delete_edge_stack(&self, id: u64) -> Result<bool, StoreError>;
+    /// The rollout of a stack, if it has one.
+    async fn stack_rollout(&self, id: u64) -> Result<Option<Rollout>, StoreError>;
+    /// Every stack's rollout, by stack id.
+    async fn stack_rollouts(&self) -> Result<Vec<(u64, Rollout)>, StoreError>;
+    /// Stores `rollout` for stack `id` (with revision `expected + 1`) if the stored one has
+    /// revision `expected` (0: none stored): `false` when another write came first or there
+    /// is no such stack.
+    async fn put_stack_rollout(
+        &self,
+        id: u64,
+        expected: u64,
+        rollout: &Rollout,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Per-environment statuses of edge stacks: one small record per (stack, environment),

@@ -262,6 +262,105 @@ impl EdgeGroup {
     }
 }
 
+/// How an edge stack's new version goes out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutConfig {
+    /// Environments in the first batch; `None`: all at once.
+    #[serde(default)]
+    pub batch_size: Option<u32>,
+    #[serde(default)]
+    pub batch_growth: BatchGrowth,
+    /// Pause between one batch settling and the next starting.
+    #[serde(default)]
+    pub wait_secs: u32,
+    /// A batch whose environments have not all reported by then counts them as not yet and
+    /// goes on (offline or async devices get the version when they next check in).
+    #[serde(default = "default_batch_timeout")]
+    pub batch_timeout_secs: u32,
+    /// Below 1: the share of the released environments that may fail; from 1 on: how many.
+    /// A failure count above it applies `on_failure`.
+    #[serde(default)]
+    pub failure_threshold: f64,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+fn default_batch_timeout() -> u32 {
+    600
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: None,
+            batch_growth: BatchGrowth::Fixed,
+            wait_secs: 0,
+            batch_timeout_secs: default_batch_timeout(),
+            failure_threshold: 0.0,
+            on_failure: OnFailure::Pause,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BatchGrowth {
+    #[default]
+    Fixed,
+    Double,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnFailure {
+    #[default]
+    Pause,
+    Rollback,
+    Continue,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RolloutState {
+    Idle,
+    Rolling,
+    Paused,
+    RollingBack,
+    Done,
+    Aborted,
+}
+
+/// Where an edge stack's rollout stands: which version its environments should run. Those
+/// whose rank (a hash of stack and environment) is below `threshold` run `to_version`, the
+/// others `from_version` (0: none). The threshold only grows while a rollout goes on, so an
+/// environment never goes back, and one that joins the targets meanwhile falls on its side
+/// of it at once. Stored apart from the stack's record, with a revision for compare-and-set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Bumped by every write ([`crate::EdgeStackStore::put_stack_rollout`]).
+    #[serde(default)]
+    pub revision: u64,
+    pub config: RolloutConfig,
+    pub state: RolloutState,
+    pub from_version: u32,
+    pub to_version: u32,
+    pub threshold: u64,
+    /// The batch being rolled (1 for the first).
+    pub batch: u32,
+    /// Environments released so far (the targets below the threshold when it last moved).
+    pub released: u64,
+    pub batch_started_ms: u64,
+    /// While waiting between batches: when the next one starts.
+    #[serde(default)]
+    pub next_batch_ms: Option<u64>,
+    /// Why it paused, rolled back or stopped.
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub updated_ms: u64,
+}
+
 /// Versions of one edge stack kept at most; older ones are pruned as new ones are added (the
 /// current one is never pruned).
 pub const MAX_STACK_VERSIONS: u32 = 100;

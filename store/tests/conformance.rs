@@ -16,10 +16,11 @@ use store::embedded::EmbeddedStore;
 use store::prelude::*;
 use store::redis::RedisStore;
 use store::{
-    BindOutcome, Change, Collection, CommandState, DeployStatus, EdgeGroup, EdgeMode, EdgeStack,
-    Environment, GatewayInfo, NewEnvironment, Settings, SnapshotPut, StackStatus, StatusCount,
-    Store, StoreError, StoredCommand, StoredSnapshot, TagMatch, TunnelGrant, TunnelLocation,
-    COMMAND_IDS_PER_MS, KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_STACK_VERSIONS,
+    BatchGrowth, BindOutcome, Change, Collection, CommandState, DeployStatus, EdgeGroup, EdgeMode,
+    EdgeStack, Environment, GatewayInfo, NewEnvironment, OnFailure, Rollout, RolloutConfig,
+    RolloutState, Settings, SnapshotPut, StackStatus, StatusCount, Store, StoreError,
+    StoredCommand, StoredSnapshot, TagMatch, TunnelGrant, TunnelLocation, COMMAND_IDS_PER_MS,
+    KEEP_FINISHED_COMMANDS_PER_ENV, MAX_COMMAND_ID, MAX_STACK_VERSIONS,
     MAX_UNFINISHED_COMMANDS_PER_ENV,
 };
 use testkit::RedisServer;
@@ -159,6 +160,7 @@ conformance!(
     edge_groups_survive_reopen,
     group_tags_are_set_cleared_and_go_with_their_group,
     edge_stacks_crud_with_unique_names,
+    stack_rollouts_are_compare_and_set_and_go_with_their_stack,
     stack_versions_are_compare_and_set_kept_and_pruned,
     stack_statuses_are_counted_paged_and_go_with_their_environment_or_stack,
 );
@@ -3351,6 +3353,82 @@ fn edge_stack(name: &str, groups: &[u64]) -> EdgeStack {
         version: 0,
         created_ms: 1_800_000_000_000,
     }
+}
+
+async fn stack_rollouts_are_compare_and_set_and_go_with_their_stack(b: &dyn Backend) {
+    let store = b.open().await;
+    let stack = store
+        .create_edge_stack(&edge_stack("rolled", &[]), "v1")
+        .await
+        .expect("create");
+    assert_eq!(store.stack_rollout(stack.id).await.expect("get"), None);
+    let rollout = Rollout {
+        revision: 0,
+        config: RolloutConfig {
+            batch_size: Some(5),
+            batch_growth: BatchGrowth::Double,
+            wait_secs: 30,
+            batch_timeout_secs: 60,
+            failure_threshold: 0.25,
+            on_failure: OnFailure::Rollback,
+        },
+        state: RolloutState::Rolling,
+        from_version: 1,
+        to_version: 2,
+        // Above 2^53: kept exactly (no float on the way).
+        threshold: u64::MAX - 7,
+        batch: 1,
+        released: 5,
+        batch_started_ms: 1_800_000_000_000,
+        next_batch_ms: None,
+        reason: None,
+        updated_ms: 1_800_000_000_000,
+    };
+    assert!(store
+        .put_stack_rollout(stack.id, 0, &rollout)
+        .await
+        .expect("put"));
+    let stored = store
+        .stack_rollout(stack.id)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(stored.revision, 1);
+    assert_eq!(
+        Rollout {
+            revision: 0,
+            ..stored.clone()
+        },
+        rollout
+    );
+    // A writer that read revision 0 lost: another came first.
+    let mut paused = stored.clone();
+    paused.state = RolloutState::Paused;
+    assert!(!store
+        .put_stack_rollout(stack.id, 0, &paused)
+        .await
+        .expect("stale put"));
+    assert!(store
+        .put_stack_rollout(stack.id, 1, &paused)
+        .await
+        .expect("put"));
+    assert_eq!(
+        store.stack_rollouts().await.expect("all"),
+        vec![(
+            stack.id,
+            Rollout {
+                revision: 2,
+                ..paused.clone()
+            }
+        )]
+    );
+    assert!(!store
+        .put_stack_rollout(9_999, 0, &rollout)
+        .await
+        .expect("no such stack"));
+    assert!(store.delete_edge_stack(stack.id).await.expect("delete"));
+    assert_eq!(store.stack_rollout(stack.id).await.expect("get"), None);
+    assert!(store.stack_rollouts().await.expect("all").is_empty());
 }
 
 async fn edge_stacks_crud_with_unique_names(b: &dyn Backend) {

@@ -4,9 +4,12 @@
 use redb::{Durability, ReadableTable};
 
 use super::records::{name_holder, reserve_ids};
-use super::{db_err, EmbeddedStore, EDGE_STACKS, META_NEXT_EDGE_STACK_ID, STACK_VERSIONS};
+use super::{
+    db_err, EmbeddedStore, EDGE_STACKS, META_NEXT_EDGE_STACK_ID, STACK_ROLLOUTS, STACK_VERSIONS,
+};
 use crate::{
-    EdgeStack, EdgeStackRecord, EdgeStackStore, StackVersion, StoreError, MAX_STACK_VERSIONS,
+    EdgeStack, EdgeStackRecord, EdgeStackStore, Rollout, StackVersion, StoreError,
+    MAX_STACK_VERSIONS,
 };
 
 /// The stored record: the newest version and the rest.
@@ -228,9 +231,78 @@ impl EdgeStackStore for EmbeddedStore {
                     .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
                     .map_err(db_err)?;
                 super::stack_status::forget_stack(tx, id)?;
+                tx.open_table(STACK_ROLLOUTS)
+                    .map_err(db_err)?
+                    .remove(id)
+                    .map_err(db_err)?;
             }
             Ok((existed, existed))
         })
         .await
     }
+
+    async fn stack_rollout(&self, id: u64) -> Result<Option<Rollout>, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(STACK_ROLLOUTS).map_err(db_err)?;
+            let got = table.get(id).map_err(db_err)?;
+            got.map(|v| decode_rollout(id, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn stack_rollouts(&self) -> Result<Vec<(u64, Rollout)>, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_err)?;
+            let table = tx.open_table(STACK_ROLLOUTS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                out.push((k.value(), decode_rollout(k.value(), v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_stack_rollout(
+        &self,
+        id: u64,
+        expected: u64,
+        rollout: &Rollout,
+    ) -> Result<bool, StoreError> {
+        let mut wanted = rollout.clone();
+        wanted.revision = expected + 1;
+        let bytes = serde_json::to_vec(&wanted)
+            .map_err(|e| StoreError::corrupt_by("edge stack rollout", e))?;
+        self.write(Durability::Immediate, move |tx| {
+            if tx
+                .open_table(EDGE_STACKS)
+                .map_err(db_err)?
+                .get(id)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Ok((false, false));
+            }
+            let mut table = tx.open_table(STACK_ROLLOUTS).map_err(db_err)?;
+            let current = table
+                .get(id)
+                .map_err(db_err)?
+                .map(|v| decode_rollout(id, v.value()))
+                .transpose()?
+                .map_or(0, |r| r.revision);
+            if current != expected {
+                return Ok((false, false));
+            }
+            table.insert(id, bytes.as_slice()).map_err(db_err)?;
+            Ok((true, true))
+        })
+        .await
+    }
+}
+
+fn decode_rollout(id: u64, bytes: &[u8]) -> Result<Rollout, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::corrupt_by(format!("the rollout of edge stack {id}"), e))
 }

@@ -19,6 +19,7 @@
 //! | `edge_group_members` | (group id, env id) | `()`: a static group's members            |
 //! | `edge_stacks`      | id (`u64`)          | JSON of the stack's record and its newest `version` |
 //! | `stack_versions`   | (stack id, version) | JSON of a [`StackVersion`](crate::StackVersion); the newest [`MAX_STACK_VERSIONS`](crate::MAX_STACK_VERSIONS) kept |
+//! | `stack_rollouts`   | stack id (`u64`)    | JSON of a [`Rollout`](crate::Rollout) (with its revision) |
 //! | `stack_status`     | (stack id, env id)  | JSON of a [`StackStatus`](crate::StackStatus) |
 //! | `stack_status_by`  | (stack, status code, env) | `()`: statuses by status, for paging |
 //! | `stack_counts`     | (stack, status code, version) | how many environments (`u64`), kept with every write |
@@ -93,6 +94,8 @@ const ENV_EDGE_GROUPS: TableDefinition<'_, (u64, u64), ()> =
     TableDefinition::new("env_edge_groups");
 /// Edge stack id -> its record and newest version (JSON).
 const EDGE_STACKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("edge_stacks");
+/// Edge stack id -> its rollout (JSON of a `Rollout`).
+const STACK_ROLLOUTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("stack_rollouts");
 /// (edge stack, version) -> the version (JSON of a `StackVersion`).
 const STACK_VERSIONS: TableDefinition<'_, (u64, u64), &[u8]> =
     TableDefinition::new("stack_versions");
@@ -172,6 +175,7 @@ impl EmbeddedStore {
         tx.open_table(ENV_EDGE_GROUPS).map_err(db_err)?;
         tx.open_table(EDGE_STACKS).map_err(db_err)?;
         tx.open_table(STACK_VERSIONS).map_err(db_err)?;
+        tx.open_table(STACK_ROLLOUTS).map_err(db_err)?;
         tx.open_table(STACK_STATUS).map_err(db_err)?;
         tx.open_table(STACK_STATUS_BY).map_err(db_err)?;
         tx.open_table(STACK_COUNTS).map_err(db_err)?;

@@ -9,7 +9,8 @@ use deadpool_redis::redis;
 
 use super::{parse_id, redis_err, RedisStore};
 use crate::{
-    EdgeStack, EdgeStackRecord, EdgeStackStore, StackVersion, StoreError, MAX_STACK_VERSIONS,
+    EdgeStack, EdgeStackRecord, EdgeStackStore, Rollout, StackVersion, StoreError,
+    MAX_STACK_VERSIONS,
 };
 
 fn decode(id: u64, json: &str) -> Result<EdgeStackRecord, StoreError> {
@@ -212,6 +213,7 @@ impl EdgeStackStore for RedisStore {
             .key(self.keys.edge_stack_versions(id))
             .key(self.keys.stack_status(id))
             .key(self.keys.stack_counts(id))
+            .key(&self.keys.edge_stack_rollouts)
             .arg(id)
             .arg(&self.keys.env_stacks)
             .arg(crate::DeployStatus::ALL.len())
@@ -220,4 +222,64 @@ impl EdgeStackStore for RedisStore {
             .map_err(redis_err)?;
         Ok(existed == 1)
     }
+
+    async fn stack_rollout(&self, id: u64) -> Result<Option<Rollout>, StoreError> {
+        let mut conn = self.conn().await?;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&self.keys.edge_stack_rollouts)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        raw.map(|r| decode_rollout(id, &r)).transpose()
+    }
+
+    async fn stack_rollouts(&self) -> Result<Vec<(u64, Rollout)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&self.keys.edge_stack_rollouts)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        let mut out = all
+            .into_iter()
+            .map(|(k, v)| {
+                let id = parse_id("edge stack rollout", &k)?;
+                Ok((id, decode_rollout(id, &v)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_unstable_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    async fn put_stack_rollout(
+        &self,
+        id: u64,
+        expected: u64,
+        rollout: &Rollout,
+    ) -> Result<bool, StoreError> {
+        let mut wanted = rollout.clone();
+        wanted.revision = expected + 1;
+        let mut conn = self.conn().await?;
+        let stored: i64 = self
+            .scripts
+            .put_stack_rollout
+            .key(&self.keys.edge_stacks)
+            .key(&self.keys.edge_stack_rollouts)
+            .arg(id)
+            .arg(expected)
+            .arg(wanted.revision)
+            .arg(to_json("edge stack rollout", &wanted)?)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(stored == 1)
+    }
+}
+
+/// A stored rollout: "revision|json" (the revision in front, for the compare-and-set).
+fn decode_rollout(id: u64, raw: &str) -> Result<Rollout, StoreError> {
+    let json = raw.split_once('|').map_or(raw, |(_, j)| j);
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::corrupt_by(format!("the rollout of edge stack {id}"), e))
 }

@@ -45,6 +45,8 @@ pub(super) struct Keys {
     pub(super) edge_stack_seq: String,
     /// + stack id: its versions.
     pub(super) edge_stack_versions: String,
+    /// stack id -> "revision|json" of its rollout.
+    pub(super) edge_stack_rollouts: String,
     /// + stack id: its statuses (and `:all`, `:by:<code>`).
     pub(super) stack_status: String,
     /// + stack id: its counts per status and version.
@@ -90,6 +92,7 @@ impl Keys {
             edge_stack_version: format!("{prefix}edge_stacks:version"),
             edge_stack_seq: format!("{prefix}seq:edge_stacks"),
             edge_stack_versions: format!("{prefix}edge_stack_versions:"),
+            edge_stack_rollouts: format!("{prefix}edge_stacks:rollout"),
             stack_status: format!("{prefix}stack_status:"),
             stack_counts: format!("{prefix}stack_counts:"),
             env_stacks: format!("{prefix}env_stacks:"),

@@ -37,6 +37,7 @@
 //! | `edgeplane:edge_stacks`     | hash    | edge stack id -> JSON of [`EdgeStackRecord`](crate::EdgeStackRecord) |
 //! | `edgeplane:edge_stacks:names` | hash  | edge stack name -> id (uniqueness index)         |
 //! | `edgeplane:edge_stacks:version` | hash | edge stack id -> its newest version (the compare-and-set of a new one) |
+//! | `edgeplane:edge_stacks:rollout` | hash | edge stack id -> `revision|JSON` of its [`Rollout`](crate::Rollout) (compare-and-set on the revision) |
 //! | `edgeplane:seq:edge_stacks` | string  | last edge stack id handed out                    |
 //! | `edgeplane:edge_stack_versions:{id}` | hash | version -> JSON of a [`StackVersion`](crate::StackVersion); the newest [`MAX_STACK_VERSIONS`](crate::MAX_STACK_VERSIONS) kept |
 //! | `edgeplane:stack_status:{id}` | hash | env id -> `code|version|updated_ms|` + JSON of its [`StackStatus`](crate::StackStatus) |

@@ -52,6 +52,7 @@ pub(super) struct Scripts {
     pub(super) add_stack_version: Script,
     /// Deletes an edge stack with its versions and statuses.
     pub(super) delete_edge_stack: Script,
+    pub(super) put_stack_rollout: Script,
     /// Records newer statuses of existing environments, with their counts.
     pub(super) record_stack_statuses: Script,
     /// Forgets environments' statuses of a stack, with their counts.
@@ -87,6 +88,7 @@ impl Scripts {
             update_edge_stack: Script::new(include_str!("lua/update_edge_stack.lua")),
             add_stack_version: Script::new(include_str!("lua/add_stack_version.lua")),
             delete_edge_stack: Script::new(include_str!("lua/delete_edge_stack.lua")),
+            put_stack_rollout: Script::new(include_str!("lua/put_stack_rollout.lua")),
             record_stack_statuses: Script::new(include_str!("lua/record_stack_statuses.lua")),
             forget_stack_statuses: Script::new(include_str!("lua/forget_stack_statuses.lua")),
         }
