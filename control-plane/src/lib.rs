@@ -18,6 +18,7 @@ pub mod error;
 pub mod fleet;
 pub mod front;
 pub mod metrics;
+pub mod rollout;
 pub mod stack_vars;
 pub mod targets;
 pub mod tls;
@@ -329,6 +330,7 @@ impl Prepared {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let background = actix_rt::spawn(Arc::clone(&fleet).run_background(stop_rx.clone()));
         let directory_task = actix_rt::spawn(directory.run(stop_rx.clone()));
+        let rollouts_task = actix_rt::spawn(rollout::run(state.clone(), stop_rx.clone()));
         let keys_task = actix_rt::spawn(watch_admin_keys(Arc::clone(&store), admin, stop_rx));
 
         // One admission for the process's public ports: one bound of connections below the
@@ -466,6 +468,7 @@ impl Prepared {
         let _ = background.await;
         let _ = keys_task.await;
         let _ = directory_task.await;
+        let _ = rollouts_task.await;
         for t in [api_task, metrics_task] {
             if let Ok(Err(e)) = t.await {
                 return Err(RunError::Server(e));

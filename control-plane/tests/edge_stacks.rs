@@ -176,9 +176,19 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
             "line break",
         ),
         (
-            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "rollout": {}}),
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "rollout": {"batchSize": 0}}),
             StatusCode::BAD_REQUEST,
-            "rollout",
+            "batchSize",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "rollout": {"failureThreshold": -1}}),
+            StatusCode::BAD_REQUEST,
+            "failureThreshold",
+        ),
+        (
+            json!({"name": "x", "compose": V1, "edgeGroupIds": [group], "rollout": {"onFailure": "panic"}}),
+            StatusCode::BAD_REQUEST,
+            "expected one of `pause`, `rollback`, `continue`",
         ),
         (
             json!({"name": "signage", "compose": V1, "edgeGroupIds": [group]}),

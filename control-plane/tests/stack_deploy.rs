@@ -1,10 +1,11 @@
 //! Edge stacks end to end, as an operator sees them: the real `control-plane` binary, three
 //! real agents (two standard, one async), each with an engine of its own (Podman, isolated
 //! storage, like three devices), a dynamic edge group over a tag, and the admin API.
-//! A stack runs on all three (compose's names and labels, per-device variables); a new version
-//! replaces it; a version whose image does not exist fails with the engine's message and
-//! leaves the running version alone; going back to the old file brings all back; untagging an
-//! environment removes the stack from its device.
+//! A stack runs on all three (compose's names and labels, per-device variables); version 2,
+//! staged in batches of one, reaches them one by one; version 3, whose image does not exist,
+//! fails on the first batch with the engine's message, pauses the rollout and leaves the
+//! others on version 2; `rollback` brings all back to version 2; untagging an environment
+//! removes the stack from its device.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -61,22 +62,44 @@ async fn stack(cp: &CpProcess, id: u64) -> Value {
     v
 }
 
-/// Waits until every target of stack `id` reports `status` for `version`.
+/// Waits until every target of stack `id` reports `status` for `version` (the version its
+/// rollout brings them to).
 async fn all_at(cp: &CpProcess, id: u64, version: u64, status: &str, targets: u64) -> Value {
     eventually(
         WITHIN,
         &format!("stack {id} v{version}: {targets} {status}"),
         || async {
             let v = stack(cp, id).await;
-            (v["version"] == version && v["targets"] == targets && v["counts"][status] == targets)
+            (v["rollout"]["targetVersion"] == version
+                && v["targets"] == targets
+                && v["counts"][status] == targets)
                 .then_some(v)
         },
     )
     .await
 }
 
+/// The version labels of the stack's containers on the engines.
+fn versions(engines: &[Engine]) -> Vec<String> {
+    engines
+        .iter()
+        .map(|e| container(e, "signage").map(|c| c.2).unwrap_or_default())
+        .collect()
+}
+
 /// The stack's container on `engine`: (state, the DEVICE and SITE it got, version label).
+/// (Asked again when it went between listing and inspecting: the agent was replacing it.)
 fn container(engine: &Engine, name: &str) -> Option<(String, String, String)> {
+    for _ in 0..20 {
+        if let Ok(found) = try_container(engine, name) {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("the container of {name} kept changing under inspection");
+}
+
+fn try_container(engine: &Engine, name: &str) -> Result<Option<(String, String, String)>, String> {
     let ps = engine.docker(&[
         "ps",
         "-a",
@@ -86,19 +109,19 @@ fn container(engine: &Engine, name: &str) -> Option<(String, String, String)> {
         "{{.Names}}",
     ]);
     if ps.is_empty() {
-        return None;
+        return Ok(None);
     }
     assert_eq!(
         ps,
         format!("edge_{name}-web-1"),
         "one container, compose's name"
     );
-    let out = engine.docker(&[
+    let out = engine.try_docker(&[
         "inspect",
         "--format",
         "{{.State.Status}}|{{range .Config.Env}}{{.}};{{end}}|{{index .Config.Labels \"io.edgeplane.stack.version\"}}|{{index .Config.Labels \"com.docker.compose.service\"}}",
         &ps,
-    ]);
+    ])?;
     let parts: Vec<&str> = out.split('|').collect();
     assert_eq!(parts[3], "web", "compose's service label");
     let envs = parts[1];
@@ -108,11 +131,11 @@ fn container(engine: &Engine, name: &str) -> Option<(String, String, String)> {
             .unwrap_or_default()
             .to_owned()
     };
-    Some((
+    Ok(Some((
         parts[0].to_owned(),
         format!("{}/{}", var("DEVICE"), var("SITE")),
         parts[2].to_owned(),
-    ))
+    )))
 }
 
 #[actix_web::test]
@@ -187,22 +210,40 @@ async fn a_stack_reaches_a_dynamic_group_of_real_devices_and_leaves_an_untagged_
     assert_eq!(status, 200);
     assert_eq!(total, Some(3), "{page}");
 
-    // Version 2 replaces it.
+    // Version 2, staged: batches of one, 6 s apart (the checks of a settled batch fit in
+    // the wait). It reaches the devices one by one.
     let (status, v) = admin_json(
         &http(),
         Method::PUT,
         &cp.api(&format!("/api/edge_stacks/{id}")),
-        &json!({"compose": compose("sleep 7200", IMAGE)}),
+        &json!({"compose": compose("sleep 7200", IMAGE),
+                "rollout": {"batchSize": 1, "waitSecs": 6, "onFailure": "pause"}}),
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    all_at(&cp, id, 2, "running", 3).await;
-    for e in &engines {
-        assert_eq!(container(e, "signage").unwrap().2, "2");
+    for batch in 1..=2u64 {
+        let v = eventually(WITHIN, &format!("batch {batch} settled"), || async {
+            let v = stack(&cp, id).await;
+            (v["rollout"]["batch"] == batch && v["counts"]["running"] == batch).then_some(v)
+        })
+        .await;
+        assert_eq!(v["rollout"]["state"], "rolling", "{v}");
+        assert_eq!(v["rollout"]["released"], batch, "{v}");
+        let on_two = versions(&engines).iter().filter(|v| *v == "2").count();
+        assert_eq!(on_two as u64, batch, "one more device per batch: {v}");
     }
+    all_at(&cp, id, 2, "running", 3).await;
+    let v = eventually(WITHIN, "rollout done", || async {
+        let v = stack(&cp, id).await;
+        (v["rollout"]["state"] == "done").then_some(v)
+    })
+    .await;
+    assert_eq!(v["rollout"]["batch"], 3, "{v}");
+    assert_eq!(versions(&engines), vec!["2", "2", "2"]);
 
-    // Version 3's image does not exist: an error with the engine's message, and version 2
-    // keeps running.
+    // Version 3's image does not exist: the first batch fails with the engine's message,
+    // the rollout pauses, the other devices stay on version 2 (and the failed one keeps
+    // version 2's container running).
     let (status, v) = admin_json(
         &http(),
         Method::PUT,
@@ -211,7 +252,20 @@ async fn a_stack_reaches_a_dynamic_group_of_real_devices_and_leaves_an_untagged_
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    all_at(&cp, id, 3, "error", 3).await;
+    let v = eventually(WITHIN, "rollout paused", || async {
+        let v = stack(&cp, id).await;
+        (v["rollout"]["state"] == "paused").then_some(v)
+    })
+    .await;
+    assert_eq!(v["rollout"]["batch"], 1, "{v}");
+    assert_eq!(v["counts"]["error"], 1, "{v}");
+    assert!(
+        v["rollout"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed"),
+        "{v}"
+    );
     let (_, page, _) = admin_get(
         &http(),
         &cp.api(&format!("/api/edge_stacks/{id}/status?status=error")),
@@ -222,21 +276,35 @@ async fn a_stack_reaches_a_dynamic_group_of_real_devices_and_leaves_an_untagged_
         error.contains("localhost/edgeplane/missing:3"),
         "the engine's message names the image: {page}"
     );
+    // Paused means paused: no second batch.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let v = stack(&cp, id).await;
+    assert_eq!(
+        (v["rollout"]["state"].clone(), v["rollout"]["batch"].clone()),
+        (json!("paused"), json!(1)),
+        "{v}"
+    );
     for e in &engines {
         let (state, _, version) = container(e, "signage").unwrap();
         assert_eq!((state.as_str(), version.as_str()), ("running", "2"));
     }
 
-    // Back to version 2's file: all run it again.
+    // Rollback (to the version the rollout started from): all run version 2 again.
     let (status, v) = admin_json(
         &http(),
-        Method::PUT,
-        &cp.api(&format!("/api/edge_stacks/{id}")),
-        &json!({"compose": compose("sleep 7200", IMAGE)}),
+        Method::POST,
+        &cp.api(&format!("/api/edge_stacks/{id}/rollback")),
+        &json!({}),
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    all_at(&cp, id, 4, "running", 3).await;
+    assert_eq!(v["targetVersion"], 2, "{v}");
+    all_at(&cp, id, 2, "running", 3).await;
+    eventually(WITHIN, "rollback done", || async {
+        (stack(&cp, id).await["rollout"]["state"] == "done").then_some(())
+    })
+    .await;
+    assert_eq!(versions(&engines), vec!["2", "2", "2"]);
 
     // Untagged, kiosk-b leaves the group: the stack goes from its device, and from its
     // counts.
@@ -252,7 +320,7 @@ async fn a_stack_reaches_a_dynamic_group_of_real_devices_and_leaves_an_untagged_
         container(&engines[1], "signage").is_none().then_some(())
     })
     .await;
-    all_at(&cp, id, 4, "running", 2).await;
+    all_at(&cp, id, 2, "running", 2).await;
     assert!(container(&engines[0], "signage").is_some());
     assert!(
         !engines[1]

@@ -50,6 +50,21 @@ impl Engine {
         format!("unix://{}", self.dir.path().join("docker.sock").display())
     }
 
+    /// `docker args...` straight against the engine: stdout, or stderr as the error.
+    pub fn try_docker(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("docker")
+            .env("DOCKER_HOST", self.docker_host())
+            .env_remove("DOCKER_CONTEXT")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run docker: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+
     /// `docker args...` straight against the engine; panics unless it succeeds; stdout.
     pub fn docker(&self, args: &[&str]) -> String {
         let out = Command::new("docker")

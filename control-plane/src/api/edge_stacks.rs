@@ -10,7 +10,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use proto::clock::now_ms;
 use serde::{Deserialize, Serialize};
-use store::{Change, EdgeStack, StackVersion};
+use store::{Change, EdgeStack, Rollout, RolloutConfig, RolloutState, StackVersion};
 
 use super::compose::check_stack_file;
 use super::endpoints::{page_bounds, parse_num, rfc3339, PageQuery};
@@ -37,7 +37,202 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/edge_stacks/{id}/versions", web::get().to(versions))
     .route("/edge_stacks/{id}/status", web::get().to(statuses))
     .route("/edge_stacks/{id}/file", web::get().to(file))
-    .route("/edge_stacks/{id}/versions/{n}", web::get().to(version));
+    .route("/edge_stacks/{id}/versions/{n}", web::get().to(version))
+    .route(
+        "/edge_stacks/{id}/rollout/pause",
+        web::post().to(|s, id| control(s, id, Control::Pause)),
+    )
+    .route(
+        "/edge_stacks/{id}/rollout/resume",
+        web::post().to(|s, id| control(s, id, Control::Resume)),
+    )
+    .route(
+        "/edge_stacks/{id}/rollout/abort",
+        web::post().to(|s, id| control(s, id, Control::Abort)),
+    )
+    .route("/edge_stacks/{id}/rollback", web::post().to(rollback));
+}
+
+/// A rollout as the API shows it.
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct RolloutView {
+    state: RolloutState,
+    /// The version the rollout brings its environments to (the counts are of it).
+    target_version: u32,
+    /// The version environments not released yet keep (0: none).
+    from_version: u32,
+    batch: u32,
+    /// Environments released to the target version so far.
+    released: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_batch_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    config: RolloutConfig,
+    updated_at: String,
+}
+
+impl From<&Rollout> for RolloutView {
+    fn from(r: &Rollout) -> Self {
+        Self {
+            state: r.state,
+            target_version: r.to_version,
+            from_version: r.from_version,
+            batch: r.batch,
+            released: r.released,
+            next_batch_at: r.next_batch_ms.map(rfc3339),
+            reason: r.reason.clone(),
+            config: r.config.clone(),
+            updated_at: rfc3339(r.updated_ms),
+        }
+    }
+}
+
+/// The version a stack's counts are about: its rollout's target, or its newest version.
+fn counted_version(stack: &EdgeStack, rollout: Option<&Rollout>) -> u32 {
+    rollout.map_or(stack.version, |r| r.to_version)
+}
+
+/// Checks a rollout's settings.
+fn check_rollout(c: &RolloutConfig) -> Result<(), ApiError> {
+    let bad = |m: &str| Err(ApiError::BadRequest(format!("rollout: {m}")));
+    if c.batch_size == Some(0) {
+        return bad("batchSize must be at least 1 (leave it out for all at once)");
+    }
+    if !c.failure_threshold.is_finite() || c.failure_threshold < 0.0 {
+        return bad("failureThreshold must be a share from 0 to 1 or a count");
+    }
+    if c.wait_secs > 86_400 {
+        return bad("waitSecs is at most 86400");
+    }
+    if c.batch_timeout_secs == 0 || c.batch_timeout_secs > 86_400 {
+        return bad("batchTimeoutSecs must be 1..=86400");
+    }
+    Ok(())
+}
+
+/// Writes a stack's rollout over the one read (`expected` revision), then tells every
+/// replica. A rollout moved meanwhile (by the controller) is a 409: read and ask again.
+async fn put_rollout(
+    state: &AppState,
+    id: u64,
+    expected: u64,
+    rollout: &Rollout,
+) -> Result<(), ApiError> {
+    if !state.store.put_stack_rollout(id, expected, rollout).await? {
+        return Err(ApiError::Conflict(format!(
+            "the rollout of edge stack {id} changed meanwhile; read it and try again"
+        )));
+    }
+    state.publish(Change::EdgeStacks).await
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// `POST /rollout/pause|resume|abort`.
+async fn control(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    what: Control,
+) -> Result<HttpResponse, ApiError> {
+    let stack = existing(&state, *id).await?;
+    let Some(r) = state.store.stack_rollout(stack.id).await? else {
+        return Err(ApiError::Conflict(format!(
+            "edge stack {} has no rollout",
+            stack.id
+        )));
+    };
+    let (from, to) = match what {
+        Control::Pause => (&[RolloutState::Rolling][..], RolloutState::Paused),
+        Control::Resume => (&[RolloutState::Paused][..], RolloutState::Rolling),
+        Control::Abort => (
+            &[RolloutState::Rolling, RolloutState::Paused][..],
+            RolloutState::Aborted,
+        ),
+    };
+    if !from.contains(&r.state) {
+        return Err(ApiError::Conflict(format!(
+            "the rollout of edge stack {} is {:?}; {what:?} applies to a rollout that is {from:?}",
+            stack.id, r.state
+        )));
+    }
+    let now = now_ms();
+    let mut next = r.clone();
+    next.state = to;
+    next.updated_ms = now;
+    match what {
+        Control::Pause => next.reason = Some("paused by an operator".into()),
+        Control::Abort => next.reason = Some("aborted by an operator".into()),
+        Control::Resume => {
+            next.reason = None;
+            // The batch starts its timeout again; a paused wait is over.
+            next.batch_started_ms = now;
+            if next.next_batch_ms.is_some() {
+                next.next_batch_ms = Some(now);
+            }
+        }
+    }
+    put_rollout(&state, stack.id, r.revision, &next).await?;
+    tracing::info!(stack = stack.id, state = ?to, "rollout changed by an operator");
+    Ok(json(StatusCode::OK, &RolloutView::from(&next)))
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: Option<u32>,
+}
+
+/// `POST /rollback {"version": n}`: every target back to version `n` (default: the one the
+/// current rollout started from, else the one before the newest), at once.
+async fn rollback(
+    state: web::Data<AppState>,
+    id: web::Path<u64>,
+    body: Option<web::Json<RollbackBody>>,
+) -> Result<HttpResponse, ApiError> {
+    let stack = existing(&state, *id).await?;
+    let current = state.store.stack_rollout(stack.id).await?;
+    let version = match body.and_then(|b| b.into_inner().version) {
+        Some(v) => v,
+        None => current
+            .as_ref()
+            .map(|r| r.from_version)
+            .filter(|v| *v > 0 && current.as_ref().is_some_and(|r| r.to_version != *v))
+            .unwrap_or(stack.version.saturating_sub(1)),
+    };
+    if version == 0
+        || state
+            .store
+            .stack_version(stack.id, version)
+            .await?
+            .is_none()
+    {
+        return Err(ApiError::NotFound(format!(
+            "edge stack {} keeps no version {version} to roll back to",
+            stack.id
+        )));
+    }
+    let next = crate::rollout::roll_back(
+        current.as_ref(),
+        version,
+        format!("rollback to version {version} asked by an operator"),
+        now_ms(),
+    );
+    put_rollout(
+        &state,
+        stack.id,
+        current.as_ref().map_or(0, |r| r.revision),
+        &next,
+    )
+    .await?;
+    tracing::info!(stack = stack.id, version, "rollback");
+    Ok(json(StatusCode::OK, &RolloutView::from(&next)))
 }
 
 /// An edge stack as the API shows it.
@@ -96,6 +291,9 @@ pub struct StackBody {
     base_version: Option<u32>,
     edge_group_ids: Option<Vec<u64>>,
     variables: Option<BTreeMap<String, String>>,
+    /// How the new version goes out (default: as the previous one did; at first, all at
+    /// once).
+    rollout: Option<RolloutConfig>,
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -199,6 +397,8 @@ async fn create(
     };
     check_name(&name)?;
     check_compose(&compose)?;
+    let config = body.rollout.unwrap_or_default();
+    check_rollout(&config)?;
     let variables = body.variables.unwrap_or_default();
     check_variables(&variables)?;
     let edge_group_ids = check_groups(&state, &groups).await?;
@@ -211,6 +411,12 @@ async fn create(
         created_ms: now_ms(),
     };
     let created = state.store.create_edge_stack(&stack, &compose).await?;
+    // Version 1 goes out from nothing.
+    let rollout = crate::rollout::start(config, 0, created.version, now_ms());
+    state
+        .store
+        .put_stack_rollout(created.id, 0, &rollout)
+        .await?;
     state.publish(Change::EdgeStacks).await?;
     tracing::info!(stack = created.id, name = %created.name, "edge stack created");
     Ok(json(StatusCode::CREATED, &StackView::from(created)))
@@ -233,16 +439,24 @@ struct StackDetail {
     stack: StackView,
     targets: usize,
     counts: BTreeMap<&'static str, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<RolloutView>,
 }
 
 async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpResponse, ApiError> {
     let stack = existing(&state, *id).await?;
     let targeted = crate::targets::targeted_by(&state, &stack).await?;
     let reported = state.store.stack_status_counts(stack.id).await?;
-    let counts = crate::targets::counts_for_version(targeted.len(), &reported, stack.version);
+    let rollout = state.store.stack_rollout(stack.id).await?;
+    let counts = crate::targets::counts_for_version(
+        targeted.len(),
+        &reported,
+        counted_version(&stack, rollout.as_ref()),
+    );
     let detail = StackDetail {
         targets: targeted.len(),
         counts,
+        rollout: rollout.as_ref().map(RolloutView::from),
         stack: StackView::from(stack),
     };
     Ok(json(StatusCode::OK, &detail))
@@ -294,6 +508,7 @@ async fn statuses(
         ),
     };
     let stack = existing(&state, *id).await?;
+    let counted = counted_version(&stack, state.store.stack_rollout(stack.id).await?.as_ref());
     let (items, total) = if wanted == Some(store::DeployStatus::Pending) {
         // Targeted, with nothing reported for the newest version (or a report of `pending`).
         let targeted = crate::targets::targeted_by(&state, &stack).await?;
@@ -303,7 +518,7 @@ async fn statuses(
             .await?;
         let settled: std::collections::HashSet<u64> = reported
             .iter()
-            .filter(|s| s.version == stack.version && s.status != store::DeployStatus::Pending)
+            .filter(|s| s.version == counted && s.status != store::DeployStatus::Pending)
             .map(|s| s.env)
             .collect();
         let pending: Vec<u64> = targeted
@@ -366,6 +581,14 @@ async fn update(
     if let Some(vars) = &body.variables {
         check_variables(vars)?;
     }
+    if let Some(c) = &body.rollout {
+        if body.compose.is_none() {
+            return Err(ApiError::BadRequest(
+                "rollout goes with a new compose (it says how that version goes out)".into(),
+            ));
+        }
+        check_rollout(c)?;
+    }
     let groups = match &body.edge_group_ids {
         Some(g) => Some(check_groups(&state, g).await?),
         None => None,
@@ -383,6 +606,22 @@ async fn update(
             version = stack.version,
             "edge stack version added"
         );
+        // The new version goes out from what the environments settled on.
+        let before = state.store.stack_rollout(stack.id).await?;
+        let config = body
+            .rollout
+            .clone()
+            .or_else(|| before.as_ref().map(|r| r.config.clone()))
+            .unwrap_or_default();
+        let from = crate::rollout::settled_version(before.as_ref(), stack.version - 1);
+        let rollout = crate::rollout::start(config, from, stack.version, now_ms());
+        put_rollout(
+            &state,
+            stack.id,
+            before.as_ref().map_or(0, |r| r.revision),
+            &rollout,
+        )
+        .await?;
     } else if body.base_version.is_some() {
         return Err(ApiError::BadRequest(
             "baseVersion goes with a new compose".into(),

@@ -54,6 +54,7 @@ fn first_u64(bytes: &[u8]) -> u64 {
 #[derive(Debug, Default)]
 pub struct Catalog {
     stacks: Vec<EdgeStack>,
+    rollouts: HashMap<u64, store::Rollout>,
     groups: Vec<EdgeGroup>,
     group_tags: BTreeMap<u64, Vec<u64>>,
     tag_names: HashMap<u64, String>,
@@ -63,14 +64,18 @@ pub struct Catalog {
 impl Catalog {
     pub async fn load(store: &SharedStore) -> Result<Self, StoreError> {
         let stacks = store.list_edge_stacks().await?;
-        let groups = if stacks.is_empty() {
-            Vec::new()
+        let (groups, rollouts) = if stacks.is_empty() {
+            (Vec::new(), HashMap::new())
         } else {
-            store.list_edge_groups().await?
+            (
+                store.list_edge_groups().await?,
+                store.stack_rollouts().await?.into_iter().collect(),
+            )
         };
         let named = |list: Vec<store::Named>| list.into_iter().map(|n| (n.id, n.name)).collect();
         Ok(Self {
             stacks,
+            rollouts,
             groups,
             group_tags: store.group_tags().await?,
             tag_names: named(store.list_named(Collection::Tags).await?),
@@ -103,7 +108,15 @@ impl Catalog {
             .stacks
             .iter()
             .filter(|s| s.edge_group_ids.iter().any(|g| member_of.contains(g)))
-            .map(|s| (s, s.version))
+            .map(|s| {
+                let version = self
+                    .rollouts
+                    .get(&s.id)
+                    .map_or(s.version, |r| crate::rollout::version_for(r, s.id, env.id));
+                (s, version)
+            })
+            // Version 0: not released to this environment, and nothing ran before.
+            .filter(|(_, version)| *version > 0)
             .collect();
         out.sort_unstable_by_key(|(s, _)| s.id);
         out

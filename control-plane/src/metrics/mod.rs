@@ -6,6 +6,7 @@
 
 mod agents;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -50,6 +51,12 @@ pub struct Metrics {
     pub stack_reports: IntCounterVec,
     /// Desired states agents fetched, and those that could not be rendered for them.
     pub desired_fetches: IntCounterVec,
+    /// Edge stacks by rollout state; per stack: its rollout's batch and released count.
+    rollouts: prometheus::IntGaugeVec,
+    rollout_batch: prometheus::IntGaugeVec,
+    rollout_released: prometheus::IntGaugeVec,
+    /// Environments per stack and status, for the version each stack's counts are of.
+    stack_environments: prometheus::IntGaugeVec,
     /// The API port's connections refused by admission and let go at deadlines.
     pub front: crate::front::FrontMetrics,
     /// The public ports' admission, read at scrape time.
@@ -104,6 +111,27 @@ pub struct FleetSizes {
     pub modes: usize,
     /// Check-ins (and uploads) inside an actor's in-flight slots, summed over environments.
     pub in_flight: usize,
+}
+
+const ROLLOUT_STATES: [&str; 6] = [
+    "idle",
+    "rolling",
+    "paused",
+    "rollingBack",
+    "done",
+    "aborted",
+];
+
+fn rollout_state_name(s: store::RolloutState) -> &'static str {
+    use store::RolloutState as S;
+    match s {
+        S::Idle => "idle",
+        S::Rolling => "rolling",
+        S::Paused => "paused",
+        S::RollingBack => "rollingBack",
+        S::Done => "done",
+        S::Aborted => "aborted",
+    }
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -229,6 +257,37 @@ impl Metrics {
         for o in ["ok", "render_error"] {
             desired_fetches.with_label_values(&[o]);
         }
+        let rollouts = must(prometheus::IntGaugeVec::new(
+            Opts::new(
+                "edgeplane_edge_stack_rollouts",
+                "Edge stacks by the state of their rollout",
+            ),
+            &["state"],
+        ));
+        for st in ROLLOUT_STATES {
+            rollouts.with_label_values(&[st]);
+        }
+        let rollout_batch = must(prometheus::IntGaugeVec::new(
+            Opts::new(
+                "edgeplane_edge_stack_rollout_batch",
+                "The batch an edge stack's rollout is at (1 for the first)",
+            ),
+            &["stack"],
+        ));
+        let rollout_released = must(prometheus::IntGaugeVec::new(
+            Opts::new(
+                "edgeplane_edge_stack_rollout_released_environments",
+                "Environments an edge stack's rollout released to its target version so far",
+            ),
+            &["stack"],
+        ));
+        let stack_environments = must(prometheus::IntGaugeVec::new(
+            Opts::new(
+                "edgeplane_edge_stack_environments",
+                "Environments of an edge stack by deployment status, for its rollout's target version (pending: targeted, nothing reported for it)",
+            ),
+            &["stack", "status"],
+        ));
         let api_connections_refused = must(IntCounterVec::new(
             Opts::new(
                 "edgeplane_api_connections_refused_total",
@@ -269,6 +328,10 @@ impl Metrics {
             Box::new(async_commands.clone()),
             Box::new(stack_reports.clone()),
             Box::new(desired_fetches.clone()),
+            Box::new(rollouts.clone()),
+            Box::new(rollout_batch.clone()),
+            Box::new(rollout_released.clone()),
+            Box::new(stack_environments.clone()),
             Box::new(docker_requests.clone()),
             Box::new(tunnel_wait_seconds.clone()),
             Box::new(engine_connections.clone()),
@@ -309,6 +372,10 @@ impl Metrics {
             async_commands,
             stack_reports,
             desired_fetches,
+            rollouts,
+            rollout_batch,
+            rollout_released,
+            stack_environments,
             front: crate::front::FrontMetrics {
                 refused: api_connections_refused,
                 timed_out: api_connections_timed_out,
@@ -318,6 +385,42 @@ impl Metrics {
             admission: parking_lot::Mutex::new(None),
             fleet: parking_lot::Mutex::new(None),
             allocator: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The rollouts as the controller last saw them (stacks gone are dropped).
+    pub fn set_rollouts(&self, rollouts: &[(u64, store::Rollout)]) {
+        self.rollout_batch.reset();
+        self.rollout_released.reset();
+        for st in ROLLOUT_STATES {
+            self.rollouts.with_label_values(&[st]).set(0);
+        }
+        for (id, r) in rollouts {
+            let stack = id.to_string();
+            self.rollout_batch
+                .with_label_values(&[&stack])
+                .set(i64::from(r.batch));
+            self.rollout_released
+                .with_label_values(&[&stack])
+                .set(i64::try_from(r.released).unwrap_or(i64::MAX));
+            self.rollouts
+                .with_label_values(&[rollout_state_name(r.state)])
+                .inc();
+        }
+    }
+
+    /// Every stack's environments by status (`counts`: stack id, then status name to count).
+    pub fn set_stack_environments(&self, counts: &[(u64, BTreeMap<&'static str, u64>)]) {
+        self.stack_environments.reset();
+        for (id, by_status) in counts {
+            let stack = id.to_string();
+            for s in store::DeployStatus::ALL {
+                let name = crate::targets::status_name(s);
+                let n = by_status.get(name).copied().unwrap_or(0);
+                self.stack_environments
+                    .with_label_values(&[&stack, name])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
     }
 
