@@ -143,6 +143,92 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.target);
+        let resp = self
+            .http
+            .post(&url)
+            .header("X-API-Key", &self.api_key)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("POST {url} answered {status}: {}", short(&text));
+        }
+        serde_json::from_str(&text).with_context(|| format!("POST {url}: answer is not JSON"))
+    }
+
+    /// A static edge group of `ids`: its id.
+    pub async fn create_group(&self, name: &str, ids: &[u64]) -> anyhow::Result<u64> {
+        let v = self
+            .post_json(
+                "/api/edge_groups",
+                &serde_json::json!({"name": name, "dynamic": false, "environmentIds": ids}),
+            )
+            .await?;
+        v["id"].as_u64().context("edge group answer without an id")
+    }
+
+    /// An edge stack of one small service for `group`: its id.
+    pub async fn create_stack(&self, name: &str, group: u64) -> anyhow::Result<u64> {
+        let compose = "services:\n  app:\n    image: registry.local/kiosk:1.0\n    restart: unless-stopped\n    environment:\n      DEVICE: ${EDGE_ENV_NAME}\n";
+        let v = self
+            .post_json(
+                "/api/edge_stacks",
+                &serde_json::json!({"name": name, "compose": compose, "edgeGroupIds": [group]}),
+            )
+            .await?;
+        v["id"].as_u64().context("edge stack answer without an id")
+    }
+
+    /// A stack's targets and how many of them run its rollout's version.
+    pub async fn stack_running(&self, id: u64) -> anyhow::Result<(u64, u64)> {
+        let url = format!("{}/api/edge_stacks/{id}", self.target);
+        let v: serde_json::Value = self
+            .http
+            .get(&url)
+            .header("X-API-Key", &self.api_key)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: answer is not JSON"))?;
+        Ok((
+            v["targets"].as_u64().unwrap_or(0),
+            v["counts"]["running"].as_u64().unwrap_or(0),
+        ))
+    }
+
+    /// Deletes stacks, then a group (best effort).
+    pub async fn delete_stacks(&self, stacks: &[u64], group: Option<u64>) {
+        for id in stacks {
+            let _ = self
+                .http
+                .delete(format!("{}/api/edge_stacks/{id}", self.target))
+                .header("X-API-Key", &self.api_key)
+                .send()
+                .await;
+        }
+        if let Some(g) = group {
+            let _ = self
+                .http
+                .delete(format!("{}/api/edge_groups/{g}", self.target))
+                .header("X-API-Key", &self.api_key)
+                .send()
+                .await;
+        }
+    }
+}
+
 fn short(text: &str) -> String {
     text.chars().take(300).collect()
 }

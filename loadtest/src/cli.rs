@@ -125,6 +125,24 @@ pub struct Args {
     #[arg(long)]
     pub keep: bool,
 
+    /// Edge stacks deployed to every agent of the run before it starts (a static edge group
+    /// of its environments), so the steady window measures what held stacks cost an idle
+    /// agent. Agents reconcile stacks as the real agent does (fetch the desired state,
+    /// report `acknowledged`, then `running` after --stack-deploy-ms), without an engine.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub stacks: u32,
+
+    /// Create one more stack for every agent this many seconds into the steady window and
+    /// report how long it takes to reach 100 % `running` (polling its counts), with the
+    /// server CPU and the Redis commands (--redis-url) it cost per environment.
+    #[arg(long, value_name = "SECS")]
+    pub stack_at: Option<u64>,
+
+    /// How long a simulated agent takes to deploy a stack (between `acknowledged` and
+    /// `running`), milliseconds.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub stack_deploy_ms: u64,
+
     /// Internal: run as a worker process on the slice described in this file.
     #[arg(long, hide = true)]
     pub worker_spec: Option<PathBuf>,
@@ -144,6 +162,8 @@ pub struct Plan {
     pub async_mode: bool,
     /// `--tunnel-engine`: agents keep tunnels.
     pub tunnels: Option<Tunnels>,
+    /// `--stack-deploy-ms`.
+    pub stack_deploy: Duration,
 }
 
 /// Agents keep tunnels to `engine` (a `DOCKER_HOST`), closed after `inactivity` without streams.
@@ -233,6 +253,7 @@ impl Args {
             held: self.held,
             async_mode: self.mode == Mode::Async,
             tunnels,
+            stack_deploy: Duration::from_millis(self.stack_deploy_ms),
         })
     }
 }
@@ -277,6 +298,7 @@ mod tests {
                 duration: Duration::from_secs(30),
                 interval: Duration::from_secs(5),
                 ramp: Duration::from_secs(5),
+                stack_deploy: Duration::from_millis(1000),
                 workers: 1,
                 held: false,
                 async_mode: false,

@@ -119,6 +119,38 @@ async fn run_against(
         Some(url) => Some(redis_info::RedisInfo::connect(url).await?),
         None => None,
     };
+    // Edge stacks: a static group of the run's environments, `--stacks` stacks for it now.
+    let ids: Vec<u64> = created.iter().map(|e| e.id).collect();
+    let group = if args.stacks > 0 || args.stack_at.is_some() {
+        Some(admin.create_group(&format!("lt-{run_id}"), &ids).await?)
+    } else {
+        None
+    };
+    let mut stack_ids = Vec::new();
+    if let Some(g) = group {
+        for i in 0..args.stacks {
+            stack_ids.push(admin.create_stack(&format!("lt-{run_id}-{i}"), g).await?);
+        }
+        if args.stacks > 0 {
+            eprintln!("{} edge stacks for every agent", args.stacks);
+        }
+    }
+    let rollout = match (args.stack_at, group) {
+        (Some(at), Some(g)) => {
+            let lead = if plan.workers > 1 { 3 } else { 0 };
+            let after = plan.ramp + Duration::from_secs(at + lead);
+            Some(tokio::spawn(roll_out(
+                admin.clone(),
+                format!("lt-{run_id}-rollout"),
+                g,
+                after,
+                plan.interval,
+                pids.clone(),
+                args.redis_url.clone(),
+            )))
+        }
+        _ => None,
+    };
     let timeline_file = open_timeline(args)?;
     let outcome = measure(
         plan,
@@ -131,6 +163,26 @@ async fn run_against(
     )
     .await;
 
+    let rolled = match rollout {
+        Some(task) => match task.await {
+            Ok(Ok((id, facts))) => {
+                stack_ids.push(id);
+                Some(facts)
+            }
+            Ok(Err(e)) => {
+                eprintln!("stack rollout not measured: {e:#}");
+                None
+            }
+            Err(e) => {
+                eprintln!("stack rollout task failed: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    if !args.keep {
+        admin.delete_stacks(&stack_ids, group).await;
+    }
     if args.keep {
         eprintln!("keeping {} environments (--keep)", created.len());
     } else {
@@ -149,7 +201,7 @@ async fn run_against(
         );
     }
 
-    let (sim, server, redis) = outcome?;
+    let (sim, server, redis, live) = outcome?;
     let facts = RunFacts {
         mode: if plan.async_mode { "async" } else { "standard" }.to_owned(),
         held: plan.held,
@@ -161,7 +213,90 @@ async fn run_against(
         redis,
         target,
     };
-    Ok(Report::build(&sim, &facts))
+    let mut report = Report::build(&sim, &facts);
+    if group.is_some() {
+        use std::sync::atomic::Ordering::Relaxed;
+        report.stacks = Some(report::StacksFacts {
+            held_stacks: args.stacks,
+            fetches: live.stack_fetches.load(Relaxed),
+            reports: live.stack_reports.load(Relaxed),
+            errors: live.stack_errors.load(Relaxed),
+            rollout: rolled,
+        });
+    }
+    Ok(report)
+}
+
+/// `--stack-at`: after `after`, one stack for `group`, all at once; how long until every
+/// target runs it, and what that cost the server and Redis. Returns the stack's id too.
+async fn roll_out(
+    admin: AdminClient,
+    name: String,
+    group: u64,
+    after: Duration,
+    interval: Duration,
+    pids: Vec<u32>,
+    redis_url: Option<String>,
+) -> anyhow::Result<(u64, report::StackRolloutFacts)> {
+    tokio::time::sleep(after).await;
+    let mut redis = match &redis_url {
+        Some(url) => Some(redis_info::RedisInfo::connect(url).await?),
+        None => None,
+    };
+    let calls_before = match &mut redis {
+        Some(r) => Some(r.calls().await?),
+        None => None,
+    };
+    let cpu_before = server::cpu_sum(&pids);
+    let started = StdInstant::now();
+    let id = admin.create_stack(&name, group).await?;
+    eprintln!("stack {name} created for every agent; waiting for all to run it");
+    let deadline = started + interval * 12;
+    let (mut targets, mut running) = (0, 0);
+    let mut all_at = None;
+    while StdInstant::now() < deadline {
+        (targets, running) = admin.stack_running(id).await?;
+        if targets > 0 && running >= targets {
+            all_at = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cpu = match (cpu_before, server::cpu_sum(&pids)) {
+        (Some(a), Some(b)) => Some((b - a).max(0.0)),
+        _ => None,
+    };
+    let commands = match (&mut redis, calls_before) {
+        (Some(r), Some(before)) => {
+            let after = r.calls().await?;
+            Some(
+                after
+                    .iter()
+                    .map(|(k, v)| v.saturating_sub(before.get(k).copied().unwrap_or(0)))
+                    .sum::<u64>(),
+            )
+        }
+        _ => None,
+    };
+    let per_env = |x: f64| (targets > 0).then(|| x / targets as f64);
+    let secs = all_at.map(|d| d.as_secs_f64());
+    eprintln!(
+        "stack rollout: {running}/{targets} running{}",
+        secs.map(|s| format!(" after {s:.2} s")).unwrap_or_default()
+    );
+    Ok((
+        id,
+        report::StackRolloutFacts {
+            targets,
+            running,
+            secs_to_all_running: secs,
+            intervals_to_all_running: secs.map(|s| s / interval.as_secs_f64()),
+            server_cpu_seconds: cpu,
+            server_cpu_ms_per_environment: cpu.and_then(|c| per_env(c * 1000.0)),
+            redis_commands: commands,
+            redis_commands_per_environment: commands.and_then(|c| per_env(c as f64)),
+        },
+    ))
 }
 
 /// The `--timeline` file, created.
@@ -197,7 +332,7 @@ async fn run_synthetic(args: &Args, plan: &Plan, pin: &str) -> anyhow::Result<Re
         })
         .collect();
     let timeline_file = open_timeline(args)?;
-    let (sim, server, redis) = measure(
+    let (sim, server, redis, _) = measure(
         plan,
         &created,
         &target_url,
@@ -230,7 +365,12 @@ async fn measure(
     pids: &[u32],
     redis: Option<redis_info::RedisInfo>,
     timeline_file: Option<std::fs::File>,
-) -> anyhow::Result<(report::SimResult, ServerFacts, Option<report::RedisFacts>)> {
+) -> anyhow::Result<(
+    report::SimResult,
+    ServerFacts,
+    Option<report::RedisFacts>,
+    Arc<Live>,
+)> {
     let keys: Vec<String> = created.iter().map(|e| e.edge_key.clone()).collect();
     let sources = sim::loopback_sources(target.host_str().unwrap_or(""), sources);
     let rss_before = server::rss_sum(pids);
@@ -284,6 +424,7 @@ async fn measure(
                 .tunnels
                 .as_ref()
                 .map_or(0, |t| t.inactivity.as_millis() as u64),
+            stack_deploy_ms: plan.stack_deploy.as_millis() as u64,
         };
         worker::run_workers(worker::split(&keys, plan.workers, &base), progress_slots).await
     } else {
@@ -306,8 +447,9 @@ async fn measure(
                 held: plan.held,
                 async_mode: plan.async_mode,
                 tunnels: plan.tunnels.clone(),
+                stack_deploy: plan.stack_deploy,
             },
-            live,
+            live.clone(),
         )
         .await
     };
@@ -333,6 +475,7 @@ async fn measure(
             processes: pids.len(),
         },
         redis,
+        live,
     ))
 }
 

@@ -25,7 +25,7 @@ impl RedisInfo {
     }
 
     /// Calls of each command so far.
-    async fn calls(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
+    pub async fn calls(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
         let text: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut self.conn)

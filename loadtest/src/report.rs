@@ -335,6 +335,41 @@ pub struct Report {
     /// tunnel was wanted, or the server did not hold them). 0 for an idle fleet.
     #[serde(default)]
     pub held_early_answers: Option<u64>,
+    /// Edge stacks (`--stacks`, `--stack-at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stacks: Option<StacksFacts>,
+}
+
+/// What the run did with edge stacks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StacksFacts {
+    /// Stacks every agent held through the steady window (`--stacks`).
+    pub held_stacks: u32,
+    /// Desired-state fetches, stack reports and failures of either (this process's agents;
+    /// not counted in worker processes).
+    pub fetches: u64,
+    pub reports: u64,
+    pub errors: u64,
+    /// The stack created in the steady window (`--stack-at`).
+    pub rollout: Option<StackRolloutFacts>,
+}
+
+/// One stack rolled out all at once to every agent of the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StackRolloutFacts {
+    pub targets: u64,
+    /// Targets `running` at the end (all, unless it timed out).
+    pub running: u64,
+    /// From the create call to the last target `running`.
+    pub secs_to_all_running: Option<f64>,
+    /// The same in check-in intervals.
+    pub intervals_to_all_running: Option<f64>,
+    /// Server CPU (all its processes) from the create call to all running.
+    pub server_cpu_seconds: Option<f64>,
+    pub server_cpu_ms_per_environment: Option<f64>,
+    /// Redis commands (`--redis-url`) from the create call to all running.
+    pub redis_commands: Option<u64>,
+    pub redis_commands_per_environment: Option<f64>,
 }
 
 fn round3(x: f64) -> f64 {
@@ -412,6 +447,7 @@ impl Report {
                 .held
                 .then(|| LatencyMs::from_histogram(&sim.hold_overshoot_us)),
             held_early_answers: facts.held.then_some(sim.held_early),
+            stacks: None,
         }
     }
 

@@ -70,6 +70,8 @@ pub struct SimPlan {
     pub async_mode: bool,
     /// Held agents keep the real agent's tunnel too (see [`simulate`]).
     pub tunnels: Option<Tunnels>,
+    /// How long a simulated stack deployment takes (see [`sync_stacks`]).
+    pub stack_deploy: Duration,
 }
 
 /// How much shorter than the interval the server holds an idle held check-in
@@ -98,6 +100,10 @@ pub struct Live {
     handshakes: AtomicU64,
     steady_reconnects: AtomicU64,
     held_early: AtomicU64,
+    /// Desired-state fetches, stack reports sent, and either of them failed.
+    pub stack_fetches: AtomicU64,
+    pub stack_reports: AtomicU64,
+    pub stack_errors: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
     hold_overshoot_us: Mutex<Histogram<u64>>,
     errors_by_kind: Mutex<BTreeMap<&'static str, u64>>,
@@ -115,6 +121,9 @@ impl Default for Live {
             handshakes: AtomicU64::new(0),
             steady_reconnects: AtomicU64::new(0),
             held_early: AtomicU64::new(0),
+            stack_fetches: AtomicU64::new(0),
+            stack_reports: AtomicU64::new(0),
+            stack_errors: AtomicU64::new(0),
             latency_us: Mutex::new(new_latency_histogram()),
             hold_overshoot_us: Mutex::new(new_latency_histogram()),
             errors_by_kind: Mutex::new(BTreeMap::new()),
@@ -299,6 +308,7 @@ pub async fn simulate(plan: SimPlan, live: Arc<Live>) -> anyhow::Result<SimResul
                 plan.timeline,
                 plan.held,
                 slot,
+                plan.stack_deploy,
                 live.clone(),
             )));
         }
@@ -381,8 +391,10 @@ async fn agent_loop(
     timeline: Timeline,
     held: bool,
     tunnel: Option<Arc<CredentialSlot>>,
+    stack_deploy: Duration,
     live: Arc<Live>,
 ) {
+    let mut stacks = SimStacks::default();
     let mut backoff = Backoff::default();
     let mut next = first;
     let mut up = false;
@@ -424,6 +436,9 @@ async fn agent_loop(
                 }
                 live.came_up(&mut up);
                 live.polls_total.fetch_add(1, Ordering::Relaxed);
+                if let Some(digest) = outcome.desired {
+                    sync_stacks(&mut client, &mut stacks, digest, stack_deploy, &live).await;
+                }
                 if steady {
                     live.steady_polls.fetch_add(1, Ordering::Relaxed);
                     let took = done - started;
@@ -463,6 +478,69 @@ async fn agent_loop(
                     );
             }
         }
+    }
+}
+
+/// The stacks a simulated agent holds: the desired state's digest and (stack, version)s.
+#[derive(Debug, Default)]
+struct SimStacks {
+    digest: u64,
+    stacks: Vec<(u64, u32)>,
+}
+
+/// What a real agent does with an announced desired state, without an engine: fetch it when
+/// the digest is new and report `acknowledged`, "deploy" for `deploy`, report `running`; a
+/// digest it holds is only acknowledged (one report).
+async fn sync_stacks(
+    client: &mut PollClient,
+    held: &mut SimStacks,
+    digest: u64,
+    deploy: Duration,
+    live: &Live,
+) {
+    use proto::stacks::{Phase, StackState};
+    let states = |held: &SimStacks, phase: Phase, gone: &[(u64, u32)], now: u64| {
+        held.stacks
+            .iter()
+            .map(|&(stack_id, version)| (stack_id, version, phase))
+            .chain(gone.iter().map(|&(id, v)| (id, v, Phase::Removed)))
+            .map(|(stack_id, version, phase)| StackState {
+                stack_id,
+                version,
+                phase,
+                error: None,
+                at_ms: now,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut failed = false;
+    if digest != held.digest {
+        match client.fetch_desired().await {
+            Ok(state) => {
+                live.stack_fetches.fetch_add(1, Ordering::Relaxed);
+                let now: Vec<(u64, u32)> = state.stacks.iter().map(|s| (s.id, s.version)).collect();
+                let gone: Vec<(u64, u32)> = held
+                    .stacks
+                    .iter()
+                    .filter(|(id, _)| !now.iter().any(|(n, _)| n == id))
+                    .copied()
+                    .collect();
+                held.digest = state.digest;
+                held.stacks = now;
+                let ack = states(held, Phase::Acknowledged, &gone, client.clock().now_ms());
+                failed |= client.report_stacks(held.digest, &ack).await.is_err();
+                tokio::time::sleep(deploy).await;
+            }
+            Err(_) => failed = true,
+        }
+    }
+    if !failed {
+        let running = states(held, Phase::Running, &[], client.clock().now_ms());
+        failed |= client.report_stacks(held.digest, &running).await.is_err();
+        live.stack_reports.fetch_add(1, Ordering::Relaxed);
+    }
+    if failed {
+        live.stack_errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -45,6 +45,9 @@ pub struct WorkerSpec {
     pub tunnel_engine: Option<String>,
     #[serde(default)]
     pub tunnel_inactivity_ms: u64,
+    /// `--stack-deploy-ms`.
+    #[serde(default)]
+    pub stack_deploy_ms: u64,
 }
 
 /// One line of worker output.
@@ -92,6 +95,7 @@ pub async fn run_worker(spec_path: &Path) -> anyhow::Result<()> {
         first_index: spec.first_index,
         held: spec.held,
         async_mode: spec.async_mode,
+        stack_deploy: Duration::from_millis(spec.stack_deploy_ms),
         tunnels: spec.tunnel_engine.map(|engine| Tunnels {
             engine,
             inactivity: Duration::from_millis(spec.tunnel_inactivity_ms),

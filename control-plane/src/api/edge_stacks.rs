@@ -194,11 +194,18 @@ struct RollbackBody {
 async fn rollback(
     state: web::Data<AppState>,
     id: web::Path<u64>,
-    body: Option<web::Json<RollbackBody>>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // An empty body takes the default; anything else must be the body, exactly.
+    let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+    };
     let stack = existing(&state, *id).await?;
     let current = state.store.stack_rollout(stack.id).await?;
-    let version = match body.and_then(|b| b.into_inner().version) {
+    let version = match body.version {
         Some(v) => v,
         None => current
             .as_ref()

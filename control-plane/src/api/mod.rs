@@ -246,6 +246,26 @@ pub const ROUTES: &[Route] = &[
         summary: "One kept version of an edge stack, with its compose file",
     },
     Route {
+        method: "POST",
+        path: "/api/edge_stacks/{id}/rollout/pause",
+        summary: "Pause an edge stack's rollout (no further batches)",
+    },
+    Route {
+        method: "POST",
+        path: "/api/edge_stacks/{id}/rollout/resume",
+        summary: "Resume a paused rollout",
+    },
+    Route {
+        method: "POST",
+        path: "/api/edge_stacks/{id}/rollout/abort",
+        summary: "Stop a rollout for good (released environments keep the new version)",
+    },
+    Route {
+        method: "POST",
+        path: "/api/edge_stacks/{id}/rollback",
+        summary: "Every target back to a kept version, at once",
+    },
+    Route {
         method: "GET",
         path: "/api/settings",
         summary: "Default intervals",

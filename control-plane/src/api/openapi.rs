@@ -52,7 +52,18 @@ fn schemas() -> Value {
             "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,57}$", "description": "required on create; cannot change"},
             "compose": {"type": "string", "maxLength": 65536, "description": "the compose file; on PUT, a new one makes the next version"},
             "edgeGroupIds": {"type": "array", "minItems": 1, "maxItems": 64, "items": {"type": "integer"}},
-            "variables": {"type": "object", "maxProperties": 128, "additionalProperties": {"type": "string", "maxLength": 4096}, "description": "substituted for ${NAME}; names starting with EDGE_ are set per environment"}}},
+            "variables": {"type": "object", "maxProperties": 128, "additionalProperties": {"type": "string", "maxLength": 4096}, "description": "substituted for ${NAME}; names starting with EDGE_ are set per environment"},
+            "baseVersion": {"type": "integer", "minimum": 1, "description": "PUT with compose: the version it was edited from (409 if another came first)"},
+            "rollout": {"$ref": "#/components/schemas/Rollout"}}},
+        "Rollout": {"type": "object", "additionalProperties": false, "description": "how the new version goes out (default: as the previous one; at first all at once)", "properties": {
+            "batchSize": {"type": "integer", "minimum": 1, "description": "environments in the first batch; absent: all at once"},
+            "batchGrowth": {"type": "string", "enum": ["fixed", "double"]},
+            "waitSecs": {"type": "integer", "minimum": 0, "maximum": 86400, "description": "between a batch settling and the next"},
+            "batchTimeoutSecs": {"type": "integer", "minimum": 1, "maximum": 86400, "description": "after it, a batch's silent environments count as not yet (default 600)"},
+            "failureThreshold": {"type": "number", "minimum": 0, "description": "below 1: the share of released environments that may fail; from 1: how many"},
+            "onFailure": {"type": "string", "enum": ["pause", "rollback", "continue"]}}},
+        "Rollback": {"type": "object", "additionalProperties": false, "properties": {
+            "version": {"type": "integer", "minimum": 1, "description": "default: the version the current rollout started from, else the one before the newest"}}},
         "EdgeGroupBody": {"type": "object", "additionalProperties": false, "properties": {
             "name": {"type": "string", "minLength": 1, "maxLength": 255},
             "dynamic": {"type": "boolean", "description": "by tags (true) or a list of environments (false, the default)"},
@@ -134,6 +145,9 @@ pub fn build() -> Value {
             ("/api/settings", "PATCH") => Some(json!({"$ref": "#/components/schemas/Settings"})),
             ("/api/edge_stacks" | "/api/edge_stacks/{id}", "POST" | "PUT") => {
                 Some(json!({"$ref": "#/components/schemas/EdgeStackBody"}))
+            }
+            ("/api/edge_stacks/{id}/rollback", "POST") => {
+                Some(json!({"$ref": "#/components/schemas/Rollback"}))
             }
             ("/api/edge_groups" | "/api/edge_groups/{id}", "POST" | "PATCH") => {
                 Some(json!({"$ref": "#/components/schemas/EdgeGroupBody"}))
