@@ -255,12 +255,14 @@ fn write(dir: &Path) {
         snapshot_ack: Some(2),
         need_full_snapshot: true,
         commands: commands.clone(),
+        desired: Some(3),
     };
     let idle = AsyncAnswer {
         commands: Vec::new(),
         server_time_ms: None,
         snapshot_ack: None,
         need_full_snapshot: false,
+        desired: None,
         ..answer.clone()
     };
     for (i, r) in reqs.iter().enumerate() {

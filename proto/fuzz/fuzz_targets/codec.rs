@@ -9,6 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use proto::codec::{decode, encode, MAX_CONTROL_FRAME};
 use proto::seal::SealKey;
+use proto::stacks::{DesiredState, MAX_DESIRED_ANSWER};
 use proto::token::JoinSecret;
 use proto::wire::{CheckinAnswer, CheckinRequest, TunnelCredentials};
 use uuid::Uuid;
@@ -33,4 +34,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = decode::<TunnelCredentials>(data, MAX_CONTROL_FRAME);
+    // What an agent reads of its desired stacks: bounded, and a round trip.
+    if let Ok(m) = decode::<DesiredState>(data, MAX_DESIRED_ANSWER) {
+        let again = encode(&m).expect("encode");
+        assert_eq!(
+            decode::<DesiredState>(&again, MAX_DESIRED_ANSWER).expect("round trip"),
+            m
+        );
+    }
 });
