@@ -478,3 +478,101 @@ async fn each_environment_gets_the_file_with_its_own_values() {
     }
     cp.stop().await;
 }
+
+#[actix_web::test]
+async fn a_staged_rollout_goes_on_across_replicas_and_a_restart() {
+    use store::prelude::*;
+    use store::{DeployStatus, StackStatus};
+    let redis = testkit::RedisServer::start();
+    let a = ControlPlane::replica(&redis, None).await;
+    let b = ControlPlane::replica(&redis, Some(&a)).await;
+    // Agents' reports, recorded as a replica records them.
+    let shared = store::redis::RedisStore::connect(&redis.url(), "edgeplane:")
+        .await
+        .unwrap();
+    let mut envs = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let (s, v) = call(&a, Method::POST, "/api/endpoints", json!({"name": name})).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        envs.push(v["id"].as_u64().unwrap());
+    }
+    let (_, g) = call(
+        &a,
+        Method::POST,
+        "/api/edge_groups",
+        json!({"name": "all", "environmentIds": envs}),
+    )
+    .await;
+    let (s, v) = call(
+        &a,
+        Method::POST,
+        "/api/edge_stacks",
+        json!({"name": "signage", "compose": V1, "edgeGroupIds": [g["id"]]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let path = format!("/api/edge_stacks/{id}");
+    let run = |env: u64, version: u32| StackStatus {
+        env,
+        status: DeployStatus::Running,
+        version,
+        error: None,
+        updated_ms: proto::clock::now_ms(),
+    };
+    let within = std::time::Duration::from_secs(20);
+    // Version 1 all at once: done when all four run it.
+    let all: Vec<StackStatus> = envs.iter().map(|&e| run(e, 1)).collect();
+    shared.record_stack_statuses(id, &all).await.unwrap();
+    testkit::eventually(within, "version 1 done", || async {
+        let v = call(&b, Method::GET, &path, Value::Null).await.1;
+        (v["rollout"]["state"] == "done" && v["counts"]["running"] == 4).then_some(())
+    })
+    .await;
+
+    // Version 2 in batches of one, in rank order; replica b goes after the first batch,
+    // a after the second, when a new replica takes over: the state is in the store.
+    let (s, v) = call(
+        &b,
+        Method::PUT,
+        &path,
+        json!({"compose": V2, "rollout": {"batchSize": 1}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut order = envs.clone();
+    order.sort_by_key(|&e| control_plane::rollout::rank(id, e));
+    // (b and the new replica use a's certificate, read when they start.)
+    let mut live = vec![a, b];
+    for (k, env) in order.iter().enumerate() {
+        let batch = k as u64 + 1;
+        let v = testkit::eventually(within, &format!("batch {batch}"), || async {
+            let v = call(&live[0], Method::GET, &path, Value::Null).await.1;
+            (v["rollout"]["batch"] == batch).then_some(v)
+        })
+        .await;
+        assert_eq!(v["rollout"]["state"], "rolling", "{v}");
+        assert_eq!(v["rollout"]["released"], batch, "{v}");
+        assert_eq!(v["counts"]["pending"], 4 - k as u64, "{v}");
+        match k {
+            0 => live.pop().unwrap().stop().await,
+            1 => {
+                let c = ControlPlane::replica(&redis, Some(&live[0])).await;
+                let a = std::mem::replace(&mut live[0], c);
+                a.stop().await;
+            }
+            _ => {}
+        }
+        shared
+            .record_stack_statuses(id, &[run(*env, 2)])
+            .await
+            .unwrap();
+    }
+    let v = testkit::eventually(within, "version 2 done", || async {
+        let v = call(&live[0], Method::GET, &path, Value::Null).await.1;
+        (v["rollout"]["state"] == "done").then_some(v)
+    })
+    .await;
+    assert_eq!(v["counts"], json!({"running": 4}), "{v}");
+    assert_eq!(v["rollout"]["targetVersion"], 2, "{v}");
+}

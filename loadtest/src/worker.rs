@@ -229,6 +229,7 @@ mod tests {
             async_mode: false,
             tunnel_engine: None,
             tunnel_inactivity_ms: 0,
+            stack_deploy_ms: 1000,
         }
     }
 

@@ -467,6 +467,7 @@ async fn desired(
         .verify_signed(Route::Desired, id, &body, sync.edge_id, sync.timestamp_ms)
         .await?;
     proved();
+    state.fleet.take_stack_request(id).await?;
     let env = state
         .store
         .get_environment(id)
@@ -477,11 +478,15 @@ async fn desired(
     let mut stacks = Vec::new();
     let mut failed = Vec::new();
     for (stack, version) in catalog.stacks_for(&inputs) {
-        let Some(v) = state.store.stack_version(stack.id, version).await? else {
-            // Deleted meanwhile: its notification is on its way.
-            continue;
+        let compose = match catalog.file(stack.id, version) {
+            Some(f) => f,
+            None => match state.store.stack_version(stack.id, version).await? {
+                Some(v) => std::sync::Arc::from(v.compose),
+                // Deleted meanwhile: its notification is on its way.
+                None => continue,
+            },
         };
-        match catalog.render(&env, stack, version, &v.compose) {
+        match catalog.render(&env, stack, version, &compose) {
             Ok(s) => stacks.push(s),
             Err(e) => {
                 state
@@ -543,6 +548,7 @@ async fn stack_report(
         )
         .await?;
     proved();
+    state.fleet.take_stack_request(id).await?;
     state.fleet.record_statuses(id, &report.statuses)?;
     state.fleet.acknowledge(id, report.digest).await?;
     Ok(AgentAnswer::NoContent)

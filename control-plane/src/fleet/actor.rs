@@ -43,6 +43,8 @@ pub(super) struct Env {
     /// What of the environment decides its desired stacks, and where its agent stands.
     pub inputs: EnvInputs,
     pub sync: DesiredSync,
+    /// The agent's stack requests (fetches, reports), rate-limited.
+    pub stack_requests: Bucket,
     /// `held.len()` as last added to the fleet-wide gauge.
     held_counted: usize,
     /// Its actor stopped: nothing will offer held check-ins a grant or apply reloads here
@@ -67,6 +69,7 @@ impl Env {
                 digest,
                 acked: None,
             },
+            stack_requests: Bucket::default(),
             held_counted: 0,
             stopped: false,
         }))
@@ -137,6 +140,42 @@ impl Env {
             });
         }
         self.count_held(&fleet.metrics);
+    }
+}
+
+/// A token bucket of [`super::STACK_REQUEST_BURST`], refilled at one a second.
+#[derive(Debug)]
+pub(super) struct Bucket {
+    tokens: u32,
+    at_ms: u64,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Self {
+            tokens: super::STACK_REQUEST_BURST,
+            at_ms: 0,
+        }
+    }
+}
+
+impl Bucket {
+    /// Takes a token at `now_ms`, if there is one.
+    pub(super) fn take(&mut self, now_ms: u64) -> bool {
+        let refill = now_ms.saturating_sub(self.at_ms) / 1000;
+        if refill > 0 {
+            let refill = u32::try_from(refill).unwrap_or(u32::MAX);
+            self.tokens = self
+                .tokens
+                .saturating_add(refill)
+                .min(super::STACK_REQUEST_BURST);
+            self.at_ms = now_ms;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
     }
 }
 

@@ -59,6 +59,9 @@ pub struct Catalog {
     group_tags: BTreeMap<u64, Vec<u64>>,
     tag_names: HashMap<u64, String>,
     group_names: HashMap<u64, String>,
+    /// The compose files of the versions environments run now (each stack's rollout target
+    /// and the version it started from), so a fetch reads none.
+    files: HashMap<(u64, u32), std::sync::Arc<str>>,
 }
 
 impl Catalog {
@@ -73,7 +76,20 @@ impl Catalog {
             )
         };
         let named = |list: Vec<store::Named>| list.into_iter().map(|n| (n.id, n.name)).collect();
+        let mut files = HashMap::new();
+        for s in &stacks {
+            let versions = match rollouts.get(&s.id) {
+                Some(r) => vec![r.to_version, r.from_version],
+                None => vec![s.version],
+            };
+            for v in versions.into_iter().filter(|v| *v > 0) {
+                if let Some(found) = store.stack_version(s.id, v).await? {
+                    files.insert((s.id, v), std::sync::Arc::from(found.compose));
+                }
+            }
+        }
         Ok(Self {
+            files,
             stacks,
             rollouts,
             groups,
@@ -81,6 +97,11 @@ impl Catalog {
             tag_names: named(store.list_named(Collection::Tags).await?),
             group_names: named(store.list_named(Collection::Groups).await?),
         })
+    }
+
+    /// Version `version` of stack `stack`'s compose file, if it is one environments run now.
+    pub fn file(&self, stack: u64, version: u32) -> Option<std::sync::Arc<str>> {
+        self.files.get(&(stack, version)).cloned()
     }
 
     /// The tags an environment counts as its own: its own and its group's.

@@ -246,16 +246,34 @@ pub struct Fleet {
     statuses: parking_lot::Mutex<PendingStatuses>,
 }
 
-/// Stack statuses waiting to be written, by stack; at most [`MAX_PENDING_STATUSES`].
+/// Stack statuses waiting to be written, by stack then environment (the newest report of
+/// each: an agent reporting often holds one entry per stack); at most
+/// [`MAX_PENDING_STATUSES`].
 #[derive(Default)]
 struct PendingStatuses {
-    by_stack: std::collections::HashMap<u64, Vec<store::StackStatus>>,
+    by_stack: std::collections::HashMap<u64, std::collections::HashMap<EnvId, store::StackStatus>>,
     len: usize,
+}
+
+impl PendingStatuses {
+    fn put(&mut self, stack: u64, status: store::StackStatus) {
+        let entries = self.by_stack.entry(stack).or_default();
+        match entries.get_mut(&status.env) {
+            Some(old) if old.updated_ms > status.updated_ms => {}
+            Some(old) => *old = status,
+            None => {
+                entries.insert(status.env, status);
+                self.len += 1;
+            }
+        }
+    }
 }
 
 /// Stack statuses held for the next write at most; past it, reports are refused with `busy`
 /// (the agent sends them again) rather than held without bound while the store is down.
 pub const MAX_PENDING_STATUSES: usize = 200_000;
+/// Stack requests (fetches and reports) one environment may send at once; one more a second.
+pub const STACK_REQUEST_BURST: u32 = 16;
 
 const UNKNOWN_TTL_MS: u64 = 30_000;
 /// Edge modes remembered at most (the cache starts again when full).
@@ -955,6 +973,20 @@ impl Fleet {
         }
     }
 
+    /// Takes one of `id`'s stack requests (fetches and reports; a bucket of
+    /// [`STACK_REQUEST_BURST`] refilled at one a second): `Busy` past it, so a misbehaving
+    /// agent with a valid key cannot make the store render and write without bound.
+    pub async fn take_stack_request(self: &Arc<Self>, id: EnvId) -> Result<(), CheckinError> {
+        let handle = self.actor(id).await?;
+        let now = now_ms();
+        let mut env = handle.env.lock();
+        if env.stack_requests.take(now) {
+            Ok(())
+        } else {
+            Err(CheckinError::Busy(id))
+        }
+    }
+
     /// `id`'s agent reported holding the desired state with `digest`.
     pub async fn acknowledge(self: &Arc<Self>, id: EnvId, digest: u64) -> Result<(), CheckinError> {
         let handle = self.actor(id).await?;
@@ -978,19 +1010,17 @@ impl Fleet {
                 .stack_reports
                 .with_label_values(&[crate::targets::status_name(status)])
                 .inc();
-            pending
-                .by_stack
-                .entry(s.stack_id)
-                .or_default()
-                .push(store::StackStatus {
+            pending.put(
+                s.stack_id,
+                store::StackStatus {
                     env: id,
                     status,
                     version: s.version,
                     error: s.error.clone(),
                     updated_ms: s.at_ms,
-                });
+                },
+            );
         }
-        pending.len += states.len();
         Ok(())
     }
 
@@ -998,7 +1028,8 @@ impl Fleet {
     /// (within the bound) for the next flush.
     pub async fn flush_statuses(&self) {
         let batch = std::mem::take(&mut *self.statuses.lock());
-        for (stack, mut statuses) in batch.by_stack {
+        for (stack, statuses) in batch.by_stack {
+            let mut statuses: Vec<store::StackStatus> = statuses.into_values().collect();
             // A stack removed from a device leaves no status behind: the environment is no
             // longer one of the stack's (its counts are of its targets).
             let removed: Vec<EnvId> = statuses
@@ -1027,8 +1058,9 @@ impl Fleet {
                 tracing::warn!(error = %e, stack, statuses = statuses.len(), "stack status write failed; will retry");
                 let mut pending = self.statuses.lock();
                 if pending.len + statuses.len() <= MAX_PENDING_STATUSES {
-                    pending.len += statuses.len();
-                    pending.by_stack.entry(stack).or_default().extend(statuses);
+                    for s in statuses {
+                        pending.put(stack, s);
+                    }
                 }
             }
         }
@@ -1146,6 +1178,44 @@ pub fn deploy_status(phase: proto::stacks::Phase) -> store::DeployStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stack_requests_are_a_burst_then_one_a_second() {
+        let mut b = actor::Bucket::default();
+        let t = 1_800_000_000_000;
+        for _ in 0..STACK_REQUEST_BURST {
+            assert!(b.take(t));
+        }
+        assert!(!b.take(t));
+        assert!(!b.take(t + 999));
+        assert!(b.take(t + 1000));
+        assert!(!b.take(t + 1001));
+        // A long pause refills the burst, no more.
+        let later = t + 3_600_000;
+        for _ in 0..STACK_REQUEST_BURST {
+            assert!(b.take(later));
+        }
+        assert!(!b.take(later));
+    }
+
+    #[test]
+    fn pending_statuses_keep_the_newest_report_of_each_environment() {
+        let status = |env, updated_ms| store::StackStatus {
+            env,
+            status: store::DeployStatus::Running,
+            version: 1,
+            error: None,
+            updated_ms,
+        };
+        let mut p = PendingStatuses::default();
+        p.put(1, status(7, 10));
+        p.put(1, status(7, 30));
+        p.put(1, status(7, 20));
+        p.put(1, status(8, 5));
+        p.put(2, status(7, 5));
+        assert_eq!(p.len, 3);
+        assert_eq!(p.by_stack[&1][&7].updated_ms, 30);
+    }
 
     #[test]
     fn holds_end_on_the_grid_never_early_and_at_most_one_step_late() {
