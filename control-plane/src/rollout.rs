@@ -61,6 +61,7 @@ pub fn start(config: RolloutConfig, from: u32, to: u32, now_ms: u64) -> Rollout 
         next_batch_ms: Some(now_ms),
         reason: None,
         updated_ms: now_ms,
+        tolerated_failures: 0,
     }
 }
 
@@ -79,6 +80,7 @@ pub fn roll_back(r: Option<&Rollout>, version: u32, reason: String, now_ms: u64)
         next_batch_ms: None,
         reason: Some(reason),
         updated_ms: now_ms,
+        tolerated_failures: 0,
     }
 }
 
@@ -181,12 +183,13 @@ pub fn step(r: &Rollout, seen: &Observed, now_ms: u64) -> Option<Rollout> {
                 return Some(next);
             }
             let released = seen.released(r.threshold);
-            if over_threshold(&r.config, seen.failed, released)
+            let failed = seen.failed.saturating_sub(r.tolerated_failures);
+            if over_threshold(&r.config, failed, released)
                 && r.config.on_failure != OnFailure::Continue
             {
                 let why = format!(
-                    "{} of {released} environments failed in batch {}",
-                    seen.failed, r.batch
+                    "{failed} of {released} environments failed in batch {}",
+                    r.batch
                 );
                 return Some(match r.config.on_failure {
                     OnFailure::Rollback if r.from_version > 0 => {
@@ -328,6 +331,11 @@ async fn once(state: &AppState) -> Result<(), store::StoreError> {
             continue;
         };
         if state.store.put_stack_rollout(id, r.revision, &next).await? {
+            // Only what changes an environment's version is worth every replica's reload.
+            let moved = next.threshold != r.threshold
+                || next.from_version != r.from_version
+                || next.to_version != r.to_version
+                || next.state != r.state;
             tracing::info!(
                 stack = id,
                 state = ?next.state,
@@ -340,7 +348,9 @@ async fn once(state: &AppState) -> Result<(), store::StoreError> {
             if let Some(last) = progress.last_mut() {
                 last.1 = next;
             }
-            let _ = state.publish(Change::EdgeStacks).await;
+            if moved {
+                let _ = state.publish(Change::EdgeStacks).await;
+            }
         }
     }
     state.metrics.set_rollouts(&progress);
@@ -442,6 +452,19 @@ mod tests {
             2
         );
         assert_eq!(step(&paused, &seen(3, 0, 1), 20), None, "paused stays");
+        // Resumed past that failure (as the API resumes: the failures so far tolerated), it
+        // goes on, and a new failure pauses it again.
+        let mut resumed = paused.clone();
+        resumed.state = RolloutState::Rolling;
+        resumed.tolerated_failures = 1;
+        let on = step(&resumed, &seen(3, 0, 1), 30).unwrap();
+        assert_eq!(on.state, RolloutState::Rolling);
+        assert!(on.next_batch_ms.is_some(), "the batch counts as settled");
+        let on = step(&on, &seen(3, 0, 1), on.next_batch_ms.unwrap()).unwrap();
+        assert_eq!(
+            step(&on, &seen(3, 0, 2), 40).unwrap().state,
+            RolloutState::Paused
+        );
 
         let back = config(Some(1), BatchGrowth::Fixed, OnFailure::Rollback);
         let r = step(&start(back, 2, 3, 0), &seen(3, 0, 0), 0).unwrap();

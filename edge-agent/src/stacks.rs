@@ -170,6 +170,12 @@ fn backoff(attempts: u32) -> Duration {
 /// What to do next: a desired stack not deployed as desired (or cut short), a failed one
 /// whose retry is due, a stack no longer desired; else when to look again.
 fn next_work(state: &State, retry_at: &BTreeMap<u64, Instant>, now: Instant) -> Work {
+    // Removals first: a stack deleted and made again under its name is the same project.
+    for (id, d) in &state.deployed {
+        if d.phase != Phase::Removed && !state.desired.iter().any(|s| s.id == *id) {
+            return Work::Remove(*id);
+        }
+    }
     let mut wake: Option<Instant> = None;
     for stack in &state.desired {
         let hash = desired_hash(stack);
@@ -182,11 +188,6 @@ fn next_work(state: &State, retry_at: &BTreeMap<u64, Instant>, now: Instant) -> 
                 _ => return Work::Deploy(stack.id),
             },
             _ => return Work::Deploy(stack.id),
-        }
-    }
-    for (id, d) in &state.deployed {
-        if d.phase != Phase::Removed && !state.desired.iter().any(|s| s.id == *id) {
-            return Work::Remove(*id);
         }
     }
     Work::Wait(wake)
@@ -247,7 +248,7 @@ impl Reconciler {
                     Some(Instant::now())
                 }
                 Work::Remove(id) => {
-                    self.remove(id).await;
+                    self.remove(id, &stop).await;
                     Some(Instant::now())
                 }
                 Work::Wait(at) => at,
@@ -307,10 +308,16 @@ impl Reconciler {
 
     async fn report(&mut self) -> Result<(), String> {
         let statuses = self.journal.statuses();
-        self.client
-            .report_stacks(self.journal.digest(), &statuses)
-            .await
-            .map_err(|e| e.to_string())?;
+        // At most what one report carries; the digest goes with each.
+        for chunk in statuses
+            .chunks(proto::stacks::MAX_STACKS_PER_ENV)
+            .chain(statuses.is_empty().then_some(&[][..]).into_iter())
+        {
+            self.client
+                .report_stacks(self.journal.digest(), chunk)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         self.sync_failures = 0;
         self.ack = false;
         self.journal.state.unreported = false;
@@ -459,11 +466,29 @@ impl Reconciler {
         }
     }
 
-    async fn remove(&mut self, id: u64) {
+    async fn remove(&mut self, id: u64, stop: &CancellationToken) {
         let Some(d) = self.journal.state.deployed.get(&id).cloned() else {
             return;
         };
         let project = proto::stacks::project_name(&d.name);
+        if self
+            .journal
+            .state
+            .desired
+            .iter()
+            .any(|s| s.project() == project)
+        {
+            // Another stack of that name (made anew) owns the project now: leave it be.
+            info!(stack = %d.name, "stack replaced by a new one of its name; nothing to remove");
+            let at_ms = self.client.clock().now_ms();
+            if let Some(e) = self.journal.state.deployed.get_mut(&id) {
+                e.phase = Phase::Removed;
+                e.at_ms = at_ms;
+            }
+            self.journal.state.unreported = true;
+            self.save();
+            return;
+        }
         info!(stack = %d.name, %project, "removing stack no longer targeted");
         let mark = |this: &mut Self, phase: Phase, error: Option<String>| {
             let at_ms = this.client.clock().now_ms();
@@ -483,7 +508,10 @@ impl Reconciler {
                 warn!(stack = %d.name, "stack not removed: {e}");
                 // Tried again at the next turn (after a pause, not in a loop).
                 mark(self, Phase::Error, Some(format!("removing: {e}")));
-                tokio::time::sleep(RETRY_FIRST).await;
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = tokio::time::sleep(RETRY_FIRST) => {}
+                }
             }
         }
     }

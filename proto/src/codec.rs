@@ -19,8 +19,13 @@ use std::io::{self, Read};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Current protocol version, the first byte of every frame.
+/// Current protocol version: the newest this side reads, and the one agents sign their
+/// requests with (so a server knows they understand version 2's answers).
 pub const PROTOCOL_VERSION: u8 = 2;
+/// The version byte of frames whose layout no version changed (everything but the answers
+/// of [`encode_for_peer`] and agents' signed requests): a peer of any supported version
+/// reads them, so an upgraded gateway still talks to version-1 agents.
+pub const BASE_VERSION: u8 = 1;
 /// Oldest protocol version this build still reads.
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// Decode limit for small control messages (check-ins and their answers).
@@ -74,10 +79,10 @@ pub enum CodecError {
     Encode(String),
 }
 
-/// Encodes `msg` as a versioned frame.
+/// Encodes `msg` as a frame of [`BASE_VERSION`] (its layout is the same in every version).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::with_capacity(64);
-    out.push(PROTOCOL_VERSION);
+    out.push(BASE_VERSION);
     encode_into(msg, &mut out)?;
     Ok(out)
 }
@@ -95,7 +100,9 @@ pub fn encode_for_peer<T: Serialize>(msg: &T, peer_version: u8) -> Result<Vec<u8
             ));
         }
         out.pop();
-        out[0] = peer_version;
+        out[0] = 1;
+    } else {
+        out[0] = 2;
     }
     Ok(out)
 }

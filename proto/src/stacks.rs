@@ -20,8 +20,8 @@ pub const DESIRED_PATH: &str = "/edge/d";
 pub const STACK_REPORT_PATH: &str = "/edge/r";
 /// Largest signed fetch request.
 pub const MAX_SYNC_FRAME: usize = 1024;
-/// Largest signed report.
-pub const MAX_REPORT_FRAME: usize = 64 * 1024;
+/// Largest signed report (64 statuses with errors of [`MAX_STACK_ERROR`] fit).
+pub const MAX_REPORT_FRAME: usize = 128 * 1024;
 /// Largest desired-state answer.
 pub const MAX_DESIRED_ANSWER: usize = 4 * 1024 * 1024;
 /// Most stacks one environment runs.
@@ -391,6 +391,8 @@ mod versions {
         let v1 = codec::encode_for_peer(&answer, 1).unwrap();
         assert_eq!(v2[0], 2);
         assert_eq!(v1[0], 1);
+        // Frames whose layout no version changed go out as version 1, which every peer reads.
+        assert_eq!(codec::encode(&answer).unwrap()[0], codec::BASE_VERSION);
         // Version 1's layout: the same fields, without the appended one.
         assert_eq!(&v1[1..], &v2[1..v2.len() - 1]);
         answer.desired = Some(3);

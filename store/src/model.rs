@@ -359,6 +359,9 @@ pub struct Rollout {
     #[serde(default)]
     pub reason: Option<String>,
     pub updated_ms: u64,
+    /// Failures an operator resumed past: they no longer count against the threshold.
+    #[serde(default)]
+    pub tolerated_failures: u64,
 }
 
 /// Versions of one edge stack kept at most; older ones are pruned as new ones are added (the

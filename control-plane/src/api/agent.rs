@@ -473,35 +473,50 @@ async fn desired(
         .get_environment(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("environment {id} does not exist")))?;
-    let catalog = state.fleet.catalog();
+    let catalog = state.fleet.loaded_catalog(id)?;
     let inputs = EnvInputs::of(&env);
     let mut stacks = Vec::new();
     let mut failed = Vec::new();
     for (stack, version) in catalog.stacks_for(&inputs) {
-        let compose = match catalog.file(stack.id, version) {
-            Some(f) => f,
-            None => match state.store.stack_version(stack.id, version).await? {
-                Some(v) => std::sync::Arc::from(v.compose),
-                // Deleted meanwhile: its notification is on its way.
-                None => continue,
-            },
-        };
-        match catalog.render(&env, stack, version, &compose) {
-            Ok(s) => stacks.push(s),
-            Err(e) => {
-                state
-                    .metrics
-                    .desired_fetches
-                    .with_label_values(&["render_error"])
-                    .inc();
-                failed.push(proto::stacks::StackState {
-                    stack_id: stack.id,
-                    version,
-                    phase: proto::stacks::Phase::Error,
-                    error: Some(format!("cannot be rendered for this environment: {e}")),
-                    at_ms: now_ms(),
-                });
+        // The version the environment should run, else (it cannot be rendered for it) the
+        // one its rollout started from, so a missing variable does not take down what runs.
+        let fallback = catalog
+            .rollout(stack.id)
+            .map(|r| r.from_version)
+            .filter(|v| *v > 0 && *v != version);
+        let mut first_error = None;
+        for v in std::iter::once(version).chain(fallback) {
+            let compose = match catalog.file(stack.id, v) {
+                Some(f) => f,
+                None => match state.store.stack_version(stack.id, v).await? {
+                    Some(found) => std::sync::Arc::from(found.compose),
+                    // Deleted meanwhile: its notification is on its way.
+                    None => continue,
+                },
+            };
+            match catalog.render(&env, stack, v, &compose) {
+                Ok(s) => {
+                    stacks.push(s);
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = first_error {
+            state
+                .metrics
+                .desired_fetches
+                .with_label_values(&["render_error"])
+                .inc();
+            failed.push(proto::stacks::StackState {
+                stack_id: stack.id,
+                version,
+                phase: proto::stacks::Phase::Error,
+                error: Some(format!("cannot be rendered for this environment: {e}")),
+                at_ms: now_ms(),
+            });
         }
     }
     if !failed.is_empty() {
@@ -549,7 +564,21 @@ async fn stack_report(
         .await?;
     proved();
     state.fleet.take_stack_request(id).await?;
-    state.fleet.record_statuses(id, &report.statuses)?;
+    // Only what the agent may speak of: the stacks its environment runs now, and the end
+    // of those it ran (`removed`, which forgets its status). Another stack's counts, and so
+    // its rollout, are not the agent's to move. Times from the future are the present.
+    let ours = state.fleet.stacks_of(id).await?;
+    let latest = now_ms() + proto::proof::FRESHNESS_WINDOW_MS;
+    let statuses: Vec<_> = report
+        .statuses
+        .into_iter()
+        .filter(|s| ours.contains(&s.stack_id) || s.phase == proto::stacks::Phase::Removed)
+        .map(|mut s| {
+            s.at_ms = s.at_ms.min(latest);
+            s
+        })
+        .collect();
+    state.fleet.record_statuses(id, &statuses)?;
     state.fleet.acknowledge(id, report.digest).await?;
     Ok(AgentAnswer::NoContent)
 }

@@ -170,6 +170,15 @@ async fn control(
         Control::Pause => next.reason = Some("paused by an operator".into()),
         Control::Abort => next.reason = Some("aborted by an operator".into()),
         Control::Resume => {
+            // The failures it paused for are the operator's call now: only new ones count.
+            next.tolerated_failures = state
+                .store
+                .stack_status_counts(stack.id)
+                .await?
+                .iter()
+                .filter(|c| c.version == r.to_version && c.status == store::DeployStatus::Error)
+                .map(|c| c.count)
+                .sum();
             next.reason = None;
             // The batch starts its timeout again; a paused wait is over.
             next.batch_started_ms = now;
@@ -613,22 +622,34 @@ async fn update(
             version = stack.version,
             "edge stack version added"
         );
-        // The new version goes out from what the environments settled on.
-        let before = state.store.stack_rollout(stack.id).await?;
-        let config = body
-            .rollout
-            .clone()
-            .or_else(|| before.as_ref().map(|r| r.config.clone()))
-            .unwrap_or_default();
-        let from = crate::rollout::settled_version(before.as_ref(), stack.version - 1);
-        let rollout = crate::rollout::start(config, from, stack.version, now_ms());
-        put_rollout(
-            &state,
-            stack.id,
-            before.as_ref().map_or(0, |r| r.revision),
-            &rollout,
-        )
-        .await?;
+        // The new version goes out from what the environments settled on. The version is
+        // stored: its rollout must follow, whatever the controller writes meanwhile.
+        let mut attempts = 0;
+        loop {
+            let before = state.store.stack_rollout(stack.id).await?;
+            let config = body
+                .rollout
+                .clone()
+                .or_else(|| before.as_ref().map(|r| r.config.clone()))
+                .unwrap_or_default();
+            let from = crate::rollout::settled_version(before.as_ref(), stack.version - 1);
+            let rollout = crate::rollout::start(config, from, stack.version, now_ms());
+            let expected = before.as_ref().map_or(0, |r| r.revision);
+            if state
+                .store
+                .put_stack_rollout(stack.id, expected, &rollout)
+                .await?
+            {
+                break;
+            }
+            attempts += 1;
+            if attempts >= 10 {
+                return Err(ApiError::Conflict(format!(
+                    "the rollout of edge stack {id} keeps changing; version {} is stored, send it again with baseVersion {}",
+                    stack.version, stack.version
+                )));
+            }
+        }
     } else if body.base_version.is_some() {
         return Err(ApiError::BadRequest(
             "baseVersion goes with a new compose".into(),

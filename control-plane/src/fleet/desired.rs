@@ -99,6 +99,11 @@ impl Catalog {
         })
     }
 
+    /// Stack `stack`'s rollout.
+    pub fn rollout(&self, stack: u64) -> Option<&store::Rollout> {
+        self.rollouts.get(&stack)
+    }
+
     /// Version `version` of stack `stack`'s compose file, if it is one environments run now.
     pub fn file(&self, stack: u64, version: u32) -> Option<std::sync::Arc<str>> {
         self.files.get(&(stack, version)).cloned()
@@ -129,17 +134,18 @@ impl Catalog {
             .stacks
             .iter()
             .filter(|s| s.edge_group_ids.iter().any(|g| member_of.contains(g)))
-            .map(|s| {
-                let version = self
-                    .rollouts
-                    .get(&s.id)
-                    .map_or(s.version, |r| crate::rollout::version_for(r, s.id, env.id));
-                (s, version)
+            // Every stack gets its rollout when it is created; a read between the two
+            // writes skips it rather than sending it out all at once.
+            .filter_map(|s| {
+                let r = self.rollouts.get(&s.id)?;
+                Some((s, crate::rollout::version_for(r, s.id, env.id)))
             })
             // Version 0: not released to this environment, and nothing ran before.
             .filter(|(_, version)| *version > 0)
             .collect();
         out.sort_unstable_by_key(|(s, _)| s.id);
+        // What an agent takes at most (the first by id).
+        out.truncate(proto::stacks::MAX_STACKS_PER_ENV);
         out
     }
 
@@ -236,16 +242,17 @@ impl Catalog {
 pub struct DesiredSync {
     /// What it should run (0: nothing).
     pub digest: u64,
-    /// What its agent last acknowledged (a report carrying it); `None` is taken as 0: a
-    /// replica that starts tells every agent whose environment has stacks once, and each
-    /// acknowledges with one report.
+    /// What its agent last acknowledged (a report carrying it); `None`: not heard since this
+    /// state was built (a replica started, or the actor was swept), so the digest is
+    /// announced even when it is 0: an agent that missed a removal while it was away hears of
+    /// it. Each agent acknowledges with one report.
     pub acked: Option<u64>,
 }
 
 impl DesiredSync {
     /// The digest to announce, while the agent has not acknowledged it.
     pub fn announce(&self) -> Option<u64> {
-        (self.acked.unwrap_or(0) != self.digest).then_some(self.digest)
+        (self.acked != Some(self.digest)).then_some(self.digest)
     }
 }
 
@@ -297,8 +304,17 @@ mod tests {
                 },
             ],
             group_tags: BTreeMap::from([(7, vec![5])]),
+            rollouts: HashMap::from([(1, done(2)), (2, done(1))]),
             ..Default::default()
         }
+    }
+
+    /// A rollout that brought everyone to `version`.
+    fn done(version: u32) -> store::Rollout {
+        let mut r = crate::rollout::start(store::RolloutConfig::default(), 0, version, 0);
+        r.threshold = u64::MAX;
+        r.state = store::RolloutState::Done;
+        r
     }
 
     #[test]
@@ -332,6 +348,7 @@ mod tests {
         assert_ne!(before, 0);
         let mut newer = catalog();
         newer.stacks[0].version = 3;
+        newer.rollouts.insert(1, done(3));
         assert_ne!(
             newer.digest(&tagged),
             before,
@@ -345,6 +362,8 @@ mod tests {
     #[test]
     fn the_digest_is_announced_until_acknowledged() {
         let mut s = DesiredSync::default();
+        assert_eq!(s.announce(), Some(0), "not heard yet: even nothing is told");
+        s.acked = Some(0);
         assert_eq!(s.announce(), None);
         s.digest = 7;
         assert_eq!(s.announce(), Some(7));

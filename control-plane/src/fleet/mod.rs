@@ -242,6 +242,9 @@ pub struct Fleet {
     catalog_epoch: AtomicU64,
     /// The last catalog read failed: read again at the next sweep.
     catalog_stale: std::sync::atomic::AtomicBool,
+    /// A catalog was read at least once (until then desired states are not served: an empty
+    /// one would tell agents to remove everything).
+    catalog_loaded: std::sync::atomic::AtomicBool,
     /// Stack statuses agents reported, written in batches with the heartbeats.
     statuses: parking_lot::Mutex<PendingStatuses>,
 }
@@ -319,6 +322,7 @@ impl Fleet {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             catalog_epoch: AtomicU64::new(0),
             catalog_stale: std::sync::atomic::AtomicBool::new(true),
+            catalog_loaded: std::sync::atomic::AtomicBool::new(false),
             statuses: parking_lot::Mutex::new(PendingStatuses::default()),
         }
     }
@@ -946,6 +950,27 @@ impl Fleet {
         Arc::clone(&self.catalog.read())
     }
 
+    /// The catalog, once one was read (`Busy` until then: the agent comes back).
+    pub fn loaded_catalog(&self, id: EnvId) -> Result<Arc<Catalog>, CheckinError> {
+        if self.catalog_loaded.load(Ordering::Acquire) {
+            Ok(self.catalog())
+        } else {
+            Err(CheckinError::Busy(id))
+        }
+    }
+
+    /// The stacks environment `id` should run now, by id.
+    pub async fn stacks_of(self: &Arc<Self>, id: EnvId) -> Result<Vec<u64>, CheckinError> {
+        let catalog = self.loaded_catalog(id)?;
+        let handle = self.actor(id).await?;
+        let inputs = handle.env.lock().inputs.clone();
+        Ok(catalog
+            .stacks_for(&inputs)
+            .into_iter()
+            .map(|(s, _)| s.id)
+            .collect())
+    }
+
     /// Reads edge stacks and groups again and gives every live environment its desired
     /// state's digest (answering held check-ins whose agents must hear of a change). On a
     /// store error the old catalog stays, and the next sweep tries again.
@@ -964,6 +989,7 @@ impl Fleet {
         };
         self.catalog_stale.store(false, Ordering::Release);
         *self.catalog.write() = Arc::clone(&catalog);
+        self.catalog_loaded.store(true, Ordering::Release);
         self.catalog_epoch.fetch_add(1, Ordering::AcqRel);
         let envs: Vec<SharedEnv> = self.actors.iter().map(|h| Arc::clone(&h.env)).collect();
         for env in envs {
@@ -1121,6 +1147,7 @@ impl Fleet {
     /// `shutdown` resolves, then flushes once more.
     pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut changes = self.store.subscribe();
+        self.reload_catalog().await;
         let mut flush = tokio::time::interval(self.limits.heartbeat_flush);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep =
