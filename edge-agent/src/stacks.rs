@@ -311,7 +311,7 @@ impl Reconciler {
         // At most what one report carries; the digest goes with each.
         for chunk in statuses
             .chunks(proto::stacks::MAX_STACKS_PER_ENV)
-            .chain(statuses.is_empty().then_some(&[][..]).into_iter())
+            .chain(statuses.is_empty().then_some(&[][..]))
         {
             self.client
                 .report_stacks(self.journal.digest(), chunk)
