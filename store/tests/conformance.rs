@@ -3383,6 +3383,7 @@ async fn stack_rollouts_are_compare_and_set_and_go_with_their_stack(b: &dyn Back
         next_batch_ms: None,
         reason: None,
         updated_ms: 1_800_000_000_000,
+        tolerated_failures: 2,
     };
     assert!(store
         .put_stack_rollout(stack.id, 0, &rollout)
