@@ -102,8 +102,13 @@ impl Env {
         let speaks_stacks = peer_version >= 2;
         if speaks_stacks {
             if let Some(digest) = self.sync.announce() {
-                answer.desired = Some(digest);
-                answer.unchanged = false;
+                // "Nothing" to an agent not heard from since this state was built goes only
+                // on an answer with a body anyway (a new agent process, or one back from
+                // errors: when a removal may have been missed), so idle check-ins stay 204.
+                if digest != 0 || self.sync.acked.is_some() || !answer.unchanged {
+                    answer.desired = Some(digest);
+                    answer.unchanged = false;
+                }
             }
         }
         let held = if kind == CheckinKind::Held && answer.unchanged {

@@ -244,8 +244,9 @@ pub struct DesiredSync {
     pub digest: u64,
     /// What its agent last acknowledged (a report carrying it); `None`: not heard since this
     /// state was built (a replica started, or the actor was swept), so the digest is
-    /// announced even when it is 0: an agent that missed a removal while it was away hears of
-    /// it. Each agent acknowledges with one report.
+    /// announced even when it is 0 (on answers that have a body anyway: an agent's first
+    /// check-in after a restart or errors), and an agent that missed a removal while it was
+    /// away hears of it. Each agent acknowledges with one report.
     pub acked: Option<u64>,
 }
 
