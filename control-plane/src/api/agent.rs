@@ -477,7 +477,24 @@ async fn desired(
     let inputs = EnvInputs::of(&env);
     let mut stacks = Vec::new();
     let mut failed = Vec::new();
-    for (stack, version) in catalog.stacks_for(&inputs) {
+    let targeting = catalog.targeting(&inputs);
+    // Beyond what an agent takes: not delivered, and the operator told so.
+    for (stack, version) in targeting.iter().skip(proto::stacks::MAX_STACKS_PER_ENV) {
+        failed.push(proto::stacks::StackState {
+            stack_id: stack.id,
+            version: *version,
+            phase: proto::stacks::Phase::Error,
+            error: Some(format!(
+                "not delivered: more than {} stacks target this environment (the first by id are)",
+                proto::stacks::MAX_STACKS_PER_ENV
+            )),
+            at_ms: now_ms(),
+        });
+    }
+    for (stack, version) in targeting
+        .into_iter()
+        .take(proto::stacks::MAX_STACKS_PER_ENV)
+    {
         // The version the environment should run, else (it cannot be rendered for it) the
         // one its rollout started from, so a missing variable does not take down what runs.
         let fallback = catalog

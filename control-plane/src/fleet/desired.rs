@@ -118,8 +118,17 @@ impl Catalog {
         tags
     }
 
-    /// The stacks `env` should run, by id, with the version it should run.
+    /// The stacks `env` should run, by id, with the version it should run: at most what an
+    /// agent takes ([`proto::stacks::MAX_STACKS_PER_ENV`], the first by id).
     pub fn stacks_for(&self, env: &EnvInputs) -> Vec<(&EdgeStack, u32)> {
+        let mut all = self.targeting(env);
+        all.truncate(proto::stacks::MAX_STACKS_PER_ENV);
+        all
+    }
+
+    /// Every stack that targets `env`, by id, with the version it should run (beyond
+    /// [`proto::stacks::MAX_STACKS_PER_ENV`] too: those are not delivered).
+    pub fn targeting(&self, env: &EnvInputs) -> Vec<(&EdgeStack, u32)> {
         if self.stacks.is_empty() {
             return Vec::new();
         }
@@ -144,8 +153,6 @@ impl Catalog {
             .filter(|(_, version)| *version > 0)
             .collect();
         out.sort_unstable_by_key(|(s, _)| s.id);
-        // What an agent takes at most (the first by id).
-        out.truncate(proto::stacks::MAX_STACKS_PER_ENV);
         out
     }
 
@@ -358,6 +365,22 @@ mod tests {
         let mut renamed = tagged.clone();
         renamed.own = 10;
         assert_ne!(c.digest(&renamed), before, "its own inputs count");
+    }
+
+    #[test]
+    fn an_environment_gets_at_most_what_an_agent_takes() {
+        let mut c = catalog();
+        c.stacks = (1..=70).map(|id| stack(id, &[10], 1)).collect();
+        c.rollouts = (1..=70).map(|id| (id, done(1))).collect();
+        let e = env(1, &[5], None);
+        assert_eq!(c.targeting(&e).len(), 70);
+        let delivered = c.stacks_for(&e);
+        assert_eq!(delivered.len(), proto::stacks::MAX_STACKS_PER_ENV);
+        assert_eq!(
+            delivered.last().map(|(s, _)| s.id),
+            Some(64),
+            "the first by id"
+        );
     }
 
     #[test]
