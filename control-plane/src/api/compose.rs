@@ -151,37 +151,42 @@ pub fn parse(yaml: &str) -> Result<Vec<ServiceSpec>, String> {
     let file: ComposeFile = serde_yaml::from_str(yaml).map_err(|e| format!("compose file: {e}"))?;
     file.services
         .into_iter()
-        .map(|(name, s)| {
-            let context = |e: String| format!("service {name}: {e}");
-            Ok(ServiceSpec {
-                image: s.image,
-                command: s.command.map(Words::into_vec),
-                entrypoint: s.entrypoint.map(Words::into_vec),
-                environment: s
-                    .environment
-                    .map(ListOrMap::entries)
-                    .transpose()
-                    .map_err(context)?
-                    .unwrap_or_default(),
-                ports: s
-                    .ports
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(parse_port)
-                    .collect::<Result<_, _>>()
-                    .map_err(context)?,
-                labels: s
-                    .labels
-                    .map(ListOrMap::into_map)
-                    .transpose()
-                    .map_err(context)?
-                    .unwrap_or_default(),
-                restart: s.restart,
-                volumes: s.volumes.unwrap_or_default(),
-                name,
-            })
-        })
+        .map(|(name, s)| s.into_spec(name))
         .collect()
+}
+
+impl Service {
+    /// Service `name` in the engine API's terms; an error names the service.
+    fn into_spec(self, name: String) -> Result<ServiceSpec, String> {
+        let context = |e: String| format!("service {name}: {e}");
+        Ok(ServiceSpec {
+            image: self.image,
+            command: self.command.map(Words::into_vec),
+            entrypoint: self.entrypoint.map(Words::into_vec),
+            environment: self
+                .environment
+                .map(ListOrMap::entries)
+                .transpose()
+                .map_err(context)?
+                .unwrap_or_default(),
+            ports: self
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .map(parse_port)
+                .collect::<Result<_, _>>()
+                .map_err(context)?,
+            labels: self
+                .labels
+                .map(ListOrMap::into_map)
+                .transpose()
+                .map_err(context)?
+                .unwrap_or_default(),
+            restart: self.restart,
+            volumes: self.volumes.unwrap_or_default(),
+            name,
+        })
+    }
 }
 
 /// An edge stack's compose file, as far as it is checked when it is stored: what edge users
@@ -472,33 +477,18 @@ pub fn stack_spec(yaml: &str) -> Result<StackSpec, String> {
             .map(|d| duration_ms(&d).map(|ms| u32::try_from(ms / 1000).unwrap_or(u32::MAX)))
             .transpose()
             .map_err(|e| context(format!("stop_grace_period: {e}")))?;
-        let container = ServiceSpec {
+        // The container itself: what a `stackDeploy` service holds too.
+        let container = Service {
             image: s.image,
-            command: s.command.map(Words::into_vec),
-            entrypoint: s.entrypoint.map(Words::into_vec),
-            environment: s
-                .environment
-                .map(ListOrMap::entries)
-                .transpose()
-                .map_err(context)?
-                .unwrap_or_default(),
-            ports: s
-                .ports
-                .unwrap_or_default()
-                .into_iter()
-                .map(parse_port)
-                .collect::<Result<_, _>>()
-                .map_err(context)?,
-            labels: s
-                .labels
-                .map(ListOrMap::into_map)
-                .transpose()
-                .map_err(context)?
-                .unwrap_or_default(),
+            command: s.command,
+            entrypoint: s.entrypoint,
+            environment: s.environment,
+            labels: s.labels,
+            ports: s.ports,
             restart: s.restart,
-            volumes: s.volumes.unwrap_or_default(),
-            name: name.clone(),
-        };
+            volumes: s.volumes,
+        }
+        .into_spec(name.clone())?;
         services.push(WireService {
             container,
             depends_on,
