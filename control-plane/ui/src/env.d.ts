@@ -1,0 +1,2 @@
+// Stylesheets are bundled into app.css by esbuild.
+declare module '*.css';
