@@ -184,7 +184,7 @@ export function ShellPanel({ envId, containerId, name, onClose }: { envId: numbe
       <p class={state.s === 'error' ? 'status-line text-bad' : 'status-line'} role="status" data-testid="shell-status" data-state={state.s}>
         {describe(state)} <span class="muted">F6 moves the focus out of the terminal.</span>
       </p>
-      <div class="terminal" ref={host} data-testid="terminal" />
+      <div class="ep-terminal" ref={host} data-testid="terminal" />
     </section>
   );
 }
