@@ -101,6 +101,17 @@ const context = await browser.newContext({
   locale: 'en-GB',
   timezoneId: 'UTC',
 });
+// The text of the console's terminal (xterm.js exposes it to tests on window.__edgeplaneTerm).
+await context.addInitScript(() => {
+  window.terminalText = () => {
+    const t = window.__edgeplaneTerm;
+    if (!t) return '';
+    const b = t.buffer.active;
+    const lines = [];
+    for (let i = 0; i < b.length; i++) lines.push(b.getLine(i)?.translateToString(true) ?? '');
+    return lines.join('\n');
+  };
+});
 const page = await context.newPage();
 page.setDefaultTimeout(ms(15000));
 page.on('console', (m) => {
@@ -132,6 +143,8 @@ async function fail(name, err) {
   try {
     await page.screenshot({ path: join(ARTIFACTS, `failed-${name}.png`), fullPage: true });
     await writeFile(join(ARTIFACTS, `failed-${name}.html`), await page.content());
+    const term = await page.evaluate(() => (window.terminalText ? window.terminalText() : '')).catch(() => '');
+    if (term.trim()) await writeFile(join(ARTIFACTS, `failed-${name}-terminal.txt`), term);
     log(`artifacts: ${join(ARTIFACTS, `failed-${name}.png`)} and .html (page at ${page.url()})`);
   } catch (e) {
     log(`could not save artifacts: ${e.message}`);
@@ -253,21 +266,15 @@ await step('shell', async () => {
   });
   await page.waitForFunction(() => !!window.__edgeplaneTerm, null, { timeout: ms(10000) });
   await page.getByTestId('terminal').click();
-  // Let the shell print its prompt first (typing before it may be echoed out of order).
-  await page.waitForTimeout(ms(500));
+  // Let the shell print its prompt first (typing before it may be echoed out of order); a
+  // shell that prints none gets the keys after 10 s all the same.
+  await until('a prompt in the terminal', ms(10000), () => page.evaluate(() => terminalText().trim() !== ''), 200).catch(() =>
+    log('no prompt in the terminal after 10 s; typing anyway'),
+  );
   await page.keyboard.type('echo hello', { delay: 20 });
   await page.keyboard.press('Enter');
   await until('"hello" in the terminal', ms(20000), () =>
-    page.evaluate(() => {
-      const t = window.__edgeplaneTerm;
-      if (!t) return false;
-      const b = t.buffer.active;
-      for (let i = 0; i < b.length; i++) {
-        const line = b.getLine(i)?.translateToString(true).trim();
-        if (line === 'hello') return true;
-      }
-      return false;
-    }),
+    page.evaluate(() => terminalText().split('\n').some((line) => line.trim() === 'hello')),
   );
   await shot('shell');
   await page.getByTestId('shell-close').click();

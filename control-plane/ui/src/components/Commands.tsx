@@ -1,6 +1,6 @@
 // An async environment's commands: newest first, polled, with a form for any command type.
 
-import { useState } from 'preact/hooks';
+import { useEffect, useRef, useState } from 'preact/hooks';
 import { errorText, getPage } from '../api';
 import type { Command, CommandType, Environment, NewCommand } from '../types';
 import { useNow, useResource } from '../lib/hooks';
@@ -29,8 +29,26 @@ export function CommandHistory({ env, version }: { env: Environment; version: nu
     3000,
   );
   const data = list.data;
+
+  // Commands that move on are announced (the table itself refreshes silently).
+  const seen = useRef(new Map<number, string>());
+  const [announce, setAnnounce] = useState('');
+  useEffect(() => {
+    if (!data) return;
+    const changes: string[] = [];
+    for (const c of data.items) {
+      const before = seen.current.get(c.id);
+      if (before !== undefined && before !== c.state) changes.push(`${words(c.type)} ${c.target}: ${c.state}${c.error ? ` (${c.error})` : ''}`);
+      seen.current.set(c.id, c.state);
+    }
+    if (changes.length) setAnnounce(changes.join('. '));
+  }, [data]);
+
   return (
     <div>
+      <p class="visually-hidden" aria-live="polite">
+        {announce}
+      </p>
       <p class="muted">
         The agent fetches commands every {seconds(env.commandInterval)}
         {env.commandInterval === 0 ? ' (command fetching is off for this environment)' : ''}; results come back on its next tick.
@@ -54,7 +72,7 @@ export function CommandHistory({ env, version }: { env: Environment; version: nu
                   <th scope="col">Result</th>
                 </tr>
               </thead>
-              <tbody aria-live="polite" aria-relevant="text">
+              <tbody>
                 {data.items.map((c) => (
                   <tr key={c.id} data-testid="command-row" data-command-id={c.id} data-type={c.type} data-target={c.target} data-state={c.state}>
                     <th scope="row">

@@ -93,8 +93,11 @@ function RolloutPanel({ stack, onChanged }: { stack: EdgeStack; onChanged: () =>
           </button>
         </div>
       </div>
+      <p class="visually-hidden" aria-live="polite">
+        {r ? `Rollout ${words(r.state)}, batch ${r.batch}, ${r.released} released, ${counts.error ?? 0} failed${r.reason ? `: ${r.reason}` : ''}` : ''}
+      </p>
       {r ? (
-        <div aria-live="polite">
+        <div>
           <div class="rollout-head">
             <Badge value={r.state} testid="rollout-state" />
             <span>

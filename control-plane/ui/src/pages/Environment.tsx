@@ -19,7 +19,7 @@ import { CommandHistory, QueueDialog } from '../components/Commands';
 export function EnvironmentPage({ id, route }: { id: number; route: Route }) {
   const cat = useCatalog();
   const notify = useNotify();
-  const now = useNow(2000);
+  const now = useNow(5000);
   const res = useResource((signal) => get<Environment>(`/endpoints/${id}`, undefined, signal), [id], 4000);
   const [dialog, setDialog] = useState<EnvDialog>(null);
   const [commandsVersion, setCommandsVersion] = useState(0);
