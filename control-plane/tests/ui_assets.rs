@@ -99,7 +99,10 @@ fn committed_console_assets_are_what_the_sources_build() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("ui");
     copy_sources(&src, &copy, Path::new(""));
-    run(&copy, &["ci", "--prefer-offline", "--no-audit", "--no-fund"]);
+    run(
+        &copy,
+        &["ci", "--prefer-offline", "--no-audit", "--no-fund"],
+    );
     run(&copy, &["run", "build"]);
     let built = copy.join("dist");
 
@@ -108,13 +111,19 @@ fn committed_console_assets_are_what_the_sources_build() {
     let mut problems = Vec::new();
     for name in old.union(&new) {
         match (old.contains(name), new.contains(name)) {
-            (true, false) => problems.push(format!("{name}: committed, but the build makes no such file")),
+            (true, false) => problems.push(format!(
+                "{name}: committed, but the build makes no such file"
+            )),
             (false, true) => problems.push(format!("{name}: built, but not committed")),
             _ => {
                 let a = std::fs::read(committed.join(name)).unwrap();
                 let b = std::fs::read(built.join(name)).unwrap();
                 if a != b {
-                    let at = a.iter().zip(&b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+                    let at = a
+                        .iter()
+                        .zip(&b)
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(a.len().min(b.len()));
                     problems.push(format!(
                         "{name}: differs (committed {} B, built {} B, first difference at byte {at})",
                         a.len(),
