@@ -136,10 +136,11 @@ export function ConfirmDialog(props: {
         <div class="confirm-text">{props.children}</div>
         <FormError error={error} />
         <div class="form-actions">
-          <button type="button" class="btn" onClick={props.onClose}>
+          {/* A destructive action starts on Cancel: Enter alone never confirms it. */}
+          <button type="button" class="btn" onClick={props.onClose} autoFocus={props.danger}>
             Cancel
           </button>
-          <button type="submit" class={props.danger ? 'btn btn-danger' : 'btn btn-primary'} disabled={busy} autoFocus>
+          <button type="submit" class={props.danger ? 'btn btn-danger' : 'btn btn-primary'} disabled={busy} autoFocus={!props.danger}>
             {busy ? 'Working…' : props.confirmLabel}
           </button>
         </div>
