@@ -27,7 +27,7 @@ export function EdgeStacks({ route }: { route: Route }) {
       return { items, total: page.total };
     },
     [start],
-    5000,
+    8000,
   );
   const [creating, setCreating] = useState(false);
   const groupName = (id: number) => groups.data?.find((g) => g.id === id)?.name ?? `#${id}`;
