@@ -2,8 +2,8 @@
 //! The web console's assets in `control-plane/ui/dist/` (embedded in the binary, so running
 //! the control plane needs no Node.js) are exactly what their sources build: a clean copy of
 //! `control-plane/ui` (without `node_modules/` and `dist/`) is installed from its lockfile
-//! (`npm ci`) and built (`npm run build`: type check, then esbuild), and every file of the
-//! fresh `dist/` must equal the committed one byte for byte.
+//! (`npm ci`) and built (`npm run build`: type check and the console's unit tests, then
+//! esbuild), and every file of the fresh `dist/` must equal the committed one byte for byte.
 //!
 //! Needs Node.js and npm (Debian's `nodejs` and `npm`); without them the test fails, saying
 //! so. `npm ci` takes packages from npm's cache (`~/.npm`) when it has them.
