@@ -1,7 +1,7 @@
 // Dialogs about one environment: create or edit it, its install command, reset its
 // association, delete it.
 
-import { useId, useState } from 'preact/hooks';
+import { useEffect, useId, useState } from 'preact/hooks';
 import { del, errorText, get, patch, post } from '../api';
 import type { Environment, Install, Mode, Platform, Settings } from '../types';
 import { useCatalog } from '../lib/catalog';
@@ -107,6 +107,11 @@ export function EnvFormDialog({
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
   const settings = useResource((signal) => get<Settings>('/settings', undefined, signal), []);
+  // Groups and tags made meanwhile (in another tab) are offered too.
+  useEffect(() => {
+    void cat.reload();
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, []);
   const set = <K extends keyof EnvFormValue>(k: K, val: EnvFormValue[K]) => setV((old) => ({ ...old, [k]: val }));
   const def = (k: keyof Settings) => (settings.data ? `default: ${settings.data[k]} s` : 'server default');
 

@@ -10,7 +10,7 @@ import { ago, num } from '../lib/format';
 import { href, navigate } from '../lib/router';
 import type { Route } from '../lib/router';
 import { Badge, CheckList, ConfirmDialog, Dialog, Empty, ErrorBanner, FormError, Loading, Pager, SelectField, TextField, useNotify } from '../components/ui';
-import { pool } from './Overview';
+import { pool } from '../lib/pool';
 
 const LIMIT = 25;
 

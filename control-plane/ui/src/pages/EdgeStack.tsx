@@ -13,7 +13,7 @@ import { href, navigate } from '../lib/router';
 import type { Route } from '../lib/router';
 import { Badge, ConfirmDialog, Details, Dialog, Empty, ErrorBanner, FormError, Loading, Pager, SelectField, useNotify } from '../components/ui';
 import { NewVersionDialog, TargetsDialog, useEdgeGroups } from '../components/stackForms';
-import { pool } from './Overview';
+import { pool } from '../lib/pool';
 
 const LIMIT = 25;
 

@@ -9,7 +9,7 @@ import { href, navigate } from '../lib/router';
 import type { Route } from '../lib/router';
 import { Badge, Empty, ErrorBanner, Loading, Pager, useNotify } from '../components/ui';
 import { CreateStackDialog, useEdgeGroups } from '../components/stackForms';
-import { pool } from './Overview';
+import { pool } from '../lib/pool';
 
 const LIMIT = 25;
 

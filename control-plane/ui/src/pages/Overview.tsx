@@ -8,25 +8,12 @@ import { useCatalog } from '../lib/catalog';
 import { useNow, useResource } from '../lib/hooks';
 import { ago, dateTime, num } from '../lib/format';
 import { href } from '../lib/router';
+import { pool } from '../lib/pool';
 import { Badge, Empty, ErrorBanner, Loading } from '../components/ui';
 
 const ACTIVE = new Set(['rolling', 'paused', 'rollingBack']);
 /** Stacks looked at for rollouts in progress. */
 const MAX_STACKS = 200;
-
-/** Runs `f` over `items`, at most `n` at a time. */
-export async function pool<T, R>(items: T[], n: number, f: (t: T) => Promise<R>): Promise<R[]> {
-  const out: R[] = new Array(items.length);
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length) {
-      const i = next++;
-      out[i] = await f(items[i]);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(n, items.length) }, worker));
-  return out;
-}
 
 /** Edge stacks whose rollout is under way, with their counts. */
 export async function activeRollouts(signal: AbortSignal): Promise<{ stacks: EdgeStack[]; total: number }> {
