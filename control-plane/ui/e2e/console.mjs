@@ -327,7 +327,7 @@ await step('edge-stacks', async () => {
 await step('sign-out', async () => {
   await page.getByTestId('sign-out').click();
   await page.getByTestId('signin-form').waitFor();
-  // The session is gone on the server too: a reload asks to sign in again.
+  // The browser no longer holds the session: a reload asks to sign in again.
   await page.reload();
   await page.getByTestId('signin-form').waitFor({ timeout: ms(20000) });
 });
