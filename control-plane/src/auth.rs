@@ -24,6 +24,11 @@ impl AdminKeys {
         *self.0.write() = hashes;
     }
 
+    /// The accepted keys' hashes (sessions are signed under keys derived from them).
+    pub fn hashes(&self) -> Vec<[u8; 32]> {
+        self.0.read().clone()
+    }
+
     /// Constant-time over each stored hash; every hash is compared (no early exit).
     pub fn accepts(&self, key: &str) -> bool {
         let h = Self::hash(key);

@@ -75,7 +75,14 @@ pub struct Summary {
     pub mode: ModeCounts,
     /// By group id (`0`: in no group).
     pub groups: BTreeMap<u64, StatusCounts>,
+    /// The environments that went down most recently: id and last check-in, newest first, at
+    /// most [`RECENTLY_DOWN`].
+    #[serde(skip)]
+    pub recently_down: Vec<(EnvId, u64)>,
 }
+
+/// How many environments [`Summary::recently_down`] names.
+pub const RECENTLY_DOWN: usize = 10;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct StatusCounts {
@@ -465,6 +472,8 @@ impl Directory {
         index.used = Instant::now();
         let now = proto::clock::now_ms();
         let mut s = Summary::default();
+        // The newest down ones: a min-heap of RECENTLY_DOWN, so the scan stays one pass.
+        let mut recent = std::collections::BinaryHeap::with_capacity(RECENTLY_DOWN + 1);
         for (&id, e) in &index.entries {
             let st = status(self.last(id, e), e.grace(settings), now);
             s.total += 1;
@@ -474,7 +483,18 @@ impl Directory {
                 EdgeMode::Async => s.mode.async_ += 1,
             }
             s.groups.entry(e.group_id.unwrap_or(0)).or_default().add(st);
+            if let (Liveness::Down, Some(last)) = (st, self.last(id, e)) {
+                recent.push(std::cmp::Reverse((last, id)));
+                if recent.len() > RECENTLY_DOWN {
+                    recent.pop();
+                }
+            }
         }
+        s.recently_down = recent
+            .into_sorted_vec()
+            .into_iter()
+            .map(|std::cmp::Reverse((last, id))| (id, last))
+            .collect();
         Ok(s)
     }
 

@@ -39,6 +39,7 @@ use crate::engine_pool::{self, EngineBody};
 use crate::error::{ApiError, ProxyError};
 use crate::fleet::{liveness, Fleet, Liveness, TunnelError};
 use crate::metrics::Metrics;
+use crate::session::{Credentials, CSRF_HEADER};
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -113,16 +114,9 @@ impl DockerProxy {
                 hyper::header::HeaderValue::from_static("close"),
             );
         }
-        let class = match res.status().as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
         self.metrics
             .docker_requests
-            .with_label_values(&[class])
+            .with_label_values(&[crate::metrics::status_class(res.status().as_u16())])
             .inc();
         tracing::debug!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "docker proxy request");
         res
@@ -140,14 +134,23 @@ impl DockerProxy {
             return Err(ProxyError::Misdirected);
         };
         let target = engine_target(rest, req.uri().query());
-        let key = req
-            .headers()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ProxyError::Unauthorized("missing X-API-Key header"))?;
-        if !self.admin.accepts(key) {
-            return Err(ProxyError::Unauthorized("invalid API key"));
-        }
+        let headers = req.headers();
+        let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+        let cookies: Vec<&str> = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let credentials = Credentials {
+            api_key: text(crate::auth::HEADER),
+            cookies: &cookies,
+            csrf: text(CSRF_HEADER),
+            safe_method: matches!(
+                *req.method(),
+                hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+            ),
+        };
+        self.admin.authorize(&credentials, now_ms())?;
         if let Some(ticket) = ticket {
             ticket.proved();
         }

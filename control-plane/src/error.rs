@@ -15,8 +15,12 @@ use crate::fleet::{CheckinError, Refusal};
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// The admin key or the console's session (and its CSRF token) did not check out.
+    #[error(transparent)]
+    Auth(#[from] crate::session::Refused),
+    /// Authenticated, but not allowed from where it came (a WebSocket from another origin).
     #[error("{0}")]
-    Unauthorized(&'static str),
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -83,8 +87,8 @@ fn agent_message(r: &AgentRefusal) -> String {
 pub enum ProxyError {
     #[error("this connection carries the Docker API; open a new connection for other routes")]
     Misdirected,
-    #[error("{0}")]
-    Unauthorized(&'static str),
+    #[error(transparent)]
+    Auth(#[from] crate::session::Refused),
     #[error("environment {0} does not exist")]
     NotFound(EnvId),
     #[error("environment {0} is in async mode: it has no tunnel; queue commands with POST /api/endpoints/{0}/commands")]
@@ -123,7 +127,8 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             Self::BadRequest(_) => 400,
-            Self::Unauthorized(_) => 401,
+            Self::Auth(r) => auth_status(*r),
+            Self::Forbidden(_) => 403,
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
             Self::Unprocessable(_) => 422,
@@ -148,7 +153,7 @@ impl ApiError {
             },
             Self::Proxy(e) => match e {
                 ProxyError::Misdirected => 421,
-                ProxyError::Unauthorized(_) => 401,
+                ProxyError::Auth(r) => auth_status(*r),
                 ProxyError::NotFound(_) => 404,
                 ProxyError::Async(_) => 409,
                 ProxyError::BadRequest(_) => 400,
@@ -169,7 +174,7 @@ impl ApiError {
             Self::Misdirected(_) => Some(RefusalCode::Misdirected.kind()),
             Self::Proxy(e) => Some(match e {
                 ProxyError::Misdirected => RefusalCode::Misdirected.kind(),
-                ProxyError::Unauthorized(_) => "unauthorized",
+                ProxyError::Auth(r) => auth_code(*r),
                 ProxyError::NotFound(_) => "not_found",
                 ProxyError::Async(_) => "async_environment",
                 ProxyError::BadRequest(_) => RefusalCode::BadRequest.kind(),
@@ -179,8 +184,9 @@ impl ApiError {
                 ProxyError::EngineUnreachable(_) => "engine_unreachable",
                 ProxyError::Store(_) => "store_unavailable",
             }),
-            Self::Unauthorized(_)
-            | Self::NotFound(_)
+            Self::Auth(r) => Some(auth_code(*r)),
+            Self::Forbidden(_) => Some("forbidden"),
+            Self::NotFound(_)
             | Self::Conflict(_)
             | Self::Unprocessable(_)
             | Self::PayloadTooLarge(_)
@@ -218,6 +224,22 @@ impl ApiError {
             server_time_ms,
         })
         .unwrap_or_else(|_| r#"{"message":"error"}"#.to_owned())
+    }
+}
+
+fn auth_status(r: crate::session::Refused) -> u16 {
+    if r.forbidden() {
+        403
+    } else {
+        401
+    }
+}
+
+fn auth_code(r: crate::session::Refused) -> &'static str {
+    if r.forbidden() {
+        "csrf"
+    } else {
+        "unauthorized"
     }
 }
 

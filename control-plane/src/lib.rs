@@ -19,9 +19,11 @@ pub mod fleet;
 pub mod front;
 pub mod metrics;
 pub mod rollout;
+pub mod session;
 pub mod stack_vars;
 pub mod targets;
 pub mod tls;
+pub mod ui;
 pub mod workers;
 
 use std::future::Future;

@@ -70,7 +70,7 @@ struct Cli {
     #[arg(long, env = "EDGEPLANE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Plain-HTTP listener for /metrics, /metrics/agents, /healthz, /readyz.
-    #[arg(long, env = "EDGEPLANE_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    #[arg(long, env = "EDGEPLANE_METRICS_ADDR", default_value = "127.0.0.1:9444")]
     metrics_addr: SocketAddr,
     /// Shared secret agents must also hold (AGENT_SECRET is read too).
     #[arg(long, env = "EDGEPLANE_AGENT_SECRET", hide_env_values = true)]

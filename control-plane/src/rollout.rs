@@ -282,11 +282,7 @@ pub async fn run(
             }
         }
         if let Err(e) = once(&state).await {
-            state
-                .metrics
-                .store_errors
-                .with_label_values(&["rollouts"])
-                .inc();
+            state.metrics.store_error(crate::metrics::StoreOp::Rollouts);
             tracing::warn!(error = %e, "rollouts not moved on; will try again");
         }
     }

@@ -99,6 +99,14 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Every reason, so each series exists (at 0) from the start.
+    pub const ALL: [Self; 4] = [
+        Self::Full,
+        Self::SourceFull,
+        Self::Pending,
+        Self::SourcePending,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Full => "full",

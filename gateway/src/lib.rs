@@ -74,7 +74,7 @@ mod agent;
 mod dial;
 mod lease;
 pub mod listen;
-mod metrics;
+pub mod metrics;
 mod serve_dial;
 mod server;
 mod socket;

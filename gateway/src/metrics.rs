@@ -18,6 +18,19 @@ pub(crate) mod result {
     pub const OVERLOADED: &str = "overloaded";
     /// Let go while pending, to make room for a newer connection.
     pub const EVICTED: &str = "evicted";
+
+    pub const ALL: [&str; 10] = [
+        ACCEPTED,
+        BAD_CREDENTIALS,
+        MISMATCH,
+        UNAVAILABLE,
+        NOT_AUTHORIZED,
+        MALFORMED,
+        TIMEOUT,
+        TLS_ERROR,
+        OVERLOADED,
+        EVICTED,
+    ];
 }
 
 /// Handshake kinds (label `kind`): before the hello is read the kind is unknown.
@@ -25,6 +38,8 @@ pub(crate) mod kind {
     pub const AGENT: &str = "agent";
     pub const DIAL: &str = "dial";
     pub const UNKNOWN: &str = "unknown";
+
+    pub const ALL: [&str; 3] = [AGENT, DIAL, UNKNOWN];
 }
 
 #[derive(Clone)]
@@ -97,6 +112,19 @@ impl GatewayMetrics {
                 "Connections to the tunnel listener that proved nothing yet",
             )?,
         };
+        // Every labelled series exists from the start, at 0: an alert on `increase()` sees
+        // the first one.
+        for k in kind::ALL {
+            for r in result::ALL {
+                m.handshakes.with_label_values(&[k, r]);
+            }
+        }
+        for r in crate::admission::Refused::ALL {
+            m.refused.with_label_values(&[r.label()]);
+        }
+        for r in crate::server::EndReason::ALL {
+            m.tunnel_closes.with_label_values(&[r.label()]);
+        }
         registry.register(Box::new(m.tunnels_open.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.connections_open.clone()))?;
@@ -132,5 +160,218 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// The `process_*` series every Prometheus client library exports (CPU seconds, resident and
+/// virtual memory, open and maximum file descriptors, start time), read from `/proc/self` at
+/// scrape time, and `edgeplane_build_info{binary, version}` (always 1): both binaries
+/// register it into the registry they serve.
+pub struct ProcessCollector {
+    descs: Vec<prometheus::core::Desc>,
+    build_info: prometheus::IntGaugeVec,
+}
+
+/// The `process_*` names and their help, in the order [`ProcessCollector`] reports them.
+const PROCESS_SERIES: [(&str, &str, prometheus::proto::MetricType); 6] = {
+    use prometheus::proto::MetricType::{COUNTER, GAUGE};
+    [
+        (
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+            COUNTER,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            GAUGE,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            GAUGE,
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            GAUGE,
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            GAUGE,
+        ),
+        (
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            GAUGE,
+        ),
+    ]
+};
+
+impl ProcessCollector {
+    /// `binary`: the program's name (`control-plane`, `tunnel-gateway`).
+    pub fn new(binary: &str) -> Result<Self, prometheus::Error> {
+        let descs = PROCESS_SERIES
+            .iter()
+            .map(|(name, help, _)| {
+                prometheus::core::Desc::new(
+                    (*name).to_owned(),
+                    (*help).to_owned(),
+                    vec![],
+                    Default::default(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "edgeplane_build_info",
+                "Always 1: the binary and its version (a changed version marks a deploy)",
+            ),
+            &["binary", "version"],
+        )?;
+        build_info
+            .with_label_values(&[binary, env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self { descs, build_info })
+    }
+
+    /// The values of [`PROCESS_SERIES`] now; `None` where `/proc` does not tell (not Linux).
+    fn read() -> [Option<f64>; 6] {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        let stat = stat.as_deref().and_then(parse_stat);
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64);
+        let max_fds = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
+            });
+        match stat {
+            Some(s) => [
+                Some(s.cpu_seconds),
+                Some(s.rss_bytes),
+                Some(s.vsize_bytes),
+                open_fds,
+                max_fds,
+                Some(s.start_time_seconds),
+            ],
+            None => [None, None, None, open_fds, max_fds, None],
+        }
+    }
+}
+
+impl prometheus::core::Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d: Vec<_> = self.descs.iter().collect();
+        d.extend(self.build_info.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut out = Vec::with_capacity(PROCESS_SERIES.len() + 1);
+        for ((name, help, kind), value) in PROCESS_SERIES.iter().zip(Self::read()) {
+            let Some(value) = value else { continue };
+            let mut m = prometheus::proto::Metric::default();
+            if *kind == prometheus::proto::MetricType::COUNTER {
+                let mut c = prometheus::proto::Counter::default();
+                c.set_value(value);
+                m.set_counter(c);
+            } else {
+                let mut g = prometheus::proto::Gauge::default();
+                g.set_value(value);
+                m.set_gauge(g);
+            }
+            let mut f = prometheus::proto::MetricFamily::default();
+            f.set_name((*name).to_owned());
+            f.set_help((*help).to_owned());
+            f.set_field_type(*kind);
+            f.mut_metric().push(m);
+            out.push(f);
+        }
+        out.extend(self.build_info.collect());
+        out
+    }
+}
+
+struct Stat {
+    cpu_seconds: f64,
+    rss_bytes: f64,
+    vsize_bytes: f64,
+    start_time_seconds: f64,
+}
+
+/// `/proc/self/stat`: fields after the command's closing parenthesis (which may itself
+/// contain spaces and parentheses).
+fn parse_stat(stat: &str) -> Option<Stat> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3 of proc(5), so field n is f[n - 3].
+    let num = |n: usize| f.get(n - 3)?.parse::<f64>().ok();
+    // Linux reports these in clock ticks and pages; sysconf is not reachable without unsafe
+    // code here, and both are these values on every Linux this runs on (x86_64, aarch64 with
+    // 4 KiB pages).
+    const TICKS: f64 = 100.0;
+    const PAGE: f64 = 4096.0;
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    })?;
+    Some(Stat {
+        cpu_seconds: (num(14)? + num(15)?) / TICKS,
+        vsize_bytes: num(23)?,
+        rss_bytes: num(24)? * PAGE,
+        start_time_seconds: boot + num(22)? / TICKS,
+    })
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::*;
+    use prometheus::core::Collector as _;
+
+    #[test]
+    fn the_process_series_are_read_from_proc() {
+        let c = ProcessCollector::new("test").expect("collector");
+        let families = c.collect();
+        let names: Vec<&str> = families.iter().map(|f| f.name()).collect();
+        for (name, _, _) in PROCESS_SERIES {
+            assert!(names.contains(&name), "{name} in {names:?}");
+        }
+        assert!(names.contains(&"edgeplane_build_info"));
+        let value = |n: &str| {
+            let f = families.iter().find(|f| f.name() == n).expect(n);
+            let m = &f.get_metric()[0];
+            if f.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                m.get_counter().get_value()
+            } else {
+                m.get_gauge().get_value()
+            }
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+    }
+
+    #[test]
+    fn a_command_with_parentheses_is_parsed() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0 1000 123456789 2000 18446744073709551615";
+        let s = parse_stat(line).expect("parsed");
+        assert_eq!(s.cpu_seconds, 3.0);
+        assert_eq!(s.vsize_bytes, 123456789.0);
+        assert_eq!(s.rss_bytes, 2000.0 * 4096.0);
     }
 }

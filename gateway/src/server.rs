@@ -65,7 +65,20 @@ pub(crate) enum EndReason {
 }
 
 impl EndReason {
-    fn label(self) -> &'static str {
+    /// Every reason, so each series exists (at 0) from the start.
+    pub(crate) const ALL: [Self; 9] = [
+        Self::Inactive,
+        Self::AgentShutdown,
+        Self::AgentGone,
+        Self::Silent,
+        Self::LeaseLost,
+        Self::LeaseUnrenewed,
+        Self::Replaced,
+        Self::Shutdown,
+        Self::NoControlStream,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Inactive => "inactive",
             Self::AgentShutdown => "agent_shutdown",

@@ -153,6 +153,14 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             source,
         })?;
     let registry = Registry::new();
+    match gateway::metrics::ProcessCollector::new("tunnel-gateway") {
+        Ok(c) => {
+            if let Err(e) = registry.register(Box::new(c)) {
+                tracing::warn!(error = %e, "process metrics not registered");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "process metrics not registered"),
+    }
     let gw_config = GatewayConfig::new(
         config.id.clone(),
         config.listen,

@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, env = "EDGEPLANE_TLS_KEY")]
     tls_key: PathBuf,
     /// Plain-HTTP listener for /metrics, /healthz, /readyz.
-    #[arg(long, env = "EDGEPLANE_METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    #[arg(long, env = "EDGEPLANE_METRICS_ADDR", default_value = "127.0.0.1:9445")]
     metrics_addr: SocketAddr,
     /// Unique id of this gateway. Default: <hostname>-<6 random hex chars>.
     #[arg(long, env = "EDGEPLANE_ID")]

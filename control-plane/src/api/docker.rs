@@ -13,8 +13,32 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::docker_proxy::{copy_headers, engine_target, is_upgrade, DockerProxy};
 use crate::error::ApiError;
 
+/// Whether `path` is one of the Docker proxy's (`/api/endpoints/{id}/docker...`).
+pub fn is_docker_path(path: &str) -> bool {
+    crate::docker_proxy::docker_path(path).is_some()
+}
+
 pub async fn proxy(
     proxy: web::Data<DockerProxy>,
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<(u64, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let answer = forward(&proxy, req, payload, path).await;
+    let status = match &answer {
+        Ok(res) => res.status().as_u16(),
+        Err(e) => e.status(),
+    };
+    proxy
+        .metrics
+        .docker_requests
+        .with_label_values(&[crate::metrics::status_class(status)])
+        .inc();
+    answer
+}
+
+async fn forward(
+    proxy: &DockerProxy,
     req: HttpRequest,
     payload: web::Payload,
     path: web::Path<(u64, String)>,

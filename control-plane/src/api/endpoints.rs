@@ -700,9 +700,22 @@ pub(crate) async fn page_views(
 }
 
 /// Counts of the whole fleet: by status, by mode, and by group (`0`: in no group) with
-/// each group's statuses.
+/// each group's statuses; and the environments that went down most recently.
 pub async fn summary(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let settings = state.store.settings().await?;
     let summary = state.directory.summary(&settings).await?;
-    Ok(HttpResponse::Ok().json(summary))
+    let ids: Vec<u64> = summary.recently_down.iter().map(|(id, _)| *id).collect();
+    let envs = state.store.get_environments(&ids).await?;
+    let recently_down: Vec<_> = summary
+        .recently_down
+        .iter()
+        .zip(envs)
+        .filter_map(|((id, last), env)| {
+            let env = env?;
+            Some(serde_json::json!({"id": id, "name": env.name, "lastCheckIn": rfc3339(*last)}))
+        })
+        .collect();
+    let mut body = serde_json::to_value(&summary).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["recentlyDown"] = serde_json::json!(recently_down);
+    Ok(HttpResponse::Ok().json(body))
 }

@@ -7,6 +7,7 @@ mod auth;
 mod catalog;
 mod commands;
 pub(crate) mod compose;
+mod console;
 mod docker;
 mod edge_groups;
 mod edge_stacks;
@@ -276,9 +277,39 @@ pub const ROUTES: &[Route] = &[
         summary: "Change default intervals",
     },
     Route {
+        method: "PUT",
+        path: "/api/settings",
+        summary: "Change default intervals (as PATCH: the fields given change)",
+    },
+    Route {
         method: "GET",
         path: "/api/openapi.json",
         summary: "This document",
+    },
+    Route {
+        method: "GET",
+        path: "/api/endpoints/{id}/exec/{execId}/ws",
+        summary: "The terminal of an exec (created with Tty through the Docker proxy) as a WebSocket: binary frames both ways; a browser's handshake must come from this server's origin",
+    },
+];
+
+/// The web console's sign-in routes: outside the admin check, since they are how a browser
+/// gets past it (`api::console`).
+pub const SESSION_ROUTES: &[Route] = &[
+    Route {
+        method: "POST",
+        path: "/api/auth/session",
+        summary: "Sign in with the admin key: sets the session cookie (HttpOnly, Secure, SameSite=Strict) and answers the CSRF token that requests other than GET must carry in X-CSRF-Token",
+    },
+    Route {
+        method: "GET",
+        path: "/api/auth/session",
+        summary: "The current session's CSRF token and expiry (401 without a valid session cookie)",
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/auth/session",
+        summary: "Sign out: the browser drops the session cookie",
     },
 ];
 
@@ -310,6 +341,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         }),
     )
     .configure(agent::configure)
+    .configure(console::configure_session)
+    .configure(crate::ui::configure)
     .service(
         web::scope("/api")
             .wrap(from_fn(auth::require_admin_key))
@@ -340,6 +373,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             )
             .route("/endpoints/{id}/install", web::get().to(install::install))
             .route(
+                "/endpoints/{id}/exec/{exec}/ws",
+                web::get().to(console::exec_ws),
+            )
+            .route(
                 "/endpoints/{id}/snapshot",
                 web::get().to(endpoints::snapshot),
             )
@@ -357,12 +394,68 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .default_service(web::to(not_found));
 }
 
+/// What no route took: `405` with `Allow` for a known path asked with another method (routes
+/// declared with `.route()` fall through to here rather than answer it themselves), else
+/// `404`.
 async fn not_found(req: actix_web::HttpRequest) -> HttpResponse {
+    let allowed = allowed_methods(req.path());
+    if !allowed.is_empty() && !allowed.contains(&req.method().as_str()) {
+        return HttpResponse::MethodNotAllowed()
+            .insert_header((actix_web::http::header::ALLOW, allowed.join(", ")))
+            .json(serde_json::json!({
+                "message": format!("method {} is not allowed on {}", req.method(), req.path())
+            }));
+    }
     actix_web::ResponseError::error_response(&ApiError::NotFound(format!(
         "no route for {} {}",
         req.method(),
         req.path()
     )))
+}
+
+/// The methods a path answers (the `Allow` header of a 405), from the route tables.
+pub fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let matching: Vec<&Route> = ROUTES
+        .iter()
+        .chain(SESSION_ROUTES)
+        .filter(|r| template_matches(r.path, path))
+        .collect();
+    // The most specific template wins, as in the router: `/api/endpoints/summary` over
+    // `/api/endpoints/{id}`.
+    let placeholders = |t: &str| t.matches('{').count();
+    let fewest = matching.iter().map(|r| placeholders(r.path)).min();
+    let mut methods: Vec<&'static str> = matching
+        .iter()
+        .filter(|r| Some(placeholders(r.path)) == fewest)
+        .map(|r| r.method)
+        .collect();
+    if AgentRoute::of(path).is_some() {
+        methods.push("POST");
+    }
+    if path == "/" || path == "/ui" || path.starts_with("/ui/") {
+        methods.extend(["GET", "HEAD"]);
+    }
+    if docker::is_docker_path(path) {
+        // The Docker API takes whatever the engine takes.
+        methods = vec!["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+    }
+    methods.sort_unstable();
+    methods.dedup();
+    methods
+}
+
+/// `/api/endpoints/{id}` matches `/api/endpoints/7`: each `{name}` one non-empty segment.
+fn template_matches(template: &str, path: &str) -> bool {
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') && !ps.is_empty() => {}
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return false,
+        }
+    }
 }
 
 /// Counts admin requests by status class (for the aggregate metrics).
@@ -375,13 +468,9 @@ pub async fn count_requests(
         .map(|s| Arc::clone(&s.metrics));
     let res = next.call(req).await?;
     if let Some(m) = metrics {
-        let class = match res.status().as_u16() {
-            200..=299 => "2xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "other",
-        };
-        m.admin_requests.with_label_values(&[class]).inc();
+        m.admin_requests
+            .with_label_values(&[crate::metrics::status_class(res.status().as_u16())])
+            .inc();
     }
     Ok(res)
 }
@@ -410,7 +499,14 @@ pub fn json_errors<B: MessageBody + 'static>(
         other => other.canonical_reason().unwrap_or("error").to_owned(),
     };
     let (req, _) = res.into_parts();
-    let body = HttpResponse::build(status).json(serde_json::json!({ "message": message }));
+    let mut body = HttpResponse::build(status);
+    if status == actix_web::http::StatusCode::METHOD_NOT_ALLOWED {
+        body.insert_header((
+            actix_web::http::header::ALLOW,
+            allowed_methods(req.path()).join(", "),
+        ));
+    }
+    let body = body.json(serde_json::json!({ "message": message }));
     Ok(ErrorHandlerResponse::Response(
         ServiceResponse::new(req, body).map_into_right_body(),
     ))

@@ -142,7 +142,9 @@ pub fn build() -> Value {
                 json!({"type": "array", "items": {"$ref": "#/components/schemas/CreateEnvironment"}}),
             ),
             ("/api/endpoints/{id}", "PATCH") => Some(json!({"type": "object"})),
-            ("/api/settings", "PATCH") => Some(json!({"$ref": "#/components/schemas/Settings"})),
+            ("/api/settings", "PATCH" | "PUT") => {
+                Some(json!({"$ref": "#/components/schemas/Settings"}))
+            }
             ("/api/edge_stacks" | "/api/edge_stacks/{id}", "POST" | "PUT") => {
                 Some(json!({"$ref": "#/components/schemas/EdgeStackBody"}))
             }

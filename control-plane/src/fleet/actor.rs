@@ -284,10 +284,7 @@ impl EnvActor {
                 .put_tunnel_grant(&hash, &grant, CREDENTIALS_TTL)
                 .await
                 .map_err(|e| {
-                    metrics
-                        .store_errors
-                        .with_label_values(&["put_tunnel_grant"])
-                        .inc();
+                    metrics.store_error(crate::metrics::StoreOp::PutTunnelGrant);
                     CheckinError::Store(e)
                 })
         };

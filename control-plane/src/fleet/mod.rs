@@ -677,9 +677,7 @@ impl Fleet {
             }
             Err(e) => {
                 self.metrics
-                    .store_errors
-                    .with_label_values(&["get_environment"])
-                    .inc();
+                    .store_error(crate::metrics::StoreOp::GetEnvironment);
                 return Err(e.into());
             }
         };
@@ -979,9 +977,7 @@ impl Fleet {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 self.metrics
-                    .store_errors
-                    .with_label_values(&["load_catalog"])
-                    .inc();
+                    .store_error(crate::metrics::StoreOp::LoadCatalog);
                 tracing::warn!(error = %e, "cannot read edge stacks; will try again");
                 self.catalog_stale.store(true, Ordering::Release);
                 return;
@@ -1067,9 +1063,7 @@ impl Fleet {
             if !removed.is_empty() {
                 if let Err(e) = self.store.forget_stack_statuses(stack, &removed).await {
                     self.metrics
-                        .store_errors
-                        .with_label_values(&["forget_stack_statuses"])
-                        .inc();
+                        .store_error(crate::metrics::StoreOp::ForgetStackStatuses);
                     tracing::warn!(error = %e, stack, "cannot forget removed stack statuses");
                 }
             }
@@ -1078,9 +1072,7 @@ impl Fleet {
             }
             if let Err(e) = self.store.record_stack_statuses(stack, &statuses).await {
                 self.metrics
-                    .store_errors
-                    .with_label_values(&["record_stack_statuses"])
-                    .inc();
+                    .store_error(crate::metrics::StoreOp::RecordStackStatuses);
                 tracing::warn!(error = %e, stack, statuses = statuses.len(), "stack status write failed; will retry");
                 let mut pending = self.statuses.lock();
                 if pending.len + statuses.len() <= MAX_PENDING_STATUSES {
@@ -1133,9 +1125,7 @@ impl Fleet {
             self.metrics.heartbeat_batch.observe(chunk.len() as f64);
             if let Err(e) = self.store.record_heartbeats(chunk).await {
                 self.metrics
-                    .store_errors
-                    .with_label_values(&["record_heartbeats"])
-                    .inc();
+                    .store_error(crate::metrics::StoreOp::RecordHeartbeats);
                 tracing::warn!(error = %e, beats = chunk.len(), "heartbeat write failed; will retry");
                 self.stats.unflush(chunk);
             }

@@ -139,7 +139,70 @@ fn must<T>(r: Result<T, prometheus::Error>) -> T {
     r.unwrap_or_else(|e| panic!("invalid metric definition: {e}"))
 }
 
+/// The store operations whose failures `edgeplane_store_errors_total{op}` counts (the
+/// background writes and reads that have no request to answer with an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    GetEnvironment,
+    LoadCatalog,
+    PutTunnelGrant,
+    RecordHeartbeats,
+    RecordStackStatuses,
+    ForgetStackStatuses,
+    Rollouts,
+}
+
+impl StoreOp {
+    pub const ALL: [Self; 7] = [
+        Self::GetEnvironment,
+        Self::LoadCatalog,
+        Self::PutTunnelGrant,
+        Self::RecordHeartbeats,
+        Self::RecordStackStatuses,
+        Self::ForgetStackStatuses,
+        Self::Rollouts,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::GetEnvironment => "get_environment",
+            Self::LoadCatalog => "load_catalog",
+            Self::PutTunnelGrant => "put_tunnel_grant",
+            Self::RecordHeartbeats => "record_heartbeats",
+            Self::RecordStackStatuses => "record_stack_statuses",
+            Self::ForgetStackStatuses => "forget_stack_statuses",
+            Self::Rollouts => "rollouts",
+        }
+    }
+}
+
+/// Label values of the labelled counters, each series exported at 0 from the start: an alert
+/// on `increase()` must see the first one, and a dashboard shows 0 rather than nothing.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const SNAPSHOT_KINDS: [&str; 3] = ["full", "delta", "unchanged"];
+const SNAPSHOT_OUTCOMES: [&str; 4] = ["stored", "kept_newer", "need_full", "bad"];
+const COMMAND_EVENTS: [&str; 4] = ["queued", "delivered", "result_ok", "result_failed"];
+const TIMEOUT_STAGES: [&str; 4] = ["first_byte", "first_request", "agent_body", "next_request"];
+const BODY_DROPS: [&str; 2] = ["full", "slowest"];
+
+/// The `class` label of a status code (`edgeplane_api_requests_total`,
+/// `edgeplane_docker_proxy_requests_total`).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 impl Metrics {
+    /// Counts a failed store operation.
+    pub fn store_error(&self, op: StoreOp) {
+        self.store_errors.with_label_values(&[op.label()]).inc();
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let checkins = must(IntCounterVec::new(
@@ -198,7 +261,7 @@ impl Metrics {
         let docker_requests = must(IntCounterVec::new(
             Opts::new(
                 "edgeplane_docker_proxy_requests_total",
-                "Docker API requests through tunnels, by status class",
+                "Docker API requests through the proxy (every call, hijacked or not), by status class of the answer",
             ),
             &["class"],
         ));
@@ -318,8 +381,39 @@ impl Metrics {
             ),
             &["why"],
         ));
+        for code in proto::RefusalCode::KNOWN {
+            checkins.with_label_values(&[code.kind()]);
+        }
+        checkins.with_label_values(&["error"]);
+        for op in StoreOp::ALL {
+            store_errors.with_label_values(&[op.label()]);
+        }
+        for class in STATUS_CLASSES {
+            docker_requests.with_label_values(&[class]);
+            admin_requests.with_label_values(&[class]);
+        }
+        for kind in SNAPSHOT_KINDS {
+            for outcome in SNAPSHOT_OUTCOMES {
+                async_snapshots.with_label_values(&[kind, outcome]);
+            }
+        }
+        for event in COMMAND_EVENTS {
+            async_commands.with_label_values(&[event]);
+        }
+        for reason in gateway::admission::Refused::ALL {
+            api_connections_refused.with_label_values(&[reason.label()]);
+        }
+        for stage in TIMEOUT_STAGES {
+            api_connections_timed_out.with_label_values(&[stage]);
+        }
+        for why in BODY_DROPS {
+            api_pending_bodies_dropped.with_label_values(&[why]);
+        }
         for c in [
-            Box::new(checkins.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(must(gateway::metrics::ProcessCollector::new(
+                "control-plane",
+            ))) as Box<dyn prometheus::core::Collector>,
+            Box::new(checkins.clone()),
             Box::new(api_pending_body_bytes.clone()),
             Box::new(api_pending_bodies_dropped.clone()),
             Box::new(api_connections_refused.clone()),
