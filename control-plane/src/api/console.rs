@@ -135,7 +135,10 @@ pub async fn exec_ws(
         hheader::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let body = Full::new(Bytes::from_static(br#"{"Detach":false,"Tty":true}"#));
+    const START: &[u8] = br#"{"Detach":false,"Tty":true}"#;
+    // The proxy sends a body only where the framing announces one.
+    headers.insert(hheader::CONTENT_LENGTH, HeaderValue::from(START.len()));
+    let body = Full::new(Bytes::from_static(START));
     let mut answer = proxy
         .exchange(
             id,
