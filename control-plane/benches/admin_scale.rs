@@ -13,7 +13,8 @@
 //! tagged environment (half the fleet), a static one of 1,000, an edge stack targeting both,
 //! statuses for 60 % of its targets recorded as replicas would (running; error for ids ending
 //! in 01), and the stack's counts, its error page and the group's members asked the same
-//! way. The last line is one JSON object with every figure.
+//! way; then the web console's screens as a browser asks them (the overview's calls at once,
+//! a filtered page of environments). The last line is one JSON object with every figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -295,6 +296,38 @@ async fn run(envs: u64, queries: u64) {
             (*name).to_owned(),
             json!({"path": path, "latency": s, "answer": shown}),
         );
+    }
+    // The web console's screens (issue 13): the overview asks its calls at once, the
+    // environment list one filtered page; timed as the page waits for them.
+    let overview = [
+        "/api/endpoints/summary".to_owned(),
+        "/api/groups".to_owned(),
+        "/api/tags".to_owned(),
+        "/api/edge_stacks?start=0&limit=200".to_owned(),
+        format!("/api/edge_stacks/{stack}"),
+    ];
+    let screens: [(&str, &[String]); 3] = [
+        ("console overview", &overview),
+        (
+            "console environments",
+            &["/api/endpoints?start=0&limit=50&status=up&groupId=3".to_owned()],
+        ),
+        (
+            "console search",
+            &["/api/endpoints?start=0&limit=50&search=shop-0420".to_owned()],
+        ),
+    ];
+    for (name, paths) in screens {
+        let mut samples = Vec::with_capacity(queries as usize);
+        for _ in 0..queries {
+            let t = Instant::now();
+            let calls = paths.iter().map(|p| measure(&client, &cp, p, 1));
+            futures_util::future::join_all(calls).await;
+            samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let s = testkit::stats::summary(&samples);
+        eprintln!("{name:>22}: {}", testkit::stats::line(&s));
+        figures.insert(name.to_owned(), json!({"paths": paths, "latency": s}));
     }
     keep_up.abort();
     println!(
