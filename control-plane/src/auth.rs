@@ -11,11 +11,37 @@ use subtle::ConstantTimeEq;
 /// The header that carries the key.
 pub const HEADER: &str = "x-api-key";
 
-/// The accepted key hashes, refreshed from the store on change.
-#[derive(Clone, Default)]
-pub struct AdminKeys(Arc<RwLock<Vec<[u8; 32]>>>);
+/// The accepted key hashes, refreshed from the store on change; and the pepper console
+/// sessions are signed with besides them ([`crate::session`]).
+#[derive(Clone)]
+pub struct AdminKeys(Arc<RwLock<Vec<[u8; 32]>>>, Arc<RwLock<[u8; 32]>>);
+
+impl Default for AdminKeys {
+    /// No key; a random pepper, so sessions hold on this process only until
+    /// [`AdminKeys::set_session_pepper`] gives the one every replica shares.
+    fn default() -> Self {
+        let mut pepper = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut pepper);
+        Self(Arc::default(), Arc::new(RwLock::new(pepper)))
+    }
+}
 
 impl AdminKeys {
+    /// Sessions are signed under keys derived from an admin key's hash AND this secret, which
+    /// is not in the store (the API's TLS private key, which every replica behind one address
+    /// serves): a copy of the store alone cannot mint a session.
+    pub fn set_session_pepper(&self, secret: &[u8]) {
+        let mut h = Sha256::new();
+        h.update(b"edgeplane console session pepper\0");
+        h.update(secret);
+        *self.1.write() = h.finalize().into();
+    }
+
+    /// The pepper [`crate::session`] signs with.
+    pub(crate) fn session_pepper(&self) -> [u8; 32] {
+        *self.1.read()
+    }
+
     pub fn hash(key: &str) -> [u8; 32] {
         Sha256::digest(key.as_bytes()).into()
     }

@@ -118,6 +118,12 @@ impl DockerProxy {
             .docker_requests
             .with_label_values(&[crate::metrics::status_class(res.status().as_u16())])
             .inc();
+        for (name, value) in crate::api_headers() {
+            if !res.headers().contains_key(name) {
+                res.headers_mut()
+                    .insert(name, hyper::header::HeaderValue::from_static(value));
+            }
+        }
         tracing::debug!(status = res.status().as_u16(), elapsed = ?started.elapsed(), "docker proxy request");
         res
     }
@@ -151,6 +157,12 @@ impl DockerProxy {
             ),
         };
         self.admin.authorize(&credentials, now_ms())?;
+        // A browser's page could open a WebSocket here with the cookie (any page of the same
+        // site sends it); Docker's own WebSocket routes check no origin. Hijacks are the docker
+        // CLI's, which sends the key.
+        if is_upgrade(req.headers()) && !credentials.has_key() {
+            return Err(crate::session::Refused::KeyRequired.into());
+        }
         if let Some(ticket) = ticket {
             ticket.proved();
         }
@@ -191,7 +203,7 @@ impl DockerProxy {
         let (parts, body) = res.into_parts();
         let mut back = Response::builder().status(parts.status);
         if let Some(h) = back.headers_mut() {
-            copy_headers(&parts.headers, h, false);
+            copy_headers(&parts.headers, h, false, Toward::Operator);
         }
         back.body(body.boxed())
             .map_err(|e| ProxyError::BadGateway(e.to_string()))
@@ -234,7 +246,7 @@ impl DockerProxy {
                 .uri(target)
                 .version(hyper::Version::HTTP_11);
             if let Some(h) = out.headers_mut() {
-                copy_headers(headers, h, upgrade);
+                copy_headers(headers, h, upgrade, Toward::Engine);
                 h.insert(header::HOST, HeaderValue::from_static("docker"));
             }
             out.body(body)
@@ -391,10 +403,23 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
     }) && h.contains_key(header::UPGRADE)
 }
 
-/// Copies end-to-end headers; hop-by-hop ones stay behind (hyper frames bodies itself), and
-/// so does the operator's API key. `Connection: Upgrade` and `Upgrade` pass for hijacks.
-pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, upgrade: bool) {
-    const HOP: [&str; 8] = [
+/// Which way headers go through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toward {
+    /// The operator's request, to the engine (a device, which may be compromised).
+    Engine,
+    /// The engine's answer, to the operator (in a browser: on the console's origin).
+    Operator,
+}
+
+/// Copies end-to-end headers; hop-by-hop ones stay behind (hyper frames bodies itself).
+/// Toward the engine, nothing that proves or reveals the operator passes: the API key, the
+/// console's cookie and CSRF token, where the browser was. Toward the operator, nothing that
+/// would act on the console's origin in a browser passes: cookies, site data, CORS, a policy
+/// of the engine's own, refreshes and links. `Connection: Upgrade` and `Upgrade` pass for
+/// hijacks.
+pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, upgrade: bool, toward: Toward) {
+    const HOP: [&str; 7] = [
         "keep-alive",
         "proxy-connection",
         "proxy-authenticate",
@@ -402,11 +427,33 @@ pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, upgrade: bool) {
         "te",
         "trailer",
         "transfer-encoding",
+    ];
+    const TO_ENGINE_NEVER: [&str; 6] = [
         "x-api-key",
+        "cookie",
+        "x-csrf-token",
+        "origin",
+        "referer",
+        "authorization",
+    ];
+    const TO_OPERATOR_NEVER: [&str; 6] = [
+        "set-cookie",
+        "clear-site-data",
+        "content-security-policy",
+        "content-security-policy-report-only",
+        "refresh",
+        "link",
     ];
     for (name, value) in from {
         let n = name.as_str();
         if HOP.contains(&n) || n == "host" {
+            continue;
+        }
+        let refused = match toward {
+            Toward::Engine => TO_ENGINE_NEVER.contains(&n) || n.starts_with("sec-fetch-"),
+            Toward::Operator => TO_OPERATOR_NEVER.contains(&n) || n.starts_with("access-control-"),
+        };
+        if refused {
             continue;
         }
         if (n == "connection" || n == "upgrade") && !upgrade {
@@ -556,6 +603,51 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn the_engine_never_sees_the_operators_credentials() {
+        let from = headers(&[
+            ("x-api-key", "k"),
+            ("cookie", "edgeplane_session=v1.1.2.3"),
+            ("x-csrf-token", "t"),
+            ("origin", "https://cp"),
+            ("referer", "https://cp/ui/"),
+            ("sec-fetch-site", "same-origin"),
+            ("authorization", "Basic x"),
+            ("content-type", "application/json"),
+            ("x-registry-auth", "r"),
+        ]);
+        let mut to = HeaderMap::new();
+        copy_headers(&from, &mut to, false, Toward::Engine);
+        let names: Vec<&str> = to.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-registry-auth"]);
+    }
+
+    #[test]
+    fn the_operators_browser_never_gets_what_would_act_on_its_origin() {
+        let from = headers(&[
+            ("set-cookie", "edgeplane_session=junk; Path=/api/endpoints"),
+            ("clear-site-data", "\"cookies\""),
+            ("access-control-allow-origin", "*"),
+            ("content-security-policy", "default-src *"),
+            ("refresh", "0;url=https://evil"),
+            ("link", "<https://evil>; rel=preload"),
+            ("content-type", "text/html"),
+            ("docker-experimental", "false"),
+        ]);
+        let mut to = HeaderMap::new();
+        copy_headers(&from, &mut to, false, Toward::Operator);
+        let names: Vec<&str> = to.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "docker-experimental"]);
+    }
 
     #[test]
     fn docker_paths() {

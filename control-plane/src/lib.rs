@@ -150,6 +150,15 @@ pub async fn prepare_on(
     }
     let (admin, admin_key_source) =
         bootstrap::admin_key(&store, config.admin_api_key.as_deref(), &config.data_dir).await?;
+    // Console sessions are signed with the API's private key mixed in: every replica serving
+    // this address has it, a copy of the store does not.
+    match std::fs::read(tls::paths(&config.tls, &config.data_dir).1) {
+        Ok(key) => admin.set_session_pepper(&key),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot read the API's private key again: console sessions hold on this replica only"
+        ),
+    }
     let public = PublicInfo {
         api_url: public_url,
         tunnel_addr,
@@ -398,6 +407,7 @@ impl Prepared {
                             .default_handler_client(api::json_errors)
                             .default_handler_server(api::json_errors),
                     )
+                    .wrap(actix_web::middleware::from_fn(api_answer_headers))
                     .configure(api::configure)
             },
             state.clone(),
@@ -478,6 +488,42 @@ impl Prepared {
         }
         Ok(())
     }
+}
+
+/// Headers every `/api` answer carries (the actix routes' and the Docker proxy's): an answer
+/// is data, never a page. A browser does not sniff it into one, runs nothing from it and
+/// frames it nowhere, even when an engine (a device, perhaps compromised) chose its content
+/// type; and nothing of it is cached (join keys, snapshots).
+pub fn api_headers() -> [(&'static str, &'static str); 3] {
+    [
+        ("x-content-type-options", "nosniff"),
+        (
+            "content-security-policy",
+            "sandbox; default-src 'none'; frame-ancestors 'none'",
+        ),
+        ("cache-control", "no-store"),
+    ]
+}
+
+/// Adds [`api_headers`] to `/api` answers that do not set their own.
+async fn api_answer_headers(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    let is_api = req.path().starts_with("/api/");
+    let mut res = next.call(req).await?;
+    if is_api {
+        for (name, value) in api_headers() {
+            let name = actix_web::http::header::HeaderName::from_static(name);
+            if !res.headers().contains_key(&name) {
+                res.headers_mut().insert(
+                    name,
+                    actix_web::http::header::HeaderValue::from_static(value),
+                );
+            }
+        }
+    }
+    Ok(res)
 }
 
 async fn watch_admin_keys(

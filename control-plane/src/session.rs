@@ -26,6 +26,8 @@ pub const TTL: Duration = Duration::from_secs(12 * 3600);
 /// The cookie's path: the console's API calls and its WebSocket; the page's own files need
 /// none.
 pub const COOKIE_PATH: &str = "/api";
+/// How far ahead of this replica's clock another's may have signed a session.
+const CLOCK_SLACK: Duration = Duration::from_secs(60);
 /// A token longer than this is not one of ours (read before any parsing).
 const MAX_TOKEN: usize = 160;
 
@@ -57,6 +59,10 @@ pub enum Refused {
         "missing or wrong X-CSRF-Token header: a signed-in page sends the token it got at sign-in"
     )]
     Csrf,
+    /// A session cookie where only the key will do (a Docker hijack on the proxy: the
+    /// console's shell has its own route, which checks where the page came from).
+    #[error("this route takes the X-API-Key header only (the console's shell uses /api/endpoints/{{id}}/exec/{{execId}}/ws)")]
+    KeyRequired,
 }
 
 impl Refused {
@@ -77,13 +83,21 @@ pub struct Credentials<'a> {
     pub safe_method: bool,
 }
 
+impl Credentials<'_> {
+    /// Whether the request carries the key (a program) rather than only a cookie (a browser).
+    pub fn has_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+}
+
 impl AdminKeys {
     /// Opens a session for a valid admin key; `None` for any other.
     pub fn open_session(&self, key: &str, now_ms: u64) -> Option<Session> {
         if !self.accepts(key) {
             return None;
         }
-        let secret = session_secret(&Self::hash(key));
+        let pepper = self.session_pepper();
+        let secret = session_secret(&pepper, &Self::hash(key));
         let mut nonce = [0u8; 16];
         rand::thread_rng().fill_bytes(&mut nonce);
         let expires_ms = now_ms + TTL.as_millis() as u64;
@@ -110,14 +124,17 @@ impl AdminKeys {
             return None;
         };
         let expires_ms: u64 = expires.parse().ok()?;
-        let ttl = TTL.as_millis() as u64;
-        if expires_ms <= now_ms || expires_ms > now_ms + ttl || nonce.len() != 32 {
+        // A replica whose clock is behind the one that signed may see a fresh token's expiry
+        // a little further than the lifetime.
+        let latest = now_ms + (TTL + CLOCK_SLACK).as_millis() as u64;
+        if expires_ms <= now_ms || expires_ms > latest || nonce.len() != 32 {
             return None;
         }
         let given = hex::decode(mac_hex).ok()?;
+        let pepper = self.session_pepper();
         let mut found = None;
         for stored in self.hashes() {
-            let secret = session_secret(&stored);
+            let secret = session_secret(&pepper, &stored);
             let ok = bool::from(mac(&secret, body.as_bytes()).ct_eq(given.as_slice()));
             if ok {
                 found = Some(secret);
@@ -141,10 +158,15 @@ impl AdminKeys {
                 Err(Refused::InvalidKey)
             };
         }
-        let Some(token) = cookie(c.cookies, COOKIE) else {
+        // Every cookie of that name is tried: a second one set for a narrower path (which the
+        // browser sends first) must not hide the real one.
+        let mut tokens = cookies(c.cookies, COOKIE).peekable();
+        if tokens.peek().is_none() {
             return Err(Refused::Missing);
-        };
-        let session = self.session(token, now_ms).ok_or(Refused::InvalidSession)?;
+        }
+        let session = tokens
+            .find_map(|t| self.session(t, now_ms))
+            .ok_or(Refused::InvalidSession)?;
         if c.safe_method {
             return Ok(());
         }
@@ -169,19 +191,28 @@ pub fn clear_cookie() -> String {
     format!("{COOKIE}=; Path={COOKIE_PATH}; Max-Age=0; HttpOnly; Secure; SameSite=Strict")
 }
 
-/// The value of cookie `name` among `Cookie` header values (`a=1; b=2`).
-pub fn cookie<'a>(headers: &[&'a str], name: &str) -> Option<&'a str> {
+/// The values of cookie `name` among `Cookie` header values (`a=1; b=2`), in order.
+pub fn cookies<'a, 'b>(
+    headers: &'b [&'a str],
+    name: &'b str,
+) -> impl Iterator<Item = &'a str> + 'b {
     headers
         .iter()
         .flat_map(|h| h.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
+        .filter(move |(n, _)| *n == name)
         .map(|(_, v)| v.trim_matches('"'))
 }
 
-fn session_secret(key_hash: &[u8; 32]) -> [u8; 32] {
+/// The first value of cookie `name`.
+pub fn cookie<'a>(headers: &[&'a str], name: &str) -> Option<&'a str> {
+    cookies(headers, name).next()
+}
+
+fn session_secret(pepper: &[u8; 32], key_hash: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"edgeplane console session\0");
+    h.update(pepper);
     h.update(key_hash);
     h.finalize().into()
 }
@@ -219,6 +250,39 @@ mod tests {
         assert!(keys.session(&s.token, NOW + ttl).is_none(), "expired");
         keys.replace(vec![AdminKeys::hash("other")]);
         assert!(keys.session(&s.token, NOW).is_none(), "key replaced");
+    }
+
+    #[test]
+    fn the_stored_hash_alone_cannot_sign_a_session() {
+        // Two replicas with the same keys and the same pepper (the API's TLS key) accept each
+        // other's sessions; one that knows only the store's hashes does not.
+        let a = keys();
+        a.set_session_pepper(b"tls private key");
+        let b = keys();
+        b.set_session_pepper(b"tls private key");
+        let s = a.open_session("right", NOW).expect("session");
+        assert!(b.session(&s.token, NOW).is_some(), "another replica");
+        let outsider = keys();
+        outsider.set_session_pepper(b"");
+        let forged = outsider.open_session("right", NOW).expect("session");
+        assert!(
+            a.session(&forged.token, NOW).is_none(),
+            "without the pepper"
+        );
+    }
+
+    #[test]
+    fn a_planted_cookie_does_not_hide_the_session() {
+        let keys = keys();
+        let s = keys.open_session("right", NOW).expect("session");
+        let header = format!("{COOKIE}=junk; {COOKIE}={}", s.token);
+        let cookies = [header.as_str()];
+        let c = Credentials {
+            cookies: &cookies,
+            safe_method: true,
+            ..Default::default()
+        };
+        assert_eq!(keys.authorize(&c, NOW), Ok(()));
     }
 
     #[test]

@@ -24,22 +24,23 @@ pub enum TlsError {
     Generate(#[source] rcgen::Error),
 }
 
+/// Where the API's certificate and private key are.
+pub fn paths(source: &TlsSource, data_dir: &Path) -> (PathBuf, PathBuf) {
+    match source {
+        TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
+        TlsSource::SelfSigned => (data_dir.join("tls-cert.pem"), data_dir.join("tls-key.pem")),
+    }
+}
+
 pub fn load(
     source: &TlsSource,
     data_dir: &Path,
     names: &[String],
 ) -> Result<TlsMaterial, TlsError> {
-    let (cert_path, key_path) = match source {
-        TlsSource::Files { cert, key } => (cert.clone(), key.clone()),
-        TlsSource::SelfSigned => {
-            let cert = data_dir.join("tls-cert.pem");
-            let key = data_dir.join("tls-key.pem");
-            if !cert.exists() || !key.exists() {
-                generate(&cert, &key, names)?;
-            }
-            (cert, key)
-        }
-    };
+    let (cert_path, key_path) = paths(source, data_dir);
+    if matches!(source, TlsSource::SelfSigned) && (!cert_path.exists() || !key_path.exists()) {
+        generate(&cert_path, &key_path, names)?;
+    }
     let mut material = gateway::tls::load(&cert_path, &key_path)?;
     // The API speaks HTTP/1.1 (the embedded gateway clears this again: agents send no ALPN).
     let mut config = (*material.server_config).clone();

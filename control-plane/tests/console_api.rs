@@ -200,6 +200,72 @@ async fn a_session_stands_for_the_key_and_changes_need_its_csrf_token() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
+    // Not a handshake: refused before anything reaches the engine (a plain GET, an image's
+    // request, must not start a process); a handshake with the cookie and no Origin too.
+    let r = client
+        .get(cp.api("/api/endpoints/999/exec/abc123/ws"))
+        .headers(with(&cookie, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = client
+        .get(cp.api("/api/endpoints/999/exec/abc123/ws"))
+        .headers(with(&cookie, None))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Docker's own upgrades (attach, exec start, its WebSocket routes) take the key only:
+    // a page of the same site could open them with the cookie.
+    let r = http()
+        .get(cp.api("/api/endpoints/999/docker/containers/x/attach/ws?stream=1"))
+        .headers(with(&cookie, None))
+        .header("origin", "https://evil.example")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Every API answer is data: not sniffed, not run, not framed, not cached; on the Docker
+    // proxy's own connections too.
+    for r in [
+        client
+            .get(cp.api("/api/endpoints"))
+            .headers(with(&cookie, None))
+            .send()
+            .await
+            .unwrap(),
+        http()
+            .get(cp.api("/api/endpoints/999/docker/_ping"))
+            .headers(with(&cookie, None))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(r.headers()["cache-control"], "no-store");
+        let csp = r.headers()["content-security-policy"].to_str().unwrap();
+        assert!(csp.starts_with("sandbox"), "{csp}");
+    }
+
+    // A sign-in body is small: a large one is refused, not read.
+    let r = client
+        .post(cp.api("/api/auth/session"))
+        .body(format!("{{\"apiKey\": \"{}\"}}", "k".repeat(4096)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
     // Signing out drops the cookie.
     let r = client
         .delete(cp.api("/api/auth/session"))

@@ -54,12 +54,44 @@ fn answer(s: &Session, set_cookie: Option<String>) -> HttpResponse {
     })
 }
 
+/// A sign-in body is a key in JSON: anything longer is refused before it is read whole.
+const SIGN_IN_LIMIT: usize = 1024;
+/// The whole body must arrive within this: the route is open to anyone, and a connection
+/// that trickles a body would otherwise be held while it is "served".
+const SIGN_IN_BODY_TIME: Duration = Duration::from_secs(10);
+
+/// The sign-in body, at most [`SIGN_IN_LIMIT`] bytes within [`SIGN_IN_BODY_TIME`].
+async fn sign_in_body(mut payload: web::Payload) -> Result<SignIn, ApiError> {
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+            if body.len() + chunk.len() > SIGN_IN_LIMIT {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "a sign-in body is at most {SIGN_IN_LIMIT} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    let body = tokio::time::timeout(SIGN_IN_BODY_TIME, read)
+        .await
+        .map_err(|_| {
+            ApiError::RequestTimeout("the sign-in body did not arrive in time".into())
+        })??;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
 /// `POST /api/auth/session`: the admin key for a session cookie.
 async fn sign_in(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Json<SignIn>,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let body = sign_in_body(payload).await?;
     let now = proto::clock::now_ms();
     let s = state
         .admin
@@ -124,6 +156,21 @@ pub async fn exec_ws(
     let ExecPath { id, exec } = path.into_inner();
     if exec.is_empty() || exec.len() > 128 || !exec.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(ApiError::BadRequest(format!("invalid exec id {exec:?}")));
+    }
+    // A WebSocket handshake, or nothing is started (a plain GET, an image's request, with
+    // the cookie, must not start a process).
+    let h = req.headers();
+    let upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade
+        || !h.contains_key(header::SEC_WEBSOCKET_KEY)
+        || !h.contains_key(header::SEC_WEBSOCKET_VERSION)
+    {
+        return Err(ApiError::BadRequest(
+            "this route is a WebSocket: open it with a WebSocket handshake".into(),
+        ));
     }
     same_origin(&req)?;
     // Starts the exec before the handshake is answered, so an unknown exec or a missing
@@ -229,10 +276,15 @@ pub async fn exec_ws(
 /// Refuses a handshake whose `Origin` is not this server (cross-site WebSocket hijacking: the
 /// cookie would go along with another site's handshake).
 fn same_origin(req: &HttpRequest) -> Result<(), ApiError> {
-    // Not a browser (no Origin, and then no cookie of a browser's either unless a program
-    // chose to send it): allowed, as for every other API route.
+    // A program with the key need not say where it comes from; a request with only the
+    // cookie must (browsers always send Origin with a WebSocket handshake).
     let Some(origin) = req.headers().get(header::ORIGIN) else {
-        return Ok(());
+        if req.headers().contains_key(crate::auth::HEADER) {
+            return Ok(());
+        }
+        return Err(ApiError::Forbidden(
+            "a WebSocket opened with the session cookie must say its Origin".into(),
+        ));
     };
     let host = req
         .headers()

@@ -10,7 +10,7 @@ use http_body_util::{BodyDataStream, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::docker_proxy::{copy_headers, engine_target, is_upgrade, DockerProxy};
+use crate::docker_proxy::{copy_headers, engine_target, is_upgrade, DockerProxy, Toward};
 use crate::error::ApiError;
 
 /// Whether `path` is one of the Docker proxy's (`/api/endpoints/{id}/docker...`).
@@ -74,7 +74,7 @@ async fn forward(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut res = HttpResponse::build(status);
     let mut kept = HeaderMap::new();
-    copy_headers(&parts.headers, &mut kept, false);
+    copy_headers(&parts.headers, &mut kept, false, Toward::Operator);
     // actix frames the body itself: a length the engine announced is kept as the body's size
     // (never as a second header next to chunked encoding).
     let length = kept
