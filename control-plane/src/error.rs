@@ -196,11 +196,12 @@ impl ApiError {
         }
     }
 
-    /// Seconds to come back after, for load shedding.
+    /// Seconds to come back after: every 503 says when (load shedding, a busy tunnel, a
+    /// store that is down).
     pub fn retry_after(&self) -> Option<u32> {
         matches!(
             self,
-            Self::Unavailable(_) | Self::Proxy(ProxyError::Busy(_))
+            Self::Unavailable(_) | Self::Proxy(ProxyError::Busy(_) | ProxyError::Store(_))
         )
         .then_some(1)
     }
@@ -412,6 +413,11 @@ mod tests {
         assert_eq!(
             (e.status(), e.code(), e.retry_after()),
             (503, Some("tunnel_busy"), Some(1))
+        );
+        let e = ApiError::from(ProxyError::Store(StoreError::Conflict("x".into())));
+        assert_eq!(
+            (e.status(), e.code(), e.retry_after()),
+            (503, Some("store_unavailable"), Some(1))
         );
     }
 }
