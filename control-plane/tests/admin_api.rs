@@ -173,14 +173,14 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
             "POST",
             "/api/endpoints",
             Some(r#"{"name": "x", "groupId": 99}"#),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "groupId 99",
         ),
         (
             "POST",
             "/api/endpoints",
             Some(r#"{"name": "x", "tagIds": [5]}"#),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "tagId 5",
         ),
         (

@@ -249,7 +249,7 @@ async fn snapshots_and_commands_against_a_real_engine() {
         Some(json!({"type": "stackDeploy", "target": "ep-shop", "compose": "services:\n  web:\n    build: .\n"})),
     )
     .await;
-    assert_eq!(status, 400, "{v}");
+    assert_eq!(status, 422, "{v}");
     assert!(v["message"].as_str().unwrap().contains("build"), "{v}");
 
     agent.stop().await;

@@ -155,7 +155,7 @@ async fn dynamic_groups_follow_tags_and_static_groups_lose_deleted_environments(
         json!({"name": "tills", "environmentIds": [a, 999_999]}),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert!(message(&v).contains("999999"), "{v}");
     let tills = create(
         &cp,
@@ -331,7 +331,7 @@ async fn bad_edge_groups_get_a_clear_4xx_and_change_nothing() {
         ),
         (
             json!({"name": "d", "dynamic": true, "tagIds": [424_242]}),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "424242",
         ),
         (

@@ -130,7 +130,7 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
         json!({"name": "other"}),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
 
     // What cannot run, or targets nothing that exists, is refused with the reason, and
     // changes nothing.
@@ -147,17 +147,17 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
         ),
         (
             json!({"name": "x", "compose": "services:\n  a:\n    image: y\n    build: .\n", "edgeGroupIds": [group]}),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "build",
         ),
         (
             json!({"name": "x", "compose": "services:\n  a:\n    image: y\n    depends_on: [b]\n", "edgeGroupIds": [group]}),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "depends_on",
         ),
         (
             json!({"name": "x", "compose": V1, "edgeGroupIds": [4242]}),
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "4242",
         ),
         (
@@ -207,7 +207,7 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
         json!({"compose": "services: {}"}),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     let (_, v) = call(
         &cp,
         Method::GET,

@@ -6,7 +6,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use store::{Change, Collection};
 
-use super::{json, ApiError, AppState};
+use super::{json, ApiError, AppState, Json};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     for (path, coll) in [("/groups", Collection::Groups), ("/tags", Collection::Tags)] {
@@ -56,7 +56,10 @@ struct NamedView {
     tag_ids: Option<Vec<u64>>,
 }
 
-/// Groups' tags may only name tags that exist (at most 64).
+/// Tags a group may carry.
+pub(crate) const MAX_GROUP_TAGS: usize = 64;
+
+/// Groups' tags may only name tags that exist (at most [`MAX_GROUP_TAGS`]).
 async fn check_group_tags(
     state: &AppState,
     coll: Collection,
@@ -68,8 +71,10 @@ async fn check_group_tags(
     if coll == Collection::Tags {
         return Err(ApiError::BadRequest("a tag has no tagIds".into()));
     }
-    if tags.len() > 64 {
-        return Err(ApiError::BadRequest("a group has at most 64 tagIds".into()));
+    if tags.len() > MAX_GROUP_TAGS {
+        return Err(ApiError::BadRequest(format!(
+            "a group has at most {MAX_GROUP_TAGS} tagIds"
+        )));
     }
     let known = state.store.list_named(Collection::Tags).await?;
     let unknown: Vec<u64> = tags
@@ -78,17 +83,16 @@ async fn check_group_tags(
         .filter(|t| !known.iter().any(|n| n.id == *t))
         .collect();
     if !unknown.is_empty() {
-        return Err(ApiError::BadRequest(format!("unknown tagIds: {unknown:?}")));
+        return Err(ApiError::Unprocessable(format!(
+            "unknown tagIds: {unknown:?}"
+        )));
     }
     Ok(())
 }
 
+/// A group's or tag's name: as an environment's ([`super::endpoints::check_name`]).
 fn clean_name(n: &str) -> Result<String, ApiError> {
-    let n = n.trim();
-    if n.is_empty() || n.len() > 255 {
-        return Err(ApiError::BadRequest("name must be 1..=255 bytes".into()));
-    }
-    Ok(n.to_owned())
+    super::endpoints::check_name(n)
 }
 
 async fn list(
@@ -114,10 +118,13 @@ async fn list(
 async fn create(
     state: web::Data<AppState>,
     coll: web::Data<Collection>,
-    body: web::Json<NamedBody>,
+    Json(body): Json<NamedBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    let name = clean_name(body.name.as_deref().unwrap_or_default())?;
+    let name = clean_name(
+        body.name
+            .as_deref()
+            .ok_or_else(|| ApiError::BadRequest("name is required".into()))?,
+    )?;
     check_group_tags(&state, **coll, body.tag_ids.as_deref()).await?;
     let named = state.store.create_named(**coll, &name).await?;
     let mut tag_ids = (**coll == Collection::Groups).then(Vec::new);
@@ -144,15 +151,14 @@ async fn rename(
     state: web::Data<AppState>,
     coll: web::Data<Collection>,
     id: web::Path<u64>,
-    body: web::Json<NamedBody>,
+    Json(body): Json<NamedBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
     let id = *id;
     let missing = || ApiError::NotFound(format!("{} {} does not exist", noun(**coll), id));
+    let name = body.name.as_deref().map(clean_name).transpose()?;
     check_group_tags(&state, **coll, body.tag_ids.as_deref()).await?;
-    let name = match body.name.as_deref() {
+    let name = match name {
         Some(name) => {
-            let name = clean_name(name)?;
             state
                 .store
                 .rename_named(**coll, id, &name)
@@ -270,7 +276,7 @@ pub struct SettingsPatch {
 
 async fn patch_settings(
     state: web::Data<AppState>,
-    body: web::Json<SettingsPatch>,
+    Json(body): Json<SettingsPatch>,
 ) -> Result<HttpResponse, ApiError> {
     let mut s = state.store.settings().await?;
     if let Some(v) = body.checkin_interval {

@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use store::{CommandState, EdgeMode, StoreError, StoredCommand};
 
 use super::endpoints::{parse_num, rfc3339};
-use super::{json, ApiError, AppState};
+use super::{json, ApiError, AppState, Json};
 
 /// Command types, as the API names them.
-const TYPES: [&str; 9] = [
+pub(crate) const TYPES: [&str; 9] = [
     "containerStart",
     "containerStop",
     "containerRestart",
@@ -80,11 +80,22 @@ impl NewCommand {
                         "stackDeploy needs compose: the compose file as a string".to_owned(),
                     )
                 })?;
-                let services = super::compose::parse(&compose).map_err(ApiError::BadRequest)?;
-                Action::StackDeploy {
+                // The stack's name is the body's (400); the compose file is a string the
+                // document cannot check further, so what is wrong in it is a 422.
+                Action::StackRemove {
+                    stack: target.clone(),
+                }
+                .validate()
+                .map_err(|e| ApiError::BadRequest(format!("{kind}: {e}")))?;
+                let services = super::compose::parse(&compose).map_err(ApiError::Unprocessable)?;
+                let action = Action::StackDeploy {
                     stack: target,
                     services,
-                }
+                };
+                action
+                    .validate()
+                    .map_err(|e| ApiError::Unprocessable(format!("{kind}: {e}")))?;
+                return Ok(action);
             }
             "containerStart" | "stackRemove" => {
                 unused("force", force.is_some())?;
@@ -216,7 +227,7 @@ impl From<StoredCommand> for CommandView {
 pub async fn queue(
     state: web::Data<AppState>,
     id: web::Path<u64>,
-    body: web::Json<NewCommand>,
+    Json(body): Json<NewCommand>,
 ) -> Result<HttpResponse, ApiError> {
     let id = *id;
     let env = state.load(id).await?;
@@ -226,7 +237,7 @@ pub async fn queue(
              use the Docker API at /api/endpoints/{id}/docker instead"
         )));
     }
-    let action = body.into_inner().into_action()?;
+    let action = body.into_action()?;
     let cmd = match state.store.queue_command(id, &action, now_ms()).await {
         Ok(Some(cmd)) => cmd,
         Ok(None) => {

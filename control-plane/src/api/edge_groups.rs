@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 use store::{Change, Collection, EdgeGroup, EnvId, TagMatch};
 
 use super::endpoints::{page_views, PageQuery};
-use super::{json, ApiError, AppState};
+use super::{json, ApiError, AppState, Json};
 
-const MAX_NAME: usize = 255;
+/// Longest name, in characters.
+pub(crate) const MAX_NAME: usize = 255;
 /// Tags a dynamic group may select by.
-const MAX_TAGS: usize = 64;
+pub(crate) const MAX_TAGS: usize = 64;
 /// Environments a static group may list (the body limit allows about this many).
 pub const MAX_STATIC_MEMBERS: usize = 100_000;
 
@@ -72,17 +73,56 @@ pub struct GroupBody {
 }
 
 impl GroupBody {
+    /// What is wrong with the body whatever group it changes (400): a blank or long name,
+    /// lists over their bounds (as sent, before duplicates are dropped), and a kind it sets
+    /// that its own lists contradict. On create, an absent `dynamic` is static.
+    fn check(&self, creating: bool) -> Result<(), ApiError> {
+        let bad = |m: String| Err(ApiError::BadRequest(m));
+        if let Some(name) = &self.name {
+            if name.chars().count() > MAX_NAME || name.trim().is_empty() {
+                return bad(format!("name must be 1..={MAX_NAME} characters, not blank"));
+            }
+        }
+        let tags = self.tag_ids.as_ref().map(Vec::len);
+        let members = self.environment_ids.as_ref().map(Vec::len);
+        if tags.is_some_and(|n| n > MAX_TAGS) {
+            return bad(format!("a dynamic group selects by 1..={MAX_TAGS} tagIds"));
+        }
+        if members.is_some_and(|n| n > MAX_STATIC_MEMBERS) {
+            return bad(format!(
+                "a static group lists at most {MAX_STATIC_MEMBERS} environmentIds"
+            ));
+        }
+        let dynamic = if creating {
+            Some(self.dynamic.unwrap_or(false))
+        } else {
+            self.dynamic
+        };
+        match dynamic {
+            Some(true) => {
+                if tags == Some(0) || (creating && tags.is_none()) {
+                    return bad(format!("a dynamic group selects by 1..={MAX_TAGS} tagIds"));
+                }
+                if members.is_some_and(|n| n > 0) {
+                    return bad(
+                        "a dynamic group has no environmentIds: its tags select its members".into(),
+                    );
+                }
+            }
+            Some(false) if tags.is_some_and(|n| n > 0) => {
+                return bad("a static group has no tagIds: it lists its environmentIds".into());
+            }
+            Some(false) | None => {}
+        }
+        Ok(())
+    }
+
     /// `base` with this body's fields applied; a group that changes kind drops what belonged
-    /// to the other kind unless the body sets it (and then it is refused below).
+    /// to the other kind unless the body sets it. The body must have passed [`Self::check`];
+    /// what still does not fit is the group's kind (409 on a change).
     fn apply(self, mut g: EdgeGroup) -> Result<EdgeGroup, ApiError> {
         if let Some(name) = self.name {
-            let name = name.trim();
-            if name.is_empty() || name.len() > MAX_NAME {
-                return Err(ApiError::BadRequest(format!(
-                    "name must be 1..={MAX_NAME} bytes"
-                )));
-            }
-            name.clone_into(&mut g.name);
+            name.trim().clone_into(&mut g.name);
         }
         if let Some(dynamic) = self.dynamic {
             if dynamic != g.dynamic {
@@ -105,27 +145,23 @@ impl GroupBody {
             g.environment_ids = ids;
         }
         if g.dynamic {
-            if g.tag_ids.is_empty() || g.tag_ids.len() > MAX_TAGS {
-                return Err(ApiError::BadRequest(format!(
-                    "a dynamic group selects by 1..={MAX_TAGS} tagIds"
+            if g.tag_ids.is_empty() {
+                return Err(ApiError::Conflict(format!(
+                    "edge group {} is dynamic: it selects by 1..={MAX_TAGS} tagIds",
+                    g.id
                 )));
             }
             if !g.environment_ids.is_empty() {
-                return Err(ApiError::BadRequest(
-                    "a dynamic group has no environmentIds: its tags select its members".into(),
-                ));
-            }
-        } else {
-            if !g.tag_ids.is_empty() {
-                return Err(ApiError::BadRequest(
-                    "a static group has no tagIds: it lists its environmentIds".into(),
-                ));
-            }
-            if g.environment_ids.len() > MAX_STATIC_MEMBERS {
-                return Err(ApiError::BadRequest(format!(
-                    "a static group lists at most {MAX_STATIC_MEMBERS} environmentIds"
+                return Err(ApiError::Conflict(format!(
+                    "edge group {} is dynamic: it has no environmentIds, its tags select its members",
+                    g.id
                 )));
             }
+        } else if !g.tag_ids.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "edge group {} is static: it has no tagIds, it lists its environmentIds",
+                g.id
+            )));
         }
         Ok(g)
     }
@@ -143,7 +179,9 @@ async fn check_references(state: &AppState, g: &EdgeGroup) -> Result<(), ApiErro
             .filter(|t| !tags.iter().any(|n| n.id == *t))
             .collect();
         if !unknown.is_empty() {
-            return Err(ApiError::BadRequest(format!("unknown tagIds: {unknown:?}")));
+            return Err(ApiError::Unprocessable(format!(
+                "unknown tagIds: {unknown:?}"
+            )));
         }
     }
     let mut unknown = Vec::new();
@@ -163,7 +201,7 @@ async fn check_references(state: &AppState, g: &EdgeGroup) -> Result<(), ApiErro
     }
     if !unknown.is_empty() {
         unknown.truncate(20);
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Unprocessable(format!(
             "unknown environmentIds: {unknown:?}"
         )));
     }
@@ -172,12 +210,12 @@ async fn check_references(state: &AppState, g: &EdgeGroup) -> Result<(), ApiErro
 
 async fn create(
     state: web::Data<AppState>,
-    body: web::Json<GroupBody>,
+    Json(body): Json<GroupBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
     if body.name.is_none() {
         return Err(ApiError::BadRequest("name is required".into()));
     }
+    body.check(true)?;
     let blank = EdgeGroup {
         id: 0,
         name: String::new(),
@@ -216,9 +254,10 @@ async fn get(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRespo
 async fn patch(
     state: web::Data<AppState>,
     id: web::Path<u64>,
-    body: web::Json<GroupBody>,
+    Json(body): Json<GroupBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let group = body.into_inner().apply(existing(&state, *id).await?)?;
+    body.check(false)?;
+    let group = body.apply(existing(&state, *id).await?)?;
     check_references(&state, &group).await?;
     let updated = state
         .store

@@ -10,17 +10,24 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use proto::clock::now_ms;
 use serde::{Deserialize, Serialize};
-use store::{Change, EdgeStack, Rollout, RolloutConfig, RolloutState, StackVersion};
+use store::{
+    BatchGrowth, Change, EdgeStack, OnFailure, Rollout, RolloutConfig, RolloutState, StackVersion,
+};
 
 use super::compose::check_stack_file;
 use super::endpoints::{page_bounds, parse_num, rfc3339, PageQuery};
-use super::{json, ApiError, AppState};
+use super::{json, ApiError, AppState, Json};
 
 /// Longest stack name: the compose project on the device is `edge_<name>`.
-const MAX_NAME: usize = 58;
-const MAX_GROUPS: usize = 64;
-const MAX_VARIABLES: usize = 128;
-const MAX_VALUE: usize = 4096;
+pub(crate) const MAX_NAME: usize = 58;
+pub(crate) const MAX_GROUPS: usize = 64;
+pub(crate) const MAX_VARIABLES: usize = 128;
+/// Longest variable name.
+pub(crate) const MAX_VARIABLE_NAME: usize = 128;
+/// Longest variable value, in characters.
+pub(crate) const MAX_VALUE: usize = 4096;
+/// Longest rollout wait and batch timeout.
+pub(crate) const MAX_ROLLOUT_SECS: u32 = 86_400;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -103,10 +110,10 @@ fn check_rollout(c: &RolloutConfig) -> Result<(), ApiError> {
     if !c.failure_threshold.is_finite() || c.failure_threshold < 0.0 {
         return bad("failureThreshold must be a share from 0 to 1 or a count");
     }
-    if c.wait_secs > 86_400 {
+    if c.wait_secs > MAX_ROLLOUT_SECS {
         return bad("waitSecs is at most 86400");
     }
-    if c.batch_timeout_secs == 0 || c.batch_timeout_secs > 86_400 {
+    if c.batch_timeout_secs == 0 || c.batch_timeout_secs > MAX_ROLLOUT_SECS {
         return bad("batchTimeoutSecs must be 1..=86400");
     }
     Ok(())
@@ -209,8 +216,10 @@ async fn rollback(
     let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
         RollbackBody::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+        super::from_json(
+            serde_json::from_slice(&body)
+                .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?,
+        )?
     };
     let stack = existing(&state, *id).await?;
     let current = state.store.stack_rollout(stack.id).await?;
@@ -309,7 +318,43 @@ pub struct StackBody {
     variables: Option<BTreeMap<String, String>>,
     /// How the new version goes out (default: as the previous one did; at first, all at
     /// once).
-    rollout: Option<RolloutConfig>,
+    rollout: Option<RolloutBody>,
+}
+
+/// [`RolloutConfig`] as a body carries it: the same fields and defaults, and no others (the
+/// stored form takes unknown fields, for records written by a newer version).
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RolloutBody {
+    #[serde(default)]
+    batch_size: Option<u32>,
+    #[serde(default)]
+    batch_growth: BatchGrowth,
+    #[serde(default)]
+    wait_secs: u32,
+    #[serde(default = "default_batch_timeout")]
+    batch_timeout_secs: u32,
+    #[serde(default)]
+    failure_threshold: f64,
+    #[serde(default)]
+    on_failure: OnFailure,
+}
+
+fn default_batch_timeout() -> u32 {
+    RolloutConfig::default().batch_timeout_secs
+}
+
+impl From<RolloutBody> for RolloutConfig {
+    fn from(b: RolloutBody) -> Self {
+        Self {
+            batch_size: b.batch_size,
+            batch_growth: b.batch_growth,
+            wait_secs: b.wait_secs,
+            batch_timeout_secs: b.batch_timeout_secs,
+            failure_threshold: b.failure_threshold,
+            on_failure: b.on_failure,
+        }
+    }
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -352,14 +397,14 @@ pub(crate) fn check_variables(vars: &BTreeMap<String, String>) -> Result<(), Api
                 "variable {k}: names starting with EDGE_ are set per environment"
             )));
         }
-        if k.len() > 128 {
+        if k.len() > MAX_VARIABLE_NAME {
             return Err(ApiError::BadRequest(format!(
-                "variable name {k:?} is longer than 128 bytes"
+                "variable name {k:?} is longer than {MAX_VARIABLE_NAME} characters"
             )));
         }
-        if v.len() > MAX_VALUE {
+        if v.chars().count() > MAX_VALUE {
             return Err(ApiError::BadRequest(format!(
-                "variable {k}: value longer than {MAX_VALUE} bytes"
+                "variable {k}: value longer than {MAX_VALUE} characters"
             )));
         }
         // Substituted into YAML as text: a line break or control character could change
@@ -373,15 +418,16 @@ pub(crate) fn check_variables(vars: &BTreeMap<String, String>) -> Result<(), Api
     Ok(())
 }
 
+/// The groups a stack targets: 1 to [`MAX_GROUPS`] as sent (400), each existing (422).
 async fn check_groups(state: &AppState, groups: &[u64]) -> Result<Vec<u64>, ApiError> {
-    let mut groups = groups.to_vec();
-    groups.sort_unstable();
-    groups.dedup();
     if groups.is_empty() || groups.len() > MAX_GROUPS {
         return Err(ApiError::BadRequest(format!(
             "edgeGroupIds must name 1..={MAX_GROUPS} edge groups"
         )));
     }
+    let mut groups = groups.to_vec();
+    groups.sort_unstable();
+    groups.dedup();
     let known = state.store.list_edge_groups().await?;
     let unknown: Vec<u64> = groups
         .iter()
@@ -389,34 +435,41 @@ async fn check_groups(state: &AppState, groups: &[u64]) -> Result<Vec<u64>, ApiE
         .filter(|g| !known.iter().any(|k| k.id == *g))
         .collect();
     if !unknown.is_empty() {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Unprocessable(format!(
             "unknown edgeGroupIds: {unknown:?}"
         )));
     }
     Ok(groups)
 }
 
+/// A compose file is a string the document cannot check further: one that does not check
+/// out is a 422, naming what is wrong.
 fn check_compose(compose: &str) -> Result<(), ApiError> {
-    check_stack_file(compose).map_err(ApiError::BadRequest)
+    check_stack_file(compose).map_err(ApiError::Unprocessable)
 }
 
 async fn create(
     state: web::Data<AppState>,
-    body: web::Json<StackBody>,
+    Json(body): Json<StackBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
     let (Some(name), Some(compose), Some(groups)) = (body.name, body.compose, body.edge_group_ids)
     else {
         return Err(ApiError::BadRequest(
             "name, compose and edgeGroupIds are required".into(),
         ));
     };
+    // What the body says wrong first (400), then what it names (422).
     check_name(&name)?;
-    check_compose(&compose)?;
-    let config = body.rollout.unwrap_or_default();
+    let config = body.rollout.map(RolloutConfig::from).unwrap_or_default();
     check_rollout(&config)?;
     let variables = body.variables.unwrap_or_default();
     check_variables(&variables)?;
+    if groups.is_empty() || groups.len() > MAX_GROUPS {
+        return Err(ApiError::BadRequest(format!(
+            "edgeGroupIds must name 1..={MAX_GROUPS} edge groups"
+        )));
+    }
+    check_compose(&compose)?;
     let edge_group_ids = check_groups(&state, &groups).await?;
     let stack = EdgeStack {
         id: 0,
@@ -582,28 +635,45 @@ async fn statuses(
 async fn update(
     state: web::Data<AppState>,
     id: web::Path<u64>,
-    body: web::Json<StackBody>,
+    Json(body): Json<StackBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    let mut stack = existing(&state, *id).await?;
-    if body.name.as_ref().is_some_and(|n| *n != stack.name) {
-        return Err(ApiError::BadRequest(
-            "a stack's name cannot change (it names the compose project on every device)".into(),
-        ));
-    }
-    if let Some(compose) = &body.compose {
-        check_compose(compose)?;
+    // What the body says wrong first (400), then what it cannot do to this stack (409) or
+    // names (422).
+    if let Some(name) = &body.name {
+        check_name(name)?;
     }
     if let Some(vars) = &body.variables {
         check_variables(vars)?;
     }
-    if let Some(c) = &body.rollout {
+    let rollout = body.rollout.map(RolloutConfig::from);
+    if let Some(c) = &rollout {
         if body.compose.is_none() {
             return Err(ApiError::BadRequest(
                 "rollout goes with a new compose (it says how that version goes out)".into(),
             ));
         }
         check_rollout(c)?;
+    }
+    if body.base_version.is_some() && body.compose.is_none() {
+        return Err(ApiError::BadRequest(
+            "baseVersion goes with a new compose".into(),
+        ));
+    }
+    if let Some(g) = &body.edge_group_ids {
+        if g.is_empty() || g.len() > MAX_GROUPS {
+            return Err(ApiError::BadRequest(format!(
+                "edgeGroupIds must name 1..={MAX_GROUPS} edge groups"
+            )));
+        }
+    }
+    let mut stack = existing(&state, *id).await?;
+    if body.name.as_ref().is_some_and(|n| *n != stack.name) {
+        return Err(ApiError::Conflict(
+            "a stack's name cannot change (it names the compose project on every device)".into(),
+        ));
+    }
+    if let Some(compose) = &body.compose {
+        check_compose(compose)?;
     }
     let groups = match &body.edge_group_ids {
         Some(g) => Some(check_groups(&state, g).await?),
@@ -627,8 +697,7 @@ async fn update(
         let mut attempts = 0;
         loop {
             let before = state.store.stack_rollout(stack.id).await?;
-            let config = body
-                .rollout
+            let config = rollout
                 .clone()
                 .or_else(|| before.as_ref().map(|r| r.config.clone()))
                 .unwrap_or_default();
@@ -650,10 +719,6 @@ async fn update(
                 )));
             }
         }
-    } else if body.base_version.is_some() {
-        return Err(ApiError::BadRequest(
-            "baseVersion goes with a new compose".into(),
-        ));
     }
     if groups.is_some() || body.variables.is_some() {
         if let Some(g) = groups {

@@ -10,14 +10,17 @@ use serde::{Deserialize, Deserializer, Serialize};
 use store::{Change, Collection, EdgeMode, Environment, NewEnvironment, Settings};
 use uuid::Uuid;
 
-use super::{json, ApiError, AppState};
+use super::{json, ApiError, AppState, Json};
 use crate::directory::Query;
 use crate::fleet::{liveness, Intervals, Liveness, TunnelState};
 
-const MAX_NAME: usize = 255;
-const MAX_CHECKIN_INTERVAL: u32 = 3600;
-const MAX_ASYNC_INTERVAL: u32 = 86_400;
-const MAX_ENV_VARS: usize = 64;
+/// Longest name, in characters (before surrounding blanks are trimmed).
+pub(crate) const MAX_NAME: usize = 255;
+pub(crate) const MAX_CHECKIN_INTERVAL: u32 = 3600;
+pub(crate) const MAX_ASYNC_INTERVAL: u32 = 86_400;
+pub(crate) const MAX_ENV_VARS: usize = 64;
+/// Longest `envVars` entry.
+pub(crate) const MAX_ENV_VAR: usize = 128;
 
 /// The environment as the API shows it.
 #[derive(Serialize, Debug)]
@@ -194,6 +197,7 @@ pub struct CreateBody {
     group_id: Option<u64>,
     #[serde(default)]
     tag_ids: Vec<u64>,
+    #[serde(default, deserialize_with = "hyphenated")]
     edge_id: Option<Uuid>,
     #[serde(default)]
     env_vars: Vec<String>,
@@ -202,6 +206,22 @@ pub struct CreateBody {
     variables: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     allow_self_signed: bool,
+}
+
+/// A UUID written as the document's `uuid` format has it, hyphenated (`8-4-4-4-12` hex
+/// digits); `null` is none. (The `uuid` crate also reads the simple, braced and URN forms.)
+fn hyphenated<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if text.len() != 36 {
+        return Err(serde::de::Error::custom(format!(
+            "{text:?} is not a hyphenated UUID"
+        )));
+    }
+    Uuid::try_parse(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a UUID: {e}")))
 }
 
 /// `Some(None)` for an explicit `null`, `None` when absent.
@@ -248,15 +268,23 @@ impl Known {
     }
 }
 
+/// A name as sent: at most [`MAX_NAME`] characters, not blank; stored trimmed.
+pub(crate) fn check_name(name: &str) -> Result<String, ApiError> {
+    if name.chars().count() > MAX_NAME {
+        return Err(ApiError::BadRequest(format!(
+            "name is longer than {MAX_NAME} characters"
+        )));
+    }
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(ApiError::BadRequest("name must not be blank".into()));
+    }
+    Ok(name.to_owned())
+}
+
+/// Checks an environment: its fields first (400), then what they name (422).
 fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::BadRequest(m));
-    let name = env.name.trim();
-    if name.is_empty() {
-        return bad("name must not be empty".into());
-    }
-    if env.name.len() > MAX_NAME {
-        return bad(format!("name is longer than {MAX_NAME} bytes"));
-    }
     if let Some(i) = env.checkin_interval {
         if !(1..=MAX_CHECKIN_INTERVAL).contains(&i) {
             return bad(format!(
@@ -277,22 +305,12 @@ fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
             }
         }
     }
-    if let Some(g) = env.group_id {
-        if !known.groups.contains(&g) {
-            return bad(format!("groupId {g} does not exist"));
-        }
-    }
-    for t in &env.tag_ids {
-        if !known.tags.contains(t) {
-            return bad(format!("tagId {t} does not exist"));
-        }
-    }
     if env.env_vars.len() > MAX_ENV_VARS {
         return bad(format!("at most {MAX_ENV_VARS} envVars"));
     }
     for v in &env.env_vars {
         let ok = !v.is_empty()
-            && v.len() <= 128
+            && v.len() <= MAX_ENV_VAR
             && v.chars()
                 .next()
                 .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -301,7 +319,19 @@ fn validate(env: &Environment, known: &Known) -> Result<(), ApiError> {
             return bad(format!("envVars entry {v:?} is not a valid variable name"));
         }
     }
-    super::edge_stacks::check_variables(&env.variables)
+    super::edge_stacks::check_variables(&env.variables)?;
+    let missing = |m: String| Err(ApiError::Unprocessable(m));
+    if let Some(g) = env.group_id {
+        if !known.groups.contains(&g) {
+            return missing(format!("groupId {g} does not exist"));
+        }
+    }
+    for t in &env.tag_ids {
+        if !known.tags.contains(t) {
+            return missing(format!("tagId {t} does not exist"));
+        }
+    }
+    Ok(())
 }
 
 fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiError> {
@@ -309,7 +339,7 @@ fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiEr
     tag_ids.sort_unstable();
     tag_ids.dedup();
     let new = NewEnvironment {
-        name: b.name.trim().to_owned(),
+        name: check_name(&b.name)?,
         mode: b.mode,
         checkin_interval: b.checkin_interval,
         ping_interval: b.ping_interval,
@@ -330,10 +360,10 @@ fn new_environment(b: CreateBody, known: &Known) -> Result<NewEnvironment, ApiEr
 
 pub async fn create(
     state: web::Data<AppState>,
-    body: web::Json<CreateBody>,
+    Json(body): Json<CreateBody>,
 ) -> Result<HttpResponse, ApiError> {
     let known = Known::load(&state).await?;
-    let new = new_environment(body.into_inner(), &known)?;
+    let new = new_environment(body, &known)?;
     let created = state.store.create_environments(vec![new]).await?;
     let env = created
         .into_iter()
@@ -350,9 +380,8 @@ pub async fn create(
 
 pub async fn create_bulk(
     state: web::Data<AppState>,
-    body: web::Json<Vec<CreateBody>>,
+    Json(bodies): Json<Vec<CreateBody>>,
 ) -> Result<HttpResponse, ApiError> {
-    let bodies = body.into_inner();
     if bodies.is_empty() {
         return Err(ApiError::BadRequest("bulk body is an empty list".into()));
     }
@@ -368,7 +397,10 @@ pub async fn create_bulk(
         .into_iter()
         .enumerate()
         .map(|(i, b)| {
-            new_environment(b, &known).map_err(|e| ApiError::BadRequest(format!("item {i}: {e}")))
+            new_environment(b, &known).map_err(|e| match e {
+                ApiError::Unprocessable(m) => ApiError::Unprocessable(format!("item {i}: {m}")),
+                e => ApiError::BadRequest(format!("item {i}: {e}")),
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let created = state.store.create_environments(news).await?;
@@ -474,12 +506,12 @@ enum Section<'a> {
 pub async fn patch(
     state: web::Data<AppState>,
     id: web::Path<u64>,
-    body: web::Json<PatchBody>,
+    Json(p): Json<PatchBody>,
 ) -> Result<HttpResponse, ApiError> {
+    let name = p.name.as_deref().map(check_name).transpose()?;
     let mut env = state.load(*id).await?;
-    let p = body.into_inner();
-    if let Some(v) = p.name {
-        env.name = v.trim().to_owned();
+    if let Some(v) = name {
+        env.name = v;
     }
     if let Some(v) = p.mode {
         env.mode = v;

@@ -4,6 +4,7 @@
 
 mod agent;
 mod auth;
+mod body;
 mod catalog;
 mod commands;
 pub(crate) mod compose;
@@ -28,6 +29,7 @@ pub use crate::error::ApiError;
 pub use agent::{
     announced_body, body_limit, serve as serve_agent, AgentAnswer, AgentRoute, AGENT_BODY_TOTAL,
 };
+pub(crate) use body::{from_json, Json};
 
 use crate::config::Limits;
 use crate::fleet::Fleet;
