@@ -1,6 +1,8 @@
 //! The HTTPS API: the agent check-in route and the admin REST API (every admin route behind
-//! `X-API-Key`). Routes are declared once in [`ROUTES`], which also feeds the OpenAPI document
-//! and the test that proves every admin route checks authentication.
+//! `X-API-Key`). Routes are declared once in [`ROUTES`] (`routes.rs`), with their parameters,
+//! bodies, answers and refusals: the OpenAPI document is rendered from it alone, `Allow`
+//! answers from it, and the tests prove every route in it is served and checks
+//! authentication.
 
 mod agent;
 mod auth;
@@ -15,6 +17,7 @@ mod edge_stacks;
 mod endpoints;
 mod install;
 mod openapi;
+mod routes;
 
 use std::sync::Arc;
 
@@ -30,6 +33,7 @@ pub use agent::{
     announced_body, body_limit, serve as serve_agent, AgentAnswer, AgentRoute, AGENT_BODY_TOTAL,
 };
 pub(crate) use body::{from_json, Json};
+pub use routes::{Answer, Body, Param, Route, Schema, ROUTES, SESSION_ROUTES};
 
 use crate::config::Limits;
 use crate::fleet::Fleet;
@@ -55,266 +59,6 @@ pub struct AppState {
     pub limits: Limits,
 }
 
-/// One admin route: method, path (OpenAPI style), summary.
-pub struct Route {
-    pub method: &'static str,
-    pub path: &'static str,
-    pub summary: &'static str,
-}
-
-pub const ROUTES: &[Route] = &[
-    Route {
-        method: "GET",
-        path: "/api/endpoints",
-        summary: "List environments (paged, filtered); X-Total-Count holds the total",
-    },
-    Route {
-        method: "POST",
-        path: "/api/endpoints",
-        summary: "Create an edge environment",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/summary",
-        summary: "Counts of the whole fleet: total, by status (up, down, never), by mode, and by group (0: in no group) with each group's statuses",
-    },
-    Route {
-        method: "POST",
-        path: "/api/endpoints/bulk",
-        summary: "Create up to 1000 environments at once",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/{id}",
-        summary: "Get one environment",
-    },
-    Route {
-        method: "PATCH",
-        path: "/api/endpoints/{id}",
-        summary: "Change an environment",
-    },
-    Route {
-        method: "DELETE",
-        path: "/api/endpoints/{id}",
-        summary: "Delete an environment",
-    },
-    Route {
-        method: "POST",
-        path: "/api/endpoints/{id}/association",
-        summary: "Forget the bound Edge ID and issue a new join token",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/{id}/install",
-        summary: "Install command or manifest for docker, swarm, kubernetes or nomad",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/{id}/snapshot",
-        summary: "The latest snapshot of the environment's engine (?section=containers|images|volumes|networks|stacks|engine)",
-    },
-    Route {
-        method: "POST",
-        path: "/api/endpoints/{id}/commands",
-        summary: "Queue a command for an async environment ({type, target, force?, timeoutSecs?, signal?, compose?}); 201 with the command",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/{id}/commands",
-        summary: "An async environment's commands, newest first (?start=&limit=); X-Total-Count holds the total",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/{id}/docker/{path}",
-        summary: "Docker Engine API of the environment through its tunnel (any method; opened on demand; streaming and hijacked connections)",
-    },
-    Route {
-        method: "POST",
-        path: "/api/endpoints/{id}/docker/{path}",
-        summary: "Docker Engine API of the environment through its tunnel (any method)",
-    },
-    Route {
-        method: "GET",
-        path: "/api/groups",
-        summary: "List groups",
-    },
-    Route {
-        method: "POST",
-        path: "/api/groups",
-        summary: "Create a group",
-    },
-    Route {
-        method: "PATCH",
-        path: "/api/groups/{id}",
-        summary: "Rename a group",
-    },
-    Route {
-        method: "DELETE",
-        path: "/api/groups/{id}",
-        summary: "Delete an unused group",
-    },
-    Route {
-        method: "GET",
-        path: "/api/tags",
-        summary: "List tags",
-    },
-    Route {
-        method: "POST",
-        path: "/api/tags",
-        summary: "Create a tag",
-    },
-    Route {
-        method: "PATCH",
-        path: "/api/tags/{id}",
-        summary: "Rename a tag",
-    },
-    Route {
-        method: "DELETE",
-        path: "/api/tags/{id}",
-        summary: "Delete an unused tag",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_groups",
-        summary: "List edge groups (?start=&limit=); X-Total-Count holds the total",
-    },
-    Route {
-        method: "POST",
-        path: "/api/edge_groups",
-        summary: "Create an edge group: {name, dynamic, tagIds and match (any|all) for a dynamic one, environmentIds for a static one}",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_groups/{id}",
-        summary: "Get one edge group",
-    },
-    Route {
-        method: "PATCH",
-        path: "/api/edge_groups/{id}",
-        summary: "Change an edge group (any of its fields)",
-    },
-    Route {
-        method: "DELETE",
-        path: "/api/edge_groups/{id}",
-        summary: "Delete an edge group",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_groups/{id}/environments",
-        summary: "The group's current members, as environments (?start=&limit=); X-Total-Count holds the total",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_stacks",
-        summary: "List edge stacks (?start=&limit=); X-Total-Count holds the total",
-    },
-    Route {
-        method: "POST",
-        path: "/api/edge_stacks",
-        summary: "Create an edge stack: {name, compose, edgeGroupIds, variables}; 201 with its id and version 1",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_stacks/{id}",
-        summary: "Get one edge stack, with how many environments it targets and, for its newest version, how many are at each status (counts)",
-    },
-    Route {
-        method: "PUT",
-        path: "/api/edge_stacks/{id}",
-        summary: "Change an edge stack: a new compose makes the next version; edgeGroupIds and variables change in place",
-    },
-    Route {
-        method: "DELETE",
-        path: "/api/edge_stacks/{id}",
-        summary: "Delete an edge stack and its versions",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_stacks/{id}/status",
-        summary: "A page of the stack's environments with their status, version, error and time (?status=&start=&limit=); X-Total-Count holds the total",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_stacks/{id}/file",
-        summary: "The compose file of a version (?version=, the newest by default) as one environment gets it (?environmentId=), its variables substituted; 422 names a variable without a value",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_stacks/{id}/versions",
-        summary: "The kept versions of an edge stack, newest first",
-    },
-    Route {
-        method: "GET",
-        path: "/api/edge_stacks/{id}/versions/{n}",
-        summary: "One kept version of an edge stack, with its compose file",
-    },
-    Route {
-        method: "POST",
-        path: "/api/edge_stacks/{id}/rollout/pause",
-        summary: "Pause an edge stack's rollout (no further batches)",
-    },
-    Route {
-        method: "POST",
-        path: "/api/edge_stacks/{id}/rollout/resume",
-        summary: "Resume a paused rollout",
-    },
-    Route {
-        method: "POST",
-        path: "/api/edge_stacks/{id}/rollout/abort",
-        summary: "Stop a rollout for good (released environments keep the new version)",
-    },
-    Route {
-        method: "POST",
-        path: "/api/edge_stacks/{id}/rollback",
-        summary: "Every target back to a kept version, at once",
-    },
-    Route {
-        method: "GET",
-        path: "/api/settings",
-        summary: "Default intervals",
-    },
-    Route {
-        method: "PATCH",
-        path: "/api/settings",
-        summary: "Change default intervals",
-    },
-    Route {
-        method: "PUT",
-        path: "/api/settings",
-        summary: "Change default intervals (as PATCH: the fields given change)",
-    },
-    Route {
-        method: "GET",
-        path: "/api/openapi.json",
-        summary: "This document",
-    },
-    Route {
-        method: "GET",
-        path: "/api/endpoints/{id}/exec/{execId}/ws",
-        summary: "The terminal of an exec (created with Tty through the Docker proxy) as a WebSocket: binary frames both ways; a browser's handshake must come from this server's origin",
-    },
-];
-
-/// The web console's sign-in routes: outside the admin check, since they are how a browser
-/// gets past it (`api::console`).
-pub const SESSION_ROUTES: &[Route] = &[
-    Route {
-        method: "POST",
-        path: "/api/auth/session",
-        summary: "Sign in with the admin key: sets the session cookie (HttpOnly, Secure, SameSite=Strict) and answers the CSRF token that requests other than GET must carry in X-CSRF-Token",
-    },
-    Route {
-        method: "GET",
-        path: "/api/auth/session",
-        summary: "The current session's CSRF token and expiry (401 without a valid session cookie)",
-    },
-    Route {
-        method: "DELETE",
-        path: "/api/auth/session",
-        summary: "Sign out: the browser drops the session cookie",
-    },
-];
-
 /// Registers every route on an actix app.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
@@ -337,11 +81,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::QueryConfig::default()
             .error_handler(|e, _| ApiError::BadRequest(format!("invalid query: {e}")).into()),
     )
-    .app_data(
-        web::PathConfig::default().error_handler(|e, _| {
-            ApiError::NotFound(format!("invalid path parameter: {e}")).into()
-        }),
-    )
+    .app_data(web::PathConfig::default().error_handler(|e, req| {
+        // `PATCH /api/endpoints/bulk` reaches `/endpoints/{id}`'s PATCH, whose id does not
+        // parse: the path is another route's, which does not serve the method.
+        match method_not_allowed(req) {
+            Some(res) => actix_web::error::InternalError::from_response(e, res).into(),
+            None => ApiError::NotFound(format!("invalid path parameter: {e}")).into(),
+        }
+    }))
     .configure(agent::configure)
     .configure(console::configure_session)
     .configure(crate::ui::configure)
@@ -354,7 +101,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             // run (patterns with a segment are; their paths never overlap this one's).
             .route(
                 "/endpoints/{id}/docker{tail:(/.*)?}",
-                web::route().to(docker::proxy),
+                // The methods the document lists (TRACE and the like answer 405).
+                web::route()
+                    .guard(actix_web::guard::fn_guard(|ctx| {
+                        docker_methods().any(|m| m == ctx.head().method.as_str())
+                    }))
+                    .to(docker::proxy),
             )
             .service(
                 web::resource("/endpoints")
@@ -400,19 +152,29 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// declared with `.route()` fall through to here rather than answer it themselves), else
 /// `404`.
 async fn not_found(req: actix_web::HttpRequest) -> HttpResponse {
-    let allowed = allowed_methods(req.path());
-    if !allowed.is_empty() && !allowed.contains(&req.method().as_str()) {
-        return HttpResponse::MethodNotAllowed()
-            .insert_header((actix_web::http::header::ALLOW, allowed.join(", ")))
-            .json(serde_json::json!({
-                "message": format!("method {} is not allowed on {}", req.method(), req.path())
-            }));
+    if let Some(res) = method_not_allowed(&req) {
+        return res;
     }
     actix_web::ResponseError::error_response(&ApiError::NotFound(format!(
         "no route for {} {}",
         req.method(),
         req.path()
     )))
+}
+
+/// `405` with `Allow` when the request's path is a route's that does not serve its method.
+fn method_not_allowed(req: &actix_web::HttpRequest) -> Option<HttpResponse> {
+    let allowed = allowed_methods(req.path());
+    if allowed.is_empty() || allowed.contains(&req.method().as_str()) {
+        return None;
+    }
+    Some(
+        HttpResponse::MethodNotAllowed()
+            .insert_header((actix_web::http::header::ALLOW, allowed.join(", ")))
+            .json(serde_json::json!({
+                "message": format!("method {} is not allowed on {}", req.method(), req.path())
+            })),
+    )
 }
 
 /// The methods a path answers (the `Allow` header of a 405), from the route tables.
@@ -438,12 +200,17 @@ pub fn allowed_methods(path: &str) -> Vec<&'static str> {
         methods.extend(["GET", "HEAD"]);
     }
     if docker::is_docker_path(path) {
-        // The Docker API takes whatever the engine takes.
-        methods = vec!["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+        // Any path under it, with or without a tail.
+        methods = docker_methods().collect();
     }
     methods.sort_unstable();
     methods.dedup();
     methods
+}
+
+/// The methods the Docker proxy serves (every one the engine's API uses).
+fn docker_methods() -> impl Iterator<Item = &'static str> {
+    ROUTES.iter().filter(|r| r.is_docker()).map(|r| r.method)
 }
 
 /// `/api/endpoints/{id}` matches `/api/endpoints/7`: each `{name}` one non-empty segment.
