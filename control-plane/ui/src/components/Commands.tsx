@@ -19,7 +19,8 @@ const TYPES: { value: CommandType; label: string; target: string }[] = [
   { value: 'stackDeploy', label: 'Deploy a compose stack', target: 'Project name' },
 ];
 
-export function CommandHistory({ env, version }: { env: Environment; version: number }) {
+/** `onFinished`: a command succeeded or failed since the last look. */
+export function CommandHistory({ env, version, onFinished }: { env: Environment; version: number; onFinished?: () => void }) {
   const now = useNow(5000);
   const [start, setStart] = useState(0);
   const limit = 20;
@@ -36,12 +37,17 @@ export function CommandHistory({ env, version }: { env: Environment; version: nu
   useEffect(() => {
     if (!data) return;
     const changes: string[] = [];
+    let finished = false;
     for (const c of data.items) {
       const before = seen.current.get(c.id);
-      if (before !== undefined && before !== c.state) changes.push(`${words(c.type)} ${c.target}: ${c.state}${c.error ? ` (${c.error})` : ''}`);
+      if (before !== undefined && before !== c.state) {
+        changes.push(`${words(c.type)} ${c.target}: ${c.state}${c.error ? ` (${c.error})` : ''}`);
+        if (c.state === 'succeeded' || c.state === 'failed') finished = true;
+      }
       seen.current.set(c.id, c.state);
     }
     if (changes.length) setAnnounce(changes.join('. '));
+    if (finished) onFinished?.();
   }, [data]);
 
   return (

@@ -25,13 +25,20 @@ function ports(c: DockerContainer): string {
 
 type Panel = { kind: 'logs' | 'shell'; id: string; name: string } | null;
 
-export function LiveContainers({ env }: { env: Environment }) {
+/** `onTunnel`: the tunnel may have opened (the page reads the environment again). */
+export function LiveContainers({ env, onTunnel }: { env: Environment; onTunnel?: () => void }) {
   const notify = useNotify();
   const now = useNow(10000);
   const [tryAnyway, setTryAnyway] = useState(false);
   const reachable = env.status === 'up' || tryAnyway;
+  const tunnelOpen = env.tunnel.state === 'open';
   const list = useResource(
-    async (signal) => (reachable ? get<DockerContainer[]>(`/endpoints/${env.id}/docker/containers/json`, { all: 1 }, signal) : undefined),
+    async (signal) => {
+      if (!reachable) return undefined;
+      const containers = await get<DockerContainer[]>(`/endpoints/${env.id}/docker/containers/json`, { all: 1 }, signal);
+      if (!tunnelOpen) onTunnel?.();
+      return containers;
+    },
     [env.id, reachable],
     reachable ? POLL_MS : 0,
   );
@@ -114,7 +121,7 @@ export function LiveContainers({ env }: { env: Environment }) {
                 const busy = acting?.startsWith(`${c.Id}:`) ?? false;
                 return (
                   <tr key={c.Id} data-testid="container-row" data-container-name={name} data-state={c.State}>
-                    <th scope="row">
+                    <th scope="row" class="nowrap">
                       {name}
                       <span class="muted id-suffix"> {shortId(c.Id)}</span>
                     </th>
@@ -126,7 +133,7 @@ export function LiveContainers({ env }: { env: Environment }) {
                     </td>
                     <td>{c.Status}</td>
                     <td>{ports(c) || <span class="muted">–</span>}</td>
-                    <td>{ago(c.Created, now)}</td>
+                    <td class="nowrap">{ago(c.Created, now)}</td>
                     <td class="row-actions">
                       {running ? (
                         <>

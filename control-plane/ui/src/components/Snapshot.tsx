@@ -21,12 +21,14 @@ function containerName(c: SnapContainer): string {
   return c.names[0] ?? shortId(c.id);
 }
 
-export function SnapshotPanel({ env, section, onQueue }: { env: Environment; section: string; onQueue?: Queue }) {
+/** `version`: a change loads the snapshot again (a command finished). */
+export function SnapshotPanel({ env, section, onQueue, version = 0 }: { env: Environment; section: string; onQueue?: Queue; version?: number }) {
   const now = useNow(10000);
   const snap = useResource(
     (signal) => get<SnapshotView>(`/endpoints/${env.id}/snapshot`, undefined, signal),
-    [env.id],
-    env.mode === 'async' ? 15000 : 30000,
+    [env.id, version],
+    // An async agent sends snapshots on its interval: look about as often (3 to 15 s).
+    env.mode === 'async' ? Math.min(15, Math.max(3, env.snapshotInterval || 15)) * 1000 : 30000,
   );
   const current: Section = (SECTIONS as readonly string[]).includes(section) ? (section as Section) : 'containers';
   const [filter, setFilter] = useState('');
@@ -96,7 +98,7 @@ export function SnapshotPanel({ env, section, onQueue }: { env: Environment; sec
                   const up = c.state === 'running' || c.state === 'restarting' || c.state === 'paused';
                   return (
                     <tr key={c.id} data-testid="snap-container-row" data-container-name={name} data-state={c.state}>
-                      <th scope="row">
+                      <th scope="row" class="nowrap">
                         {name} <span class="muted id-suffix">{shortId(c.id)}</span>
                       </th>
                       <td>

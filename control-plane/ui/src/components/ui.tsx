@@ -31,7 +31,7 @@ export function Notifications({ children }: { children: ComponentChildren }) {
     (text, kind = 'ok') => {
       const id = ++noteSeq;
       setNotes((ns) => [...ns.slice(-4), { id, kind, text }]);
-      setTimeout(() => dismiss(id), kind === 'error' ? 12000 : 6000);
+      setTimeout(() => dismiss(id), kind === 'error' ? 12000 : 4000);
     },
     [dismiss],
   );

@@ -23,6 +23,7 @@ export function EnvironmentPage({ id, route }: { id: number; route: Route }) {
   const res = useResource((signal) => get<Environment>(`/endpoints/${id}`, undefined, signal), [id], 4000);
   const [dialog, setDialog] = useState<EnvDialog>(null);
   const [commandsVersion, setCommandsVersion] = useState(0);
+  const [snapshotVersion, setSnapshotVersion] = useState(0);
   const [queueing, setQueueing] = useState(false);
   const env = res.data;
 
@@ -127,13 +128,13 @@ export function EnvironmentPage({ id, route }: { id: number; route: Route }) {
       {env.mode === 'standard' ? (
         <section class="panel" aria-labelledby="env-live">
           <h2 id="env-live">Containers (live)</h2>
-          <LiveContainers env={env} />
+          <LiveContainers env={env} onTunnel={() => void res.reload()} />
         </section>
       ) : null}
 
       <section class="panel" aria-labelledby="env-snapshot">
         <h2 id="env-snapshot">Latest snapshot</h2>
-        <SnapshotPanel env={env} section={route.query.get('snap') ?? 'containers'} onQueue={env.mode === 'async' ? queue : undefined} />
+        <SnapshotPanel env={env} section={route.query.get('snap') ?? 'containers'} onQueue={env.mode === 'async' ? queue : undefined} version={snapshotVersion} />
       </section>
 
       {env.mode === 'async' ? (
@@ -144,7 +145,7 @@ export function EnvironmentPage({ id, route }: { id: number; route: Route }) {
               Queue a command
             </button>
           </div>
-          <CommandHistory env={env} version={commandsVersion} />
+          <CommandHistory env={env} version={commandsVersion} onFinished={() => setSnapshotVersion((v) => v + 1)} />
         </section>
       ) : null}
 

@@ -6,7 +6,7 @@ import { get, getPage } from '../api';
 import type { EdgeStack, StatusCounts, Summary } from '../types';
 import { useCatalog } from '../lib/catalog';
 import { useNow, useResource } from '../lib/hooks';
-import { ago, dateTime, num } from '../lib/format';
+import { ago, dateTime, num, plural } from '../lib/format';
 import { href } from '../lib/router';
 import { pool } from '../lib/pool';
 import { Badge, Empty, ErrorBanner, Loading } from '../components/ui';
@@ -62,7 +62,7 @@ export function Overview() {
       <div class="page-head">
         <h1>Overview</h1>
         <span class="muted" aria-live="polite">
-          {s ? `${num(s.total)} environments` : ''}
+          {s ? plural(s.total, 'environment') : ''}
         </span>
       </div>
       <ErrorBanner error={summary.error} onRetry={() => void summary.reload()} />
