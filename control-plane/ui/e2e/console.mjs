@@ -130,8 +130,9 @@ let current = 'setup';
 
 async function shot(name) {
   if (!SHOTS) return;
-  // Let polls and fonts settle; hide the blinking caret for stable pictures.
+  // Let polls and fonts settle; no notifications over the page, no blinking caret.
   await page.waitForTimeout(300);
+  for (const b of await page.getByRole('button', { name: 'Dismiss message' }).all()) await b.click().catch(() => {});
   await page.screenshot({ path: join(SHOTS, `${name}.png`), caret: 'hide', animations: 'disabled' });
   log(`screenshot ${name}.png`);
 }
