@@ -265,6 +265,21 @@ async fn a_session_stands_for_the_key_and_changes_need_its_csrf_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // And strictly an object with the key.
+    for body in [
+        json!([ADMIN_KEY]),
+        json!({"apiKey": ADMIN_KEY, "extra": 1}),
+        json!({}),
+    ] {
+        let r = client
+            .post(cp.api("/api/auth/session"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{body}");
+        assert!(r.headers().get("set-cookie").is_none());
+    }
 
     // Signing out drops the cookie.
     let r = client

@@ -81,8 +81,9 @@ async fn sign_in_body(mut payload: web::Payload) -> Result<SignIn, ApiError> {
         .map_err(|_| {
             ApiError::RequestTimeout("the sign-in body did not arrive in time".into())
         })??;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    super::body::from_json(value)
 }
 
 /// `POST /api/auth/session`: the admin key for a session cookie.
