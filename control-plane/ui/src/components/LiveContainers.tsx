@@ -99,7 +99,7 @@ export function LiveContainers({ env, onTunnel }: { env: Environment; onTunnel?:
       {data && data.length === 0 ? <Empty>No containers on this engine.</Empty> : null}
       {data && data.length > 0 ? (
         <div class="table-wrap">
-          <table class="table" data-testid="live-containers">
+          <table class="table table-live" data-testid="live-containers">
             <caption class="visually-hidden">Containers of the engine, live</caption>
             <thead>
               <tr>

@@ -28,7 +28,7 @@ export function SnapshotPanel({ env, section, onQueue, version = 0 }: { env: Env
     (signal) => get<SnapshotView>(`/endpoints/${env.id}/snapshot`, undefined, signal),
     [env.id, version],
     // An async agent sends snapshots on its interval: look about as often (3 to 15 s).
-    env.mode === 'async' ? Math.min(15, Math.max(3, env.snapshotInterval || 15)) * 1000 : 30000,
+    env.mode === 'async' ? Math.min(15, Math.max(3, env.snapshotInterval || 15)) * 1000 : 15000,
   );
   const current: Section = (SECTIONS as readonly string[]).includes(section) ? (section as Section) : 'containers';
   const [filter, setFilter] = useState('');

@@ -6,7 +6,7 @@ import { get, post } from '../api';
 import type { Environment, NewCommand } from '../types';
 import { useCatalog } from '../lib/catalog';
 import { useNow, useResource } from '../lib/hooks';
-import { ago, dateTime, seconds } from '../lib/format';
+import { ago, dateTime, duration, seconds } from '../lib/format';
 import { href, navigate } from '../lib/router';
 import type { Route } from '../lib/router';
 import { Badge, Details, ErrorBanner, Loading, useNotify } from '../components/ui';
@@ -103,7 +103,11 @@ export function EnvironmentPage({ id, route }: { id: number; route: Route }) {
                 <span data-testid="tunnel-state">
                   <Badge value={t.state} />
                   {t.gateway ? <span class="muted"> on {t.gateway}</span> : null}
-                  {t.since ? <span class="muted"> since {dateTime(t.since)}</span> : null}
+                  {t.since ? (
+                    <span class="muted" title={dateTime(t.since)}>
+                      , open for {duration(Math.max(1, Math.round((now - Date.parse(t.since)) / 1000)))}
+                    </span>
+                  ) : null}
                 </span>
               ) : (
                 <span class="muted">none (async)</span>
