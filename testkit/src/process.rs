@@ -64,14 +64,20 @@ fn newer_source(binary: &Path, name: &str) -> Option<PathBuf> {
     let built = modified(binary)?;
     let test_built = std::env::current_exe().ok().as_deref().and_then(modified);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    sources_of(name)
+    let code = sources_of(name)
         .iter()
         .flat_map(|krate| files(&root.join(krate).join("src")))
         .filter(|f| {
             let ext = f.extension().and_then(|e| e.to_str());
             matches!(ext, Some("rs" | "lua"))
                 && f.file_name().and_then(|n| n.to_str()) != Some("tests.rs")
-        })
+        });
+    // The web console's built files are embedded in the control plane (its build.rs).
+    let embedded = match name {
+        "control-plane" => files(&root.join("control-plane/ui/dist")),
+        _ => Vec::new(),
+    };
+    code.chain(embedded)
         .find(|f| modified(f).is_some_and(|m| m > built && test_built.is_none_or(|t| m <= t)))
 }
 
