@@ -37,6 +37,19 @@ async fn sign_in(cp: &ControlPlane) -> (String, String) {
     (cookie, csrf)
 }
 
+/// The headers of a WebSocket handshake (RFC 6455's sample key).
+fn websocket_handshake() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("connection", HeaderValue::from_static("Upgrade"));
+    h.insert("upgrade", HeaderValue::from_static("websocket"));
+    h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+    h.insert(
+        "sec-websocket-key",
+        HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+    );
+    h
+}
+
 fn with(cookie: &str, csrf: Option<&str>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("cookie", HeaderValue::from_str(cookie).unwrap());
@@ -191,10 +204,7 @@ async fn a_session_stands_for_the_key_and_changes_need_its_csrf_token() {
         .get(cp.api("/api/endpoints/999/exec/abc123/ws"))
         .headers(with(&cookie, None))
         .header("origin", "https://evil.example")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .headers(websocket_handshake())
         .send()
         .await
         .unwrap();
@@ -212,10 +222,7 @@ async fn a_session_stands_for_the_key_and_changes_need_its_csrf_token() {
     let r = client
         .get(cp.api("/api/endpoints/999/exec/abc123/ws"))
         .headers(with(&cookie, None))
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .headers(websocket_handshake())
         .send()
         .await
         .unwrap();
@@ -226,10 +233,7 @@ async fn a_session_stands_for_the_key_and_changes_need_its_csrf_token() {
         .get(cp.api("/api/endpoints/999/docker/containers/x/attach/ws?stream=1"))
         .headers(with(&cookie, None))
         .header("origin", "https://evil.example")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .headers(websocket_handshake())
         .send()
         .await
         .unwrap();
