@@ -52,6 +52,14 @@ async fn stacks_keep_their_versions_and_refuse_what_cannot_run() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["version"], 2);
     assert_eq!(v["variables"], json!({"TZ": "UTC"}));
+    // The list carries each stack's rollout (a screen of rollouts needs no call per stack),
+    // without the counts, which take a pass over the targets.
+    let (s, v) = call(&cp, Method::GET, "/api/edge_stacks", Value::Null).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v[0]["id"], id);
+    assert_eq!(v[0]["rollout"]["targetVersion"], 2, "{v}");
+    assert!(v[0]["rollout"]["state"].is_string(), "{v}");
+    assert!(v[0].get("counts").is_none(), "{v}");
     let (s, v) = call(
         &cp,
         Method::GET,

@@ -747,12 +747,30 @@ async fn delete(state: web::Data<AppState>, id: web::Path<u64>) -> Result<HttpRe
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// A stack in the list: with its rollout (`null` before it has one), so a screen of rollouts
+/// in progress needs no call per stack; without counts, which take a pass over its targets.
+#[derive(Serialize)]
+struct ListedStack {
+    #[serde(flatten)]
+    stack: StackView,
+    rollout: Option<RolloutView>,
+}
+
 async fn list(
     state: web::Data<AppState>,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let stacks = state.store.list_edge_stacks().await?;
-    super::paged::<_, StackView>(stacks, &q, state.limits.max_page)
+    let rollouts: std::collections::HashMap<u64, Rollout> =
+        state.store.stack_rollouts().await?.into_iter().collect();
+    let listed: Vec<ListedStack> = stacks
+        .into_iter()
+        .map(|s| ListedStack {
+            rollout: rollouts.get(&s.id).map(RolloutView::from),
+            stack: StackView::from(s),
+        })
+        .collect();
+    super::paged::<_, ListedStack>(listed, &q, state.limits.max_page)
 }
 
 /// The kept versions, newest first (without their files).

@@ -693,7 +693,9 @@ fn schemas(limits: &Limits) -> Value {
     out.insert("EdgeStack".into(), json!({"type": "object", "required": ["id", "name", "version", "edgeGroupIds", "variables", "createdAt"],
             "properties": {"id": id, "name": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
                 "edgeGroupIds": ids, "variables": {"type": "object", "additionalProperties": {"type": "string"}},
-                "createdAt": time}}));
+                "createdAt": time,
+                "rollout": {"description": "in lists: the stack's rollout (null before it has one), without counts",
+                    "oneOf": [reference("Rollout"), {"type": "null"}]}}}));
     out.insert("EdgeStackDetail".into(), json!({"allOf": [reference("EdgeStack"), {"type": "object", "required": ["targets", "counts"], "properties": {
             "targets": count,
             "counts": {"type": "object", "description": "environments at each status, for the version the rollout brings",
