@@ -39,7 +39,7 @@ use crate::engine_pool::{self, EngineBody};
 use crate::error::{ApiError, ProxyError};
 use crate::fleet::{liveness, Fleet, Liveness, TunnelError};
 use crate::metrics::Metrics;
-use crate::session::{Credentials, CSRF_HEADER};
+use crate::session::Credentials;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -147,15 +147,7 @@ impl DockerProxy {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let credentials = Credentials {
-            api_key: text(crate::auth::HEADER),
-            cookies: &cookies,
-            csrf: text(CSRF_HEADER),
-            safe_method: matches!(
-                *req.method(),
-                hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
-            ),
-        };
+        let credentials = Credentials::read(text, &cookies, req.method().as_str());
         self.admin.authorize(&credentials, now_ms())?;
         // A browser's page could open a WebSocket here with the cookie (any page of the same
         // site sends it); Docker's own WebSocket routes check no origin. Hijacks are the docker

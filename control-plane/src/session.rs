@@ -83,7 +83,23 @@ pub struct Credentials<'a> {
     pub safe_method: bool,
 }
 
-impl Credentials<'_> {
+impl<'a> Credentials<'a> {
+    /// What a request presents, from its headers (`header` gives a header's value as text,
+    /// `""` where it is not; `cookies` every `Cookie` header) and its method: the one reading
+    /// both servers share.
+    pub fn read(
+        header: impl Fn(&str) -> Option<&'a str>,
+        cookies: &'a [&'a str],
+        method: &str,
+    ) -> Self {
+        Self {
+            api_key: header(crate::auth::HEADER),
+            cookies,
+            csrf: header(CSRF_HEADER),
+            safe_method: matches!(method, "GET" | "HEAD" | "OPTIONS"),
+        }
+    }
+
     /// Whether the request carries the key (a program) rather than only a cookie (a browser).
     pub fn has_key(&self) -> bool {
         self.api_key.is_some()

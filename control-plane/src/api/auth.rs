@@ -4,13 +4,11 @@
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::web;
 
 use super::{ApiError, AppState};
-use crate::auth::HEADER;
-use crate::session::{Credentials, Refused, CSRF_HEADER};
+use crate::session::{Credentials, Refused};
 
 pub async fn require_admin_key(
     req: ServiceRequest,
@@ -41,11 +39,6 @@ pub fn check(req: &actix_web::HttpRequest, state: &AppState) -> Result<(), Refus
         .get_all(actix_web::http::header::COOKIE)
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let credentials = Credentials {
-        api_key: text(HEADER),
-        cookies: &cookies,
-        csrf: text(CSRF_HEADER),
-        safe_method: matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS),
-    };
+    let credentials = Credentials::read(text, &cookies, req.method().as_str());
     state.admin.authorize(&credentials, proto::clock::now_ms())
 }
