@@ -30,6 +30,10 @@ pub struct Config {
     /// Reads the allocator's counts for `/metrics` (`edgeplane_allocator_*_bytes`); the binary
     /// that chose the allocator sets it.
     pub allocator_stats: Option<crate::metrics::AllocatorStatsFn>,
+    /// Turns a thread's allocator cache on or off: the API workers keep one, emptied every
+    /// few seconds ([`crate::workers::THREAD_CACHE_FLUSH`]); the binary that chose the
+    /// allocator sets it.
+    pub thread_cache: Option<crate::workers::ThreadCacheFn>,
 }
 
 #[derive(Clone, Debug)]
@@ -131,6 +135,7 @@ impl std::fmt::Debug for Config {
             .field("agent_image", &self.agent_image)
             .field("limits", &self.limits)
             .field("allocator_stats", &self.allocator_stats.is_some())
+            .field("thread_cache", &self.thread_cache.is_some())
             .finish()
     }
 }
@@ -152,6 +157,7 @@ impl Config {
             agent_image: format!("edgeplane/edge-agent:{}", env!("CARGO_PKG_VERSION")),
             limits: Limits::default(),
             allocator_stats: None,
+            thread_cache: None,
         }
     }
 }

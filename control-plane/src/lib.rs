@@ -352,7 +352,7 @@ impl Prepared {
         // The embedded tunnel gateway (single node), on the certificate agents pin.
         let gateway_stop = CancellationToken::new();
         // Its tunnels run on the API's worker threads (see `workers`).
-        let workers = Arc::new(workers::Workers::default());
+        let workers = Arc::new(workers::Workers::with_thread_cache(config.thread_cache));
         let gateway = if config.embedded_gateway {
             let listener = match listeners.tunnel {
                 Some(l) => l,

@@ -149,6 +149,7 @@ impl Cli {
             c.limits.pending_body_bytes = bytes;
         }
         c.allocator_stats = Some(jemalloc_stats);
+        c.thread_cache = Some(jemalloc_thread_cache);
         c
     }
 }
@@ -225,9 +226,16 @@ async fn ready_agent_commands(p: &Prepared, api: SocketAddr, key_expr: &str) {
     }
 }
 
-/// The memory figures (docs/benchmarks.md) hold for jemalloc without thread caches, as
+/// Turns the calling thread's jemalloc cache on or off (off gives back what it holds).
+fn jemalloc_thread_cache(on: bool) -> bool {
+    use tikv_jemalloc_ctl::{Access as _, AsName as _};
+    b"thread.tcache.enabled\0".name().write(on).is_ok()
+}
+
+/// The memory figures (docs/benchmarks.md) hold for jemalloc without thread caches but on
+/// the API workers, which empty theirs every few seconds (`workers::THREAD_CACHE_FLUSH`), as
 /// `.cargo/config.toml` builds it; a build without that file, or `MALLOC_CONF`, can turn them
-/// back on. Says so at start.
+/// on everywhere. Says so at start.
 fn warn_if_thread_caches() {
     if tikv_jemalloc_ctl::opt::tcache::read().unwrap_or(false) {
         tracing::warn!(
@@ -336,5 +344,30 @@ mod tests {
             assert_eq!(opt::tcache::read().ok(), Some(false));
         }
         assert!(super::jemalloc_stats().is_some_and(|s| s.allocated > 0));
+    }
+
+    /// A thread turns its own cache on and off (an API worker's, emptied every few seconds),
+    /// whatever the process's default.
+    #[test]
+    fn a_thread_turns_its_cache_on_and_off() {
+        use tikv_jemalloc_ctl::{Access as _, AsName as _};
+        let enabled = || -> bool {
+            b"thread.tcache.enabled\0"
+                .name()
+                .read()
+                .expect("thread.tcache.enabled")
+        };
+        std::thread::spawn(move || {
+            assert!(super::jemalloc_thread_cache(true));
+            assert!(enabled());
+            // Something cached, then given back.
+            drop(vec![0u8; 100]);
+            assert!(super::jemalloc_thread_cache(false));
+            assert!(!enabled());
+            assert!(super::jemalloc_thread_cache(true));
+            assert!(enabled());
+        })
+        .join()
+        .expect("the thread ran");
     }
 }

@@ -24,22 +24,48 @@ const WISH_TTL: Duration = Duration::from_secs(120);
 /// Past this many wishes, the old ones are swept out at the next.
 const WISHES_SWEPT_OVER: usize = 1024;
 
+/// Turns the calling thread's allocator cache on (`true`) or off (`false`: what it holds goes
+/// back to the allocator); `false` when the allocator has no such cache. The binary that
+/// chose the allocator provides it ([`crate::config::Config::thread_cache`]).
+pub type ThreadCacheFn = fn(bool) -> bool;
+
+/// How often a worker empties its allocator cache. The process runs without thread caches
+/// (what an idle thread caches stays with it: memory an attack leaves behind,
+/// `docs/benchmarks.md`), except on the API workers, where every request allocates and frees
+/// and the cache spares each of those the allocator's lock and its cold bookkeeping. Emptied
+/// this often, what a burst leaves in them is back within seconds, busy or idle.
+pub const THREAD_CACHE_FLUSH: Duration = Duration::from_secs(2);
+
 /// The API workers that started, in the order they did, and where wanted tunnels should go.
 #[derive(Default)]
 pub struct Workers {
     arbiters: Mutex<Vec<(ThreadId, ArbiterHandle)>>,
     next: AtomicUsize,
     wishes: Mutex<HashMap<EnvId, (ThreadId, Instant)>>,
+    thread_cache: Option<ThreadCacheFn>,
 }
 
 impl Workers {
+    /// Workers whose threads keep an allocator cache, emptied every [`THREAD_CACHE_FLUSH`].
+    pub fn with_thread_cache(thread_cache: Option<ThreadCacheFn>) -> Self {
+        Self {
+            thread_cache,
+            ..Self::default()
+        }
+    }
+
     /// Registers the current thread's arbiter (an API worker starting its services; again
-    /// after a restart of them, which changes nothing).
+    /// after a restart of them, which changes nothing), and turns its allocator cache on.
     pub fn register_current(&self) {
         let id = std::thread::current().id();
         let mut arbiters = self.arbiters.lock();
         if arbiters.iter().all(|(t, _)| *t != id) {
             arbiters.push((id, actix_rt::Arbiter::current()));
+            if let Some(cache) = self.thread_cache {
+                if cache(true) {
+                    actix_rt::spawn(empty_thread_cache(cache));
+                }
+            }
         }
     }
 
@@ -77,6 +103,18 @@ impl Workers {
             .iter()
             .find(|(t, _)| *t == thread)
             .map(|(_, h)| h.clone())
+    }
+}
+
+/// Empties this thread's allocator cache every [`THREAD_CACHE_FLUSH`], for the thread's life.
+async fn empty_thread_cache(cache: ThreadCacheFn) {
+    let mut every = tokio::time::interval(THREAD_CACHE_FLUSH);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        cache(false);
+        cache(true);
     }
 }
 
