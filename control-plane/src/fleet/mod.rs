@@ -128,7 +128,6 @@ impl Defaults {
 /// A live actor, its environment's shared state, and the number of check-ins queued for the
 /// actor. actix's `try_send` on a fresh `Addr` clone never reports a full mailbox, so the
 /// bound is enforced here.
-#[derive(Clone)]
 struct Handle {
     addr: Addr<EnvActor>,
     in_flight: Arc<AtomicUsize>,
@@ -214,7 +213,7 @@ impl Hold {
 
 pub struct Fleet {
     store: SharedStore,
-    actors: DashMap<EnvId, Handle>,
+    actors: DashMap<EnvId, Arc<Handle>>,
     /// Bumped for every environment change notification, so an actor that was being built
     /// while a change arrived reloads once it is registered.
     epoch: AtomicU64,
@@ -545,7 +544,8 @@ impl Fleet {
                 // Never sent: let another check-in have the grant (the actor releases it
                 // itself when it cannot deliver).
                 let release = || handle.env.lock().state.release_grant();
-                let result = self.to_actor(id, &handle, msg, rx, release).await;
+                // Boxed, as the actor's part is rare: a steady check-in's future stays small.
+                let result = Box::pin(self.to_actor(id, &handle, msg, rx, release)).await;
                 return self.settle(id, now, hold_for, result);
             }
             Next::Bind => {
@@ -557,7 +557,7 @@ impl Fleet {
                     now_ms: now,
                     reply: tx,
                 };
-                let result = self.to_actor(id, &handle, msg, rx, || ()).await;
+                let result = Box::pin(self.to_actor(id, &handle, msg, rx, || ())).await;
                 return self.settle(id, now, hold_for, result);
             }
         };
@@ -655,12 +655,18 @@ impl Fleet {
         CheckinError::Refused(refusal)
     }
 
-    async fn actor(self: &Arc<Self>, id: EnvId) -> Result<Handle, CheckinError> {
+    /// The environment's actor here, started (from the store) if it has none yet.
+    async fn actor(self: &Arc<Self>, id: EnvId) -> Result<Arc<Handle>, CheckinError> {
         if let Some(h) = self.actors.get(&id) {
             if h.addr.connected() {
-                return Ok(h.clone());
+                return Ok(Arc::clone(&h));
             }
         }
+        // Boxed: a steady check-in's future does not carry the store read's.
+        Box::pin(self.start_actor(id)).await
+    }
+
+    async fn start_actor(self: &Arc<Self>, id: EnvId) -> Result<Arc<Handle>, CheckinError> {
         let now = now_ms();
         if let Some(until) = self.unknown.get(&id).map(|u| *u) {
             if until > now {
@@ -707,12 +713,12 @@ impl Fleet {
                 self.metrics.actors.inc();
                 let gate = state.gate();
                 let env = Env::new(state, self.limits.held_per_env, inputs, digest);
-                Handle {
+                Arc::new(Handle {
                     addr: EnvActor::new(Arc::clone(&env), Arc::clone(self)).start(),
                     in_flight: Arc::new(AtomicUsize::new(0)),
                     gate,
                     env,
-                }
+                })
             })
             .clone();
         if started && self.epoch.load(Ordering::Acquire) != epoch {

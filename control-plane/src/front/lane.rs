@@ -296,7 +296,7 @@ async fn write_answer<S: AsyncWrite + Unpin>(
     answer: &Result<AgentAnswer, ApiError>,
     close: bool,
 ) -> io::Result<()> {
-    let bytes = render(answer, close, &http_date());
+    let bytes = with_http_date(|date| render(answer, close, date));
     io.write_all(&bytes).await?;
     io.flush().await
 }
@@ -339,8 +339,8 @@ fn render(answer: &Result<AgentAnswer, ApiError>, close: bool, date: &str) -> Ve
     bytes
 }
 
-/// `date` in HTTP's format, formatted once a second per thread.
-fn http_date() -> String {
+/// Runs `f` with `date` in HTTP's format, formatted once a second per thread.
+fn with_http_date<R>(f: impl FnOnce(&str) -> R) -> R {
     thread_local! {
         static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
@@ -351,7 +351,7 @@ fn http_date() -> String {
         if d.0 != secs {
             *d = (secs, httpdate::fmt_http_date(now));
         }
-        d.1.clone()
+        f(&d.1)
     })
 }
 
@@ -452,7 +452,7 @@ mod tests {
             )
         );
         // The date of this second, as HTTP writes it.
-        let now = http_date();
+        let now = with_http_date(str::to_owned);
         assert!(httpdate::parse_http_date(&now).is_ok(), "{now}");
     }
 }
