@@ -45,15 +45,9 @@ fn engine(states: &[(&str, &str)], taken_ms: u64) -> Snapshot {
 }
 
 async fn stored_containers(cp: &ControlPlane, id: u64) -> Vec<(String, String)> {
-    let v: Value = http()
-        .get(cp.api(&format!("/api/endpoints/{id}/snapshot?section=containers")))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = cp.api(&format!("/api/endpoints/{id}/snapshot?section=containers"));
+    let (status, v, _) = testkit::api::admin_get(&http(), &url).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
     v["snapshot"]["containers"]
         .as_array()
         .unwrap()

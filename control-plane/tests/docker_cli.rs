@@ -227,15 +227,9 @@ async fn the_docker_cli_works_through_the_tunnel() {
         || async { (tunnel_state(&cp, id).await == "closed").then_some(()) },
     )
     .await;
-    let snap: Value = http()
-        .get(cp.api(&format!("/api/endpoints/{id}/snapshot?section=engine")))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = cp.api(&format!("/api/endpoints/{id}/snapshot?section=engine"));
+    let (status, snap, _) = testkit::api::admin_get(&http(), &url).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{snap}");
     assert!(
         snap["snapshot"]["engine"]["version"]
             .as_str()

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use testkit::{api::admin_json, http, ControlPlane, ADMIN_KEY};
+use testkit::api::{admin_get, admin_json};
+use testkit::{http, ControlPlane, ADMIN_KEY};
 
 /// The PyPI packages, pinned: a new version is a deliberate change (it may check more).
 const REQUIREMENTS: &[&str] = &["schemathesis==4.32.5", "openapi-spec-validator==0.9.0"];
@@ -220,15 +221,8 @@ async fn the_document_is_valid_and_the_server_keeps_to_it_both_ways() {
     let started = Instant::now();
 
     // The document, as served, through the validator.
-    let doc: Value = http()
-        .get(cp.api("/api/openapi.json"))
-        .header("X-API-Key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, doc, _) = admin_get(&http(), &cp.api("/api/openapi.json")).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{doc}");
     let file = work_dir().join("openapi.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
     let (valid, report) = run(
